@@ -1,0 +1,54 @@
+"""The user's own table: a CSV file with a target column and numeric feature columns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from deepyard.data.registry import DATASETS
+from deepyard.data.splits import RawData
+from deepyard.errors import DataError
+from deepyard.registry import closest
+
+
+def _check_column(column: str, columns: list[str], path: Path) -> None:
+    if column not in columns:
+        hint = closest(column, columns)
+        suggestion = f"; did you mean {hint!r}?" if hint else ""
+        raise DataError(f"{path}: no column {column!r}{suggestion} (columns: {', '.join(columns)})")
+
+
+@DATASETS.register("csv")
+def csv(
+    path: str,
+    target: str,
+    features: list[str] | None = None,  # None: every other column
+    task: Literal["classification", "regression"] = "classification",
+) -> RawData:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"CSV file {file} does not exist; set data.params.path to a readable file")
+    try:
+        table = pd.read_csv(file)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+        raise DataError(f"{file}: cannot be read as CSV: {error}") from None
+    columns = [str(c) for c in table.columns]
+    _check_column(target, columns, file)
+    features = features or [c for c in columns if c != target]
+    for column in features:
+        _check_column(column, columns, file)
+    non_numeric = [c for c in features if not pd.api.types.is_numeric_dtype(table[c])]
+    if non_numeric:
+        raise DataError(f"{file}: feature columns must be numeric; not numeric: {', '.join(non_numeric)}")
+    if table[features + [target]].isna().any().any():
+        raise DataError(f"{file}: missing values in the target or feature columns; fill or drop them first")
+    x = table[features].to_numpy(dtype=np.float32)
+    if task == "classification":
+        labels, y = np.unique(table[target].astype(str).to_numpy(), return_inverse=True)
+        return RawData(x, y, task, class_names=[str(v) for v in labels], feature_names=features)
+    if not pd.api.types.is_numeric_dtype(table[target]):
+        raise DataError(f"{file}: regression target {target!r} must be numeric")
+    return RawData(x, table[target].to_numpy(dtype=np.float32), task, feature_names=features)

@@ -1,0 +1,3 @@
+from deepyard.registry import Registry
+
+DATASETS = Registry("data set")

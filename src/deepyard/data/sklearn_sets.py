@@ -1,0 +1,39 @@
+"""Data sets bundled with scikit-learn: no download, ever."""
+
+from __future__ import annotations
+
+from sklearn import datasets
+
+from deepyard.data.registry import DATASETS
+from deepyard.data.splits import RawData
+
+
+@DATASETS.register("digits")
+def digits() -> RawData:
+    """1,797 8x8 grey-scale handwritten digits, pixel values 0-16, as (1, 8, 8) images."""
+    bunch = datasets.load_digits()
+    return RawData(bunch.images.reshape(-1, 1, 8, 8), bunch.target, "classification",
+                   class_names=[str(d) for d in range(10)])
+
+
+@DATASETS.register("breast_cancer")
+def breast_cancer() -> RawData:
+    """569 tumours, 30 measurements each, malignant or benign."""
+    bunch = datasets.load_breast_cancer()
+    return RawData(bunch.data, bunch.target, "classification",
+                   class_names=list(bunch.target_names), feature_names=list(bunch.feature_names))
+
+
+@DATASETS.register("wine")
+def wine() -> RawData:
+    """178 wines, 13 chemical measurements, 3 cultivars."""
+    bunch = datasets.load_wine()
+    return RawData(bunch.data, bunch.target, "classification",
+                   class_names=list(bunch.target_names), feature_names=list(bunch.feature_names))
+
+
+@DATASETS.register("diabetes")
+def diabetes() -> RawData:
+    """442 patients, 10 baseline variables, disease progression after one year (regression)."""
+    bunch = datasets.load_diabetes(scaled=False)
+    return RawData(bunch.data, bunch.target, "regression", feature_names=list(bunch.feature_names))

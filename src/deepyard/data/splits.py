@@ -1,0 +1,100 @@
+"""Deterministic splits and the shape metadata a model builder needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Task = Literal["classification", "regression"]
+
+
+@dataclass
+class RawData:
+    """What a data set builder returns: features in their own units, and what they mean."""
+
+    x: np.ndarray
+    y: np.ndarray
+    task: Task
+    class_names: list[str] | None = None
+    # A data set with an official test split (Fashion-MNIST) keeps it; others get one carved out.
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+    feature_names: list[str] | None = None
+
+
+@dataclass
+class Splits:
+    task: Task
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str] | None = None
+    feature_names: list[str] | None = None
+    in_shape: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.in_shape = tuple(int(d) for d in self.x_train.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.in_shape) == 3
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.class_names) if self.task == "classification" else 1
+
+    def input_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std fitted on the training split only: per channel for images, per feature otherwise."""
+        axes = (0, 2, 3) if self.is_image else (0,)
+        mean = self.x_train.mean(axis=axes, keepdims=True)[0]
+        std = self.x_train.std(axis=axes, keepdims=True)[0]
+        return mean.astype(np.float32), np.where(std < 1e-8, 1.0, std).astype(np.float32)
+
+    def target_stats(self) -> tuple[float, float]:
+        if self.task != "regression":
+            return 0.0, 1.0
+        return float(self.y_train.mean()), float(max(self.y_train.std(), 1e-8))
+
+
+def _split_indices(y: np.ndarray, fraction: float, rng: np.random.Generator, stratify: bool):
+    """Indices (rest, held_out) with ``fraction`` held out; per class when stratified."""
+    if fraction <= 0:
+        return np.arange(len(y)), np.arange(0)
+    groups = [np.flatnonzero(y == label) for label in np.unique(y)] if stratify else [np.arange(len(y))]
+    held: list[np.ndarray] = []
+    for members in groups:
+        members = rng.permutation(members)
+        held.append(members[: max(1, round(fraction * len(members)))])
+    held_out = np.sort(np.concatenate(held))
+    rest = np.setdiff1d(np.arange(len(y)), held_out)
+    return rest, held_out
+
+
+def make_splits(raw: RawData, *, val_fraction: float, test_fraction: float, seed: int,
+                max_train_samples: int | None = None) -> Splits:
+    rng = np.random.default_rng(seed)
+    stratify = raw.task == "classification"
+    x, y = raw.x.astype(np.float32), raw.y
+    if raw.x_test is None:
+        rest, test = _split_indices(y, test_fraction, rng, stratify)
+        x_test, y_test, x, y = x[test], y[test], x[rest], y[rest]
+    else:
+        x_test, y_test = raw.x_test.astype(np.float32), raw.y_test
+    train, val = _split_indices(y, val_fraction, rng, stratify)
+    train = rng.permutation(train)
+    if max_train_samples is not None:
+        train = train[:max_train_samples]
+    dtype = np.int64 if stratify else np.float32
+    return Splits(
+        task=raw.task,
+        x_train=x[train], y_train=y[train].astype(dtype),
+        x_val=x[val], y_val=y[val].astype(dtype),
+        x_test=x_test, y_test=y_test.astype(dtype),
+        class_names=raw.class_names,
+        feature_names=raw.feature_names,
+    )

@@ -1,0 +1,32 @@
+"""Multi-layer perceptrons: hidden layers of Linear -> [BatchNorm] -> activation -> [Dropout]."""
+
+from __future__ import annotations
+
+from pydantic import PositiveInt
+from torch import nn
+
+from deepyard.models.layers import Activation, Dropout, flat_size, make_activation
+from deepyard.models.registry import MODELS
+
+
+@MODELS.register("mlp")
+def mlp(
+    in_shape: tuple[int, ...],
+    num_outputs: int,
+    hidden_sizes: list[PositiveInt] = [128, 64],  # noqa: B006  (read-only default, part of the schema)
+    activation: Activation = "relu",
+    dropout: Dropout = 0.0,
+    batch_norm: bool = False,
+) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = flat_size(in_shape)
+    for hidden in hidden_sizes:
+        layers.append(nn.Linear(width, hidden))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers.append(make_activation(activation))
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = hidden
+    layers.append(nn.Linear(width, num_outputs))
+    return nn.Sequential(*layers)

@@ -1,0 +1,33 @@
+"""The network plus the preprocessing fitted on the training split, saved and served as one module.
+
+Inputs stay in the data set's own units all the way to the model: the fitted mean and std are
+buffers, so they travel in every checkpoint and in the logged model, and serving needs nothing else.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Standardize(nn.Module):
+    def __init__(self, mean: np.ndarray, std: np.ndarray):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Pipeline(nn.Module):
+    """Raw inputs -> standardized -> network -> raw outputs (logits, or standardized targets)."""
+
+    def __init__(self, net: nn.Module, in_mean: np.ndarray, in_std: np.ndarray):
+        super().__init__()
+        self.standardize = Standardize(in_mean, in_std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.standardize(x))

@@ -1,0 +1,45 @@
+"""Figures logged with each run (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def learning_curves(history: dict[str, list[tuple[int, float]]]):
+    """Loss on the left, the task's other metrics on the right, train and validation per epoch."""
+    names = sorted({key.split("_", 1)[1] for key in history})
+    others = [n for n in names if n != "loss"]
+    figure, axes = plt.subplots(1, 1 + bool(others), figsize=(10 if others else 5, 4), squeeze=False)
+    for axis, metrics in zip(axes[0], (["loss"], others)):
+        for metric in metrics:
+            for split in ("train", "val"):
+                points = history.get(f"{split}_{metric}")
+                if points:
+                    steps, values = zip(*sorted(points))
+                    axis.plot(steps, values, marker="o", markersize=3, label=f"{split} {metric}")
+        axis.set_xlabel("epoch")
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def confusion_matrix(counts: np.ndarray, class_names: list[str]):
+    size = max(4.0, 0.45 * len(class_names) + 2)
+    figure, axis = plt.subplots(figsize=(size, size))
+    axis.imshow(counts, cmap="Blues")
+    ticks = range(len(class_names))
+    axis.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axis.set_yticks(ticks, class_names)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    threshold = counts.max() / 2 if counts.size else 0
+    for (row, col), value in np.ndenumerate(counts):
+        axis.text(col, row, str(value), ha="center", va="center", fontsize=8,
+                  color="white" if value > threshold else "black")
+    figure.tight_layout()
+    return figure

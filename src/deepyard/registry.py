@@ -1,0 +1,74 @@
+"""Name -> builder tables, one per extension point (models, data sets, optimizers, schedules).
+
+A builder's keyword arguments are the schema of its ``params:`` in a spec, so a spec can be
+checked against it before anything is built. Names from YAML resolve here, never as import paths.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any, Callable, Generic, TypeVar
+
+import pydantic
+
+from deepyard.errors import UnknownName
+
+Builder = TypeVar("Builder", bound=Callable[..., Any])
+
+
+def closest(name: str, choices: list[str]) -> str | None:
+    matches = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def unknown_name_message(what: str, name: str, choices: list[str]) -> str:
+    hint = closest(name, choices)
+    suggestion = f"; did you mean {hint!r}?" if hint else ""
+    return f"unknown {what} {name!r}{suggestion} (valid: {', '.join(sorted(choices))})"
+
+
+class Registry(Generic[Builder]):
+    def __init__(self, what: str, injected: tuple[str, ...] = ()):
+        self.what = what
+        # Arguments the runner supplies (input shape, number of outputs...), never the spec.
+        self.injected = injected
+        self._builders: dict[str, Builder] = {}
+
+    def register(self, name: str) -> Callable[[Builder], Builder]:
+        def add(builder: Builder) -> Builder:
+            if name in self._builders:
+                raise ValueError(f"{self.what} {name!r} is registered twice")
+            self._builders[name] = builder
+            return builder
+
+        return add
+
+    def names(self) -> list[str]:
+        return sorted(self._builders)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._builders
+
+    def get(self, name: str) -> Builder:
+        if name not in self._builders:
+            raise UnknownName(unknown_name_message(self.what, name, self.names()))
+        return self._builders[name]
+
+    def params_model(self, name: str) -> type[pydantic.BaseModel]:
+        """A pydantic model of the builder's user-facing keyword arguments."""
+        signature = inspect.signature(self.get(name), eval_str=True)
+        fields: dict[str, Any] = {}
+        for param in signature.parameters.values():
+            if param.name in self.injected or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            annotation = Any if param.annotation is param.empty else param.annotation
+            default = ... if param.default is param.empty else param.default
+            fields[param.name] = (annotation, default)
+        return pydantic.create_model(
+            f"{name}_params", __config__=pydantic.ConfigDict(extra="forbid"), **fields
+        )
+
+    def build(self, name: str, params: dict[str, Any], **injected: Any) -> Any:
+        checked = self.params_model(name).model_validate(params)
+        return self.get(name)(**injected, **checked.model_dump())

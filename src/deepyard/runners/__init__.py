@@ -1,0 +1,5 @@
+"""One runner per job kind. ``RUNNERS`` must list exactly the kinds in ``spec.KINDS`` (a test checks)."""
+
+from deepyard.runners import train
+
+RUNNERS = {"train": train.run}

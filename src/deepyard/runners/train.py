@@ -1,0 +1,304 @@
+"""`kind: train`: a supervised job on Ray Train. Run one with `deepyard run jobs/quickstart.yaml`.
+
+Driver: check the spec against the data (before Ray starts) -> open the MLflow run -> TorchTrainer.fit
+-> log plots and the model, register a version. Workers: the plain PyTorch loop in
+``train_loop_per_worker``; Ray appears only at the edges marked [1] to [4].
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from deepyard import plots, settings, tracking
+from deepyard.data import Splits, load_splits
+from deepyard.data.augment import random_affine
+from deepyard.errors import BadInput, DataError, JobFailed
+from deepyard.models import MODELS
+from deepyard.models.pipeline import Pipeline
+from deepyard.optim import OPTIMIZERS, make_schedule
+from deepyard.runners import checkpoints
+from deepyard.runners.loop import EarlyStopping, evaluate, reduce_sum
+from deepyard.spec import TrainJob, flatten, to_yaml
+from deepyard.tasks import make_task
+
+# Test-only fault injection: the rank-0 worker exits hard once, at the end of this epoch.
+FAIL_AT_EPOCH_ENV = "DEEPYARD_TEST_FAIL_AT_EPOCH"
+
+
+def load_data(spec: TrainJob) -> Splits:
+    return load_splits(spec.data.name, spec.data.params, val_fraction=spec.data.val_fraction,
+                       test_fraction=spec.data.test_fraction, seed=spec.train.seed,
+                       max_train_samples=spec.data.max_train_samples)
+
+
+def build(spec: TrainJob, splits: Splits):
+    """The model (preprocessing fitted on the training split included) and the task."""
+    net = MODELS.build(spec.model.name, spec.model.params, in_shape=splits.in_shape,
+                       num_outputs=splits.num_outputs)
+    target_mean, target_std = splits.target_stats()
+    task = make_task(splits.task, num_classes=splits.num_outputs, target_mean=target_mean, target_std=target_std)
+    return Pipeline(net, *splits.input_stats()), task
+
+
+def monitored(spec_metric: str | None, spec_mode: str | None, task) -> tuple[str, str]:
+    metric = spec_metric or task.monitor
+    return metric, spec_mode or ("max" if metric.endswith("accuracy") else "min")
+
+
+def preflight(spec: TrainJob) -> Splits:
+    """Everything that can fail on bad input, done once before Ray or MLflow start: exit code 2."""
+    splits = load_data(spec)
+    if len(splits.x_train) == 0 or len(splits.x_val) == 0:
+        raise DataError(f"data {spec.data.name!r}: the training or validation split is empty; "
+                        "use more data or other data.val_fraction / data.max_train_samples")
+    try:
+        _, task = build(spec, splits)
+    except ValueError as error:
+        raise BadInput(f"model {spec.model.name!r} does not fit data {spec.data.name!r}: {error}") from None
+    for section, choice in (("train.early_stopping", spec.train.early_stopping), ("checkpoint", spec.checkpoint)):
+        metric = getattr(choice, "metric", None)
+        valid = [f"val_{name}" for name in task.metric_names]
+        if metric and metric not in valid:
+            raise BadInput(f"{section}.metric: {task.name} reports {', '.join(valid)}, not {metric!r}")
+    return splits
+
+
+def _loader(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=batch_size,
+                      shuffle=shuffle, generator=generator)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    spec = TrainJob.model_validate(config["spec"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(spec.train.seed)
+    splits = load_data(spec)  # every worker builds the same deterministic splits locally
+    model, task = build(spec, splits)
+    device = ray.train.torch.get_device()
+    use_amp = spec.scaling.use_gpu and spec.scaling.mixed_precision
+
+    batch_size = len(splits.x_train) if spec.train.batch_size == "full" else spec.train.batch_size
+    train_loader = _loader(splits.x_train, splits.y_train, batch_size, True, spec.train.seed)
+    train_loader = ray.train.torch.prepare_data_loader(train_loader)  # [1] shard per worker, move to device
+    val_shard = slice(rank, None, world)  # every worker scores its own slice; sums are all-reduced
+    val_loader = _loader(splits.x_val[val_shard], splits.y_val[val_shard], 1024, False, 0)
+
+    model = ray.train.torch.prepare_model(model)  # [2] DDP (gloo on CPU, NCCL on GPU)
+    plain_model = getattr(model, "module", model)
+    optimizer = OPTIMIZERS.build(spec.optim.name, spec.optim.params, parameters=model.parameters(),
+                                 lr=spec.optim.lr, weight_decay=spec.optim.weight_decay)
+    steps_per_epoch = len(train_loader)
+    schedule = spec.optim.schedule
+    scheduler = make_schedule(optimizer, name=schedule.name, total_steps=steps_per_epoch * spec.train.epochs,
+                              steps_per_epoch=steps_per_epoch, warmup_epochs=schedule.warmup_epochs,
+                              step_size=schedule.step_size, gamma=schedule.gamma)
+    ckpt_metric, ckpt_mode = monitored(spec.checkpoint.metric, spec.checkpoint.mode, task)
+    stop_spec = spec.train.early_stopping
+    stopper = EarlyStopping(*monitored(stop_spec.metric, stop_spec.mode, task), stop_spec.patience,
+                            stop_spec.min_delta) if stop_spec else None
+    best = {"value": None, "epoch": 0, "weights": checkpoints.cpu_copy(plain_model.state_dict())}
+
+    start_epoch = 1
+    if (resumed := ray.train.get_checkpoint()) is not None:  # [3] a restarted worker group resumes here
+        with resumed.as_directory() as directory:
+            state = checkpoints.load(directory)
+        plain_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        best = state["best"]
+        if stopper and state.get("stopper"):
+            stopper.load_state_dict(state["stopper"])
+        start_epoch = state["epoch"] + 1
+
+    log = None
+    if rank == 0:
+        def log(metrics: dict[str, float], step: int) -> None:
+            tracking.log_metrics(config["run_id"], metrics, step, uri=config["tracking_uri"])
+        if start_epoch > 1:
+            log({"resumed_from_epoch": start_epoch - 1}, start_epoch - 1)
+
+    epoch, stop = start_epoch - 1, False
+    for epoch in range(start_epoch, spec.train.epochs + 1):
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        model.train()
+        sums, started = None, time.perf_counter()
+        for inputs, targets in train_loader:
+            if spec.data.augment and splits.is_image:
+                inputs = random_affine(inputs, spec.data.augment.max_shift, spec.data.augment.max_rotation_deg)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                outputs = model(inputs)
+                loss = task.loss(outputs, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if spec.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            batch = task.batch_sums(outputs.detach(), targets).cpu()
+            sums = batch if sums is None else sums + batch
+        train_seconds = time.perf_counter() - started
+        train_sums = reduce_sum(sums, device)
+        metrics = {**task.metrics(train_sums, "train"),
+                   **task.metrics(reduce_sum(evaluate(plain_model, val_loader, task, device), device), "val"),
+                   "lr": optimizer.param_groups[0]["lr"],
+                   "samples_per_s": float(train_sums[-1]) / train_seconds, "epoch": epoch}
+        value = metrics[ckpt_metric]
+        if best["value"] is None or (value > best["value"] if ckpt_mode == "max" else value < best["value"]):
+            best = {"value": value, "epoch": epoch, "weights": checkpoints.cpu_copy(plain_model.state_dict())}
+        stop = bool(stopper and stopper.update(metrics))
+        if log:
+            log(metrics, epoch)
+
+        state = None
+        if epoch % spec.checkpoint.every_n_epochs == 0 and rank == 0:
+            state = {"model": plain_model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "best": best, "epoch": epoch,
+                     "stopper": stopper.state_dict() if stopper else None}
+        with checkpoints.staged(state) as directory:  # [4] report; rank 0 persists the checkpoint
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+        if rank == 0 and epoch == config.get("fail_at_epoch") and not Path(config["fault_marker"]).exists():
+            Path(config["fault_marker"]).touch()
+            os._exit(1)
+        if stop:
+            break
+
+    # The best epoch's weights, scored once on the held-out test split, go into the final checkpoint.
+    final = None
+    if rank == 0:
+        plain_model.load_state_dict(best["weights"])
+        test_loader = _loader(splits.x_test, splits.y_test, 1024, False, 0)
+        test = task.metrics(evaluate(plain_model, test_loader, task, device), "test")
+        final = {"model": best["weights"], "best_epoch": best["epoch"], "epochs_run": epoch,
+                 "stopped_early": stop, "test": test, "task": task.name,
+                 "example": torch.from_numpy(splits.x_test[:5].copy())}
+        if task.name == "classification":
+            confusion = evaluate(plain_model, test_loader, task, device, confusion=True)
+            test["test_f1_macro"] = task.macro_f1(confusion)
+            final["confusion"] = confusion
+        log({**test, "best_epoch": best["epoch"]}, epoch)
+    with checkpoints.staged(final) as directory:
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report({ckpt_metric: best["value"], "final": 1, "epoch": epoch}, checkpoint=checkpoint)
+
+
+def _trainer(spec: TrainJob, run_id: str, monitor: tuple[str, str]):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = settings.storage_path(spec.storage_path)
+    config: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "run_id": run_id,
+                              "tracking_uri": tracking.tracking_uri()}
+    if fail_at := os.environ.get(FAIL_AT_EPOCH_ENV):
+        config.update(fail_at_epoch=int(fail_at), fault_marker=str(Path(storage) / f"fault-{run_id}"))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                     resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=f"{spec.name}-{run_id[:8]}",
+            storage_path=storage,
+            # The best K by the validation metric; Ray always keeps the latest too (recovery).
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep, checkpoint_score_attribute=monitor[0],
+                                               checkpoint_score_order=monitor[1]),
+            failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+        ),
+    )
+
+
+def _final_state(result) -> dict[str, Any]:
+    if result.checkpoint is None:
+        raise JobFailed("training finished without a final checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        return checkpoints.load(directory)
+
+
+def _log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, Any]) -> dict[str, Any]:
+    """Plots, the serving model (preprocessing and output head included) and its registered version."""
+    history = {key: tracking.metric_history(run_id, key)
+               for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "train_rmse", "val_rmse")}
+    figure = plots.learning_curves({k: v for k, v in history.items() if v})
+    tracking.log_figure(run_id, figure, "plots/learning_curves.png")
+    if "confusion" in final:
+        figure = plots.confusion_matrix(final["confusion"].numpy(), splits.class_names)
+        tracking.log_figure(run_id, figure, "plots/confusion_matrix.png")
+
+    pipeline, task = build(spec, splits)
+    pipeline.load_state_dict(final["model"])
+    metadata = {"task": task.name, "input_shape": list(splits.in_shape), "class_names": splits.class_names,
+                "feature_names": splits.feature_names, "job": spec.name}
+    tags = {f"metric.{k}": f"{v:.6g}" for k, v in final["test"].items()}
+    return tracking.log_model(run_id, task.serving_module(pipeline), final["example"].numpy(),
+                              registered_name=spec.model_name if spec.register.enabled else None,
+                              metadata=metadata, version_tags={**tags, "run_id": run_id})
+
+
+def run(spec: TrainJob, *, address: str | None = None,
+        watch: Callable[[str, int], Any] | None = None) -> dict[str, Any]:
+    """Run the job to the end; returns the ids, final test metrics and model URIs.
+
+    ``watch(run_id, epochs)``, if given, is a context manager that shows progress while training runs.
+    """
+    from contextlib import nullcontext
+
+    from deepyard import cluster
+
+    splits = preflight(spec)
+    _, task = build(spec, splits)
+    monitor = monitored(spec.checkpoint.metric, spec.checkpoint.mode, task)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    run_id = tracking.start_run(spec.experiment, spec.name, flatten(spec), to_yaml(spec),
+                                tags={"deepyard.task": task.name})
+    timings["mlflow_start_s"] = time.perf_counter() - started
+    try:
+        with cluster.connected(address):
+            timings["ray_connect_s"] = time.perf_counter() - started - timings["mlflow_start_s"]
+            trainer = _trainer(spec, run_id, monitor)
+            fit_started = time.perf_counter()
+            with watch(run_id, spec.train.epochs) if watch else nullcontext():
+                result = trainer.fit()
+            timings["fit_s"] = time.perf_counter() - fit_started
+        if getattr(result, "error", None):
+            raise result.error
+        final = _final_state(result)
+        outcome = _log_outcome(spec, splits, run_id, final)
+    except KeyboardInterrupt:
+        tracking.finish_run(run_id, "KILLED", "interrupted by the user (Ctrl-C)")
+        raise
+    except BaseException as error:  # the run must never be left RUNNING
+        tracking.finish_run(run_id, "FAILED", "".join(traceback.format_exception(error)))
+        if isinstance(error, (BadInput, JobFailed)):
+            raise
+        raise JobFailed(f"training failed: {error}; the MLflow run {run_id} is marked FAILED and "
+                        f"checkpoints stay under {settings.storage_path(spec.storage_path)}") from error
+    timings["total_s"] = time.perf_counter() - started
+    tracking.log_metrics(run_id, {f"timing_{k}": v for k, v in timings.items()}, 0)
+    tracking.finish_run(run_id, "FINISHED")
+    return {
+        "run_id": run_id,
+        "experiment": spec.experiment,
+        "metrics": final["test"],
+        "best_epoch": final["best_epoch"],
+        "epochs_run": final["epochs_run"],
+        "stopped_early": final["stopped_early"],
+        "checkpoint": result.checkpoint.path,
+        "timings": timings,
+        **outcome,
+    }

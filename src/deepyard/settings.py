@@ -1,0 +1,20 @@
+"""Where things land on this machine: DEEPYARD_HOME and what lives under it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """``$DEEPYARD_HOME``, default ``./.deepyard``: the sqlite store, artifacts and checkpoints."""
+    path = Path(os.environ.get("DEEPYARD_HOME", ".deepyard")).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def storage_path(configured: str | None) -> str:
+    """Checkpoint storage: the spec's (a shared URI on a multi-node cluster) or $DEEPYARD_HOME/ray_results."""
+    if configured:
+        return configured if "://" in configured else str(Path(configured).expanduser().resolve())
+    return str(home() / "ray_results")

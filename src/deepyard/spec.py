@@ -1,0 +1,308 @@
+"""The job spec: YAML -> validated pydantic models, a union keyed by ``kind``.
+
+The only module that knows YAML. ``load_spec`` reports every problem in a file at once, each
+naming the dotted path, the bad value and the fix, and starts nothing (no Ray, no MLflow).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import pydantic
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                      PositiveInt)
+
+from deepyard.errors import BadInput, SpecError
+from deepyard.registry import Registry, closest, unknown_name_message
+
+VAL_METRICS = ("val_loss", "val_accuracy", "val_rmse", "val_mae")
+MetricName = Literal["val_loss", "val_accuracy", "val_rmse", "val_mae"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentSpec(Section):
+    """Random image augmentation applied to training batches only."""
+
+    max_shift: float = Field(0.1, ge=0, le=0.5, description="largest shift, as a fraction of the image size")
+    max_rotation_deg: float = Field(10.0, ge=0, le=180, description="largest rotation, in degrees")
+
+
+class DataSpec(Section):
+    name: str = Field(description="a data set name: digits, fashion_mnist, csv... (`deepyard data` lists them)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the data set builder's keyword arguments")
+    val_fraction: float = Field(0.15, gt=0, lt=1, description="share of the training data held out for validation")
+    test_fraction: float = Field(0.15, ge=0, lt=1,
+                                 description="share held out for the test; unused where a data set has its own test split")
+    max_train_samples: PositiveInt | None = Field(None, description="train on at most this many samples (quick runs)")
+    augment: AugmentSpec | None = Field(None, description="random shifts and rotations of training images")
+
+
+class ModelSpec(Section):
+    name: str = Field(description="a model builder: perceptron, mlp, cnn, cnn_lenet, cnn_resnet_small")
+    params: dict[str, Any] = Field(default_factory=dict, description="the model builder's keyword arguments")
+
+
+class ScheduleSpec(Section):
+    name: Literal["constant", "step", "cosine", "onecycle"] = "constant"
+    warmup_epochs: NonNegativeFloat = Field(0.0, description="linear warm-up from 0 over this many epochs")
+    step_size: PositiveInt = Field(10, description="step: multiply the rate by gamma every step_size epochs")
+    gamma: float = Field(0.1, gt=0, le=1, description="step: the decay factor")
+
+
+class OptimSpec(Section):
+    name: str = Field("adam", description="sgd, adam, adamw or rmsprop")
+    lr: PositiveFloat = Field(1e-3, description="learning rate (the peak rate under a schedule)")
+    weight_decay: NonNegativeFloat = Field(0.0, description="L2 penalty (decoupled for adamw)")
+    params: dict[str, Any] = Field(default_factory=dict, description="momentum, nesterov, betas...: the optimizer's own")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+
+
+class EarlyStoppingSpec(Section):
+    metric: MetricName | None = Field(None, description="validation metric to watch; default: the task's (val_accuracy or val_rmse)")
+    mode: Literal["min", "max"] | None = Field(None, description="default: max for accuracy, min otherwise")
+    patience: PositiveInt = Field(5, description="epochs without improvement before stopping")
+    min_delta: NonNegativeFloat = Field(0.0, description="smallest change that counts as an improvement")
+
+
+class TrainSpec(Section):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt | Literal["full"] = Field(
+        64, description="samples per step and worker: 1 is stochastic, 'full' is batch gradient descent")
+    seed: int = Field(0, description="seeds the splits, the initial weights and the shuffling")
+    early_stopping: EarlyStoppingSpec | None = None
+    grad_clip: PositiveFloat | None = Field(None, description="clip the global gradient norm to this value")
+
+
+class ScalingSpec(Section):
+    num_workers: PositiveInt = Field(1, description="data-parallel training workers (DDP)")
+    use_gpu: bool = Field(False, description="one GPU per worker; NCCL instead of gloo")
+    cpus_per_worker: PositiveFloat = 1.0
+    mixed_precision: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+
+
+class CheckpointSpec(Section):
+    every_n_epochs: PositiveInt = 1
+    keep: PositiveInt = Field(2, description="keep the best K checkpoints by the validation metric")
+    metric: MetricName | None = Field(None, description="default: the task's validation metric")
+    mode: Literal["min", "max"] | None = None
+
+
+class FailureSpec(Section):
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: no limit")
+
+
+class RegisterSpec(Section):
+    enabled: bool = True
+    model_name: str | None = Field(None, description="registered model name; default: the job's name")
+
+
+class TrackingSpec(Section):
+    experiment: str | None = Field(None, description="MLflow experiment; default: the job's name")
+
+
+class JobBase(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+                      description="letters, digits, '_', '.', '-'; names the experiment and the model")
+    description: str = ""
+    storage_path: str | None = Field(None, description="checkpoint storage (a shared URI on multi-node clusters); "
+                                                       "default: $DEEPYARD_HOME/ray_results")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+
+# `register` is also ABCMeta.register on the class; as a field it is what users expect to write.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class TrainJob(JobBase):
+    """A supervised job on Ray Train: data -> model -> task loss -> optimizer."""
+
+    kind: Literal["train"] = "train"
+    data: DataSpec
+    model: ModelSpec
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    failure: FailureSpec = Field(default_factory=FailureSpec)
+    register: RegisterSpec = Field(default_factory=RegisterSpec)
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def model_name(self) -> str:
+        return self.register.model_name or self.name
+
+
+# One entry per job kind; runners/__init__.py holds the matching runner for each (a test keeps them in sync).
+KINDS: dict[str, type[JobBase]] = {"train": TrainJob}
+JobSpec = TrainJob
+
+
+def _builder_registries() -> dict[str, Registry]:
+    from deepyard.data import DATASETS
+    from deepyard.models import MODELS
+    from deepyard.optim import OPTIMIZERS
+
+    return {"data": DATASETS, "model": MODELS, "optim": OPTIMIZERS}
+
+
+# ---------------------------------------------------------------- loading and error reporting
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if found := _unwrap_model(arg):
+                return found
+    return None
+
+
+def _fields_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model else None
+        model = _unwrap_model(field.annotation) if field else None
+    return list(model.model_fields) if model else []
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic names the union member that failed, e.g. "constrained-int" or "literal['full']".
+    return isinstance(part, str) and not part.isidentifier()
+
+
+def _describe_all(errors: list[dict], root: type[BaseModel] | None, prefix: tuple = ()) -> list[str]:
+    """One line per path: the failures of a union's members are merged into one line."""
+    merged: dict[tuple, dict] = {}
+    for error in errors:
+        loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
+        if loc in merged and error["type"] not in ("extra_forbidden", "missing"):
+            merged[loc]["msg"] += " or " + error["msg"].removeprefix("Input should be ")
+        else:
+            merged[loc] = {**error, "loc": loc}
+    return [_describe(error, root, prefix) for error in merged.values()]
+
+
+def _describe(error: dict, root: type[BaseModel] | None, prefix: tuple = ()) -> str:
+    loc = tuple(error["loc"])
+    path = _dotted(prefix + loc)
+    if error["type"] == "extra_forbidden":
+        valid = _fields_at(root, loc[:-1])
+        hint = closest(str(loc[-1]), valid)
+        suggestion = f"; did you mean {hint!r}?" if hint else ""
+        return f"{path}: unknown field{suggestion} (valid: {', '.join(valid)})"
+    if error["type"] == "missing":
+        return f"{path}: required field is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{path}: {message} (got {error['input']!r})"
+
+
+def _check_builders(document: dict, problems: list[str]) -> None:
+    """Names resolve through the registries; ``params`` must match the builder's signature."""
+    for section, registry in _builder_registries().items():
+        body = document.get(section)
+        if not isinstance(body, dict) or not isinstance(body.get("name", "adam"), str):
+            continue  # the structural pass reports it
+        name = body.get("name", "adam")
+        if name not in registry:
+            problems.append(f"{section}.name: {unknown_name_message(registry.what, name, registry.names())}")
+            continue
+        params = body.get("params", {})
+        if not isinstance(params, dict):
+            continue
+        try:
+            body["params"] = registry.params_model(name).model_validate(params).model_dump(mode="json")
+        except pydantic.ValidationError as error:
+            schema = registry.params_model(name)
+            problems += _describe_all(error.errors(), schema, (section, "params"))
+
+
+def apply_overrides(document: dict, overrides: list[str], problems: list[str]) -> None:
+    """``train.epochs=3`` sets a dotted path; the value is parsed as YAML (3 -> int, [8, 8] -> list)."""
+    for override in overrides:
+        path, sep, text = override.partition("=")
+        if not sep or not path.strip():
+            problems.append(f"--set {override!r}: expected dotted.path=value, e.g. --set train.epochs=3")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        keys = path.strip().split(".")
+        node = document
+        for key in keys[:-1]:
+            if not isinstance(node.get(key, {}), dict):
+                problems.append(f"--set {override!r}: {key} is not a section")
+                break
+            node = node.setdefault(key, {})
+        else:
+            node[keys[-1]] = value
+
+
+def parse_spec(document: Any, source: str = "<spec>", overrides: list[str] | None = None) -> JobBase:
+    problems: list[str] = []
+    if not isinstance(document, dict):
+        raise SpecError(source, [f"(top level): expected a mapping with kind, name, data, model..., got {type(document).__name__}"])
+    apply_overrides(document, overrides or [], problems)
+    kind = document.get("kind", "train")
+    job_class = KINDS.get(kind) if isinstance(kind, str) else None
+    if job_class is None:
+        problems.append(f"kind: {unknown_name_message('job kind', str(kind), list(KINDS))}")
+        raise SpecError(source, problems)
+    _check_builders(document, problems)
+    spec = None
+    try:
+        spec = job_class.model_validate(document)
+    except pydantic.ValidationError as error:
+        problems += _describe_all(error.errors(), job_class)
+    if problems:
+        raise SpecError(source, problems)
+    return spec
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobBase:
+    file = Path(path)
+    if not file.is_file():
+        raise BadInput(f"{file}: no such spec file")
+    try:
+        document = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise SpecError(str(file), [f"not valid YAML{line}: {problem}"]) from None
+    return parse_spec(document, str(file), overrides)
+
+
+def to_yaml(spec: JobBase) -> str:
+    """The resolved spec (defaults filled in): enough to reproduce the run."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(spec: JobBase) -> dict[str, str]:
+    """``{"train.epochs": "10", ...}``: the resolved spec as MLflow params."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", spec.model_dump(mode="json"))
+    return flat
