@@ -20,7 +20,7 @@ from deepyard.errors import EXIT_INTERRUPTED, DeepyardError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Declarative deep-learning jobs on Ray, tracked in MLflow.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error message stays one greppable line
 out = Console()
 
 SpecPath = Annotated[Path, typer.Argument(help="a job spec YAML, e.g. jobs/quickstart.yaml")]
@@ -66,6 +66,7 @@ def run(
     set_: Overrides = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default $RAY_ADDRESS, else a local cluster")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print one JSON object as the last stdout line")] = False,
+    ray_logs: Annotated[bool, typer.Option("--ray-logs", help="stream Ray's worker logs to the terminal")] = False,
 ) -> None:
     """Run a job: train on Ray, track in MLflow, register the model."""
     from deepyard import progress
@@ -74,7 +75,7 @@ def run(
 
     job = load_spec(spec, set_ or [])
     watch = functools.partial(progress.watch, console=err)
-    summary = RUNNERS[job.kind](job, address=address, watch=watch)
+    summary = RUNNERS[job.kind](job, address=address, ray_logs=ray_logs, watch=watch)
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
     err.print(f"[green]done[/] {job.name}: {metrics}")
     err.print(f"  run {summary['run_id']} in experiment {summary['experiment']!r}")

@@ -12,8 +12,12 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 
 
 @contextmanager
-def connected(address: str | None = None) -> Iterator[None]:
-    """Connect for the duration of a job; a cluster we started is shut down afterwards."""
+def connected(address: str | None = None, ray_logs: bool = False) -> Iterator[None]:
+    """Connect for the duration of a job; a cluster we started is shut down afterwards.
+
+    Worker logs stay in Ray's session directory unless ``ray_logs``: a worker's failure reaches
+    the driver as an exception with its traceback anyway.
+    """
     import ray
 
     if ray.is_initialized():  # an embedding program (or a test session) already connected
@@ -25,9 +29,8 @@ def connected(address: str | None = None) -> Iterator[None]:
     ray.init(
         address=address or "local",
         runtime_env={"env_vars": dict(TRAIN_ENV)} if address else None,
-        include_dashboard=False if not address else None,
         logging_level="WARNING",
-        log_to_driver=True,
+        log_to_driver=ray_logs,
     )
     try:
         yield

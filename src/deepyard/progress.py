@@ -57,3 +57,7 @@ def watch(run_id: str, epochs: int, console: Console) -> Iterator[None]:
         finally:
             stop.set()
             thread.join(timeout=2)
+            try:
+                live.update(_table(tracking.latest_metrics(run_id), epochs, time.monotonic() - started, None))
+            except Exception:
+                pass

@@ -6,6 +6,7 @@ naming the dotted path, the bad value and the fix, and starts nothing (no Ray, n
 
 from __future__ import annotations
 
+import copy
 import types
 import typing
 import warnings
@@ -214,6 +215,8 @@ def _describe(error: dict, root: type[BaseModel] | None, prefix: tuple = ()) -> 
 def _check_builders(document: dict, problems: list[str]) -> None:
     """Names resolve through the registries; ``params`` must match the builder's signature."""
     for section, registry in _builder_registries().items():
+        if section == "optim":  # the one builder section with a default: resolve its params too
+            document.setdefault("optim", {})
         body = document.get(section)
         if not isinstance(body, dict) or not isinstance(body.get("name", "adam"), str):
             continue  # the structural pass reports it
@@ -257,6 +260,7 @@ def parse_spec(document: Any, source: str = "<spec>", overrides: list[str] | Non
     problems: list[str] = []
     if not isinstance(document, dict):
         raise SpecError(source, [f"(top level): expected a mapping with kind, name, data, model..., got {type(document).__name__}"])
+    document = copy.deepcopy(document)  # overrides and resolved params are written into it
     apply_overrides(document, overrides or [], problems)
     kind = document.get("kind", "train")
     job_class = KINDS.get(kind) if isinstance(kind, str) else None

@@ -249,7 +249,7 @@ def _log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, A
                               metadata=metadata, version_tags={**tags, "run_id": run_id})
 
 
-def run(spec: TrainJob, *, address: str | None = None,
+def run(spec: TrainJob, *, address: str | None = None, ray_logs: bool = False,
         watch: Callable[[str, int], Any] | None = None) -> dict[str, Any]:
     """Run the job to the end; returns the ids, final test metrics and model URIs.
 
@@ -268,7 +268,7 @@ def run(spec: TrainJob, *, address: str | None = None,
                                 tags={"deepyard.task": task.name})
     timings["mlflow_start_s"] = time.perf_counter() - started
     try:
-        with cluster.connected(address):
+        with cluster.connected(address, ray_logs):
             timings["ray_connect_s"] = time.perf_counter() - started - timings["mlflow_start_s"]
             trainer = _trainer(spec, run_id, monitor)
             fit_started = time.perf_counter()

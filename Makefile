@@ -1,0 +1,44 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   train the quickstart model on an embedded local Ray cluster, tracked in MLflow
+#   make test   the whole test suite (make test-fast: without the Ray Train jobs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The local CPU build of torch; a looser pin would download a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test test-fast bench install data clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+# Debian's Fashion-MNIST package (IDX files, MIT): installed when we are root, otherwise say how.
+data:
+	@if [ -d $(FASHION_MNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
+	else echo "note: Fashion-MNIST missing; run: sudo apt-get install dataset-fashion-mnist"; fi
+
+demo: install data
+	$(VENV)/bin/deepyard run jobs/quickstart.yaml
+
+test: install data
+	$(PY) -m pytest -q
+
+test-fast: install data
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install data
+	$(PY) bench/train_overhead.py
+	$(PY) bench/accuracy.py
+
+clean:
+	rm -rf .deepyard .pytest_cache

@@ -1,0 +1,68 @@
+"""Shared fixtures: one real local Ray cluster and one real MLflow sqlite store per test session.
+
+The CLI runs in-process (typer's runner) so that every job reuses the session's Ray cluster
+instead of paying Ray's start-up per test; Ray, MLflow and the training loop are all real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from deepyard.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deepyard_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("deepyard_home")
+    os.environ["DEEPYARD_HOME"] = str(home)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
+    os.environ.pop("RAY_ADDRESS", None)
+    return home
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(deepyard_home):
+    import ray
+
+    from deepyard.cluster import TRAIN_ENV
+
+    os.environ.update(TRAIN_ENV)
+    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False,
+             logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def cli():
+    runner = CliRunner()
+
+    def invoke(*args: str, expect: int | None = 0):
+        result = runner.invoke(app, list(args))
+        if expect is not None and result.exit_code != expect:
+            raise AssertionError(f"exit {result.exit_code} != {expect}\nstdout:\n{result.stdout}\n"
+                                 f"stderr:\n{result.stderr}\n{result.exception!r}")
+        return result
+
+    return invoke
+
+
+def last_json(result) -> dict:
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture()
+def write_spec(tmp_path):
+    def write(text: str, name: str = "spec.yaml") -> str:
+        path = tmp_path / name
+        path.write_text(text)
+        return str(path)
+
+    return write

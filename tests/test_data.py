@@ -1,0 +1,80 @@
+"""Data sets: deterministic disjoint splits, statistics from the training split only, local files only."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from deepyard.data import DATASETS, load_splits
+from deepyard.data.augment import random_affine
+from deepyard.data.idx import read_idx
+from deepyard.errors import DataError
+
+
+def test_splits_are_deterministic_disjoint_and_stratified():
+    a = load_splits("digits", {}, val_fraction=0.2, test_fraction=0.2, seed=3)
+    b = load_splits("digits", {}, val_fraction=0.2, test_fraction=0.2, seed=3)
+    c = load_splits("digits", {}, val_fraction=0.2, test_fraction=0.2, seed=4)
+    assert np.array_equal(a.x_val, b.x_val) and not np.array_equal(a.x_val, c.x_val)
+    rows = lambda x: {r.tobytes() for r in x}  # noqa: E731
+    assert len(a.x_train) + len(a.x_val) + len(a.x_test) == 1797
+    assert not rows(a.x_test) & rows(a.x_val)
+    assert set(np.unique(a.y_val)) == set(range(10))  # every class in every split
+    assert a.in_shape == (1, 8, 8) and a.num_outputs == 10 and a.is_image
+
+
+def test_input_statistics_come_from_the_training_split_only():
+    splits = load_splits("wine", {}, val_fraction=0.2, test_fraction=0.2, seed=0)
+    mean, std = splits.input_stats()
+    assert np.allclose(mean, splits.x_train.mean(axis=0), rtol=1e-5)
+    assert not np.allclose(mean, np.concatenate([splits.x_train, splits.x_test]).mean(axis=0), rtol=1e-5)
+    assert std.shape == (13,) and (std > 0).all()
+
+
+def test_regression_targets_and_max_train_samples():
+    splits = load_splits("diabetes", {}, val_fraction=0.1, test_fraction=0.1, seed=0, max_train_samples=50)
+    assert splits.task == "regression" and splits.num_outputs == 1 and len(splits.x_train) == 50
+    mean, std = splits.target_stats()
+    assert 100 < mean < 200 and std > 10
+
+
+def _write_idx(path, array: np.ndarray):
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
+    with gzip.open(path, "wb") as stream:
+        stream.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_any_directory_of_idx_files_loads(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 60), ("t10k", 20)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 6, 6)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 3)
+    splits = load_splits("mnist_idx", {"path": str(tmp_path), "num_classes": 3}, val_fraction=0.25,
+                         test_fraction=0.5, seed=0)
+    assert splits.in_shape == (1, 6, 6) and len(splits.x_test) == 20 and len(splits.x_train) == 45
+    assert read_idx(tmp_path / "t10k-labels-idx1-ubyte.gz").tolist() == [i % 3 for i in range(20)]
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="no t10k-labels-idx1-ubyte"):
+        DATASETS.build("mnist_idx", {"path": str(tmp_path)})
+
+
+def test_csv_classification_and_regression(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("a,b,kind,price\n" + "".join(f"{i},{i * 2},{'xy'[i % 2]},{i * 1.5}\n" for i in range(40)))
+    raw = DATASETS.build("csv", {"path": str(table), "target": "kind", "features": ["a", "b"]})
+    assert raw.class_names == ["x", "y"] and raw.x.shape == (40, 2)
+    raw = DATASETS.build("csv", {"path": str(table), "target": "price", "features": ["a"], "task": "regression"})
+    assert raw.task == "regression" and raw.y[3] == pytest.approx(4.5)
+    with pytest.raises(DataError, match="must be numeric; not numeric: kind"):
+        DATASETS.build("csv", {"path": str(table), "target": "price", "task": "regression"})
+
+
+def test_augmentation_keeps_shape_and_changes_pixels():
+    torch.manual_seed(0)
+    images = torch.rand(16, 1, 8, 8)
+    moved = random_affine(images, max_shift=0.2, max_rotation_deg=15)
+    assert moved.shape == images.shape and not torch.allclose(moved, images)
+    assert torch.allclose(random_affine(images, 0.0, 0.0), images, atol=1e-5)

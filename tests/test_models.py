@@ -1,0 +1,54 @@
+"""Every model in the zoo: output shapes, and a loss that falls on a tiny batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepyard.models import MODELS
+from deepyard.models.pipeline import Pipeline
+
+IMAGE_ONLY = {"cnn", "cnn_lenet", "cnn_resnet_small"}
+
+
+def tiny_params(name: str) -> dict:
+    return {"mlp": {"hidden_sizes": [16, 8]}, "cnn": {"channels": [8, 16], "hidden_sizes": [16]},
+            "cnn_resnet_small": {"width": 8}}.get(name, {})
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+@pytest.mark.parametrize("in_shape", [(1, 8, 8), (1, 28, 28), (13,)], ids=["8x8", "28x28", "tabular"])
+def test_output_shape_and_falling_loss(name, in_shape):
+    if name in IMAGE_ONLY and len(in_shape) != 3:
+        with pytest.raises(ValueError, match="channels, height, width"):
+            MODELS.build(name, {}, in_shape=in_shape, num_outputs=3)
+        return
+    torch.manual_seed(0)
+    model = MODELS.build(name, tiny_params(name), in_shape=in_shape, num_outputs=3)
+    inputs, targets = torch.randn(32, *in_shape), torch.randint(0, 3, (32,))
+    assert model(inputs).shape == (32, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "leaky_relu", "gelu"])
+def test_mlp_activations_and_options(activation):
+    model = MODELS.build("mlp", {"hidden_sizes": [8], "activation": activation, "dropout": 0.5,
+                                 "batch_norm": True}, in_shape=(4,), num_outputs=2)
+    kinds = {type(m).__name__.lower() for m in model.modules()}
+    assert {"batchnorm1d", "dropout"} <= kinds
+    assert model(torch.randn(5, 4)).shape == (5, 2)
+
+
+def test_pipeline_standardizes_raw_inputs_and_saves_its_statistics():
+    mean, std = torch.tensor([10.0, -5.0]), torch.tensor([2.0, 4.0])
+    pipeline = Pipeline(torch.nn.Identity(), mean.numpy(), std.numpy())
+    assert torch.allclose(pipeline(torch.tensor([[12.0, 3.0]])), torch.tensor([[1.0, 2.0]]))
+    assert set(pipeline.state_dict()) == {"standardize.mean", "standardize.std"}

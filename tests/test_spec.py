@@ -1,0 +1,138 @@
+"""Spec errors: every problem at once, named by dotted path, with the fix; exit code 2; nothing starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from deepyard.errors import SpecError
+from deepyard.runners import RUNNERS
+from deepyard.spec import KINDS, flatten, load_spec, parse_spec, to_yaml
+
+GOOD = {"kind": "train", "name": "t", "data": {"name": "digits"}, "model": {"name": "mlp"}}
+
+
+def problems_of(document, overrides=None) -> list[str]:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(document, "x.yaml", overrides)
+    return caught.value.problems
+
+
+def test_all_problems_reported_at_once_with_paths_and_hints():
+    problems = problems_of({
+        "kind": "train", "name": "t",
+        "data": {"name": "digts"},
+        "model": {"name": "mlp", "params": {"hidden_sizes": [-3], "dropout": 1.5, "activaton": "relu"}},
+        "optim": {"name": "sgd", "params": {"nesterv": True}},
+        "train": {"epoch": 3, "batch_size": 0},
+    })
+    text = "\n".join(problems)
+    assert "data.name: unknown data set 'digts'; did you mean 'digits'?" in text
+    assert "model.params.hidden_sizes.0:" in text and "(got -3)" in text
+    assert "model.params.dropout:" in text
+    assert "model.params.activaton: unknown field; did you mean 'activation'?" in text
+    assert "optim.params.nesterv: unknown field; did you mean 'nesterov'?" in text
+    assert "train.epoch: unknown field; did you mean 'epochs'?" in text
+    assert "train.batch_size:" in text and "'full'" in text
+    assert len(problems) == 7
+
+
+def test_unknown_model_and_optimizer_and_kind():
+    text = "\n".join(problems_of({**GOOD, "model": {"name": "cnnn"}, "optim": {"name": "adm"}}))
+    assert "model.name: unknown model 'cnnn'; did you mean 'cnn'?" in text
+    assert "optim.name: unknown optimizer 'adm'; did you mean 'adam'?" in text
+    assert "kind: unknown job kind 'trian'; did you mean 'train'?" in problems_of({**GOOD, "kind": "trian"})[0]
+
+
+def test_wrong_types_and_missing_sections():
+    text = "\n".join(problems_of({"kind": "train", "name": "bad name!", "train": {"epochs": "many"},
+                                  "scaling": {"num_workers": -1}}))
+    assert "name:" in text and "data: required field is missing" in text and "model: required" in text
+    assert "train.epochs:" in text and "'many'" in text
+    assert "scaling.num_workers:" in text
+
+
+def test_set_overrides_parse_yaml_values_and_paths_are_checked():
+    spec = parse_spec(dict(GOOD), overrides=["train.epochs=3", "model.params.hidden_sizes=[8, 8]",
+                                             "optim.lr=0.01"])
+    assert spec.train.epochs == 3 and spec.model.params["hidden_sizes"] == [8, 8] and spec.optim.lr == 0.01
+    text = "\n".join(problems_of(dict(GOOD), ["train.epochz=3", "nonsense"]))
+    assert "train.epochz: unknown field; did you mean 'epochs'?" in text
+    assert "expected dotted.path=value" in text
+
+
+def test_resolved_spec_fills_builder_defaults_and_round_trips():
+    spec = parse_spec(dict(GOOD))
+    assert spec.model.params["hidden_sizes"] == [128, 64]  # the builder's default, now explicit
+    again = parse_spec(yaml.safe_load(to_yaml(spec)))
+    assert again == spec
+    assert flatten(spec)["model.params.activation"] == "relu"
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: train\nname: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML at line"):
+        load_spec(bad)
+    with pytest.raises(Exception, match="no such spec file"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_validates(path, cli):
+    cli("validate", str(path))
+
+
+def test_every_kind_has_a_runner():
+    assert set(KINDS) == set(RUNNERS)
+
+
+def test_cli_validate_exit_code_2_and_message(cli, write_spec):
+    result = cli("validate", write_spec("kind: train\nname: t\ndata: {name: digits}\nmodel: {name: mlpp}\n"),
+                 expect=2)
+    assert "model.name: unknown model 'mlpp'; did you mean 'mlp'?" in result.stderr
+
+
+def test_cnn_on_tabular_data_is_bad_input(cli, write_spec):
+    result = cli("validate", write_spec("name: t\ndata: {name: wine}\nmodel: {name: cnn}\n"), expect=2)
+    assert "does not fit data 'wine'" in result.stderr and "(channels, height, width)" in result.stderr
+
+
+def test_metric_the_task_never_reports(cli, write_spec):
+    spec = write_spec("name: t\ndata: {name: diabetes}\nmodel: {name: mlp}\n"
+                      "train: {early_stopping: {metric: val_accuracy}}\n")
+    result = cli("validate", spec, expect=2)
+    assert "regression reports val_loss, val_rmse, val_mae, not 'val_accuracy'" in result.stderr
+
+
+def test_missing_data_directory(cli, write_spec):
+    spec = write_spec("name: t\ndata: {name: fashion_mnist, params: {path: /nonexistent/fm}}\nmodel: {name: cnn}\n")
+    result = cli("validate", spec, expect=2)
+    assert "/nonexistent/fm does not exist" in result.stderr and "apt-get install dataset-fashion-mnist" in result.stderr
+
+
+def test_csv_without_the_named_column(cli, write_spec, tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("a,b,label\n1,2,x\n3,4,y\n")
+    spec = write_spec(f"name: t\ndata: {{name: csv, params: {{path: {table}, target: lable}}}}\nmodel: {{name: mlp}}\n")
+    result = cli("validate", spec, expect=2)
+    assert "no column 'lable'; did you mean 'label'?" in result.stderr
+
+
+def test_console_script_exit_code_without_ray(tmp_path):
+    """The installed `deepyard` command itself: a bad spec exits 2 in well under Ray's start-up time."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: t\ndata: {name: digits}\nmodel: {name: mlp}\ntrain: {epochs: -1}\n")
+    home = tmp_path / "home"
+    env = {**os.environ, "DEEPYARD_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI")
+    done = subprocess.run([sys.executable, "-m", "deepyard.cli", "run", str(bad)], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 2
+    assert "train.epochs:" in done.stderr
+    assert not (home / "mlflow.db").exists() and not (home / "ray_results").exists()  # nothing started
