@@ -151,7 +151,7 @@ def registered_models() -> list[dict[str, Any]]:
         models.append({
             "name": model.name,
             "versions": [{
-                "version": v.version,
+                "version": str(v.version),
                 "aliases": aliases_by_version.get(str(v.version), []),
                 "run_id": v.run_id,
                 "status": v.status,

@@ -155,7 +155,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {**task.metrics(train_sums, "train"),
                    **task.metrics(reduce_sum(evaluate(plain_model, val_loader, task, device), device), "val"),
                    "lr": optimizer.param_groups[0]["lr"],
-                   "samples_per_s": float(train_sums[-1]) / train_seconds, "epoch": epoch}
+                   "samples_per_s": float(train_sums[-1]) / train_seconds,
+                   "train_samples": float(train_sums[-1]), "epoch": epoch}  # summed over workers
         value = metrics[ckpt_metric]
         if best["value"] is None or (value > best["value"] if ckpt_mode == "max" else value < best["value"]):
             best = {"value": value, "epoch": epoch, "weights": checkpoints.cpu_copy(plain_model.state_dict())}

@@ -1,0 +1,127 @@
+"""Train jobs end to end: the real CLI, a real local Ray cluster, real MLflow on sqlite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from conftest import last_json
+from deepyard.runners.train import FAIL_AT_EPOCH_ENV
+
+pytestmark = pytest.mark.slow
+
+TINY_MLP = """
+kind: train
+name: {name}
+data: {{name: digits, max_train_samples: 400}}
+model: {{name: mlp, params: {{hidden_sizes: [16, 16]}}}}
+optim: {{name: adam, lr: 0.01}}
+train: {{epochs: {epochs}, batch_size: 32}}
+checkpoint: {{every_n_epochs: 1, keep: 2}}
+"""
+
+
+def run_job(cli, spec: str, *extra: str, expect: int = 0):
+    result = cli("run", spec, "--json", *extra, expect=expect)
+    return last_json(result) if expect == 0 else result
+
+
+def test_run_tracks_everything_and_registers_a_servable_model(ray_cluster, cli, write_spec):
+    summary = run_job(cli, write_spec(TINY_MLP.format(name="tiny_mlp", epochs=2)))
+    assert {"run_id", "experiment", "metrics", "model_uri", "model_name", "model_version"} <= set(summary)
+    assert summary["metrics"]["test_accuracy"] > 0.5
+
+    client = MlflowClient()
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.params.hidden_sizes"] == "[16, 16]"
+    assert run.data.params["train.epochs"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+    for key in ("train_loss", "val_loss", "lr", "samples_per_s", "test_accuracy", "test_f1_macro"):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "spec.yaml" in artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/learning_curves.png", "plots/confusion_matrix.png"}
+
+    version = client.get_model_version("tiny_mlp", summary["model_version"])
+    assert version.run_id == summary["run_id"]
+    assert float(version.tags["metric.test_accuracy"]) == pytest.approx(summary["metrics"]["test_accuracy"], rel=1e-4)
+
+    # The logged model takes raw 0-16 pixel values: the fitted standardization travels inside it.
+    model = mlflow.pyfunc.load_model(f"models:/tiny_mlp/{summary['model_version']}")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    probabilities = np.asarray(model.predict(digits.images[:64].reshape(-1, 1, 8, 8).astype(np.float32)))
+    assert probabilities.shape == (64, 10)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    assert (probabilities.argmax(axis=1) == digits.target[:64]).mean() > 0.5
+
+    listed = last_json(cli("models", "--json"))
+    tiny = next(m for m in listed if m["name"] == "tiny_mlp")
+    assert tiny["versions"][0]["version"] == summary["model_version"]
+    assert "test_accuracy" in tiny["versions"][0]["metrics"]
+
+
+def test_two_worker_ddp_run(ray_cluster, cli, write_spec):
+    summary = run_job(cli, write_spec(TINY_MLP.format(name="tiny_ddp", epochs=3)),
+                      "--set", "scaling.num_workers=2", "--set", "scaling.cpus_per_worker=1")
+    assert summary["metrics"]["test_accuracy"] > 0.3  # chance is 0.1; each worker sees half an epoch
+    run = MlflowClient().get_run(summary["run_id"])
+    assert run.data.params["scaling.num_workers"] == "2"
+    # Two shards of 200 make one epoch of 400 samples: both workers trained, on disjoint halves.
+    assert run.data.metrics["train_samples"] == 400
+    # Each epoch is logged once (rank 0 only), not once per worker.
+    assert len(MlflowClient().get_metric_history(summary["run_id"], "train_loss")) == 3
+
+
+def test_dead_worker_is_replaced_and_training_resumes_from_a_checkpoint(ray_cluster, cli, write_spec, monkeypatch):
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "3")  # rank 0 exits hard once, after epoch 3's checkpoint
+    summary = run_job(cli, write_spec(TINY_MLP.format(name="tiny_recover", epochs=4)),
+                      "--set", "failure.max_failures=1")
+    client = MlflowClient()
+    resumed = client.get_metric_history(summary["run_id"], "resumed_from_epoch")
+    assert resumed and resumed[0].value >= 1, "the restarted workers began from epoch 0"
+    epoch_one = [m for m in client.get_metric_history(summary["run_id"], "train_loss") if m.step == 1]
+    assert len(epoch_one) == 1, "epoch 1 was trained twice"
+    assert summary["epochs_run"] == 4
+    assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+
+
+def test_a_failed_job_marks_its_run_failed_and_keeps_its_checkpoints(ray_cluster, cli, write_spec, monkeypatch,
+                                                                     deepyard_home):
+    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
+    result = run_job(cli, write_spec(TINY_MLP.format(name="tiny_fail", epochs=3)), expect=1)
+    assert "training failed" in result.stderr and "marked FAILED" in result.stderr
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("tiny_fail")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED"
+    assert "deepyard.error" in run.data.tags
+    saved = list(Path(deepyard_home, "ray_results").glob(f"tiny_fail-{run.info.run_id[:8]}/checkpoint_*"))
+    assert len(saved) >= 1
+
+
+def test_regression_with_early_stopping_serves_values_in_target_units(ray_cluster, cli, write_spec):
+    spec = write_spec("""
+kind: train
+name: tiny_diabetes
+data: {name: diabetes}
+model: {name: mlp, params: {hidden_sizes: [16]}}
+optim: {name: adam, lr: 0.01}
+train: {epochs: 30, batch_size: 32, early_stopping: {patience: 2, min_delta: 1.0}}
+""")
+    summary = run_job(cli, spec)
+    assert set(summary["metrics"]) == {"test_loss", "test_rmse", "test_mae"}
+    assert summary["metrics"]["test_rmse"] < 77  # the target's std: better than predicting the mean
+    assert summary["stopped_early"] and summary["epochs_run"] < 30
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes(scaled=False)
+    predictions = np.asarray(mlflow.pyfunc.load_model(summary["model_uri"]).predict(data.data[:20].astype(np.float32)))
+    assert predictions.shape == (20,) and 50 < predictions.mean() < 300
