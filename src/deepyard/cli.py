@@ -53,7 +53,7 @@ def validate(spec: SpecPath, set_: Overrides = None) -> None:
     from deepyard.spec import load_spec
 
     job = load_spec(spec, set_ or [])
-    splits = preflight(job)
+    splits, _ = preflight(job)
     err.print(f"[green]ok[/] {spec}: kind={job.kind} name={job.name} data={job.data.name} "
               f"({len(splits.x_train)} train / {len(splits.x_val)} val / {len(splits.x_test)} test, "
               f"input {splits.in_shape}) model={job.model.name}")

@@ -8,11 +8,25 @@ import torch.distributed as dist
 
 def reduce_sum(sums: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """Sum per-worker metric sums over the worker group (a no-op on one worker)."""
-    sums = torch.zeros(3) if sums is None else sums
+    sums = torch.zeros(3, device=device) if sums is None else sums.to(device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        sums = sums.to(device)
         dist.all_reduce(sums)
     return sums.cpu()
+
+
+def train_step(model, task, optimizer, scheduler, inputs, targets, *, use_amp: bool,
+               grad_clip: float | None) -> torch.Tensor:
+    """One optimizer step (bf16 autocast on GPU when ``use_amp``); returns the batch's metric sums."""
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        outputs = model(inputs)
+        loss = task.loss(outputs, targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # the global norm, against exploding gradients
+    optimizer.step()
+    scheduler.step()
+    return task.batch_sums(outputs.detach(), targets)  # stays on the device: no sync per step
 
 
 @torch.inference_mode()

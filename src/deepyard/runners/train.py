@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ from deepyard.models import MODELS
 from deepyard.models.pipeline import Pipeline
 from deepyard.optim import OPTIMIZERS, make_schedule
 from deepyard.runners import checkpoints
-from deepyard.runners.loop import EarlyStopping, evaluate, reduce_sum
+from deepyard.runners.loop import EarlyStopping, evaluate, reduce_sum, train_step
 from deepyard.spec import TrainJob, flatten, to_yaml
 from deepyard.tasks import make_task
 
@@ -53,8 +54,10 @@ def monitored(spec_metric: str | None, spec_mode: str | None, task) -> tuple[str
     return metric, spec_mode or ("max" if metric.endswith("accuracy") else "min")
 
 
-def preflight(spec: TrainJob) -> Splits:
-    """Everything that can fail on bad input, done once before Ray or MLflow start: exit code 2."""
+def preflight(spec: TrainJob):
+    """Everything that can fail on bad input, done once before Ray or MLflow start: exit code 2.
+
+    Returns the data splits and the task."""
     splits = load_data(spec)
     if len(splits.x_train) == 0 or len(splits.x_val) == 0:
         raise DataError(f"data {spec.data.name!r}: the training or validation split is empty; "
@@ -68,7 +71,7 @@ def preflight(spec: TrainJob) -> Splits:
         valid = [f"val_{name}" for name in task.metric_names]
         if metric and metric not in valid:
             raise BadInput(f"{section}.metric: {task.name} reports {', '.join(valid)}, not {metric!r}")
-    return splits
+    return splits, task
 
 
 def _loader(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -85,10 +88,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(spec.train.seed)
+    torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))  # intra-op threads = the CPUs Ray gave us
     splits = load_data(spec)  # every worker builds the same deterministic splits locally
     model, task = build(spec, splits)
     device = ray.train.torch.get_device()
     use_amp = spec.scaling.use_gpu and spec.scaling.mixed_precision
+    augment = spec.data.augment if splits.is_image else None
 
     batch_size = len(splits.x_train) if spec.train.batch_size == "full" else spec.train.batch_size
     train_loader = _loader(splits.x_train, splits.y_train, batch_size, True, spec.train.seed)
@@ -137,18 +142,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         sums, started = None, time.perf_counter()
         for inputs, targets in train_loader:
-            if spec.data.augment and splits.is_image:
-                inputs = random_affine(inputs, spec.data.augment.max_shift, spec.data.augment.max_rotation_deg)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                outputs = model(inputs)
-                loss = task.loss(outputs, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if spec.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            batch = task.batch_sums(outputs.detach(), targets).cpu()
+            if augment:
+                inputs = random_affine(inputs, augment.max_shift, augment.max_rotation_deg)
+            batch = train_step(model, task, optimizer, scheduler, inputs, targets,
+                               use_amp=use_amp, grad_clip=spec.train.grad_clip)
             sums = batch if sums is None else sums + batch
         train_seconds = time.perf_counter() - started
         train_sums = reduce_sum(sums, device)
@@ -260,35 +257,43 @@ def run(spec: TrainJob, *, address: str | None = None, ray_logs: bool = False,
 
     from deepyard import cluster
 
-    splits = preflight(spec)
-    _, task = build(spec, splits)
+    splits, task = preflight(spec)
     monitor = monitored(spec.checkpoint.metric, spec.checkpoint.mode, task)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    run_id = tracking.start_run(spec.experiment, spec.name, flatten(spec), to_yaml(spec),
-                                tags={"deepyard.task": task.name})
-    timings["mlflow_start_s"] = time.perf_counter() - started
-    try:
-        with cluster.connected(address, ray_logs):
-            timings["ray_connect_s"] = time.perf_counter() - started - timings["mlflow_start_s"]
-            trainer = _trainer(spec, run_id, monitor)
-            fit_started = time.perf_counter()
-            with watch(run_id, spec.train.epochs) if watch else nullcontext():
-                result = trainer.fit()
-            timings["fit_s"] = time.perf_counter() - fit_started
-        if getattr(result, "error", None):
-            raise result.error
-        final = _final_state(result)
-        outcome = _log_outcome(spec, splits, run_id, final)
-    except KeyboardInterrupt:
-        tracking.finish_run(run_id, "KILLED", "interrupted by the user (Ctrl-C)")
-        raise
-    except BaseException as error:  # the run must never be left RUNNING
-        tracking.finish_run(run_id, "FAILED", "".join(traceback.format_exception(error)))
-        if isinstance(error, (BadInput, JobFailed)):
+
+    def open_run() -> str:
+        run_id = tracking.start_run(spec.experiment, spec.name, flatten(spec), to_yaml(spec),
+                                    tags={"deepyard.task": task.name})
+        timings["mlflow_start_s"] = time.perf_counter() - started
+        return run_id
+
+    # Opening the MLflow run (~2 s on a new sqlite store) overlaps Ray's start-up (~4 s).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        opening = pool.submit(open_run)
+        try:
+            with cluster.connected(address, ray_logs):
+                timings["ray_connect_s"] = time.perf_counter() - started
+                run_id = opening.result()
+                timings["startup_s"] = time.perf_counter() - started
+                trainer = _trainer(spec, run_id, monitor)
+                with watch(run_id, spec.train.epochs) if watch else nullcontext():
+                    result = trainer.fit()
+                timings["fit_s"] = time.perf_counter() - started - timings["startup_s"]
+            if getattr(result, "error", None):
+                raise result.error
+            final = _final_state(result)
+            outcome = _log_outcome(spec, splits, run_id, final)
+        except KeyboardInterrupt:
+            tracking.finish_run(opening.result(), "KILLED", "interrupted by the user (Ctrl-C)")
             raise
-        raise JobFailed(f"training failed: {error}; the MLflow run {run_id} is marked FAILED and "
-                        f"checkpoints stay under {settings.storage_path(spec.storage_path)}") from error
+        except BaseException as error:  # the run must never be left RUNNING
+            run_id = opening.result()  # (if the run could not even be opened, that error surfaces here)
+            tracking.finish_run(run_id, "FAILED", "".join(traceback.format_exception(error)))
+            if isinstance(error, (BadInput, JobFailed)):
+                raise
+            raise JobFailed(f"training failed: {error}; the MLflow run {run_id} is marked FAILED and "
+                            f"checkpoints stay under {settings.storage_path(spec.storage_path)}") from error
     timings["total_s"] = time.perf_counter() - started
     tracking.log_metrics(run_id, {f"timing_{k}": v for k, v in timings.items()}, 0)
     tracking.finish_run(run_id, "FINISHED")

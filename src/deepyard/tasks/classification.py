@@ -33,7 +33,7 @@ class Classification:
         """[summed loss, correct predictions, samples] for one batch."""
         loss = F.cross_entropy(outputs.float(), targets, reduction="sum")
         correct = (outputs.argmax(dim=-1) == targets).sum()
-        return torch.stack([loss.detach(), correct.float(), torch.tensor(float(len(targets)))])
+        return torch.stack([loss.detach(), correct.float(), torch.tensor(float(len(targets)), device=outputs.device)])
 
     def metrics(self, sums: torch.Tensor, prefix: str) -> dict[str, float]:
         loss, correct, count = sums.tolist()

@@ -37,7 +37,7 @@ class Regression:
     def batch_sums(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """[summed squared error, summed absolute error (standardized units), samples]."""
         error = (outputs.squeeze(-1).float() - self._standardized(targets)).detach()
-        return torch.stack([(error**2).sum(), error.abs().sum(), torch.tensor(float(len(targets)))])
+        return torch.stack([(error**2).sum(), error.abs().sum(), torch.tensor(float(len(targets)), device=outputs.device)])
 
     def metrics(self, sums: torch.Tensor, prefix: str) -> dict[str, float]:
         squared, absolute, count = sums.tolist()
