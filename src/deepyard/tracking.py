@@ -8,6 +8,8 @@ plots, the model with its preprocessing, a registered version, and the final sta
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +63,56 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int, uri: str | No
 
     now = int(time.time() * 1000)
     client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+class BackgroundLogger:
+    """``log(metrics, step)`` returns at once; a thread batches the writes. ``close()`` flushes.
+
+    Used by the rank-0 worker: importing MLflow and the first write cost ~1.5 s, which would
+    otherwise stall the first epoch, and every later write would stall the loop too.
+    """
+
+    def __init__(self, run_id: str, uri: str):
+        self._queue: queue.Queue = queue.Queue()
+        self._errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._drain, args=(run_id, uri), daemon=True)
+        self._thread.start()
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        self._queue.put((dict(metrics), step))
+
+    def _drain(self, run_id: str, uri: str) -> None:
+        from mlflow.entities import Metric
+
+        mlflow_client = client(uri)
+        while (item := self._queue.get()) is not None:
+            metrics, step = item
+            now = int(time.time() * 1000)
+            try:
+                mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+            except Exception as error:  # keep training; report at close
+                self._errors.append(error)
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def flush(self) -> None:
+        """Block until everything logged so far is written (before a checkpoint: a crash after it
+        must not lose the metrics of the epochs it covers)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._errors:
+            raise RuntimeError(f"{len(self._errors)} metric writes to MLflow failed: {self._errors[0]!r}")
+
+
+def preload() -> None:
+    """Import what logging a model needs (seconds of imports), while the driver waits for training."""
+    import matplotlib.pyplot  # noqa: F401
+    import mlflow.pytorch  # noqa: F401
+    from mlflow.models import infer_signature  # noqa: F401
 
 
 def latest_metrics(run_id: str) -> dict[str, float]:

@@ -26,21 +26,23 @@ def train_step(model, task, optimizer, scheduler, inputs, targets, *, use_amp: b
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # the global norm, against exploding gradients
     optimizer.step()
     scheduler.step()
-    return task.batch_sums(outputs.detach(), targets)  # stays on the device: no sync per step
+    return task.batch_sums(outputs.detach(), targets, loss)  # stays on the device: no sync per step
 
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, loader, task, device: torch.device, confusion: bool = False):
-    """Metric sums over ``loader`` (or the confusion matrix, for classification)."""
+    """(metric sums, confusion matrix or None) over ``loader``, in one pass."""
     model.eval()
-    total = None
+    sums = matrix = None
     for inputs, targets in loader:
         inputs, targets = inputs.to(device), targets.to(device)
         outputs = model(inputs).float()
-        part = task.confusion(outputs, targets) if confusion else task.batch_sums(outputs, targets)
-        part = part.cpu()
-        total = part if total is None else total + part
-    return total
+        part = task.batch_sums(outputs, targets)
+        sums = part if sums is None else sums + part
+        if confusion:
+            part = task.confusion(outputs, targets)
+            matrix = part if matrix is None else matrix + part
+    return (sums.cpu() if sums is not None else None), (matrix.cpu() if matrix is not None else None)
 
 
 class EarlyStopping:

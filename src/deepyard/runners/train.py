@@ -128,12 +128,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             stopper.load_state_dict(state["stopper"])
         start_epoch = state["epoch"] + 1
 
-    log = None
-    if rank == 0:
-        def log(metrics: dict[str, float], step: int) -> None:
-            tracking.log_metrics(config["run_id"], metrics, step, uri=config["tracking_uri"])
-        if start_epoch > 1:
-            log({"resumed_from_epoch": start_epoch - 1}, start_epoch - 1)
+    # Rank 0 logs each epoch to the job's MLflow run from a background thread, off the training path.
+    log = tracking.BackgroundLogger(config["run_id"], config["tracking_uri"]) if rank == 0 else None
+    if log and start_epoch > 1:
+        log({"resumed_from_epoch": start_epoch - 1}, start_epoch - 1)
 
     epoch, stop = start_epoch - 1, False
     for epoch in range(start_epoch, spec.train.epochs + 1):
@@ -150,7 +148,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_seconds = time.perf_counter() - started
         train_sums = reduce_sum(sums, device)
         metrics = {**task.metrics(train_sums, "train"),
-                   **task.metrics(reduce_sum(evaluate(plain_model, val_loader, task, device), device), "val"),
+                   **task.metrics(reduce_sum(evaluate(plain_model, val_loader, task, device)[0], device), "val"),
                    "lr": optimizer.param_groups[0]["lr"],
                    "samples_per_s": float(train_sums[-1]) / train_seconds,
                    "train_samples": float(train_sums[-1]), "epoch": epoch}  # summed over workers
@@ -163,6 +161,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         state = None
         if epoch % spec.checkpoint.every_n_epochs == 0 and rank == 0:
+            log.flush()
             state = {"model": plain_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "best": best, "epoch": epoch,
                      "stopper": stopper.state_dict() if stopper else None}
@@ -181,15 +180,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         plain_model.load_state_dict(best["weights"])
         test_loader = _loader(splits.x_test, splits.y_test, 1024, False, 0)
-        test = task.metrics(evaluate(plain_model, test_loader, task, device), "test")
+        classifying = task.name == "classification"
+        sums, confusion = evaluate(plain_model, test_loader, task, device, confusion=classifying)
+        test = task.metrics(sums, "test")
         final = {"model": best["weights"], "best_epoch": best["epoch"], "epochs_run": epoch,
                  "stopped_early": stop, "test": test, "task": task.name,
                  "example": torch.from_numpy(splits.x_test[:5].copy())}
-        if task.name == "classification":
-            confusion = evaluate(plain_model, test_loader, task, device, confusion=True)
+        if classifying:
             test["test_f1_macro"] = task.macro_f1(confusion)
             final["confusion"] = confusion
         log({**test, "best_epoch": best["epoch"]}, epoch)
+        log.close()  # waits until every metric is written
     with checkpoints.staged(final) as directory:
         checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
         ray.train.report({ckpt_metric: best["value"], "final": 1, "epoch": epoch}, checkpoint=checkpoint)
@@ -269,7 +270,7 @@ def run(spec: TrainJob, *, address: str | None = None, ray_logs: bool = False,
         return run_id
 
     # Opening the MLflow run (~2 s on a new sqlite store) overlaps Ray's start-up (~4 s).
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=2) as pool:
         opening = pool.submit(open_run)
         try:
             with cluster.connected(address, ray_logs):
@@ -277,6 +278,7 @@ def run(spec: TrainJob, *, address: str | None = None, ray_logs: bool = False,
                 run_id = opening.result()
                 timings["startup_s"] = time.perf_counter() - started
                 trainer = _trainer(spec, run_id, monitor)
+                pool.submit(tracking.preload)  # the driver idles during fit(): import what logging needs
                 with watch(run_id, spec.train.epochs) if watch else nullcontext():
                     result = trainer.fit()
                 timings["fit_s"] = time.perf_counter() - started - timings["startup_s"]

@@ -29,11 +29,15 @@ class Classification:
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, targets)
 
-    def batch_sums(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """[summed loss, correct predictions, samples] for one batch."""
-        loss = F.cross_entropy(outputs.float(), targets, reduction="sum")
+    def batch_sums(self, outputs: torch.Tensor, targets: torch.Tensor,
+                   loss: torch.Tensor | None = None) -> torch.Tensor:
+        """[summed loss, correct predictions, samples] for one batch; ``loss``, the batch's mean loss
+        if the caller has it, saves computing it twice."""
+        count = torch.tensor(float(len(targets)), device=outputs.device)
+        total = (loss.detach().float() * count if loss is not None
+                 else F.cross_entropy(outputs.float(), targets, reduction="sum"))
         correct = (outputs.argmax(dim=-1) == targets).sum()
-        return torch.stack([loss.detach(), correct.float(), torch.tensor(float(len(targets)), device=outputs.device)])
+        return torch.stack([total, correct.float(), count])
 
     def metrics(self, sums: torch.Tensor, prefix: str) -> dict[str, float]:
         loss, correct, count = sums.tolist()

@@ -34,7 +34,8 @@ class Regression:
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(outputs.squeeze(-1), self._standardized(targets))
 
-    def batch_sums(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def batch_sums(self, outputs: torch.Tensor, targets: torch.Tensor,
+                   loss: torch.Tensor | None = None) -> torch.Tensor:
         """[summed squared error, summed absolute error (standardized units), samples]."""
         error = (outputs.squeeze(-1).float() - self._standardized(targets)).detach()
         return torch.stack([(error**2).sum(), error.abs().sum(), torch.tensor(float(len(targets)), device=outputs.device)])
