@@ -125,3 +125,32 @@ train: {epochs: 30, batch_size: 32, early_stopping: {patience: 2, min_delta: 1.0
     data = load_diabetes(scaled=False)
     predictions = np.asarray(mlflow.pyfunc.load_model(summary["model_uri"]).predict(data.data[:20].astype(np.float32)))
     assert predictions.shape == (20,) and 50 < predictions.mean() < 300
+
+
+def test_sigterm_stops_the_job_and_marks_its_run_killed(write_spec, tmp_path):
+    """The real console script with its own local cluster, stopped the way a scheduler stops it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = write_spec(TINY_MLP.format(name="tiny_sigterm", epochs=500))
+    process = subprocess.Popen([sys.executable, "-m", "deepyard.cli", "run", spec],
+                               env={**os.environ, "DEEPYARD_HOME": str(tmp_path / "home")},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient()
+    deadline = time.monotonic() + 120
+    run = None
+    while time.monotonic() < deadline and process.poll() is None:
+        experiment = client.get_experiment_by_name("tiny_sigterm")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if runs and runs[0].data.metrics.get("epoch", 0) >= 2:
+            run = runs[0]
+            break
+        time.sleep(0.5)
+    assert run is not None, process.communicate(timeout=30)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert client.get_run(run.info.run_id).info.status == "KILLED"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -32,7 +34,21 @@ def connected(address: str | None = None, ray_logs: bool = False) -> Iterator[No
         logging_level="WARNING",
         log_to_driver=ray_logs,
     )
+    _stop_on_sigterm()
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigterm() -> None:
+    """A scheduler's SIGTERM ends the job like Ctrl-C (run marked KILLED, exit code 130).
+
+    ray.init installs its own handler, which exits mid-job without cleaning up; ours replaces it.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
