@@ -110,7 +110,7 @@ class BackgroundLogger:
 
 def preload() -> None:
     """Import what logging a model needs (seconds of imports), while the driver waits for training."""
-    import matplotlib.pyplot  # noqa: F401
+    import deepyard.plots  # noqa: F401  (matplotlib)
     import mlflow.pytorch  # noqa: F401
     from mlflow.models import infer_signature  # noqa: F401
 

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 
 from deepyard.data.registry import DATASETS
 from deepyard.data.splits import RawData
@@ -28,6 +27,8 @@ def csv(
     features: list[str] | None = None,  # None: every other column
     task: Literal["classification", "regression"] = "classification",
 ) -> RawData:
+    import pandas as pd  # ~0.25 s: paid only by CSV jobs
+
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"CSV file {file} does not exist; set data.params.path to a readable file")

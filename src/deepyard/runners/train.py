@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from deepyard import plots, settings, tracking
+from deepyard import settings, tracking
 from deepyard.data import Splits, load_splits
 from deepyard.data.augment import random_affine
 from deepyard.errors import BadInput, DataError, JobFailed
@@ -230,6 +230,8 @@ def _final_state(result) -> dict[str, Any]:
 
 def _log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, Any]) -> dict[str, Any]:
     """Plots, the serving model (preprocessing and output head included) and its registered version."""
+    from deepyard import plots  # matplotlib: the driver needs it, the workers never do
+
     history = {key: tracking.metric_history(run_id, key)
                for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "train_rmse", "val_rmse")}
     figure = plots.learning_curves({k: v for k, v in history.items() if v})
