@@ -7,7 +7,8 @@ Prints one JSON object:
   deepyard with 1 worker (2 CPUs) and with 2 workers (1 CPU each), and their ratios;
 - wall time of each whole job, and deepyard's fixed cost = wall time minus time spent training
   and evaluating, split into MLflow start, Ray start, fit() overhead and model logging;
-- the same fixed cost against a long-lived local cluster (`ray start --head`, via RAY_ADDRESS).
+- the same fixed cost against a long-lived local cluster (`ray start --head`, via RAY_ADDRESS);
+- one job with Ray Train's default 2 s health-check interval instead of deepyard's 0.1 s.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def plain_loop(spec_path: str) -> dict:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from deepyard.runners.train import build, load_data
+    from deepyard.runners.setup import build, load_data
     from deepyard.spec import load_spec
 
     spec = load_spec(spec_path)
@@ -126,6 +127,8 @@ def main() -> None:
 
     plain = plain_loop(spec_path)
     one = deepyard_job(spec_path, f"{work}/one")
+    # Ray Train's default 2 s health-check poll, against deepyard's 0.1 s: does polling cost throughput?
+    slow_poll = deepyard_job(spec_path, f"{work}/slow_poll", env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"})
     two = deepyard_job(spec_path, f"{work}/two", "scaling.num_workers=2", "scaling.cpus_per_worker=1")
     warm_env = warm_cluster(work)
     try:
@@ -140,6 +143,7 @@ def main() -> None:
                   "model": "cnn [16, 32] + 64", "batch_size": 128, "cpus": os.cpu_count()},
         "plain": plain,
         "deepyard_1_worker": one,
+        "deepyard_1_worker_health_check_2s": slow_poll,
         "deepyard_2_workers": two,
         "deepyard_1_worker_warm_cluster": warm,
         "ratio_samples_per_s_1_worker_vs_plain": one["samples_per_s"] / plain["samples_per_s"],

@@ -78,3 +78,16 @@ def test_augmentation_keeps_shape_and_changes_pixels():
     moved = random_affine(images, max_shift=0.2, max_rotation_deg=15)
     assert moved.shape == images.shape and not torch.allclose(moved, images)
     assert torch.allclose(random_affine(images, 0.0, 0.0), images, atol=1e-5)
+
+
+def test_labels_beyond_the_class_count_and_truncated_files_are_data_errors(tmp_path):
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.zeros((n, 4, 4)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 5)
+    with pytest.raises(DataError, match="labels run from 0 to 4, but the data set has 3 classes"):
+        load_splits("mnist_idx", {"path": str(tmp_path), "num_classes": 3}, val_fraction=0.2, test_fraction=0.2,
+                    seed=0)
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as stream:
+        stream.write(bytes([0, 0, 8, 3]) + np.array([10, 4, 4], dtype=">u4").tobytes() + bytes(20))
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        read_idx(tmp_path / "t10k-images-idx3-ubyte.gz")

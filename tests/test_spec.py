@@ -136,3 +136,40 @@ def test_console_script_exit_code_without_ray(tmp_path):
     assert done.returncode == 2
     assert "train.epochs:" in done.stderr
     assert not (home / "mlflow.db").exists() and not (home / "ray_results").exists()  # nothing started
+
+
+def test_optimizer_arguments_that_only_the_builder_can_check(cli, write_spec):
+    spec = write_spec("name: t\ndata: {name: wine}\nmodel: {name: mlp}\noptim: {name: sgd, params: {nesterov: true}}\n")
+    result = cli("validate", spec, expect=2)
+    assert "optim: nesterov needs momentum > 0" in result.stderr
+
+
+def test_keys_that_are_not_identifiers_are_reported_not_crashed_on():
+    text = "\n".join(problems_of({**GOOD, "max-epochs": 3, "train": {"batch-size": 8},
+                                  "model": {"name": "mlp", "params": {"hidden-sizes": [8]}}}))
+    assert "max-epochs: unknown field" in text
+    assert "train.batch-size: unknown field; did you mean 'batch_size'?" in text
+    assert "model.params.hidden-sizes: unknown field; did you mean 'hidden_sizes'?" in text
+
+
+def test_set_fills_a_section_left_empty_in_the_yaml():
+    spec = parse_spec({**GOOD, "train": None}, overrides=["train.epochs=3"])
+    assert spec.train.epochs == 3
+
+
+def test_missing_name_is_reported_once():
+    problems = problems_of({"kind": "train", "name": "t", "data": {"params": 5}, "model": {}})
+    assert not any("'adam'" in p for p in problems)
+    assert "data.name: required field is missing" in problems and "model.name: required field is missing" in problems
+
+
+def test_empty_test_split_is_bad_input(cli, write_spec):
+    spec = write_spec("name: t\ndata: {name: wine, test_fraction: 0}\nmodel: {name: mlp}\n")
+    assert "the test split is empty" in cli("validate", spec, expect=2).stderr
+
+
+def test_error_text_is_printed_verbatim(cli, write_spec, tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("[mm],[/x],label\n1,2,a\n3,4,b\n")
+    spec = write_spec(f"name: t\ndata: {{name: csv, params: {{path: {table}, target: nope}}}}\nmodel: {{name: mlp}}\n")
+    assert "(columns: [mm], [/x], label)" in cli("validate", spec, expect=2).stderr

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from deepyard.errors import EXIT_INTERRUPTED, DeepyardError
@@ -36,7 +37,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except DeepyardError as error:
-            err.print(f"[bold red]error:[/] {error}", highlight=False, markup=True)
+            err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -49,7 +50,7 @@ def user_errors(command):
 @user_errors
 def validate(spec: SpecPath, set_: Overrides = None) -> None:
     """Check a spec (and that its data loads and fits the model) without starting anything."""
-    from deepyard.runners.train import preflight
+    from deepyard.runners.setup import preflight
     from deepyard.spec import load_spec
 
     job = load_spec(spec, set_ or [])

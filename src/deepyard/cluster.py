@@ -26,6 +26,7 @@ def connected(address: str | None = None, ray_logs: bool = False) -> Iterator[No
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    previous = _stop_on_sigterm()
     for key, value in TRAIN_ENV.items():
         os.environ.setdefault(key, value)  # inherited by the raylet of a local cluster
     ray.init(
@@ -34,21 +35,25 @@ def connected(address: str | None = None, ray_logs: bool = False) -> Iterator[No
         logging_level="WARNING",
         log_to_driver=ray_logs,
     )
-    _stop_on_sigterm()
+    _stop_on_sigterm()  # again: ray.init replaced it
     try:
         yield
     finally:
         ray.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _stop_on_sigterm() -> None:
+def _stop_on_sigterm():
     """A scheduler's SIGTERM ends the job like Ctrl-C (run marked KILLED, exit code 130).
 
     ray.init installs its own handler, which exits mid-job without cleaning up; ours replaces it.
+    Returns the handler it replaced (None off the main thread, where signals cannot be handled).
     """
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
+        return signal.signal(signal.SIGTERM, _interrupt)
+    return None

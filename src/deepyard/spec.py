@@ -102,7 +102,8 @@ class FailureSpec(Section):
 
 class RegisterSpec(Section):
     enabled: bool = True
-    model_name: str | None = Field(None, description="registered model name; default: the job's name")
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+                                   description="registered model name; default: the job's name")
 
 
 class TrackingSpec(Section):
@@ -181,16 +182,29 @@ def _fields_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
-def _is_union_tag(part: Any) -> bool:
-    # pydantic names the union member that failed, e.g. "constrained-int" or "literal['full']".
-    return isinstance(part, str) and not part.isidentifier()
+def _data_path(loc: tuple, data: Any) -> tuple:
+    """``loc`` without the names pydantic gives union members ("constrained-int", "literal['full']"):
+    a part is kept only where it is a key (or index) of the user's data."""
+    kept = []
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        elif isinstance(data, dict) or isinstance(part, int):
+            data = None  # a missing key, or a list index: still a real path part
+        else:
+            continue  # a union member's tag
+        kept.append(part)
+    return tuple(kept)
 
 
-def _describe_all(errors: list[dict], root: type[BaseModel] | None, prefix: tuple = ()) -> list[str]:
+def _describe_all(errors: list[dict], root: type[BaseModel] | None, data: Any,
+                  prefix: tuple = ()) -> list[str]:
     """One line per path: the failures of a union's members are merged into one line."""
     merged: dict[tuple, dict] = {}
     for error in errors:
-        loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
+        loc = _data_path(tuple(error["loc"]), data)
         if loc in merged and error["type"] not in ("extra_forbidden", "missing"):
             merged[loc]["msg"] += " or " + error["msg"].removeprefix("Input should be ")
         else:
@@ -201,7 +215,7 @@ def _describe_all(errors: list[dict], root: type[BaseModel] | None, prefix: tupl
 def _describe(error: dict, root: type[BaseModel] | None, prefix: tuple = ()) -> str:
     loc = tuple(error["loc"])
     path = _dotted(prefix + loc)
-    if error["type"] == "extra_forbidden":
+    if error["type"] == "extra_forbidden" and loc:
         valid = _fields_at(root, loc[:-1])
         hint = closest(str(loc[-1]), valid)
         suggestion = f"; did you mean {hint!r}?" if hint else ""
@@ -215,12 +229,13 @@ def _describe(error: dict, root: type[BaseModel] | None, prefix: tuple = ()) -> 
 def _check_builders(document: dict, problems: list[str]) -> None:
     """Names resolve through the registries; ``params`` must match the builder's signature."""
     for section, registry in _builder_registries().items():
-        if section == "optim":  # the one builder section with a default: resolve its params too
-            document.setdefault("optim", {})
+        default = OptimSpec.model_fields["name"].default if section == "optim" else None
+        if default and document.get(section) is None:  # optim may be left out: resolve its params too
+            document[section] = {}
         body = document.get(section)
-        if not isinstance(body, dict) or not isinstance(body.get("name", "adam"), str):
+        name = body.get("name", default) if isinstance(body, dict) else None
+        if not isinstance(name, str):
             continue  # the structural pass reports it
-        name = body.get("name", "adam")
         if name not in registry:
             problems.append(f"{section}.name: {unknown_name_message(registry.what, name, registry.names())}")
             continue
@@ -231,7 +246,7 @@ def _check_builders(document: dict, problems: list[str]) -> None:
             body["params"] = registry.params_model(name).model_validate(params).model_dump(mode="json")
         except pydantic.ValidationError as error:
             schema = registry.params_model(name)
-            problems += _describe_all(error.errors(), schema, (section, "params"))
+            problems += _describe_all(error.errors(), schema, params, (section, "params"))
 
 
 def apply_overrides(document: dict, overrides: list[str], problems: list[str]) -> None:
@@ -248,10 +263,12 @@ def apply_overrides(document: dict, overrides: list[str], problems: list[str]) -
         keys = path.strip().split(".")
         node = document
         for key in keys[:-1]:
-            if not isinstance(node.get(key, {}), dict):
+            if node.get(key) is None:  # absent, or left empty in the YAML
+                node[key] = {}
+            if not isinstance(node[key], dict):
                 problems.append(f"--set {override!r}: {key} is not a section")
                 break
-            node = node.setdefault(key, {})
+            node = node[key]
         else:
             node[keys[-1]] = value
 
@@ -272,7 +289,7 @@ def parse_spec(document: Any, source: str = "<spec>", overrides: list[str] | Non
     try:
         spec = job_class.model_validate(document)
     except pydantic.ValidationError as error:
-        problems += _describe_all(error.errors(), job_class)
+        problems += _describe_all(error.errors(), job_class, document)
     if problems:
         raise SpecError(source, problems)
     return spec

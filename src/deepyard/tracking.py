@@ -11,11 +11,13 @@ import os
 import queue
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from deepyard import settings
+from deepyard.errors import BadInput
 
 MODEL_ARTIFACT = "model"
 
@@ -33,13 +35,21 @@ def client(uri: str | None = None):
 
 def _experiment_id(mlflow_client, name: str) -> str:
     experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise BadInput(f"MLflow experiment {name!r} was deleted; restore it (mlflow experiments restore "
+                       f"--experiment-id {experiment.experiment_id}) or set tracking.experiment to another name")
     if experiment is not None:
         return experiment.experiment_id
     location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         # The embedded store keeps artifacts beside it, not in ./mlruns of whatever directory we ran from.
         location = (settings.home() / "artifacts" / name).as_uri()
-    return mlflow_client.create_experiment(name, artifact_location=location)
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=location)
+    except Exception:  # another job created it first
+        if (experiment := mlflow_client.get_experiment_by_name(name)) is None:
+            raise
+        return experiment.experiment_id
 
 
 def start_run(experiment: str, run_name: str, params: dict[str, str], spec_yaml: str,
@@ -50,10 +60,14 @@ def start_run(experiment: str, run_name: str, params: dict[str, str], spec_yaml:
     run = mlflow_client.create_run(_experiment_id(mlflow_client, experiment), run_name=run_name,
                                    tags={"deepyard.kind": "train", **(tags or {})})
     run_id = run.info.run_id
-    items = [Param(key, value[:6000]) for key, value in params.items()]
-    for start in range(0, len(items), 100):  # log_batch takes at most 100 params per call
-        mlflow_client.log_batch(run_id, params=items[start:start + 100])
-    mlflow_client.log_text(run_id, spec_yaml, "spec.yaml")
+    try:
+        items = [Param(key, value[:6000]) for key, value in params.items()]
+        for start in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+            mlflow_client.log_batch(run_id, params=items[start:start + 100])
+        mlflow_client.log_text(run_id, spec_yaml, "spec.yaml")
+    except BaseException:
+        mlflow_client.set_terminated(run_id, "FAILED")
+        raise
     return run_id
 
 
@@ -82,30 +96,49 @@ class BackgroundLogger:
         self._queue.put((dict(metrics), step))
 
     def _drain(self, run_id: str, uri: str) -> None:
-        from mlflow.entities import Metric
+        write = None
+        try:
+            from mlflow.entities import Metric
 
-        mlflow_client = client(uri)
-        while (item := self._queue.get()) is not None:
-            metrics, step = item
-            now = int(time.time() * 1000)
+            mlflow_client = client(uri)
+
+            def write(metrics: dict[str, float], step: int) -> None:
+                now = int(time.time() * 1000)
+                batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+                for attempt in range(3):  # a busy sqlite file is worth a retry
+                    try:
+                        return mlflow_client.log_batch(run_id, metrics=batch)
+                    except Exception:
+                        if attempt == 2:
+                            raise
+                        time.sleep(0.2 * 2**attempt)
+        except Exception as error:  # no MLflow here: keep training, say so at close
+            self._errors.append(error)
+        while True:  # task_done for every item, whatever happens: flush() must never hang
+            item = self._queue.get()
             try:
-                mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-            except Exception as error:  # keep training; report at close
+                if item is None:
+                    return
+                if write is not None:
+                    write(*item)
+            except Exception as error:
                 self._errors.append(error)
             finally:
                 self._queue.task_done()
-        self._queue.task_done()
 
     def flush(self) -> None:
         """Block until everything logged so far is written (before a checkpoint: a crash after it
         must not lose the metrics of the epochs it covers)."""
         self._queue.join()
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Flush and stop; returns how many writes failed (they are warned about, not fatal:
+        the model and its checkpoints matter more than a missing metric line)."""
         self._queue.put(None)
         self._thread.join()
         if self._errors:
-            raise RuntimeError(f"{len(self._errors)} metric writes to MLflow failed: {self._errors[0]!r}")
+            warnings.warn(f"{len(self._errors)} metric writes to MLflow failed; first: {self._errors[0]!r}")
+        return len(self._errors)
 
 
 def preload() -> None:
@@ -198,7 +231,8 @@ def registered_models() -> list[dict[str, Any]]:
         aliases_by_version: dict[str, list[str]] = {}
         for alias, version in (model.aliases or {}).items():
             aliases_by_version.setdefault(str(version), []).append(alias)
-        versions = sorted(mlflow_client.search_model_versions(f"name='{model.name}'"),
+        quoted = model.name.replace("'", "\\'")
+        versions = sorted(mlflow_client.search_model_versions(f"name='{quoted}'"),
                           key=lambda v: int(v.version), reverse=True)
         models.append({
             "name": model.name,

@@ -23,13 +23,19 @@ _FILES = {
 def read_idx(path: Path) -> np.ndarray:
     """An IDX array: 2 zero bytes, a type code (0x08 = uint8), the rank, then big-endian dims."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as stream:
-        data = stream.read()
+    try:
+        with opener(path, "rb") as stream:
+            data = stream.read()
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path} cannot be read: {error}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number {data[:4].hex()})")
     rank = data[3]
-    dims = np.frombuffer(data, dtype=">u4", count=rank, offset=4)
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(tuple(int(d) for d in dims))
+    try:
+        dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=rank, offset=4))
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims)
+    except ValueError:
+        raise DataError(f"{path} is truncated or corrupt: its header and its size disagree") from None
 
 
 def _find(directory: Path, stem: str, how_to_get: str) -> Path:

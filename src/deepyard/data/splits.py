@@ -7,6 +7,8 @@ from typing import Literal
 
 import numpy as np
 
+from deepyard.errors import DataError
+
 Task = Literal["classification", "regression"]
 
 
@@ -75,10 +77,24 @@ def _split_indices(y: np.ndarray, fraction: float, rng: np.random.Generator, str
     return rest, held_out
 
 
+def _check(raw: RawData) -> None:
+    """Shapes and labels that would otherwise fail deep inside a worker."""
+    pairs = [("x", raw.x, raw.y)] + ([("x_test", raw.x_test, raw.y_test)] if raw.x_test is not None else [])
+    for name, x, y in pairs:
+        if len(x) != len(y):
+            raise DataError(f"{name} has {len(x)} samples but {len(y)} labels")
+        if raw.task == "classification" and len(y):
+            low, high = int(np.min(y)), int(np.max(y))
+            if low < 0 or high >= len(raw.class_names or []):
+                raise DataError(f"labels run from {low} to {high}, but the data set has "
+                                f"{len(raw.class_names or [])} classes (for mnist_idx, set data.params.num_classes)")
+
+
 def make_splits(raw: RawData, *, val_fraction: float, test_fraction: float, seed: int,
                 max_train_samples: int | None = None) -> Splits:
     rng = np.random.default_rng(seed)
     stratify = raw.task == "classification"
+    _check(raw)
     x, y = raw.x.astype(np.float32), raw.y
     if raw.x_test is None:
         rest, test = _split_indices(y, test_fraction, rng, stratify)

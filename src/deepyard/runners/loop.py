@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -43,6 +45,13 @@ def evaluate(model: torch.nn.Module, loader, task, device: torch.device, confusi
             part = task.confusion(outputs, targets)
             matrix = part if matrix is None else matrix + part
     return (sums.cpu() if sums is not None else None), (matrix.cpu() if matrix is not None else None)
+
+
+def improved(value: float, best: float | None, mode: str) -> bool:
+    """Is ``value`` better than ``best``? NaN never is (a diverged epoch must not become the best)."""
+    if math.isnan(value):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
 
 
 class EarlyStopping:

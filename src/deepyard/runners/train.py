@@ -7,6 +7,7 @@ Driver: check the spec against the data (before Ray starts) -> open the MLflow r
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import traceback
@@ -14,70 +15,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from deepyard import settings, tracking
-from deepyard.data import Splits, load_splits
+from deepyard.data import Splits
 from deepyard.data.augment import random_affine
-from deepyard.errors import BadInput, DataError, JobFailed
-from deepyard.models import MODELS
-from deepyard.models.pipeline import Pipeline
+from deepyard.errors import BadInput, JobFailed
 from deepyard.optim import OPTIMIZERS, make_schedule
 from deepyard.runners import checkpoints
-from deepyard.runners.loop import EarlyStopping, evaluate, reduce_sum, train_step
+from deepyard.runners.loop import EarlyStopping, evaluate, improved, reduce_sum, train_step
+from deepyard.runners.setup import build, eval_loader, load_data, monitored, preflight, train_loader
 from deepyard.spec import TrainJob, flatten, to_yaml
-from deepyard.tasks import make_task
 
 # Test-only fault injection: the rank-0 worker exits hard once, at the end of this epoch.
 FAIL_AT_EPOCH_ENV = "DEEPYARD_TEST_FAIL_AT_EPOCH"
-
-
-def load_data(spec: TrainJob) -> Splits:
-    return load_splits(spec.data.name, spec.data.params, val_fraction=spec.data.val_fraction,
-                       test_fraction=spec.data.test_fraction, seed=spec.train.seed,
-                       max_train_samples=spec.data.max_train_samples)
-
-
-def build(spec: TrainJob, splits: Splits):
-    """The model (preprocessing fitted on the training split included) and the task."""
-    net = MODELS.build(spec.model.name, spec.model.params, in_shape=splits.in_shape,
-                       num_outputs=splits.num_outputs)
-    target_mean, target_std = splits.target_stats()
-    task = make_task(splits.task, num_classes=splits.num_outputs, target_mean=target_mean, target_std=target_std)
-    return Pipeline(net, *splits.input_stats()), task
-
-
-def monitored(spec_metric: str | None, spec_mode: str | None, task) -> tuple[str, str]:
-    metric = spec_metric or task.monitor
-    return metric, spec_mode or ("max" if metric.endswith("accuracy") else "min")
-
-
-def preflight(spec: TrainJob):
-    """Everything that can fail on bad input, done once before Ray or MLflow start: exit code 2.
-
-    Returns the data splits and the task."""
-    splits = load_data(spec)
-    if len(splits.x_train) == 0 or len(splits.x_val) == 0:
-        raise DataError(f"data {spec.data.name!r}: the training or validation split is empty; "
-                        "use more data or other data.val_fraction / data.max_train_samples")
-    try:
-        _, task = build(spec, splits)
-    except ValueError as error:
-        raise BadInput(f"model {spec.model.name!r} does not fit data {spec.data.name!r}: {error}") from None
-    for section, choice in (("train.early_stopping", spec.train.early_stopping), ("checkpoint", spec.checkpoint)):
-        metric = getattr(choice, "metric", None)
-        valid = [f"val_{name}" for name in task.metric_names]
-        if metric and metric not in valid:
-            raise BadInput(f"{section}.metric: {task.name} reports {', '.join(valid)}, not {metric!r}")
-    return splits, task
-
-
-def _loader(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=batch_size,
-                      shuffle=shuffle, generator=generator)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -95,17 +46,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     use_amp = spec.scaling.use_gpu and spec.scaling.mixed_precision
     augment = spec.data.augment if splits.is_image else None
 
-    batch_size = len(splits.x_train) if spec.train.batch_size == "full" else spec.train.batch_size
-    train_loader = _loader(splits.x_train, splits.y_train, batch_size, True, spec.train.seed)
-    train_loader = ray.train.torch.prepare_data_loader(train_loader)  # [1] shard per worker, move to device
+    batches = ray.train.torch.prepare_data_loader(  # [1] this worker's shard, moved to its device
+        train_loader(spec, splits, rank, world), add_dist_sampler=False)
     val_shard = slice(rank, None, world)  # every worker scores its own slice; sums are all-reduced
-    val_loader = _loader(splits.x_val[val_shard], splits.y_val[val_shard], 1024, False, 0)
+    val_loader = eval_loader(splits.x_val[val_shard], splits.y_val[val_shard])
 
     model = ray.train.torch.prepare_model(model)  # [2] DDP (gloo on CPU, NCCL on GPU)
     plain_model = getattr(model, "module", model)
     optimizer = OPTIMIZERS.build(spec.optim.name, spec.optim.params, parameters=model.parameters(),
                                  lr=spec.optim.lr, weight_decay=spec.optim.weight_decay)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(batches)
     schedule = spec.optim.schedule
     scheduler = make_schedule(optimizer, name=schedule.name, total_steps=steps_per_epoch * spec.train.epochs,
                               steps_per_epoch=steps_per_epoch, warmup_epochs=schedule.warmup_epochs,
@@ -116,10 +66,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             stop_spec.min_delta) if stop_spec else None
     best = {"value": None, "epoch": 0, "weights": checkpoints.cpu_copy(plain_model.state_dict())}
 
-    start_epoch = 1
+    start_epoch, stop = 1, False
     if (resumed := ray.train.get_checkpoint()) is not None:  # [3] a restarted worker group resumes here
         with resumed.as_directory() as directory:
             state = checkpoints.load(directory)
+        if "test" in state:  # the job had finished: hand its final checkpoint back
+            ray.train.report({ckpt_metric: state["best_value"], "final": 1}, checkpoint=resumed if rank == 0 else None)
+            return
+        stop = state.get("stopped", False)
         plain_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -133,13 +87,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if log and start_epoch > 1:
         log({"resumed_from_epoch": start_epoch - 1}, start_epoch - 1)
 
-    epoch, stop = start_epoch - 1, False
-    for epoch in range(start_epoch, spec.train.epochs + 1):
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, spec.train.epochs + 1 if not stop else start_epoch):
+        if hasattr(batches.sampler, "set_epoch"):
+            batches.sampler.set_epoch(epoch)
         model.train()
         sums, started = None, time.perf_counter()
-        for inputs, targets in train_loader:
+        for inputs, targets in batches:
             if augment:
                 inputs = random_affine(inputs, augment.max_shift, augment.max_rotation_deg)
             batch = train_step(model, task, optimizer, scheduler, inputs, targets,
@@ -152,9 +106,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "lr": optimizer.param_groups[0]["lr"],
                    "samples_per_s": float(train_sums[-1]) / train_seconds,
                    "train_samples": float(train_sums[-1]), "epoch": epoch}  # summed over workers
-        value = metrics[ckpt_metric]
-        if best["value"] is None or (value > best["value"] if ckpt_mode == "max" else value < best["value"]):
-            best = {"value": value, "epoch": epoch, "weights": checkpoints.cpu_copy(plain_model.state_dict())}
+        if improved(metrics[ckpt_metric], best["value"], ckpt_mode):
+            best = {"value": metrics[ckpt_metric], "epoch": epoch,
+                    "weights": checkpoints.cpu_copy(plain_model.state_dict())}
         stop = bool(stopper and stopper.update(metrics))
         if log:
             log(metrics, epoch)
@@ -164,7 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.flush()
             state = {"model": plain_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "best": best, "epoch": epoch,
-                     "stopper": stopper.state_dict() if stopper else None}
+                     "stopper": stopper.state_dict() if stopper else None, "stopped": stop}
         with checkpoints.staged(state) as directory:  # [4] report; rank 0 persists the checkpoint
             checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -176,24 +130,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
 
     # The best epoch's weights, scored once on the held-out test split, go into the final checkpoint.
+    # (No epoch ever scored, e.g. NaN from the start: rank it last.)
+    best_value = best["value"] if best["value"] is not None else (-math.inf if ckpt_mode == "max" else math.inf)
     final = None
     if rank == 0:
         plain_model.load_state_dict(best["weights"])
-        test_loader = _loader(splits.x_test, splits.y_test, 1024, False, 0)
+        test_loader = eval_loader(splits.x_test, splits.y_test)
         classifying = task.name == "classification"
         sums, confusion = evaluate(plain_model, test_loader, task, device, confusion=classifying)
         test = task.metrics(sums, "test")
-        final = {"model": best["weights"], "best_epoch": best["epoch"], "epochs_run": epoch,
+        final = {"model": best["weights"], "best_epoch": best["epoch"], "best_value": best_value, "epochs_run": epoch,
                  "stopped_early": stop, "test": test, "task": task.name,
                  "example": torch.from_numpy(splits.x_test[:5].copy())}
         if classifying:
             test["test_f1_macro"] = task.macro_f1(confusion)
             final["confusion"] = confusion
         log({**test, "best_epoch": best["epoch"]}, epoch)
-        log.close()  # waits until every metric is written
+        final["failed_metric_writes"] = log.close()  # waits until every metric is written
     with checkpoints.staged(final) as directory:
         checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
-        ray.train.report({ckpt_metric: best["value"], "final": 1, "epoch": epoch}, checkpoint=checkpoint)
+        ray.train.report({ckpt_metric: best_value, "final": 1, "epoch": epoch}, checkpoint=checkpoint)
 
 
 def _trainer(spec: TrainJob, run_id: str, monitor: tuple[str, str]):
@@ -288,6 +244,9 @@ def run(spec: TrainJob, *, address: str | None = None, ray_logs: bool = False,
                 raise result.error
             final = _final_state(result)
             outcome = _log_outcome(spec, splits, run_id, final)
+            timings["total_s"] = time.perf_counter() - started
+            tracking.log_metrics(run_id, {f"timing_{k}": v for k, v in timings.items()}, 0)
+            tracking.finish_run(run_id, "FINISHED")
         except KeyboardInterrupt:
             tracking.finish_run(opening.result(), "KILLED", "interrupted by the user (Ctrl-C)")
             raise
@@ -298,9 +257,6 @@ def run(spec: TrainJob, *, address: str | None = None, ray_logs: bool = False,
                 raise
             raise JobFailed(f"training failed: {error}; the MLflow run {run_id} is marked FAILED and "
                             f"checkpoints stay under {settings.storage_path(spec.storage_path)}") from error
-    timings["total_s"] = time.perf_counter() - started
-    tracking.log_metrics(run_id, {f"timing_{k}": v for k, v in timings.items()}, 0)
-    tracking.finish_run(run_id, "FINISHED")
     return {
         "run_id": run_id,
         "experiment": spec.experiment,

@@ -1,0 +1,94 @@
+"""What a supervised job needs before its first step: data, model, task, loaders.
+
+``preflight`` runs all of it once on the driver, before Ray or MLflow start, so that bad input
+costs seconds and exits with code 2; the workers then build the same things deterministically.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from deepyard.data import Splits, load_splits
+from deepyard.errors import BadInput, DataError
+from deepyard.models import MODELS
+from deepyard.models.pipeline import Pipeline
+from deepyard.optim import OPTIMIZERS
+from deepyard.spec import TrainJob
+from deepyard.tasks import make_task
+
+
+def load_data(spec: TrainJob) -> Splits:
+    return load_splits(spec.data.name, spec.data.params, val_fraction=spec.data.val_fraction,
+                       test_fraction=spec.data.test_fraction, seed=spec.train.seed,
+                       max_train_samples=spec.data.max_train_samples)
+
+
+def build(spec: TrainJob, splits: Splits):
+    """The model (preprocessing fitted on the training split included) and the task."""
+    net = MODELS.build(spec.model.name, spec.model.params, in_shape=splits.in_shape,
+                       num_outputs=splits.num_outputs)
+    target_mean, target_std = splits.target_stats()
+    task = make_task(splits.task, num_classes=splits.num_outputs, target_mean=target_mean, target_std=target_std)
+    return Pipeline(net, *splits.input_stats()), task
+
+
+def monitored(spec_metric: str | None, spec_mode: str | None, task) -> tuple[str, str]:
+    """The validation metric to rank checkpoints (or stop early) by, and whether higher is better."""
+    metric = spec_metric or task.monitor
+    return metric, spec_mode or ("max" if metric.endswith("accuracy") else "min")
+
+
+def batch_size(spec: TrainJob, splits: Splits) -> int:
+    return len(splits.x_train) if spec.train.batch_size == "full" else spec.train.batch_size
+
+
+def train_loader(spec: TrainJob, splits: Splits, rank: int, world: int) -> DataLoader:
+    """Shuffled batches of this worker's shard; the shuffle follows ``train.seed`` on any worker count."""
+    dataset = TensorDataset(torch.from_numpy(splits.x_train), torch.from_numpy(splits.y_train))
+    size = batch_size(spec, splits)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=spec.train.seed) if world > 1 else None
+    # A last batch of one sample would break batch norm; drop it (it is reshuffled next epoch).
+    drop_last = math.ceil(len(dataset) / world) % size == 1 and len(dataset) > world
+    return DataLoader(dataset, batch_size=size, shuffle=sampler is None, sampler=sampler, drop_last=drop_last,
+                      generator=torch.Generator().manual_seed(spec.train.seed))
+
+
+def eval_loader(x: np.ndarray, y: np.ndarray) -> DataLoader:
+    return DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=1024)
+
+
+def preflight(spec: TrainJob):
+    """Everything that can fail on bad input, done once before Ray or MLflow start: exit code 2.
+
+    Returns the data splits and the task."""
+    splits = load_data(spec)
+    for split in ("train", "val", "test"):
+        if len(getattr(splits, f"x_{split}")) == 0:
+            raise DataError(f"data {spec.data.name!r}: the {split} split is empty; use more data or change "
+                            "data.val_fraction / data.test_fraction / data.max_train_samples")
+    try:
+        model, task = build(spec, splits)
+        model.train()(torch.from_numpy(splits.x_train[:2]))  # one forward pass: shapes fit end to end
+    except (ValueError, RuntimeError) as error:
+        raise BadInput(f"model {spec.model.name!r} does not fit data {spec.data.name!r} "
+                       f"(input {splits.in_shape}): {error}") from None
+    has_batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_batch_norm and batch_size(spec, splits) == 1:
+        raise BadInput("train.batch_size: 1 cannot train a model with batch norm (it needs 2+ samples per "
+                       "batch); use a larger batch or model.params.batch_norm: false")
+    try:
+        OPTIMIZERS.build(spec.optim.name, spec.optim.params, parameters=model.parameters(),
+                         lr=spec.optim.lr, weight_decay=spec.optim.weight_decay)
+    except ValueError as error:
+        raise BadInput(f"optim: {error}") from None
+    for section, choice in (("train.early_stopping", spec.train.early_stopping), ("checkpoint", spec.checkpoint)):
+        metric = getattr(choice, "metric", None)
+        valid = [f"val_{name}" for name in task.metric_names]
+        if metric and metric not in valid:
+            raise BadInput(f"{section}.metric: {task.name} reports {', '.join(valid)}, not {metric!r}")
+    return splits, task
