@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -29,11 +30,17 @@ Overrides = Annotated[Optional[list[str]], typer.Option(
     "--set", help="override a spec value: --set train.epochs=3 (repeatable; values parse as YAML)")]
 
 
+def _quiet_libraries() -> None:
+    """MLflow's INFO lines (database set-up, "Created version") repeat what deepyard prints itself."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is (lazily) imported
+
+
 def user_errors(command):
     """A DeepyardError becomes its message and exit code; Ctrl-C exits 130. No tracebacks for users."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        _quiet_libraries()
         try:
             return command(*args, **kwargs)
         except DeepyardError as error:

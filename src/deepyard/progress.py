@@ -14,20 +14,21 @@ from rich.table import Table
 
 from deepyard import tracking
 
-SHOWN = ("train_loss", "val_loss", "val_accuracy", "val_rmse", "val_mae", "lr", "samples_per_s")
+SHOWN = {"train_loss": "train loss", "val_loss": "val loss", "val_accuracy": "val acc", "val_rmse": "val rmse",
+         "val_mae": "val mae", "lr": "lr", "samples_per_s": "samples/s"}
 
 
 def _table(metrics: dict[str, float], epochs: int, elapsed: float, first_epoch_at: float | None) -> Table:
     epoch = int(metrics.get("epoch", 0))
     table = Table(box=None, show_header=True, header_style="bold")
-    for column in ("epoch", *(k for k in SHOWN if k in metrics), "elapsed", "eta"):
-        table.add_column(column, justify="right")
+    for column in ("epoch", *(label for key, label in SHOWN.items() if key in metrics), "elapsed", "eta"):
+        table.add_column(column, justify="right", no_wrap=True)
     if epoch and first_epoch_at is not None:
         per_epoch = (elapsed - first_epoch_at) / max(epoch - 1, 1) if epoch > 1 else first_epoch_at
         eta = f"{per_epoch * (epochs - epoch):.0f}s"
     else:
         eta = "starting" if not epoch else "-"
-    values = [f"{metrics[k]:.4g}" for k in SHOWN if k in metrics]
+    values = [f"{metrics[key]:.4g}" for key in SHOWN if key in metrics]
     table.add_row(f"{epoch}/{epochs}", *values, f"{elapsed:.0f}s", eta)
     return table
 
@@ -61,3 +62,4 @@ def watch(run_id: str, epochs: int, console: Console) -> Iterator[None]:
                 live.update(_table(tracking.latest_metrics(run_id), epochs, time.monotonic() - started, None))
             except Exception:
                 pass
+    console.line()
