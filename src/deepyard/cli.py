@@ -61,10 +61,11 @@ def validate(spec: SpecPath, set_: Overrides = None) -> None:
     from deepyard.spec import load_spec
 
     job = load_spec(spec, set_ or [])
-    splits, _ = preflight(job)
-    err.print(f"[green]ok[/] {spec}: kind={job.kind} name={job.name} data={job.data.name} "
+    train = job.base if job.kind == "sweep" else job
+    splits, _ = preflight(train)
+    err.print(f"[green]ok[/] {spec}: kind={job.kind} name={job.name} data={train.data.name} "
               f"({len(splits.x_train)} train / {len(splits.x_val)} val / {len(splits.x_test)} test, "
-              f"input {splits.in_shape}) model={job.model.name}")
+              f"input {splits.in_shape}) model={train.model.name}")
 
 
 @app.command()
@@ -75,6 +76,7 @@ def run(
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default $RAY_ADDRESS, else a local cluster")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print one JSON object as the last stdout line")] = False,
     ray_logs: Annotated[bool, typer.Option("--ray-logs", help="stream Ray's worker logs to the terminal")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted sweep")] = False,
 ) -> None:
     """Run a job: train on Ray, track in MLflow, register the model."""
     from deepyard import progress
@@ -82,13 +84,21 @@ def run(
     from deepyard.spec import load_spec
 
     job = load_spec(spec, set_ or [])
-    watch = functools.partial(progress.watch, console=err)
-    summary = RUNNERS[job.kind](job, address=address, ray_logs=ray_logs, watch=watch)
+    watcher = progress.watch_sweep if job.kind == "sweep" else progress.watch
+    summary = RUNNERS[job.kind](job, address=address, ray_logs=ray_logs, resume=resume,
+                                watch=functools.partial(watcher, console=err))
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
     err.print(f"[green]done[/] {job.name}: {metrics}")
     err.print(f"  run {summary['run_id']} in experiment {summary['experiment']!r}")
+    if "best_config" in summary:
+        err.print(f"  best trial {summary['best_trial_run_id']}: {json.dumps(summary['best_config'])} "
+                  f"({summary['trials_finished']} of {summary['trials']} trials finished, "
+                  f"{summary['trials_stopped_early']} stopped early)")
     if summary.get("model_version"):
         err.print(f"  registered {summary['model_name']} version {summary['model_version']}")
+    if promotion := summary.get("promotion"):
+        verdict = "moved to" if promotion["moved"] else "not moved to"
+        err.print(f"  alias {promotion['alias']!r} {verdict} version {promotion['version']}: {promotion['reason']}")
     err.print("  browse runs: mlflow ui --backend-store-uri " + _tracking_uri())
     if json_output:
         print(json.dumps(summary, default=str))

@@ -43,3 +43,35 @@ def confusion_matrix(counts: np.ndarray, class_names: list[str]):
                   color="white" if value > threshold else "black")
     figure.tight_layout()
     return figure
+
+
+def metric_vs_params(trials: list[dict], paths: list[str], metric: str):
+    """One panel per hyperparameter: each trial's best metric against the value it tried."""
+    figure, axes = plt.subplots(1, len(paths), figsize=(4 * len(paths), 3.5), squeeze=False)
+    for axis, path in zip(axes[0], paths):
+        values = [t["config"].get(path) for t in trials]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        xs = values if numeric else [str(v) for v in values]
+        axis.scatter(xs, [t["best"] for t in trials], alpha=0.7)
+        if numeric and values and min(values) > 0 and max(values) / min(values) > 50:
+            axis.set_xscale("log")
+        axis.set_xlabel(path)
+        axis.set_ylabel(metric)
+        axis.tick_params(axis="x", labelrotation=30)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def trial_curves(curves: dict[str, list[tuple[int, float]]], metric: str):
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        if points:
+            steps, values = zip(*sorted(points))
+            axis.plot(steps, values, marker="o", markersize=3, label=name)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(metric)
+    axis.legend(title="trial", fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure

@@ -63,3 +63,46 @@ def watch(run_id: str, epochs: int, console: Console) -> Iterator[None]:
             except Exception:
                 pass
     console.line()
+
+
+def _sweep_table(parent_run_id: str, paths: list[str], metric: str, mode: str) -> Table:
+    import json
+
+    runs = tracking.child_runs(parent_run_id)
+    pick = max if mode == "max" else min
+    scores = [r.data.metrics[metric] for r in runs if metric in r.data.metrics]
+    best = f"{pick(scores):.4g}" if scores else "-"
+    table = Table(title=f"{len(runs)} trials, best {metric} so far: {best}", box=None, header_style="bold")
+    for column in ("trial", "status", *(p.rsplit(".", 1)[-1] for p in paths), "epoch", metric):
+        table.add_column(column, justify="right", no_wrap=True)
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        config = json.loads(run.data.tags.get("deepyard.trial_config", "{}"))
+        values = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (config.get(p) for p in paths)]
+        current = run.data.metrics.get(metric)
+        trial = run.data.tags.get("deepyard.trial_id", "?").rsplit("_", 1)[-1]  # "5acb9_00003" -> "00003"
+        table.add_row(trial, run.info.status.lower(), *values,
+                      str(int(run.data.metrics.get("epoch", 0))), f"{current:.4g}" if current is not None else "-")
+    return table
+
+
+@contextmanager
+def watch_sweep(parent_run_id: str, paths: list[str], metric: str, mode: str, console: Console) -> Iterator[None]:
+    """The sweep's trials, their values, epoch and current metric, and the best so far; every 2 s."""
+    stop = threading.Event()
+
+    def poll(live: Live) -> None:
+        while not stop.wait(2.0):
+            try:
+                live.update(_sweep_table(parent_run_id, paths, metric, mode))
+            except Exception:  # a busy sqlite file: try again next time
+                continue
+
+    with Live(Table(title="starting trials..."), console=console, refresh_per_second=1) as live:
+        thread = threading.Thread(target=poll, args=(live,), daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=3)
+    console.line()

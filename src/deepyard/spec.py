@@ -7,6 +7,7 @@ naming the dotted path, the bad value and the fix, and starts nothing (no Ray, n
 from __future__ import annotations
 
 import copy
+import json
 import types
 import typing
 import warnings
@@ -145,9 +146,58 @@ class TrainJob(JobBase):
         return self.register.model_name or self.name
 
 
+# Search-space distributions: name -> what its list holds (the error message says it too).
+DISTRIBUTIONS = {
+    "choice": "values to pick from", "grid": "values to try, every one",
+    "uniform": "[low, high]", "loguniform": "[low, high], low > 0", "randint": "[low, high), integers",
+    "quniform": "[low, high, step]", "qloguniform": "[low, high, step], low > 0", "normal": "[mean, std]",
+}
+
+
+class SchedulerSpec(Section):
+    """Which trials to stop early. ASHA/Hyperband/median compare trials at the same epoch."""
+
+    name: Literal["fifo", "asha", "hyperband", "median"] = "asha"
+    grace_period: PositiveInt = Field(1, description="epochs every trial runs before it may be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA/Hyperband: keep 1/reduction_factor per rung")
+
+
+class PromoteSpec(Section):
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
+                       description="the registry alias that deploy serves by default")
+    only_if_better: bool = Field(True, description="move the alias only if the new version beats its holder "
+                                                   "on the same test metric")
+
+
+class SweepJob(JobBase):
+    """Hyperparameter search on Ray Tune; each trial is a train job (a TorchTrainer of its own)."""
+
+    kind: Literal["sweep"]
+    base: TrainJob = Field(description="the train job to vary: a spec path (e.g. jobs/digits_mlp.yaml) or inline")
+    space: dict[str, dict[str, Any]] = Field(
+        min_length=1, description="dotted spec path -> {distribution: args}, e.g. optim.lr: {loguniform: [1e-4, 1e-2]}")
+    search: Literal["random", "grid", "optuna"] = Field("random", description="optuna is TPE")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    metric: MetricName | None = Field(None, description="validation metric to optimize; default: the task's")
+    mode: Literal["min", "max"] | None = None
+    num_samples: PositiveInt = Field(8, description="trials (for grid search: repeats of the grid)")
+    max_concurrent_trials: PositiveInt | None = Field(None, description="default: as many as the CPUs allow")
+    time_budget_s: PositiveFloat | None = Field(None, description="stop starting trials after this many seconds")
+    register: RegisterSpec = Field(default_factory=RegisterSpec)
+    promote: PromoteSpec | None = Field(None, description="move a registry alias to the new version")
+
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def model_name(self) -> str:
+        return self.register.model_name or self.base.register.model_name or self.name
+
+
 # One entry per job kind; runners/__init__.py holds the matching runner for each (a test keeps them in sync).
-KINDS: dict[str, type[JobBase]] = {"train": TrainJob}
-JobSpec = TrainJob
+KINDS: dict[str, type[JobBase]] = {"train": TrainJob, "sweep": SweepJob}
+JobSpec = Union[TrainJob, SweepJob]
 
 
 def _builder_registries() -> dict[str, Registry]:
@@ -226,8 +276,9 @@ def _describe(error: dict, root: type[BaseModel] | None, prefix: tuple = ()) -> 
     return f"{path}: {message} (got {error['input']!r})"
 
 
-def _check_builders(document: dict, problems: list[str]) -> None:
+def _check_builders(document: dict, problems: list[str], prefix: tuple = ()) -> None:
     """Names resolve through the registries; ``params`` must match the builder's signature."""
+    dotted = "".join(f"{part}." for part in prefix)
     for section, registry in _builder_registries().items():
         default = OptimSpec.model_fields["name"].default if section == "optim" else None
         if default and document.get(section) is None:  # optim may be left out: resolve its params too
@@ -237,7 +288,7 @@ def _check_builders(document: dict, problems: list[str]) -> None:
         if not isinstance(name, str):
             continue  # the structural pass reports it
         if name not in registry:
-            problems.append(f"{section}.name: {unknown_name_message(registry.what, name, registry.names())}")
+            problems.append(f"{dotted}{section}.name: {unknown_name_message(registry.what, name, registry.names())}")
             continue
         params = body.get("params", {})
         if not isinstance(params, dict):
@@ -246,7 +297,7 @@ def _check_builders(document: dict, problems: list[str]) -> None:
             body["params"] = registry.params_model(name).model_validate(params).model_dump(mode="json")
         except pydantic.ValidationError as error:
             schema = registry.params_model(name)
-            problems += _describe_all(error.errors(), schema, params, (section, "params"))
+            problems += _describe_all(error.errors(), schema, params, (*prefix, section, "params"))
 
 
 def apply_overrides(document: dict, overrides: list[str], problems: list[str]) -> None:
@@ -278,21 +329,112 @@ def parse_spec(document: Any, source: str = "<spec>", overrides: list[str] | Non
     if not isinstance(document, dict):
         raise SpecError(source, [f"(top level): expected a mapping with kind, name, data, model..., got {type(document).__name__}"])
     document = copy.deepcopy(document)  # overrides and resolved params are written into it
-    apply_overrides(document, overrides or [], problems)
     kind = document.get("kind", "train")
     job_class = KINDS.get(kind) if isinstance(kind, str) else None
     if job_class is None:
         problems.append(f"kind: {unknown_name_message('job kind', str(kind), list(KINDS))}")
         raise SpecError(source, problems)
-    _check_builders(document, problems)
+    if job_class is SweepJob:
+        _resolve_base(document, source, problems)  # first, so that --set base.train.epochs=2 works
+    apply_overrides(document, overrides or [], problems)
+    if job_class is SweepJob:
+        if isinstance(document.get("base"), dict):
+            _check_builders(document["base"], problems, ("base",))
+    else:
+        _check_builders(document, problems)
     spec = None
     try:
         spec = job_class.model_validate(document)
     except pydantic.ValidationError as error:
         problems += _describe_all(error.errors(), job_class, document)
+    if job_class is SweepJob:
+        _check_space(document, problems)
     if problems:
         raise SpecError(source, problems)
     return spec
+
+
+def _resolve_base(document: dict, source: str, problems: list[str]) -> None:
+    """``base: jobs/x.yaml`` -> that file's mapping (a path is tried from here, then beside the sweep)."""
+    base = document.get("base")
+    if not isinstance(base, str):
+        return
+    candidates = [Path(base), Path(source).parent / base]
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is None:
+        problems.append(f"base: no spec file {base!r} (looked in . and {Path(source).parent})")
+        document.pop("base")
+        return
+    try:
+        loaded = yaml.safe_load(found.read_text())
+    except yaml.YAMLError as error:
+        problems.append(f"base: {found} is not valid YAML: {getattr(error, 'problem', error)}")
+        document.pop("base")
+        return
+    if isinstance(loaded, dict) and loaded.get("kind", "train") != "train":
+        problems.append(f"base: {found} is a {loaded.get('kind')!r} job; a sweep varies a train job")
+    if isinstance(loaded, dict):
+        loaded.pop("kind", None)
+    document["base"] = loaded
+
+
+def _distribution_problem(distribution: dict[str, Any]) -> str | None:
+    if len(distribution) != 1 or next(iter(distribution)) not in DISTRIBUTIONS:
+        names = ", ".join(f"{name} ({args})" for name, args in DISTRIBUTIONS.items())
+        given = ", ".join(map(str, distribution)) or "nothing"
+        return f"expected one distribution, got {given}; one of: {names}"
+    kind, args = next(iter(distribution.items()))
+    if not isinstance(args, list) or not args:
+        return f"{kind} takes a list: {DISTRIBUTIONS[kind]}"
+    if kind in ("choice", "grid"):
+        return None
+    expected = 3 if kind.startswith("q") else 2
+    if len(args) != expected or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+        return f"{kind} takes {expected} numbers: {DISTRIBUTIONS[kind]}"
+    if kind != "normal" and args[0] >= args[1]:
+        return f"{kind}: low must be below high, got {args[0]} >= {args[1]}"
+    if "log" in kind and args[0] <= 0:
+        return f"{kind}: low must be > 0, got {args[0]}"
+    if kind == "randint" and not all(isinstance(a, int) for a in args):
+        return "randint takes two integers"
+    return None
+
+
+def sample_values(distribution: dict[str, Any]) -> list[Any]:
+    """Values that stand for a distribution when checking a path: every choice, or both bounds."""
+    kind, args = next(iter(distribution.items()))
+    if kind in ("choice", "grid"):
+        return list(args)
+    if kind == "randint":
+        return [args[0], args[1] - 1]
+    return [args[0]] if kind == "normal" else [args[0], args[1]]
+
+
+def _check_space(document: dict, problems: list[str]) -> None:
+    """Every path must exist in the base job, and every value it can take must be valid there.
+
+    Works on the raw document, so that these problems are reported next to any others."""
+    space = document.get("space")
+    try:
+        base = TrainJob.model_validate(document.get("base")).model_dump(mode="json")
+    except pydantic.ValidationError:
+        base = None  # reported already; the distributions can still be checked
+    for path, distribution in (space.items() if isinstance(space, dict) else ()):
+        if not isinstance(distribution, dict):
+            continue  # the structural pass reports it
+        if problem := _distribution_problem(distribution):
+            problems.append(f"space.{path}: {problem}")
+            continue
+        if base is None:
+            continue
+        if document.get("search") == "optuna" and "grid" in distribution:
+            problems.append(f"space.{path}: optuna samples, it cannot walk a grid; use choice instead of grid")
+        for value in sample_values(distribution):
+            try:
+                parse_spec(base, "base", [f"{path}={json.dumps(value)}"])
+            except SpecError as error:
+                problems += [f"space.{path}={value!r}: {p}" for p in error.problems]
+                break
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobBase:

@@ -160,6 +160,10 @@ def log_figure(run_id: str, figure, artifact_file: str) -> None:
     client().log_figure(run_id, figure, artifact_file)
 
 
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    client().log_text(run_id, text, artifact_file)
+
+
 def log_dict(run_id: str, data: dict, artifact_file: str) -> None:
     client().log_dict(run_id, data, artifact_file)
 
@@ -221,6 +225,47 @@ def log_model(run_id: str, module, input_example, *, registered_name: str | None
             mlflow_client.set_model_version_tag(registered_name, version, key, value)
         result.update(model_version=version, registered_model_uri=f"models:/{registered_name}/{version}")
     return result
+
+
+def reopen_run(run_id: str) -> None:
+    client().update_run(run_id, status="RUNNING")
+
+
+def child_runs(parent_run_id: str) -> list:
+    mlflow_client = client()
+    experiment_id = mlflow_client.get_run(parent_run_id).info.experiment_id
+    return mlflow_client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                     max_results=10000)
+
+
+def promote(name: str, version: str, alias: str, *, only_if_better: bool, metric: str, mode: str) -> dict[str, Any]:
+    """Point ``alias`` at ``version``, unless ``only_if_better`` and the holder scores at least as well
+    on the same test ``metric`` (a version tag). Says which happened and why."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client()
+    new_score = float(mlflow_client.get_model_version(name, version).tags[f"metric.{metric}"])
+    try:
+        holder = mlflow_client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        holder = None
+    decision = {"alias": alias, "version": version, "metric": metric, "new": new_score}
+    if holder is not None and str(holder.version) != str(version):
+        old = holder.tags.get(f"metric.{metric}")
+        decision.update(holder=str(holder.version), old=float(old) if old is not None else None)
+        if only_if_better and old is not None:
+            better = new_score > float(old) if mode == "max" else new_score < float(old)
+            if not better:
+                reason = (f"version {holder.version} keeps {alias!r}: its {metric} {float(old):.4g} is as good as "
+                          f"or better than version {version}'s {new_score:.4g}")
+                return {**decision, "moved": False, "reason": reason}
+            reason = f"version {version}'s {metric} {new_score:.4g} beats version {holder.version}'s {float(old):.4g}"
+        else:
+            reason = f"{alias!r} moved from version {holder.version} (not compared: only_if_better is off or it has no {metric})"
+    else:
+        reason = f"no version held {alias!r} yet"
+    mlflow_client.set_registered_model_alias(name, alias, version)
+    return {**decision, "moved": True, "reason": reason}
 
 
 def registered_models() -> list[dict[str, Any]]:

@@ -1,5 +1,5 @@
 """One runner per job kind. ``RUNNERS`` must list exactly the kinds in ``spec.KINDS`` (a test checks)."""
 
-from deepyard.runners import train
+from deepyard.runners import sweep, train
 
-RUNNERS = {"train": train.run}
+RUNNERS = {"train": train.run, "sweep": sweep.run}

@@ -152,7 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report({ckpt_metric: best_value, "final": 1, "epoch": epoch}, checkpoint=checkpoint)
 
 
-def _trainer(spec: TrainJob, run_id: str, monitor: tuple[str, str]):
+def make_trainer(spec: TrainJob, run_id: str, monitor: tuple[str, str], callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -173,18 +173,19 @@ def _trainer(spec: TrainJob, run_id: str, monitor: tuple[str, str]):
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep, checkpoint_score_attribute=monitor[0],
                                                checkpoint_score_order=monitor[1]),
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+            callbacks=callbacks,
         ),
     )
 
 
-def _final_state(result) -> dict[str, Any]:
+def final_state(result) -> dict[str, Any]:
     if result.checkpoint is None:
         raise JobFailed("training finished without a final checkpoint")
     with result.checkpoint.as_directory() as directory:
         return checkpoints.load(directory)
 
 
-def _log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, Any]) -> dict[str, Any]:
+def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, Any]) -> dict[str, Any]:
     """Plots, the serving model (preprocessing and output head included) and its registered version."""
     from deepyard import plots  # matplotlib: the driver needs it, the workers never do
 
@@ -207,7 +208,7 @@ def _log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, A
 
 
 def run(spec: TrainJob, *, address: str | None = None, ray_logs: bool = False,
-        watch: Callable[[str, int], Any] | None = None) -> dict[str, Any]:
+        watch: Callable[[str, int], Any] | None = None, resume: bool = False) -> dict[str, Any]:
     """Run the job to the end; returns the ids, final test metrics and model URIs.
 
     ``watch(run_id, epochs)``, if given, is a context manager that shows progress while training runs.
@@ -215,6 +216,10 @@ def run(spec: TrainJob, *, address: str | None = None, ray_logs: bool = False,
     from contextlib import nullcontext
 
     from deepyard import cluster
+
+    if resume:
+        raise BadInput("--resume continues an interrupted sweep; a train job restarts from its checkpoints "
+                       "on its own (failure.max_failures)")
 
     splits, task = preflight(spec)
     monitor = monitored(spec.checkpoint.metric, spec.checkpoint.mode, task)
@@ -235,15 +240,15 @@ def run(spec: TrainJob, *, address: str | None = None, ray_logs: bool = False,
                 timings["ray_connect_s"] = time.perf_counter() - started
                 run_id = opening.result()
                 timings["startup_s"] = time.perf_counter() - started
-                trainer = _trainer(spec, run_id, monitor)
+                trainer = make_trainer(spec, run_id, monitor)
                 pool.submit(tracking.preload)  # the driver idles during fit(): import what logging needs
                 with watch(run_id, spec.train.epochs) if watch else nullcontext():
                     result = trainer.fit()
                 timings["fit_s"] = time.perf_counter() - started - timings["startup_s"]
             if getattr(result, "error", None):
                 raise result.error
-            final = _final_state(result)
-            outcome = _log_outcome(spec, splits, run_id, final)
+            final = final_state(result)
+            outcome = log_outcome(spec, splits, run_id, final)
             timings["total_s"] = time.perf_counter() - started
             tracking.log_metrics(run_id, {f"timing_{k}": v for k, v in timings.items()}, 0)
             tracking.finish_run(run_id, "FINISHED")
