@@ -34,7 +34,7 @@ def ray_cluster(deepyard_home):
     from deepyard.cluster import TRAIN_ENV
 
     os.environ.update(TRAIN_ENV)
-    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, log_to_driver=False,
              logging_level="WARNING")
     yield ray
     ray.shutdown()

@@ -57,12 +57,13 @@ def user_errors(command):
 @user_errors
 def validate(spec: SpecPath, set_: Overrides = None) -> None:
     """Check a spec (and that its data loads and fits the model) without starting anything."""
+    from deepyard.runners import sweep
     from deepyard.runners.setup import preflight
     from deepyard.spec import load_spec
 
     job = load_spec(spec, set_ or [])
     train = job.base if job.kind == "sweep" else job
-    splits, _ = preflight(train)
+    splits = sweep.check(job)[0] if job.kind == "sweep" else preflight(job)[0]
     err.print(f"[green]ok[/] {spec}: kind={job.kind} name={job.name} data={train.data.name} "
               f"({len(splits.x_train)} train / {len(splits.x_val)} val / {len(splits.x_test)} test, "
               f"input {splits.in_shape}) model={train.model.name}")

@@ -238,6 +238,14 @@ def child_runs(parent_run_id: str) -> list:
                                      max_results=10000)
 
 
+def finished_trial_run(parent_run_id: str, trial_id: str):
+    """The FINISHED child run of ``trial_id`` under this sweep, if there is one."""
+    for run in child_runs(parent_run_id):
+        if run.data.tags.get("deepyard.trial_id") == trial_id and run.info.status == "FINISHED":
+            return run
+    return None
+
+
 def promote(name: str, version: str, alias: str, *, only_if_better: bool, metric: str, mode: str) -> dict[str, Any]:
     """Point ``alias`` at ``version``, unless ``only_if_better`` and the holder scores at least as well
     on the same test ``metric`` (a version tag). Says which happened and why."""

@@ -38,10 +38,13 @@ def tune_space(spec: SweepJob) -> dict[str, Any]:
     return space
 
 
-def _search_and_schedule(spec: SweepJob, metric: str, mode: str):
+def _search_and_schedule(spec: SweepJob, metric: str, mode: str, concurrency: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
 
-    searcher = None
+    from ray.tune.search import BasicVariantGenerator
+
+    # Seeded, so that the same spec samples the same trials (FIFO and ASHA can be compared).
+    searcher = BasicVariantGenerator(random_state=spec.base.train.seed, max_concurrent=concurrency)
     if spec.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -75,6 +78,11 @@ def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
 
     spec = trial_spec(context["base"], values, context["metric"], context["mode"])
     trial_id = tune.get_context().get_trial_id()
+    if done := tracking.finished_trial_run(context["parent_run_id"], trial_id):
+        # Resumed after an interruption that Tune's own state missed: MLflow knows this trial finished.
+        tune.report({context["metric"]: done.data.metrics.get(f"best_{context['metric']}", 0.0),
+                     "epoch": done.data.metrics.get("epoch", 0), "final": 1})
+        return
     run_id = tracking.start_run(context["experiment"], f"trial-{trial_id}", flatten(spec), to_yaml(spec),
                                 tags={"mlflow.parentRunId": context["parent_run_id"], "deepyard.kind": "trial",
                                       "deepyard.trial_id": trial_id,
@@ -82,6 +90,8 @@ def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
     try:
         result = make_trainer(spec, run_id, (context["metric"], context["mode"]),
                               callbacks=[TuneReportCallback()]).fit()
+        best = result.metrics.get(context["metric"])  # the final report carries the best epoch's value
+        tracking.log_metrics(run_id, {f"best_{context['metric']}": best} if best is not None else {}, 0)
         tracking.set_tags(run_id, {"deepyard.final_checkpoint": result.checkpoint.path})
         tracking.finish_run(run_id, "FINISHED")
     except BaseException as error:  # a scheduler's stop kills this actor outright; the driver closes those runs
@@ -112,16 +122,20 @@ def _concurrency(spec: SweepJob) -> int:
 def _tuner(spec: SweepJob, context: dict, sweep_dir: Path, resume: bool, metric: str, mode: str):
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
-                                    {"cpu": 0.001})  # the trial only waits; its Train workers hold the CPUs
+    # The trial itself only waits on its TorchTrainer, whose workers hold the CPUs (Tune wants a
+    # non-empty request: one byte of memory).
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": 0, "memory": 1})
     if resume and tune.Tuner.can_restore(str(sweep_dir)):
         return tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
-    searcher, scheduler = _search_and_schedule(spec, metric, mode)
+    concurrency = _concurrency(spec)
+    searcher, scheduler = _search_and_schedule(spec, metric, mode, concurrency)
     return tune.Tuner(
         trainable,
         param_space=tune_space(spec),
         tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
-                                    num_samples=spec.num_samples, max_concurrent_trials=_concurrency(spec),
+                                    num_samples=spec.num_samples,
+                                    # (a BasicVariantGenerator limits itself, above)
+                                    max_concurrent_trials=concurrency if spec.search == "optuna" else None,
                                     time_budget_s=spec.time_budget_s),
         run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0),
     )
@@ -146,16 +160,22 @@ def _test_metric(metric: str) -> str:
     return "test_" + metric.removeprefix("val_")
 
 
+def check(spec: SweepJob):
+    """The base job's preflight, and a metric its task reports: (splits, task, metric, mode)."""
+    splits, task = preflight(spec.base)
+    metric, mode = monitored(spec.metric, spec.mode, task)
+    if metric.removeprefix("val_") not in task.metric_names:
+        raise BadInput(f"metric: {task.name} reports {', '.join('val_' + n for n in task.metric_names)}, not {metric!r}")
+    return splits, task, metric, mode
+
+
 def run(spec: SweepJob, *, address: str | None = None, ray_logs: bool = False,
         watch: Callable[..., Any] | None = None, resume: bool = False) -> dict[str, Any]:
     from contextlib import nullcontext
 
     from deepyard import cluster, sweep_report
 
-    splits, task = preflight(spec.base)
-    metric, mode = monitored(spec.metric, spec.mode, task)
-    if metric.removeprefix("val_") not in task.metric_names:
-        raise BadInput(f"metric: {task.name} reports {', '.join('val_' + n for n in task.metric_names)}, not {metric!r}")
+    _, task, metric, mode = check(spec)
     sweep_dir = Path(settings.storage_path(spec.storage_path)) / spec.name
     if not resume and (sweep_dir / PARENT_RUN_FILE).exists():
         raise BadInput(f"a sweep named {spec.name!r} already ran in {sweep_dir}; continue it with --resume, "

@@ -1,0 +1,75 @@
+"""The same 16-trial random search on digits_mlp, with FIFO and with ASHA, in one run.
+
+    .venv/bin/python bench/sweep_asha.py [--trials 16] [--epochs 30]
+
+Prints one JSON object: per scheduler the wall time, trial-epochs actually trained (epochs logged
+by the trials, including the ones run between a stop decision and the trial's end), trials stopped
+early and the best validation accuracy; then ASHA/FIFO ratios, and the sweep overhead: wall time
+against the sum of the trials' training time. Both sweeps sample the same configurations (seeded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep_document(name: str, scheduler: str, trials: int, epochs: int) -> dict:
+    return {
+        "kind": "sweep", "name": name, "base": str(ROOT / "jobs/digits_mlp.yaml"),
+        "space": {"optim.lr": {"loguniform": [0.0001, 0.03]},
+                  "model.params.hidden_sizes": {"choice": [[32], [128, 64], [256, 128]]},
+                  "model.params.dropout": {"uniform": [0.0, 0.5]}},
+        "scheduler": {"name": scheduler, "grace_period": 2, "reduction_factor": 2},
+        "metric": "val_accuracy", "num_samples": trials, "register": {"enabled": False},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=30)
+    args = parser.parse_args()
+    os.environ["DEEPYARD_HOME"] = tempfile.mkdtemp(prefix="deepyard-sweep-bench-")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from deepyard import cluster
+    from deepyard.runners.sweep import run
+    from deepyard.spec import parse_spec
+
+    results = {}
+    with cluster.connected():
+        for scheduler in ("fifo", "asha"):
+            spec = parse_spec(sweep_document(f"bench_{scheduler}", scheduler, args.trials, args.epochs),
+                              str(ROOT / "bench/sweep_asha.py"),
+                              [f"base.train.epochs={args.epochs}", "base.train.early_stopping=null"])
+            started = time.perf_counter()
+            summary = run(spec)
+            wall = time.perf_counter() - started
+            results[scheduler] = {
+                "wall_s": wall, "trial_epochs": summary["trial_epochs"], "trials": summary["trials"],
+                "trials_stopped_early": summary["trials_stopped_early"],
+                "best_val_accuracy": summary["val_accuracy"], "best_config": summary["best_config"],
+                "test_accuracy_of_best": summary["metrics"]["test_accuracy"],
+                "trials_train_s": summary["trials_train_s"],
+                "overhead_ratio_wall_vs_train": wall / summary["trials_train_s"],
+            }
+            print(json.dumps({scheduler: results[scheduler]}), file=sys.stderr)
+    fifo, asha = results["fifo"], results["asha"]
+    print(json.dumps({
+        "bench": "sweep_asha", "trials": args.trials, "epochs_per_trial": args.epochs, "cpus": os.cpu_count(),
+        **results,
+        "asha_vs_fifo_trial_epochs": asha["trial_epochs"] / fifo["trial_epochs"],
+        "asha_vs_fifo_wall": asha["wall_s"] / fifo["wall_s"],
+        "best_val_accuracy_gap_points": 100 * (fifo["best_val_accuracy"] - asha["best_val_accuracy"]),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

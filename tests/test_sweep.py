@@ -1,0 +1,139 @@
+"""Sweeps: spec errors before Ray starts; on real Ray Tune and MLflow: nested runs, promotion, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import ROOT, last_json
+from deepyard import tracking
+
+SWEEP = f"""
+kind: sweep
+name: {{name}}
+base: {ROOT}/jobs/digits_mlp.yaml
+space:
+  optim.lr: {{{{loguniform: [0.001, 0.02]}}}}
+  model.params.hidden_sizes: {{{{choice: [[16], [32, 16]]}}}}
+scheduler: {{{{name: {{scheduler}}, grace_period: 1}}}}
+num_samples: {{samples}}
+register: {{{{model_name: {{model}}}}}}
+promote: {{{{alias: champion}}}}
+"""
+TINY = ["--set", "base.train.epochs=3", "--set", "base.data.max_train_samples=300",
+        "--set", "base.data.augment=null"]
+
+
+def sweep_spec(write_spec, name, scheduler="asha", samples=4, model="sweep-mlp"):
+    return write_spec(SWEEP.format(name=name, scheduler=scheduler, samples=samples, model=model), f"{name}.yaml")
+
+
+def test_bad_space_is_reported_before_ray_starts(cli, write_spec):
+    spec = write_spec(f"""
+kind: sweep
+name: bad
+base: {ROOT}/jobs/digits_mlp.yaml
+space:
+  optim.lrr: {{uniform: [0.1, 0.2]}}
+  model.params.dropout: {{uniform: [0.0, 1.5]}}
+  optim.lr: {{loguniform: [0, 0.1]}}
+  train.epochs: {{grid: [1, 2]}}
+  optim.name: {{gaussian: [1, 2]}}
+search: optuna
+metric: val_rmse
+""")
+    stderr = cli("validate", spec, expect=2).stderr
+    assert "space.optim.lrr=0.1: optim.lrr: unknown field; did you mean 'lr'?" in stderr
+    assert "space.model.params.dropout=1.5: model.params.dropout: Input should be less than 1" in stderr
+    assert "space.optim.lr: loguniform: low must be > 0" in stderr
+    assert "space.train.epochs: optuna samples, it cannot walk a grid" in stderr
+    assert "space.optim.name: expected one distribution, got gaussian; one of: choice" in stderr
+    result = cli("validate", spec, "--set", "space={optim.lr: {uniform: [0.001, 0.01]}}", expect=2)
+    assert "metric: classification reports val_loss, val_accuracy, not 'val_rmse'" in result.stderr
+
+
+def test_base_must_be_a_train_spec(cli, write_spec):
+    assert "base: no spec file 'nope.yaml'" in cli("validate", write_spec(
+        "kind: sweep\nname: s\nbase: nope.yaml\nspace: {optim.lr: {choice: [0.1]}}\n"), expect=2).stderr
+
+
+@pytest.mark.slow
+def test_sweep_tracks_nested_runs_registers_and_promotes(ray_cluster, cli, write_spec):
+    summary = last_json(cli("run", sweep_spec(write_spec, "tiny_sweep"), "--json", *TINY))
+    client = MlflowClient()
+    parent = client.get_run(summary["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"trials.csv", "best_config.json",
+                                                                         "spec.yaml", "plots"}
+    assert parent.data.metrics["trials"] == 4
+    children = tracking.child_runs(parent.info.run_id)
+    assert len(children) == 4 and all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    for child in children:  # params are that trial's resolved config
+        config = child.data.tags["deepyard.trial_config"]
+        assert child.data.params["model.params.hidden_sizes"] in config
+        assert float(child.data.params["optim.lr"]) == pytest.approx(float(config.split('"optim.lr": ')[1].split(",")[0]))
+    best = client.get_run(summary["best_trial_run_id"])
+    assert best.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert summary["model_version"] == "1" and summary["promotion"]["moved"]
+    assert str(client.get_model_version_by_alias("sweep-mlp", "champion").version) == "1"
+
+
+@pytest.mark.slow
+def test_alias_moves_only_when_the_new_version_is_better(ray_cluster, cli, write_spec):
+    job = write_spec("""
+kind: train
+name: promo
+data: {name: digits, max_train_samples: 300}
+model: {name: mlp, params: {hidden_sizes: [16]}}
+train: {epochs: 4, batch_size: 32}
+register: {model_name: promo-mlp}
+""")
+    good = last_json(cli("run", job, "--json", "--set", "optim.lr=0.01"))
+    bad = last_json(cli("run", job, "--json", "--set", "optim.lr=0.00001", "--set", "train.epochs=1"))
+    assert bad["metrics"]["test_accuracy"] < good["metrics"]["test_accuracy"]
+    first = tracking.promote("promo-mlp", good["model_version"], "champion", only_if_better=True,
+                             metric="test_accuracy", mode="max")
+    assert first["moved"]
+    kept = tracking.promote("promo-mlp", bad["model_version"], "champion", only_if_better=True,
+                            metric="test_accuracy", mode="max")
+    assert not kept["moved"] and f"version {good['model_version']} keeps 'champion'" in kept["reason"]
+    assert str(MlflowClient().get_model_version_by_alias("promo-mlp", "champion").version) == good["model_version"]
+    forced = tracking.promote("promo-mlp", bad["model_version"], "champion", only_if_better=False,
+                              metric="test_accuracy", mode="max")
+    assert forced["moved"]
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_does_not_rerun_finished_trials(ray_cluster, cli, write_spec, deepyard_home):
+    spec = sweep_spec(write_spec, "resumed_sweep", scheduler="fifo", samples=4, model="resume-mlp")
+    process = subprocess.Popen([sys.executable, "-m", "deepyard.cli", "run", spec, *TINY],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    client = MlflowClient()
+    deadline, finished_before = time.monotonic() + 180, []
+    while time.monotonic() < deadline and process.poll() is None:
+        experiment = client.get_experiment_by_name("resumed_sweep")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        finished_before = [r for r in runs if r.data.tags.get("deepyard.kind") == "trial" and r.info.status == "FINISHED"]
+        if len(finished_before) >= 1:
+            break
+        time.sleep(0.5)
+    assert finished_before, process.communicate(timeout=60)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=90) == 130
+    (parent,) = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("deepyard.kind") == "sweep"]
+    assert parent.info.status == "KILLED"
+
+    summary = last_json(cli("run", spec, "--resume", "--json", *TINY))
+    assert summary["run_id"] == parent.info.run_id
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    finished = [r for r in tracking.child_runs(parent.info.run_id) if r.info.status == "FINISHED"]
+    trial_ids = [r.data.tags["deepyard.trial_id"] for r in finished]
+    assert sorted(trial_ids) == sorted(set(trial_ids)) and len(trial_ids) == 4  # every trial finished once
+    for before in finished_before:  # and the ones done before the interruption were not trained again
+        assert before.info.run_id in {r.info.run_id for r in finished}
