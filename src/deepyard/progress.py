@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.live import Live
@@ -34,35 +34,46 @@ def _table(metrics: dict[str, float], epochs: int, elapsed: float, first_epoch_a
 
 
 @contextmanager
-def watch(run_id: str, epochs: int, console: Console) -> Iterator[None]:
+def _live(first: Table, render: Callable[[], Table], interval_s: float, console: Console) -> Iterator[None]:
+    """Show ``first``, then ``render()`` every ``interval_s`` from a thread, until the block ends
+    (and once more at the end). A render that fails (a busy sqlite file) is retried next time."""
     stop = threading.Event()
-    started = time.monotonic()
+
+    def refresh(live: Live) -> None:
+        try:
+            live.update(render())
+        except Exception:
+            pass
 
     def poll(live: Live) -> None:
-        first_epoch_at = None
-        while not stop.wait(1.0):
-            try:
-                metrics = tracking.latest_metrics(run_id)
-            except Exception:  # a busy sqlite file: try again next second
-                continue
-            elapsed = time.monotonic() - started
-            if metrics.get("epoch") and first_epoch_at is None:
-                first_epoch_at = elapsed
-            live.update(_table(metrics, epochs, elapsed, first_epoch_at))
+        while not stop.wait(interval_s):
+            refresh(live)
 
-    with Live(_table({}, epochs, 0.0, None), console=console, refresh_per_second=2, transient=False) as live:
+    with Live(first, console=console, refresh_per_second=2) as live:
         thread = threading.Thread(target=poll, args=(live,), daemon=True)
         thread.start()
         try:
             yield
         finally:
             stop.set()
-            thread.join(timeout=2)
-            try:
-                live.update(_table(tracking.latest_metrics(run_id), epochs, time.monotonic() - started, None))
-            except Exception:
-                pass
+            thread.join(timeout=3)
+            refresh(live)
     console.line()
+
+
+def watch(run_id: str, epochs: int, console: Console):
+    """A train job's latest epoch: metrics, elapsed time and ETA; every second."""
+    started = time.monotonic()
+    first_epoch_at: list[float] = []
+
+    def render() -> Table:
+        metrics = tracking.latest_metrics(run_id)
+        elapsed = time.monotonic() - started
+        if metrics.get("epoch") and not first_epoch_at:
+            first_epoch_at.append(elapsed)
+        return _table(metrics, epochs, elapsed, first_epoch_at[0] if first_epoch_at else None)
+
+    return _live(_table({}, epochs, 0.0, None), render, 1.0, console)
 
 
 def _sweep_table(parent_run_id: str, paths: list[str], metric: str, mode: str) -> Table:
@@ -85,24 +96,7 @@ def _sweep_table(parent_run_id: str, paths: list[str], metric: str, mode: str) -
     return table
 
 
-@contextmanager
-def watch_sweep(parent_run_id: str, paths: list[str], metric: str, mode: str, console: Console) -> Iterator[None]:
+def watch_sweep(parent_run_id: str, paths: list[str], metric: str, mode: str, console: Console):
     """The sweep's trials, their values, epoch and current metric, and the best so far; every 2 s."""
-    stop = threading.Event()
-
-    def poll(live: Live) -> None:
-        while not stop.wait(2.0):
-            try:
-                live.update(_sweep_table(parent_run_id, paths, metric, mode))
-            except Exception:  # a busy sqlite file: try again next time
-                continue
-
-    with Live(Table(title="starting trials..."), console=console, refresh_per_second=1) as live:
-        thread = threading.Thread(target=poll, args=(live,), daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=3)
-    console.line()
+    return _live(Table(title="starting trials..."), lambda: _sweep_table(parent_run_id, paths, metric, mode),
+                 2.0, console)
