@@ -63,6 +63,12 @@ def test_base_must_be_a_train_spec(cli, write_spec):
         "kind: sweep\nname: s\nbase: nope.yaml\nspace: {optim.lr: {choice: [0.1]}}\n"), expect=2).stderr
 
 
+def test_promote_needs_registration(cli, write_spec):
+    spec = write_spec(f"kind: sweep\nname: s\nbase: {ROOT}/jobs/digits_mlp.yaml\n"
+                      "space: {optim.lr: {choice: [0.1]}}\nregister: {enabled: false}\npromote: {alias: champion}\n")
+    assert "promote moves an alias to the new registered version" in cli("validate", spec, expect=2).stderr
+
+
 @pytest.mark.slow
 def test_sweep_tracks_nested_runs_registers_and_promotes(ray_cluster, cli, write_spec):
     summary = last_json(cli("run", sweep_spec(write_spec, "tiny_sweep"), "--json", *TINY))
@@ -124,10 +130,11 @@ def test_resume_after_interruption_does_not_rerun_finished_trials(ray_cluster, c
             break
         time.sleep(0.5)
     assert finished_before, process.communicate(timeout=60)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGINT)  # Ctrl-C: Tune must not turn it into a normal, promoted end
     assert process.wait(timeout=90) == 130
     (parent,) = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("deepyard.kind") == "sweep"]
     assert parent.info.status == "KILLED"
+    assert not [r for r in tracking.child_runs(parent.info.run_id) if r.info.status == "RUNNING"]
 
     summary = last_json(cli("run", spec, "--resume", "--json", *TINY))
     assert summary["run_id"] == parent.info.run_id

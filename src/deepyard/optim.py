@@ -16,7 +16,6 @@ from pydantic import Field, NonNegativeFloat
 from deepyard.registry import Registry
 
 OPTIMIZERS = Registry("optimizer", injected=("parameters", "lr", "weight_decay"))
-SCHEDULES = ("constant", "step", "cosine", "onecycle")
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 

@@ -16,13 +16,12 @@ from typing import Any, Literal, Union
 
 import pydantic
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                      PositiveInt)
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat,
+                      PositiveInt, model_validator)
 
 from deepyard.errors import BadInput, SpecError
 from deepyard.registry import Registry, closest, unknown_name_message
 
-VAL_METRICS = ("val_loss", "val_accuracy", "val_rmse", "val_mae")
 MetricName = Literal["val_loss", "val_accuracy", "val_rmse", "val_mae"]
 
 
@@ -186,6 +185,13 @@ class SweepJob(JobBase):
     register: RegisterSpec = Field(default_factory=RegisterSpec)
     promote: PromoteSpec | None = Field(None, description="move a registry alias to the new version")
 
+    @model_validator(mode="after")
+    def _promote_needs_a_version(self) -> "SweepJob":
+        if self.promote and not self.register.enabled:
+            raise ValueError("promote moves an alias to the new registered version; "
+                             "it needs register.enabled: true (or drop promote)")
+        return self
+
     @property
     def experiment(self) -> str:
         return self.tracking.experiment or self.name
@@ -197,7 +203,6 @@ class SweepJob(JobBase):
 
 # One entry per job kind; runners/__init__.py holds the matching runner for each (a test keeps them in sync).
 KINDS: dict[str, type[JobBase]] = {"train": TrainJob, "sweep": SweepJob}
-JobSpec = Union[TrainJob, SweepJob]
 
 
 def _builder_registries() -> dict[str, Registry]:

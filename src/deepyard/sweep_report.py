@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from typing import Any
 
 from deepyard import tracking
 
 
 def _trial(run, metric: str, mode: str) -> dict[str, Any]:
-    history = [value for _, value in sorted(tracking.metric_history(run.info.run_id, metric))]
+    history = [v for _, v in sorted(tracking.metric_history(run.info.run_id, metric)) if math.isfinite(v)]
     pick = max if mode == "max" else min
     metrics = run.data.metrics
     return {
@@ -20,7 +21,8 @@ def _trial(run, metric: str, mode: str) -> dict[str, Any]:
         "status": run.info.status,
         "config": json.loads(run.data.tags.get("deepyard.trial_config", "{}")),
         "epochs": int(metrics.get("epoch", 0)),
-        "best": pick(history) if history else None,
+        # A finished trial logged the value its checkpoint was chosen by; a stopped one has its history.
+        "best": metrics.get(f"best_{metric}", pick(history) if history else None),
         "last": history[-1] if history else None,
         "checkpoint": run.data.tags.get("deepyard.final_checkpoint"),
         "stopped_early": run.data.tags.get("deepyard.stopped_early") == "true",
@@ -42,14 +44,14 @@ def close_trials(parent_run_id: str, metric: str, mode: str, errored_dirs: set[s
     for run in sorted(tracking.child_runs(parent_run_id), key=lambda r: r.info.start_time):
         trial_id = run.data.tags.get("deepyard.trial_id", run.info.run_id)
         if (older := latest.get(trial_id)) is not None:
-            if older.info.status != "FINISHED":
+            if older.info.status == "RUNNING":
                 tracking.set_tags(older.info.run_id, {"deepyard.interrupted": "true"})
                 tracking.finish_run(older.info.run_id, "KILLED")
         latest[trial_id] = run
     trials = []
     for trial_id, run in latest.items():
         if run.info.status != "FINISHED":
-            if any(f"_{trial_id}_" in directory for directory in errored_dirs):
+            if trial_id in errored_dirs:
                 tracking.finish_run(run.info.run_id, "FAILED")
             else:
                 tracking.set_tags(run.info.run_id, {"deepyard.stopped_early": "true"})
@@ -57,6 +59,14 @@ def close_trials(parent_run_id: str, metric: str, mode: str, errored_dirs: set[s
             run = tracking.client().get_run(run.info.run_id)
         trials.append(_trial(run, metric, mode))
     return sorted(trials, key=lambda t: t["trial_id"] or "")
+
+
+def close_interrupted(parent_run_id: str) -> None:
+    """The sweep itself stopped: trials still RUNNING are KILLED and marked ``deepyard.interrupted``."""
+    for run in tracking.child_runs(parent_run_id):
+        if run.info.status == "RUNNING":
+            tracking.set_tags(run.info.run_id, {"deepyard.interrupted": "true"})
+            tracking.finish_run(run.info.run_id, "KILLED")
 
 
 def log_summary(parent_run_id: str, trials: list[dict], best: dict, paths: list[str], metric: str, mode: str,

@@ -240,10 +240,11 @@ def child_runs(parent_run_id: str) -> list:
 
 def finished_trial_run(parent_run_id: str, trial_id: str):
     """The FINISHED child run of ``trial_id`` under this sweep, if there is one."""
-    for run in child_runs(parent_run_id):
-        if run.data.tags.get("deepyard.trial_id") == trial_id and run.info.status == "FINISHED":
-            return run
-    return None
+    mlflow_client = client()
+    experiment_id = mlflow_client.get_run(parent_run_id).info.experiment_id
+    found = mlflow_client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                      f"tags.deepyard.trial_id = '{trial_id}' and attributes.status = 'FINISHED'")
+    return found[0] if found else None
 
 
 def promote(name: str, version: str, alias: str, *, only_if_better: bool, metric: str, mode: str) -> dict[str, Any]:

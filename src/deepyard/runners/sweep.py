@@ -9,6 +9,8 @@ TuneReportCallback, so a scheduler (ASHA, Hyperband, median) can stop it early.
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 import traceback
 from pathlib import Path
@@ -27,18 +29,19 @@ PARENT_RUN_FILE = "deepyard_parent_run_id"
 def tune_space(spec: SweepJob) -> dict[str, Any]:
     from ray import tune
 
-    makers = {"choice": tune.choice, "grid": tune.grid_search, "uniform": tune.uniform,
-              "loguniform": tune.loguniform, "randint": tune.randint, "quniform": tune.quniform,
-              "qloguniform": tune.qloguniform, "normal": tune.randn}
+    ranges = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint,
+              "quniform": tune.quniform, "qloguniform": tune.qloguniform, "normal": tune.randn}
     space = {}
     for path, distribution in spec.space.items():
         kind, args = next(iter(distribution.items()))
-        grid = kind == "grid" or (kind == "choice" and spec.search == "grid")
-        space[path] = tune.grid_search(args) if grid else (makers[kind](args) if kind == "choice" else makers[kind](*args))
+        if kind == "grid" or (kind == "choice" and spec.search == "grid"):
+            space[path] = tune.grid_search(args)
+        else:
+            space[path] = tune.choice(args) if kind == "choice" else ranges[kind](*args)
     return space
 
 
-def _search_and_schedule(spec: SweepJob, metric: str, mode: str, concurrency: int):
+def _search_and_schedule(spec: SweepJob, concurrency: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
 
     from ray.tune.search import BasicVariantGenerator
@@ -78,9 +81,10 @@ def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
 
     spec = trial_spec(context["base"], values, context["metric"], context["mode"])
     trial_id = tune.get_context().get_trial_id()
-    if done := tracking.finished_trial_run(context["parent_run_id"], trial_id):
+    if context["resume"] and (done := tracking.finished_trial_run(context["parent_run_id"], trial_id)):
         # Resumed after an interruption that Tune's own state missed: MLflow knows this trial finished.
-        tune.report({context["metric"]: done.data.metrics.get(f"best_{context['metric']}", 0.0),
+        worst = -math.inf if context["mode"] == "max" else math.inf
+        tune.report({context["metric"]: done.data.metrics.get(f"best_{context['metric']}", worst),
                      "epoch": done.data.metrics.get("epoch", 0), "final": 1})
         return
     run_id = tracking.start_run(context["experiment"], f"trial-{trial_id}", flatten(spec), to_yaml(spec),
@@ -103,6 +107,8 @@ def _open_parent(spec: SweepJob, sweep_dir: Path, resume: bool, task_name: str) 
     saved = sweep_dir / PARENT_RUN_FILE
     if resume and saved.is_file():
         run_id = saved.read_text().strip()
+        if tracking.client().get_run(run_id).info.status == "FINISHED":
+            raise BadInput(f"sweep {spec.name!r} already finished (MLflow run {run_id}); nothing to resume")
         tracking.reopen_run(run_id)  # the parent run goes on where it stopped
         return run_id
     run_id = tracking.start_run(spec.experiment, spec.name, flatten(spec), to_yaml(spec),
@@ -128,11 +134,12 @@ def _tuner(spec: SweepJob, context: dict, sweep_dir: Path, resume: bool, metric:
     if resume and tune.Tuner.can_restore(str(sweep_dir)):
         return tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
     concurrency = _concurrency(spec)
-    searcher, scheduler = _search_and_schedule(spec, metric, mode, concurrency)
+    searcher, scheduler = _search_and_schedule(spec, concurrency)
     return tune.Tuner(
         trainable,
         param_space=tune_space(spec),
         tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
+                                    trial_dirname_creator=lambda trial: trial.trial_id,
                                     num_samples=spec.num_samples,
                                     # (a BasicVariantGenerator limits itself, above)
                                     max_concurrent_trials=concurrency if spec.search == "optuna" else None,
@@ -146,10 +153,13 @@ def _promote(spec: SweepJob, best: dict, metric: str, mode: str) -> dict[str, An
     best_spec = trial_spec(spec.base.model_dump(mode="json"), best["config"], metric, mode)
     best_spec = best_spec.model_copy(update={"register": spec.register.model_copy(
         update={"model_name": spec.model_name})})
-    final = checkpoints.load(best["checkpoint"])
+    from ray.train import Checkpoint
+
+    with Checkpoint(best["checkpoint"]).as_directory() as directory:  # local or remote storage
+        final = checkpoints.load(directory)
     outcome = log_outcome(best_spec, load_data(best_spec), best["run_id"], final)
     outcome["test_metrics"] = final["test"]
-    if spec.promote and outcome.get("model_version"):
+    if spec.promote and outcome.get("model_version"):  # (a spec cannot promote without registering)
         outcome["promotion"] = tracking.promote(spec.model_name, outcome["model_version"], spec.promote.alias,
                                                 only_if_better=spec.promote.only_if_better, metric=_test_metric(metric),
                                                 mode=mode)
@@ -183,16 +193,19 @@ def run(spec: SweepJob, *, address: str | None = None, ray_logs: bool = False,
     started = time.perf_counter()
     parent = _open_parent(spec, sweep_dir, resume, task.name)
     context = {"base": spec.base.model_dump(mode="json"), "metric": metric, "mode": mode,
-               "experiment": spec.experiment, "parent_run_id": parent}
+               "experiment": spec.experiment, "parent_run_id": parent, "resume": resume}
+    # Tune turns the first Ctrl-C into a normal end of fit(), which would register a model from a
+    # half-run sweep; let it stop the sweep instead (then --resume continues it).
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         with cluster.connected(address, ray_logs):
             tuner = _tuner(spec, context, sweep_dir, resume, metric, mode)
             with watch(parent, list(spec.space), metric, mode) if watch else nullcontext():
                 results = tuner.fit()
-        # Trial directories are named after their trial ids; an errored trial may not have reported any.
+        # Trial directories are named by trial id (an errored trial may not have reported any metric).
         errored = {Path(result.path).name for result in results if result.error is not None}
         trials = sweep_report.close_trials(parent, metric, mode, errored)
-        finished = [t for t in trials if t["checkpoint"]]
+        finished = [t for t in trials if t["checkpoint"] and t["best"] is not None and math.isfinite(t["best"])]
         if not finished:
             raise JobFailed("no trial finished; see the child runs' errors in MLflow")
         best = (max if mode == "max" else min)(finished, key=lambda t: t["best"])
@@ -201,9 +214,11 @@ def run(spec: SweepJob, *, address: str | None = None, ray_logs: bool = False,
         outcome = _promote(spec, best, metric, mode)
         tracking.finish_run(parent, "FINISHED")
     except KeyboardInterrupt:
+        sweep_report.close_interrupted(parent)
         tracking.finish_run(parent, "KILLED", "interrupted; continue with `deepyard run SPEC --resume`")
         raise
     except BaseException as error:
+        sweep_report.close_interrupted(parent)
         tracking.finish_run(parent, "FAILED", "".join(traceback.format_exception(error)))
         if isinstance(error, DeepyardError):
             raise

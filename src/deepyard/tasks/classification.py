@@ -33,7 +33,7 @@ class Classification:
                    loss: torch.Tensor | None = None) -> torch.Tensor:
         """[summed loss, correct predictions, samples] for one batch; ``loss``, the batch's mean loss
         if the caller has it, saves computing it twice."""
-        count = torch.tensor(float(len(targets)), device=outputs.device)
+        count = torch.full((), float(len(targets)), device=outputs.device)  # no host->device copy
         total = (loss.detach().float() * count if loss is not None
                  else F.cross_entropy(outputs.float(), targets, reduction="sum"))
         correct = (outputs.argmax(dim=-1) == targets).sum()

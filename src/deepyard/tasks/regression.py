@@ -38,7 +38,7 @@ class Regression:
                    loss: torch.Tensor | None = None) -> torch.Tensor:
         """[summed squared error, summed absolute error (standardized units), samples]."""
         error = (outputs.squeeze(-1).float() - self._standardized(targets)).detach()
-        return torch.stack([(error**2).sum(), error.abs().sum(), torch.tensor(float(len(targets)), device=outputs.device)])
+        return torch.stack([(error**2).sum(), error.abs().sum(), torch.full((), float(len(targets)), device=outputs.device)])
 
     def metrics(self, sums: torch.Tensor, prefix: str) -> dict[str, float]:
         squared, absolute, count = sums.tolist()
