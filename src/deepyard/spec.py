@@ -118,6 +118,10 @@ class JobBase(Section):
                                                        "default: $DEEPYARD_HOME/ray_results")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
+    @property
+    def experiment(self) -> str:
+        return self.tracking.experiment or self.name
+
 
 # `register` is also ABCMeta.register on the class; as a field it is what users expect to write.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
@@ -135,10 +139,6 @@ class TrainJob(JobBase):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
     register: RegisterSpec = Field(default_factory=RegisterSpec)
-
-    @property
-    def experiment(self) -> str:
-        return self.tracking.experiment or self.name
 
     @property
     def model_name(self) -> str:
@@ -191,10 +191,6 @@ class SweepJob(JobBase):
             raise ValueError("promote moves an alias to the new registered version; "
                              "it needs register.enabled: true (or drop promote)")
         return self
-
-    @property
-    def experiment(self) -> str:
-        return self.tracking.experiment or self.name
 
     @property
     def model_name(self) -> str:

@@ -87,8 +87,12 @@ def preflight(spec: TrainJob):
     except ValueError as error:
         raise BadInput(f"optim: {error}") from None
     for section, choice in (("train.early_stopping", spec.train.early_stopping), ("checkpoint", spec.checkpoint)):
-        metric = getattr(choice, "metric", None)
-        valid = [f"val_{name}" for name in task.metric_names]
-        if metric and metric not in valid:
-            raise BadInput(f"{section}.metric: {task.name} reports {', '.join(valid)}, not {metric!r}")
+        check_metric(f"{section}.metric", getattr(choice, "metric", None), task)
     return splits, task
+
+
+def check_metric(where: str, metric: str | None, task) -> None:
+    """A validation metric the task reports (None: the task's default)."""
+    valid = [f"val_{name}" for name in task.metric_names]
+    if metric and metric not in valid:
+        raise BadInput(f"{where}: {task.name} reports {', '.join(valid)}, not {metric!r}")

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from deepyard import settings, tracking
 from deepyard.errors import BadInput, DeepyardError, JobFailed
 from deepyard.runners import checkpoints
-from deepyard.runners.setup import load_data, monitored, preflight
+from deepyard.runners.setup import check_metric, load_data, monitored, preflight
 from deepyard.runners.train import log_outcome, make_trainer
 from deepyard.spec import SweepJob, TrainJob, flatten, parse_spec, to_yaml
 
@@ -151,13 +151,12 @@ def _tuner(spec: SweepJob, context: dict, sweep_dir: Path, resume: bool, metric:
 def _promote(spec: SweepJob, best: dict, metric: str, mode: str) -> dict[str, Any]:
     """The best trial's final checkpoint -> a logged model -> a new version; then the alias, maybe."""
     best_spec = trial_spec(spec.base.model_dump(mode="json"), best["config"], metric, mode)
-    best_spec = best_spec.model_copy(update={"register": spec.register.model_copy(
-        update={"model_name": spec.model_name})})
     from ray.train import Checkpoint
 
     with Checkpoint(best["checkpoint"]).as_directory() as directory:  # local or remote storage
         final = checkpoints.load(directory)
-    outcome = log_outcome(best_spec, load_data(best_spec), best["run_id"], final)
+    outcome = log_outcome(best_spec, load_data(best_spec), best["run_id"], final,
+                          registered_name=spec.model_name if spec.register.enabled else None)
     outcome["test_metrics"] = final["test"]
     if spec.promote and outcome.get("model_version"):  # (a spec cannot promote without registering)
         outcome["promotion"] = tracking.promote(spec.model_name, outcome["model_version"], spec.promote.alias,
@@ -173,10 +172,8 @@ def _test_metric(metric: str) -> str:
 def check(spec: SweepJob):
     """The base job's preflight, and a metric its task reports: (splits, task, metric, mode)."""
     splits, task = preflight(spec.base)
-    metric, mode = monitored(spec.metric, spec.mode, task)
-    if metric.removeprefix("val_") not in task.metric_names:
-        raise BadInput(f"metric: {task.name} reports {', '.join('val_' + n for n in task.metric_names)}, not {metric!r}")
-    return splits, task, metric, mode
+    check_metric("metric", spec.metric, task)
+    return (splits, task, *monitored(spec.metric, spec.mode, task))
 
 
 def run(spec: SweepJob, *, address: str | None = None, ray_logs: bool = False,

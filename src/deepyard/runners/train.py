@@ -185,8 +185,10 @@ def final_state(result) -> dict[str, Any]:
         return checkpoints.load(directory)
 
 
-def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, Any]) -> dict[str, Any]:
-    """Plots, the serving model (preprocessing and output head included) and its registered version."""
+def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, Any], *,
+                registered_name: str | None) -> dict[str, Any]:
+    """Plots, the serving model (preprocessing and output head included) and, under
+    ``registered_name`` (None: not registered), a new registered version."""
     from deepyard import plots  # matplotlib: the driver needs it, the workers never do
 
     history = {key: tracking.metric_history(run_id, key)
@@ -203,7 +205,7 @@ def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, An
                 "feature_names": splits.feature_names, "job": spec.name}
     tags = {f"metric.{k}": f"{v:.6g}" for k, v in final["test"].items()}
     return tracking.log_model(run_id, task.serving_module(pipeline), final["example"].numpy(),
-                              registered_name=spec.model_name if spec.register.enabled else None,
+                              registered_name=registered_name,
                               metadata=metadata, version_tags={**tags, "run_id": run_id})
 
 
@@ -248,7 +250,8 @@ def run(spec: TrainJob, *, address: str | None = None, ray_logs: bool = False,
             if getattr(result, "error", None):
                 raise result.error
             final = final_state(result)
-            outcome = log_outcome(spec, splits, run_id, final)
+            outcome = log_outcome(spec, splits, run_id, final,
+                                  registered_name=spec.model_name if spec.register.enabled else None)
             timings["total_s"] = time.perf_counter() - started
             tracking.log_metrics(run_id, {f"timing_{k}": v for k, v in timings.items()}, 0)
             tracking.finish_run(run_id, "FINISHED")
