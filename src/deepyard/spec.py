@@ -179,7 +179,8 @@ class SweepJob(JobBase):
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     metric: MetricName | None = Field(None, description="validation metric to optimize; default: the task's")
     mode: Literal["min", "max"] | None = None
-    num_samples: PositiveInt = Field(8, description="trials (for grid search: repeats of the grid)")
+    num_samples: PositiveInt | None = Field(None, description="trials; with a grid, repeats of the whole grid. "
+                                                            "Default: 8, or 1 when the space has a grid")
     max_concurrent_trials: PositiveInt | None = Field(None, description="default: as many as the CPUs allow")
     time_budget_s: PositiveFloat | None = Field(None, description="stop starting trials after this many seconds")
     register: RegisterSpec = Field(default_factory=RegisterSpec)
@@ -195,6 +196,12 @@ class SweepJob(JobBase):
     @property
     def model_name(self) -> str:
         return self.register.model_name or self.base.register.model_name or self.name
+
+    @property
+    def trials(self) -> int:
+        """num_samples, defaulting to one pass over a grid (repeats would rerun identical seeds)."""
+        has_grid = self.search == "grid" or any("grid" in d for d in self.space.values())
+        return self.num_samples or (1 if has_grid else 8)
 
 
 # One entry per job kind; runners/__init__.py holds the matching runner for each (a test keeps them in sync).

@@ -121,8 +121,11 @@ def _open_parent(spec: SweepJob, sweep_dir: Path, resume: bool, task_name: str) 
 def _concurrency(spec: SweepJob) -> int:
     import ray
 
-    per_trial = spec.base.scaling.num_workers * spec.base.scaling.cpus_per_worker
-    return spec.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+    scaling, resources = spec.base.scaling, ray.cluster_resources()
+    fits = resources.get("CPU", 1) // (scaling.num_workers * scaling.cpus_per_worker)
+    if scaling.use_gpu:
+        fits = min(fits, resources.get("GPU", 0) // scaling.num_workers)
+    return spec.max_concurrent_trials or max(1, int(fits))
 
 
 def _tuner(spec: SweepJob, context: dict, sweep_dir: Path, resume: bool, metric: str, mode: str):
@@ -140,7 +143,7 @@ def _tuner(spec: SweepJob, context: dict, sweep_dir: Path, resume: bool, metric:
         param_space=tune_space(spec),
         tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
                                     trial_dirname_creator=lambda trial: trial.trial_id,
-                                    num_samples=spec.num_samples,
+                                    num_samples=spec.trials,
                                     # (a BasicVariantGenerator limits itself, above)
                                     max_concurrent_trials=concurrency if spec.search == "optuna" else None,
                                     time_budget_s=spec.time_budget_s),
@@ -194,6 +197,8 @@ def run(spec: SweepJob, *, address: str | None = None, ray_logs: bool = False,
     # Tune turns the first Ctrl-C into a normal end of fit(), which would register a model from a
     # half-run sweep; let it stop the sweep instead (then --resume continues it).
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    # Tune's newer console output prints a configuration box even at verbose=0; deepyard has its own table.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     try:
         with cluster.connected(address, ray_logs):
             tuner = _tuner(spec, context, sweep_dir, resume, metric, mode)
