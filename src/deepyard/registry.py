@@ -22,10 +22,14 @@ def closest(name: str, choices: list[str]) -> str | None:
     return matches[0] if matches else None
 
 
-def unknown_name_message(what: str, name: str, choices: list[str]) -> str:
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """``"; did you mean 'epochs'?"`` for the closest choice, or nothing."""
     hint = closest(name, choices)
-    suggestion = f"; did you mean {hint!r}?" if hint else ""
-    return f"unknown {what} {name!r}{suggestion} (valid: {', '.join(sorted(choices))})"
+    return f"; did you mean {hint!r}?" if hint else ""
+
+
+def unknown_name_message(what: str, name: str, choices: list[str]) -> str:
+    return f"unknown {what} {name!r}{did_you_mean(name, choices)} (valid: {', '.join(sorted(choices))})"
 
 
 class Registry(Generic[Builder]):

@@ -20,7 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFl
                       PositiveInt, model_validator)
 
 from deepyard.errors import BadInput, SpecError
-from deepyard.registry import Registry, closest, unknown_name_message
+from deepyard.registry import Registry, did_you_mean, unknown_name_message
 
 MetricName = Literal["val_loss", "val_accuracy", "val_rmse", "val_mae"]
 
@@ -275,9 +275,7 @@ def _describe(error: dict, root: type[BaseModel] | None, prefix: tuple = ()) -> 
     path = _dotted(prefix + loc)
     if error["type"] == "extra_forbidden" and loc:
         valid = _fields_at(root, loc[:-1])
-        hint = closest(str(loc[-1]), valid)
-        suggestion = f"; did you mean {hint!r}?" if hint else ""
-        return f"{path}: unknown field{suggestion} (valid: {', '.join(valid)})"
+        return f"{path}: unknown field{did_you_mean(str(loc[-1]), valid)} (valid: {', '.join(valid)})"
     if error["type"] == "missing":
         return f"{path}: required field is missing"
     message = error["msg"].removeprefix("Value error, ")

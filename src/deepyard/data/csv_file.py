@@ -10,14 +10,12 @@ import numpy as np
 from deepyard.data.registry import DATASETS
 from deepyard.data.splits import RawData
 from deepyard.errors import DataError
-from deepyard.registry import closest
+from deepyard.registry import did_you_mean
 
 
 def _check_column(column: str, columns: list[str], path: Path) -> None:
     if column not in columns:
-        hint = closest(column, columns)
-        suggestion = f"; did you mean {hint!r}?" if hint else ""
-        raise DataError(f"{path}: no column {column!r}{suggestion} (columns: {', '.join(columns)})")
+        raise DataError(f"{path}: no column {column!r}{did_you_mean(column, columns)} (columns: {', '.join(columns)})")
 
 
 @DATASETS.register("csv")

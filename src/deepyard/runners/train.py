@@ -191,15 +191,15 @@ def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, An
     ``registered_name`` (None: not registered), a new registered version."""
     from deepyard import plots  # matplotlib: the driver needs it, the workers never do
 
-    history = {key: tracking.metric_history(run_id, key)
-               for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "train_rmse", "val_rmse")}
+    pipeline, task = build(spec, splits)
+    history = {f"{split}_{name}": tracking.metric_history(run_id, f"{split}_{name}")
+               for split in ("train", "val") for name in task.metric_names}  # only what this task logs
     figure = plots.learning_curves({k: v for k, v in history.items() if v})
     tracking.log_figure(run_id, figure, "plots/learning_curves.png")
     if "confusion" in final:
         figure = plots.confusion_matrix(final["confusion"].numpy(), splits.class_names)
         tracking.log_figure(run_id, figure, "plots/confusion_matrix.png")
 
-    pipeline, task = build(spec, splits)
     pipeline.load_state_dict(final["model"])
     metadata = {"task": task.name, "input_shape": list(splits.in_shape), "class_names": splits.class_names,
                 "feature_names": splits.feature_names, "job": spec.name}
