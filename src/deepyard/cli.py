@@ -81,13 +81,13 @@ def run(
 ) -> None:
     """Run a job: train on Ray, track in MLflow, register the model."""
     from deepyard import progress
-    from deepyard.runners import RUNNERS
+    from deepyard.runners import runner
     from deepyard.spec import load_spec
 
     job = load_spec(spec, set_ or [])
     watcher = progress.watch_sweep if job.kind == "sweep" else progress.watch
-    summary = RUNNERS[job.kind](job, address=address, ray_logs=ray_logs, resume=resume,
-                                watch=functools.partial(watcher, console=err))
+    summary = runner(job.kind)(job, address=address, ray_logs=ray_logs, resume=resume,
+                              watch=functools.partial(watcher, console=err))
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items())
     err.print(f"[green]done[/] {job.name}: {metrics}")
     err.print(f"  run {summary['run_id']} in experiment {summary['experiment']!r}")

@@ -36,8 +36,8 @@ class Classification:
         count = torch.full((), float(len(targets)), device=outputs.device)  # no host->device copy
         total = (loss.detach().float() * count if loss is not None
                  else F.cross_entropy(outputs.float(), targets, reduction="sum"))
-        correct = (outputs.argmax(dim=-1) == targets).sum()
-        return torch.stack([total, correct.float(), count])
+        correct = (outputs.argmax(dim=-1) == targets).sum(dtype=torch.float32)
+        return torch.stack([total, correct, count])
 
     def metrics(self, sums: torch.Tensor, prefix: str) -> dict[str, float]:
         loss, correct, count = sums.tolist()
