@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -69,6 +70,59 @@ def test_promote_needs_registration(cli, write_spec):
     assert "promote moves an alias to the new registered version" in cli("validate", spec, expect=2).stderr
 
 
+PBT = f"""
+kind: sweep
+name: pbt
+base: {ROOT}/jobs/digits_mlp.yaml
+space: {{}}
+scheduler:
+  name: pbt
+  perturbation_interval: 1
+  quantile_fraction: 0.5
+  mutations:
+    optim.lr: {{loguniform: [0.0005, 0.02]}}
+    model.params.dropout: {{uniform: [0.0, 0.3]}}
+num_samples: 4
+register: {{model_name: pbt-mlp}}
+"""
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("scheduler.mutations={model.params.hidden_sizes: {choice: [[16], [32]]}}",
+     "scheduler.mutations.model.params.hidden_sizes: PBT copies weights between trials, so it can only perturb "
+     "values that keep the model's shape, and model.params.hidden_sizes=[16] changes it"),
+    ("scheduler.mutations={optim.lr: {grid: [0.1, 0.2]}}", "scheduler.mutations.optim.lr: pbt samples, it cannot walk a grid"),
+    ("scheduler.mutations={optim.lrr: {uniform: [0.1, 0.2]}}", "optim.lrr: unknown field; did you mean 'lr'?"),
+    ("scheduler.mutations={}", "pbt needs mutations"),
+    ("search=optuna", "scheduler pbt picks the next hyperparameters itself; use search: random"),
+    ("base.scaling.num_workers=2", "scheduler pbt runs each trial in one process"),
+    ("scheduler.name=asha", "mutations are for scheduler pbt; asha does not use them"),
+])
+def test_bad_pbt_specs_are_refused(cli, write_spec, override, message):
+    spec = write_spec(PBT, "pbt.yaml")
+    assert message in cli("validate", spec, "--set", override, expect=2).stderr
+
+
+@pytest.mark.slow
+def test_pbt_perturbs_trials_and_tracks_their_schedules(ray_cluster, cli, write_spec):
+    summary = last_json(cli("run", write_spec(PBT, "pbt.yaml"), "--json", "--set", "base.train.epochs=4",
+                            "--set", "base.data.max_train_samples=300", "--set", "base.data.augment=null"))
+    client = MlflowClient()
+    children = tracking.child_runs(summary["run_id"])
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)  # no param-change errors
+    schedules = {c.info.run_id: {m.value for m in client.get_metric_history(c.info.run_id, "hp/optim.lr")}
+                 for c in children}
+    # The weaker half copied a better trial's checkpoint and went on with a perturbed learning rate.
+    perturbed = [run_id for run_id, values in schedules.items() if len(values) > 1]
+    assert perturbed
+    for run_id in perturbed:
+        run = client.get_run(run_id)
+        assert client.get_metric_history(run_id, "resumed_from_epoch")
+        current = json.loads(run.data.tags["deepyard.trial_config"])["optim.lr"]
+        assert current != pytest.approx(float(run.data.params["optim.lr"]))  # params: the initial values
+    assert summary["model_version"] == "1"
+
+
 @pytest.mark.slow
 def test_sweep_tracks_nested_runs_registers_and_promotes(ray_cluster, cli, write_spec):
     summary = last_json(cli("run", sweep_spec(write_spec, "tiny_sweep"), "--json", *TINY))
@@ -115,10 +169,26 @@ register: {model_name: promo-mlp}
     assert forced["moved"]
 
 
+LONG_AND_SHORT = """
+kind: sweep
+name: resumed_sweep
+base: {root}/jobs/digits_mlp.yaml
+space:
+  optim.lr: {{loguniform: [0.001, 0.01]}}
+  train.epochs: {{grid: [2, 80]}}
+scheduler: {{name: fifo}}
+num_samples: 2
+register: {{model_name: resume-mlp}}
+"""
+
+
 @pytest.mark.slow
 def test_resume_after_interruption_does_not_rerun_finished_trials(ray_cluster, cli, write_spec, deepyard_home):
-    spec = sweep_spec(write_spec, "resumed_sweep", scheduler="fifo", samples=4, model="resume-mlp")
-    process = subprocess.Popen([sys.executable, "-m", "deepyard.cli", "run", spec, *TINY],
+    # Two short trials and two long ones: Ctrl-C lands after a short one finished, mid-way through a long one.
+    spec = write_spec(LONG_AND_SHORT.format(root=ROOT), "resumed_sweep.yaml")
+    overrides = ["--set", "base.data.max_train_samples=300", "--set", "base.data.augment=null",
+                 "--set", "base.train.early_stopping=null"]
+    process = subprocess.Popen([sys.executable, "-m", "deepyard.cli", "run", spec, *overrides],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     client = MlflowClient()
     deadline, finished_before = time.monotonic() + 180, []
@@ -128,15 +198,16 @@ def test_resume_after_interruption_does_not_rerun_finished_trials(ray_cluster, c
         finished_before = [r for r in runs if r.data.tags.get("deepyard.kind") == "trial" and r.info.status == "FINISHED"]
         if len(finished_before) >= 1:
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert finished_before, process.communicate(timeout=60)
     process.send_signal(signal.SIGINT)  # Ctrl-C: Tune must not turn it into a normal, promoted end
-    assert process.wait(timeout=90) == 130
+    code = process.wait(timeout=90)
+    assert code == 130, process.communicate()[1][-3000:]
     (parent,) = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("deepyard.kind") == "sweep"]
     assert parent.info.status == "KILLED"
     assert not [r for r in tracking.child_runs(parent.info.run_id) if r.info.status == "RUNNING"]
 
-    summary = last_json(cli("run", spec, "--resume", "--json", *TINY))
+    summary = last_json(cli("run", spec, "--resume", "--json", *overrides))
     assert summary["run_id"] == parent.info.run_id
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     finished = [r for r in tracking.child_runs(parent.info.run_id) if r.info.status == "FINISHED"]
@@ -144,3 +215,7 @@ def test_resume_after_interruption_does_not_rerun_finished_trials(ray_cluster, c
     assert sorted(trial_ids) == sorted(set(trial_ids)) and len(trial_ids) == 4  # every trial finished once
     for before in finished_before:  # and the ones done before the interruption were not trained again
         assert before.info.run_id in {r.info.run_id for r in finished}
+    # An interrupted long trial went on from its last checkpoint, in the same child run, to its last epoch.
+    resumed = [r for r in finished if client.get_metric_history(r.info.run_id, "resumed_from_epoch")]
+    assert resumed and all(r.data.metrics["epoch"] == 80 for r in resumed)
+    assert not [r for r in resumed if r.data.tags.get("deepyard.interrupted")]

@@ -8,6 +8,7 @@ Each optimizer builder's keyword arguments past ``lr`` and ``weight_decay`` are 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Annotated, Iterable
 
 import torch
@@ -68,3 +69,22 @@ def make_schedule(optimizer: torch.optim.Optimizer, *, name: str, total_steps: i
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def restore(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+            optimizer_state: dict, scheduler_state: dict) -> None:
+    """Load saved optimizer and schedule state (moments, step count) but keep this job's own
+    hyperparameters (lr, weight decay, betas...): under PBT the state comes from another trial, whose
+    hyperparameters the exploring trial has just perturbed. On a plain resume nothing changes."""
+    own = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    for group, hyperparameters in zip(optimizer.param_groups, own):
+        group.update(hyperparameters)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    with warnings.catch_warnings():  # get_lr outside step() warns; here it is the closed form we want
+        warnings.simplefilter("ignore")
+        lrs = scheduler.get_lr()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)

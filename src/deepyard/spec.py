@@ -154,11 +154,27 @@ DISTRIBUTIONS = {
 
 
 class SchedulerSpec(Section):
-    """Which trials to stop early. ASHA/Hyperband/median compare trials at the same epoch."""
+    """Which trials to stop early (ASHA/Hyperband/median compare trials at the same epoch), or PBT:
+    every ``perturbation_interval`` epochs the bottom ``quantile_fraction`` of trials copy a top
+    trial's checkpoint and go on with its hyperparameters, perturbed within ``mutations``."""
 
-    name: Literal["fifo", "asha", "hyperband", "median"] = "asha"
+    name: Literal["fifo", "asha", "hyperband", "median", "pbt"] = "asha"
     grace_period: PositiveInt = Field(1, description="epochs every trial runs before it may be stopped")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA/Hyperband: keep 1/reduction_factor per rung")
+    perturbation_interval: PositiveInt = Field(2, description="PBT: epochs between exploit/explore steps")
+    mutations: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="PBT: dotted spec path -> distribution to perturb within")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="PBT: share of trials that copy a better one")
+    resample_probability: float = Field(0.25, ge=0, le=1, description="PBT: chance to resample instead of "
+                                                                       "scaling by 0.8/1.2 or stepping a choice")
+
+    @model_validator(mode="after")
+    def _mutations_are_for_pbt(self) -> "SchedulerSpec":
+        if self.name == "pbt" and not self.mutations:
+            raise ValueError("pbt needs mutations: the paths it may perturb, e.g. optim.lr: {loguniform: [1e-4, 1e-2]}")
+        if self.name != "pbt" and self.mutations:
+            raise ValueError(f"mutations are for scheduler pbt; {self.name} does not use them")
+        return self
 
 
 class PromoteSpec(Section):
@@ -174,7 +190,8 @@ class SweepJob(JobBase):
     kind: Literal["sweep"]
     base: TrainJob = Field(description="the train job to vary: a spec path (e.g. jobs/digits_mlp.yaml) or inline")
     space: dict[str, dict[str, Any]] = Field(
-        min_length=1, description="dotted spec path -> {distribution: args}, e.g. optim.lr: {loguniform: [1e-4, 1e-2]}")
+        default_factory=dict,
+        description="dotted spec path -> {distribution: args}, e.g. optim.lr: {loguniform: [1e-4, 1e-2]}")
     search: Literal["random", "grid", "optuna"] = Field("random", description="optuna is TPE")
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     metric: MetricName | None = Field(None, description="validation metric to optimize; default: the task's")
@@ -187,6 +204,19 @@ class SweepJob(JobBase):
     promote: PromoteSpec | None = Field(None, description="move a registry alias to the new version")
 
     @model_validator(mode="after")
+    def _pbt_fits(self) -> "SweepJob":
+        if not self.space and self.scheduler.name != "pbt":
+            raise ValueError("space is empty: give at least one path to vary, e.g. optim.lr: {loguniform: [1e-4, 1e-2]}")
+        if self.scheduler.name == "pbt":
+            if self.search != "random":
+                raise ValueError(f"scheduler pbt picks the next hyperparameters itself; use search: random "
+                                 f"(not {self.search})")
+            if self.base.scaling.num_workers != 1:
+                raise ValueError("scheduler pbt runs each trial in one process (it copies checkpoints between "
+                                 "trials); set base.scaling.num_workers: 1")
+        return self
+
+    @model_validator(mode="after")
     def _promote_needs_a_version(self) -> "SweepJob":
         if self.promote and not self.register.enabled:
             raise ValueError("promote moves an alias to the new registered version; "
@@ -196,6 +226,11 @@ class SweepJob(JobBase):
     @property
     def model_name(self) -> str:
         return self.register.model_name or self.base.register.model_name or self.name
+
+    @property
+    def varied_paths(self) -> list[str]:
+        """Every path a trial's config sets: the space's, then PBT's mutations."""
+        return list(dict.fromkeys([*self.space, *self.scheduler.mutations]))
 
     @property
     def trials(self) -> int:
@@ -417,30 +452,35 @@ def sample_values(distribution: dict[str, Any]) -> list[Any]:
 
 
 def _check_space(document: dict, problems: list[str]) -> None:
-    """Every path must exist in the base job, and every value it can take must be valid there.
+    """Every path in ``space`` and PBT's ``scheduler.mutations`` must exist in the base job, and every
+    value it can take must be valid there.
 
     Works on the raw document, so that these problems are reported next to any others."""
-    space = document.get("space")
+    scheduler = document.get("scheduler")
+    spaces = {"space": document.get("space"),
+              "scheduler.mutations": scheduler.get("mutations") if isinstance(scheduler, dict) else None}
     try:
         base = TrainJob.model_validate(document.get("base")).model_dump(mode="json")
     except pydantic.ValidationError:
         base = None  # reported already; the distributions can still be checked
-    for path, distribution in (space.items() if isinstance(space, dict) else ()):
-        if not isinstance(distribution, dict):
-            continue  # the structural pass reports it
-        if problem := _distribution_problem(distribution):
-            problems.append(f"space.{path}: {problem}")
-            continue
-        if base is None:
-            continue
-        if document.get("search") == "optuna" and "grid" in distribution:
-            problems.append(f"space.{path}: optuna samples, it cannot walk a grid; use choice instead of grid")
-        for value in sample_values(distribution):
-            try:
-                parse_spec(base, "base", [f"{path}={json.dumps(value)}"])
-            except SpecError as error:
-                problems += [f"space.{path}={value!r}: {p}" for p in error.problems]
-                break
+    for where, space in spaces.items():
+        for path, distribution in (space.items() if isinstance(space, dict) else ()):
+            if not isinstance(distribution, dict):
+                continue  # the structural pass reports it
+            if problem := _distribution_problem(distribution):
+                problems.append(f"{where}.{path}: {problem}")
+                continue
+            if "grid" in distribution and (where != "space" or document.get("search") == "optuna"):
+                sampler = "pbt" if where != "space" else "optuna"
+                problems.append(f"{where}.{path}: {sampler} samples, it cannot walk a grid; use choice instead of grid")
+            if base is None:
+                continue
+            for value in sample_values(distribution):
+                try:
+                    parse_spec(base, "base", [f"{path}={json.dumps(value)}"])
+                except SpecError as error:
+                    problems += [f"{where}.{path}={value!r}: {p}" for p in error.problems]
+                    break
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobBase:

@@ -32,12 +32,14 @@ def _trial(run, metric: str, mode: str) -> dict[str, Any]:
     }
 
 
-def close_trials(parent_run_id: str, metric: str, mode: str, errored_dirs: set[str]) -> list[dict[str, Any]]:
+def close_trials(parent_run_id: str, metric: str, mode: str, errored_dirs: set[str],
+                 final_checkpoints: dict[str, str]) -> list[dict[str, Any]]:
     """Every child run, closed and labelled; the trials table, one row per trial.
 
     A trial a scheduler stopped had its actors killed mid-fit, so its run is left RUNNING (or
     FAILED, if the trial saw the kill as an error): unless Tune says the trial errored (its trial
-    directory is in ``errored_dirs``), it becomes KILLED with ``deepyard.stopped_early``. A trial that ran again after
+    directory is in ``errored_dirs``), it becomes KILLED with ``deepyard.stopped_early``. A finished
+    inline trial's final checkpoint is Tune's (``final_checkpoints``, by trial id): it is tagged here. A trial that ran again after
     ``--resume`` keeps its newest run; the interrupted ones are marked ``deepyard.interrupted``.
     """
     latest: dict[str, Any] = {}
@@ -50,6 +52,9 @@ def close_trials(parent_run_id: str, metric: str, mode: str, errored_dirs: set[s
         latest[trial_id] = run
     trials = []
     for trial_id, run in latest.items():
+        if trial_id in final_checkpoints and "deepyard.final_checkpoint" not in run.data.tags:
+            tracking.set_tags(run.info.run_id, {"deepyard.final_checkpoint": final_checkpoints[trial_id]})
+            run = tracking.client().get_run(run.info.run_id)
         if run.info.status != "FINISHED":
             if trial_id in errored_dirs:
                 tracking.finish_run(run.info.run_id, "FAILED")

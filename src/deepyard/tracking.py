@@ -238,13 +238,26 @@ def child_runs(parent_run_id: str) -> list:
                                      max_results=10000)
 
 
-def finished_trial_run(parent_run_id: str, trial_id: str):
-    """The FINISHED child run of ``trial_id`` under this sweep, if there is one."""
+def delete_tag(run_id: str, key: str) -> None:
+    """Remove a tag, if the run has it."""
+    if key in client().get_run(run_id).data.tags:
+        client().delete_tag(run_id, key)
+
+
+def trial_run(parent_run_id: str, trial_id: str, status: str | None = None):
+    """The newest child run of ``trial_id`` under this sweep (only one in ``status``, if given)."""
     mlflow_client = client()
     experiment_id = mlflow_client.get_run(parent_run_id).info.experiment_id
-    found = mlflow_client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
-                                      f"tags.deepyard.trial_id = '{trial_id}' and attributes.status = 'FINISHED'")
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.deepyard.trial_id = '{trial_id}'"
+    query += f" and attributes.status = '{status}'" if status else ""
+    found = mlflow_client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"],
+                                      max_results=1)
     return found[0] if found else None
+
+
+def finished_trial_run(parent_run_id: str, trial_id: str):
+    """The FINISHED child run of ``trial_id`` under this sweep, if there is one."""
+    return trial_run(parent_run_id, trial_id, "FINISHED")
 
 
 def promote(name: str, version: str, alias: str, *, only_if_better: bool, metric: str, mode: str) -> dict[str, Any]:

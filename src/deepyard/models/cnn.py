@@ -10,7 +10,7 @@ import torch
 from pydantic import PositiveInt
 from torch import nn
 
-from deepyard.models.layers import Activation, Dropout, make_activation
+from deepyard.models.layers import Activation, Dropout, make_activation, make_dropout
 from deepyard.models.registry import MODELS
 
 
@@ -26,9 +26,7 @@ def _image_shape(in_shape: tuple[int, ...]) -> tuple[int, int, int]:
 def _head(features: int, hidden: list[int], num_outputs: int, act: Activation, dropout: float):
     layers: list[nn.Module] = [nn.Flatten()]
     for width in hidden:
-        layers += [nn.Linear(features, width), make_activation(act)]
-        if dropout:
-            layers.append(nn.Dropout(dropout))
+        layers += [nn.Linear(features, width), make_activation(act), make_dropout(dropout)]
         features = width
     layers.append(nn.Linear(features, num_outputs))
     return nn.Sequential(*layers)

@@ -32,3 +32,9 @@ def flat_size(in_shape: tuple[int, ...]) -> int:
 
 # A dropout probability: 0 turns it off, 1 would drop everything.
 Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+def make_dropout(p: float) -> nn.Module:
+    """Dropout, or a no-op in its place when ``p`` is 0: either way the layer numbering, and so the
+    checkpoint's keys, stay the same (PBT moves weights between trials with different ``p``)."""
+    return nn.Dropout(p) if p else nn.Identity()

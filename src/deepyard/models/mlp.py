@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import PositiveInt
 from torch import nn
 
-from deepyard.models.layers import Activation, Dropout, flat_size, make_activation
+from deepyard.models.layers import Activation, Dropout, flat_size, make_activation, make_dropout
 from deepyard.models.registry import MODELS
 
 
@@ -24,9 +24,7 @@ def mlp(
         layers.append(nn.Linear(width, hidden))
         if batch_norm:
             layers.append(nn.BatchNorm1d(hidden))
-        layers.append(make_activation(activation))
-        if dropout:
-            layers.append(nn.Dropout(dropout))
+        layers += [make_activation(activation), make_dropout(dropout)]
         width = hidden
     layers.append(nn.Linear(width, num_outputs))
     return nn.Sequential(*layers)

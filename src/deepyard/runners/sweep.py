@@ -2,8 +2,10 @@
 
 Driver: check the base job and the space (before Ray starts) -> the parent MLflow run -> a Tuner
 whose trials are train jobs -> the best trial's model registered -> the alias moved only if better.
-Each trial is its own TorchTrainer and its own child run; its epochs reach Tune through Ray's
-TuneReportCallback, so a scheduler (ASHA, Hyperband, median) can stop it early.
+Each trial is one child run. A single-worker trial runs the training loop in the Tune trial itself
+(``edges.TuneTrial``): its epochs and checkpoints are Tune's, so schedulers stop it early, PBT copies
+its checkpoints, and ``--resume`` continues it mid-way. A multi-worker trial is a TorchTrainer of its
+own whose epochs reach Tune through Ray's TuneReportCallback.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 import traceback
 from pathlib import Path
@@ -19,40 +22,44 @@ from typing import Any, Callable
 from deepyard import settings, tracking
 from deepyard.errors import BadInput, DeepyardError, JobFailed
 from deepyard.runners import checkpoints
-from deepyard.runners.setup import check_metric, load_data, monitored, preflight
+from deepyard.runners.setup import build, check_metric, load_data, monitored, preflight
 from deepyard.runners.train import log_outcome, make_trainer
-from deepyard.spec import SweepJob, TrainJob, flatten, parse_spec, to_yaml
+from deepyard.spec import SweepJob, TrainJob, flatten, parse_spec, sample_values, to_yaml
 
 PARENT_RUN_FILE = "deepyard_parent_run_id"
+
+
+def _domain(distribution: dict[str, Any]):
+    from ray import tune
+
+    kind, args = next(iter(distribution.items()))
+    ranges = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint,
+              "quniform": tune.quniform, "qloguniform": tune.qloguniform, "normal": tune.randn}
+    return tune.choice(args) if kind in ("choice", "grid") else ranges[kind](*args)
 
 
 def tune_space(spec: SweepJob) -> dict[str, Any]:
     from ray import tune
 
-    ranges = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint,
-              "quniform": tune.quniform, "qloguniform": tune.qloguniform, "normal": tune.randn}
-    space = {}
-    for path, distribution in spec.space.items():
-        kind, args = next(iter(distribution.items()))
-        if kind == "grid" or (kind == "choice" and spec.search == "grid"):
-            space[path] = tune.grid_search(args)
-        else:
-            space[path] = tune.choice(args) if kind == "choice" else ranges[kind](*args)
-    return space
+    grid = {path for path, d in spec.space.items() if "grid" in d or ("choice" in d and spec.search == "grid")}
+    return {path: tune.grid_search(next(iter(d.values()))) if path in grid else _domain(d)
+            for path, d in spec.space.items()}
 
 
 def _search_and_schedule(spec: SweepJob, concurrency: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
-
+    from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule,
+                                     PopulationBasedTraining)
     from ray.tune.search import BasicVariantGenerator
 
-    # Seeded, so that the same spec samples the same trials (FIFO and ASHA can be compared).
-    searcher = BasicVariantGenerator(random_state=spec.base.train.seed, max_concurrent=concurrency)
+    options = spec.scheduler
+    # Seeded, so that the same spec samples the same trials (FIFO and ASHA can be compared). PBT
+    # needs its whole population created up front (Tune runs as many at once as the CPUs allow).
+    searcher = BasicVariantGenerator(random_state=spec.base.train.seed,
+                                     max_concurrent=0 if options.name == "pbt" else concurrency)
     if spec.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         searcher = OptunaSearch(seed=spec.base.train.seed)
-    options = spec.scheduler
     # One past the last epoch: a trial that reaches its last epoch must finish itself (and log its
     # model's final checkpoint), not be stopped by the scheduler for having reached max_t.
     max_t = spec.base.train.epochs + 1
@@ -63,40 +70,75 @@ def _search_and_schedule(spec: SweepJob, concurrency: int):
         "hyperband": lambda: HyperBandScheduler(time_attr="epoch", max_t=max_t,
                                                 reduction_factor=options.reduction_factor),
         "median": lambda: MedianStoppingRule(time_attr="epoch", grace_period=options.grace_period),
+        "pbt": lambda: PopulationBasedTraining(
+            time_attr="epoch", perturbation_interval=options.perturbation_interval,
+            # a choice perturbs to a neighbouring value, so it goes as a list
+            hyperparam_mutations={path: d["choice"] if "choice" in d else _domain(d)
+                                  for path, d in options.mutations.items()},
+            quantile_fraction=options.quantile_fraction, resample_probability=options.resample_probability),
     }[options.name]()
     return searcher, scheduler
 
 
-def trial_spec(base: dict, values: dict[str, Any], metric: str, mode: str) -> TrainJob:
-    """The base job with a trial's values; checkpoints ranked by the sweep's metric."""
+def trial_spec(base: dict, values: dict[str, Any], metric: str, mode: str, every_epoch: bool = False) -> TrainJob:
+    """The base job with a trial's values; checkpoints ranked by the sweep's metric (and, for PBT,
+    taken every epoch: a worse trial copies a better one's latest)."""
     overrides = [f"{path}={json.dumps(value)}" for path, value in values.items()]
     overrides += [f"checkpoint.metric={metric}", f"checkpoint.mode={mode}"]
+    overrides += ["checkpoint.every_n_epochs=1"] if every_epoch else []
     return parse_spec(base, "base", overrides)
+
+
+def inline(spec: TrainJob) -> bool:
+    """Does a trial of this job train in its Tune trial (one worker) rather than in a TorchTrainer?"""
+    return spec.scaling.num_workers == 1
+
+
+def _child_run(context: dict[str, Any], spec: TrainJob, trial_id: str, values: dict[str, Any],
+               restored: bool) -> str:
+    """The trial's MLflow run: a new one, or, when the trial goes on from a checkpoint (a resumed
+    sweep, or PBT restarting it from a better trial's), the one it had. Its params stay the initial
+    values (MLflow params never change); the tag ``deepyard.trial_config`` holds the current ones."""
+    tags = {"deepyard.trial_config": json.dumps(values)}
+    if restored and (previous := tracking.trial_run(context["parent_run_id"], trial_id)) is not None:
+        tracking.reopen_run(previous.info.run_id)
+        tracking.set_tags(previous.info.run_id, tags)
+        tracking.delete_tag(previous.info.run_id, "deepyard.interrupted")  # it goes on
+        return previous.info.run_id
+    return tracking.start_run(context["experiment"], f"trial-{trial_id}", flatten(spec), to_yaml(spec),
+                              tags={"mlflow.parentRunId": context["parent_run_id"], "deepyard.kind": "trial",
+                                    "deepyard.trial_id": trial_id, **tags})
 
 
 def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
     """One Tune trial: a train job with the sampled values, tracked as a child run of the sweep."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    spec = trial_spec(context["base"], values, context["metric"], context["mode"])
+    from deepyard.runners.edges import TuneTrial
+    from deepyard.runners.train import fit_loop
+
+    metric, mode = context["metric"], context["mode"]
+    spec = trial_spec(context["base"], values, metric, mode, every_epoch=context["pbt"])
     trial_id = tune.get_context().get_trial_id()
     if context["resume"] and (done := tracking.finished_trial_run(context["parent_run_id"], trial_id)):
         # Resumed after an interruption that Tune's own state missed: MLflow knows this trial finished.
-        worst = -math.inf if context["mode"] == "max" else math.inf
-        tune.report({context["metric"]: done.data.metrics.get(f"best_{context['metric']}", worst),
+        worst = -math.inf if mode == "max" else math.inf
+        tune.report({metric: done.data.metrics.get(f"best_{metric}", worst),
                      "epoch": done.data.metrics.get("epoch", 0), "final": 1})
         return
-    run_id = tracking.start_run(context["experiment"], f"trial-{trial_id}", flatten(spec), to_yaml(spec),
-                                tags={"mlflow.parentRunId": context["parent_run_id"], "deepyard.kind": "trial",
-                                      "deepyard.trial_id": trial_id,
-                                      "deepyard.trial_config": json.dumps(values)})
+    run_id = _child_run(context, spec, trial_id, values, restored=tune.get_checkpoint() is not None)
     try:
-        result = make_trainer(spec, run_id, (context["metric"], context["mode"]),
-                              callbacks=[TuneReportCallback()]).fit()
-        best = result.metrics.get(context["metric"])  # the final report carries the best epoch's value
-        tracking.log_metrics(run_id, {f"best_{context['metric']}": best} if best is not None else {}, 0)
-        tracking.set_tags(run_id, {"deepyard.final_checkpoint": result.checkpoint.path})
+        if inline(spec):
+            best = fit_loop({"spec": spec.model_dump(mode="json"), "run_id": run_id,
+                             "tracking_uri": tracking.tracking_uri(), "trial_values": values},
+                            TuneTrial(spec.scaling.use_gpu))
+        else:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            result = make_trainer(spec, run_id, (metric, mode), callbacks=[TuneReportCallback()]).fit()
+            best = result.metrics.get(metric)  # the final report carries the best epoch's value
+            tracking.set_tags(run_id, {"deepyard.final_checkpoint": result.checkpoint.path})
+        tracking.log_metrics(run_id, {f"best_{metric}": best} if best is not None else {}, 0)
         tracking.finish_run(run_id, "FINISHED")
     except BaseException as error:  # a scheduler's stop kills this actor outright; the driver closes those runs
         tracking.finish_run(run_id, "FAILED", "".join(traceback.format_exception(error)))
@@ -131,13 +173,18 @@ def _concurrency(spec: SweepJob) -> int:
 def _tuner(spec: SweepJob, context: dict, sweep_dir: Path, resume: bool, metric: str, mode: str):
     from ray import tune
 
-    # The trial itself only waits on its TorchTrainer, whose workers hold the CPUs (Tune wants a
-    # non-empty request: one byte of memory).
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"cpu": 0, "memory": 1})
+    scaling = spec.base.scaling
+    # A TorchTrainer trial only waits on its workers, which hold the CPUs (Tune wants a non-empty
+    # request: one byte of memory); an inline trial trains in place and holds its worker's share.
+    resources = ({"cpu": scaling.cpus_per_worker, "gpu": int(scaling.use_gpu)} if inline(spec.base)
+                 else {"cpu": 0, "memory": 1})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
     if resume and tune.Tuner.can_restore(str(sweep_dir)):
         return tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
     concurrency = _concurrency(spec)
     searcher, scheduler = _search_and_schedule(spec, concurrency)
+    # Inline trials' checkpoints are Tune's: the newest few (PBT copies from them; a final one is last).
+    keep = 4 if spec.scheduler.name == "pbt" else 2
     return tune.Tuner(
         trainable,
         param_space=tune_space(spec),
@@ -146,8 +193,12 @@ def _tuner(spec: SweepJob, context: dict, sweep_dir: Path, resume: bool, metric:
                                     num_samples=spec.trials,
                                     # (a BasicVariantGenerator limits itself, above)
                                     max_concurrent_trials=concurrency if spec.search == "optuna" else None,
-                                    time_budget_s=spec.time_budget_s),
-        run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0),
+                                    time_budget_s=spec.time_budget_s,
+                                    # one process goes from trial to trial (and through PBT's restarts)
+                                    # instead of a new one each time: seconds per trial on a laptop
+                                    reuse_actors=inline(spec.base)),
+        run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=keep)),
     )
 
 
@@ -173,10 +224,27 @@ def _test_metric(metric: str) -> str:
 
 
 def check(spec: SweepJob):
-    """The base job's preflight, and a metric its task reports: (splits, task, metric, mode)."""
+    """The base job's preflight, a metric its task reports, and PBT mutations that keep the model's
+    shape: (splits, task, metric, mode)."""
     splits, task = preflight(spec.base)
     check_metric("metric", spec.metric, task)
+    if spec.scheduler.name == "pbt":
+        _check_mutations_keep_shape(spec, splits)
     return (splits, task, *monitored(spec.metric, spec.mode, task))
+
+
+def _check_mutations_keep_shape(spec: SweepJob, splits) -> None:
+    def shapes(job: TrainJob) -> dict[str, tuple]:
+        return {key: tuple(value.shape) for key, value in build(job, splits)[0].state_dict().items()}
+
+    base = spec.base.model_dump(mode="json")
+    expected = shapes(spec.base)
+    for path, distribution in spec.scheduler.mutations.items():
+        for value in sample_values(distribution):
+            if shapes(parse_spec(base, "base", [f"{path}={json.dumps(value)}"])) != expected:
+                raise BadInput(f"scheduler.mutations.{path}: PBT copies weights between trials, so it can only "
+                               f"perturb values that keep the model's shape, and {path}={value!r} changes it; "
+                               "vary it in space instead")
 
 
 def run(spec: SweepJob, *, address: str | None = None, ray_logs: bool = False,
@@ -193,25 +261,31 @@ def run(spec: SweepJob, *, address: str | None = None, ray_logs: bool = False,
     started = time.perf_counter()
     parent = _open_parent(spec, sweep_dir, resume, task.name)
     context = {"base": spec.base.model_dump(mode="json"), "metric": metric, "mode": mode,
-               "experiment": spec.experiment, "parent_run_id": parent, "resume": resume}
+               "experiment": spec.experiment, "parent_run_id": parent, "resume": resume,
+               "pbt": spec.scheduler.name == "pbt"}
+    random.seed(spec.base.train.seed)  # PBT's explore steps draw from Python's random
     # Tune turns the first Ctrl-C into a normal end of fit(), which would register a model from a
     # half-run sweep; let it stop the sweep instead (then --resume continues it).
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     # Tune's newer console output prints a configuration box even at verbose=0; deepyard has its own table.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Inline trials checkpoint every epoch; Tune then snapshots its state often, which is fine here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     try:
         with cluster.connected(address, ray_logs):
             tuner = _tuner(spec, context, sweep_dir, resume, metric, mode)
-            with watch(parent, list(spec.space), metric, mode) if watch else nullcontext():
+            with watch(parent, spec.varied_paths, metric, mode) if watch else nullcontext():
                 results = tuner.fit()
         # Trial directories are named by trial id (an errored trial may not have reported any metric).
         errored = {Path(result.path).name for result in results if result.error is not None}
-        trials = sweep_report.close_trials(parent, metric, mode, errored)
+        final_checkpoints = {Path(result.path).name: result.checkpoint.path for result in results
+                             if result.error is None and result.checkpoint and result.metrics.get("final")}
+        trials = sweep_report.close_trials(parent, metric, mode, errored, final_checkpoints)
         finished = [t for t in trials if t["checkpoint"] and t["best"] is not None and math.isfinite(t["best"])]
         if not finished:
             raise JobFailed("no trial finished; see the child runs' errors in MLflow")
         best = (max if mode == "max" else min)(finished, key=lambda t: t["best"])
-        summary = sweep_report.log_summary(parent, trials, best, list(spec.space), metric, mode,
+        summary = sweep_report.log_summary(parent, trials, best, spec.varied_paths, metric, mode,
                                            wall_s=time.perf_counter() - started)
         outcome = _promote(spec, best, metric, mode)
         tracking.finish_run(parent, "FINISHED")

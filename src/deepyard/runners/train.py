@@ -21,7 +21,7 @@ from deepyard import settings, tracking
 from deepyard.data import Splits
 from deepyard.data.augment import random_affine
 from deepyard.errors import BadInput, JobFailed
-from deepyard.optim import OPTIMIZERS, make_schedule
+from deepyard.optim import OPTIMIZERS, make_schedule, restore
 from deepyard.runners import checkpoints
 from deepyard.runners.loop import EarlyStopping, evaluate, improved, reduce_sum, train_step
 from deepyard.runners.setup import build, eval_loader, load_data, monitored, preflight, train_loader
@@ -32,26 +32,30 @@ FAIL_AT_EPOCH_ENV = "DEEPYARD_TEST_FAIL_AT_EPOCH"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
+    """A TorchTrainer worker: the loop, with Ray Train at its edges."""
+    from deepyard.runners.edges import TrainWorker
 
+    fit_loop(config, TrainWorker())
+
+
+def fit_loop(config: dict[str, Any], edges) -> float | None:
+    """The training loop; Ray appears only at the ``edges`` [1]-[4] (``runners.edges``).
+
+    Returns the best validation value on rank 0 (None elsewhere)."""
     spec = TrainJob.model_validate(config["spec"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world, device = edges.rank, edges.world, edges.device
     torch.manual_seed(spec.train.seed)
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))  # intra-op threads = the CPUs Ray gave us
     splits = load_data(spec)  # every worker builds the same deterministic splits locally
     model, task = build(spec, splits)
-    device = ray.train.torch.get_device()
     use_amp = spec.scaling.use_gpu and spec.scaling.mixed_precision
     augment = spec.data.augment if splits.is_image else None
 
-    batches = ray.train.torch.prepare_data_loader(  # [1] this worker's shard, moved to its device
-        train_loader(spec, splits, rank, world), add_dist_sampler=False)
+    batches = edges.shard(train_loader(spec, splits, rank, world))  # [1]
     val_shard = slice(rank, None, world)  # every worker scores its own slice; sums are all-reduced
     val_loader = eval_loader(splits.x_val[val_shard], splits.y_val[val_shard])
 
-    model = ray.train.torch.prepare_model(model)  # [2] DDP (gloo on CPU, NCCL on GPU)
+    model = edges.wrap(model)  # [2]
     plain_model = getattr(model, "module", model)
     optimizer = OPTIMIZERS.build(spec.optim.name, spec.optim.params, parameters=model.parameters(),
                                  lr=spec.optim.lr, weight_decay=spec.optim.weight_decay)
@@ -67,16 +71,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     best = {"value": None, "epoch": 0, "weights": checkpoints.cpu_copy(plain_model.state_dict())}
 
     start_epoch, stop = 1, False
-    if (resumed := ray.train.get_checkpoint()) is not None:  # [3] a restarted worker group resumes here
+    if (resumed := edges.checkpoint()) is not None:  # [3]
         with resumed.as_directory() as directory:
             state = checkpoints.load(directory)
-        if "test" in state:  # the job had finished: hand its final checkpoint back
-            ray.train.report({ckpt_metric: state["best_value"], "final": 1}, checkpoint=resumed if rank == 0 else None)
-            return
+            if "test" in state:  # the job had finished: hand its final checkpoint back
+                edges.report({ckpt_metric: state["best_value"], "final": 1, "epoch": state["epochs_run"]},
+                             directory if rank == 0 else None)
+                return state["best_value"] if rank == 0 else None
         stop = state.get("stopped", False)
         plain_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        restore(optimizer, scheduler, state["optimizer"], state["scheduler"])  # this spec's hyperparameters
         best = state["best"]
         if stopper and state.get("stopper"):
             stopper.load_state_dict(state["stopper"])
@@ -86,6 +90,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log = tracking.BackgroundLogger(config["run_id"], config["tracking_uri"]) if rank == 0 else None
     if log and start_epoch > 1:
         log({"resumed_from_epoch": start_epoch - 1}, start_epoch - 1)
+    # A sweep trial's numeric values, per epoch: under PBT they change as the trial goes.
+    hyperparameters = {f"hp/{path}": float(value) for path, value in config.get("trial_values", {}).items()
+                       if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
     epoch = start_epoch - 1
     for epoch in range(start_epoch, spec.train.epochs + 1 if not stop else start_epoch):
@@ -111,17 +118,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "weights": checkpoints.cpu_copy(plain_model.state_dict())}
         stop = bool(stopper and stopper.update(metrics))
         if log:
-            log(metrics, epoch)
+            log({**metrics, **hyperparameters}, epoch)
+            log.flush()  # a scheduler may stop this trial at the report: its epochs are in MLflow first
 
         state = None
         if epoch % spec.checkpoint.every_n_epochs == 0 and rank == 0:
-            log.flush()
             state = {"model": plain_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "best": best, "epoch": epoch,
                      "stopper": stopper.state_dict() if stopper else None, "stopped": stop}
-        with checkpoints.staged(state) as directory:  # [4] report; rank 0 persists the checkpoint
-            checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
-            ray.train.report(metrics, checkpoint=checkpoint)
+        with checkpoints.staged(state) as directory:
+            edges.report(metrics, directory)  # [4] rank 0 persists the checkpoint
 
         if rank == 0 and epoch == config.get("fail_at_epoch") and not Path(config["fault_marker"]).exists():
             Path(config["fault_marker"]).touch()
@@ -148,8 +154,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log({**test, "best_epoch": best["epoch"]}, epoch)
         final["failed_metric_writes"] = log.close()  # waits until every metric is written
     with checkpoints.staged(final) as directory:
-        checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
-        ray.train.report({ckpt_metric: best_value, "final": 1, "epoch": epoch}, checkpoint=checkpoint)
+        edges.report({ckpt_metric: best_value, "final": 1, "epoch": epoch}, directory)
+    return best_value if rank == 0 else None
 
 
 def make_trainer(spec: TrainJob, run_id: str, monitor: tuple[str, str], callbacks: list | None = None):
