@@ -259,7 +259,13 @@ def run(spec: SweepJob, *, address: str | None = None, ray_logs: bool = False,
         raise BadInput(f"a sweep named {spec.name!r} already ran in {sweep_dir}; continue it with --resume, "
                        "or give this one another name")
     started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:  # seconds since the previous lap
+        timings[f"{name}_s"] = time.perf_counter() - started - sum(timings.values())
+
     parent = _open_parent(spec, sweep_dir, resume, task.name)
+    lap("open_run")
     context = {"base": spec.base.model_dump(mode="json"), "metric": metric, "mode": mode,
                "experiment": spec.experiment, "parent_run_id": parent, "resume": resume,
                "pbt": spec.scheduler.name == "pbt"}
@@ -274,8 +280,10 @@ def run(spec: SweepJob, *, address: str | None = None, ray_logs: bool = False,
     try:
         with cluster.connected(address, ray_logs):
             tuner = _tuner(spec, context, sweep_dir, resume, metric, mode)
+            lap("ray_connect")
             with watch(parent, spec.varied_paths, metric, mode) if watch else nullcontext():
                 results = tuner.fit()
+            lap("tune_fit")
         # Trial directories are named by trial id (an errored trial may not have reported any metric).
         errored = {Path(result.path).name for result in results if result.error is not None}
         final_checkpoints = {Path(result.path).name: result.checkpoint.path for result in results
@@ -287,7 +295,10 @@ def run(spec: SweepJob, *, address: str | None = None, ray_logs: bool = False,
         best = (max if mode == "max" else min)(finished, key=lambda t: t["best"])
         summary = sweep_report.log_summary(parent, trials, best, spec.varied_paths, metric, mode,
                                            wall_s=time.perf_counter() - started)
+        lap("report")
         outcome = _promote(spec, best, metric, mode)
+        lap("promote")
+        tracking.log_metrics(parent, {f"timing_{name}": value for name, value in timings.items()}, 0)
         tracking.finish_run(parent, "FINISHED")
     except KeyboardInterrupt:
         sweep_report.close_interrupted(parent)
@@ -301,4 +312,4 @@ def run(spec: SweepJob, *, address: str | None = None, ray_logs: bool = False,
         raise JobFailed(f"sweep failed: {error}; the MLflow run {parent} is marked FAILED") from error
     return {"run_id": parent, "experiment": spec.experiment, "metrics": outcome.pop("test_metrics"),
             "best_trial_run_id": best["run_id"], "best_config": best["config"], metric: best["best"],
-            **summary, **outcome}
+            **summary, **outcome, "timings": timings}
