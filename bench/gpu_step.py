@@ -1,6 +1,6 @@
 """The zoo's training steps on CUDA with bf16 autocast, against a plain PyTorch loop of the same model.
 
-    python bench/gpu_step.py [--steps 200] [--batch-size 256] [--device cuda]
+    python bench/gpu_step.py [--steps 200] [--batch-size 256] [--rounds 5] [--device cuda]
 
 Needs PyTorch only (no Ray, no MLflow): deepyard's step is ``runners.loop.train_step`` on the
 ``Pipeline`` (in-graph standardization) with the task's loss and metric sums, exactly as the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -34,8 +35,6 @@ ZOO = {  # name -> (input shape, params): Fashion-MNIST-sized images, 10 classes
 
 
 def _time(step, steps: int, device: torch.device) -> float:
-    for _ in range(10):  # warm-up: cuDNN autotuning, allocator
-        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
@@ -46,7 +45,20 @@ def _time(step, steps: int, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-def measure(name: str, device: torch.device, steps: int, batch_size: int) -> dict:
+def _compare(plain_step, deepyard_step, steps: int, rounds: int, device: torch.device) -> tuple[float, float]:
+    """Median seconds of each, timed in alternating rounds (clock ramps and noise hit both alike)."""
+    for step in (plain_step, deepyard_step):
+        for _ in range(10):  # warm-up: cuDNN autotuning, allocator
+            step()
+    plain, deepyard = [], []
+    for index in range(rounds):
+        order = [(plain_step, plain), (deepyard_step, deepyard)]
+        for step, times in order if index % 2 == 0 else order[::-1]:
+            times.append(_time(step, steps, device))
+    return statistics.median(plain), statistics.median(deepyard)
+
+
+def measure(name: str, device: torch.device, steps: int, batch_size: int, rounds: int) -> dict:
     in_shape, params = ZOO[name]
     inputs = (torch.rand(batch_size, *in_shape, device=device) * 255).round()  # raw pixel values
     targets = torch.randint(0, 10, (batch_size,), device=device)
@@ -75,8 +87,7 @@ def measure(name: str, device: torch.device, steps: int, batch_size: int) -> dic
         loss.backward()
         plain_optimizer.step()
 
-    plain_s = _time(plain_step, steps, device)
-    deepyard_s = _time(deepyard_step, steps, device)
+    plain_s, deepyard_s = _compare(plain_step, deepyard_step, steps, rounds, device)
     return {"plain_images_per_s": steps * batch_size / plain_s,
             "deepyard_images_per_s": steps * batch_size / deepyard_s,
             "ratio": plain_s / deepyard_s}
@@ -87,6 +98,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds; medians are compared")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"bench": "gpu_step", "gpu": False,
@@ -94,11 +106,11 @@ def main() -> int:
                                      "or pass --device cpu for a smoke test)"}))
         return 0
     device = torch.device(args.device)
-    results = {name: measure(name, device, args.steps, args.batch_size) for name in ZOO}
+    results = {name: measure(name, device, args.steps, args.batch_size, args.rounds) for name in ZOO}
     print(json.dumps({"bench": "gpu_step", "gpu": device.type == "cuda",
                       "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                       "dtype": "bf16 autocast" if device.type == "cuda" else "fp32", "batch_size": args.batch_size,
-                      "steps": args.steps, "torch": torch.__version__, "results": results,
+                      "steps": args.steps, "rounds": args.rounds, "torch": torch.__version__, "results": results,
                       "min_ratio": min(r["ratio"] for r in results.values())}, indent=2))
     return 0
 
