@@ -1,4 +1,4 @@
-"""The `deepyard` command: validate, run, models, data.
+"""The `deepyard` command: validate, run, models, deploy, undeploy, endpoints, predict, data.
 
 Exit codes: 0 done, 1 the job failed, 2 bad input (spec, flags, missing data), 130 interrupted.
 With --json, the last line of stdout is one JSON object; everything else goes to stderr.
@@ -111,10 +111,16 @@ def _tracking_uri() -> str:
     return tracking_uri()
 
 
-@app.command()
+models_app = typer.Typer(no_args_is_help=False, help="Registered models: list them, move an alias.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback(invoke_without_command=True)
 @user_errors
-def models(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
+def models(ctx: typer.Context, json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List registered models, their versions, aliases and test metrics."""
+    if ctx.invoked_subcommand:
+        return
     from deepyard.tracking import registered_models
 
     found = registered_models()
@@ -128,6 +134,106 @@ def models(json_output: Annotated[bool, typer.Option("--json")] = False) -> None
             table.add_row(model["name"], version["version"], ",".join(version["aliases"]), metrics,
                           version["run_id"] or "")
     out.print(table if found else "no registered models yet: run a job with `deepyard run SPEC`")
+
+
+@models_app.command()
+@user_errors
+def promote(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[str, typer.Argument(help="the version the alias should point at")],
+    alias: Annotated[str, typer.Option(help="the alias to move")] = "champion",
+) -> None:
+    """Point an alias at a version. Endpoints that follow the alias switch to it within seconds."""
+    from deepyard.tracking import set_alias
+
+    set_alias(name, alias, version)
+    err.print(f"[green]{name}@{alias}[/] -> version {version}; deployed endpoints following @{alias} "
+              "switch to it without dropping requests")
+
+
+Address = Annotated[Optional[str], typer.Option(help="Ray cluster address; default $RAY_ADDRESS")]
+
+
+@app.command()
+@user_errors
+def deploy(
+    models: Annotated[list[str], typer.Argument(help="NAME (its @champion), NAME@alias or NAME:version; several allowed")],
+    host: Annotated[str, typer.Option(help="HTTP host; 0.0.0.0 to listen beyond this machine")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    replicas: Annotated[Optional[int], typer.Option(help="fixed replicas per model")] = None,
+    min_replicas: Annotated[Optional[int], typer.Option(help="autoscaling lower bound")] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(help="autoscaling upper bound")] = None,
+    max_batch_size: Annotated[int, typer.Option(help="dynamic batching across requests (1: off)")] = 1,
+    address: Address = None,
+    detach: Annotated[bool, typer.Option(help="leave the endpoints on the running cluster and return")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="print one JSON object as the last stdout line")] = False,
+) -> None:
+    """Serve registered models over HTTP (Ray Serve), one application per model under /models/NAME."""
+    from deepyard.runners import deploy as deploying
+    from deepyard.serve.options import EndpointOptions
+
+    scaling = ({"replicas": None, "min_replicas": min_replicas or 1, "max_replicas": max_replicas or 4}
+               if (min_replicas or max_replicas) and not replicas else {"replicas": replicas or 1})
+    endpoints = [EndpointOptions(model=ref, max_batch_size=max_batch_size, **scaling) for ref in models]
+
+    def ready(resolved: list[dict]) -> None:
+        from deepyard import tracking
+        from deepyard.serve.payloads import example_instance
+
+        for info in resolved:
+            alias = f"@{info['alias']}" if info["alias"] else ""
+            err.print(f"[green]serving[/] {info['name']}{alias} version {info['version']} at {info['url']}/predict")
+            _, metadata = tracking.load_model(info["name"], info["version"])
+            err.print("  try: " + escape(deploying.curl_example(info, example_instance(metadata))), highlight=False)
+        err.print("  docs: " + ", ".join(f"{info['url']}/docs" for info in resolved))
+        if json_output:
+            print(json.dumps({"endpoints": resolved}, default=str), flush=True)
+        if not detach:
+            err.print("[dim]serving until Ctrl-C[/]")
+
+    deploying.serve_until_interrupted(endpoints, host=host, port=port, address=address, detach=detach,
+                                      on_ready=ready)
+
+
+@app.command()
+@user_errors
+def undeploy(names: Annotated[list[str], typer.Argument(help="model names to take down")],
+             address: Address = None) -> None:
+    """Remove deployed models from the running cluster."""
+    from deepyard.runners import deploy as deploying
+
+    for name in deploying.undeploy(names, address):
+        err.print(f"[green]removed[/] {name}")
+
+
+@app.command()
+@user_errors
+def endpoints(address: Address = None,
+              json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """What is deployed on the running cluster."""
+    from deepyard.runners import deploy as deploying
+
+    rows = deploying.endpoints(address)
+    if json_output:
+        print(json.dumps(rows))
+        return
+    table = Table("model", "status", "route", "replicas")
+    for row in rows:
+        table.add_row(row["name"], row["status"], row["route"], str(row["replicas"]))
+    out.print(table if rows else "nothing deployed: `deepyard deploy NAME`")
+
+
+@app.command()
+@user_errors
+def predict(
+    name: Annotated[str, typer.Argument(help="deployed model name")],
+    input_: Annotated[Path, typer.Option("--input", help='a JSON file ({"instances": [...]} or a list) or a PNG image')],
+    url: Annotated[str, typer.Option(help="the Serve HTTP address")] = "http://127.0.0.1:8000",
+) -> None:
+    """Send inputs to a deployed model and print its answer."""
+    from deepyard.serve.client import predict as send
+
+    print(json.dumps(send(name, input_, url), indent=2))
 
 
 @app.command()

@@ -157,7 +157,10 @@ def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def log_figure(run_id: str, figure, artifact_file: str) -> None:
+    import matplotlib.pyplot as plt
+
     client().log_figure(run_id, figure, artifact_file)
+    plt.close(figure)  # pyplot keeps every figure alive otherwise
 
 
 def log_text(run_id: str, text: str, artifact_file: str) -> None:
@@ -313,3 +316,52 @@ def registered_models() -> list[dict[str, Any]]:
             } for v in versions],
         })
     return models
+
+
+def model_version(name: str, *, alias: str | None = None, version: str | None = None,
+                  uri: str | None = None) -> dict[str, Any]:
+    """The registered version that ``name@alias`` (or ``name:version``) points at now:
+    version, run id and test metrics. A missing model, alias or version is a BadInput that lists
+    what exists."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(uri)
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException:
+        from deepyard.registry import unknown_name_message
+
+        known = [m.name for m in mlflow_client.search_registered_models()]
+        raise BadInput(unknown_name_message("registered model", name, known)
+                       + "; train one with `deepyard run jobs/...` (register.enabled)") from None
+    try:
+        found = (mlflow_client.get_model_version_by_alias(name, alias) if alias
+                 else mlflow_client.get_model_version(name, version))
+    except MlflowException:
+        model = mlflow_client.get_registered_model(name)
+        aliases = ", ".join(f"@{a} -> {v}" for a, v in (model.aliases or {}).items()) or "none"
+        wanted = f"no alias @{alias}" if alias else f"no version {version}"
+        raise BadInput(f"model {name!r} has {wanted} (aliases: {aliases}); promote one with "
+                       f"`deepyard models promote {name} VERSION --alias {alias or 'champion'}`") from None
+    return {"name": name, "version": str(found.version), "alias": alias, "run_id": found.run_id,
+            "metrics": {k.removeprefix("metric."): float(v) for k, v in (found.tags or {}).items()
+                        if k.startswith("metric.")}}
+
+
+def load_model(name: str, version: str, uri: str | None = None):
+    """(the serving module on CPU in eval mode, its metadata: task, input shape, class names...)."""
+    import mlflow
+    import mlflow.pytorch
+
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    model_uri = f"models:/{name}/{version}"
+    metadata = mlflow.models.get_model_info(model_uri).metadata or {}
+    module = mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
+    return module, metadata
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    """Point ``alias`` at ``version`` unconditionally (``deepyard models promote``)."""
+    model_version(name, version=version)  # a clear error if either is missing
+    client().set_registered_model_alias(name, alias, version)

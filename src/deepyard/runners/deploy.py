@@ -1,0 +1,117 @@
+"""`deepyard deploy` and `kind: deploy`: registered models as Ray Serve applications.
+
+Every model reference is checked against the registry before Ray starts (a wrong name or alias
+exits with code 2). Each model is its own application under ``/models/<name>``, so one can be
+replaced or removed without touching the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+from deepyard import tracking
+from deepyard.errors import BadInput
+from deepyard.serve.options import EndpointOptions, parse_model_ref
+
+# Serve's proxy and replicas log every request by default: at hundreds of requests per second
+# that is most of the CPU a laptop has.
+LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
+
+
+def check(endpoints: list[EndpointOptions]) -> list[dict[str, Any]]:
+    """What each endpoint will serve now: the registry's answer, before anything starts."""
+    resolved = []
+    for options in endpoints:
+        name, alias, version = parse_model_ref(options.model)
+        resolved.append({**tracking.model_version(name, alias=alias, version=version), "route": route(options)})
+    names = [r["name"] for r in resolved]
+    if len(set(names)) != len(names):
+        raise BadInput(f"each model can be deployed once per command; got {', '.join(names)}")
+    return resolved
+
+
+def route(options: EndpointOptions) -> str:
+    return options.route_prefix or f"/models/{parse_model_ref(options.model)[0]}"
+
+
+def start(endpoints: list[EndpointOptions], *, host: str, port: int) -> list[dict[str, Any]]:
+    """Deploy onto the connected Ray cluster (Serve starts on ``host:port`` if it is not running)."""
+    from ray import serve
+
+    from deepyard.serve.app import build_app
+
+    resolved = check(endpoints)
+    serve.start(http_options={"host": host, "port": port}, logging_config=LOGGING)
+    for options, info in zip(endpoints, resolved):
+        serve.run(build_app(options.model_dump()), name=info["name"], route_prefix=info["route"],
+                  logging_config=LOGGING)
+        info["url"] = f"http://{_display_host(host)}:{port}{info['route']}"
+    return resolved
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
+def curl_example(info: dict[str, Any], instance: list) -> str:
+    token = ' -H "Authorization: Bearer $DEEPYARD_API_TOKEN"' if os.environ.get("DEEPYARD_API_TOKEN") else ""
+    body = json.dumps({"instances": [instance]}, separators=(",", ":"))
+    return f"curl -s{token} -H 'Content-Type: application/json' -d '{body}' {info['url']}/predict"
+
+
+def serve_until_interrupted(endpoints: list[EndpointOptions], *, host: str, port: int, address: str | None,
+                            detach: bool, on_ready: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+    """Deploy; then, unless ``detach``, serve in the foreground until Ctrl-C and take it all down."""
+    from ray import serve
+
+    from deepyard import cluster
+
+    check(endpoints)  # before Ray starts
+    if detach and not (address or os.environ.get("RAY_ADDRESS")):
+        raise BadInput("--detach leaves the endpoints on a running cluster, but none was given; start one "
+                       "(`ray start --head`) and pass --address auto (or RAY_ADDRESS), or drop --detach")
+    with cluster.connected(address):
+        resolved = start(endpoints, host=host, port=port)
+        on_ready(resolved)
+        if detach:
+            return resolved
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return resolved
+
+
+def undeploy(names: list[str], address: str | None) -> list[str]:
+    from ray import serve
+
+    from deepyard import cluster
+
+    with cluster.connected(address or "auto"):
+        deployed = set(serve.status().applications)
+        missing = [n for n in names if n not in deployed]
+        if missing:
+            raise BadInput(f"not deployed: {', '.join(missing)} (deployed: {', '.join(sorted(deployed)) or 'none'})")
+        for name in names:
+            serve.delete(name)
+    return names
+
+
+def endpoints(address: str | None) -> list[dict[str, Any]]:
+    """What is deployed on the running cluster: application, status, route, replicas."""
+    from ray import serve
+
+    from deepyard import cluster
+
+    with cluster.connected(address or "auto"):
+        status = serve.status()
+        rows = []
+        for name, app in status.applications.items():
+            replicas = sum(sum(d.replica_states.values()) for d in app.deployments.values())
+            rows.append({"name": name, "status": str(app.status.value if hasattr(app.status, "value") else app.status),
+                         "route": app.route_prefix, "replicas": replicas})
+    return rows

@@ -1,0 +1,1 @@
+"""Serving registered models over HTTP with Ray Serve: options, payloads, the app."""

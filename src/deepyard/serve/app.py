@@ -1,0 +1,183 @@
+"""A registered model as a Ray Serve application: a typed FastAPI app under ``/models/<name>``.
+
+    POST /models/<name>/predict   {"instances": [...]} -> {"predictions": [...], "model", "version"}
+    GET  /models/<name>/          metadata: task, input shape, version, alias, test metrics
+    GET  /models/<name>/healthz   200 once the model is loaded
+    GET  /models/<name>/docs      OpenAPI docs (FastAPI)
+
+Each replica loads its model once from the MLflow registry. An endpoint that follows an alias
+(``name@champion``) polls the registry and swaps in the new version when the alias moves: the
+swap is one reference assignment, so requests in flight finish on the version they started on and
+none fail. ``build_app`` is the typed builder that ``serving/*.yaml`` (``serve deploy``, KubeRay's
+RayService) imports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from ray import serve
+
+from deepyard.serve.options import EndpointOptions, parse_model_ref
+from deepyard.serve.payloads import BadRequest, decode_instances, encode_predictions, expected
+
+TOKEN_ENV = "DEEPYARD_API_TOKEN"
+logger = logging.getLogger("deepyard.serve")
+
+
+class PredictRequest(BaseModel):
+    instances: list[Any] = Field(description="raw inputs in the data set's own units, each in the model's "
+                                             "input shape (or flat); image models also take base64 PNG strings")
+    top_k: int | None = Field(None, ge=1, description="classification: how many labels in each top_k")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Any]
+    model: str
+    version: str
+
+
+@dataclass
+class Loaded:
+    module: Any
+    version: str
+    metadata: dict[str, Any]
+    metrics: dict[str, float]
+
+
+app = FastAPI(title="deepyard model endpoint",
+              description="A registered deepyard model served by Ray Serve (KServe v1 style predict).")
+
+
+def _authorized(request: Request) -> None:
+    token = os.environ.get(TOKEN_ENV)
+    if not token:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise HTTPException(401, "missing or wrong bearer token (header: Authorization: Bearer $DEEPYARD_API_TOKEN)",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=128)
+@serve.ingress(app)
+class ModelEndpoint:
+    def __init__(self, options: dict[str, Any]):
+        import torch
+
+        from deepyard import tracking
+
+        self.options = EndpointOptions.model_validate(options)
+        self.name, self.alias, pinned = parse_model_ref(self.options.model)
+        self.uri = self.options.tracking_uri or tracking.tracking_uri()
+        torch.set_num_threads(max(1, int(self.options.num_cpus)))  # small models: threads cost more than they give
+        version = pinned or tracking.model_version(self.name, alias=self.alias, uri=self.uri)["version"]
+        self.current = self._load(version)
+        self._predict_batched = serve.batch(max_batch_size=self.options.max_batch_size,
+                                            batch_wait_timeout_s=self.options.batch_wait_timeout_s)(
+            self._predict_many)
+        self._follower = asyncio.get_event_loop().create_task(self._follow()) if self.alias else None
+
+    def _load(self, version: str) -> Loaded:
+        from deepyard import tracking
+
+        module, metadata = tracking.load_model(self.name, version, self.uri)
+        info = tracking.model_version(self.name, version=version, uri=self.uri)
+        logger.info("loaded %s version %s", self.name, version)
+        return Loaded(module, version, metadata, info["metrics"])
+
+    async def _follow(self) -> None:
+        """Swap in the version the alias points at, whenever it moves."""
+        from deepyard import tracking
+
+        while True:
+            await asyncio.sleep(self.options.follow_alias_s)
+            try:
+                info = await asyncio.to_thread(tracking.model_version, self.name, alias=self.alias, uri=self.uri)
+                if info["version"] != self.current.version:
+                    self.current = await asyncio.to_thread(self._load, info["version"])
+            except Exception:  # the registry may be briefly unreachable: keep serving what is loaded
+                logger.exception("could not follow %s@%s", self.name, self.alias)
+
+    def _run(self, loaded: Loaded, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return loaded.module(torch.from_numpy(batch)).numpy()
+
+    async def _predict_many(self, batches: list[np.ndarray]) -> list[tuple[np.ndarray, Loaded]]:
+        loaded = self.current  # one version for the whole batch
+        outputs = self._run(loaded, np.concatenate(batches))
+        bounds = np.cumsum([len(b) for b in batches])[:-1]
+        return [(part, loaded) for part in np.split(outputs, bounds)]
+
+    @app.post("/predict", response_model=PredictResponse, dependencies=[Depends(_authorized)])
+    async def predict(self, request: Request) -> JSONResponse:
+        try:
+            body = await self._body(request)
+            loaded = self.current
+            batch = decode_instances(body, loaded.metadata, self.options.max_instances)
+            if self.options.max_batch_size > 1:
+                outputs, loaded = await self._predict_batched(batch)
+            else:
+                outputs = self._run(loaded, batch)
+            top_k = body.get("top_k") or self.options.top_k
+            if not isinstance(top_k, int) or top_k < 1:
+                raise BadRequest(f"top_k must be a positive integer, got {top_k!r}")
+        except BadRequest as error:
+            return JSONResponse({"error": str(error), "model": self.name}, status_code=error.status)
+        return JSONResponse({"predictions": encode_predictions(outputs, loaded.metadata, top_k),
+                             "model": self.name, "version": loaded.version})
+
+    async def _body(self, request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.options.max_body_bytes:
+            raise BadRequest(f"request body of {declared} bytes is over the limit of "
+                             f"{self.options.max_body_bytes}", status=413)
+        raw = await request.body()
+        if len(raw) > self.options.max_body_bytes:
+            raise BadRequest(f"request body is over the limit of {self.options.max_body_bytes} bytes", status=413)
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BadRequest(f"body is not valid JSON ({error}); send {{\"instances\": [...]}}") from None
+
+    @app.get("/", dependencies=[Depends(_authorized)])
+    async def metadata(self) -> dict[str, Any]:
+        loaded = self.current
+        return {"model": self.name, "version": loaded.version, "alias": self.alias, "task": loaded.metadata.get("task"),
+                "input_shape": loaded.metadata.get("input_shape"), "class_names": loaded.metadata.get("class_names"),
+                "feature_names": loaded.metadata.get("feature_names"), "metrics": loaded.metrics,
+                "request": expected(loaded.metadata), "max_instances": self.options.max_instances}
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok", "version": self.current.version}
+
+    def check_health(self) -> None:  # Serve's own probe: a replica whose follower died is restarted
+        if self._follower is not None and self._follower.done():
+            raise RuntimeError("the alias follower stopped")
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The typed application builder: ``import_path: deepyard.serve.app:build_app`` in a Serve config."""
+    options = EndpointOptions.model_validate(args)
+    autoscaling = None if options.replicas else {
+        "min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
+        "target_ongoing_requests": options.target_ongoing_requests}
+    return ModelEndpoint.options(
+        num_replicas=options.replicas if options.replicas else None,
+        autoscaling_config=autoscaling,
+        max_ongoing_requests=options.max_ongoing_requests,
+        ray_actor_options={"num_cpus": options.num_cpus},
+    ).bind(options.model_dump())

@@ -1,0 +1,41 @@
+"""How a model is served: the options of one endpoint (``deepyard deploy`` flags, ``kind: deploy``
+entries and ``serving/*.yaml`` application args are all this model). No Ray import here."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EndpointOptions(BaseModel):
+    """How one model is served; ``serving/*.yaml`` passes these as the application's args."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="registered model: NAME, NAME@alias or NAME:version (default alias: champion)")
+    route_prefix: str | None = Field(None, description="default: /models/NAME")
+    tracking_uri: str | None = Field(None, description="MLflow; default: MLFLOW_TRACKING_URI or DEEPYARD_HOME's")
+    replicas: int | None = Field(1, ge=1, description="fixed replica count (None: autoscale)")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0, description="autoscaling: requests in flight per replica")
+    max_ongoing_requests: int = Field(128, ge=1, description="per replica; Serve's default of 5 queues at the proxy")
+    num_cpus: float = Field(1, gt=0, description="per replica; also its torch threads")
+    max_batch_size: int = Field(1, ge=1, description="dynamic batching across requests (1: off)")
+    batch_wait_timeout_s: float = Field(0.002, ge=0)
+    max_instances: int = Field(1024, ge=1, description="instances per request (more: HTTP 413)")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="request body limit (more: HTTP 413)")
+    follow_alias_s: float = Field(2.0, gt=0, description="how often an alias-following endpoint polls the registry")
+    top_k: int = Field(3, ge=1, description="classification: labels in each prediction's top_k")
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """``name`` | ``name@alias`` | ``name:version`` -> (name, alias, version); the default alias is champion."""
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, alias, None
+    if ":" in ref:
+        name, version = ref.split(":", 1)
+        return name, None, version
+    return ref, "champion", None
+
+
