@@ -178,13 +178,12 @@ def deploy(
 
     def ready(resolved: list[dict]) -> None:
         from deepyard import tracking
-        from deepyard.serve.payloads import example_instance
 
         for info in resolved:
             alias = f"@{info['alias']}" if info["alias"] else ""
             err.print(f"[green]serving[/] {info['name']}{alias} version {info['version']} at {info['url']}/predict")
-            _, metadata = tracking.load_model(info["name"], info["version"])
-            err.print("  try: " + escape(deploying.curl_example(info, example_instance(metadata))), highlight=False)
+            sample = tracking.input_example(info["name"], info["version"])[0].reshape(-1).round(4).tolist()
+            err.print("  try: " + escape(deploying.curl_example(info, sample)), highlight=False)
         err.print("  docs: " + ", ".join(f"{info['url']}/docs" for info in resolved))
         if json_output:
             print(json.dumps({"endpoints": resolved}, default=str), flush=True)
@@ -217,9 +216,9 @@ def endpoints(address: Address = None,
     if json_output:
         print(json.dumps(rows))
         return
-    table = Table("model", "status", "route", "replicas")
+    table = Table("model", "status", "url", "replicas")
     for row in rows:
-        table.add_row(row["name"], row["status"], row["route"], str(row["replicas"]))
+        table.add_row(row["name"], row["status"], row["url"], str(row["replicas"]))
     out.print(table if rows else "nothing deployed: `deepyard deploy NAME`")
 
 

@@ -106,6 +106,13 @@ class RegisterSpec(Section):
                                    description="registered model name; default: the job's name")
 
 
+class PromoteSpec(Section):
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
+                       description="the registry alias that deploy serves by default")
+    only_if_better: bool = Field(True, description="move the alias only if the new version beats its holder "
+                                                   "on the same test metric")
+
+
 class TrackingSpec(Section):
     experiment: str | None = Field(None, description="MLflow experiment; default: the job's name")
 
@@ -121,6 +128,13 @@ class JobBase(Section):
     @property
     def experiment(self) -> str:
         return self.tracking.experiment or self.name
+
+
+def _check_promote(job):
+    if job.promote and not job.register.enabled:
+        raise ValueError("promote moves an alias to the new registered version; "
+                         "it needs register.enabled: true (or drop promote)")
+    return job
 
 
 # `register` is also ABCMeta.register on the class; as a field it is what users expect to write.
@@ -139,6 +153,11 @@ class TrainJob(JobBase):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
     register: RegisterSpec = Field(default_factory=RegisterSpec)
+    promote: PromoteSpec | None = Field(None, description="move a registry alias to the new version")
+
+    @model_validator(mode="after")
+    def _promote_needs_a_version(self) -> "TrainJob":
+        return _check_promote(self)
 
     @property
     def model_name(self) -> str:
@@ -177,13 +196,6 @@ class SchedulerSpec(Section):
         return self
 
 
-class PromoteSpec(Section):
-    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
-                       description="the registry alias that deploy serves by default")
-    only_if_better: bool = Field(True, description="move the alias only if the new version beats its holder "
-                                                   "on the same test metric")
-
-
 class SweepJob(JobBase):
     """Hyperparameter search on Ray Tune; each trial is a train job (a TorchTrainer of its own)."""
 
@@ -218,10 +230,7 @@ class SweepJob(JobBase):
 
     @model_validator(mode="after")
     def _promote_needs_a_version(self) -> "SweepJob":
-        if self.promote and not self.register.enabled:
-            raise ValueError("promote moves an alias to the new registered version; "
-                             "it needs register.enabled: true (or drop promote)")
-        return self
+        return _check_promote(self)
 
     @property
     def model_name(self) -> str:

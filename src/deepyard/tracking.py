@@ -349,16 +349,31 @@ def model_version(name: str, *, alias: str | None = None, version: str | None = 
 
 
 def load_model(name: str, version: str, uri: str | None = None):
-    """(the serving module on CPU in eval mode, its metadata: task, input shape, class names...)."""
+    """(the serving module on CPU in eval mode, its metadata: task, input shape, class names...).
+
+    MLflow 3 logs it as a ``torch.export`` program (``model.pt2``), so loading unpickles nothing."""
     import mlflow
     import mlflow.pytorch
 
-    if uri:
-        mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri or tracking_uri())
     model_uri = f"models:/{name}/{version}"
     metadata = mlflow.models.get_model_info(model_uri).metadata or {}
-    module = mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
+    module = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    try:
+        module.eval()
+    except NotImplementedError:  # MLflow 3 saves torch.export programs (no pickle): already in eval mode
+        pass
     return module, metadata
+
+
+def input_example(name: str, version: str):
+    """The version's logged input example (a few raw test inputs), as a numpy array."""
+    import mlflow
+    from mlflow.models import Model
+
+    mlflow.set_tracking_uri(tracking_uri())
+    local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}")
+    return Model.load(local).load_input_example(local)
 
 
 def set_alias(name: str, alias: str, version: str) -> None:

@@ -8,6 +8,7 @@ replaced or removed without touching the others.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any, Callable
@@ -44,6 +45,7 @@ def start(endpoints: list[EndpointOptions], *, host: str, port: int) -> list[dic
     from deepyard.serve.app import build_app
 
     resolved = check(endpoints)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # deepyard prints what matters itself
     serve.start(http_options={"host": host, "port": port}, logging_config=LOGGING)
     for options, info in zip(endpoints, resolved):
         serve.run(build_app(options.model_dump()), name=info["name"], route_prefix=info["route"],
@@ -102,16 +104,22 @@ def undeploy(names: list[str], address: str | None) -> list[str]:
 
 
 def endpoints(address: str | None) -> list[dict[str, Any]]:
-    """What is deployed on the running cluster: application, status, route, replicas."""
+    """What is deployed on the running cluster: application, status, URL, replicas."""
     from ray import serve
+    from ray.serve.context import _get_global_client
 
     from deepyard import cluster
 
     with cluster.connected(address or "auto"):
         status = serve.status()
+        # (the public status has no routes; the controller's details do, as `serve status` shows them)
+        details = _get_global_client().get_serve_details()
+        http = details.get("http_options") or {}
+        base = f"http://{_display_host(http.get('host', '127.0.0.1'))}:{http.get('port', 8000)}"
         rows = []
         for name, app in status.applications.items():
+            route_prefix = (details.get("applications", {}).get(name) or {}).get("route_prefix")
             replicas = sum(sum(d.replica_states.values()) for d in app.deployments.values())
-            rows.append({"name": name, "status": str(app.status.value if hasattr(app.status, "value") else app.status),
-                         "route": app.route_prefix, "replicas": replicas})
+            rows.append({"name": name, "status": str(getattr(app.status, "value", app.status)),
+                         "route": route_prefix, "url": f"{base}{route_prefix or ''}", "replicas": replicas})
     return rows

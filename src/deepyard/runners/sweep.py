@@ -23,7 +23,7 @@ from deepyard import settings, tracking
 from deepyard.errors import BadInput, DeepyardError, JobFailed
 from deepyard.runners import checkpoints
 from deepyard.runners.setup import build, check_metric, load_data, monitored, preflight
-from deepyard.runners.train import log_outcome, make_trainer
+from deepyard.runners.train import log_outcome, make_trainer, promote
 from deepyard.spec import SweepJob, TrainJob, flatten, parse_spec, sample_values, to_yaml
 
 PARENT_RUN_FILE = "deepyard_parent_run_id"
@@ -213,14 +213,8 @@ def _promote(spec: SweepJob, best: dict, metric: str, mode: str) -> dict[str, An
                           registered_name=spec.model_name if spec.register.enabled else None)
     outcome["test_metrics"] = final["test"]
     if spec.promote and outcome.get("model_version"):  # (a spec cannot promote without registering)
-        outcome["promotion"] = tracking.promote(spec.model_name, outcome["model_version"], spec.promote.alias,
-                                                only_if_better=spec.promote.only_if_better, metric=_test_metric(metric),
-                                                mode=mode)
+        outcome["promotion"] = promote(spec.model_name, outcome["model_version"], spec.promote, metric, mode)
     return outcome
-
-
-def _test_metric(metric: str) -> str:
-    return "test_" + metric.removeprefix("val_")
 
 
 def check(spec: SweepJob):

@@ -215,6 +215,12 @@ def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, An
                               metadata=metadata, version_tags={**tags, "run_id": run_id})
 
 
+def promote(model_name: str, version: str, options, metric: str, mode: str) -> dict[str, Any]:
+    """Move the alias to ``version``, only if it beats the holder on the test twin of ``metric``."""
+    return tracking.promote(model_name, version, options.alias, only_if_better=options.only_if_better,
+                            metric="test_" + metric.removeprefix("val_"), mode=mode)
+
+
 def run(spec: TrainJob, *, address: str | None = None, ray_logs: bool = False,
         watch: Callable[[str, int], Any] | None = None, resume: bool = False) -> dict[str, Any]:
     """Run the job to the end; returns the ids, final test metrics and model URIs.
@@ -258,6 +264,8 @@ def run(spec: TrainJob, *, address: str | None = None, ray_logs: bool = False,
             final = final_state(result)
             outcome = log_outcome(spec, splits, run_id, final,
                                   registered_name=spec.model_name if spec.register.enabled else None)
+            if spec.promote and outcome.get("model_version"):
+                outcome["promotion"] = promote(spec.model_name, outcome["model_version"], spec.promote, *monitor)
             timings["total_s"] = time.perf_counter() - started
             tracking.log_metrics(run_id, {f"timing_{k}": v for k, v in timings.items()}, 0)
             tracking.finish_run(run_id, "FINISHED")

@@ -12,8 +12,8 @@ none fail. ``build_app`` is the typed builder that ``serving/*.yaml`` (``serve d
 RayService) imports.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must see the real types of the handlers
+# that Serve's ingress rebinds, or `request: Request` turns into a query parameter.
 import asyncio
 import hmac
 import json
@@ -60,7 +60,7 @@ app = FastAPI(title="deepyard model endpoint",
 
 
 def _authorized(request: Request) -> None:
-    token = os.environ.get(TOKEN_ENV)
+    token = os.environ.get(TOKEN_ENV)  # this replica's environment (build_app passes the deployer's)
     if not token:
         return
     given = request.headers.get("authorization", "")
@@ -121,19 +121,27 @@ class ModelEndpoint:
         bounds = np.cumsum([len(b) for b in batches])[:-1]
         return [(part, loaded) for part in np.split(outputs, bounds)]
 
-    @app.post("/predict", response_model=PredictResponse, dependencies=[Depends(_authorized)])
+    # The body is parsed by hand (size limit first, then messages that name the expected shape);
+    # the OpenAPI docs still describe it.
+    @app.post("/predict", response_model=PredictResponse, dependencies=[Depends(_authorized)],
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": PredictRequest.model_json_schema()}}}},
+              responses={400: {"description": "bad input: the message names the problem and the expected shape"},
+                         401: {"description": "missing or wrong bearer token"},
+                         413: {"description": "too many instances, or too large a body"}})
     async def predict(self, request: Request) -> JSONResponse:
         try:
             body = await self._body(request)
             loaded = self.current
             batch = decode_instances(body, loaded.metadata, self.options.max_instances)
+            top_k = body.get("top_k")
+            top_k = self.options.top_k if top_k is None else top_k
+            if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+                raise BadRequest(f"top_k must be a positive integer, got {top_k!r}")
             if self.options.max_batch_size > 1:
                 outputs, loaded = await self._predict_batched(batch)
             else:
                 outputs = self._run(loaded, batch)
-            top_k = body.get("top_k") or self.options.top_k
-            if not isinstance(top_k, int) or top_k < 1:
-                raise BadRequest(f"top_k must be a positive integer, got {top_k!r}")
         except BadRequest as error:
             return JSONResponse({"error": str(error), "model": self.name}, status_code=error.status)
         return JSONResponse({"predictions": encode_predictions(outputs, loaded.metadata, top_k),
@@ -175,9 +183,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     autoscaling = None if options.replicas else {
         "min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
         "target_ongoing_requests": options.target_ongoing_requests}
+    actor_options: dict[str, Any] = {"num_cpus": options.num_cpus}
+    if token := os.environ.get(TOKEN_ENV):  # the token of whoever deploys travels to the replicas
+        actor_options["runtime_env"] = {"env_vars": {TOKEN_ENV: token}}
     return ModelEndpoint.options(
         num_replicas=options.replicas if options.replicas else None,
         autoscaling_config=autoscaling,
         max_ongoing_requests=options.max_ongoing_requests,
-        ray_actor_options={"num_cpus": options.num_cpus},
+        ray_actor_options=actor_options,
     ).bind(options.model_dump())

@@ -1,0 +1,196 @@
+"""Endpoints on real Ray Serve (a free port, the session's cluster) and real MLflow, over real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from deepyard import tracking
+
+pytestmark = pytest.mark.slow
+
+TINY = """
+kind: train
+name: serve_tiny
+data: {name: digits, max_train_samples: 300}
+model: {name: mlp, params: {hidden_sizes: [16]}}
+train: {epochs: 1, batch_size: 32}
+register: {model_name: serve-mlp}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_cluster, tmp_path_factory):
+    """Two registered versions of a tiny digits model; version 1 is @champion and deployed."""
+    from ray import serve
+    from typer.testing import CliRunner
+
+    from deepyard.cli import app
+    from deepyard.runners import deploy
+    from deepyard.serve.options import EndpointOptions
+
+    spec = tmp_path_factory.mktemp("serve") / "tiny.yaml"
+    spec.write_text(TINY)
+    runner = CliRunner()
+    for lr in ("0.01", "0.001"):
+        result = runner.invoke(app, ["run", str(spec), "--json", "--set", f"optim.lr={lr}"])
+        assert result.exit_code == 0, result.stderr
+    tracking.set_alias("serve-mlp", "champion", "1")
+    port = free_port()
+    options = EndpointOptions(model="serve-mlp", follow_alias_s=0.3, max_instances=16, max_body_bytes=64 * 1024,
+                              num_cpus=0.5)
+    (info,) = deploy.start([options], host="127.0.0.1", port=port)
+    yield {"url": info["url"], "options": options, "port": port}
+    serve.shutdown()
+
+
+def post(url: str, body, **kwargs) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(f"{url}/predict", content=content, headers={"Content-Type": "application/json"},
+                      timeout=30, **kwargs)
+
+
+def test_predictions_over_http_equal_the_models_own(endpoint):
+    module, metadata = tracking.load_model("serve-mlp", "1")
+    example = tracking.input_example("serve-mlp", "1")
+    import torch
+
+    with torch.inference_mode():
+        offline = module(torch.as_tensor(example)).numpy()
+    answer = post(endpoint["url"], {"instances": example.tolist()})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["model"] == "serve-mlp" and body["version"] == "1"
+    served = np.array([[p["probabilities"][name] for name in metadata["class_names"]] for p in body["predictions"]])
+    np.testing.assert_allclose(served, offline, rtol=1e-5, atol=1e-6)
+    assert [p["label"] for p in body["predictions"]] == [metadata["class_names"][i] for i in offline.argmax(1)]
+    flat = post(endpoint["url"], {"instances": [example[0].reshape(-1).tolist()], "top_k": 2}).json()
+    assert flat["predictions"][0]["label"] == body["predictions"][0]["label"]
+    assert len(flat["predictions"][0]["top_k"]) == 2
+
+
+def png(width: int, height: int, mode: str = "L") -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height), color=128).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_png_instances_for_image_models(endpoint):
+    answer = post(endpoint["url"], {"instances": [png(8, 8)]})
+    assert answer.status_code == 200, answer.text
+    wrong = post(endpoint["url"], {"instances": [png(28, 28)]})
+    assert wrong.status_code == 400 and "PNG is 28x28 pixels; this model takes 8x8" in wrong.json()["error"]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    (b"{not json", 400, "body is not valid JSON"),
+    ({"inputs": [[0] * 64]}, 400, 'expected a JSON object {"instances": [...]}'),
+    ({"instances": []}, 400, '"instances" is empty'),
+    ({"instances": [[0] * 63]}, 400, "instances[0]: shape [63] (63 numbers); each instance: 1x8x8 numbers"),
+    ({"instances": [["a"] * 64]}, 400, "instances[0]: not an array of numbers"),
+    ({"instances": [[0] * 64, [0] * 10]}, 400, "instances[1]: shape [10]"),
+    ('{"instances": [[' + ",".join(["NaN"] * 64) + "]]}", 400, "instances[0]: NaN or infinity"),
+    ('{"instances": [[' + ",".join(["Infinity"] * 64) + "]]}", 400, "instances[0]: NaN or infinity"),
+    ({"instances": ["not-base64-png!"]}, 400, "instances[0]: a string that is not a base64-encoded PNG image"),
+    ({"instances": [base64.b64encode(b"GIF89a....").decode()]}, 400, "not a base64-encoded PNG"),
+    ({"instances": [[0] * 64] * 17}, 413, "17 instances is over this endpoint's limit of 16"),
+    ({"instances": [[0] * 64], "top_k": 0}, 400, "top_k must be a positive integer"),
+    ({"instances": "everything"}, 400, '"instances" must be a list'),
+])
+def test_bad_input_gets_a_4xx_and_the_endpoint_keeps_answering(endpoint, body, status, message):
+    answer = post(endpoint["url"], body)
+    assert answer.status_code == status, answer.text
+    assert message in answer.json()["error"]
+    assert post(endpoint["url"], {"instances": [[0] * 64]}).status_code == 200
+
+
+def test_oversized_body_is_refused(endpoint):
+    answer = post(endpoint["url"], {"instances": [[0.123456789] * 64] * 200})
+    assert answer.status_code == 413 and "over the limit of 65536" in answer.json()["error"]
+
+
+def test_metadata_health_and_openapi(endpoint):
+    metadata = httpx.get(f"{endpoint['url']}/", timeout=10).json()
+    assert metadata["task"] == "classification" and metadata["input_shape"] == [1, 8, 8]
+    assert metadata["alias"] == "champion" and "test_accuracy" in metadata["metrics"]
+    assert httpx.get(f"{endpoint['url']}/healthz", timeout=10).json()["status"] == "ok"
+    schema = httpx.get(f"{endpoint['url']}/openapi.json", timeout=10).json()
+    predict = next(p for path, p in schema["paths"].items() if path.endswith("/predict"))
+    assert "instances" in predict["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+
+def test_cli_predict_and_endpoints(endpoint, cli, tmp_path):
+    url = f"http://127.0.0.1:{endpoint['port']}"
+    request = tmp_path / "digit.json"
+    request.write_text(json.dumps([[0] * 64]))
+    answer = json.loads(cli("predict", "serve-mlp", "--input", str(request), "--url", url).stdout)
+    assert answer["version"] == "1" and len(answer["predictions"]) == 1
+    rows = json.loads(cli("endpoints", "--json").stdout)
+    assert {"name": "serve-mlp", "route": "/models/serve-mlp"}.items() <= rows[0].items()
+    request.write_text("[[1, 2, 3]]")
+    refused = cli("predict", "serve-mlp", "--input", str(request), "--url", url, expect=2)
+    assert "serve-mlp: HTTP 400: instances[0]: shape [3]" in refused.stderr
+
+
+def test_hot_swap_under_load_drops_no_request(endpoint, cli):
+    failures, versions, stop = [], [], threading.Event()
+
+    def hammer():
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                response = client.post(f"{endpoint['url']}/predict", json={"instances": [[0] * 64]})
+                (versions if response.status_code == 200 else failures).append(
+                    response.json().get("version") if response.status_code == 200 else response.text)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    cli("models", "promote", "serve-mlp", "2", "--alias", "champion")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "2" not in versions[-5:]:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    assert versions[0] == "1" and versions[-1] == "2"
+    switched = versions.index("2")
+    assert set(versions[switched + 20:]) <= {"2"}  # once swapped, every replica answers with the new version
+
+
+def test_bearer_token(endpoint, monkeypatch):
+    from deepyard.runners import deploy
+
+    monkeypatch.setenv("DEEPYARD_API_TOKEN", "s3cret")
+    deploy.start([endpoint["options"]], host="127.0.0.1", port=endpoint["port"])  # redeployed with the token
+    assert post(endpoint["url"], {"instances": [[0] * 64]}).status_code == 401
+    wrong = httpx.post(f"{endpoint['url']}/predict", json={"instances": [[0] * 64]},
+                       headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401
+    right = httpx.post(f"{endpoint['url']}/predict", json={"instances": [[0] * 64]},
+                       headers={"Authorization": "Bearer s3cret"}, timeout=30)
+    assert right.status_code == 200
+    assert httpx.get(f"{endpoint['url']}/healthz", timeout=10).status_code == 200  # probes need no token
+
+
+def test_deploy_refuses_unknown_models_before_ray_starts(cli):
+    result = cli("deploy", "no-such-model", expect=2)
+    assert "registered model" in result.stderr and "no-such-model" in result.stderr
