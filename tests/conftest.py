@@ -31,9 +31,9 @@ def deepyard_home(tmp_path_factory) -> Path:
 def ray_cluster(deepyard_home):
     import ray
 
-    from deepyard.cluster import TRAIN_ENV
+    from deepyard.cluster import TRAIN_ENV, serve_env
 
-    os.environ.update(TRAIN_ENV)
+    os.environ.update({**TRAIN_ENV, **serve_env()})  # serving tests run what `deepyard deploy` runs
     ray.init(address="local", num_cpus=2, log_to_driver=False,
              logging_level="WARNING")
     yield ray

@@ -166,6 +166,8 @@ def deploy(
     max_batch_size: Annotated[int, typer.Option(help="dynamic batching across requests (1: off)")] = 1,
     address: Address = None,
     detach: Annotated[bool, typer.Option(help="leave the endpoints on the running cluster and return")] = False,
+    fast_proxy: Annotated[bool, typer.Option(help="local cluster: Serve's HAProxy high-throughput mode "
+                                                  "(--no-fast-proxy: Serve's Python proxy)")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="print one JSON object as the last stdout line")] = False,
 ) -> None:
     """Serve registered models over HTTP (Ray Serve), one application per model under /models/NAME."""
@@ -191,7 +193,7 @@ def deploy(
             err.print("[dim]serving until Ctrl-C[/]")
 
     deploying.serve_until_interrupted(endpoints, host=host, port=port, address=address, detach=detach,
-                                      on_ready=ready)
+                                      on_ready=ready, fast_proxy=fast_proxy)
 
 
 @app.command()

@@ -65,7 +65,8 @@ def curl_example(info: dict[str, Any], instance: list) -> str:
 
 
 def serve_until_interrupted(endpoints: list[EndpointOptions], *, host: str, port: int, address: str | None,
-                            detach: bool, on_ready: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+                            detach: bool, on_ready: Callable[[list[dict[str, Any]]], None],
+                            fast_proxy: bool = True) -> list[dict[str, Any]]:
     """Deploy; then, unless ``detach``, serve in the foreground until Ctrl-C and take it all down."""
     from ray import serve
 
@@ -75,7 +76,7 @@ def serve_until_interrupted(endpoints: list[EndpointOptions], *, host: str, port
     if detach and not (address or os.environ.get("RAY_ADDRESS")):
         raise BadInput("--detach leaves the endpoints on a running cluster, but none was given; start one "
                        "(`ray start --head`) and pass --address auto (or RAY_ADDRESS), or drop --detach")
-    with cluster.connected(address):
+    with cluster.connected(address, local_env=cluster.serve_env() if fast_proxy else None):
         resolved = start(endpoints, host=host, port=port)
         on_ready(resolved)
         if detach:

@@ -69,7 +69,10 @@ def _authorized(request: Request) -> None:
                             headers={"WWW-Authenticate": "Bearer"})
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=128)
+# A replaced replica gets 5 s for requests in flight (ms each), not Serve's 20 s: behind HAProxy,
+# idle keep-alive connections otherwise hold every redeploy for the full timeout.
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=128,
+                  graceful_shutdown_wait_loop_s=0.5, graceful_shutdown_timeout_s=5)
 @serve.ingress(app)
 class ModelEndpoint:
     def __init__(self, options: dict[str, Any]):

@@ -1,0 +1,136 @@
+"""The quickstart model served by deepyard (Ray Serve) and by a plain FastAPI + uvicorn process.
+
+    .venv/bin/python bench/serve_latency.py [--requests 400] [--epochs 1]
+
+Trains the quickstart job (a few epochs: accuracy does not matter here), deploys it with
+deepyard's defaults, starts the baseline (bench/serve_plain.py, one uvicorn process, the same
+model and payloads), then sends the same real digit from a loopback load generator at
+concurrency 1 and 32, to each in turn. Prints one JSON object: p50/p99 latency (ms) and
+requests/s per server and concurrency, the ratios deepyard/baseline, and start-up seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def load(url: str, body: dict, concurrency: int, requests: int) -> dict:
+    latencies: list[float] = []
+    failures = 0
+    remaining = requests
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        for _ in range(max(5, concurrency)):  # warm-up: connections, first-request paths
+            await client.post(url, json=body)
+
+        async def worker() -> None:
+            nonlocal remaining, failures
+            while remaining > 0:
+                remaining -= 1
+                started = time.perf_counter()
+                response = await client.post(url, json=body)
+                latencies.append(time.perf_counter() - started)
+                failures += response.status_code != 200
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    latencies.sort()
+    return {"p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+            "requests_per_s": len(latencies) / wall, "requests": len(latencies), "failures": failures}
+
+
+def wait_ready(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=400, help="per concurrency level")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--max-batch-size", type=int, default=1, help="dynamic batching (1: off)")
+    parser.add_argument("--no-fast-proxy", action="store_true", help="Serve's Python proxy instead of HAProxy")
+    args = parser.parse_args()
+    home = tempfile.mkdtemp(prefix="deepyard-serve-bench-")
+    os.environ["DEEPYARD_HOME"] = home
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    from deepyard import cluster, tracking
+    from deepyard.runners import deploy
+    from deepyard.runners.train import run
+    from deepyard.serve.options import EndpointOptions
+    from deepyard.spec import load_spec
+
+    spec = load_spec(ROOT / "jobs/quickstart.yaml", [f"train.epochs={args.epochs}"])
+    results: dict = {"bench": "serve_latency", "cpus": os.cpu_count(), "model": "quickstart (digits CNN)",
+                     "proxy": "python" if args.no_fast_proxy else "haproxy", "replicas": args.replicas,
+                     "max_batch_size": args.max_batch_size}
+    # deepyard deploy's default on a local cluster: Serve's HAProxy high-throughput mode
+    with cluster.connected(local_env=None if args.no_fast_proxy else cluster.serve_env()):
+        summary = run(spec)
+        name, version = summary["model_name"], summary["model_version"]
+        sample = tracking.input_example(name, version)[:1].tolist()
+        body = {"instances": sample}
+
+        started = time.perf_counter()
+        port = free_port()
+        (info,) = deploy.start([EndpointOptions(model=f"{name}:{version}", replicas=args.replicas,
+                                                      max_batch_size=args.max_batch_size)], host="127.0.0.1", port=port)
+        results["deepyard_start_s"] = time.perf_counter() - started
+        deepyard_url = f"{info['url']}/predict"
+
+        started = time.perf_counter()
+        plain_port = free_port()
+        env = {**os.environ, "MODEL_URI": f"models:/{name}/{version}", "PYTHONPATH": str(ROOT)}
+        plain = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.serve_plain:app", "--port", str(plain_port),
+                                  "--log-level", "warning", "--no-access-log"], env=env, cwd=ROOT)
+        try:
+            wait_ready(f"http://127.0.0.1:{plain_port}/docs")
+            results["plain_start_s"] = time.perf_counter() - started
+            plain_url = f"http://127.0.0.1:{plain_port}/predict"
+            for concurrency in (1, 32):
+                for server, url in (("plain", plain_url), ("deepyard", deepyard_url)):
+                    requests = args.requests if concurrency == 1 else 2 * args.requests
+                    results[f"{server}_c{concurrency}"] = asyncio.run(load(url, body, concurrency, requests))
+                    print(json.dumps({f"{server}_c{concurrency}": results[f"{server}_c{concurrency}"]}), file=sys.stderr)
+        finally:
+            plain.terminate()
+            plain.wait()
+    for concurrency in (1, 32):
+        ours, theirs = results[f"deepyard_c{concurrency}"], results[f"plain_c{concurrency}"]
+        results[f"c{concurrency}_p50_ratio"] = ours["p50_ms"] / theirs["p50_ms"]
+        results[f"c{concurrency}_throughput_ratio"] = ours["requests_per_s"] / theirs["requests_per_s"]
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
