@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   train the quickstart model on an embedded local Ray cluster, tracked in MLflow
+#   make demo   train the quickstart model on an embedded local Ray cluster (unless a champion
+#               exists), tracked in MLflow, and serve it at http://127.0.0.1:8000 until Ctrl-C
 #   make test   the whole test suite (make test-fast: without the Ray Train jobs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -28,7 +29,8 @@ data:
 	else echo "note: Fashion-MNIST missing; run: sudo apt-get install dataset-fashion-mnist"; fi
 
 demo: install data
-	$(VENV)/bin/deepyard run jobs/quickstart.yaml
+	@$(VENV)/bin/deepyard models show digits-cnn@champion >/dev/null 2>&1 || $(VENV)/bin/deepyard run jobs/quickstart.yaml
+	$(VENV)/bin/deepyard deploy digits-cnn --port 8000 --try-sample
 
 test: install data
 	$(PY) -m pytest -q
@@ -39,6 +41,8 @@ test-fast: install data
 bench: install data
 	$(PY) bench/train_overhead.py
 	$(PY) bench/accuracy.py
+	$(PY) bench/sweep_asha.py
+	$(PY) bench/serve_latency.py
 
 clean:
 	rm -rf .deepyard .pytest_cache

@@ -138,6 +138,17 @@ def models(ctx: typer.Context, json_output: Annotated[bool, typer.Option("--json
 
 @models_app.command()
 @user_errors
+def show(ref: Annotated[str, typer.Argument(help="NAME@alias (default @champion) or NAME:version")]) -> None:
+    """The version a reference points at, with its test metrics (exit 2 if there is none)."""
+    from deepyard.serve.options import parse_model_ref
+    from deepyard.tracking import model_version
+
+    name, alias, version = parse_model_ref(ref)
+    print(json.dumps(model_version(name, alias=alias, version=version)))
+
+
+@models_app.command()
+@user_errors
 def promote(
     name: Annotated[str, typer.Argument(help="registered model name")],
     version: Annotated[str, typer.Argument(help="the version the alias should point at")],
@@ -168,6 +179,7 @@ def deploy(
     detach: Annotated[bool, typer.Option(help="leave the endpoints on the running cluster and return")] = False,
     fast_proxy: Annotated[bool, typer.Option(help="local cluster: Serve's HAProxy high-throughput mode "
                                                   "(--no-fast-proxy: Serve's Python proxy)")] = True,
+    try_sample: Annotated[bool, typer.Option(help="send each model one real test input and print its answer")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="print one JSON object as the last stdout line")] = False,
 ) -> None:
     """Serve registered models over HTTP (Ray Serve), one application per model under /models/NAME."""
@@ -186,6 +198,11 @@ def deploy(
             err.print(f"[green]serving[/] {info['name']}{alias} version {info['version']} at {info['url']}/predict")
             sample = tracking.input_example(info["name"], info["version"])[0].reshape(-1).round(4).tolist()
             err.print("  try: " + escape(deploying.curl_example(info, sample)), highlight=False)
+            if try_sample:
+                answer = deploying.ask(info, sample)
+                first = answer["predictions"][0]
+                shown = first["top_k"] if isinstance(first, dict) else first
+                err.print(f"  a real test input -> {escape(json.dumps(shown))} (version {answer['version']})")
         err.print("  docs: " + ", ".join(f"{info['url']}/docs" for info in resolved))
         if json_output:
             print(json.dumps({"endpoints": resolved}, default=str), flush=True)
@@ -194,6 +211,8 @@ def deploy(
 
     deploying.serve_until_interrupted(endpoints, host=host, port=port, address=address, detach=detach,
                                       on_ready=ready, fast_proxy=fast_proxy)
+    if not detach:
+        err.print("[yellow]stopped[/]: the endpoints are down")
 
 
 @app.command()

@@ -51,7 +51,7 @@ def connected(address: str | None = None, ray_logs: bool = False,
         return
     address = address or os.environ.get("RAY_ADDRESS")
     previous = _stop_on_sigterm()
-    for key, value in {**TRAIN_ENV, **(local_env if not address else {})}.items():
+    for key, value in {**TRAIN_ENV, **((local_env or {}) if not address else {})}.items():
         os.environ.setdefault(key, value)  # inherited by the raylet of a local cluster
     ray.init(
         address=address or "local",

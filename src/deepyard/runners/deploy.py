@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -64,6 +66,17 @@ def curl_example(info: dict[str, Any], instance: list) -> str:
     return f"curl -s{token} -H 'Content-Type: application/json' -d '{body}' {info['url']}/predict"
 
 
+def ask(info: dict[str, Any], instance: list) -> dict[str, Any]:
+    """One request to a freshly deployed endpoint (the demo's proof that it answers)."""
+    import httpx
+
+    token = os.environ.get("DEEPYARD_API_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = httpx.post(f"{info['url']}/predict", json={"instances": [instance]}, headers=headers, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
 def serve_until_interrupted(endpoints: list[EndpointOptions], *, host: str, port: int, address: str | None,
                             detach: bool, on_ready: Callable[[list[dict[str, Any]]], None],
                             fast_proxy: bool = True) -> list[dict[str, Any]]:
@@ -76,17 +89,30 @@ def serve_until_interrupted(endpoints: list[EndpointOptions], *, host: str, port
     if detach and not (address or os.environ.get("RAY_ADDRESS")):
         raise BadInput("--detach leaves the endpoints on a running cluster, but none was given; start one "
                        "(`ray start --head`) and pass --address auto (or RAY_ADDRESS), or drop --detach")
+    address = address or os.environ.get("RAY_ADDRESS")
     with cluster.connected(address, local_env=cluster.serve_env() if fast_proxy else None):
         resolved = start(endpoints, host=host, port=port)
         on_ready(resolved)
         if detach:
             return resolved
         try:
+            _interrupt_on_ctrl_c()
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
-            serve.shutdown()
+            # A local cluster goes down with Ray (a full Serve shutdown would wait ~30 s for HAProxy);
+            # on a shared cluster, only this command's applications go.
+            if address:
+                for info in resolved:
+                    serve.delete(info["name"], _blocking=False)
     return resolved
+
+
+def _interrupt_on_ctrl_c() -> None:
+    """Ctrl-C raises KeyboardInterrupt even where the shell started us with SIGINT ignored
+    (``make demo &``, some process managers); SIGTERM already does (``cluster.connected``)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def undeploy(names: list[str], address: str | None) -> list[str]:
