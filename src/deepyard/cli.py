@@ -62,6 +62,12 @@ def validate(spec: SpecPath, set_: Overrides = None) -> None:
     from deepyard.spec import load_spec
 
     job = load_spec(spec, set_ or [])
+    if job.kind == "deploy":
+        from deepyard.runners import deploy as deploying
+
+        served = ", ".join(f"{r['name']} version {r['version']} at {r['route']}" for r in deploying.check(job.models))
+        err.print(f"[green]ok[/] {spec}: kind=deploy name={job.name}: {served}")
+        return
     train = job.base if job.kind == "sweep" else job
     splits = sweep.check(job)[0] if job.kind == "sweep" else preflight(job)[0]
     err.print(f"[green]ok[/] {spec}: kind={job.kind} name={job.name} data={train.data.name} "
@@ -85,6 +91,12 @@ def run(
     from deepyard.spec import load_spec
 
     job = load_spec(spec, set_ or [])
+    if job.kind == "deploy":
+        ready = functools.partial(_print_endpoints, try_sample=False, json_output=json_output, detach=job.detach)
+        runner("deploy")(job, address=address, ray_logs=ray_logs, resume=resume, on_ready=ready)
+        if not job.detach:
+            err.print("[yellow]stopped[/]: the endpoints are down")
+        return
     watcher = progress.watch_sweep if job.kind == "sweep" else progress.watch
     summary = runner(job.kind)(job, address=address, ray_logs=ray_logs, resume=resume,
                               watch=functools.partial(watcher, console=err))
@@ -162,6 +174,27 @@ def promote(
               "switch to it without dropping requests")
 
 
+def _print_endpoints(resolved: list[dict], *, try_sample: bool, json_output: bool, detach: bool) -> None:
+    from deepyard import tracking
+    from deepyard.runners import deploy as deploying
+
+    for info in resolved:
+        alias = f"@{info['alias']}" if info["alias"] else ""
+        err.print(f"[green]serving[/] {info['name']}{alias} version {info['version']} at {info['url']}/predict")
+        sample = tracking.input_example(info["name"], info["version"])[0].reshape(-1).round(4).tolist()
+        err.print("  try: " + escape(deploying.curl_example(info, sample)), highlight=False)
+        if try_sample:
+            answer = deploying.ask(info, sample)
+            first = answer["predictions"][0]
+            shown = first["top_k"] if isinstance(first, dict) else first
+            err.print(f"  a real test input -> {escape(json.dumps(shown))} (version {answer['version']})")
+    err.print("  docs: " + ", ".join(f"{info['url']}/docs" for info in resolved))
+    if json_output:
+        print(json.dumps({"endpoints": resolved}, default=str), flush=True)
+    if not detach:
+        err.print("[dim]serving until Ctrl-C[/]")
+
+
 Address = Annotated[Optional[str], typer.Option(help="Ray cluster address; default $RAY_ADDRESS")]
 
 
@@ -190,25 +223,7 @@ def deploy(
                if (min_replicas or max_replicas) and not replicas else {"replicas": replicas or 1})
     endpoints = [EndpointOptions(model=ref, max_batch_size=max_batch_size, **scaling) for ref in models]
 
-    def ready(resolved: list[dict]) -> None:
-        from deepyard import tracking
-
-        for info in resolved:
-            alias = f"@{info['alias']}" if info["alias"] else ""
-            err.print(f"[green]serving[/] {info['name']}{alias} version {info['version']} at {info['url']}/predict")
-            sample = tracking.input_example(info["name"], info["version"])[0].reshape(-1).round(4).tolist()
-            err.print("  try: " + escape(deploying.curl_example(info, sample)), highlight=False)
-            if try_sample:
-                answer = deploying.ask(info, sample)
-                first = answer["predictions"][0]
-                shown = first["top_k"] if isinstance(first, dict) else first
-                err.print(f"  a real test input -> {escape(json.dumps(shown))} (version {answer['version']})")
-        err.print("  docs: " + ", ".join(f"{info['url']}/docs" for info in resolved))
-        if json_output:
-            print(json.dumps({"endpoints": resolved}, default=str), flush=True)
-        if not detach:
-            err.print("[dim]serving until Ctrl-C[/]")
-
+    ready = functools.partial(_print_endpoints, try_sample=try_sample, json_output=json_output, detach=detach)
     deploying.serve_until_interrupted(endpoints, host=host, port=port, address=address, detach=detach,
                                       on_ready=ready, fast_proxy=fast_proxy)
     if not detach:

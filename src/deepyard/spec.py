@@ -21,6 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFl
 
 from deepyard.errors import BadInput, SpecError
 from deepyard.registry import Registry, did_you_mean, unknown_name_message
+from deepyard.serve.options import EndpointOptions
 
 MetricName = Literal["val_loss", "val_accuracy", "val_rmse", "val_mae"]
 
@@ -248,8 +249,24 @@ class SweepJob(JobBase):
         return self.num_samples or (1 if has_grid else 8)
 
 
+class HttpSpec(Section):
+    host: str = Field("127.0.0.1", description="0.0.0.0 listens beyond this machine")
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class DeployJob(JobBase):
+    """Registered models served over HTTP by Ray Serve, one application per model (`deepyard deploy`)."""
+
+    kind: Literal["deploy"]
+    models: list[EndpointOptions] = Field(min_length=1, description="one entry per model: model: NAME[@alias|:version], "
+                                                                    "replicas, batching, limits...")
+    http: HttpSpec = Field(default_factory=HttpSpec)
+    detach: bool = Field(False, description="leave the endpoints on the running cluster (needs --address)")
+    fast_proxy: bool = Field(True, description="local cluster: Serve's HAProxy high-throughput mode")
+
+
 # One entry per job kind; runners/__init__.py holds the matching runner for each (a test keeps them in sync).
-KINDS: dict[str, type[JobBase]] = {"train": TrainJob, "sweep": SweepJob}
+KINDS: dict[str, type[JobBase]] = {"train": TrainJob, "sweep": SweepJob, "deploy": DeployJob}
 
 
 def _builder_registries() -> dict[str, Registry]:
@@ -278,9 +295,15 @@ def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
 
 
 def _fields_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
+    annotation: Any = model
     for part in loc:
+        if typing.get_origin(annotation) is list:  # models.0 -> the list's item type
+            annotation = typing.get_args(annotation)[0]
+            continue
+        model = _unwrap_model(annotation)
         field = model.model_fields.get(str(part)) if model else None
-        model = _unwrap_model(field.annotation) if field else None
+        annotation = field.annotation if field else None
+    model = _unwrap_model(annotation)
     return list(model.model_fields) if model else []
 
 
@@ -390,7 +413,7 @@ def parse_spec(document: Any, source: str = "<spec>", overrides: list[str] | Non
     if job_class is SweepJob:
         if isinstance(document.get("base"), dict):
             _check_builders(document["base"], problems, ("base",))
-    else:
+    elif job_class is TrainJob:
         _check_builders(document, problems)
     spec = None
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-RUNNERS = {"train": "deepyard.runners.train", "sweep": "deepyard.runners.sweep"}
+RUNNERS = {"train": "deepyard.runners.train", "sweep": "deepyard.runners.sweep", "deploy": "deepyard.runners.deploy"}
 
 
 def runner(kind: str) -> Callable:

@@ -115,6 +115,17 @@ def _interrupt_on_ctrl_c() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def run(spec, *, address: str | None = None, ray_logs: bool = False, watch: Callable | None = None,
+        resume: bool = False, on_ready: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+    """``kind: deploy``: the spec's models, served like ``deepyard deploy`` serves them."""
+    if resume:
+        raise BadInput("--resume continues an interrupted sweep; a deploy job just deploys again")
+    resolved = serve_until_interrupted(spec.models, host=spec.http.host, port=spec.http.port, address=address,
+                                       detach=spec.detach, on_ready=on_ready or (lambda _: None),
+                                       fast_proxy=spec.fast_proxy)
+    return {"endpoints": resolved, "detached": spec.detach}
+
+
 def undeploy(names: list[str], address: str | None) -> list[str]:
     from ray import serve
 
