@@ -58,10 +58,10 @@ def endpoint(ray_cluster, tmp_path_factory):
     serve.shutdown()
 
 
-def post(url: str, body, **kwargs) -> httpx.Response:
+def post(url: str, body, headers: dict | None = None) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(f"{url}/predict", content=content, headers={"Content-Type": "application/json"},
-                      timeout=30, **kwargs)
+    return httpx.post(f"{url}/predict", content=content, timeout=30,
+                      headers={"Content-Type": "application/json", **(headers or {})})
 
 
 def test_predictions_over_http_equal_the_models_own(endpoint):
@@ -176,19 +176,46 @@ def test_hot_swap_under_load_drops_no_request(endpoint, cli):
     assert set(versions[switched + 20:]) <= {"2"}  # once swapped, every replica answers with the new version
 
 
-def test_bearer_token(endpoint, monkeypatch):
+def test_bearer_token_and_dynamic_batching(endpoint, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
     from deepyard.runners import deploy
 
     monkeypatch.setenv("DEEPYARD_API_TOKEN", "s3cret")
-    deploy.start([endpoint["options"]], host="127.0.0.1", port=endpoint["port"])  # redeployed with the token
+    batched = endpoint["options"].model_copy(update={"max_batch_size": 8, "batch_wait_timeout_s": 0.01})
+    deploy.start([batched], host="127.0.0.1", port=endpoint["port"])  # redeployed: token and batching on
     assert post(endpoint["url"], {"instances": [[0] * 64]}).status_code == 401
-    wrong = httpx.post(f"{endpoint['url']}/predict", json={"instances": [[0] * 64]},
-                       headers={"Authorization": "Bearer nope"}, timeout=30)
+    wrong = post(endpoint["url"], {"instances": [[0] * 64]}, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
-    right = httpx.post(f"{endpoint['url']}/predict", json={"instances": [[0] * 64]},
-                       headers={"Authorization": "Bearer s3cret"}, timeout=30)
-    assert right.status_code == 200
     assert httpx.get(f"{endpoint['url']}/healthz", timeout=10).status_code == 200  # probes need no token
+
+    # Concurrent requests of different sizes share batches; each gets exactly its own answers.
+    example = tracking.input_example("serve-mlp", "2")
+    module, _ = tracking.load_model("serve-mlp", "2")
+    import torch
+
+    with torch.inference_mode():
+        offline = module(torch.as_tensor(example)).numpy()
+    requests = [example[i:i + size] for i in range(len(example)) for size in (1, 2) if i + size <= len(example)]
+
+    def ask(batch):
+        answer = post(endpoint["url"], {"instances": batch.tolist()}, headers={"Authorization": "Bearer s3cret"})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["predictions"]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, requests * 4))
+    names = [str(i) for i in range(10)]
+    for batch, predictions in zip(requests * 4, answers):
+        start = next(i for i in range(len(example)) if np.array_equal(example[i], batch[0]))
+        served = np.array([[p["probabilities"][n] for n in names] for p in predictions])
+        np.testing.assert_allclose(served, offline[start:start + len(batch)], rtol=1e-5, atol=1e-6)
+
+
+def test_undeploy(endpoint, cli):
+    cli("undeploy", "serve-mlp")
+    assert json.loads(cli("endpoints", "--json").stdout) == []
+    assert "not deployed: serve-mlp" in cli("undeploy", "serve-mlp", expect=2).stderr
 
 
 def test_deploy_refuses_unknown_models_before_ray_starts(cli):
