@@ -221,3 +221,32 @@ def test_undeploy(endpoint, cli):
 def test_deploy_refuses_unknown_models_before_ray_starts(cli):
     result = cli("deploy", "no-such-model", expect=2)
     assert "registered model" in result.stderr and "no-such-model" in result.stderr
+
+
+def test_deploy_job_serves_in_the_foreground_until_ctrl_c(endpoint, write_spec):
+    """`kind: deploy` through the real CLI, on its own local cluster: ready line, answers, Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    spec = write_spec(f"kind: deploy\nname: fg\nmodels:\n  - model: serve-mlp@champion\n    num_cpus: 0.5\n"
+                      f"http: {{port: {port}}}\n", "deploy.yaml")
+    env = {**os.environ, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),  # beside the session's HAProxy
+           "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port())}
+    process = subprocess.Popen([sys.executable, "-m", "deepyard.cli", "run", spec, "--json"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = json.loads(process.stdout.readline())  # printed once every endpoint answers
+        (info,) = ready["endpoints"]
+        assert info["url"] == f"http://127.0.0.1:{port}/models/serve-mlp"
+        answer = post(info["url"], {"instances": [[0] * 64]}, headers={"Authorization": "Bearer s3cret"}
+                      if os.environ.get("DEEPYARD_API_TOKEN") else None)
+        assert answer.status_code == 200 and answer.json()["model"] == "serve-mlp"
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=60)
+    assert code == 0, process.stderr.read()[-2000:]
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/models/serve-mlp/healthz", timeout=2)
