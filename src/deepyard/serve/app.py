@@ -59,7 +59,7 @@ app = FastAPI(title="deepyard model endpoint",
               description="A registered deepyard model served by Ray Serve (KServe v1 style predict).")
 
 
-def _authorized(request: Request) -> None:
+async def _authorized(request: Request) -> None:  # async: a sync dependency costs a thread hop per request
     token = os.environ.get(TOKEN_ENV)  # this replica's environment (build_app passes the deployer's)
     if not token:
         return
