@@ -56,12 +56,22 @@ def connected(address: str | None = None, ray_logs: bool = False,
     previous = _stop_on_sigterm()
     for key, value in {**TRAIN_ENV, **((local_env or {}) if not address else {})}.items():
         os.environ.setdefault(key, value)  # inherited by the raylet of a local cluster
-    ray.init(
-        address=address or "local",
-        runtime_env={"env_vars": dict(TRAIN_ENV)} if address else None,
-        logging_level="WARNING",
-        log_to_driver=ray_logs,
-    )
+    try:
+        ray.init(
+            address=address or "local",
+            runtime_env={"env_vars": dict(TRAIN_ENV)} if address else None,
+            logging_level="WARNING",
+            log_to_driver=ray_logs,
+        )
+    except ConnectionError as error:
+        from deepyard.errors import BadInput
+
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+        where = "running on this machine" if address == "auto" else f"at {address}"
+        raise BadInput(f"no Ray cluster {where} ({error}); start one with `ray start --head`, "
+                       "or pass --address / RAY_ADDRESS") from None
     _stop_on_sigterm()  # again: ray.init replaced it
     try:
         yield
