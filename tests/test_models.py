@@ -13,7 +13,8 @@ IMAGE_ONLY = {"cnn", "cnn_lenet", "cnn_resnet_small"}
 
 def tiny_params(name: str) -> dict:
     return {"mlp": {"hidden_sizes": [16, 8]}, "cnn": {"channels": [8, 16], "hidden_sizes": [16]},
-            "cnn_resnet_small": {"width": 8}}.get(name, {})
+            "cnn_resnet_small": {"width": 8}, "rnn": {"hidden_size": 16}, "lstm": {"hidden_size": 16},
+            "gru": {"hidden_size": 16}}.get(name, {})
 
 
 @pytest.mark.parametrize("name", MODELS.names())
@@ -52,3 +53,24 @@ def test_pipeline_standardizes_raw_inputs_and_saves_its_statistics():
     pipeline = Pipeline(torch.nn.Identity(), mean.numpy(), std.numpy())
     assert torch.allclose(pipeline(torch.tensor([[12.0, 3.0]])), torch.tensor([[1.0, 2.0]]))
     assert set(pipeline.state_dict()) == {"standardize.mean", "standardize.std"}
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("options", [{}, {"bidirectional": True, "layers": 2, "dropout": 0.1}, {"pooling": "mean"}],
+                         ids=["plain", "bidirectional-stacked", "mean-pooled"])
+def test_recurrent_models_read_sequences_in_order(cell, options):
+    torch.manual_seed(0)
+    model = MODELS.build(cell, {"hidden_size": 8, **options}, in_shape=(12, 3), num_outputs=2).eval()
+    sequences = torch.randn(5, 12, 3)
+    outputs = model(sequences)
+    assert outputs.shape == (5, 2)
+    # the order of the steps matters (a bag of steps would not see the difference)
+    assert not torch.allclose(model(sequences.flip(1)), outputs, atol=1e-5)
+    # an image is read row by row: rows are the steps, each row's pixels the features
+    image_model = MODELS.build(cell, {"hidden_size": 8, **options}, in_shape=(1, 8, 8), num_outputs=2)
+    assert image_model.rnn.input_size == 8
+
+
+def test_recurrent_models_refuse_other_shapes():
+    with pytest.raises(ValueError, match=r"\(time, features\)"):
+        MODELS.build("lstm", {}, in_shape=(2, 3, 4, 5), num_outputs=2)

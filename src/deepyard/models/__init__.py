@@ -5,6 +5,6 @@ its other keyword arguments are the ``model.params`` a spec may set.
 """
 
 from deepyard.models.registry import MODELS
-from deepyard.models import cnn, mlp, perceptron  # noqa: F401  (registers the builders)
+from deepyard.models import cnn, mlp, perceptron, rnn  # noqa: F401  (registers the builders)
 
 __all__ = ["MODELS"]
