@@ -91,3 +91,28 @@ def test_labels_beyond_the_class_count_and_truncated_files_are_data_errors(tmp_p
         stream.write(bytes([0, 0, 8, 3]) + np.array([10, 4, 4], dtype=">u4").tobytes() + bytes(20))
     with pytest.raises(DataError, match="truncated or corrupt"):
         read_idx(tmp_path / "t10k-images-idx3-ubyte.gz")
+
+
+def test_forecasting_windows_stay_in_time_order():
+    from deepyard.data import make_splits
+    from deepyard.data.series import windows
+
+    series = np.arange(100, dtype=np.float64)
+    raw = windows(series, lookback=5)
+    assert raw.x.shape == (95, 5, 1) and raw.ordered
+    np.testing.assert_array_equal(raw.x[3, :, 0], [3, 4, 5, 6, 7])
+    assert raw.y[3] == 8  # the value right after its window
+    splits = make_splits(raw, val_fraction=0.2, test_fraction=0.2, seed=0)
+    # train, then validation, then test: every test target comes after every validation target...
+    assert splits.y_train.max() < splits.y_val.min() and splits.y_val.max() < splits.y_test.min()
+    assert (len(splits.y_train), len(splits.y_val), len(splits.y_test)) == (57, 19, 19)
+    recent = make_splits(raw, val_fraction=0.2, test_fraction=0.2, seed=0, max_train_samples=10)
+    np.testing.assert_array_equal(recent.y_train, splits.y_train[-10:])  # ...and a cap keeps the most recent
+
+
+def test_sunspots_loads_as_windows():
+    from deepyard.data import DATASETS
+
+    raw = DATASETS.build("sunspots", {"lookback": 11})
+    assert raw.x.shape == (309 - 11, 11, 1) and raw.task == "regression"
+    assert raw.y[0] == raw.x[1, -1, 0]  # the next window ends with this window's target

@@ -24,6 +24,8 @@ class RawData:
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
     feature_names: list[str] | None = None
+    # Samples in time order (forecasting windows): split by position, the test span last.
+    ordered: bool = False
 
 
 @dataclass
@@ -95,6 +97,8 @@ def make_splits(raw: RawData, *, val_fraction: float, test_fraction: float, seed
     rng = np.random.default_rng(seed)
     stratify = raw.task == "classification"
     _check(raw)
+    if raw.ordered:
+        return _ordered_splits(raw, val_fraction, test_fraction, max_train_samples)
     x, y = raw.x.astype(np.float32), raw.y
     if raw.x_test is None:
         rest, test = _split_indices(y, test_fraction, rng, stratify)
@@ -114,3 +118,16 @@ def make_splits(raw: RawData, *, val_fraction: float, test_fraction: float, seed
         class_names=raw.class_names,
         feature_names=raw.feature_names,
     )
+
+
+def _ordered_splits(raw: RawData, val_fraction: float, test_fraction: float,
+                    max_train_samples: int | None) -> Splits:
+    """Earliest span for training, then validation, then the most recent span for test."""
+    n = len(raw.x)
+    test_start = n - int(round(n * test_fraction))
+    val_start = test_start - int(round(n * val_fraction))
+    train_start = max(0, val_start - max_train_samples) if max_train_samples else 0  # the most recent ones
+    x, y = raw.x.astype(np.float32), raw.y.astype(np.float32)
+    return Splits(task=raw.task, x_train=x[train_start:val_start], y_train=y[train_start:val_start],
+                  x_val=x[val_start:test_start], y_val=y[val_start:test_start],
+                  x_test=x[test_start:], y_test=y[test_start:], feature_names=raw.feature_names)

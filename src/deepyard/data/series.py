@@ -1,0 +1,39 @@
+"""Time series bundled with statsmodels, as next-value forecasting windows: no download, ever.
+
+Each sample is the last ``lookback`` observations, shape (lookback, 1); its target is the next
+one. Samples stay in time order (``RawData.ordered``): the splits are the earliest span for
+training, then validation, then the most recent span for test, so nothing from the future is
+learned from, and the standardization is fitted on the training span only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import PositiveInt
+
+from deepyard.data.registry import DATASETS
+from deepyard.data.splits import RawData
+from deepyard.errors import DataError
+
+
+def windows(series: np.ndarray, lookback: int) -> RawData:
+    if len(series) <= lookback + 2:
+        raise DataError(f"the series has {len(series)} points; lookback {lookback} leaves no windows")
+    steps = np.lib.stride_tricks.sliding_window_view(series[:-1], lookback)
+    return RawData(steps[..., None].astype(np.float32), series[lookback:].astype(np.float32), "regression",
+                   ordered=True)
+
+
+def _statsmodels():
+    try:
+        import statsmodels.api as sm
+    except ImportError:
+        raise DataError("this data set ships with statsmodels: pip install statsmodels") from None
+    return sm
+
+
+@DATASETS.register("sunspots")
+def sunspots(lookback: PositiveInt = 24) -> RawData:
+    """309 yearly sunspot numbers, 1700-2008 (an ~11-year cycle); forecast the next year."""
+    data = _statsmodels().datasets.sunspots.load_pandas().data
+    return windows(data["SUNACTIVITY"].to_numpy(dtype=np.float64), lookback)
