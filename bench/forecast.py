@@ -1,6 +1,7 @@
 """Forecasting against the naive baselines, on the same chronological test span.
 
     .venv/bin/python bench/forecast.py [--job jobs/sunspots_lstm.yaml] [--season 11]
+    .venv/bin/python bench/forecast.py --job jobs/co2_gru.yaml --season 52
 
 Trains the job (on a local Ray cluster, tracked in MLflow as usual), then scores on its test
 windows: persistence (next value = last value) and seasonal naive (next value = the value one
@@ -47,10 +48,13 @@ def main() -> None:
     started = time.perf_counter()
     summary = run(spec)
     model = {"rmse": summary["metrics"]["test_rmse"], "mae": summary["metrics"]["test_mae"]}
-    persistence = scores(windows[:, -1], actual)
+    # On a differenced series the windows hold changes: persistence (the level stays) predicts no
+    # change, and the seasonal naive forecast repeats the change of one season before.
+    differenced = bool(spec.data.params.get("difference"))
+    persistence = scores(np.zeros_like(actual) if differenced else windows[:, -1], actual)
     seasonal = scores(windows[:, -args.season], actual)  # the value one season before the target
     print(json.dumps({
-        "bench": "forecast", "job": Path(args.job).name, "test_windows": len(actual),
+        "bench": "forecast", "job": Path(args.job).name, "test_windows": len(actual), "differenced": differenced,
         "wall_s": time.perf_counter() - started, "epochs_run": summary["epochs_run"],
         "model": model, "persistence": persistence, f"seasonal_naive_{args.season}": seasonal,
         "rmse_below_persistence": 1 - model["rmse"] / persistence["rmse"],

@@ -116,3 +116,14 @@ def test_sunspots_loads_as_windows():
     raw = DATASETS.build("sunspots", {"lookback": 11})
     assert raw.x.shape == (309 - 11, 11, 1) and raw.task == "regression"
     assert raw.y[0] == raw.x[1, -1, 0]  # the next window ends with this window's target
+
+
+def test_co2_differenced_windows_are_weekly_changes():
+    from deepyard.data import DATASETS
+
+    levels = DATASETS.build("co2", {"lookback": 4, "difference": False})
+    changes = DATASETS.build("co2", {"lookback": 4, "difference": True})
+    assert not np.isnan(levels.x).any() and levels.x.shape == (2284 - 4, 4, 1)
+    assert changes.x.shape == (2283 - 4, 4, 1)
+    # the first change window holds the level differences of the first five weeks
+    np.testing.assert_allclose(changes.x[0, :, 0], np.diff(np.append(levels.x[0, :, 0], levels.y[0])), atol=1e-4)

@@ -1,7 +1,10 @@
 """Time series bundled with statsmodels, as next-value forecasting windows: no download, ever.
 
 Each sample is the last ``lookback`` observations, shape (lookback, 1); its target is the next
-one. Samples stay in time order (``RawData.ordered``): the splits are the earliest span for
+one. With ``difference``, observations are week-to-week (or year-to-year) changes and the target is
+the next change: a trending series (CO2) becomes one a model can learn without extrapolating past
+the levels it was trained on; the next level is the last one plus the predicted change, with the
+same error. Samples stay in time order (``RawData.ordered``): the splits are the earliest span for
 training, then validation, then the most recent span for test, so nothing from the future is
 learned from, and the standardization is fitted on the training span only.
 """
@@ -37,3 +40,12 @@ def sunspots(lookback: PositiveInt = 24) -> RawData:
     """309 yearly sunspot numbers, 1700-2008 (an ~11-year cycle); forecast the next year."""
     data = _statsmodels().datasets.sunspots.load_pandas().data
     return windows(data["SUNACTIVITY"].to_numpy(dtype=np.float64), lookback)
+
+
+@DATASETS.register("co2")
+def co2(lookback: PositiveInt = 52, difference: bool = True) -> RawData:
+    """2,284 weekly CO2 readings at Mauna Loa, 1958-2001 (gaps interpolated): a trend plus a yearly
+    cycle; forecast next week's change (``difference``) or level."""
+    data = _statsmodels().datasets.co2.load_pandas().data["co2"].interpolate().bfill()
+    series = data.to_numpy(dtype=np.float64)
+    return windows(np.diff(series) if difference else series, lookback)
