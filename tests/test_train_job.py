@@ -127,6 +127,23 @@ train: {epochs: 30, batch_size: 32, early_stopping: {patience: 2, min_delta: 1.0
     assert predictions.shape == (20,) and 50 < predictions.mean() < 300
 
 
+def test_forecast_job_is_scored_against_persistence(ray_cluster, cli, write_spec):
+    spec = write_spec("""
+kind: train
+name: tiny_sunspots
+data: {name: sunspots, params: {lookback: 11}}
+model: {name: gru, params: {hidden_size: 8}}
+optim: {name: adam, lr: 0.01}
+train: {epochs: 3, batch_size: 16}
+""")
+    summary = run_job(cli, spec)
+    metrics = summary["metrics"]
+    assert metrics["test_rmse_vs_persistence"] == pytest.approx(metrics["test_rmse"] / metrics["test_rmse_persistence"])
+    assert 15 < metrics["test_rmse_persistence"] < 60  # sunspot numbers: tens from one year to the next
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(summary["run_id"], "plots")}
+    assert "plots/forecast.png" in artifacts
+
+
 def test_sigterm_stops_the_job_and_marks_its_run_killed(write_spec, tmp_path):
     """The real console script with its own local cluster, stopped the way a scheduler stops it."""
     import os

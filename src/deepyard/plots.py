@@ -75,3 +75,18 @@ def trial_curves(curves: dict[str, list[tuple[int, float]]], metric: str):
     axis.grid(alpha=0.3)
     figure.tight_layout()
     return figure
+
+
+def forecast(actual: np.ndarray, predicted: np.ndarray, naive: np.ndarray | None):
+    """The test span: what happened, the model's one-step forecasts, and persistence's."""
+    figure, axis = plt.subplots(figsize=(10, 4))
+    steps = np.arange(len(actual))
+    axis.plot(steps, actual, color="black", linewidth=1.5, label="actual")
+    axis.plot(steps, predicted, color="tab:blue", label="forecast")
+    if naive is not None:
+        axis.plot(steps, naive, color="tab:gray", linestyle="--", linewidth=1, label="persistence")
+    axis.set_xlabel("test step")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure

@@ -19,12 +19,12 @@ from deepyard.data.splits import RawData
 from deepyard.errors import DataError
 
 
-def windows(series: np.ndarray, lookback: int) -> RawData:
+def windows(series: np.ndarray, lookback: int, differenced: bool = False) -> RawData:
     if len(series) <= lookback + 2:
         raise DataError(f"the series has {len(series)} points; lookback {lookback} leaves no windows")
     steps = np.lib.stride_tricks.sliding_window_view(series[:-1], lookback)
     return RawData(steps[..., None].astype(np.float32), series[lookback:].astype(np.float32), "regression",
-                   ordered=True)
+                   ordered=True, persistence="zero" if differenced else "last")
 
 
 def _statsmodels():
@@ -48,4 +48,4 @@ def co2(lookback: PositiveInt = 52, difference: bool = True) -> RawData:
     cycle; forecast next week's change (``difference``) or level."""
     data = _statsmodels().datasets.co2.load_pandas().data["co2"].interpolate().bfill()
     series = data.to_numpy(dtype=np.float64)
-    return windows(np.diff(series) if difference else series, lookback)
+    return windows(np.diff(series) if difference else series, lookback, differenced=difference)

@@ -26,6 +26,9 @@ class RawData:
     feature_names: list[str] | None = None
     # Samples in time order (forecasting windows): split by position, the test span last.
     ordered: bool = False
+    # Forecasting windows: what "nothing changes" predicts for a window ("last": its last value;
+    # "zero": no change, on a differenced series). The baseline a forecast must beat.
+    persistence: Literal["last", "zero"] | None = None
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Splits:
     y_test: np.ndarray
     class_names: list[str] | None = None
     feature_names: list[str] | None = None
+    persistence: Literal["last", "zero"] | None = None
     in_shape: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -130,4 +134,14 @@ def _ordered_splits(raw: RawData, val_fraction: float, test_fraction: float,
     x, y = raw.x.astype(np.float32), raw.y.astype(np.float32)
     return Splits(task=raw.task, x_train=x[train_start:val_start], y_train=y[train_start:val_start],
                   x_val=x[val_start:test_start], y_val=y[val_start:test_start],
-                  x_test=x[test_start:], y_test=y[test_start:], feature_names=raw.feature_names)
+                  x_test=x[test_start:], y_test=y[test_start:], feature_names=raw.feature_names,
+                  persistence=raw.persistence)
+
+
+def persistence_forecast(splits: Splits) -> np.ndarray | None:
+    """The naive forecast for each test window (None: not forecasting windows)."""
+    if splits.persistence == "last":
+        return splits.x_test[:, -1, 0]
+    if splits.persistence == "zero":
+        return np.zeros_like(splits.y_test)
+    return None

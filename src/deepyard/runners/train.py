@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from deepyard import settings, tracking
@@ -207,6 +208,8 @@ def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, An
         tracking.log_figure(run_id, figure, "plots/confusion_matrix.png")
 
     pipeline.load_state_dict(final["model"])
+    if splits.persistence:  # forecasting windows: the test span against the naive forecast
+        _log_forecast(run_id, task, pipeline, splits, final)
     metadata = {"task": task.name, "input_shape": list(splits.in_shape), "class_names": splits.class_names,
                 "feature_names": splits.feature_names, "job": spec.name}
     tags = {f"metric.{k}": f"{v:.6g}" for k, v in final["test"].items()}
@@ -219,6 +222,20 @@ def promote(model_name: str, version: str, options, metric: str, mode: str) -> d
     """Move the alias to ``version``, only if it beats the holder on the test twin of ``metric``."""
     return tracking.promote(model_name, version, options.alias, only_if_better=options.only_if_better,
                             metric="test_" + metric.removeprefix("val_"), mode=mode)
+
+
+def _log_forecast(run_id: str, task, pipeline, splits: Splits, final: dict[str, Any]) -> None:
+    from deepyard import plots
+    from deepyard.data.splits import persistence_forecast
+
+    with torch.inference_mode():
+        predicted = task.serving_module(pipeline).eval()(torch.from_numpy(splits.x_test)).numpy()
+    naive = persistence_forecast(splits)
+    rmse = float(np.sqrt(np.mean((naive - splits.y_test) ** 2)))
+    final["test"].update(test_rmse_persistence=rmse, test_rmse_vs_persistence=final["test"]["test_rmse"] / rmse)
+    tracking.log_metrics(run_id, {k: final["test"][k] for k in ("test_rmse_persistence", "test_rmse_vs_persistence")},
+                         final["epochs_run"])
+    tracking.log_figure(run_id, plots.forecast(splits.y_test, predicted, naive), "plots/forecast.png")
 
 
 def run(spec: TrainJob, *, address: str | None = None, ray_logs: bool = False,
