@@ -92,8 +92,17 @@ def png(width: int, height: int, mode: str = "L") -> str:
 
 
 def test_png_instances_for_image_models(endpoint):
+    import torch
+
     answer = post(endpoint["url"], {"instances": [png(8, 8)]})
     assert answer.status_code == 200, answer.text
+    # grey 128 of 255 is 8.03 in the digits' own 0-16 pixel units
+    module, metadata = tracking.load_model("serve-mlp", answer.json()["version"])
+    assert metadata["pixel_max"] == 16.0
+    with torch.inference_mode():
+        expected_probabilities = module(torch.full((1, 1, 8, 8), 128 * 16 / 255)).numpy()[0]
+    served = [answer.json()["predictions"][0]["probabilities"][str(i)] for i in range(10)]
+    np.testing.assert_allclose(served, expected_probabilities, rtol=1e-5, atol=1e-6)
     wrong = post(endpoint["url"], {"instances": [png(28, 28)]})
     assert wrong.status_code == 400 and "PNG is 28x28 pixels; this model takes 8x8" in wrong.json()["error"]
 

@@ -212,6 +212,8 @@ def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, An
         _log_forecast(run_id, task, pipeline, splits, final)
     metadata = {"task": task.name, "input_shape": list(splits.in_shape), "class_names": splits.class_names,
                 "feature_names": splits.feature_names, "job": spec.name}
+    if splits.is_image:  # PNG requests are scaled from 0-255 into the data set's own pixel range
+        metadata["pixel_max"] = float(splits.x_train.max())
     tags = {f"metric.{k}": f"{v:.6g}" for k, v in final["test"].items()}
     return tracking.log_model(run_id, task.serving_module(pipeline), final["example"].numpy(),
                               registered_name=registered_name,
