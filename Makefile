@@ -43,6 +43,8 @@ bench: install data
 	$(PY) bench/accuracy.py
 	$(PY) bench/sweep_asha.py
 	$(PY) bench/serve_latency.py
+	$(PY) bench/forecast.py --job jobs/sunspots_lstm.yaml --season 11
+	$(PY) bench/forecast.py --job jobs/co2_gru.yaml --season 52
 
 clean:
 	rm -rf .deepyard .pytest_cache

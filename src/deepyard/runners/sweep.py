@@ -183,8 +183,9 @@ def _tuner(spec: SweepJob, context: dict, sweep_dir: Path, resume: bool, metric:
         return tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
     concurrency = _concurrency(spec)
     searcher, scheduler = _search_and_schedule(spec, concurrency)
-    # Inline trials' checkpoints are Tune's: the newest few (PBT copies from them; a final one is last).
-    keep = 4 if spec.scheduler.name == "pbt" else 2
+    # Inline trials' checkpoints are Tune's, and all are kept while the sweep runs: Tune deletes
+    # old ones as soon as newer ones land, but its experiment snapshot (what --resume restores)
+    # can still name a deleted one, and the trial then cannot resume. `_prune` tidies up after.
     return tune.Tuner(
         trainable,
         param_space=tune_space(spec),
@@ -198,8 +199,21 @@ def _tuner(spec: SweepJob, context: dict, sweep_dir: Path, resume: bool, metric:
                                     # instead of a new one each time: seconds per trial on a laptop
                                     reuse_actors=inline(spec.base)),
         run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=keep)),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
     )
+
+
+def _prune(results, final_checkpoints: dict[str, str]) -> None:
+    """After the sweep: each finished trial keeps its final checkpoint only (local storage)."""
+    import shutil
+
+    for result in results:
+        trial_dir, final = Path(result.path), final_checkpoints.get(Path(result.path).name)
+        if final is None or not trial_dir.is_dir():
+            continue
+        for checkpoint in trial_dir.glob("checkpoint_*"):
+            if checkpoint.is_dir() and str(checkpoint) != final:
+                shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def _promote(spec: SweepJob, best: dict, metric: str, mode: str) -> dict[str, Any]:
@@ -269,7 +283,9 @@ def run(spec: SweepJob, *, address: str | None = None, ray_logs: bool = False,
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     # Tune's newer console output prints a configuration box even at verbose=0; deepyard has its own table.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Inline trials checkpoint every epoch; Tune then snapshots its state often, which is fine here.
+    # Tune's experiment snapshot is what --resume restores: every second, so that an interrupted
+    # trial goes on from a recent checkpoint (Tune's adaptive default can lag by minutes).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     try:
         with cluster.connected(address, ray_logs):
@@ -283,6 +299,7 @@ def run(spec: SweepJob, *, address: str | None = None, ray_logs: bool = False,
         final_checkpoints = {Path(result.path).name: result.checkpoint.path for result in results
                              if result.error is None and result.checkpoint and result.metrics.get("final")}
         trials = sweep_report.close_trials(parent, metric, mode, errored, final_checkpoints)
+        _prune(results, final_checkpoints)
         finished = [t for t in trials if t["checkpoint"] and t["best"] is not None and math.isfinite(t["best"])]
         if not finished:
             raise JobFailed("no trial finished; see the child runs' errors in MLflow")
