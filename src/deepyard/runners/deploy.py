@@ -40,13 +40,15 @@ def route(options: EndpointOptions) -> str:
     return options.route_prefix or f"/models/{parse_model_ref(options.model)[0]}"
 
 
-def start(endpoints: list[EndpointOptions], *, host: str, port: int) -> list[dict[str, Any]]:
-    """Deploy onto the connected Ray cluster (Serve starts on ``host:port`` if it is not running)."""
+def start(endpoints: list[EndpointOptions], *, host: str, port: int,
+          resolved: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Deploy onto the connected Ray cluster (Serve starts on ``host:port`` if it is not running).
+    ``resolved``: what ``check`` answered already, if the caller asked before Ray started."""
     from ray import serve
 
     from deepyard.serve.app import build_app
 
-    resolved = check(endpoints)
+    resolved = resolved or check(endpoints)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # deepyard prints what matters itself
     serve.start(http_options={"host": host, "port": port}, logging_config=LOGGING)
     for options, info in zip(endpoints, resolved):
@@ -72,9 +74,10 @@ def ask(info: dict[str, Any], instance: list) -> dict[str, Any]:
     """One request to a freshly deployed endpoint (the demo's proof that it answers)."""
     import httpx
 
-    token = os.environ.get("DEEPYARD_API_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    response = httpx.post(f"{info['url']}/predict", json={"instances": [instance]}, headers=headers, timeout=30)
+    from deepyard.serve.client import auth_headers
+
+    response = httpx.post(f"{info['url']}/predict", json={"instances": [instance]}, headers=auth_headers(),
+                          timeout=30)
     response.raise_for_status()
     return response.json()
 
@@ -87,13 +90,13 @@ def serve_until_interrupted(endpoints: list[EndpointOptions], *, host: str, port
 
     from deepyard import cluster
 
-    check(endpoints)  # before Ray starts
+    resolved = check(endpoints)  # before Ray starts
     if detach and not (address or os.environ.get("RAY_ADDRESS")):
         raise BadInput("--detach leaves the endpoints on a running cluster, but none was given; start one "
                        "(`ray start --head`) and pass --address auto (or RAY_ADDRESS), or drop --detach")
     address = address or os.environ.get("RAY_ADDRESS")
     with cluster.connected(address, local_env=cluster.serve_env() if fast_proxy else None):
-        resolved = start(endpoints, host=host, port=port)
+        resolved = start(endpoints, host=host, port=port, resolved=resolved)
         on_ready(resolved)
         if detach:
             return resolved

@@ -24,12 +24,16 @@ def request_body(path: Path) -> dict[str, Any]:
     return body if isinstance(body, dict) else {"instances": body}
 
 
+def auth_headers() -> dict[str, str]:
+    """The bearer token endpoints deployed with DEEPYARD_API_TOKEN expect (none if it is unset)."""
+    token = os.environ.get("DEEPYARD_API_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def predict(name: str, path: Path, url: str) -> dict[str, Any]:
     import httpx
 
-    headers = {}
-    if token := os.environ.get("DEEPYARD_API_TOKEN"):
-        headers["Authorization"] = f"Bearer {token}"
+    headers = auth_headers()
     try:
         response = httpx.post(f"{url.rstrip('/')}/models/{name}/predict", json=request_body(path),
                               headers=headers, timeout=60)
