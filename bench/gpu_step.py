@@ -66,7 +66,7 @@ def measure(name: str, device: torch.device, steps: int, batch_size: int, rounds
 
     torch.manual_seed(0)
     net = MODELS.build(name, params, in_shape=in_shape, num_outputs=10)
-    pipeline = Pipeline(net, torch.full((1, 1, 1), 72.9).numpy(), torch.full((1, 1, 1), 90.0).numpy()).to(device)
+    pipeline = Pipeline(net, (torch.full((1, 1, 1), 72.9).numpy(), torch.full((1, 1, 1), 90.0).numpy())).to(device)
     task = make_task("classification", num_classes=10)
     optimizer = torch.optim.Adam(pipeline.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

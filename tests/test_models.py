@@ -50,7 +50,7 @@ def test_mlp_activations_and_options(activation):
 
 def test_pipeline_standardizes_raw_inputs_and_saves_its_statistics():
     mean, std = torch.tensor([10.0, -5.0]), torch.tensor([2.0, 4.0])
-    pipeline = Pipeline(torch.nn.Identity(), mean.numpy(), std.numpy())
+    pipeline = Pipeline(torch.nn.Identity(), (mean.numpy(), std.numpy()))
     assert torch.allclose(pipeline(torch.tensor([[12.0, 3.0]])), torch.tensor([[1.0, 2.0]]))
     assert set(pipeline.state_dict()) == {"standardize.mean", "standardize.std"}
 

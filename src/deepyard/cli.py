@@ -177,16 +177,18 @@ def promote(
 def _print_endpoints(resolved: list[dict], *, try_sample: bool, json_output: bool, detach: bool) -> None:
     from deepyard import tracking
     from deepyard.runners import deploy as deploying
+    from deepyard.serve.payloads import request_instance
 
     for info in resolved:
         alias = f"@{info['alias']}" if info["alias"] else ""
         err.print(f"[green]serving[/] {info['name']}{alias} version {info['version']} at {info['url']}/predict")
-        sample = tracking.input_example(info["name"], info["version"])[0].reshape(-1).round(4).tolist()
+        sample = request_instance(tracking.input_example(info["name"], info["version"])[0],
+                                  tracking.model_metadata(info["name"], info["version"]))
         err.print("  try: " + escape(deploying.curl_example(info, sample)), highlight=False)
         if try_sample:
             answer = deploying.ask(info, sample)
             first = answer["predictions"][0]
-            shown = first["top_k"] if isinstance(first, dict) else first
+            shown = first.get("top_k", first.get("text")) if isinstance(first, dict) else first
             err.print(f"  a real test input -> {escape(json.dumps(shown))} (version {answer['version']})")
     err.print("  docs: " + ", ".join(f"{info['url']}/docs" for info in resolved))
     if json_output:

@@ -73,6 +73,11 @@ class Registry(Generic[Builder]):
             f"{name}_params", __config__=pydantic.ConfigDict(extra="forbid"), **fields
         )
 
+    def accepts(self, name: str, argument: str) -> bool:
+        return argument in inspect.signature(self.get(name)).parameters
+
     def build(self, name: str, params: dict[str, Any], **injected: Any) -> Any:
+        """The builder called with the spec's ``params`` and the injected arguments it takes."""
         checked = self.params_model(name).model_validate(params)
+        injected = {key: value for key, value in injected.items() if self.accepts(name, key)}
         return self.get(name)(**injected, **checked.model_dump())

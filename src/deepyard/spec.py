@@ -23,7 +23,7 @@ from deepyard.errors import BadInput, SpecError
 from deepyard.registry import Registry, did_you_mean, unknown_name_message
 from deepyard.serve.options import EndpointOptions
 
-MetricName = Literal["val_loss", "val_accuracy", "val_rmse", "val_mae"]
+MetricName = Literal["val_loss", "val_accuracy", "val_rmse", "val_mae", "val_bits_per_token", "val_perplexity"]
 
 
 class Section(BaseModel):

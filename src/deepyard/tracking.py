@@ -163,8 +163,8 @@ def log_figure(run_id: str, figure, artifact_file: str) -> None:
     plt.close(figure)  # pyplot keeps every figure alive otherwise
 
 
-def log_text(run_id: str, text: str, artifact_file: str) -> None:
-    client().log_text(run_id, text, artifact_file)
+def log_text(run_id: str, text: str, artifact_file: str, uri: str | None = None) -> None:
+    client(uri).log_text(run_id, text, artifact_file)
 
 
 def log_dict(run_id: str, data: dict, artifact_file: str) -> None:
@@ -364,6 +364,14 @@ def load_model(name: str, version: str, uri: str | None = None):
     except NotImplementedError:  # MLflow 3 saves torch.export programs (no pickle): already in eval mode
         pass
     return module, metadata
+
+
+def model_metadata(name: str, version: str) -> dict[str, Any]:
+    """What ``log_model`` stored with the version: task, input shape, class names, vocabulary..."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.models.get_model_info(f"models:/{name}/{version}").metadata or {}
 
 
 def input_example(name: str, version: str):

@@ -3,7 +3,7 @@ into deterministic train/val/test splits. Nothing here touches the network, Ray 
 
 from deepyard.data.registry import DATASETS
 from deepyard.data.splits import RawData, Splits, make_splits
-from deepyard.data import csv_file, idx, series, sklearn_sets  # noqa: F401  (registers the builders)
+from deepyard.data import csv_file, idx, series, sklearn_sets, text  # noqa: F401  (registers the builders)
 
 __all__ = ["DATASETS", "RawData", "Splits", "make_splits", "load_splits"]
 

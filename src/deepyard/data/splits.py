@@ -9,7 +9,9 @@ import numpy as np
 
 from deepyard.errors import DataError
 
-Task = Literal["classification", "regression"]
+Task = Literal["classification", "regression", "language_model"]
+
+PAD, UNK = 0, 1  # token ids every vocabulary starts with
 
 
 @dataclass
@@ -29,6 +31,12 @@ class RawData:
     # Forecasting windows: what "nothing changes" predicts for a window ("last": its last value;
     # "zero": no change, on a differenced series). The baseline a forecast must beat.
     persistence: Literal["last", "zero"] | None = None
+    # Text: ``x`` holds codes into this symbol table (the corpus's own encoding, 0 = padding). The
+    # vocabulary the model sees is fitted later on the training split only (``fit_vocabulary``).
+    symbols: list[str] | None = None
+    min_count: int = 1  # a symbol seen fewer times in training becomes <unk>
+    max_vocab: int | None = None
+    join_with: str = ""  # how decoded tokens join back into text ("" for characters, " " for words)
 
 
 @dataclass
@@ -43,6 +51,8 @@ class Splits:
     class_names: list[str] | None = None
     feature_names: list[str] | None = None
     persistence: Literal["last", "zero"] | None = None
+    vocab: list[str] | None = None  # token data: id -> token, fitted on the training split
+    join_with: str = ""
     in_shape: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -53,11 +63,20 @@ class Splits:
         return len(self.in_shape) == 3
 
     @property
+    def is_text(self) -> bool:
+        return self.vocab is not None
+
+    @property
     def num_outputs(self) -> int:
+        if self.task == "language_model":
+            return len(self.vocab)
         return len(self.class_names) if self.task == "classification" else 1
 
-    def input_stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and std fitted on the training split only: per channel for images, per feature otherwise."""
+    def input_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Mean and std fitted on the training split only: per channel for images, per feature otherwise.
+        None for token ids, which are not standardized."""
+        if self.is_text:
+            return None
         axes = (0, 2, 3) if self.is_image else (0,)
         mean = self.x_train.mean(axis=axes, keepdims=True)[0]
         std = self.x_train.std(axis=axes, keepdims=True)[0]
@@ -102,19 +121,20 @@ def make_splits(raw: RawData, *, val_fraction: float, test_fraction: float, seed
     stratify = raw.task == "classification"
     _check(raw)
     if raw.ordered:
-        return _ordered_splits(raw, val_fraction, test_fraction, max_train_samples)
-    x, y = raw.x.astype(np.float32), raw.y
+        splits = _ordered_splits(raw, val_fraction, test_fraction, max_train_samples)
+        return fit_vocabulary(splits, raw) if raw.symbols is not None else splits
+    x, y = _inputs(raw, raw.x), raw.y
     if raw.x_test is None:
         rest, test = _split_indices(y, test_fraction, rng, stratify)
         x_test, y_test, x, y = x[test], y[test], x[rest], y[rest]
     else:
-        x_test, y_test = raw.x_test.astype(np.float32), raw.y_test
+        x_test, y_test = _inputs(raw, raw.x_test), raw.y_test
     train, val = _split_indices(y, val_fraction, rng, stratify)
     train = rng.permutation(train)
     if max_train_samples is not None:
         train = train[:max_train_samples]
-    dtype = np.int64 if stratify else np.float32
-    return Splits(
+    dtype = _target_dtype(raw)
+    splits = Splits(
         task=raw.task,
         x_train=x[train], y_train=y[train].astype(dtype),
         x_val=x[val], y_val=y[val].astype(dtype),
@@ -122,6 +142,15 @@ def make_splits(raw: RawData, *, val_fraction: float, test_fraction: float, seed
         class_names=raw.class_names,
         feature_names=raw.feature_names,
     )
+    return fit_vocabulary(splits, raw) if raw.symbols is not None else splits
+
+
+def _inputs(raw: RawData, x: np.ndarray) -> np.ndarray:
+    return x.astype(np.int64) if raw.symbols is not None else x.astype(np.float32)
+
+
+def _target_dtype(raw: RawData):
+    return np.float32 if raw.task == "regression" else np.int64
 
 
 def _ordered_splits(raw: RawData, val_fraction: float, test_fraction: float,
@@ -131,7 +160,7 @@ def _ordered_splits(raw: RawData, val_fraction: float, test_fraction: float,
     test_start = n - int(round(n * test_fraction))
     val_start = test_start - int(round(n * val_fraction))
     train_start = max(0, val_start - max_train_samples) if max_train_samples else 0  # the most recent ones
-    x, y = raw.x.astype(np.float32), raw.y.astype(np.float32)
+    x, y = _inputs(raw, raw.x), raw.y.astype(_target_dtype(raw))
     return Splits(task=raw.task, x_train=x[train_start:val_start], y_train=y[train_start:val_start],
                   x_val=x[val_start:test_start], y_val=y[val_start:test_start],
                   x_test=x[test_start:], y_test=y[test_start:], feature_names=raw.feature_names,
@@ -145,3 +174,21 @@ def persistence_forecast(splits: Splits) -> np.ndarray | None:
     if splits.persistence == "zero":
         return np.zeros_like(splits.y_test)
     return None
+
+
+def fit_vocabulary(splits: Splits, raw: RawData) -> Splits:
+    """Re-code token data with a vocabulary fitted on the training inputs only: <pad>, <unk>, then
+    the symbols seen at least ``min_count`` times, most frequent first. A symbol that only the
+    validation or test data has becomes <unk>, as it would for text the model meets in serving."""
+    counts = np.bincount(splits.x_train.ravel(), minlength=len(raw.symbols))
+    counts[PAD] = 0
+    kept = [code for code in np.argsort(-counts, kind="stable") if counts[code] >= raw.min_count and code > UNK]
+    kept = kept[: raw.max_vocab - 2] if raw.max_vocab else kept
+    recode = np.full(len(raw.symbols), UNK, dtype=np.int64)
+    recode[PAD] = PAD
+    recode[kept] = np.arange(2, len(kept) + 2)
+    splits.vocab = ["<pad>", "<unk>"] + [raw.symbols[code] for code in kept]
+    splits.join_with = raw.join_with
+    for name in ("x_train", "x_val", "x_test") + (("y_train", "y_val", "y_test") if raw.task == "language_model" else ()):
+        setattr(splits, name, recode[getattr(splits, name)])
+    return splits

@@ -36,9 +36,10 @@ class Standardize(nn.Module):
 class Pipeline(nn.Module):
     """Raw inputs -> standardized -> network -> raw outputs (logits, or standardized targets)."""
 
-    def __init__(self, net: nn.Module, in_mean: np.ndarray, in_std: np.ndarray):
+    def __init__(self, net: nn.Module, stats: tuple[np.ndarray, np.ndarray] | None):
         super().__init__()
-        self.standardize = Standardize(in_mean, in_std)
+        # Token ids (stats None) go to the network as they are.
+        self.standardize = Standardize(*stats) if stats is not None else nn.Identity()
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

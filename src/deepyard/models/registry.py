@@ -1,3 +1,3 @@
 from deepyard.registry import Registry
 
-MODELS = Registry("model", injected=("in_shape", "num_outputs"))
+MODELS = Registry("model", injected=("in_shape", "num_outputs", "vocab_size"))

@@ -29,11 +29,16 @@ def load_data(spec: TrainJob) -> Splits:
 
 def build(spec: TrainJob, splits: Splits):
     """The model (preprocessing fitted on the training split included) and the task."""
+    if splits.is_text != MODELS.accepts(spec.model.name, "vocab_size"):
+        raise BadInput(f"model {spec.model.name!r} reads {'numbers' if splits.is_text else 'token ids'} but data "
+                       f"{spec.data.name!r} is {'text' if splits.is_text else 'numbers'}; use " +
+                       ("transformer_encoder (classification) or transformer_decoder (language model)"
+                        if splits.is_text else "mlp, cnn, lstm, gru or rnn"))
     net = MODELS.build(spec.model.name, spec.model.params, in_shape=splits.in_shape,
-                       num_outputs=splits.num_outputs)
+                       num_outputs=splits.num_outputs, vocab_size=len(splits.vocab) if splits.is_text else None)
     target_mean, target_std = splits.target_stats()
     task = make_task(splits.task, num_classes=splits.num_outputs, target_mean=target_mean, target_std=target_std)
-    return Pipeline(net, *splits.input_stats()), task
+    return Pipeline(net, splits.input_stats()), task
 
 
 def monitored(spec_metric: str | None, spec_mode: str | None, task) -> tuple[str, str]:

@@ -121,6 +121,8 @@ def fit_loop(config: dict[str, Any], edges) -> float | None:
         if log:
             log({**metrics, **hyperparameters}, epoch)
             log.flush()  # a scheduler may stop this trial at the report: its epochs are in MLflow first
+            if task.name == "language_model":
+                _log_samples(config, plain_model, splits, epoch)
 
         state = None
         if epoch % spec.checkpoint.every_n_epochs == 0 and rank == 0:
@@ -157,6 +159,28 @@ def fit_loop(config: dict[str, Any], edges) -> float | None:
     with checkpoints.staged(final) as directory:
         edges.report({ckpt_metric: best_value, "final": 1, "epoch": epoch}, directory)
     return best_value if rank == 0 else None
+
+
+def _log_samples(config: dict[str, Any], model, splits: Splits, epoch: int, count: int = 3) -> None:
+    """A few texts sampled from the model, each from the start of a validation window, as an artifact."""
+    from deepyard.data.text import decode
+    from deepyard.tasks.language_model import generate
+
+    model.eval()
+    window = splits.in_shape[0]
+    device = next(model.parameters()).device
+    texts = []
+    for index in range(count):
+        prompt = splits.x_val[index * len(splits.x_val) // count, : max(1, window // 4)].tolist()
+        ids = generate(lambda batch: model(batch.to(device)).cpu(), prompt, window=window,
+                       max_new_tokens=2 * window, temperature=0.8, top_k=20, seed=index)
+        texts.append(f"[{decode(prompt, splits.vocab, splits.join_with)}]"
+                     f"{splits.join_with}{decode(ids, splits.vocab, splits.join_with)}")
+    try:
+        tracking.log_text(config["run_id"], "\n\n----\n\n".join(texts), f"samples/epoch_{epoch:04d}.txt",
+                          uri=config["tracking_uri"])
+    except Exception as error:  # a sample is a nicety: it must never stop training
+        print(f"could not log the epoch's text samples: {error}")
 
 
 def make_trainer(spec: TrainJob, run_id: str, monitor: tuple[str, str], callbacks: list | None = None):
@@ -212,6 +236,8 @@ def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, An
         _log_forecast(run_id, task, pipeline, splits, final)
     metadata = {"task": task.name, "input_shape": list(splits.in_shape), "class_names": splits.class_names,
                 "feature_names": splits.feature_names, "job": spec.name}
+    if splits.is_text:  # the served model tokenizes requests with the training vocabulary
+        metadata.update(vocab=splits.vocab, token_level="char" if splits.join_with == "" else "word")
     if splits.is_image:  # PNG requests are scaled from 0-255 into the data set's own pixel range
         metadata["pixel_max"] = float(splits.x_train.max())
     tags = {f"metric.{k}": f"{v:.6g}" for k, v in final["test"].items()}

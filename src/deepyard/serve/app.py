@@ -29,7 +29,8 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from deepyard.serve.options import EndpointOptions, parse_model_ref
-from deepyard.serve.payloads import BadRequest, decode_instances, encode_predictions, expected
+from deepyard.serve.payloads import (BadRequest, decode_instances, decode_prompts, encode_predictions, expected,
+                                     generate_texts)
 
 TOKEN_ENV = "DEEPYARD_API_TOKEN"
 logger = logging.getLogger("deepyard.serve")
@@ -37,7 +38,8 @@ logger = logging.getLogger("deepyard.serve")
 
 class PredictRequest(BaseModel):
     instances: list[Any] = Field(description="raw inputs in the data set's own units, each in the model's "
-                                             "input shape (or flat); image models also take base64 PNG strings")
+                                             "input shape (or flat); image models also take base64 PNG strings; "
+                                             "text models take strings; language models take prompts")
     top_k: int | None = Field(None, ge=1, description="classification: how many labels in each top_k")
 
 
@@ -136,6 +138,10 @@ class ModelEndpoint:
         try:
             body = await self._body(request)
             loaded = self.current
+            if loaded.metadata.get("task") == "language_model":  # sampled token by token, never batched
+                prompts = decode_prompts(body, loaded.metadata, self.options.max_instances)
+                texts = await asyncio.to_thread(generate_texts, loaded.module, prompts, loaded.metadata)
+                return JSONResponse({"predictions": texts, "model": self.name, "version": loaded.version})
             batch = decode_instances(body, loaded.metadata, self.options.max_instances)
             top_k = body.get("top_k")
             top_k = self.options.top_k if top_k is None else top_k

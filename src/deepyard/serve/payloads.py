@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,16 @@ class BadRequest(ValueError):
         self.status = status
 
 
+MAX_NEW_TOKENS = 2048
+_GENERATION_KEYS = {"prompt", "max_new_tokens", "temperature", "top_k", "seed"}
+
+
 def expected(metadata: dict[str, Any]) -> str:
+    if metadata.get("task") == "language_model":
+        return ('each instance: a prompt string, or {"prompt": str, "max_new_tokens": int (default 100, at most '
+                f'{MAX_NEW_TOKENS}), "temperature": number >= 0 (default 1; 0 is greedy), "top_k": int, "seed": int}}')
+    if metadata.get("vocab"):
+        return "each instance: a text string"
     shape = metadata["input_shape"]
     text = f"each instance: {'x'.join(map(str, shape))} numbers (nested in that shape, or flat)"
     return text + (", or a base64 PNG string" if len(shape) == 3 else "")
@@ -44,7 +54,88 @@ def decode_instances(body: Any, metadata: dict[str, Any], max_batch: int) -> np.
         raise BadRequest(f"{len(instances)} instances is over this endpoint's limit of {max_batch} per "
                          "request; split the batch", status=413)
     shape = tuple(metadata["input_shape"])
+    if metadata.get("vocab"):
+        return np.stack([_text(item, index, shape[0], metadata) for index, item in enumerate(instances)])
     return np.stack([_instance(item, index, shape, metadata) for index, item in enumerate(instances)])
+
+
+def _token_ids(text: str, metadata: dict[str, Any], length: int | None) -> list[int]:
+    from deepyard.data.text import encode
+
+    # The token -> id table is built once per loaded model and kept with its metadata.
+    index = metadata.get("_vocab_index") or metadata.setdefault(
+        "_vocab_index", {token: i for i, token in enumerate(metadata["vocab"])})
+    return encode(text, index, metadata.get("token_level", "word"), length)
+
+
+def _text(item: Any, index: int, length: int, metadata: dict[str, Any]) -> np.ndarray:
+    if not isinstance(item, str) or not item.strip():
+        raise BadRequest(f"instances[{index}]: {'an empty string' if isinstance(item, str) else type(item).__name__}; "
+                         + expected(metadata))
+    return np.asarray(_token_ids(item, metadata, length), dtype=np.int64)
+
+
+@dataclass
+class Generation:
+    prompt: str
+    ids: list[int]
+    max_new_tokens: int = 100
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+
+
+def decode_prompts(body: Any, metadata: dict[str, Any], max_batch: int) -> list[Generation]:
+    """A language model's ``{"instances": [prompt or {"prompt": ..., ...}]}`` -> what to generate."""
+    if not isinstance(body, dict) or not isinstance(body.get("instances"), list) or not body["instances"]:
+        raise BadRequest('expected a JSON object {"instances": [...]} with at least one instance; ' + expected(metadata))
+    if len(body["instances"]) > max_batch:
+        raise BadRequest(f"{len(body['instances'])} instances is over this endpoint's limit of {max_batch} per "
+                         "request; split the batch", status=413)
+    return [_generation(item, index, metadata) for index, item in enumerate(body["instances"])]
+
+
+def _generation(item: Any, index: int, metadata: dict[str, Any]) -> Generation:
+    where = f"instances[{index}]"
+    options = {"prompt": item} if isinstance(item, str) else item
+    if not isinstance(options, dict) or not isinstance(options.get("prompt"), str) or not options["prompt"]:
+        raise BadRequest(f"{where}: needs a non-empty prompt string; " + expected(metadata))
+    if unknown := sorted(set(options) - _GENERATION_KEYS):
+        raise BadRequest(f"{where}: unknown key {unknown[0]!r}; " + expected(metadata))
+
+    def integer(key: str, low: int, high: int | None = None) -> int | None:
+        value = options.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low
+                                  or (high is not None and value > high)):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise BadRequest(f"{where}.{key}: {value!r}; must be an integer {bounds}")
+        return value
+
+    temperature = options.get("temperature", 1.0)
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 10:
+        raise BadRequest(f"{where}.temperature: {temperature!r}; must be a number from 0 (greedy) to 10")
+    new_tokens = integer("max_new_tokens", 1, MAX_NEW_TOKENS)
+    ids = _token_ids(options["prompt"], metadata, None)
+    if not ids:
+        raise BadRequest(f"{where}.prompt: holds no tokens; " + expected(metadata))
+    return Generation(options["prompt"], ids,
+                      100 if new_tokens is None else new_tokens, float(temperature), integer("top_k", 1),
+                      integer("seed", 0))
+
+
+def generate_texts(module, requests: list[Generation], metadata: dict[str, Any]) -> list[dict[str, Any]]:
+    """Sample each request's continuation from the served language model."""
+    from deepyard.data.text import decode
+    from deepyard.tasks.language_model import generate
+
+    join_with = "" if metadata.get("token_level") == "char" else " "
+    window = int(metadata["input_shape"][0])
+    results = []
+    for request in requests:
+        ids = generate(module, request.ids, window=window, max_new_tokens=request.max_new_tokens,
+                       temperature=request.temperature, top_k=request.top_k, seed=request.seed)
+        results.append({"prompt": request.prompt, "text": decode(ids, metadata["vocab"], join_with)})
+    return results
 
 
 def _instance(item: Any, index: int, shape: tuple[int, ...], metadata: dict[str, Any]) -> np.ndarray:
@@ -98,6 +189,24 @@ def encode_predictions(outputs: np.ndarray, metadata: dict[str, Any], top_k: int
     return [float(value) for value in np.asarray(outputs).reshape(len(outputs), -1)[:, 0]]
 
 
-def example_instance(metadata: dict[str, Any]) -> list:
-    """A valid instance (zeros) for the curl example and the OpenAPI docs."""
+def request_instance(example: np.ndarray, metadata: dict[str, Any]) -> Any:
+    """One logged input example (a real test input) as a request instance: numbers, a text or a prompt."""
+    if not metadata.get("vocab"):
+        return example.reshape(-1).round(4).tolist()
+    from deepyard.data.text import decode
+
+    char_level = metadata.get("token_level") == "char"
+    text = decode(example.tolist(), metadata["vocab"], "" if char_level else " ")
+    if metadata.get("task") == "language_model":
+        return {"prompt": text[: len(text) // 4] or text, "max_new_tokens": 100, "temperature": 0.8, "top_k": 20}
+    return text
+
+
+def example_instance(metadata: dict[str, Any]) -> Any:
+    """A valid instance for the curl example and the OpenAPI docs (zeros, for numbers)."""
+    if metadata.get("task") == "language_model":
+        return {"prompt": "ROMEO:" if metadata.get("token_level") == "char" else "the", "max_new_tokens": 100,
+                "temperature": 0.8, "top_k": 20}
+    if metadata.get("vocab"):
+        return "a quietly moving film, beautifully acted"
     return np.zeros(metadata["input_shape"], dtype=np.float32).tolist()

@@ -4,11 +4,12 @@ Metrics are accumulated as sums so that data-parallel workers can all-reduce the
 """
 
 from deepyard.tasks.classification import Classification
+from deepyard.tasks.language_model import LanguageModel
 from deepyard.tasks.regression import Regression
 
-TASKS = {"classification": Classification, "regression": Regression}
+TASKS = {"classification": Classification, "regression": Regression, "language_model": LanguageModel}
 
-__all__ = ["TASKS", "Classification", "Regression", "make_task"]
+__all__ = ["TASKS", "Classification", "LanguageModel", "Regression", "make_task"]
 
 
 def make_task(name: str, **kwargs):

