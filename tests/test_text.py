@@ -182,3 +182,28 @@ def test_language_model_payloads():
                           ({"instances": ["a"] * 5}, "over this endpoint's limit of 4")]:
         with pytest.raises(BadRequest, match=message.replace("(", r"\(")):
             decode_prompts(body, metadata, 4)
+
+
+SEQUENCE_SPEC = """
+kind: train
+name: sequences
+data: {name: shakespeare_char, params: {context_length: 32, plays: [macbeth]}}
+model: {name: %s, params: %s}
+"""
+
+
+@pytest.mark.parametrize(("model", "params", "message"), [
+    ("transformer_decoder", "{context_length: 16}", "sequences have 32 tokens but the model's context_length is 16"),
+    ("transformer_decoder", "{width: 30}", "width 30 is not divisible by heads 4"),
+    ("transformer_encoder", "{}", "transformer_encoder is not a language model"),
+    ("mlp", "{}", "model 'mlp' reads numbers but data 'shakespeare_char' is text"),
+])
+def test_bad_sequence_settings_exit_2_before_ray_starts(cli, write_spec, model, params, message):
+    result = cli("validate", write_spec(SEQUENCE_SPEC % (model, params)), expect=2)
+    assert message in " ".join(result.stderr.split())
+
+
+def test_a_lookback_longer_than_the_series_exits_2(cli, write_spec):
+    spec = write_spec("kind: train\nname: long\ndata: {name: sunspots, params: {lookback: 400}}\nmodel: {name: lstm}\n")
+    result = cli("validate", spec, expect=2)
+    assert "the series has 309 points; lookback 400 leaves no windows" in " ".join(result.stderr.split())

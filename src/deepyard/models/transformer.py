@@ -118,6 +118,8 @@ class TransformerEncoder(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
+    predicts_every_step = True  # a language model: one output per position, not per text
+
     def __init__(self, vocab_size: int, context_length: int, width: int, layers: int, heads: int, dropout: float,
                  tie_weights: bool):
         super().__init__()

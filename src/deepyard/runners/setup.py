@@ -36,6 +36,10 @@ def build(spec: TrainJob, splits: Splits):
                         if splits.is_text else "mlp, cnn, lstm, gru or rnn"))
     net = MODELS.build(spec.model.name, spec.model.params, in_shape=splits.in_shape,
                        num_outputs=splits.num_outputs, vocab_size=len(splits.vocab) if splits.is_text else None)
+    if splits.task == "language_model" and not getattr(net, "predicts_every_step", False):
+        raise BadInput(f"model {spec.model.name!r}: {spec.model.name} is not a language model (it predicts one "
+                       f"output per text); data {spec.data.name!r} needs next-token predictions: use "
+                       "transformer_decoder")
     target_mean, target_std = splits.target_stats()
     task = make_task(splits.task, num_classes=splits.num_outputs, target_mean=target_mean, target_std=target_std)
     return Pipeline(net, splits.input_stats()), task
