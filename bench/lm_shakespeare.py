@@ -78,7 +78,7 @@ def main() -> None:
     wall = time.perf_counter() - started
     client = tracking.client()
     val_loss = client.get_metric_history(summary["run_id"], "val_loss")
-    throughput = [m.value * context for m in client.get_metric_history(summary["run_id"], "samples_per_s")]
+    throughput = [m.value for m in client.get_metric_history(summary["run_id"], "tokens_per_s")]
     reached = [m for m in val_loss if m.value <= args.target]
     deepyard_tokens_per_s = sum(throughput) / len(throughput)
     print(json.dumps({

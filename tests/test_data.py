@@ -127,3 +127,28 @@ def test_co2_differenced_windows_are_weekly_changes():
     assert changes.x.shape == (2283 - 4, 4, 1)
     # the first change window holds the level differences of the first five weeks
     np.testing.assert_allclose(changes.x[0, :, 0], np.diff(np.append(levels.x[0, :, 0], levels.y[0])), atol=1e-4)
+
+
+def test_seasonal_naive_forecast_repeats_the_value_one_season_back():
+    from deepyard.data import make_splits
+    from deepyard.data.series import windows
+    from deepyard.data.splits import seasonal_naive_forecast
+
+    series = np.tile([0.0, 1.0, 2.0, 3.0], 30)  # a season of 4 steps, repeated exactly
+    splits = make_splits(windows(series, lookback=6, season=4), val_fraction=0.2, test_fraction=0.2, seed=0)
+    np.testing.assert_array_equal(seasonal_naive_forecast(splits), splits.y_test)  # perfect on a pure cycle
+    longer = make_splits(windows(series, lookback=3, season=4), val_fraction=0.2, test_fraction=0.2, seed=0)
+    assert seasonal_naive_forecast(longer) is None  # the window does not reach one season back
+
+
+def test_csv_series_sorts_by_time_and_fills_gaps(tmp_path):
+    from deepyard.data import DATASETS
+    from deepyard.errors import DataError
+
+    path = tmp_path / "sales.csv"
+    path.write_text("day,sales\n" + "\n".join(f"{day},{'' if day == 7 else day * 2}" for day in reversed(range(40))))
+    raw = DATASETS.build("csv_series", {"path": str(path), "column": "sales", "lookback": 5, "time_column": "day"})
+    assert raw.ordered and raw.x.shape == (35, 5, 1)
+    np.testing.assert_allclose(raw.x[3, :, 0], [6, 8, 10, 12, 14])  # day 7 interpolated, in time order
+    with pytest.raises(DataError, match="no column 'sale'; did you mean 'sales'"):
+        DATASETS.build("csv_series", {"path": str(path), "column": "sale"})

@@ -9,7 +9,7 @@ from deepyard.models import MODELS
 from deepyard.models.pipeline import Pipeline
 
 IMAGE_ONLY = {"cnn", "cnn_lenet", "cnn_resnet_small"}
-TOKENS_ONLY = {"transformer_encoder", "transformer_decoder"}  # tested in test_text.py
+TESTED_ELSEWHERE = {"transformer_encoder", "transformer_decoder", "dcgan"}  # test_text.py, test_gan.py
 
 
 def tiny_params(name: str) -> dict:
@@ -18,7 +18,7 @@ def tiny_params(name: str) -> dict:
             "gru": {"hidden_size": 16}}.get(name, {})
 
 
-@pytest.mark.parametrize("name", sorted(set(MODELS.names()) - TOKENS_ONLY))
+@pytest.mark.parametrize("name", sorted(set(MODELS.names()) - TESTED_ELSEWHERE))
 @pytest.mark.parametrize("in_shape", [(1, 8, 8), (1, 28, 28), (13,)], ids=["8x8", "28x28", "tabular"])
 def test_output_shape_and_falling_loss(name, in_shape):
     if name in IMAGE_ONLY and len(in_shape) != 3:

@@ -1,6 +1,6 @@
 """Text: tokenization and vocabularies without leakage, the transformers, the language-model task,
 and the text payloads of a served model. Fast: no Ray here (the end-to-end runs are in
-test_text_jobs.py)."""
+test_zoo_jobs.py)."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def test_text_csv(tmp_path):
     splits = load_splits("text_csv", {"path": str(path), "text": "review", "label": "stars", "max_length": 8},
                          val_fraction=0.2, test_fraction=0.2, seed=0)
     assert splits.class_names == ["bad", "good"] and "great" in splits.vocab
-    with pytest.raises(DataError, match="no text column 'text'"):
+    with pytest.raises(DataError, match="no column 'text'"):
         load_splits("text_csv", {"path": str(path)}, val_fraction=0.2, test_fraction=0.2, seed=0)
 
 

@@ -188,7 +188,8 @@ def _print_endpoints(resolved: list[dict], *, try_sample: bool, json_output: boo
         if try_sample:
             answer = deploying.ask(info, sample)
             first = answer["predictions"][0]
-            shown = first.get("top_k", first.get("text")) if isinstance(first, dict) else first
+            shown = (first.get("top_k") or first.get("text") or f"{len(first.get('images', []))} PNG images"
+                     if isinstance(first, dict) else first)
             err.print(f"  a real test input -> {escape(json.dumps(shown))} (version {answer['version']})")
     err.print("  docs: " + ", ".join(f"{info['url']}/docs" for info in resolved))
     if json_output:

@@ -12,9 +12,10 @@ import numpy as np  # noqa: E402
 def learning_curves(history: dict[str, list[tuple[int, float]]]):
     """Loss on the left, the task's other metrics on the right, train and validation per epoch."""
     names = sorted({key.split("_", 1)[1] for key in history})
-    others = [n for n in names if n != "loss"]
+    losses = [n for n in names if n.endswith("loss")]  # a GAN has two
+    others = [n for n in names if n not in losses]
     figure, axes = plt.subplots(1, 1 + bool(others), figsize=(10 if others else 5, 4), squeeze=False)
-    for axis, metrics in zip(axes[0], (["loss"], others)):
+    for axis, metrics in zip(axes[0], (losses, others)):
         for metric in metrics:
             for split in ("train", "val"):
                 points = history.get(f"{split}_{metric}")
@@ -89,4 +90,15 @@ def forecast(actual: np.ndarray, predicted: np.ndarray, naive: np.ndarray | None
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
+    return figure
+
+
+def image_grid(images: np.ndarray, rows: int, title: str = ""):
+    """(n, channels, height, width) images in the data set's units, ``rows`` per row and column."""
+    figure, axes = plt.subplots(rows, rows, figsize=(rows, rows))
+    for axis, image in zip(axes.flat, images):
+        axis.imshow(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0) / max(image.max(), 1e-8),
+                    cmap="gray" if image.shape[0] == 1 else None)
+        axis.axis("off")
+    figure.suptitle(title)
     return figure

@@ -23,7 +23,8 @@ from deepyard.errors import BadInput, SpecError
 from deepyard.registry import Registry, did_you_mean, unknown_name_message
 from deepyard.serve.options import EndpointOptions
 
-MetricName = Literal["val_loss", "val_accuracy", "val_rmse", "val_mae", "val_bits_per_token", "val_perplexity"]
+MetricName = Literal["val_loss", "val_accuracy", "val_rmse", "val_mae", "val_bits_per_token", "val_perplexity",
+                     "val_quality", "val_confident_share", "val_min_class_share", "val_d_loss", "val_g_loss"]
 
 
 class Section(BaseModel):

@@ -18,6 +18,23 @@ def _check_column(column: str, columns: list[str], path: Path) -> None:
         raise DataError(f"{path}: no column {column!r}{did_you_mean(column, columns)} (columns: {', '.join(columns)})")
 
 
+def read_table(path: str, columns: list[str]):
+    """A CSV file as a DataFrame that has ``columns``, or a DataError that says what is wrong."""
+    import pandas as pd
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"CSV file {file} does not exist; set data.params.path to a readable file")
+    try:
+        table = pd.read_csv(file)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+        raise DataError(f"{file}: cannot be read as CSV: {error}") from None
+    known = [str(c) for c in table.columns]
+    for column in columns:
+        _check_column(column, known, file)
+    return table
+
+
 @DATASETS.register("csv")
 def csv(
     path: str,
@@ -27,18 +44,9 @@ def csv(
 ) -> RawData:
     import pandas as pd  # ~0.25 s: paid only by CSV jobs
 
+    table = read_table(path, [target] + list(features or []))
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise DataError(f"CSV file {file} does not exist; set data.params.path to a readable file")
-    try:
-        table = pd.read_csv(file)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
-        raise DataError(f"{file}: cannot be read as CSV: {error}") from None
-    columns = [str(c) for c in table.columns]
-    _check_column(target, columns, file)
-    features = features or [c for c in columns if c != target]
-    for column in features:
-        _check_column(column, columns, file)
+    features = features or [str(c) for c in table.columns if str(c) != target]
     non_numeric = [c for c in features if not pd.api.types.is_numeric_dtype(table[c])]
     if non_numeric:
         raise DataError(f"{file}: feature columns must be numeric; not numeric: {', '.join(non_numeric)}")

@@ -19,12 +19,12 @@ from deepyard.data.splits import RawData
 from deepyard.errors import DataError
 
 
-def windows(series: np.ndarray, lookback: int, differenced: bool = False) -> RawData:
+def windows(series: np.ndarray, lookback: int, differenced: bool = False, season: int | None = None) -> RawData:
     if len(series) <= lookback + 2:
         raise DataError(f"the series has {len(series)} points; lookback {lookback} leaves no windows")
     steps = np.lib.stride_tricks.sliding_window_view(series[:-1], lookback)
     return RawData(steps[..., None].astype(np.float32), series[lookback:].astype(np.float32), "regression",
-                   ordered=True, persistence="zero" if differenced else "last")
+                   ordered=True, persistence="zero" if differenced else "last", season=season)
 
 
 def _statsmodels():
@@ -39,7 +39,7 @@ def _statsmodels():
 def sunspots(lookback: PositiveInt = 24) -> RawData:
     """309 yearly sunspot numbers, 1700-2008 (an ~11-year cycle); forecast the next year."""
     data = _statsmodels().datasets.sunspots.load_pandas().data
-    return windows(data["SUNACTIVITY"].to_numpy(dtype=np.float64), lookback)
+    return windows(data["SUNACTIVITY"].to_numpy(dtype=np.float64), lookback, season=11)
 
 
 @DATASETS.register("co2")
@@ -48,4 +48,23 @@ def co2(lookback: PositiveInt = 52, difference: bool = True) -> RawData:
     cycle; forecast next week's change (``difference``) or level."""
     data = _statsmodels().datasets.co2.load_pandas().data["co2"].interpolate().bfill()
     series = data.to_numpy(dtype=np.float64)
-    return windows(np.diff(series) if difference else series, lookback, differenced=difference)
+    return windows(np.diff(series) if difference else series, lookback, differenced=difference, season=52)
+
+
+@DATASETS.register("csv_series")
+def csv_series(path: str, column: str, lookback: PositiveInt = 24, difference: bool = False,
+               season: PositiveInt | None = None, time_column: str | None = None) -> RawData:
+    """The user's own series: one numeric ``column`` of a CSV file, in file order (or sorted by
+    ``time_column``); gaps are interpolated. ``season`` (steps) adds the seasonal naive baseline."""
+    import pandas as pd
+
+    from deepyard.data.csv_file import read_table
+
+    table = read_table(path, [column] + ([time_column] if time_column else []))
+    if time_column:
+        table = table.sort_values(time_column, kind="stable")
+    values = pd.to_numeric(table[column], errors="coerce")
+    if values.notna().sum() < 3:
+        raise DataError(f"{path}: column {column!r} holds fewer than 3 numbers")
+    series = values.interpolate().bfill().ffill().to_numpy(dtype=np.float64)
+    return windows(np.diff(series) if difference else series, lookback, differenced=difference, season=season)

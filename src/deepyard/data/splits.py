@@ -31,6 +31,7 @@ class RawData:
     # Forecasting windows: what "nothing changes" predicts for a window ("last": its last value;
     # "zero": no change, on a differenced series). The baseline a forecast must beat.
     persistence: Literal["last", "zero"] | None = None
+    season: int | None = None  # steps per season: the seasonal naive forecast repeats the value one season back
     # Text: ``x`` holds codes into this symbol table (the corpus's own encoding, 0 = padding). The
     # vocabulary the model sees is fitted later on the training split only (``fit_vocabulary``).
     symbols: list[str] | None = None
@@ -51,6 +52,7 @@ class Splits:
     class_names: list[str] | None = None
     feature_names: list[str] | None = None
     persistence: Literal["last", "zero"] | None = None
+    season: int | None = None
     vocab: list[str] | None = None  # token data: id -> token, fitted on the training split
     join_with: str = ""
     in_shape: tuple[int, ...] = field(init=False)
@@ -164,7 +166,15 @@ def _ordered_splits(raw: RawData, val_fraction: float, test_fraction: float,
     return Splits(task=raw.task, x_train=x[train_start:val_start], y_train=y[train_start:val_start],
                   x_val=x[val_start:test_start], y_val=y[val_start:test_start],
                   x_test=x[test_start:], y_test=y[test_start:], feature_names=raw.feature_names,
-                  persistence=raw.persistence)
+                  persistence=raw.persistence, season=raw.season)
+
+
+def seasonal_naive_forecast(splits: Splits) -> np.ndarray | None:
+    """Each test window's value one season before its target (for a differenced series, the change
+    one season before); None without a season, or with a season longer than the windows."""
+    if not splits.persistence or not splits.season or splits.season > splits.x_test.shape[1]:
+        return None
+    return splits.x_test[:, -splits.season, 0]
 
 
 def persistence_forecast(splits: Splits) -> np.ndarray | None:

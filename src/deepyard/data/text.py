@@ -134,22 +134,11 @@ def text_csv(path: str, text: str = "text", label: str = "label", level: Level =
              max_length: PositiveInt = 128, min_count: PositiveInt = 2,
              max_vocab: VocabSize | None = 30000) -> RawData:
     """The user's own labelled text: a CSV file with a text column and a label column."""
-    import pandas as pd
+    from deepyard.data.csv_file import read_table
 
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DataError(f"CSV file {file} does not exist; set data.params.path to a readable file")
-    try:
-        table = pd.read_csv(file)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
-        raise DataError(f"{file}: cannot be read as CSV: {error}") from None
-    columns = [str(c) for c in table.columns]
-    for role, column in (("text", text), ("label", label)):
-        if column not in columns:
-            raise DataError(f"{file}: no {role} column {column!r}{did_you_mean(column, columns)} "
-                            f"(columns: {', '.join(columns)}); set data.params.{role}")
+    table = read_table(path, [text, label])
     table = table.dropna(subset=[text, label])
     if table.empty:
-        raise DataError(f"{file}: no rows with both a {text!r} and a {label!r} value")
+        raise DataError(f"{path}: no rows with both a {text!r} and a {label!r} value")
     return labelled_texts(table[text].astype(str).tolist(), table[label].astype(str).tolist(), level=level,
                           max_length=max_length, min_count=min_count, max_vocab=max_vocab)

@@ -21,6 +21,10 @@ from deepyard.spec import TrainJob
 from deepyard.tasks import make_task
 
 
+# Validation metrics where higher is better; every other one is a loss or an error.
+MAXIMIZED = ("accuracy", "quality", "confident_share", "min_class_share")
+
+
 def load_data(spec: TrainJob) -> Splits:
     return load_splits(spec.data.name, spec.data.params, val_fraction=spec.data.val_fraction,
                        test_fraction=spec.data.test_fraction, seed=spec.train.seed,
@@ -40,15 +44,26 @@ def build(spec: TrainJob, splits: Splits):
         raise BadInput(f"model {spec.model.name!r}: {spec.model.name} is not a language model (it predicts one "
                        f"output per text); data {spec.data.name!r} needs next-token predictions: use "
                        "transformer_decoder")
+    if getattr(net, "generative", False):
+        return _generative(spec, splits, net)
     target_mean, target_std = splits.target_stats()
     task = make_task(splits.task, num_classes=splits.num_outputs, target_mean=target_mean, target_std=target_std)
     return Pipeline(net, splits.input_stats()), task
 
 
+def _generative(spec: TrainJob, splits: Splits, net):
+    """A GAN sees pixels scaled to [-1, 1], and its task is generation whatever the data's labels."""
+    if not splits.is_image or splits.task != "classification":
+        raise BadInput(f"model {spec.model.name!r} generates labelled images; data {spec.data.name!r} is not an "
+                       "image classification data set (use digits, fashion_mnist or mnist_idx)")
+    half = np.full((splits.in_shape[0], 1, 1), float(splits.x_train.max()) / 2, dtype=np.float32)
+    return Pipeline(net, (half, half)), make_task("generation", num_classes=splits.num_outputs)
+
+
 def monitored(spec_metric: str | None, spec_mode: str | None, task) -> tuple[str, str]:
     """The validation metric to rank checkpoints (or stop early) by, and whether higher is better."""
     metric = spec_metric or task.monitor
-    return metric, spec_mode or ("max" if metric.endswith("accuracy") else "min")
+    return metric, spec_mode or ("max" if metric.endswith(MAXIMIZED) else "min")
 
 
 def batch_size(spec: TrainJob, splits: Splits) -> int:
@@ -86,6 +101,9 @@ def preflight(spec: TrainJob):
     except (ValueError, RuntimeError) as error:
         raise BadInput(f"model {spec.model.name!r} does not fit data {spec.data.name!r} "
                        f"(input {splits.in_shape}): {error}") from None
+    if task.name == "generation" and spec.scaling.num_workers > 1:
+        raise BadInput(f"scaling.num_workers: {spec.model.name} trains on one worker (its alternating steps are "
+                       "not data-parallel yet); set num_workers: 1")
     has_batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if has_batch_norm and batch_size(spec, splits) == 1:
         raise BadInput("train.batch_size: 1 cannot train a model with batch norm (it needs 2+ samples per "

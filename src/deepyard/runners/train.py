@@ -104,16 +104,23 @@ def fit_loop(config: dict[str, Any], edges) -> float | None:
         for inputs, targets in batches:
             if augment:
                 inputs = random_affine(inputs, augment.max_shift, augment.max_rotation_deg)
-            batch = train_step(model, task, optimizer, scheduler, inputs, targets,
-                               use_amp=use_amp, grad_clip=spec.train.grad_clip)
+            if hasattr(task, "train_step"):  # a GAN's alternating steps
+                batch = task.train_step(model, optimizer, scheduler, inputs, targets,
+                                        use_amp=use_amp, grad_clip=spec.train.grad_clip)
+            else:
+                batch = train_step(model, task, optimizer, scheduler, inputs, targets,
+                                   use_amp=use_amp, grad_clip=spec.train.grad_clip)
             sums = batch if sums is None else sums + batch
         train_seconds = time.perf_counter() - started
         train_sums = reduce_sum(sums, device)
         metrics = {**task.metrics(train_sums, "train"),
                    **task.metrics(reduce_sum(evaluate(plain_model, val_loader, task, device)[0], device), "val"),
-                   "lr": optimizer.param_groups[0]["lr"],
-                   "samples_per_s": float(train_sums[-1]) / train_seconds,
-                   "train_samples": float(train_sums[-1]), "epoch": epoch}  # summed over workers
+                   **_throughput(float(train_sums[-1]), train_seconds, task, splits),  # summed over workers
+                   "lr": optimizer.param_groups[0]["lr"], "epoch": epoch}
+        if task.name == "generation":  # one worker (preflight): judge this epoch's generator
+            if task.reference is None:
+                task.fit_reference(splits, seed=spec.train.seed)
+            metrics.update(task.quality(plain_model, "val"))
         if improved(metrics[ckpt_metric], best["value"], ckpt_mode):
             best = {"value": metrics[ckpt_metric], "epoch": epoch,
                     "weights": checkpoints.cpu_copy(plain_model.state_dict())}
@@ -123,6 +130,8 @@ def fit_loop(config: dict[str, Any], edges) -> float | None:
             log.flush()  # a scheduler may stop this trial at the report: its epochs are in MLflow first
             if task.name == "language_model":
                 _log_samples(config, plain_model, splits, epoch)
+            elif task.name == "generation":
+                _log_image_grid(config, plain_model, task, epoch)
 
         state = None
         if epoch % spec.checkpoint.every_n_epochs == 0 and rank == 0:
@@ -154,11 +163,24 @@ def fit_loop(config: dict[str, Any], edges) -> float | None:
         if classifying:
             test["test_f1_macro"] = task.macro_f1(confusion)
             final["confusion"] = confusion
+        if task.name == "generation":  # fresh noise, and how good the judge itself is on real images
+            if task.reference is None:
+                task.fit_reference(splits, seed=spec.train.seed)
+            test.update(task.quality(plain_model, "test", seed=1), test_reference_accuracy=task.reference_accuracy)
+            final["example"] = plain_model.net.noise(5, generator=torch.Generator().manual_seed(0))
         log({**test, "best_epoch": best["epoch"]}, epoch)
         final["failed_metric_writes"] = log.close()  # waits until every metric is written
     with checkpoints.staged(final) as directory:
         edges.report({ckpt_metric: best_value, "final": 1, "epoch": epoch}, directory)
     return best_value if rank == 0 else None
+
+
+def _throughput(count: float, seconds: float, task, splits: Splits) -> dict[str, float]:
+    """Samples per second; a language model's sums count tokens, so it gets tokens per second too."""
+    if task.name != "language_model":
+        return {"samples_per_s": count / seconds, "train_samples": count}
+    samples = count / splits.in_shape[0]
+    return {"samples_per_s": samples / seconds, "tokens_per_s": count / seconds, "train_samples": samples}
 
 
 def _log_samples(config: dict[str, Any], model, splits: Splits, epoch: int, count: int = 3) -> None:
@@ -181,6 +203,26 @@ def _log_samples(config: dict[str, Any], model, splits: Splits, epoch: int, coun
                           uri=config["tracking_uri"])
     except Exception as error:  # a sample is a nicety: it must never stop training
         print(f"could not log the epoch's text samples: {error}")
+
+
+def _log_image_grid(config: dict[str, Any], pipeline, task, epoch: int, rows: int = 8) -> None:
+    """An 8x8 grid of generated images (fixed noise, so epochs compare) as an artifact."""
+    from deepyard import plots
+    from deepyard.tasks.generation import Sampler
+
+    pipeline.eval()
+    with torch.inference_mode():
+        noise = pipeline.net.noise(rows * rows, generator=torch.Generator().manual_seed(0))
+        images = Sampler(pipeline)(noise.to(next(pipeline.parameters()).device)).cpu().numpy()
+    try:
+        figure = plots.image_grid(images, rows, title=f"epoch {epoch}")
+        tracking.client(config["tracking_uri"]).log_figure(config["run_id"], figure,
+                                                          f"samples/epoch_{epoch:04d}.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+    except Exception as error:  # a picture is a nicety: it must never stop training
+        print(f"could not log the epoch's image grid: {error}")
 
 
 def make_trainer(spec: TrainJob, run_id: str, monitor: tuple[str, str], callbacks: list | None = None):
@@ -236,6 +278,8 @@ def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, An
         _log_forecast(run_id, task, pipeline, splits, final)
     metadata = {"task": task.name, "input_shape": list(splits.in_shape), "class_names": splits.class_names,
                 "feature_names": splits.feature_names, "job": spec.name}
+    if task.name == "generation":  # the served model takes noise and answers images
+        metadata.update(input_shape=[pipeline.net.latent_dim], image_shape=list(splits.in_shape))
     if splits.is_text:  # the served model tokenizes requests with the training vocabulary
         metadata.update(vocab=splits.vocab, token_level="char" if splits.join_with == "" else "word")
     if splits.is_image:  # PNG requests are scaled from 0-255 into the data set's own pixel range
@@ -253,15 +297,23 @@ def promote(model_name: str, version: str, options, metric: str, mode: str) -> d
 
 
 def _log_forecast(run_id: str, task, pipeline, splits: Splits, final: dict[str, Any]) -> None:
+    """RMSE and MAE of the naive forecasts on the same test windows, and the model's ratio to each."""
     from deepyard import plots
-    from deepyard.data.splits import persistence_forecast
+    from deepyard.data.splits import persistence_forecast, seasonal_naive_forecast
 
     with torch.inference_mode():
         predicted = task.serving_module(pipeline).eval()(torch.from_numpy(splits.x_test)).numpy()
     naive = persistence_forecast(splits)
-    rmse = float(np.sqrt(np.mean((naive - splits.y_test) ** 2)))
-    final["test"].update(test_rmse_persistence=rmse, test_rmse_vs_persistence=final["test"]["test_rmse"] / rmse)
-    tracking.log_metrics(run_id, {k: final["test"][k] for k in ("test_rmse_persistence", "test_rmse_vs_persistence")},
+    baselines = {"persistence": naive, "seasonal_naive": seasonal_naive_forecast(splits)}
+    test = final["test"]
+    for name, forecast in baselines.items():
+        if forecast is None:
+            continue
+        error = forecast - splits.y_test
+        test[f"test_rmse_{name}"] = float(np.sqrt(np.mean(error**2)))
+        test[f"test_mae_{name}"] = float(np.mean(np.abs(error)))
+        test[f"test_rmse_vs_{name}"] = test["test_rmse"] / max(test[f"test_rmse_{name}"], 1e-12)
+    tracking.log_metrics(run_id, {k: v for k, v in test.items() if "persistence" in k or "seasonal" in k},
                          final["epochs_run"])
     tracking.log_figure(run_id, plots.forecast(splits.y_test, predicted, naive), "plots/forecast.png")
 

@@ -29,8 +29,8 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from deepyard.serve.options import EndpointOptions, parse_model_ref
-from deepyard.serve.payloads import (BadRequest, decode_instances, decode_prompts, encode_predictions, expected,
-                                     generate_texts)
+from deepyard.serve.payloads import (BadRequest, decode_image_requests, decode_instances, decode_prompts,
+                                     encode_predictions, expected, generate_images, generate_texts)
 
 TOKEN_ENV = "DEEPYARD_API_TOKEN"
 logger = logging.getLogger("deepyard.serve")
@@ -142,6 +142,10 @@ class ModelEndpoint:
                 prompts = decode_prompts(body, loaded.metadata, self.options.max_instances)
                 texts = await asyncio.to_thread(generate_texts, loaded.module, prompts, loaded.metadata)
                 return JSONResponse({"predictions": texts, "model": self.name, "version": loaded.version})
+            if loaded.metadata.get("task") == "generation":
+                wanted = decode_image_requests(body, loaded.metadata, self.options.max_instances)
+                images = await asyncio.to_thread(generate_images, loaded.module, wanted, loaded.metadata)
+                return JSONResponse({"predictions": images, "model": self.name, "version": loaded.version})
             batch = decode_instances(body, loaded.metadata, self.options.max_instances)
             top_k = body.get("top_k")
             top_k = self.options.top_k if top_k is None else top_k

@@ -30,7 +30,12 @@ MAX_NEW_TOKENS = 2048
 _GENERATION_KEYS = {"prompt", "max_new_tokens", "temperature", "top_k", "seed"}
 
 
+MAX_IMAGES = 64
+
+
 def expected(metadata: dict[str, Any]) -> str:
+    if metadata.get("task") == "generation":
+        return f'each instance: {{"n": images to generate (1 to {MAX_IMAGES}, default 1), "seed": int (optional)}}'
     if metadata.get("task") == "language_model":
         return ('each instance: a prompt string, or {"prompt": str, "max_new_tokens": int (default 100, at most '
                 f'{MAX_NEW_TOKENS}), "temperature": number >= 0 (default 1; 0 is greedy), "top_k": int, "seed": int}}')
@@ -138,6 +143,54 @@ def generate_texts(module, requests: list[Generation], metadata: dict[str, Any])
     return results
 
 
+def decode_image_requests(body: Any, metadata: dict[str, Any], max_batch: int) -> list[tuple[int, int | None]]:
+    """A GAN's ``{"instances": [{"n": 8, "seed": 1}, ...]}`` -> (count, seed) per instance."""
+    if not isinstance(body, dict) or not isinstance(body.get("instances"), list) or not body["instances"]:
+        raise BadRequest('expected a JSON object {"instances": [...]} with at least one instance; ' + expected(metadata))
+    if len(body["instances"]) > max_batch:
+        raise BadRequest(f"{len(body['instances'])} instances is over this endpoint's limit of {max_batch} per "
+                         "request; split the batch", status=413)
+    requests = []
+    for index, item in enumerate(body["instances"]):
+        if not isinstance(item, dict) or set(item) - {"n", "seed"}:
+            problem = (f"unknown keys {sorted(set(item) - {'n', 'seed'})}" if isinstance(item, dict)
+                       else type(item).__name__)
+            raise BadRequest(f"instances[{index}]: {problem}; " + expected(metadata))
+        count, seed = item.get("n", 1), item.get("seed")
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_IMAGES:
+            raise BadRequest(f"instances[{index}].n: {count!r}; must be an integer from 1 to {MAX_IMAGES}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise BadRequest(f"instances[{index}].seed: {seed!r}; must be a non-negative integer")
+        requests.append((count, seed))
+    return requests
+
+
+def generate_images(module, requests: list[tuple[int, int | None]], metadata: dict[str, Any]) -> list[dict]:
+    """Sample each request's images from the served generator, as base64 PNGs."""
+    import torch
+
+    latent_dim = int(metadata["input_shape"][0])
+    results = []
+    for count, seed in requests:
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.inference_mode():
+            images = module(torch.randn(count, latent_dim, generator=generator)).numpy()
+        results.append({"images": [png_base64(image, float(metadata.get("pixel_max", 255.0))) for image in images],
+                        "seed": seed})
+    return results
+
+
+def png_base64(image: np.ndarray, pixel_max: float) -> str:
+    """(channels, height, width) in the data set's pixel units -> a base64-encoded PNG."""
+    from PIL import Image
+
+    levels = np.clip(image / pixel_max * 255.0, 0, 255).round().astype(np.uint8)
+    picture = Image.fromarray(levels[0] if levels.shape[0] == 1 else levels.transpose(1, 2, 0))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def _instance(item: Any, index: int, shape: tuple[int, ...], metadata: dict[str, Any]) -> np.ndarray:
     if isinstance(item, str):
         if len(shape) != 3:
@@ -191,6 +244,8 @@ def encode_predictions(outputs: np.ndarray, metadata: dict[str, Any], top_k: int
 
 def request_instance(example: np.ndarray, metadata: dict[str, Any]) -> Any:
     """One logged input example (a real test input) as a request instance: numbers, a text or a prompt."""
+    if metadata.get("task") == "generation":
+        return {"n": 4, "seed": 0}
     if not metadata.get("vocab"):
         return example.reshape(-1).round(4).tolist()
     from deepyard.data.text import decode
@@ -204,6 +259,8 @@ def request_instance(example: np.ndarray, metadata: dict[str, Any]) -> Any:
 
 def example_instance(metadata: dict[str, Any]) -> Any:
     """A valid instance for the curl example and the OpenAPI docs (zeros, for numbers)."""
+    if metadata.get("task") == "generation":
+        return {"n": 4, "seed": 0}
     if metadata.get("task") == "language_model":
         return {"prompt": "ROMEO:" if metadata.get("token_level") == "char" else "the", "max_new_tokens": 100,
                 "temperature": 0.8, "top_k": 20}

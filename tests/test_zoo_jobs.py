@@ -1,8 +1,10 @@
-"""Text jobs end to end: a character GPT and a text classifier trained through the CLI on the
-session's real Ray cluster, tracked in real MLflow, then served by real Ray Serve over HTTP."""
+"""The sequence and generative zoo end to end: a character GPT, a text classifier and a DCGAN trained
+through the CLI on the session's real Ray cluster, tracked in real MLflow, then served by real Ray
+Serve over HTTP."""
 
 from __future__ import annotations
 
+import base64
 import math
 
 import httpx
@@ -42,6 +44,16 @@ train: {epochs: 1, batch_size: 32}
 register: {model_name: tiny-bert}
 """
 
+TINY_GAN = """
+kind: train
+name: tiny_gan
+data: {name: digits, max_train_samples: 300}
+model: {name: dcgan, params: {latent_dim: 8, width: 16}}
+optim: {name: adam, lr: 0.001, params: {betas: [0.5, 0.999]}}
+train: {epochs: 2, batch_size: 32}
+register: {model_name: tiny-gan}
+"""
+
 
 @pytest.fixture(scope="module")
 def trained(ray_cluster, tmp_path_factory):
@@ -51,7 +63,7 @@ def trained(ray_cluster, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("text_jobs")
     results = {}
-    for name, text in (("gpt", TINY_GPT), ("bert", TINY_BERT)):
+    for name, text in (("gpt", TINY_GPT), ("bert", TINY_BERT), ("gan", TINY_GAN)):
         spec = folder / f"{name}.yaml"
         spec.write_text(text)
         result = CliRunner().invoke(app, ["run", str(spec), "--json"])
@@ -66,6 +78,7 @@ def test_language_model_run_is_tracked_with_bits_samples_and_a_servable_model(tr
     assert metrics["val_bits_per_token"] == pytest.approx(metrics["val_loss"] / math.log(2))
     assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
     assert metrics["test_loss"] < math.log(80)  # better than uniform over the characters
+    assert metrics["tokens_per_s"] == pytest.approx(metrics["samples_per_s"] * 32)  # 32-token windows
     first, last = (tracking.metric_history(run.info.run_id, "train_loss")[i][1] for i in (0, -1))
     assert last < first
     artifacts = {a.path for a in tracking.client().list_artifacts(run.info.run_id, "samples")}
@@ -86,7 +99,21 @@ def test_text_classifier_run_reports_accuracy_f1_and_confusion(trained):
     assert "plots/confusion_matrix.png" in artifacts
 
 
-def test_text_models_served_over_http(trained):
+def test_gan_run_is_judged_by_a_reference_classifier_and_logs_image_grids(trained):
+    run_id = trained["gan"]["run_id"]
+    metrics = tracking.client().get_run(run_id).data.metrics
+    assert {"train_d_loss", "train_g_loss", "val_d_loss", "val_g_loss", "val_quality", "val_confident_share",
+            "val_min_class_share", "test_quality", "test_reference_accuracy"} <= set(metrics)
+    assert metrics["test_reference_accuracy"] > 0.8  # the judge itself reads real digits well
+    assert 0 <= metrics["val_min_class_share"] <= 0.1 + 1e-9  # (a share of the rarest of 10 classes)
+    samples = {a.path for a in tracking.client().list_artifacts(run_id, "samples")}
+    assert samples == {"samples/epoch_0001.png", "samples/epoch_0002.png"}
+    metadata = tracking.model_metadata("tiny-gan", trained["gan"]["model_version"])
+    assert metadata["task"] == "generation" and metadata["input_shape"] == [8]
+    assert metadata["image_shape"] == [1, 8, 8] and metadata["pixel_max"] == 16.0
+
+
+def test_zoo_models_served_over_http(trained):
     from ray import serve
 
     from deepyard.runners import deploy
@@ -95,10 +122,11 @@ def test_text_models_served_over_http(trained):
 
     port = free_port()
     infos = deploy.start([EndpointOptions(model=f"tiny-bert:{trained['bert']['model_version']}", num_cpus=0.5),
-                          EndpointOptions(model=f"tiny-gpt:{trained['gpt']['model_version']}", num_cpus=0.5)],
+                          EndpointOptions(model=f"tiny-gpt:{trained['gpt']['model_version']}", num_cpus=0.5),
+                          EndpointOptions(model=f"tiny-gan:{trained['gan']['model_version']}", num_cpus=0.5)],
                          host="127.0.0.1", port=port)
     try:
-        bert, gpt = (info["url"] + "/predict" for info in infos)
+        bert, gpt, gan = (info["url"] + "/predict" for info in infos)
         answer = httpx.post(bert, json={"instances": ["A moving, beautifully acted film.", "Dull."]}, timeout=30)
         assert answer.status_code == 200, answer.text
         predictions = answer.json()["predictions"]
@@ -119,5 +147,14 @@ def test_text_models_served_over_http(trained):
         too_long = httpx.post(gpt, json={"instances": [{"prompt": "a", "max_new_tokens": 99999}]}, timeout=30)
         assert too_long.status_code == 400 and "max_new_tokens" in too_long.json()["error"]
         assert httpx.get(infos[1]["url"] + "/healthz", timeout=10).status_code == 200
+
+        answer = httpx.post(gan, json={"instances": [{"n": 3, "seed": 7}]}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        images = answer.json()["predictions"][0]["images"]
+        assert len(images) == 3 and base64.b64decode(images[0]).startswith(b"\x89PNG")
+        again = httpx.post(gan, json={"instances": [{"n": 3, "seed": 7}]}, timeout=30).json()
+        assert again["predictions"][0]["images"] == images
+        wrong = httpx.post(gan, json={"instances": [{"n": 1000}]}, timeout=30)
+        assert wrong.status_code == 400 and "must be an integer from 1 to 64" in wrong.json()["error"]
     finally:
         serve.shutdown()
