@@ -94,11 +94,17 @@ def forecast(actual: np.ndarray, predicted: np.ndarray, naive: np.ndarray | None
 
 
 def image_grid(images: np.ndarray, rows: int, title: str = ""):
-    """(n, channels, height, width) images in the data set's units, ``rows`` per row and column."""
-    figure, axes = plt.subplots(rows, rows, figsize=(rows, rows))
-    for axis, image in zip(axes.flat, images):
-        axis.imshow(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0) / max(image.max(), 1e-8),
-                    cmap="gray" if image.shape[0] == 1 else None)
-        axis.axis("off")
-    figure.suptitle(title)
+    """(n, channels, height, width) images in the data set's units, tiled ``rows`` x ``rows`` with a
+    one-pixel gap into a single picture (one imshow: fast enough to log every epoch)."""
+    count, channels, height, width = images.shape
+    images = images / max(float(images.max()), 1e-8)
+    tiled = np.ones((channels, rows * (height + 1) - 1, rows * (width + 1) - 1), dtype=np.float32)
+    for index, image in enumerate(images[: rows * rows]):
+        top, left = (index // rows) * (height + 1), (index % rows) * (width + 1)
+        tiled[:, top:top + height, left:left + width] = image
+    figure, axis = plt.subplots(figsize=(4, 4))
+    axis.imshow(tiled[0] if channels == 1 else tiled.transpose(1, 2, 0), cmap="gray" if channels == 1 else None,
+                vmin=0, vmax=1, interpolation="nearest")
+    axis.axis("off")
+    axis.set_title(title)
     return figure

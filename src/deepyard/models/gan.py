@@ -9,8 +9,10 @@ the discriminator.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
-from pydantic import PositiveInt
+from pydantic import Field, PositiveInt
 from torch import nn
 
 from deepyard.models.registry import MODELS
@@ -28,7 +30,9 @@ class GAN(nn.Module):
             nn.Linear(latent_dim, 2 * width * base[0] * base[1]), nn.Unflatten(1, (2 * width, *base)),
             nn.BatchNorm2d(2 * width), nn.ReLU(),
             nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.ConvTranspose2d(width, channels, 4, stride=2, padding=1), nn.Tanh(),
+            nn.ConvTranspose2d(width, width // 2, 4, stride=2, padding=1), nn.BatchNorm2d(width // 2), nn.ReLU(),
+            # a 3x3 convolution at full resolution: smoother strokes than ending on a transposed conv
+            nn.Conv2d(width // 2, channels, 3, padding=1), nn.Tanh(),
         )
         self.discriminator = nn.Sequential(
             nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
@@ -54,7 +58,7 @@ class GAN(nn.Module):
 
 @MODELS.register("dcgan")
 def dcgan(in_shape: tuple[int, ...], num_outputs: int, latent_dim: PositiveInt = 64,
-          width: PositiveInt = 64) -> nn.Module:
+          width: Annotated[int, Field(ge=2)] = 64) -> nn.Module:
     """Generator and discriminator for (channels, height, width) images, height and width divisible by 4."""
     if len(in_shape) != 3 or in_shape[1] % 4 or in_shape[2] % 4:
         raise ValueError(f"dcgan generates (channels, height, width) images with height and width divisible "
