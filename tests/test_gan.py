@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import numpy as np
 import pytest
@@ -41,16 +42,23 @@ def test_dcgan_shapes(in_shape):
         MODELS.build("dcgan", {}, in_shape=(1, 10, 10), num_outputs=10)
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the spy below
 def test_one_alternating_step_moves_both_nets_and_reports_both_losses(digits):
     pipeline, task = gan_pipeline(), Generation(num_classes=10)
     optimizer = torch.optim.Adam(pipeline.parameters(), lr=1e-3, betas=(0.5, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    stepped = []  # the parameters holding a gradient at each optimizer step
+    step = optimizer.step
+    optimizer.step = lambda: (stepped.append({id(p) for p in pipeline.parameters() if p.grad is not None}), step())
     generator = [p.detach().clone() for p in pipeline.net.generator.parameters()]
     discriminator = [p.detach().clone() for p in pipeline.net.discriminator.parameters()]
     sums = task.train_step(pipeline, optimizer, scheduler, torch.from_numpy(digits.x_train[:32]), None,
                            use_amp=False, grad_clip=None)
     metrics = task.metrics(sums, "train")
     assert sums[-1] == 32 and np.isfinite(list(metrics.values())).all()
+    generator_ids = {id(p) for p in pipeline.net.generator.parameters()}
+    discriminator_ids = {id(p) for p in pipeline.net.discriminator.parameters()}
+    assert stepped == [discriminator_ids, generator_ids]  # first D alone, then G alone
     assert all(not torch.equal(a, b) for a, b in zip(generator, pipeline.net.generator.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(discriminator, pipeline.net.discriminator.parameters()))
 
@@ -95,6 +103,8 @@ def test_image_requests_and_png_answers():
     for body, message in [({"instances": [{"n": 0}]}, "n: 0; must be an integer from 1 to 64"),
                           ({"instances": [{"n": 2, "z": 1}]}, "unknown keys ['z']"),
                           ({"instances": [{"seed": -1}]}, "seed: -1"),
-                          ({"instances": [3]}, "instances[0]: int")]:
-        with pytest.raises(BadRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
-            decode_image_requests(body, metadata, 4)
+                          ({"instances": [3]}, "instances[0]: int"),
+                          ({"instances": [{"seed": 2**64}]}, "seed: 18446744073709551616"),
+                          ({"instances": [{"n": 64}] * 5}, "320 images in one request")]:
+        with pytest.raises(BadRequest, match=re.escape(message)):
+            decode_image_requests(body, metadata, 8)

@@ -5,6 +5,7 @@ test_zoo_jobs.py)."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -53,14 +54,13 @@ def test_decoder_ties_its_output_layer_to_the_embedding_unless_told_not_to():
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_encoder_ignores_padding(pooling):
     model = encoder(pooling=pooling).eval()
-    short = torch.tensor([[5, 6, 7, PAD, PAD, PAD, PAD, PAD, PAD, PAD]])
     with torch.no_grad():
-        out = model(short)
-        padded_differently = model(torch.tensor([[5, 6, 7] + [PAD] * 7]))
+        padded = model(torch.tensor([[5, 6, 7] + [PAD] * 7]))
+        unpadded = model(torch.tensor([[5, 6, 7]]))  # the same text with no padding at all
         other_tokens = model(torch.tensor([[5, 6, 8] + [PAD] * 7]))
-    assert out.shape == (1, 3)
-    torch.testing.assert_close(out, padded_differently)
-    assert not torch.allclose(out, other_tokens)
+    assert padded.shape == (1, 3)
+    torch.testing.assert_close(padded, unpadded)
+    assert not torch.allclose(padded, other_tokens)
 
 
 @pytest.mark.parametrize("name", ["transformer_encoder", "transformer_decoder"])
@@ -104,6 +104,17 @@ def test_vocabulary_comes_from_the_training_split_only():
     # windows stay in order: the targets are the inputs shifted by one
     np.testing.assert_array_equal(splits.x_train[0, 1:], splits.y_train[0, :-1])
     assert decode(splits.x_train[0], splits.vocab, "") == "abababab"
+
+
+@pytest.mark.parametrize("stride", [8, 3, 1])
+def test_language_model_targets_never_fall_in_two_splits(stride):
+    from deepyard.data.splits import _ordered_splits
+
+    words = " ".join(f"w{i}" for i in range(600))  # every target token is unique
+    raw = language_model_windows(words, context_length=8, stride=stride, level="word")
+    splits = _ordered_splits(raw, val_fraction=0.1, test_fraction=0.1, max_train_samples=None)
+    train, val, test = (set(getattr(splits, f"y_{name}").ravel()) for name in ("train", "val", "test"))
+    assert train and val and test and not (train & val) and not (val & test) and not (train & test)
 
 
 def test_labelled_texts_pad_cut_and_drop_rare_words():
@@ -179,8 +190,11 @@ def test_language_model_payloads():
                           ({"instances": [{"prompt": "a", "max_new_tokens": 10**6}]}, "max_new_tokens: 1000000"),
                           ({"instances": [{"prompt": "a", "temperature": -1}]}, "temperature: -1"),
                           ({"instances": [{"prompt": "a", "top_p": 0.9}]}, "unknown key 'top_p'"),
+                          ({"instances": [{"prompt": "a", "temperature": 1e-300}]}, "must be 0 (greedy) or"),
+                          ({"instances": [{"prompt": "a", "seed": 2**64}]}, "seed: 18446744073709551616"),
+                          ({"instances": [{"prompt": "a", "max_new_tokens": 2048}] * 3}, "6144 new tokens"),
                           ({"instances": ["a"] * 5}, "over this endpoint's limit of 4")]:
-        with pytest.raises(BadRequest, match=message.replace("(", r"\(")):
+        with pytest.raises(BadRequest, match=re.escape(message)):
             decode_prompts(body, metadata, 4)
 
 

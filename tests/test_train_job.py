@@ -140,8 +140,9 @@ train: {epochs: 3, batch_size: 16}
     metrics = summary["metrics"]
     assert metrics["test_rmse_vs_persistence"] == pytest.approx(metrics["test_rmse"] / metrics["test_rmse_persistence"])
     assert 15 < metrics["test_rmse_persistence"] < 60  # sunspot numbers: tens from one year to the next
-    # the 11-year cycle: last cycle's value is a better guess than last year's (lookback 11 reaches it)
-    assert metrics["test_rmse_seasonal_naive"] > 0 and metrics["test_mae_persistence"] < metrics["test_rmse_persistence"]
+    # the 11-year cycle's naive forecast (lookback 11 reaches one season back): on sunspots it is
+    # worse than persistence, as the cycle's length drifts (bench/forecast.py: RMSE 36 against 30)
+    assert metrics["test_rmse_seasonal_naive"] > metrics["test_rmse_persistence"]
     assert metrics["test_rmse_vs_seasonal_naive"] == pytest.approx(metrics["test_rmse"] / metrics["test_rmse_seasonal_naive"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(summary["run_id"], "plots")}
     assert "plots/forecast.png" in artifacts

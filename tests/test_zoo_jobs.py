@@ -77,8 +77,9 @@ def test_language_model_run_is_tracked_with_bits_samples_and_a_servable_model(tr
     metrics = run.data.metrics
     assert metrics["val_bits_per_token"] == pytest.approx(metrics["val_loss"] / math.log(2))
     assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
-    assert metrics["test_loss"] < math.log(80)  # better than uniform over the characters
-    assert metrics["tokens_per_s"] == pytest.approx(metrics["samples_per_s"] * 32)  # 32-token windows
+    vocab = tracking.model_metadata("tiny-gpt", trained["gpt"]["model_version"])["vocab"]
+    assert metrics["test_loss"] < math.log(len(vocab))  # better than uniform over the characters
+    assert metrics["train_samples"] == 300  # windows, not tokens (the sums count tokens)
     first, last = (tracking.metric_history(run.info.run_id, "train_loss")[i][1] for i in (0, -1))
     assert last < first
     artifacts = {a.path for a in tracking.client().list_artifacts(run.info.run_id, "samples")}
@@ -94,7 +95,7 @@ def test_language_model_run_is_tracked_with_bits_samples_and_a_servable_model(tr
 
 def test_text_classifier_run_reports_accuracy_f1_and_confusion(trained):
     metrics = trained["bert"]["metrics"]
-    assert 0 <= metrics["test_accuracy"] <= 1 and 0 <= metrics["test_f1_macro"] <= 1
+    assert metrics["test_accuracy"] > 0.55 and metrics["test_f1_macro"] > 0  # (58% are fresh: a tiny run barely learns)
     artifacts = {a.path for a in tracking.client().list_artifacts(trained["bert"]["run_id"], "plots")}
     assert "plots/confusion_matrix.png" in artifacts
 
@@ -105,7 +106,8 @@ def test_gan_run_is_judged_by_a_reference_classifier_and_logs_image_grids(traine
     assert {"train_d_loss", "train_g_loss", "val_d_loss", "val_g_loss", "val_quality", "val_confident_share",
             "val_min_class_share", "test_quality", "test_reference_accuracy"} <= set(metrics)
     assert metrics["test_reference_accuracy"] > 0.8  # the judge itself reads real digits well
-    assert 0 <= metrics["val_min_class_share"] <= 0.1 + 1e-9  # (a share of the rarest of 10 classes)
+    balance = min(1.0, metrics["val_min_class_share"] * 10)
+    assert metrics["val_quality"] == pytest.approx(metrics["val_confident_share"] * balance)
     samples = {a.path for a in tracking.client().list_artifacts(run_id, "samples")}
     assert samples == {"samples/epoch_0001.png", "samples/epoch_0002.png"}
     metadata = tracking.model_metadata("tiny-gan", trained["gan"]["model_version"])

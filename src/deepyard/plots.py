@@ -93,11 +93,12 @@ def forecast(actual: np.ndarray, predicted: np.ndarray, naive: np.ndarray | None
     return figure
 
 
-def image_grid(images: np.ndarray, rows: int, title: str = ""):
-    """(n, channels, height, width) images in the data set's units, tiled ``rows`` x ``rows`` with a
-    one-pixel gap into a single picture (one imshow: fast enough to log every epoch)."""
+def image_grid(images: np.ndarray, rows: int, pixel_max: float, title: str = ""):
+    """(n, channels, height, width) images in the data set's units (0 to ``pixel_max``, the same
+    scale every epoch), tiled ``rows`` x ``rows`` with a one-pixel gap into a single picture (one
+    imshow: fast enough to log every epoch)."""
     count, channels, height, width = images.shape
-    images = images / max(float(images.max()), 1e-8)
+    images = np.clip(images / pixel_max, 0.0, 1.0)
     tiled = np.ones((channels, rows * (height + 1) - 1, rows * (width + 1) - 1), dtype=np.float32)
     for index, image in enumerate(images[: rows * rows]):
         top, left = (index // rows) * (height + 1), (index % rows) * (width + 1)

@@ -15,7 +15,9 @@ from rich.table import Table
 from deepyard import tracking
 
 SHOWN = {"train_loss": "train loss", "val_loss": "val loss", "val_accuracy": "val acc", "val_rmse": "val rmse",
-         "val_mae": "val mae", "lr": "lr", "samples_per_s": "samples/s"}
+         "val_mae": "val mae", "val_bits_per_token": "val bits/token", "train_d_loss": "D loss",
+         "train_g_loss": "G loss", "val_confident_share": "confident", "val_min_class_share": "rarest class",
+         "lr": "lr", "samples_per_s": "samples/s", "tokens_per_s": "tokens/s"}
 
 
 def _table(metrics: dict[str, float], epochs: int, elapsed: float, first_epoch_at: float | None) -> Table:

@@ -66,5 +66,8 @@ def csv_series(path: str, column: str, lookback: PositiveInt = 24, difference: b
     values = pd.to_numeric(table[column], errors="coerce")
     if values.notna().sum() < 3:
         raise DataError(f"{path}: column {column!r} holds fewer than 3 numbers")
+    if season and season > lookback:
+        raise DataError(f"data.params.season {season} is longer than lookback {lookback}: the seasonal naive "
+                        "forecast needs the value one season back in each window; raise lookback")
     series = values.interpolate().bfill().ffill().to_numpy(dtype=np.float64)
     return windows(np.diff(series) if difference else series, lookback, differenced=difference, season=season)

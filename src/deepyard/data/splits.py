@@ -32,6 +32,9 @@ class RawData:
     # "zero": no change, on a differenced series). The baseline a forecast must beat.
     persistence: Literal["last", "zero"] | None = None
     season: int | None = None  # steps per season: the seasonal naive forecast repeats the value one season back
+    # Ordered windows whose targets overlap the next ones' (a language model's stride < context):
+    # this many are dropped at the end of the train and validation spans, so no target is in two splits.
+    split_gap: int = 0
     # Text: ``x`` holds codes into this symbol table (the corpus's own encoding, 0 = padding). The
     # vocabulary the model sees is fitted later on the training split only (``fit_vocabulary``).
     symbols: list[str] | None = None
@@ -163,8 +166,9 @@ def _ordered_splits(raw: RawData, val_fraction: float, test_fraction: float,
     val_start = test_start - int(round(n * val_fraction))
     train_start = max(0, val_start - max_train_samples) if max_train_samples else 0  # the most recent ones
     x, y = _inputs(raw, raw.x), raw.y.astype(_target_dtype(raw))
-    return Splits(task=raw.task, x_train=x[train_start:val_start], y_train=y[train_start:val_start],
-                  x_val=x[val_start:test_start], y_val=y[val_start:test_start],
+    train_end, val_end = max(train_start, val_start - raw.split_gap), max(val_start, test_start - raw.split_gap)
+    return Splits(task=raw.task, x_train=x[train_start:train_end], y_train=y[train_start:train_end],
+                  x_val=x[val_start:val_end], y_val=y[val_start:val_end],
                   x_test=x[test_start:], y_test=y[test_start:], feature_names=raw.feature_names,
                   persistence=raw.persistence, season=raw.season)
 

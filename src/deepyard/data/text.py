@@ -74,7 +74,9 @@ def language_model_windows(text: str, context_length: int, stride: int, level: L
     offsets = np.arange(context_length)
     x = corpus[starts[:, None] + offsets]
     y = corpus[starts[:, None] + offsets + 1]
-    return RawData(x, y, "language_model", ordered=True, symbols=symbols,
+    # Window j's targets are tokens (j*stride, j*stride + n]: with stride < n they overlap the next
+    # ceil(n / stride) - 1 windows' targets, which must not land in another split.
+    return RawData(x, y, "language_model", ordered=True, symbols=symbols, split_gap=-(-context_length // stride) - 1,
                    join_with="" if level == "char" else " ")
 
 

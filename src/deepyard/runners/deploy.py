@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import threading
 import time
@@ -67,7 +68,7 @@ def _display_host(host: str) -> str:
 def curl_example(info: dict[str, Any], instance: list) -> str:
     token = ' -H "Authorization: Bearer $DEEPYARD_API_TOKEN"' if os.environ.get("DEEPYARD_API_TOKEN") else ""
     body = json.dumps({"instances": [instance]}, separators=(",", ":"))
-    return f"curl -s{token} -H 'Content-Type: application/json' -d '{body}' {info['url']}/predict"
+    return f"curl -s{token} -H 'Content-Type: application/json' -d {shlex.quote(body)} {info['url']}/predict"
 
 
 def ask(info: dict[str, Any], instance: list) -> dict[str, Any]:

@@ -49,6 +49,9 @@ def fit_loop(config: dict[str, Any], edges) -> float | None:
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))  # intra-op threads = the CPUs Ray gave us
     splits = load_data(spec)  # every worker builds the same deterministic splits locally
     model, task = build(spec, splits)
+    if task.name == "generation" and world > 1:  # (a sweep may set num_workers past preflight's check)
+        raise BadInput(f"scaling.num_workers: {spec.model.name} trains on one worker; its alternating steps "
+                       "are not data-parallel yet")
     use_amp = spec.scaling.use_gpu and spec.scaling.mixed_precision
     augment = spec.data.augment if splits.is_image else None
 
@@ -215,7 +218,8 @@ def _log_image_grid(config: dict[str, Any], pipeline, task, epoch: int, rows: in
         noise = pipeline.net.noise(rows * rows, generator=torch.Generator().manual_seed(0))
         images = Sampler(pipeline)(noise.to(next(pipeline.parameters()).device)).cpu().numpy()
     try:
-        figure = plots.image_grid(images, rows, title=f"epoch {epoch}")
+        pixel_max = float(pipeline.standardize.mean.max() * 2)  # the GAN's scaling: mean = std = max / 2
+        figure = plots.image_grid(images, rows, pixel_max, title=f"epoch {epoch}")
         tracking.client(config["tracking_uri"]).log_figure(config["run_id"], figure,
                                                           f"samples/epoch_{epoch:04d}.png")
         import matplotlib.pyplot as plt

@@ -26,7 +26,12 @@ class BadRequest(ValueError):
         self.status = status
 
 
+# Per request: a language model runs one forward pass per new token, a GAN one per batch of images;
+# these caps keep one request from holding a replica for minutes.
 MAX_NEW_TOKENS = 2048
+MAX_TOTAL_NEW_TOKENS = 4096
+MAX_TOTAL_IMAGES = 256
+MAX_SEED = 2**63 - 1
 _GENERATION_KEYS = {"prompt", "max_new_tokens", "temperature", "top_k", "seed"}
 
 
@@ -97,7 +102,11 @@ def decode_prompts(body: Any, metadata: dict[str, Any], max_batch: int) -> list[
     if len(body["instances"]) > max_batch:
         raise BadRequest(f"{len(body['instances'])} instances is over this endpoint's limit of {max_batch} per "
                          "request; split the batch", status=413)
-    return [_generation(item, index, metadata) for index, item in enumerate(body["instances"])]
+    requests = [_generation(item, index, metadata) for index, item in enumerate(body["instances"])]
+    if (total := sum(request.max_new_tokens for request in requests)) > MAX_TOTAL_NEW_TOKENS:
+        raise BadRequest(f"{total} new tokens in one request is over the limit of {MAX_TOTAL_NEW_TOKENS}; "
+                         "split the request or lower max_new_tokens", status=413)
+    return requests
 
 
 def _generation(item: Any, index: int, metadata: dict[str, Any]) -> Generation:
@@ -117,15 +126,16 @@ def _generation(item: Any, index: int, metadata: dict[str, Any]) -> Generation:
         return value
 
     temperature = options.get("temperature", 1.0)
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 10:
-        raise BadRequest(f"{where}.temperature: {temperature!r}; must be a number from 0 (greedy) to 10")
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+            or not (temperature == 0 or 0.01 <= temperature <= 10)):
+        raise BadRequest(f"{where}.temperature: {temperature!r}; must be 0 (greedy) or a number from 0.01 to 10")
     new_tokens = integer("max_new_tokens", 1, MAX_NEW_TOKENS)
     ids = _token_ids(options["prompt"], metadata, None)
     if not ids:
         raise BadRequest(f"{where}.prompt: holds no tokens; " + expected(metadata))
     return Generation(options["prompt"], ids,
                       100 if new_tokens is None else new_tokens, float(temperature), integer("top_k", 1),
-                      integer("seed", 0))
+                      integer("seed", 0, MAX_SEED))
 
 
 def generate_texts(module, requests: list[Generation], metadata: dict[str, Any]) -> list[dict[str, Any]]:
@@ -159,9 +169,12 @@ def decode_image_requests(body: Any, metadata: dict[str, Any], max_batch: int) -
         count, seed = item.get("n", 1), item.get("seed")
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_IMAGES:
             raise BadRequest(f"instances[{index}].n: {count!r}; must be an integer from 1 to {MAX_IMAGES}")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-            raise BadRequest(f"instances[{index}].seed: {seed!r}; must be a non-negative integer")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
+            raise BadRequest(f"instances[{index}].seed: {seed!r}; must be an integer from 0 to 2**63 - 1")
         requests.append((count, seed))
+    if (total := sum(count for count, _ in requests)) > MAX_TOTAL_IMAGES:
+        raise BadRequest(f"{total} images in one request is over the limit of {MAX_TOTAL_IMAGES}; split the request",
+                         status=413)
     return requests
 
 

@@ -95,11 +95,14 @@ class Generation:
 
     def fit_reference(self, splits, epochs: int = 30, seed: int = 0) -> None:
         """A small CNN trained on the training split: the judge of generated images."""
+        with torch.random.fork_rng():  # training's own random stream goes on untouched
+            torch.manual_seed(seed)
+            self._fit_reference(splits, epochs, torch.Generator().manual_seed(seed))
+
+    def _fit_reference(self, splits, epochs: int, generator: torch.Generator) -> None:
         from deepyard.models import MODELS
         from deepyard.models.pipeline import Pipeline
 
-        generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
         net = MODELS.build("cnn", {"channels": [32, 64], "hidden_sizes": [128], "dropout": 0.25},
                            in_shape=splits.in_shape, num_outputs=self.num_classes)
         model = Pipeline(net, splits.input_stats())
