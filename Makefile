@@ -48,6 +48,8 @@ bench: install data
 	$(PY) bench/serve_latency.py
 	$(PY) bench/forecast.py --job jobs/sunspots_lstm.yaml --season 11
 	$(PY) bench/forecast.py --job jobs/co2_gru.yaml --season 52
+	$(PY) bench/gan_quality.py
+	$(PY) bench/lm_shakespeare.py
 
 clean:
 	rm -rf .deepyard .pytest_cache
