@@ -152,3 +152,33 @@ def test_csv_series_sorts_by_time_and_fills_gaps(tmp_path):
     np.testing.assert_allclose(raw.x[3, :, 0], [6, 8, 10, 12, 14])  # day 7 interpolated, in time order
     with pytest.raises(DataError, match="no column 'sale'; did you mean 'sales'"):
         DATASETS.build("csv_series", {"path": str(path), "column": "sale"})
+
+
+def test_multi_step_windows_and_their_naive_forecasts():
+    from deepyard.data import make_splits
+    from deepyard.data.series import windows
+    from deepyard.data.splits import persistence_forecast, seasonal_naive_forecast
+
+    series = np.tile([0.0, 1.0, 2.0, 3.0], 30)
+    raw = windows(series, lookback=6, season=4, horizon=3)
+    assert raw.x.shape == (120 - 6 - 3 + 1, 6, 1) and raw.y.shape == (112, 3)
+    np.testing.assert_array_equal(raw.y[0], series[6:9])  # the three values right after the window
+    splits = make_splits(raw, val_fraction=0.2, test_fraction=0.2, seed=0)
+    assert splits.num_outputs == 3
+    np.testing.assert_array_equal(seasonal_naive_forecast(splits), splits.y_test)  # exact on a pure cycle
+    naive = persistence_forecast(splits)
+    assert naive.shape == splits.y_test.shape and (naive == splits.x_test[:, -1:, 0]).all()
+    assert seasonal_naive_forecast(make_splits(windows(series, lookback=6, season=4, horizon=5), val_fraction=0.2,
+                                               test_fraction=0.2, seed=0)) is None  # horizon past a season
+
+
+def test_multi_step_regression_scores_every_step_and_serves_lists():
+    from deepyard.serve.payloads import encode_predictions
+    from deepyard.tasks import Regression
+
+    task = Regression(target_mean=1.0, target_std=2.0)
+    outputs, targets = torch.zeros(4, 3), torch.full((4, 3), 3.0)  # standardized error 1 everywhere
+    metrics = task.metrics(task.batch_sums(outputs, targets), "test")
+    assert metrics["test_rmse"] == pytest.approx(2.0) and metrics["test_mae"] == pytest.approx(2.0)
+    served = encode_predictions(np.array([[1.0, 2.0, 3.0]]), {"task": "regression"}, top_k=1)
+    assert served == [[1.0, 2.0, 3.0]]

@@ -220,4 +220,5 @@ def test_bad_sequence_settings_exit_2_before_ray_starts(cli, write_spec, model, 
 def test_a_lookback_longer_than_the_series_exits_2(cli, write_spec):
     spec = write_spec("kind: train\nname: long\ndata: {name: sunspots, params: {lookback: 400}}\nmodel: {name: lstm}\n")
     result = cli("validate", spec, expect=2)
-    assert "the series has 309 points; lookback 400 leaves no windows" in " ".join(result.stderr.split())
+    assert "the series has 309 points; lookback 400 and horizon 1 leave no windows" in " ".join(result.stderr.split())
+

@@ -1,7 +1,7 @@
 """Time series bundled with statsmodels, as next-value forecasting windows: no download, ever.
 
 Each sample is the last ``lookback`` observations, shape (lookback, 1); its target is the next
-one. With ``difference``, observations are week-to-week (or year-to-year) changes and the target is
+one, or the next ``horizon`` ones (a direct multi-step forecast: one output per step ahead). With ``difference``, observations are week-to-week (or year-to-year) changes and the target is
 the next change: a trending series (CO2) becomes one a model can learn without extrapolating past
 the levels it was trained on; the next level is the last one plus the predicted change, with the
 same error. Samples stay in time order (``RawData.ordered``): the splits are the earliest span for
@@ -19,11 +19,16 @@ from deepyard.data.splits import RawData
 from deepyard.errors import DataError
 
 
-def windows(series: np.ndarray, lookback: int, differenced: bool = False, season: int | None = None) -> RawData:
-    if len(series) <= lookback + 2:
-        raise DataError(f"the series has {len(series)} points; lookback {lookback} leaves no windows")
-    steps = np.lib.stride_tricks.sliding_window_view(series[:-1], lookback)
-    return RawData(steps[..., None].astype(np.float32), series[lookback:].astype(np.float32), "regression",
+def windows(series: np.ndarray, lookback: int, differenced: bool = False, season: int | None = None,
+            horizon: int = 1) -> RawData:
+    """Samples of ``lookback`` steps, (lookback, 1); targets the next value, or with ``horizon`` > 1
+    the next ``horizon`` values, (horizon,)."""
+    if len(series) <= lookback + horizon + 1:
+        raise DataError(f"the series has {len(series)} points; lookback {lookback} and horizon {horizon} "
+                        "leave no windows")
+    spans = np.lib.stride_tricks.sliding_window_view(series, lookback + horizon)
+    x, y = spans[:, :lookback, None], spans[:, lookback:]
+    return RawData(x.astype(np.float32), (y[:, 0] if horizon == 1 else y).astype(np.float32), "regression",
                    ordered=True, persistence="zero" if differenced else "last", season=season)
 
 
@@ -36,24 +41,26 @@ def _statsmodels():
 
 
 @DATASETS.register("sunspots")
-def sunspots(lookback: PositiveInt = 24) -> RawData:
-    """309 yearly sunspot numbers, 1700-2008 (an ~11-year cycle); forecast the next year."""
+def sunspots(lookback: PositiveInt = 24, horizon: PositiveInt = 1) -> RawData:
+    """309 yearly sunspot numbers, 1700-2008 (an ~11-year cycle); forecast the next year (or ``horizon`` years)."""
     data = _statsmodels().datasets.sunspots.load_pandas().data
-    return windows(data["SUNACTIVITY"].to_numpy(dtype=np.float64), lookback, season=11)
+    return windows(data["SUNACTIVITY"].to_numpy(dtype=np.float64), lookback, season=11, horizon=horizon)
 
 
 @DATASETS.register("co2")
-def co2(lookback: PositiveInt = 52, difference: bool = True) -> RawData:
+def co2(lookback: PositiveInt = 52, difference: bool = True, horizon: PositiveInt = 1) -> RawData:
     """2,284 weekly CO2 readings at Mauna Loa, 1958-2001 (gaps interpolated): a trend plus a yearly
     cycle; forecast next week's change (``difference``) or level."""
     data = _statsmodels().datasets.co2.load_pandas().data["co2"].interpolate().bfill()
     series = data.to_numpy(dtype=np.float64)
-    return windows(np.diff(series) if difference else series, lookback, differenced=difference, season=52)
+    return windows(np.diff(series) if difference else series, lookback, differenced=difference, season=52,
+                   horizon=horizon)
 
 
 @DATASETS.register("csv_series")
-def csv_series(path: str, column: str, lookback: PositiveInt = 24, difference: bool = False,
-               season: PositiveInt | None = None, time_column: str | None = None) -> RawData:
+def csv_series(path: str, column: str, lookback: PositiveInt = 24, horizon: PositiveInt = 1,
+               difference: bool = False, season: PositiveInt | None = None,
+               time_column: str | None = None) -> RawData:
     """The user's own series: one numeric ``column`` of a CSV file, in file order (or sorted by
     ``time_column``); gaps are interpolated. ``season`` (steps) adds the seasonal naive baseline."""
     import pandas as pd
@@ -70,4 +77,5 @@ def csv_series(path: str, column: str, lookback: PositiveInt = 24, difference: b
         raise DataError(f"data.params.season {season} is longer than lookback {lookback}: the seasonal naive "
                         "forecast needs the value one season back in each window; raise lookback")
     series = values.interpolate().bfill().ffill().to_numpy(dtype=np.float64)
-    return windows(np.diff(series) if difference else series, lookback, differenced=difference, season=season)
+    return windows(np.diff(series) if difference else series, lookback, differenced=difference, season=season,
+                   horizon=horizon)

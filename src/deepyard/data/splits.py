@@ -75,7 +75,9 @@ class Splits:
     def num_outputs(self) -> int:
         if self.task == "language_model":
             return len(self.vocab)
-        return len(self.class_names) if self.task == "classification" else 1
+        if self.task == "classification":
+            return len(self.class_names)
+        return self.y_train.shape[1] if self.y_train.ndim == 2 else 1  # a forecast of several steps
 
     def input_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Mean and std fitted on the training split only: per channel for images, per feature otherwise.
@@ -174,17 +176,22 @@ def _ordered_splits(raw: RawData, val_fraction: float, test_fraction: float,
 
 
 def seasonal_naive_forecast(splits: Splits) -> np.ndarray | None:
-    """Each test window's value one season before its target (for a differenced series, the change
-    one season before); None without a season, or with a season longer than the windows."""
-    if not splits.persistence or not splits.season or splits.season > splits.x_test.shape[1]:
+    """Each test target's value one season before (for a differenced series, the change one season
+    before); None without a season, with a season longer than the windows, or with a horizon
+    longer than the season (the value one season back would itself be a target)."""
+    horizon = splits.y_test.shape[1] if splits.y_test.ndim == 2 else 1
+    lookback = splits.x_test.shape[1]
+    if not splits.persistence or not splits.season or splits.season > lookback or horizon > splits.season:
         return None
-    return splits.x_test[:, -splits.season, 0]
+    back = splits.x_test[:, lookback - splits.season: lookback - splits.season + horizon, 0]
+    return back.reshape(splits.y_test.shape)
 
 
 def persistence_forecast(splits: Splits) -> np.ndarray | None:
-    """The naive forecast for each test window (None: not forecasting windows)."""
+    """The naive forecast for each test window, every step ahead (None: not forecasting windows)."""
     if splits.persistence == "last":
-        return splits.x_test[:, -1, 0]
+        last = splits.x_test[:, -1, 0]
+        return np.broadcast_to(last[:, None], splits.y_test.shape).copy() if splits.y_test.ndim == 2 else last
     if splits.persistence == "zero":
         return np.zeros_like(splits.y_test)
     return None

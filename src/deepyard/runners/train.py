@@ -179,11 +179,14 @@ def fit_loop(config: dict[str, Any], edges) -> float | None:
 
 
 def _throughput(count: float, seconds: float, task, splits: Splits) -> dict[str, float]:
-    """Samples per second; a language model's sums count tokens, so it gets tokens per second too."""
-    if task.name != "language_model":
-        return {"samples_per_s": count / seconds, "train_samples": count}
-    samples = count / splits.in_shape[0]
-    return {"samples_per_s": samples / seconds, "tokens_per_s": count / seconds, "train_samples": samples}
+    """Samples per second. A task's sums count what it scores: a language model's every token (so it
+    gets tokens per second too), a multi-step forecast's every step ahead."""
+    if task.name == "language_model":
+        samples = count / splits.in_shape[0]
+        return {"samples_per_s": samples / seconds, "tokens_per_s": count / seconds, "train_samples": samples}
+    if task.name == "regression" and splits.y_train.ndim == 2:
+        count /= splits.y_train.shape[1]
+    return {"samples_per_s": count / seconds, "train_samples": count}
 
 
 def _log_samples(config: dict[str, Any], model, splits: Splits, epoch: int, count: int = 3) -> None:
@@ -319,7 +322,11 @@ def _log_forecast(run_id: str, task, pipeline, splits: Splits, final: dict[str, 
         test[f"test_rmse_vs_{name}"] = test["test_rmse"] / max(test[f"test_rmse_{name}"], 1e-12)
     tracking.log_metrics(run_id, {k: v for k, v in test.items() if "persistence" in k or "seasonal" in k},
                          final["epochs_run"])
-    tracking.log_figure(run_id, plots.forecast(splits.y_test, predicted, naive), "plots/forecast.png")
+    def first(values: np.ndarray) -> np.ndarray:  # the one-step-ahead forecasts
+        return values[:, 0] if values.ndim == 2 else values
+
+    tracking.log_figure(run_id, plots.forecast(first(splits.y_test), first(predicted), first(naive)),
+                        "plots/forecast.png")
 
 
 def run(spec: TrainJob, *, address: str | None = None, ray_logs: bool = False,

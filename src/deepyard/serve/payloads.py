@@ -252,7 +252,10 @@ def encode_predictions(outputs: np.ndarray, metadata: dict[str, Any], top_k: int
         return [{"label": names[row[0]], "probabilities": dict(zip(names, map(float, probs))),
                  "top_k": [{"label": names[i], "probability": float(probs[i])} for i in row]}
                 for probs, row in zip(outputs, order)]
-    return [float(value) for value in np.asarray(outputs).reshape(len(outputs), -1)[:, 0]]
+    values = np.asarray(outputs).reshape(len(outputs), -1)
+    if values.shape[1] > 1:  # a forecast of several steps: one list per instance
+        return [[float(v) for v in row] for row in values]
+    return [float(value) for value in values[:, 0]]
 
 
 def request_instance(example: np.ndarray, metadata: dict[str, Any]) -> Any:

@@ -36,9 +36,10 @@ class Regression:
 
     def batch_sums(self, outputs: torch.Tensor, targets: torch.Tensor,
                    loss: torch.Tensor | None = None) -> torch.Tensor:
-        """[summed squared error, summed absolute error (standardized units), samples]."""
+        """[summed squared error, summed absolute error (standardized units), values predicted]."""
         error = (outputs.squeeze(-1).float() - self._standardized(targets)).detach()
-        return torch.stack([(error**2).sum(), error.abs().sum(), torch.full((), float(len(targets)), device=outputs.device)])
+        count = torch.full((), float(targets.numel()), device=outputs.device)  # every step ahead counts
+        return torch.stack([(error**2).sum(), error.abs().sum(), count])
 
     def metrics(self, sums: torch.Tensor, prefix: str) -> dict[str, float]:
         squared, absolute, count = sums.tolist()
