@@ -75,3 +75,25 @@ def test_recurrent_models_read_sequences_in_order(cell, options):
 def test_recurrent_models_refuse_other_shapes():
     with pytest.raises(ValueError, match=r"\(time, features\)"):
         MODELS.build("lstm", {}, in_shape=(2, 3, 4, 5), num_outputs=2)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_truncated_bptt_cuts_the_gradient_but_not_the_forward_pass(cell):
+    torch.manual_seed(0)
+    full = MODELS.build(cell, {"hidden_size": 8}, in_shape=(12, 1), num_outputs=1)
+    truncated = MODELS.build(cell, {"hidden_size": 8, "bptt_steps": 4}, in_shape=(12, 1), num_outputs=1)
+    truncated.load_state_dict(full.state_dict())
+    inputs = torch.randn(3, 12, 1)
+
+    def input_gradient(model):
+        x = inputs.clone().requires_grad_(True)
+        output = model.train()(x)
+        output.sum().backward()
+        return output.detach(), x.grad[:, :, 0].abs().sum(0)
+
+    full_out, full_grad = input_gradient(full)
+    cut_out, cut_grad = input_gradient(truncated)
+    torch.testing.assert_close(full_out, cut_out)  # the same values forward
+    assert (full_grad[:8] > 0).all() and (cut_grad[:8] == 0).all() and (cut_grad[8:] > 0).all()
+    with pytest.raises(ValueError, match="cannot be combined with bidirectional"):
+        MODELS.build(cell, {"bptt_steps": 4, "bidirectional": True}, in_shape=(12, 1), num_outputs=1)

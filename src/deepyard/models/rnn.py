@@ -42,8 +42,12 @@ def sequence_shape(in_shape: tuple[int, ...]) -> tuple[int, int]:
 
 class Recurrent(nn.Module):
     def __init__(self, cell: str, in_shape: tuple[int, ...], num_outputs: int, hidden_size: int, layers: int,
-                 bidirectional: bool, dropout: float, pooling: str):
+                 bidirectional: bool, dropout: float, pooling: str, bptt_steps: int | None = None):
         super().__init__()
+        if bptt_steps and bidirectional:
+            raise ValueError("bptt_steps truncates backpropagation through time along one direction; "
+                             "it cannot be combined with bidirectional: true")
+        self.bptt_steps = bptt_steps
         _, features = sequence_shape(in_shape)
         self.in_shape, self.pooling = tuple(in_shape), pooling
         self.directions = 2 if bidirectional else 1
@@ -53,8 +57,23 @@ class Recurrent(nn.Module):
         self.dropout = make_dropout(dropout)
         self.head = nn.Linear(hidden_size * self.directions, num_outputs)
 
+    def read(self, sequence: torch.Tensor):
+        """The RNN over the sequence. Training with ``bptt_steps``, it reads chunks of that many steps
+        and cuts the gradient between them (truncated backpropagation through time): the forward
+        values are the same, but backward costs and remembers only ``bptt_steps`` at a time."""
+        steps = self.bptt_steps
+        if not (self.training and steps and sequence.shape[1] > steps):
+            return self.rnn(sequence)
+        state, outputs = None, []
+        for start in range(0, sequence.shape[1], steps):
+            if state is not None:
+                state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+            chunk, state = self.rnn(sequence[:, start:start + steps], state)
+            outputs.append(chunk)
+        return torch.cat(outputs, dim=1), state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outputs, state = self.rnn(as_sequence(x, self.in_shape))
+        outputs, state = self.read(as_sequence(x, self.in_shape))
         if self.pooling == "mean":
             summary = outputs.mean(dim=1)
         else:
@@ -66,8 +85,9 @@ class Recurrent(nn.Module):
 def _builder(cell: str):
     def build(in_shape: tuple[int, ...], num_outputs: int, hidden_size: PositiveInt = 64, layers: PositiveInt = 1,
               bidirectional: bool = False, dropout: Dropout = 0.0,
-              pooling: Literal["last", "mean"] = "last") -> nn.Module:
-        return Recurrent(cell, in_shape, num_outputs, hidden_size, layers, bidirectional, dropout, pooling)
+              pooling: Literal["last", "mean"] = "last", bptt_steps: PositiveInt | None = None) -> nn.Module:
+        return Recurrent(cell, in_shape, num_outputs, hidden_size, layers, bidirectional, dropout, pooling,
+                         bptt_steps)
 
     build.__name__ = cell
     build.__doc__ = f"{cell.upper()} over a sequence (an image row by row), then a linear head."
