@@ -68,6 +68,13 @@ def validate(spec: SpecPath, set_: Overrides = None) -> None:
         served = ", ".join(f"{r['name']} version {r['version']} at {r['route']}" for r in deploying.check(job.models))
         err.print(f"[green]ok[/] {spec}: kind=deploy name={job.name}: {served}")
         return
+    if job.kind == "rl":
+        from deepyard.rl import algorithms
+
+        observations, actions = algorithms.check(job)
+        err.print(f"[green]ok[/] {spec}: kind=rl name={job.name} algorithm={job.algorithm} env={job.env.id} "
+                  f"(observations {observations.shape}, actions {actions})")
+        return
     train = job.base if job.kind == "sweep" else job
     splits = sweep.check(job)[0] if job.kind == "sweep" else preflight(job)[0]
     err.print(f"[green]ok[/] {spec}: kind={job.kind} name={job.name} data={train.data.name} "
@@ -272,6 +279,30 @@ def predict(
     from deepyard.serve.client import predict as send
 
     print(json.dumps(send(name, input_, url), indent=2))
+
+
+rl_app = typer.Typer(no_args_is_help=True, help="Reinforcement-learning policies: evaluate a registered one.")
+app.add_typer(rl_app, name="rl")
+
+
+@rl_app.command("eval")
+@user_errors
+def rl_eval(
+    model: Annotated[str, typer.Argument(help="registered policy: NAME (newest version), NAME:VERSION or NAME@ALIAS")],
+    episodes: Annotated[int, typer.Option(min=1, help="greedy episodes to play")] = 10,
+    render: Annotated[Optional[Path], typer.Option(help="write the first episode as a GIF here")] = None,
+    seed: Annotated[int, typer.Option(help="seeds the episodes' resets")] = 0,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Play a registered policy in its environment; print the mean and std of the returns."""
+    from deepyard.rl.evaluate import evaluate
+
+    result = evaluate(model, episodes=episodes, seed=seed, render=render)
+    err.print(f"{result['model']} version {result['version']} on {result['env_id']}: mean return "
+              f"{result['mean_return']:.2f} ± {result['std_return']:.2f} over {episodes} episodes"
+              + (f"; GIF: {render}" if render else ""))
+    if json_output:
+        print(json.dumps(result))
 
 
 @app.command()

@@ -348,6 +348,19 @@ def model_version(name: str, *, alias: str | None = None, version: str | None = 
                         if k.startswith("metric.")}}
 
 
+def latest_version(name: str) -> str:
+    """The newest registered version of ``name`` (a BadInput listing the models if there is none)."""
+    from deepyard.registry import unknown_name_message
+
+    mlflow_client = client()
+    versions = [int(v.version) for v in mlflow_client.search_model_versions(f"name = '{name}'")]
+    if not versions:
+        known = [m.name for m in mlflow_client.search_registered_models()]
+        raise BadInput(unknown_name_message("registered model", name, known)
+                       + "; train one with `deepyard run jobs/...` (register.enabled)")
+    return str(max(versions))
+
+
 def load_model(name: str, version: str, uri: str | None = None):
     """(the serving module on CPU in eval mode, its metadata: task, input shape, class names...).
 

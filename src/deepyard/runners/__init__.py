@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-RUNNERS = {"train": "deepyard.runners.train", "sweep": "deepyard.runners.sweep", "deploy": "deepyard.runners.deploy"}
+RUNNERS = {"train": "deepyard.runners.train", "sweep": "deepyard.runners.sweep", "deploy": "deepyard.runners.deploy",
+           "rl": "deepyard.runners.rl"}
 
 
 def runner(kind: str) -> Callable:

@@ -1,0 +1,103 @@
+"""A spec's ``algorithm``, ``env``, ``training`` and ``model`` -> an RLlib AlgorithmConfig, checked first.
+
+Every check runs before Ray starts, so a typo costs a second and exits with code 2: an unknown env
+id lists the close matches, a hyperparameter the algorithm does not take is named, with the
+closest one it does take.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from deepyard.errors import BadInput
+from deepyard.registry import closest
+
+CONFIGS = {"ppo": "ray.rllib.algorithms.ppo:PPOConfig", "dqn": "ray.rllib.algorithms.dqn:DQNConfig",
+           "sac": "ray.rllib.algorithms.sac:SACConfig", "appo": "ray.rllib.algorithms.appo:APPOConfig",
+           "impala": "ray.rllib.algorithms.impala:IMPALAConfig"}
+# Discrete or continuous actions: what each algorithm handles on RLlib's new API stack.
+DISCRETE_ONLY, CONTINUOUS_ONLY = {"dqn"}, {"sac"}
+
+
+def config_class(algorithm: str):
+    module, name = CONFIGS[algorithm].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def accepted_hyperparameters(algorithm: str) -> set[str]:
+    """The keyword arguments of ``training()`` along the config's class hierarchy."""
+    names: set[str] = set()
+    for cls in config_class(algorithm).__mro__:
+        method = cls.__dict__.get("training")
+        if method is not None:
+            names |= {p for p in inspect.signature(method).parameters if p not in ("self", "kwargs")}
+    return {name for name in names if not name.startswith("_")}
+
+
+def make_env(env_id: str, kwargs: dict[str, Any], **extra: Any):
+    """``gymnasium.make`` with the spec's arguments, or a BadInput that says what is wrong."""
+    import os
+
+    import gymnasium
+
+    # rgb_array rendering draws off-screen: pygame needs no display and no sound card
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    known = list(gymnasium.envs.registry)
+    if env_id not in known:
+        matches = [m for m in (closest(env_id, known),) if m] or [k for k in known if env_id.lower() in k.lower()][:5]
+        hint = f"; did you mean {', '.join(repr(m) for m in matches)}?" if matches else ""
+        raise BadInput(f"env.id: unknown gymnasium environment {env_id!r}{hint} (classic control: CartPole-v1, "
+                       "Acrobot-v1, MountainCar-v0, MountainCarContinuous-v0, Pendulum-v1)")
+    try:
+        return gymnasium.make(env_id, **kwargs, **extra)
+    except TypeError as error:
+        raise BadInput(f"env.kwargs: {env_id} does not take them: {error}") from None
+
+
+def check(spec) -> tuple[Any, Any]:
+    """The environment's (observation space, action space); raises BadInput on anything that would fail."""
+    import gymnasium
+
+    accepted = accepted_hyperparameters(spec.algorithm)
+    for name in spec.training:
+        if name not in accepted:
+            hint = closest(name, sorted(accepted))
+            raise BadInput(f"training.{name}: {spec.algorithm} does not take {name!r}"
+                           + (f"; did you mean {hint!r}?" if hint else "") + " (RLlib's training() arguments)")
+    env = make_env(spec.env.id, spec.env.kwargs)
+    spaces = env.observation_space, env.action_space
+    env.close()
+    discrete = isinstance(spaces[1], gymnasium.spaces.Discrete)
+    if not isinstance(spaces[0], gymnasium.spaces.Box) or len(spaces[0].shape) != 1:
+        raise BadInput(f"env.id: {spec.env.id} observes {spaces[0]}; deepyard's policies read flat vectors (Box)")
+    if spec.algorithm in DISCRETE_ONLY and not discrete:
+        raise BadInput(f"algorithm: {spec.algorithm} needs discrete actions; {spec.env.id} has {spaces[1]} "
+                       "(use sac or ppo)")
+    if spec.algorithm in CONTINUOUS_ONLY and discrete:
+        raise BadInput(f"algorithm: {spec.algorithm} needs continuous actions; {spec.env.id} has {spaces[1]} "
+                       "(use dqn or ppo)")
+    return spaces
+
+
+def build_config(spec):
+    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+
+    config = (config_class(spec.algorithm)()
+              .environment(spec.env.id, env_config=dict(spec.env.kwargs))
+              .env_runners(num_env_runners=spec.env_runners.count,
+                           num_envs_per_env_runner=spec.env_runners.envs_per_runner)
+              .training(**spec.training)
+              .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(spec.model.hidden_sizes),
+                                                         fcnet_activation=spec.model.activation))
+              .debugging(seed=spec.seed))
+    if spec.evaluation.interval:
+        # Greedy episodes in the driver's own runner: no extra process on a small machine.
+        config = config.evaluation(evaluation_interval=spec.evaluation.interval,
+                                   evaluation_duration=spec.evaluation.episodes,
+                                   evaluation_duration_unit="episodes", evaluation_num_env_runners=0,
+                                   evaluation_config={"explore": False})
+    return config

@@ -1,0 +1,40 @@
+"""`deepyard rl eval`: a registered policy plays its own environment, greedily."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepyard import tracking
+from deepyard.errors import BadInput
+from deepyard.rl.algorithms import make_env
+from deepyard.rl.policy import play, save_gif
+
+
+def resolve(ref: str) -> tuple[str, str]:
+    """NAME (newest version) | NAME:VERSION | NAME@ALIAS -> (name, version)."""
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, tracking.model_version(name, alias=alias)["version"]
+    if ":" in ref:
+        name, version = ref.split(":", 1)
+        return name, tracking.model_version(name, version=version)["version"]
+    return ref, tracking.latest_version(ref)
+
+
+def evaluate(ref: str, *, episodes: int, seed: int = 0, render: Path | None = None) -> dict[str, Any]:
+    name, version = resolve(ref)
+    policy, metadata = tracking.load_model(name, version)
+    if metadata.get("task") != "rl_policy":
+        raise BadInput(f"model {name!r} version {version} is a {metadata.get('task')} model, not an RL policy")
+    env = make_env(metadata["env_id"], metadata.get("env_kwargs") or {},
+                   **({"render_mode": "rgb_array"} if render else {}))
+    frames: list | None = [] if render else None
+    returns = play(policy, env, episodes, seed=seed, frames=frames)
+    env.close()
+    if render:
+        save_gif(frames, str(render))
+    return {"model": name, "version": version, "env_id": metadata["env_id"], "episodes": episodes,
+            "mean_return": float(np.mean(returns)), "std_return": float(np.std(returns)), "returns": returns}

@@ -1,0 +1,157 @@
+"""`kind: rl`: an RLlib agent on a gymnasium environment. Run one with `deepyard run jobs/cartpole_ppo.yaml`.
+
+Driver: check the spec (before Ray starts) -> open the MLflow run -> build the algorithm -> train
+iterations until a stop condition, logging each -> save the checkpoint, register the greedy
+policy (observations -> actions) and log a GIF of it playing one episode.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from deepyard import settings, tracking
+from deepyard.errors import BadInput, JobFailed
+from deepyard.rl import algorithms
+from deepyard.spec import RLJob, flatten, to_yaml
+
+# Result keys -> metric names: what a user reads per iteration.
+RESULT_METRICS = {
+    ("env_runners", "episode_return_mean"): "return_mean",
+    ("env_runners", "episode_return_min"): "return_min",
+    ("env_runners", "episode_return_max"): "return_max",
+    ("env_runners", "episode_len_mean"): "episode_len_mean",
+    ("num_env_steps_sampled_lifetime",): "timesteps",
+    ("time_this_iter_s",): "iteration_s",
+    ("evaluation", "env_runners", "episode_return_mean"): "eval_return_mean",
+    ("evaluation", "env_runners", "episode_len_mean"): "eval_episode_len_mean",
+}
+
+
+def _get(result: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(result, dict) or key not in result:
+            return None
+        result = result[key]
+    return result
+
+
+def iteration_metrics(result: dict, previous_timesteps: float = 0.0) -> dict[str, float]:
+    """The numbers worth a chart from one ``Algorithm.train()`` result: returns, lengths, steps,
+    throughput, and every learner loss."""
+    metrics = {name: float(value) for path, name in RESULT_METRICS.items()
+               if isinstance(value := _get(result, path), (int, float))}
+    metrics["env_steps"] = metrics.get("timesteps", previous_timesteps) - previous_timesteps
+    if metrics.get("iteration_s"):
+        metrics["env_steps_per_s"] = metrics["env_steps"] / metrics["iteration_s"]
+    for module, values in (result.get("learners") or {}).items():
+        if module.startswith("__"):
+            continue
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and ("loss" in key or key in ("entropy", "mean_kl_loss")):
+                metrics[f"learner/{key}"] = float(value)
+    return metrics
+
+
+def stop_reason(spec: RLJob, metrics: dict[str, float], iteration: int, elapsed: float) -> str | None:
+    target = metrics.get("eval_return_mean", metrics.get("return_mean")) if spec.evaluation.interval else \
+        metrics.get("return_mean")
+    if spec.stop.mean_return is not None and target is not None and target >= spec.stop.mean_return:
+        return f"mean return {target:.1f} >= {spec.stop.mean_return}"
+    if spec.stop.timesteps and metrics.get("timesteps", 0) >= spec.stop.timesteps:
+        return f"{metrics['timesteps']:.0f} timesteps"
+    if spec.stop.time_s and elapsed >= spec.stop.time_s:
+        return f"{elapsed:.0f} s"
+    if spec.stop.iterations and iteration >= spec.stop.iterations:
+        return f"{iteration} iterations"
+    return None
+
+
+def _print_iteration(console, iteration: int, metrics: dict[str, float], elapsed: float) -> None:
+    nan = float("nan")
+    evaluation = f" eval {metrics['eval_return_mean']:.1f}" if "eval_return_mean" in metrics else ""
+    console.print(f"iter {iteration} steps {metrics.get('timesteps', 0):.0f} return {metrics.get('return_mean', nan):.1f} "
+                  f"[{metrics.get('return_min', nan):.0f}, {metrics.get('return_max', nan):.0f}]{evaluation} "
+                  f"{metrics.get('env_steps_per_s', 0):.0f} steps/s {elapsed:.0f}s", highlight=False, soft_wrap=True)
+
+
+def _log_policy(spec: RLJob, algo, run_id: str, spaces) -> dict[str, Any]:
+    """Register the greedy policy and log a GIF of one episode; returns the model ids and its return."""
+    import numpy as np
+
+    from deepyard.rl.policy import from_algorithm, play, save_gif
+
+    policy = from_algorithm(algo, spaces[1], spec.algorithm)
+    env = algorithms.make_env(spec.env.id, spec.env.kwargs, render_mode="rgb_array")
+    frames: list = []
+    returns = play(policy, env, episodes=1, seed=spec.seed, frames=frames)
+    env.close()
+    with tempfile.TemporaryDirectory() as folder:
+        gif = Path(folder) / "policy.gif"
+        save_gif(frames, str(gif))
+        tracking.client().log_artifact(run_id, str(gif))
+    example = np.stack([spaces[0].sample() for _ in range(5)]).astype(np.float32)
+    metadata = {"task": "rl_policy", "env_id": spec.env.id, "env_kwargs": dict(spec.env.kwargs),
+                "algorithm": spec.algorithm, "input_shape": list(spaces[0].shape),
+                "action_space": str(spaces[1]), "job": spec.name}
+    outcome = tracking.log_model(run_id, policy, example, registered_name=spec.model_name if spec.register.enabled
+                                 else None, metadata=metadata, version_tags={"run_id": run_id})
+    outcome["gif_return"] = returns[0]
+    return outcome
+
+
+def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watch: Callable | None = None,
+        resume: bool = False) -> dict[str, Any]:
+    """Train to a stop condition; returns the ids, the final metrics and the model URIs."""
+    from rich.console import Console
+
+    from deepyard import cluster
+
+    if resume:
+        raise BadInput("--resume continues an interrupted sweep; an rl job starts again")
+    spaces = algorithms.check(spec)
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    run_id = tracking.start_run(spec.experiment, spec.name, flatten(spec), to_yaml(spec),
+                                tags={"deepyard.task": "rl"})
+    try:
+        with cluster.connected(address, ray_logs):
+            algo = algorithms.build_config(spec).build_algo()
+            try:
+                startup = time.perf_counter() - started
+                iteration, metrics, reason = 0, {}, None
+                checkpoint_dir = Path(settings.storage_path(spec.storage_path)) / f"{spec.name}-{run_id[:8]}"
+                while reason is None:
+                    iteration += 1
+                    metrics = iteration_metrics(algo.train(), metrics.get("timesteps", 0.0))
+                    tracking.log_metrics(run_id, metrics, iteration)
+                    elapsed = time.perf_counter() - started - startup
+                    _print_iteration(console, iteration, metrics, elapsed)
+                    if iteration % spec.checkpoint.every_n_iterations == 0:
+                        algo.save_to_path(str(checkpoint_dir))
+                    reason = stop_reason(spec, metrics, iteration, elapsed)
+                console.print(f"[green]stopping[/]: {reason}")
+                algo.save_to_path(str(checkpoint_dir))
+                tracking.client().log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
+                outcome = _log_policy(spec, algo, run_id, spaces)
+            finally:
+                algo.stop()
+        timings = {"startup_s": startup, "train_s": time.perf_counter() - started - startup,
+                   "total_s": time.perf_counter() - started}
+        tracking.log_metrics(run_id, {f"timing_{k}": v for k, v in timings.items()}, iteration)
+        tracking.set_tags(run_id, {"deepyard.stop_reason": reason})
+        tracking.finish_run(run_id, "FINISHED")
+    except KeyboardInterrupt:
+        tracking.finish_run(run_id, "KILLED", "interrupted by the user (Ctrl-C)")
+        raise
+    except BaseException as error:  # the run must never be left RUNNING
+        tracking.finish_run(run_id, "FAILED", "".join(traceback.format_exception(error)))
+        if isinstance(error, (BadInput, JobFailed)):
+            raise
+        raise JobFailed(f"rl training failed: {error}; the MLflow run {run_id} is marked FAILED") from error
+    final = {k: v for k, v in metrics.items() if not k.startswith("learner/")}
+    return {"run_id": run_id, "experiment": spec.experiment, "metrics": final, "iterations": iteration,
+            "stop_reason": reason, "checkpoint": str(checkpoint_dir), "timings": timings, **outcome}

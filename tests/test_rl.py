@@ -1,0 +1,145 @@
+"""`kind: rl`: spec checks before Ray starts, the greedy policy module, and tiny runs of every
+algorithm on the session's real Ray cluster with real RLlib and MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deepyard import tracking
+from deepyard.rl.policy import GreedyPolicy
+from deepyard.runners.rl import iteration_metrics, stop_reason
+from deepyard.spec import parse_spec
+from tests.conftest import last_json
+
+SPEC = """
+kind: rl
+name: tiny_{algorithm}
+algorithm: {algorithm}
+env: {{id: {env}}}
+env_runners: {{count: {runners}}}
+training: {training}
+stop: {{iterations: 2}}
+evaluation: {{interval: 1, episodes: 2}}
+register: {{model_name: tiny-{algorithm}}}
+"""
+
+
+def spec_text(algorithm="ppo", env="CartPole-v1", training="{}", runners=1) -> str:
+    return SPEC.format(algorithm=algorithm, env=env, training=training, runners=runners)
+
+
+@pytest.mark.parametrize(("algorithm", "env", "training", "message"), [
+    ("ppo", "CartPole-v2", "{}", "unknown gymnasium environment 'CartPole-v2'; did you mean 'CartPole-v1'?"),
+    ("ppo", "CartPole-v1", "{lrr: 0.1}", "training.lrr: ppo does not take 'lrr'; did you mean 'lr'?"),
+    ("ppo", "CartPole-v1", "{lambda: 0.9}", "training.lambda: ppo does not take 'lambda'; did you mean 'lambda_'?"),
+    ("dqn", "Pendulum-v1", "{}", "dqn needs discrete actions; Pendulum-v1 has Box"),
+    ("sac", "CartPole-v1", "{}", "sac needs continuous actions; CartPole-v1 has Discrete(2)"),
+])
+def test_bad_rl_specs_exit_2_before_ray_starts(cli, write_spec, algorithm, env, training, message):
+    result = cli("validate", write_spec(spec_text(algorithm, env, training)), expect=2)
+    assert message in " ".join(result.stderr.split())
+
+
+def test_unknown_env_kwargs_and_algorithms_are_named(cli, write_spec):
+    spec = write_spec(spec_text().replace("{id: CartPole-v1}", "{id: CartPole-v1, kwargs: {gravity: 3}}"))
+    assert "env.kwargs: CartPole-v1 does not take them" in cli("validate", spec, expect=2).stderr
+    with pytest.raises(Exception, match="algorithm"):
+        parse_spec({"kind": "rl", "name": "x", "algorithm": "a3c", "env": {"id": "CartPole-v1"}})
+
+
+class Outputs(nn.Module):
+    """An RLModule stand-in: fixed action-distribution inputs."""
+
+    def __init__(self, inputs: torch.Tensor):
+        super().__init__()
+        self.inputs = inputs
+
+    def forward_inference(self, batch: dict) -> dict:
+        return {"action_dist_inputs": self.inputs.expand(len(batch["obs"]), -1)}
+
+
+def test_greedy_policy_maps_distribution_inputs_to_actions_in_the_env_units():
+    discrete = GreedyPolicy(Outputs(torch.tensor([[0.1, 2.0, -1.0]])), gymnasium.spaces.Discrete(3), squashed=False)
+    assert discrete(torch.zeros(4, 2)).tolist() == [1, 1, 1, 1]
+    box = gymnasium.spaces.Box(-2.0, 2.0, (1,))
+    # mean 10 (log std ignored): squashed by tanh (SAC) to just under the bound, clipped otherwise (PPO)
+    squashed = GreedyPolicy(Outputs(torch.tensor([[10.0, 0.0]])), box, squashed=True)(torch.zeros(2, 3))
+    clipped = GreedyPolicy(Outputs(torch.tensor([[10.0, 0.0]])), box, squashed=False)(torch.zeros(2, 3))
+    assert squashed.shape == (2, 1) and 1.99 < squashed[0, 0] <= 2.0 and clipped[0, 0] == 2.0
+    middle = GreedyPolicy(Outputs(torch.tensor([[0.0, 0.0]])), box, squashed=True)(torch.zeros(1, 3))
+    assert middle[0, 0] == 0.0
+
+
+def test_iteration_metrics_and_stop_conditions():
+    result = {"env_runners": {"episode_return_mean": 30.0, "episode_return_min": 9.0, "episode_return_max": 80.0,
+                              "episode_len_mean": 30.0},
+              "num_env_steps_sampled_lifetime": 3000, "time_this_iter_s": 2.0,
+              "evaluation": {"env_runners": {"episode_return_mean": 480.0}},
+              "learners": {"default_policy": {"policy_loss": 0.1, "vf_loss": 2.0, "entropy": 0.6, "weights_seq_no": 3},
+                           "__all_modules__": {"total_loss": 9.9}}}
+    metrics = iteration_metrics(result, previous_timesteps=1000)
+    assert metrics["env_steps"] == 2000 and metrics["env_steps_per_s"] == 1000
+    assert metrics["learner/policy_loss"] == 0.1 and "learner/weights_seq_no" not in metrics
+    spec = parse_spec({"kind": "rl", "name": "x", "algorithm": "ppo", "env": {"id": "CartPole-v1"},
+                       "stop": {"mean_return": 475, "timesteps": 10000}})
+    assert stop_reason(spec, metrics, 3, 10.0) == "mean return 480.0 >= 475.0"  # the evaluation's return
+    assert stop_reason(spec, {**metrics, "eval_return_mean": 100.0}, 3, 10.0) is None
+    assert stop_reason(spec, {**metrics, "eval_return_mean": 100.0, "timesteps": 10000}, 3, 10.0) == "10000 timesteps"
+
+
+@pytest.fixture(scope="module")
+def agents(ray_cluster, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from deepyard.cli import app
+
+    folder = tmp_path_factory.mktemp("rl")
+    results = {}
+    for algorithm, env, training in [("ppo", "CartPole-v1", "{train_batch_size_per_learner: 500, minibatch_size: 64}"),
+                                     ("dqn", "CartPole-v1", "{num_steps_sampled_before_learning_starts: 100}"),
+                                     ("sac", "Pendulum-v1", "{num_steps_sampled_before_learning_starts: 100}"),
+                                     ("appo", "Acrobot-v1", "{train_batch_size_per_learner: 500}")]:
+        spec = folder / f"{algorithm}.yaml"
+        spec.write_text(spec_text(algorithm, env, training, runners=0 if algorithm in ("dqn", "sac") else 1))
+        result = CliRunner().invoke(app, ["run", str(spec), "--json"])
+        assert result.exit_code == 0, f"{algorithm}: {result.stderr}\n{result.exception!r}"
+        results[algorithm] = (last_json(result), env)
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ppo", "dqn", "sac", "appo"])
+def test_tiny_runs_are_tracked_and_register_a_policy_that_acts(agents, algorithm):
+    summary, env_id = agents[algorithm]
+    assert summary["iterations"] == 2 and summary["stop_reason"] == "2 iterations"
+    run = tracking.client().get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    history = tracking.metric_history(summary["run_id"], "timesteps")
+    assert [step for step, _ in history] == [1, 2] and history[1][1] > history[0][1] > 0
+    artifacts = {a.path for a in tracking.client().list_artifacts(summary["run_id"])}
+    assert {"policy.gif", "checkpoint"} <= artifacts
+    policy, metadata = tracking.load_model(f"tiny-{algorithm}", summary["model_version"])
+    assert metadata["task"] == "rl_policy" and metadata["env_id"] == env_id
+    env = gymnasium.make(env_id)
+    observations = np.stack([env.observation_space.sample() for _ in range(8)]).astype(np.float32)
+    with torch.inference_mode():
+        actions = policy(torch.from_numpy(observations)).numpy()
+    assert len(actions) == 8 and all(env.action_space.contains(a.astype(env.action_space.dtype)) for a in actions)
+
+
+@pytest.mark.slow
+def test_rl_eval_plays_the_registered_policy(agents, cli, tmp_path):
+    gif = tmp_path / "ppo.gif"
+    result = cli("rl", "eval", "tiny-ppo", "--episodes", "3", "--render", str(gif), "--json")
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["episodes"] == 3 and len(answer["returns"]) == 3 and answer["mean_return"] > 0
+    assert gif.read_bytes().startswith(b"GIF8")
+    assert "mean return" in result.stderr
+    missing = cli("rl", "eval", "tiny-pp", expect=2)
+    assert "did you mean 'tiny-ppo'" in missing.stderr
