@@ -80,12 +80,13 @@ def test_iteration_metrics_and_stop_conditions():
     result = {"env_runners": {"episode_return_mean": 30.0, "episode_return_min": 9.0, "episode_return_max": 80.0,
                               "episode_len_mean": 30.0},
               "num_env_steps_sampled_lifetime": 3000, "time_this_iter_s": 2.0,
-              "evaluation": {"env_runners": {"episode_return_mean": 480.0}},
+              "evaluation": {"env_runners": {"episode_return_mean": 480.0, "episode_len_mean": float("nan")}},
               "learners": {"default_policy": {"policy_loss": 0.1, "vf_loss": 2.0, "entropy": 0.6, "weights_seq_no": 3},
                            "__all_modules__": {"total_loss": 9.9}}}
     metrics = iteration_metrics(result, previous_timesteps=1000)
     assert metrics["env_steps"] == 2000 and metrics["env_steps_per_s"] == 1000
     assert metrics["learner/policy_loss"] == 0.1 and "learner/weights_seq_no" not in metrics
+    assert "eval_episode_len_mean" not in metrics  # NaN: RLlib had nothing to report
     spec = parse_spec({"kind": "rl", "name": "x", "algorithm": "ppo", "env": {"id": "CartPole-v1"},
                        "stop": {"mean_return": 475, "timesteps": 10000}})
     assert stop_reason(spec, metrics, 3, 10.0) == "mean return 480.0 >= 475.0"  # the evaluation's return

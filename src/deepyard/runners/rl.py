@@ -7,6 +7,7 @@ policy (observations -> actions) and log a GIF of it playing one episode.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 import traceback
@@ -42,8 +43,8 @@ def _get(result: dict, path: tuple[str, ...]) -> Any:
 def iteration_metrics(result: dict, previous_timesteps: float = 0.0) -> dict[str, float]:
     """The numbers worth a chart from one ``Algorithm.train()`` result: returns, lengths, steps,
     throughput, and every learner loss."""
-    metrics = {name: float(value) for path, name in RESULT_METRICS.items()
-               if isinstance(value := _get(result, path), (int, float))}
+    metrics = {name: float(value) for path, name in RESULT_METRICS.items()  # (NaN: not measured this time)
+               if isinstance(value := _get(result, path), (int, float)) and not math.isnan(value)}
     metrics["env_steps"] = metrics.get("timesteps", previous_timesteps) - previous_timesteps
     if metrics.get("iteration_s"):
         metrics["env_steps_per_s"] = metrics["env_steps"] / metrics["iteration_s"]

@@ -1,0 +1,104 @@
+"""PPO on CartPole-v1 to a greedy evaluation mean return of 475: deepyard (RLlib on a local Ray
+cluster, tracked in MLflow) next to stable-baselines3 in one process, evaluated the same way.
+
+    .venv/bin/python bench/rl_cartpole.py [--job jobs/cartpole_ppo.yaml] [--target 475]
+
+Both evaluate 10 greedy episodes about every 4,000 environment steps and stop at the first
+evaluation whose mean reaches the target. SB3 uses the rl-zoo hyperparameters for CartPole-v1
+(8 envs, n_steps 32, batch 256, 20 epochs, gamma 0.98, GAE lambda 0.8, linear lr 1e-3 and clip
+0.2). stable-baselines3 is a bench-only dependency: pip install "stable-baselines3>=2.3,<3".
+Prints one JSON object; the goal is a wall-time ratio deepyard/SB3 <= 1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sb3_to_target(target: float, eval_every: int = 4096, episodes: int = 10, max_steps: int = 300_000,
+                  seed: int = 0) -> dict:
+    import gymnasium
+    import numpy as np
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+
+    def linear(start: float):
+        return lambda remaining: remaining * start
+
+    class EvaluateAndStop(BaseCallback):
+        def __init__(self):
+            super().__init__()
+            self.next_at, self.eval_s, self.evaluations, self.reached_at = eval_every, 0.0, [], None
+            self.env = gymnasium.make("CartPole-v1")
+
+        def _on_step(self) -> bool:
+            if self.num_timesteps < self.next_at:
+                return True
+            self.next_at += eval_every
+            started = time.perf_counter()
+            returns = []
+            for episode in range(episodes):
+                observation, _ = self.env.reset(seed=seed + episode)
+                total, done = 0.0, False
+                while not done:
+                    action, _ = self.model.predict(observation, deterministic=True)
+                    observation, reward, terminated, truncated, _ = self.env.step(int(action))
+                    total, done = total + reward, terminated or truncated
+                returns.append(total)
+            self.eval_s += time.perf_counter() - started
+            self.evaluations.append((self.num_timesteps, float(np.mean(returns))))
+            if np.mean(returns) >= target:
+                self.reached_at = self.num_timesteps
+                return False
+            return True
+
+    started = time.perf_counter()
+    env = make_vec_env("CartPole-v1", n_envs=8, seed=seed)
+    model = PPO("MlpPolicy", env, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20,
+                ent_coef=0.0, learning_rate=linear(1e-3), clip_range=linear(0.2), seed=seed, device="cpu")
+    callback = EvaluateAndStop()
+    model.learn(total_timesteps=max_steps, callback=callback)
+    wall = time.perf_counter() - started
+    return {"wall_s": wall, "wall_without_eval_s": wall - callback.eval_s, "env_steps": callback.reached_at,
+            "reached": callback.reached_at is not None, "evaluations": callback.evaluations}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--job", default=str(ROOT / "jobs/cartpole_ppo.yaml"))
+    parser.add_argument("--target", type=float, default=475)
+    args = parser.parse_args()
+    home = tempfile.mkdtemp(prefix="deepyard-rl-bench-")
+    os.environ["DEEPYARD_HOME"] = home
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
+    from deepyard import tracking
+    from deepyard.runners.rl import run
+    from deepyard.spec import load_spec
+
+    spec = load_spec(args.job, [f"stop.mean_return={args.target}"])
+    started = time.perf_counter()
+    summary = run(spec)
+    wall = time.perf_counter() - started
+    evaluations = tracking.metric_history(summary["run_id"], "eval_return_mean")
+    deepyard = {"wall_s": wall, "env_steps": summary["metrics"]["timesteps"], "iterations": summary["iterations"],
+                "reached": summary["stop_reason"].startswith("mean return"), "timings": summary["timings"],
+                "eval_returns": [value for _, value in sorted(evaluations)]}
+    sb3 = sb3_to_target(args.target)
+    print(json.dumps({
+        "bench": "rl_cartpole", "target_eval_mean_return": args.target, "cpus": os.cpu_count(),
+        "deepyard": deepyard, "sb3": sb3,
+        "wall_ratio_deepyard_vs_sb3": deepyard["wall_s"] / sb3["wall_s"],
+        "env_steps_ratio_deepyard_vs_sb3": deepyard["env_steps"] / sb3["env_steps"] if sb3["env_steps"] else None,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
