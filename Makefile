@@ -50,6 +50,8 @@ bench: install data
 	$(PY) bench/forecast.py --job jobs/co2_gru.yaml --season 52
 	$(PY) bench/gan_quality.py
 	$(PY) bench/lm_shakespeare.py
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) bench/rl_cartpole.py
 
 clean:
 	rm -rf .deepyard .pytest_cache
