@@ -81,10 +81,10 @@ def test_quality_sees_mode_collapse_and_noise(digits):
     pipeline = gan_pipeline()
     real_seven = torch.from_numpy(digits.x_train[digits.y_train == 7][:1][0]) / 8.0 - 1.0  # scaled to [-1, 1]
     pipeline.net.generator = Constant(real_seven)
-    collapsed = task.quality(pipeline, "val")
+    collapsed = task.quality(pipeline, digits, "val")
     assert collapsed["val_confident_share"] > 0.9  # every sample is a convincing 7...
     assert collapsed["val_min_class_share"] == 0.0 and collapsed["val_quality"] == 0.0  # ...and only 7s
-    untrained = task.quality(gan_pipeline(), "val")
+    untrained = task.quality(gan_pipeline(), digits, "val")
     assert untrained["val_quality"] < 0.5
 
 

@@ -121,9 +121,7 @@ def fit_loop(config: dict[str, Any], edges) -> float | None:
                    **_throughput(float(train_sums[-1]), train_seconds, task, splits),  # summed over workers
                    "lr": optimizer.param_groups[0]["lr"], "epoch": epoch}
         if task.name == "generation":  # one worker (preflight): judge this epoch's generator
-            if task.reference is None:
-                task.fit_reference(splits, seed=spec.train.seed)
-            metrics.update(task.quality(plain_model, "val"))
+            metrics.update(task.quality(plain_model, splits, "val", judge_seed=spec.train.seed))
         if improved(metrics[ckpt_metric], best["value"], ckpt_mode):
             best = {"value": metrics[ckpt_metric], "epoch": epoch,
                     "weights": checkpoints.cpu_copy(plain_model.state_dict())}
@@ -167,9 +165,8 @@ def fit_loop(config: dict[str, Any], edges) -> float | None:
             test["test_f1_macro"] = task.macro_f1(confusion)
             final["confusion"] = confusion
         if task.name == "generation":  # fresh noise, and how good the judge itself is on real images
-            if task.reference is None:
-                task.fit_reference(splits, seed=spec.train.seed)
-            test.update(task.quality(plain_model, "test", seed=1), test_reference_accuracy=task.reference_accuracy)
+            test.update(task.quality(plain_model, splits, "test", seed=1, judge_seed=spec.train.seed),
+                        test_reference_accuracy=task.reference_accuracy)
             final["example"] = plain_model.net.noise(5, generator=torch.Generator().manual_seed(0))
         log({**test, "best_epoch": best["epoch"]}, epoch)
         final["failed_metric_writes"] = log.close()  # waits until every metric is written
@@ -179,14 +176,11 @@ def fit_loop(config: dict[str, Any], edges) -> float | None:
 
 
 def _throughput(count: float, seconds: float, task, splits: Splits) -> dict[str, float]:
-    """Samples per second. A task's sums count what it scores: a language model's every token (so it
-    gets tokens per second too), a multi-step forecast's every step ahead."""
-    if task.name == "language_model":
-        samples = count / splits.in_shape[0]
-        return {"samples_per_s": samples / seconds, "tokens_per_s": count / seconds, "train_samples": samples}
-    if task.name == "regression" and splits.y_train.ndim == 2:
-        count /= splits.y_train.shape[1]
-    return {"samples_per_s": count / seconds, "train_samples": count}
+    """Samples per second. A task's sums count the targets it scores: one per sample, or one per
+    token (a language model, which gets tokens per second too) or per step ahead (a forecast)."""
+    samples = count / splits.y_train[0].size
+    rates = {"samples_per_s": samples / seconds, "train_samples": samples}
+    return {**rates, "tokens_per_s": count / seconds} if task.name == "language_model" else rates
 
 
 def _log_samples(config: dict[str, Any], model, splits: Splits, epoch: int, count: int = 3) -> None:

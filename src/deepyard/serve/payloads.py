@@ -51,8 +51,8 @@ def expected(metadata: dict[str, Any]) -> str:
     return text + (", or a base64 PNG string" if len(shape) == 3 else "")
 
 
-def decode_instances(body: Any, metadata: dict[str, Any], max_batch: int) -> np.ndarray:
-    """``{"instances": [...]}`` -> a float32 batch in the model's input shape."""
+def instances_of(body: Any, metadata: dict[str, Any], max_batch: int) -> list:
+    """The body's ``instances``: a non-empty list within the endpoint's limit, whatever the task."""
     if not isinstance(body, dict) or "instances" not in body:
         raise BadRequest('expected a JSON object {"instances": [...]}; ' + expected(metadata))
     instances = body["instances"]
@@ -63,6 +63,12 @@ def decode_instances(body: Any, metadata: dict[str, Any], max_batch: int) -> np.
     if len(instances) > max_batch:
         raise BadRequest(f"{len(instances)} instances is over this endpoint's limit of {max_batch} per "
                          "request; split the batch", status=413)
+    return instances
+
+
+def decode_instances(body: Any, metadata: dict[str, Any], max_batch: int) -> np.ndarray:
+    """``{"instances": [...]}`` -> a float32 batch in the model's input shape."""
+    instances = instances_of(body, metadata, max_batch)
     shape = tuple(metadata["input_shape"])
     if metadata.get("vocab"):
         return np.stack([_text(item, index, shape[0], metadata) for index, item in enumerate(instances)])
@@ -97,12 +103,8 @@ class Generation:
 
 def decode_prompts(body: Any, metadata: dict[str, Any], max_batch: int) -> list[Generation]:
     """A language model's ``{"instances": [prompt or {"prompt": ..., ...}]}`` -> what to generate."""
-    if not isinstance(body, dict) or not isinstance(body.get("instances"), list) or not body["instances"]:
-        raise BadRequest('expected a JSON object {"instances": [...]} with at least one instance; ' + expected(metadata))
-    if len(body["instances"]) > max_batch:
-        raise BadRequest(f"{len(body['instances'])} instances is over this endpoint's limit of {max_batch} per "
-                         "request; split the batch", status=413)
-    requests = [_generation(item, index, metadata) for index, item in enumerate(body["instances"])]
+    instances = instances_of(body, metadata, max_batch)
+    requests = [_generation(item, index, metadata) for index, item in enumerate(instances)]
     if (total := sum(request.max_new_tokens for request in requests)) > MAX_TOTAL_NEW_TOKENS:
         raise BadRequest(f"{total} new tokens in one request is over the limit of {MAX_TOTAL_NEW_TOKENS}; "
                          "split the request or lower max_new_tokens", status=413)
@@ -155,13 +157,8 @@ def generate_texts(module, requests: list[Generation], metadata: dict[str, Any])
 
 def decode_image_requests(body: Any, metadata: dict[str, Any], max_batch: int) -> list[tuple[int, int | None]]:
     """A GAN's ``{"instances": [{"n": 8, "seed": 1}, ...]}`` -> (count, seed) per instance."""
-    if not isinstance(body, dict) or not isinstance(body.get("instances"), list) or not body["instances"]:
-        raise BadRequest('expected a JSON object {"instances": [...]} with at least one instance; ' + expected(metadata))
-    if len(body["instances"]) > max_batch:
-        raise BadRequest(f"{len(body['instances'])} instances is over this endpoint's limit of {max_batch} per "
-                         "request; split the batch", status=413)
     requests = []
-    for index, item in enumerate(body["instances"]):
+    for index, item in enumerate(instances_of(body, metadata, max_batch)):
         if not isinstance(item, dict) or set(item) - {"n", "seed"}:
             problem = (f"unknown keys {sorted(set(item) - {'n', 'seed'})}" if isinstance(item, dict)
                        else type(item).__name__)

@@ -122,8 +122,13 @@ class Generation:
         self.reference_accuracy = float((predicted == splits.y_test).mean())
 
     @torch.inference_mode()
-    def quality(self, pipeline: nn.Module, prefix: str, seed: int = 0) -> dict[str, float]:
-        """How the reference classifier sees a fixed batch of generated images."""
+    def quality(self, pipeline: nn.Module, splits, prefix: str, seed: int = 0,
+                judge_seed: int = 0) -> dict[str, float]:
+        """How the reference classifier (fitted on ``splits`` the first time) sees a fixed batch of
+        generated images."""
+        if self.reference is None:
+            with torch.inference_mode(False):
+                self.fit_reference(splits, seed=judge_seed)
         gan = pipeline.net
         was_training = gan.training
         gan.eval()
