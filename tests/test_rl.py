@@ -13,8 +13,8 @@ from torch import nn
 
 from deepyard import tracking
 from deepyard.rl.policy import GreedyPolicy
-from deepyard.runners.rl import iteration_metrics, stop_reason
-from deepyard.spec import parse_spec
+from deepyard.runners.rl import evaluated, iteration_metrics, stop_reason
+from deepyard.spec import RLEvaluationSpec, parse_spec
 from tests.conftest import last_json
 
 SPEC = """
@@ -92,6 +92,13 @@ def test_iteration_metrics_and_stop_conditions():
     assert stop_reason(spec, metrics, 3, 10.0) == "mean return 480.0 >= 475.0"  # the evaluation's return
     assert stop_reason(spec, {**metrics, "eval_return_mean": 100.0}, 3, 10.0) is None
     assert stop_reason(spec, {**metrics, "eval_return_mean": 100.0, "timesteps": 10000}, 3, 10.0) == "10000 timesteps"
+    # between evaluations RLlib repeats the last one's numbers: they are dropped, and the exploring
+    # return never stands in for the greedy one
+    between = iteration_metrics(result, previous_timesteps=1000, evaluated=False)
+    assert "eval_return_mean" not in between and between["return_mean"] == 30.0
+    assert stop_reason(spec, {**between, "return_mean": 490.0}, 3, 10.0) is None
+    assert [evaluated(spec.model_copy(update={"evaluation": RLEvaluationSpec(interval=4)}), i) for i in range(1, 9)] \
+        == [False, False, False, True, False, False, False, True]
 
 
 @pytest.fixture(scope="module")

@@ -279,6 +279,9 @@ class EnvRunnersSpec(Section):
 class PolicyNetSpec(Section):
     hidden_sizes: list[PositiveInt] = Field(default_factory=lambda: [64, 64], description="the policy's MLP layers")
     activation: Literal["tanh", "relu", "silu", "linear"] = "tanh"
+    vf_share_layers: bool = Field(False, description="the value function shares the policy's hidden layers "
+                                  "(RLlib's default; separate networks, as in stable-baselines3, learn "
+                                  "CartPole several times faster with PPO)")
 
 
 class RLStopSpec(Section):

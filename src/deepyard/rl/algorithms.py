@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import threading
 from typing import Any
 
 from deepyard.errors import BadInput
@@ -24,6 +25,18 @@ DISCRETE_ONLY, CONTINUOUS_ONLY = {"dqn"}, {"sac"}
 def config_class(algorithm: str):
     module, name = CONFIGS[algorithm].split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def import_in_background(algorithm: str) -> threading.Thread:
+    """Import RLlib (~2 s) and torch's compiler stack (~1 s, which RLlib's seeding pulls in) while
+    Ray starts: the start mostly waits on other processes, so the imports come nearly free."""
+    def load() -> None:
+        importlib.import_module(CONFIGS[algorithm].split(":")[0])
+        importlib.import_module("torch._dynamo")
+
+    thread = threading.Thread(target=load, name="deepyard-rl-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 def accepted_hyperparameters(algorithm: str) -> set[str]:
@@ -92,7 +105,8 @@ def build_config(spec):
                            num_envs_per_env_runner=spec.env_runners.envs_per_runner)
               .training(**spec.training)
               .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(spec.model.hidden_sizes),
-                                                         fcnet_activation=spec.model.activation))
+                                                         fcnet_activation=spec.model.activation,
+                                                         vf_share_layers=spec.model.vf_share_layers))
               .debugging(seed=spec.seed))
     if spec.evaluation.interval:
         # Greedy episodes in the driver's own runner: no extra process on a small machine.

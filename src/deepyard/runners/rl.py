@@ -40,11 +40,18 @@ def _get(result: dict, path: tuple[str, ...]) -> Any:
     return result
 
 
-def iteration_metrics(result: dict, previous_timesteps: float = 0.0) -> dict[str, float]:
+def evaluated(spec: RLJob, iteration: int) -> bool:
+    """Did RLlib evaluate in this (1-based) iteration? Its results repeat the last evaluation's
+    numbers in the iterations after it, which must not be read as fresh ones."""
+    return bool(spec.evaluation.interval) and iteration % spec.evaluation.interval == 0
+
+
+def iteration_metrics(result: dict, previous_timesteps: float = 0.0, evaluated: bool = True) -> dict[str, float]:
     """The numbers worth a chart from one ``Algorithm.train()`` result: returns, lengths, steps,
-    throughput, and every learner loss."""
+    throughput, and every learner loss (the evaluation's only when it ran this iteration)."""
     metrics = {name: float(value) for path, name in RESULT_METRICS.items()  # (NaN: not measured this time)
-               if isinstance(value := _get(result, path), (int, float)) and not math.isnan(value)}
+               if isinstance(value := _get(result, path), (int, float)) and not math.isnan(value)
+               and (evaluated or path[0] != "evaluation")}
     metrics["env_steps"] = metrics.get("timesteps", previous_timesteps) - previous_timesteps
     if metrics.get("iteration_s"):
         metrics["env_steps_per_s"] = metrics["env_steps"] / metrics["iteration_s"]
@@ -58,8 +65,8 @@ def iteration_metrics(result: dict, previous_timesteps: float = 0.0) -> dict[str
 
 
 def stop_reason(spec: RLJob, metrics: dict[str, float], iteration: int, elapsed: float) -> str | None:
-    target = metrics.get("eval_return_mean", metrics.get("return_mean")) if spec.evaluation.interval else \
-        metrics.get("return_mean")
+    # with evaluation on, only a fresh greedy evaluation counts (the exploring return is noisier)
+    target = metrics.get("eval_return_mean") if spec.evaluation.interval else metrics.get("return_mean")
     if spec.stop.mean_return is not None and target is not None and target >= spec.stop.mean_return:
         return f"mean return {target:.1f} >= {spec.stop.mean_return}"
     if spec.stop.timesteps and metrics.get("timesteps", 0) >= spec.stop.timesteps:
@@ -114,12 +121,14 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
     if resume:
         raise BadInput("--resume continues an interrupted sweep; an rl job starts again")
     spaces = algorithms.check(spec)
+    imports = algorithms.import_in_background(spec.algorithm)
     console = Console(stderr=True)
     started = time.perf_counter()
     run_id = tracking.start_run(spec.experiment, spec.name, flatten(spec), to_yaml(spec),
                                 tags={"deepyard.task": "rl"})
     try:
         with cluster.connected(address, ray_logs):
+            imports.join()
             algo = algorithms.build_config(spec).build_algo()
             try:
                 startup = time.perf_counter() - started
@@ -127,7 +136,7 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
                 checkpoint_dir = Path(settings.storage_path(spec.storage_path)) / f"{spec.name}-{run_id[:8]}"
                 while reason is None:
                     iteration += 1
-                    metrics = iteration_metrics(algo.train(), metrics.get("timesteps", 0.0))
+                    metrics = iteration_metrics(algo.train(), metrics.get("timesteps", 0.0), evaluated(spec, iteration))
                     tracking.log_metrics(run_id, metrics, iteration)
                     elapsed = time.perf_counter() - started - startup
                     _print_iteration(console, iteration, metrics, elapsed)
@@ -135,12 +144,14 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
                         algo.save_to_path(str(checkpoint_dir))
                     reason = stop_reason(spec, metrics, iteration, elapsed)
                 console.print(f"[green]stopping[/]: {reason}")
+                stopped = time.perf_counter() - started
                 algo.save_to_path(str(checkpoint_dir))
                 tracking.client().log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
                 outcome = _log_policy(spec, algo, run_id, spaces)
             finally:
                 algo.stop()
-        timings = {"startup_s": startup, "train_s": time.perf_counter() - started - startup,
+        # train: the iterations; finish: the checkpoint, the registered policy and its GIF
+        timings = {"startup_s": startup, "train_s": stopped - startup, "finish_s": time.perf_counter() - started - stopped,
                    "total_s": time.perf_counter() - started}
         tracking.log_metrics(run_id, {f"timing_{k}": v for k, v in timings.items()}, iteration)
         tracking.set_tags(run_id, {"deepyard.stop_reason": reason})
