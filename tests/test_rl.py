@@ -151,3 +151,39 @@ def test_rl_eval_plays_the_registered_policy(agents, cli, tmp_path):
     assert "mean return" in result.stderr
     missing = cli("rl", "eval", "tiny-pp", expect=2)
     assert "did you mean 'tiny-ppo'" in missing.stderr
+
+
+@pytest.mark.slow
+def test_registered_policies_served_over_http(agents):
+    import httpx
+    from ray import serve
+
+    from deepyard.runners import deploy
+    from deepyard.serve.options import EndpointOptions
+    from tests.test_serve import free_port
+
+    infos = deploy.start([EndpointOptions(model=f"tiny-ppo:{agents['ppo'][0]['model_version']}", num_cpus=0.5),
+                          EndpointOptions(model=f"tiny-sac:{agents['sac'][0]['model_version']}", num_cpus=0.5)],
+                         host="127.0.0.1", port=free_port())
+    try:
+        ppo, sac = (info["url"] + "/predict" for info in infos)
+        cartpole, pendulum = gymnasium.make("CartPole-v1"), gymnasium.make("Pendulum-v1")
+        observations = [cartpole.observation_space.sample().tolist() for _ in range(4)]
+        answer = httpx.post(ppo, json={"instances": observations}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        actions = answer.json()["predictions"]
+        assert len(actions) == 4 and all(isinstance(a, int) and cartpole.action_space.contains(a) for a in actions)
+        policy, _ = tracking.load_model("tiny-ppo", agents["ppo"][0]["model_version"])
+        with torch.inference_mode():  # the endpoint answers what the registered policy does
+            assert actions == policy(torch.tensor(observations)).tolist()
+
+        answer = httpx.post(sac, json={"instances": [pendulum.observation_space.sample().tolist()]}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        (torque,) = answer.json()["predictions"]
+        assert len(torque) == 1 and pendulum.action_space.contains(np.array(torque, dtype=np.float32))
+
+        wrong = httpx.post(ppo, json={"instances": [[0.1, 0.2]]}, timeout=30)
+        assert wrong.status_code == 400
+        assert "one observation of CartPole-v1, 4 numbers" in wrong.json()["error"], wrong.text
+    finally:
+        serve.shutdown()

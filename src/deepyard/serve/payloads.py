@@ -46,6 +46,9 @@ def expected(metadata: dict[str, Any]) -> str:
                 f'{MAX_NEW_TOKENS}), "temperature": number >= 0 (default 1; 0 is greedy), "top_k": int, "seed": int}}')
     if metadata.get("vocab"):
         return "each instance: a text string"
+    if metadata.get("task") == "rl_policy":
+        return (f"each instance: one observation of {metadata['env_id']}, {metadata['input_shape'][0]} numbers; "
+                f"the answer is the greedy action in {metadata['action_space']}")
     shape = metadata["input_shape"]
     text = f"each instance: {'x'.join(map(str, shape))} numbers (nested in that shape, or flat)"
     return text + (", or a base64 PNG string" if len(shape) == 3 else "")
@@ -249,6 +252,8 @@ def encode_predictions(outputs: np.ndarray, metadata: dict[str, Any], top_k: int
         return [{"label": names[row[0]], "probabilities": dict(zip(names, map(float, probs))),
                  "top_k": [{"label": names[i], "probability": float(probs[i])} for i in row]}
                 for probs, row in zip(outputs, order)]
+    if metadata["task"] == "rl_policy":  # an action index, or a vector in the action space's units
+        return [action.item() if action.ndim == 0 else action.tolist() for action in np.asarray(outputs)]
     values = np.asarray(outputs).reshape(len(outputs), -1)
     if values.shape[1] > 1:  # a forecast of several steps: one list per instance
         return [[float(v) for v in row] for row in values]
