@@ -78,12 +78,12 @@ def test_greedy_policy_maps_distribution_inputs_to_actions_in_the_env_units():
 
 def test_iteration_metrics_and_stop_conditions():
     result = {"env_runners": {"episode_return_mean": 30.0, "episode_return_min": 9.0, "episode_return_max": 80.0,
-                              "episode_len_mean": 30.0},
+                              "episode_len_mean": 30.0, "num_env_steps_sampled": 2000},
               "num_env_steps_sampled_lifetime": 3000, "time_this_iter_s": 2.0,
               "evaluation": {"env_runners": {"episode_return_mean": 480.0, "episode_len_mean": float("nan")}},
               "learners": {"default_policy": {"policy_loss": 0.1, "vf_loss": 2.0, "entropy": 0.6, "weights_seq_no": 3},
                            "__all_modules__": {"total_loss": 9.9}}}
-    metrics = iteration_metrics(result, previous_timesteps=1000)
+    metrics = iteration_metrics(result)
     assert metrics["env_steps"] == 2000 and metrics["env_steps_per_s"] == 1000
     assert metrics["learner/policy_loss"] == 0.1 and "learner/weights_seq_no" not in metrics
     assert "eval_episode_len_mean" not in metrics  # NaN: RLlib had nothing to report
@@ -94,7 +94,7 @@ def test_iteration_metrics_and_stop_conditions():
     assert stop_reason(spec, {**metrics, "eval_return_mean": 100.0, "timesteps": 10000}, 3, 10.0) == "10000 timesteps"
     # between evaluations RLlib repeats the last one's numbers: they are dropped, and the exploring
     # return never stands in for the greedy one
-    between = iteration_metrics(result, previous_timesteps=1000, evaluated=False)
+    between = iteration_metrics(result, evaluated=False)
     assert "eval_return_mean" not in between and between["return_mean"] == 30.0
     assert stop_reason(spec, {**between, "return_mean": 490.0}, 3, 10.0) is None
     assert [evaluated(spec.model_copy(update={"evaluation": RLEvaluationSpec(interval=4)}), i) for i in range(1, 9)] \
@@ -187,3 +187,104 @@ def test_registered_policies_served_over_http(agents):
         assert "one observation of CartPole-v1, 4 numbers" in wrong.json()["error"], wrong.text
     finally:
         serve.shutdown()
+
+
+SWEEP = """
+kind: sweep
+name: {name}
+base:
+  kind: rl
+  name: tiny_sweep_ppo
+  algorithm: ppo
+  env: {{id: CartPole-v1}}
+  env_runners: {{count: 0}}
+  training: {{train_batch_size_per_learner: 256, minibatch_size: 64, num_epochs: 2}}
+  stop: {{iterations: {iterations}}}
+  evaluation: {{interval: 1, episodes: 2}}
+space: {space}
+scheduler: {scheduler}
+num_samples: 2
+register: {{model_name: {name}}}
+promote: {{alias: champion}}
+"""
+
+
+def sweep_text(name="tiny_rl_sweep", space="{training.lr: {loguniform: [0.0003, 0.003]}}",
+               scheduler="{name: fifo}", iterations=3) -> str:
+    return SWEEP.format(name=name, space=space, scheduler=scheduler, iterations=iterations)
+
+
+def test_a_sweep_takes_an_rl_base_from_a_file_or_inline(tmp_path):
+    from deepyard.spec import RLJob, load_spec
+
+    sweep = load_spec("jobs/cartpole_ppo_sweep.yaml")
+    assert isinstance(sweep.base, RLJob) and sweep.base.name == "cartpole_ppo"
+    inline = parse_spec(__import__("yaml").safe_load(sweep_text()))
+    assert isinstance(inline.base, RLJob) and inline.varied_paths == ["training.lr"]
+
+
+@pytest.mark.parametrize(("space", "scheduler", "message"), [
+    ("{training.lrr: {uniform: [0.1, 0.2]}}", "{name: fifo}", "space.training.lrr=0.1: training.lrr: ppo does not take"),
+    ("{training.lr: {uniform: [0.1, 0.2]}}", "{name: pbt, mutations: {model.hidden_sizes: {choice: [[8], [16]]}}}",
+     "scheduler.mutations.model.hidden_sizes: PBT copies a trial's state"),
+    ("{env.id: {choice: [CartPole-v1, CartPole-v9]}}", "{name: fifo}", "unknown gymnasium environment 'CartPole-v9'"),
+])
+def test_bad_rl_sweeps_exit_2_before_ray_starts(cli, write_spec, space, scheduler, message):
+    result = cli("validate", write_spec(sweep_text(space=space, scheduler=scheduler)), expect=2)
+    assert message in result.stderr, result.stderr
+
+
+def test_a_sweep_refuses_a_deploy_base_and_a_min_mode_for_returns(cli, write_spec):
+    text = sweep_text().replace("  kind: rl\n", "  kind: deploy\n")
+    assert "a sweep varies a train or an rl job, not a 'deploy' job" in cli("validate", write_spec(text), expect=2).stderr
+    assert "maximizes the return" in cli("validate", write_spec(sweep_text() + "mode: min\n"), expect=2).stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["{name: fifo}", "{name: pbt, perturbation_interval: 1, "
+                                                       "mutations: {training.lr: {loguniform: [0.0003, 0.003]}}}"])
+def test_rl_sweep_trains_trials_and_registers_the_best_policy(ray_cluster, cli, write_spec, scheduler):
+    name = "tiny-rl-pbt" if "pbt" in scheduler else "tiny-rl-sweep"
+    summary = last_json(cli("run", write_spec(sweep_text(name=name, scheduler=scheduler)), "--json"))
+    assert summary["trials"] == 2 and summary["trials_finished"] == 2
+    children = tracking.child_runs(summary["run_id"])
+    assert len(children) == 2 and {run.info.status for run in children} == {"FINISHED"}
+    for child in children:
+        assert sorted({step for step, _ in tracking.metric_history(child.info.run_id, "iteration")}) == [1, 2, 3]
+    best = tracking.client().get_run(summary["best_trial_run_id"])
+    assert best.data.metrics["best_eval_return_mean"] == summary["eval_return_mean"]
+    assert "policy.gif" in {a.path for a in tracking.client().list_artifacts(best.info.run_id)}
+    policy, metadata = tracking.load_model(name, summary["model_version"])
+    assert metadata["task"] == "rl_policy" and summary["promotion"]["moved"]
+    assert 0 < summary["metrics"]["test_return_mean"] <= 500
+    with torch.inference_mode():
+        assert set(policy(torch.zeros(3, 4)).tolist()) <= {0, 1}
+
+
+@pytest.mark.slow
+def test_a_trial_goes_on_from_a_checkpoint_as_pbt_and_resume_need(ray_cluster, tmp_path):
+    """What a trial does with Tune's checkpoint: the algorithm's whole state, iteration count included."""
+    from deepyard.rl import algorithms
+    from deepyard.rl.policy import from_algorithm, from_checkpoint
+
+    spec = parse_spec(__import__("yaml").safe_load(sweep_text())).base
+    first = algorithms.build_config(spec).build_algo()
+    try:
+        first.train(), first.train()
+        first.save_to_path(str(tmp_path))
+        observations = torch.randn(16, 4)
+        expected = from_algorithm(first, gymnasium.spaces.Discrete(2), "ppo")(observations)
+    finally:
+        first.stop()
+    second = algorithms.build_config(spec).build_algo()
+    try:
+        second.restore_from_path(str(tmp_path))
+        assert second.iteration == 2
+        with torch.inference_mode():
+            assert torch.equal(from_algorithm(second, gymnasium.spaces.Discrete(2), "ppo")(observations), expected)
+            # and the policy alone, without Ray, as the sweep registers the best trial's
+            assert torch.equal(from_checkpoint(str(tmp_path), gymnasium.spaces.Discrete(2), "ppo")(observations),
+                               expected)
+        assert second.train()["training_iteration"] == 3
+    finally:
+        second.stop()

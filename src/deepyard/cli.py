@@ -68,12 +68,15 @@ def validate(spec: SpecPath, set_: Overrides = None) -> None:
         served = ", ".join(f"{r['name']} version {r['version']} at {r['route']}" for r in deploying.check(job.models))
         err.print(f"[green]ok[/] {spec}: kind=deploy name={job.name}: {served}")
         return
-    if job.kind == "rl":
+    if job.kind == "rl" or (job.kind == "sweep" and job.base.kind == "rl"):
         from deepyard.rl import algorithms
+        from deepyard.runners import rl_trials
 
-        observations, actions = algorithms.check(job)
-        err.print(f"[green]ok[/] {spec}: kind=rl name={job.name} algorithm={job.algorithm} env={job.env.id} "
-                  f"(observations {observations.shape}, actions {actions})")
+        agent = job.base if job.kind == "sweep" else job
+        observations, actions = algorithms.check(agent)
+        ranked = f" ranked by {rl_trials.check(job)[0]}" if job.kind == "sweep" else ""
+        err.print(f"[green]ok[/] {spec}: kind={job.kind} name={job.name} algorithm={agent.algorithm} env={agent.env.id} "
+                  f"(observations {observations.shape}, actions {actions}){ranked}")
         return
     train = job.base if job.kind == "sweep" else job
     splits = sweep.check(job)[0] if job.kind == "sweep" else preflight(job)[0]

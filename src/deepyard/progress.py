@@ -94,7 +94,7 @@ def _sweep_table(parent_run_id: str, paths: list[str], metric: str, mode: str) -
         current = run.data.metrics.get(metric)
         trial = run.data.tags.get("deepyard.trial_id", "?").rsplit("_", 1)[-1]  # "5acb9_00003" -> "00003"
         table.add_row(trial, run.info.status.lower(), *values,
-                      str(int(run.data.metrics.get("epoch", 0))), f"{current:.4g}" if current is not None else "-")
+                      str(int(run.data.metrics.get("epoch", run.data.metrics.get("iteration", 0)))), f"{current:.4g}" if current is not None else "-")
     return table
 
 

@@ -12,7 +12,7 @@ import types
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import pydantic
 import yaml
@@ -24,7 +24,8 @@ from deepyard.registry import Registry, did_you_mean, unknown_name_message
 from deepyard.serve.options import EndpointOptions
 
 MetricName = Literal["val_loss", "val_accuracy", "val_rmse", "val_mae", "val_bits_per_token", "val_perplexity",
-                     "val_quality", "val_confident_share", "val_min_class_share", "val_d_loss", "val_g_loss"]
+                     "val_quality", "val_confident_share", "val_min_class_share", "val_d_loss", "val_g_loss",
+                     "eval_return_mean", "return_mean"]  # (the last two: an rl sweep's)
 
 
 class Section(BaseModel):
@@ -199,13 +200,15 @@ class SchedulerSpec(Section):
 
 
 class SweepJob(JobBase):
-    """Hyperparameter search on Ray Tune; each trial is a train job (a TorchTrainer of its own)."""
+    """Hyperparameter search on Ray Tune; each trial is a train job, or an rl job."""
 
     kind: Literal["sweep"]
-    base: TrainJob = Field(description="the train job to vary: a spec path (e.g. jobs/digits_mlp.yaml) or inline")
+    base: Annotated[Union["TrainJob", "RLJob"], Field(discriminator="kind")] = Field(
+        description="the train or rl job to vary: a spec path (e.g. jobs/digits_mlp.yaml) or inline")
     space: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
-        description="dotted spec path -> {distribution: args}, e.g. optim.lr: {loguniform: [1e-4, 1e-2]}")
+        description="dotted spec path -> {distribution: args}, e.g. optim.lr: {loguniform: [1e-4, 1e-2]}, "
+                    "training.lr for an rl base")
     search: Literal["random", "grid", "optuna"] = Field("random", description="optuna is TPE")
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     metric: MetricName | None = Field(None, description="validation metric to optimize; default: the task's")
@@ -225,7 +228,7 @@ class SweepJob(JobBase):
             if self.search != "random":
                 raise ValueError(f"scheduler pbt picks the next hyperparameters itself; use search: random "
                                  f"(not {self.search})")
-            if self.base.scaling.num_workers != 1:
+            if isinstance(self.base, TrainJob) and self.base.scaling.num_workers != 1:
                 raise ValueError("scheduler pbt runs each trial in one process (it copies checkpoints between "
                                  "trials); set base.scaling.num_workers: 1")
         return self
@@ -324,6 +327,8 @@ class RLJob(JobBase):
     def model_name(self) -> str:
         return self.register.model_name or self.name
 
+
+SweepJob.model_rebuild()  # its base may be an RLJob, defined after it
 
 # One entry per job kind; runners/__init__.py holds the matching runner for each (a test keeps them in sync).
 KINDS: dict[str, type[JobBase]] = {"train": TrainJob, "sweep": SweepJob, "deploy": DeployJob, "rl": RLJob}
@@ -471,7 +476,7 @@ def parse_spec(document: Any, source: str = "<spec>", overrides: list[str] | Non
         _resolve_base(document, source, problems)  # first, so that --set base.train.epochs=2 works
     apply_overrides(document, overrides or [], problems)
     if job_class is SweepJob:
-        if isinstance(document.get("base"), dict):
+        if _base_kind(document, problems) == "train":
             _check_builders(document["base"], problems, ("base",))
     elif job_class is TrainJob:
         _check_builders(document, problems)
@@ -504,11 +509,20 @@ def _resolve_base(document: dict, source: str, problems: list[str]) -> None:
         problems.append(f"base: {found} is not valid YAML: {getattr(error, 'problem', error)}")
         document.pop("base")
         return
-    if isinstance(loaded, dict) and loaded.get("kind", "train") != "train":
-        problems.append(f"base: {found} is a {loaded.get('kind')!r} job; a sweep varies a train job")
-    if isinstance(loaded, dict):
-        loaded.pop("kind", None)
     document["base"] = loaded
+
+
+def _base_kind(document: dict, problems: list[str]) -> str | None:
+    """The base job's kind (train when not given); a sweep varies a train or an rl job."""
+    base = document.get("base")
+    if not isinstance(base, dict):
+        return None
+    kind = base.setdefault("kind", "train")
+    if kind not in ("train", "rl"):
+        problems.append(f"base.kind: a sweep varies a train or an rl job, not a {kind!r} job")
+        document.pop("base")
+        return None
+    return kind
 
 
 def _distribution_problem(distribution: dict[str, Any]) -> str | None:
@@ -551,9 +565,10 @@ def _check_space(document: dict, problems: list[str]) -> None:
     scheduler = document.get("scheduler")
     spaces = {"space": document.get("space"),
               "scheduler.mutations": scheduler.get("mutations") if isinstance(scheduler, dict) else None}
+    base = document.get("base")
     try:
-        base = TrainJob.model_validate(document.get("base")).model_dump(mode="json")
-    except pydantic.ValidationError:
+        base = KINDS[base["kind"]].model_validate(base).model_dump(mode="json")
+    except (pydantic.ValidationError, TypeError, KeyError):
         base = None  # reported already; the distributions can still be checked
     for where, space in spaces.items():
         for path, distribution in (space.items() if isinstance(space, dict) else ()):

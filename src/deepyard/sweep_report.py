@@ -20,7 +20,7 @@ def _trial(run, metric: str, mode: str) -> dict[str, Any]:
         "run_id": run.info.run_id,
         "status": run.info.status,
         "config": json.loads(run.data.tags.get("deepyard.trial_config", "{}")),
-        "epochs": int(metrics.get("epoch", 0)),
+        "epochs": int(metrics.get("epoch", metrics.get("iteration", 0))),  # (an rl trial's iterations)
         # A finished trial logged the value its checkpoint was chosen by; a stopped one has its history.
         "best": metrics.get(f"best_{metric}", pick(history) if history else None),
         "last": history[-1] if history else None,
@@ -28,7 +28,8 @@ def _trial(run, metric: str, mode: str) -> dict[str, Any]:
         "stopped_early": run.data.tags.get("deepyard.stopped_early") == "true",
         "train_s": sum(n / r for n, r in zip(
             [v for _, v in sorted(tracking.metric_history(run.info.run_id, "train_samples"))],
-            [v for _, v in sorted(tracking.metric_history(run.info.run_id, "samples_per_s"))]) if r),
+            [v for _, v in sorted(tracking.metric_history(run.info.run_id, "samples_per_s"))]) if r)
+        + sum(v for _, v in tracking.metric_history(run.info.run_id, "iteration_s")),
     }
 
 

@@ -42,6 +42,16 @@ def from_algorithm(algo, action_space, algorithm: str) -> GreedyPolicy:
     return GreedyPolicy(module, action_space, squashed=algorithm == "sac").eval()
 
 
+def from_checkpoint(path: str, action_space, algorithm: str) -> GreedyPolicy:
+    """The policy saved in an algorithm checkpoint (``Algorithm.save_to_path``), without Ray."""
+    from pathlib import Path
+
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    module = RLModule.from_checkpoint(str(Path(path) / "learner_group" / "learner" / "rl_module" / "default_policy"))
+    return GreedyPolicy(module, action_space, squashed=algorithm == "sac").eval()
+
+
 def act(policy, observation: np.ndarray) -> Any:
     with torch.inference_mode():
         action = policy(torch.as_tensor(observation, dtype=torch.float32)[None])[0].numpy()

@@ -26,6 +26,7 @@ RESULT_METRICS = {
     ("env_runners", "episode_return_max"): "return_max",
     ("env_runners", "episode_len_mean"): "episode_len_mean",
     ("num_env_steps_sampled_lifetime",): "timesteps",
+    ("env_runners", "num_env_steps_sampled"): "env_steps",
     ("time_this_iter_s",): "iteration_s",
     ("evaluation", "env_runners", "episode_return_mean"): "eval_return_mean",
     ("evaluation", "env_runners", "episode_len_mean"): "eval_episode_len_mean",
@@ -46,14 +47,13 @@ def evaluated(spec: RLJob, iteration: int) -> bool:
     return bool(spec.evaluation.interval) and iteration % spec.evaluation.interval == 0
 
 
-def iteration_metrics(result: dict, previous_timesteps: float = 0.0, evaluated: bool = True) -> dict[str, float]:
+def iteration_metrics(result: dict, evaluated: bool = True) -> dict[str, float]:
     """The numbers worth a chart from one ``Algorithm.train()`` result: returns, lengths, steps,
     throughput, and every learner loss (the evaluation's only when it ran this iteration)."""
     metrics = {name: float(value) for path, name in RESULT_METRICS.items()  # (NaN: not measured this time)
                if isinstance(value := _get(result, path), (int, float)) and not math.isnan(value)
                and (evaluated or path[0] != "evaluation")}
-    metrics["env_steps"] = metrics.get("timesteps", previous_timesteps) - previous_timesteps
-    if metrics.get("iteration_s"):
+    if metrics.get("iteration_s") and "env_steps" in metrics:
         metrics["env_steps_per_s"] = metrics["env_steps"] / metrics["iteration_s"]
     for module, values in (result.get("learners") or {}).items():
         if module.startswith("__"):
@@ -86,17 +86,25 @@ def _print_iteration(console, iteration: int, metrics: dict[str, float], elapsed
                   f"{metrics.get('env_steps_per_s', 0):.0f} steps/s {elapsed:.0f}s", highlight=False, soft_wrap=True)
 
 
-def _log_policy(spec: RLJob, algo, run_id: str, spaces) -> dict[str, Any]:
-    """Register the greedy policy and log a GIF of one episode; returns the model ids and its return."""
+TEST_SEED = 10_000  # the registered policy's test episodes start here: seeds no evaluation used
+
+
+def log_policy(spec: RLJob, policy, run_id: str, spaces, registered_name: str | None) -> dict[str, Any]:
+    """Log (and register) the greedy policy with a GIF of one episode, and test it on fresh
+    episodes: ``test_return_mean``, the number a sweep's promotion compares."""
     import numpy as np
 
-    from deepyard.rl.policy import from_algorithm, play, save_gif
+    from deepyard.rl.policy import play, save_gif
 
-    policy = from_algorithm(algo, spaces[1], spec.algorithm)
     env = algorithms.make_env(spec.env.id, spec.env.kwargs, render_mode="rgb_array")
     frames: list = []
-    returns = play(policy, env, episodes=1, seed=spec.seed, frames=frames)
+    gif_return = play(policy, env, episodes=1, seed=spec.seed, frames=frames)[0]
     env.close()
+    env = algorithms.make_env(spec.env.id, spec.env.kwargs)
+    returns = play(policy, env, episodes=spec.evaluation.episodes, seed=TEST_SEED)
+    env.close()
+    test = {"test_return_mean": float(np.mean(returns)), "test_return_std": float(np.std(returns))}
+    tracking.log_metrics(run_id, test, 0)
     with tempfile.TemporaryDirectory() as folder:
         gif = Path(folder) / "policy.gif"
         save_gif(frames, str(gif))
@@ -105,10 +113,9 @@ def _log_policy(spec: RLJob, algo, run_id: str, spaces) -> dict[str, Any]:
     metadata = {"task": "rl_policy", "env_id": spec.env.id, "env_kwargs": dict(spec.env.kwargs),
                 "algorithm": spec.algorithm, "input_shape": list(spaces[0].shape),
                 "action_space": str(spaces[1]), "job": spec.name}
-    outcome = tracking.log_model(run_id, policy, example, registered_name=spec.model_name if spec.register.enabled
-                                 else None, metadata=metadata, version_tags={"run_id": run_id})
-    outcome["gif_return"] = returns[0]
-    return outcome
+    outcome = tracking.log_model(run_id, policy, example, registered_name=registered_name, metadata=metadata,
+                                 version_tags={**{f"metric.{k}": f"{v:.6g}" for k, v in test.items()}, "run_id": run_id})
+    return {**outcome, "gif_return": gif_return, "test_metrics": test}
 
 
 def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watch: Callable | None = None,
@@ -117,6 +124,7 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
     from rich.console import Console
 
     from deepyard import cluster
+    from deepyard.rl.policy import from_algorithm
 
     if resume:
         raise BadInput("--resume continues an interrupted sweep; an rl job starts again")
@@ -136,7 +144,7 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
                 checkpoint_dir = Path(settings.storage_path(spec.storage_path)) / f"{spec.name}-{run_id[:8]}"
                 while reason is None:
                     iteration += 1
-                    metrics = iteration_metrics(algo.train(), metrics.get("timesteps", 0.0), evaluated(spec, iteration))
+                    metrics = iteration_metrics(algo.train(), evaluated(spec, iteration))
                     tracking.log_metrics(run_id, metrics, iteration)
                     elapsed = time.perf_counter() - started - startup
                     _print_iteration(console, iteration, metrics, elapsed)
@@ -147,7 +155,8 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
                 stopped = time.perf_counter() - started
                 algo.save_to_path(str(checkpoint_dir))
                 tracking.client().log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
-                outcome = _log_policy(spec, algo, run_id, spaces)
+                outcome = log_policy(spec, from_algorithm(algo, spaces[1], spec.algorithm), run_id, spaces,
+                                     spec.model_name if spec.register.enabled else None)
             finally:
                 algo.stop()
         # train: the iterations; finish: the checkpoint, the registered policy and its GIF
@@ -164,6 +173,6 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
         if isinstance(error, (BadInput, JobFailed)):
             raise
         raise JobFailed(f"rl training failed: {error}; the MLflow run {run_id} is marked FAILED") from error
-    final = {k: v for k, v in metrics.items() if not k.startswith("learner/")}
+    final = {k: v for k, v in metrics.items() if not k.startswith("learner/")} | outcome.pop("test_metrics")
     return {"run_id": run_id, "experiment": spec.experiment, "metrics": final, "iterations": iteration,
             "stop_reason": reason, "checkpoint": str(checkpoint_dir), "timings": timings, **outcome}

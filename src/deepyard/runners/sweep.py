@@ -24,7 +24,7 @@ from deepyard.errors import BadInput, DeepyardError, JobFailed
 from deepyard.runners import checkpoints
 from deepyard.runners.setup import build, check_metric, load_data, monitored, preflight
 from deepyard.runners.train import log_outcome, make_trainer, promote
-from deepyard.spec import SweepJob, TrainJob, flatten, parse_spec, sample_values, to_yaml
+from deepyard.spec import RLJob, SweepJob, TrainJob, flatten, parse_spec, sample_values, to_yaml
 
 PARENT_RUN_FILE = "deepyard_parent_run_id"
 
@@ -52,32 +52,38 @@ def _search_and_schedule(spec: SweepJob, concurrency: int):
     from ray.tune.search import BasicVariantGenerator
 
     options = spec.scheduler
+    seed, time_attr, max_t = _trial_clock(spec)
     # Seeded, so that the same spec samples the same trials (FIFO and ASHA can be compared). PBT
     # needs its whole population created up front (Tune runs as many at once as the CPUs allow).
-    searcher = BasicVariantGenerator(random_state=spec.base.train.seed,
-                                     max_concurrent=0 if options.name == "pbt" else concurrency)
+    searcher = BasicVariantGenerator(random_state=seed, max_concurrent=0 if options.name == "pbt" else concurrency)
     if spec.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        searcher = OptunaSearch(seed=spec.base.train.seed)
-    # One past the last epoch: a trial that reaches its last epoch must finish itself (and log its
-    # model's final checkpoint), not be stopped by the scheduler for having reached max_t.
-    max_t = spec.base.train.epochs + 1
+        searcher = OptunaSearch(seed=seed)
     scheduler = {
         "fifo": lambda: FIFOScheduler(),
-        "asha": lambda: ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=options.grace_period,
+        "asha": lambda: ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=options.grace_period,
                                       reduction_factor=options.reduction_factor),
-        "hyperband": lambda: HyperBandScheduler(time_attr="epoch", max_t=max_t,
+        "hyperband": lambda: HyperBandScheduler(time_attr=time_attr, max_t=max_t,
                                                 reduction_factor=options.reduction_factor),
-        "median": lambda: MedianStoppingRule(time_attr="epoch", grace_period=options.grace_period),
+        "median": lambda: MedianStoppingRule(time_attr=time_attr, grace_period=options.grace_period),
         "pbt": lambda: PopulationBasedTraining(
-            time_attr="epoch", perturbation_interval=options.perturbation_interval,
+            time_attr=time_attr, perturbation_interval=options.perturbation_interval,
             # a choice perturbs to a neighbouring value, so it goes as a list
             hyperparam_mutations={path: d["choice"] if "choice" in d else _domain(d)
                                   for path, d in options.mutations.items()},
             quantile_fraction=options.quantile_fraction, resample_probability=options.resample_probability),
     }[options.name]()
     return searcher, scheduler
+
+
+def _trial_clock(spec: SweepJob) -> tuple[int, str, int]:
+    """(seed, what schedulers count trials' progress in, its maximum). The maximum is one past the
+    last epoch (or iteration): a trial that gets there must finish itself (and log its model's final
+    checkpoint), not be stopped by the scheduler for having reached max_t."""
+    if isinstance(spec.base, RLJob):
+        return spec.base.seed, "training_iteration", (spec.base.stop.iterations or 100_000) + 1
+    return spec.base.train.seed, "epoch", spec.base.train.epochs + 1
 
 
 def trial_spec(base: dict, values: dict[str, Any], metric: str, mode: str, every_epoch: bool = False) -> TrainJob:
@@ -89,9 +95,10 @@ def trial_spec(base: dict, values: dict[str, Any], metric: str, mode: str, every
     return parse_spec(base, "base", overrides)
 
 
-def inline(spec: TrainJob) -> bool:
-    """Does a trial of this job train in its Tune trial (one worker) rather than in a TorchTrainer?"""
-    return spec.scaling.num_workers == 1
+def inline(spec: TrainJob | RLJob) -> bool:
+    """Does a trial of this job train in its Tune trial (one worker, or an rl job) rather than in a
+    TorchTrainer?"""
+    return isinstance(spec, RLJob) or spec.scaling.num_workers == 1
 
 
 def _child_run(context: dict[str, Any], spec: TrainJob, trial_id: str, values: dict[str, Any],
@@ -163,7 +170,12 @@ def _open_parent(spec: SweepJob, sweep_dir: Path, resume: bool, task_name: str) 
 def _concurrency(spec: SweepJob) -> int:
     import ray
 
-    scaling, resources = spec.base.scaling, ray.cluster_resources()
+    from deepyard.runners import rl_trials
+
+    resources = ray.cluster_resources()
+    if isinstance(spec.base, RLJob):
+        return spec.max_concurrent_trials or max(1, int(resources.get("CPU", 1) // rl_trials.cpus_per_trial(spec)))
+    scaling = spec.base.scaling
     fits = resources.get("CPU", 1) // (scaling.num_workers * scaling.cpus_per_worker)
     if scaling.use_gpu:
         fits = min(fits, resources.get("GPU", 0) // scaling.num_workers)
@@ -173,12 +185,17 @@ def _concurrency(spec: SweepJob) -> int:
 def _tuner(spec: SweepJob, context: dict, sweep_dir: Path, resume: bool, metric: str, mode: str):
     from ray import tune
 
-    scaling = spec.base.scaling
-    # A TorchTrainer trial only waits on its workers, which hold the CPUs (Tune wants a non-empty
-    # request: one byte of memory); an inline trial trains in place and holds its worker's share.
-    resources = ({"cpu": scaling.cpus_per_worker, "gpu": int(scaling.use_gpu)} if inline(spec.base)
-                 else {"cpu": 0, "memory": 1})
-    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
+    from deepyard.runners import rl_trials
+
+    if isinstance(spec.base, RLJob):
+        trial, resources = rl_trials.run_trial, rl_trials.resources(spec)
+    else:
+        # A TorchTrainer trial only waits on its workers, which hold the CPUs (Tune wants a non-empty
+        # request: one byte of memory); an inline trial trains in place and holds its worker's share.
+        scaling = spec.base.scaling
+        trial, resources = run_trial, ({"cpu": scaling.cpus_per_worker, "gpu": int(scaling.use_gpu)}
+                                       if inline(spec.base) else {"cpu": 0, "memory": 1})
+    trainable = tune.with_resources(tune.with_parameters(trial, context=context), resources)
     if resume and tune.Tuner.can_restore(str(sweep_dir)):
         return tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
     concurrency = _concurrency(spec)
@@ -197,7 +214,8 @@ def _tuner(spec: SweepJob, context: dict, sweep_dir: Path, resume: bool, metric:
                                     time_budget_s=spec.time_budget_s,
                                     # one process goes from trial to trial (and through PBT's restarts)
                                     # instead of a new one each time: seconds per trial on a laptop
-                                    reuse_actors=inline(spec.base)),
+                                    # (an rl trial builds its algorithm anew anyway)
+                                    reuse_actors=isinstance(spec.base, TrainJob) and inline(spec.base)),
         run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
     )
@@ -218,6 +236,10 @@ def _prune(results, final_checkpoints: dict[str, str]) -> None:
 
 def _promote(spec: SweepJob, best: dict, metric: str, mode: str) -> dict[str, Any]:
     """The best trial's final checkpoint -> a logged model -> a new version; then the alias, maybe."""
+    if isinstance(spec.base, RLJob):
+        from deepyard.runners import rl_trials
+
+        return rl_trials.promote(spec, best, metric, mode)
     best_spec = trial_spec(spec.base.model_dump(mode="json"), best["config"], metric, mode)
     from ray.train import Checkpoint
 
@@ -261,7 +283,13 @@ def run(spec: SweepJob, *, address: str | None = None, ray_logs: bool = False,
 
     from deepyard import cluster, sweep_report
 
-    _, task, metric, mode = check(spec)
+    if isinstance(spec.base, RLJob):
+        from deepyard.runners import rl_trials
+
+        (metric, mode), task_name = rl_trials.check(spec), "rl"
+    else:
+        _, task, metric, mode = check(spec)
+        task_name = task.name
     sweep_dir = Path(settings.storage_path(spec.storage_path)) / spec.name
     if not resume and (sweep_dir / PARENT_RUN_FILE).exists():
         raise BadInput(f"a sweep named {spec.name!r} already ran in {sweep_dir}; continue it with --resume, "
@@ -272,12 +300,12 @@ def run(spec: SweepJob, *, address: str | None = None, ray_logs: bool = False,
     def lap(name: str) -> None:  # seconds since the previous lap
         timings[f"{name}_s"] = time.perf_counter() - started - sum(timings.values())
 
-    parent = _open_parent(spec, sweep_dir, resume, task.name)
+    parent = _open_parent(spec, sweep_dir, resume, task_name)
     lap("open_run")
     context = {"base": spec.base.model_dump(mode="json"), "metric": metric, "mode": mode,
                "experiment": spec.experiment, "parent_run_id": parent, "resume": resume,
                "pbt": spec.scheduler.name == "pbt"}
-    random.seed(spec.base.train.seed)  # PBT's explore steps draw from Python's random
+    random.seed(_trial_clock(spec)[0])  # PBT's explore steps draw from Python's random
     # Tune turns the first Ctrl-C into a normal end of fit(), which would register a model from a
     # half-run sweep; let it stop the sweep instead (then --resume continues it).
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
