@@ -110,7 +110,7 @@ def agents(ray_cluster, tmp_path_factory):
     folder = tmp_path_factory.mktemp("rl")
     results = {}
     for algorithm, env, training in [("ppo", "CartPole-v1", "{train_batch_size_per_learner: 500, minibatch_size: 64}"),
-                                     ("dqn", "CartPole-v1", "{num_steps_sampled_before_learning_starts: 100}"),
+                                     ("dqn", "CartPole-v1", "{num_steps_sampled_before_learning_starts: 100, n_step: [2, 3]}"),
                                      ("sac", "Pendulum-v1", "{num_steps_sampled_before_learning_starts: 100}"),
                                      ("appo", "Acrobot-v1", "{train_batch_size_per_learner: 500}")]:
         spec = folder / f"{algorithm}.yaml"
@@ -288,3 +288,36 @@ def test_a_trial_goes_on_from_a_checkpoint_as_pbt_and_resume_need(ray_cluster, t
         assert second.train()["training_iteration"] == 3
     finally:
         second.stop()
+
+
+@pytest.mark.slow
+def test_an_interrupted_rl_job_resumes_from_its_checkpoint(ray_cluster, cli, write_spec, monkeypatch):
+    from deepyard.runners import rl
+
+    path = write_spec(spec_text().replace("tiny_ppo", "resumable_ppo").replace("{iterations: 2}", "{iterations: 4}"))
+    assert "no earlier run of 'resumable_ppo'" in cli("run", path, "--resume", expect=2).stderr
+
+    real_stop_reason = rl.stop_reason
+
+    def ctrl_c_after_two(spec, metrics, iteration, elapsed):
+        if iteration == 2:
+            raise KeyboardInterrupt  # what Ctrl-C (or a scheduler's SIGTERM) raises mid-run
+        return real_stop_reason(spec, metrics, iteration, elapsed)
+
+    monkeypatch.setattr(rl, "stop_reason", ctrl_c_after_two)
+    cli("run", path, expect=130)
+    monkeypatch.setattr(rl, "stop_reason", real_stop_reason)
+    spec = parse_spec(__import__("yaml").safe_load(open(path).read()))
+    run_id = tracking.latest_run(spec.experiment, spec.name, {"deepyard.task": "rl"}).info.run_id
+    assert tracking.client().get_run(run_id).info.status == "KILLED"
+    steps_before = tracking.metric_history(run_id, "timesteps")
+
+    result = cli("run", path, "--resume", "--json")
+    summary = last_json(result)
+    assert "resuming run" in result.stderr and "after iteration 2" in result.stderr
+    assert summary["run_id"] == run_id and summary["iterations"] == 4
+    assert tracking.client().get_run(run_id).info.status == "FINISHED"
+    history = tracking.metric_history(run_id, "timesteps")
+    assert [step for step, _ in history] == [1, 2, 3, 4] and history[:2] == steps_before
+    assert history[2][1] > history[1][1]  # RLlib's step counter went on from the checkpoint
+    assert "the last run of 'resumable_ppo'" in cli("run", path, "--resume", expect=2).stderr

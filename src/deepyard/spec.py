@@ -282,6 +282,8 @@ class EnvRunnersSpec(Section):
 class PolicyNetSpec(Section):
     hidden_sizes: list[PositiveInt] = Field(default_factory=lambda: [64, 64], description="the policy's MLP layers")
     activation: Literal["tanh", "relu", "silu", "linear"] = "tanh"
+    head_hidden_sizes: list[PositiveInt] = Field(default_factory=list, description="hidden layers of the output "
+                                                 "heads (e.g. DQN's dueling value and advantage streams)")
     vf_share_layers: bool = Field(False, description="the value function shares the policy's hidden layers "
                                   "(RLlib's default; separate networks, as in stable-baselines3, learn "
                                   "CartPole several times faster with PPO)")

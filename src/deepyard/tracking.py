@@ -234,6 +234,18 @@ def reopen_run(run_id: str) -> None:
     client().update_run(run_id, status="RUNNING")
 
 
+def latest_run(experiment: str, run_name: str, tags: dict[str, str]):
+    """The newest run named ``run_name`` in the experiment with these tags, or None."""
+    mlflow_client = client()
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    query = " and ".join([f"attributes.run_name = '{run_name}'", *(f"tags.`{k}` = '{v}'" for k, v in tags.items())])
+    runs = mlflow_client.search_runs([found.experiment_id], query, order_by=["attributes.start_time DESC"],
+                                     max_results=1)
+    return runs[0] if runs else None
+
+
 def child_runs(parent_run_id: str) -> list:
     mlflow_client = client()
     experiment_id = mlflow_client.get_run(parent_run_id).info.experiment_id

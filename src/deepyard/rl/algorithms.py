@@ -96,6 +96,12 @@ def check(spec) -> tuple[Any, Any]:
     return spaces
 
 
+def _rllib_values(training: dict[str, Any]) -> dict[str, Any]:
+    """YAML has lists, not tuples; RLlib reads ``n_step: (2, 5)`` as "sample from 2 to 5" only as a tuple."""
+    return {name: tuple(value) if name == "n_step" and isinstance(value, list) else value
+            for name, value in training.items()}
+
+
 def build_config(spec):
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 
@@ -103,9 +109,11 @@ def build_config(spec):
               .environment(spec.env.id, env_config=dict(spec.env.kwargs))
               .env_runners(num_env_runners=spec.env_runners.count,
                            num_envs_per_env_runner=spec.env_runners.envs_per_runner)
-              .training(**spec.training)
+              .training(**_rllib_values(spec.training))
               .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(spec.model.hidden_sizes),
                                                          fcnet_activation=spec.model.activation,
+                                                         head_fcnet_hiddens=list(spec.model.head_hidden_sizes),
+                                                         head_fcnet_activation=spec.model.activation,
                                                          vf_share_layers=spec.model.vf_share_layers))
               .debugging(seed=spec.seed))
     if spec.evaluation.interval:

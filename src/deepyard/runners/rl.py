@@ -47,12 +47,14 @@ def evaluated(spec: RLJob, iteration: int) -> bool:
     return bool(spec.evaluation.interval) and iteration % spec.evaluation.interval == 0
 
 
-def iteration_metrics(result: dict, evaluated: bool = True) -> dict[str, float]:
+def iteration_metrics(result: dict, evaluated: bool = True, previous_timesteps: float | None = None) -> dict[str, float]:
     """The numbers worth a chart from one ``Algorithm.train()`` result: returns, lengths, steps,
     throughput, and every learner loss (the evaluation's only when it ran this iteration)."""
     metrics = {name: float(value) for path, name in RESULT_METRICS.items()  # (NaN: not measured this time)
                if isinstance(value := _get(result, path), (int, float)) and not math.isnan(value)
                and (evaluated or path[0] != "evaluation")}
+    if "env_steps" not in metrics and previous_timesteps is not None and "timesteps" in metrics:
+        metrics["env_steps"] = metrics["timesteps"] - previous_timesteps  # (not every algorithm reports it)
     if metrics.get("iteration_s") and "env_steps" in metrics:
         metrics["env_steps_per_s"] = metrics["env_steps"] / metrics["iteration_s"]
     for module, values in (result.get("learners") or {}).items():
@@ -118,45 +120,75 @@ def log_policy(spec: RLJob, policy, run_id: str, spaces, registered_name: str | 
     return {**outcome, "gif_return": gif_return, "test_metrics": test}
 
 
+def checkpoint_dir(spec: RLJob, run_id: str) -> Path:
+    return Path(settings.storage_path(spec.storage_path)) / f"{spec.name}-{run_id[:8]}"
+
+
+def interrupted_run(spec: RLJob) -> str:
+    """The newest run of this job, if it was stopped or failed and left a checkpoint; else BadInput."""
+    last = tracking.latest_run(spec.experiment, spec.name, {"deepyard.task": "rl"})
+    if last is None:
+        raise BadInput(f"--resume: no earlier run of {spec.name!r} in experiment {spec.experiment!r}; "
+                       "run it without --resume")
+    run_id, status = last.info.run_id, last.info.status
+    if status in ("FINISHED", "RUNNING"):
+        raise BadInput(f"--resume: the last run of {spec.name!r} ({run_id}) is {status}, not interrupted; "
+                       "run it without --resume to train anew")
+    if not (checkpoint_dir(spec, run_id) / "algorithm_state.pkl").is_file():
+        raise BadInput(f"--resume: the {status} run {run_id} saved no checkpoint in {checkpoint_dir(spec, run_id)} "
+                       "(one is saved every checkpoint.every_n_iterations and on Ctrl-C); run it without --resume")
+    return run_id
+
+
 def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watch: Callable | None = None,
         resume: bool = False) -> dict[str, Any]:
-    """Train to a stop condition; returns the ids, the final metrics and the model URIs."""
+    """Train to a stop condition; returns the ids, the final metrics and the model URIs. With
+    ``resume``, the last interrupted run goes on from its checkpoint (``stop.time_s`` counts anew)."""
     from rich.console import Console
 
     from deepyard import cluster
     from deepyard.rl.policy import from_algorithm
 
-    if resume:
-        raise BadInput("--resume continues an interrupted sweep; an rl job starts again")
     spaces = algorithms.check(spec)
+    resumed = interrupted_run(spec) if resume else None
     imports = algorithms.import_in_background(spec.algorithm)
     console = Console(stderr=True)
     started = time.perf_counter()
-    run_id = tracking.start_run(spec.experiment, spec.name, flatten(spec), to_yaml(spec),
-                                tags={"deepyard.task": "rl"})
+    if resumed:
+        run_id = resumed
+        tracking.reopen_run(run_id)
+    else:
+        run_id = tracking.start_run(spec.experiment, spec.name, flatten(spec), to_yaml(spec),
+                                    tags={"deepyard.task": "rl"})
+    folder = checkpoint_dir(spec, run_id)
     try:
         with cluster.connected(address, ray_logs):
             imports.join()
             algo = algorithms.build_config(spec).build_algo()
             try:
+                if resumed:
+                    algo.restore_from_path(str(folder))
+                    console.print(f"resuming run {run_id} after iteration {algo.iteration}", highlight=False)
                 startup = time.perf_counter() - started
-                iteration, metrics, reason = 0, {}, None
-                checkpoint_dir = Path(settings.storage_path(spec.storage_path)) / f"{spec.name}-{run_id[:8]}"
+                iteration, metrics, reason = algo.iteration, {}, None
                 while reason is None:
                     iteration += 1
-                    metrics = iteration_metrics(algo.train(), evaluated(spec, iteration))
+                    metrics = iteration_metrics(algo.train(), evaluated(spec, iteration), metrics.get("timesteps"))
                     tracking.log_metrics(run_id, metrics, iteration)
                     elapsed = time.perf_counter() - started - startup
                     _print_iteration(console, iteration, metrics, elapsed)
                     if iteration % spec.checkpoint.every_n_iterations == 0:
-                        algo.save_to_path(str(checkpoint_dir))
+                        algo.save_to_path(str(folder))
                     reason = stop_reason(spec, metrics, iteration, elapsed)
                 console.print(f"[green]stopping[/]: {reason}")
                 stopped = time.perf_counter() - started
-                algo.save_to_path(str(checkpoint_dir))
-                tracking.client().log_artifacts(run_id, str(checkpoint_dir), "checkpoint")
+                algo.save_to_path(str(folder))
+                tracking.client().log_artifacts(run_id, str(folder), "checkpoint")
                 outcome = log_policy(spec, from_algorithm(algo, spaces[1], spec.algorithm), run_id, spaces,
                                      spec.model_name if spec.register.enabled else None)
+            except KeyboardInterrupt:
+                algo.save_to_path(str(folder))  # what --resume goes on from
+                raise
             finally:
                 algo.stop()
         # train: the iterations; finish: the checkpoint, the registered policy and its GIF
@@ -166,7 +198,7 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
         tracking.set_tags(run_id, {"deepyard.stop_reason": reason})
         tracking.finish_run(run_id, "FINISHED")
     except KeyboardInterrupt:
-        tracking.finish_run(run_id, "KILLED", "interrupted by the user (Ctrl-C)")
+        tracking.finish_run(run_id, "KILLED", "interrupted; continue with `deepyard run SPEC --resume`")
         raise
     except BaseException as error:  # the run must never be left RUNNING
         tracking.finish_run(run_id, "FAILED", "".join(traceback.format_exception(error)))
@@ -175,4 +207,4 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
         raise JobFailed(f"rl training failed: {error}; the MLflow run {run_id} is marked FAILED") from error
     final = {k: v for k, v in metrics.items() if not k.startswith("learner/")} | outcome.pop("test_metrics")
     return {"run_id": run_id, "experiment": spec.experiment, "metrics": final, "iterations": iteration,
-            "stop_reason": reason, "checkpoint": str(checkpoint_dir), "timings": timings, **outcome}
+            "stop_reason": reason, "checkpoint": str(folder), "timings": timings, **outcome}

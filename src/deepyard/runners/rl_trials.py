@@ -99,11 +99,11 @@ def _train(spec: RLJob, algo, run_id: str, metric: str, every_iteration: bool) -
     """Iterations until a stop condition, each reported to Tune; returns the metric's last value."""
     from ray import tune
 
-    started, latest, reason = time.perf_counter(), None, None
+    started, metrics, latest, reason = time.perf_counter(), {}, None, None
     while reason is None:
         result = algo.train()
         iteration = algo.iteration  # goes on from a restored checkpoint's
-        metrics = iteration_metrics(result, evaluated(spec, iteration))
+        metrics = iteration_metrics(result, evaluated(spec, iteration), metrics.get("timesteps"))
         metrics["iteration"] = iteration
         tracking.log_metrics(run_id, metrics, iteration)
         # Tune wants the metric in every report: the last evaluation's; before the first one, the
