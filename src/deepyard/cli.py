@@ -1,4 +1,5 @@
-"""The `deepyard` command: validate, run, models, deploy, undeploy, endpoints, predict, data.
+"""The `deepyard` command: validate, run, models, deploy, undeploy, endpoints, predict, rl, data;
+submit, jobs and cluster (``cli_cluster.py``).
 
 Exit codes: 0 done, 1 the job failed, 2 bad input (spec, flags, missing data), 130 interrupted.
 With --json, the last line of stdout is one JSON object; everything else goes to stderr.
@@ -93,7 +94,7 @@ def run(
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default $RAY_ADDRESS, else a local cluster")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print one JSON object as the last stdout line")] = False,
     ray_logs: Annotated[bool, typer.Option("--ray-logs", help="stream Ray's worker logs to the terminal")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted sweep")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted sweep or rl job from its checkpoint")] = False,
 ) -> None:
     """Run a job: train on Ray, track in MLflow, register the model."""
     from deepyard import progress
@@ -317,6 +318,10 @@ def data() -> None:
 
     for registry in (DATASETS, MODELS, OPTIMIZERS):
         out.print(f"[bold]{registry.what}s[/]: {', '.join(registry.names())}")
+
+
+# submit, jobs and cluster: registered on `app` when imported (after everything they use from here)
+from deepyard import cli_cluster  # noqa: E402,F401
 
 
 def main() -> None:

@@ -14,7 +14,9 @@ def home() -> Path:
 
 
 def storage_path(configured: str | None) -> str:
-    """Checkpoint storage: the spec's (a shared URI on a multi-node cluster) or $DEEPYARD_HOME/ray_results."""
+    """Checkpoint storage: the spec's, else ``$DEEPYARD_STORAGE`` (a cluster's shared store, set on its
+    nodes: s3://..., gs://..., or a path every node mounts), else $DEEPYARD_HOME/ray_results."""
+    configured = configured or os.environ.get("DEEPYARD_STORAGE")
     if configured:
         return configured if "://" in configured else str(Path(configured).expanduser().resolve())
     return str(home() / "ray_results")

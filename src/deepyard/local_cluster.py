@@ -1,0 +1,194 @@
+"""`deepyard cluster up|down|status`: a real multi-node Ray cluster on this machine.
+
+A head and N worker nodes, each its own raylet (`ray start --block` in a session of its own), on
+127.0.0.1 only, with ports picked free. Every node gets the same environment: this project's
+Python first on PATH, MLflow's tracking URI and a checkpoint store on the shared local disk, so
+that jobs submitted to it (`deepyard submit`) track and checkpoint where `deepyard run` does. The
+state file (``$DEEPYARD_HOME/cluster/state.json``) names the addresses and the node processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from deepyard import settings
+from deepyard.errors import BadInput, DeepyardError
+
+HOST = "127.0.0.1"
+
+
+def state_dir() -> Path:
+    path = settings.home() / "cluster"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _state_file() -> Path:
+    return state_dir() / "state.json"
+
+
+def read_state() -> dict[str, Any] | None:
+    path = _state_file()
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def node_environment() -> dict[str, str]:
+    """What every node's processes (and so every job's driver) see."""
+    from deepyard import tracking
+    from deepyard.cluster import TRAIN_ENV
+
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, **TRAIN_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            "MLFLOW_TRACKING_URI": tracking.tracking_uri(), "DEEPYARD_HOME": str(settings.home()),
+            "DEEPYARD_STORAGE": settings.storage_path(None), "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "token"}  # Ray's token in ~/.ray/auth_token (made if missing)
+
+
+def use_token_auth() -> None:
+    """Talk to the local cluster as a token-authenticated one (it is: ``node_environment``); the
+    Ray SDKs then send the token from ~/.ray/auth_token as a header. A user's own setting wins."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+    _enable_token_auth()  # sets RAY_AUTH_MODE=token and refreshes Ray's cached config
+
+
+def _node_ports() -> list[str]:
+    """Ports each raylet would otherwise take at fixed defaults (two nodes on one host would clash)."""
+    return [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+
+
+def _start_node(args: list[str], log: Path, env: dict[str, str], temp_dir: str) -> int:
+    """One node; its own temp dir, because nodes sharing one on a host share (and clean up) each
+    other's runtime-env files: a job's working directory vanished under its driver that way."""
+    ray = str(Path(sys.executable).parent / "ray")
+    with log.open("ab") as out:
+        process = subprocess.Popen([ray, "start", "--block", "--disable-usage-stats", f"--node-ip-address={HOST}",
+                                    f"--temp-dir={temp_dir}", *args, *_node_ports()],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)  # Ctrl-C in this terminal leaves the cluster up
+    return process.pid
+
+
+def up(workers: int = 1, cpus_per_node: int | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Start the head and ``workers`` worker nodes; returns the state (``address`` is what to submit to)."""
+    if (state := read_state()) is not None and any(_alive(n["pid"]) for n in state["nodes"]):
+        raise BadInput(f"a local cluster is already up at {state['address']}; `deepyard cluster down` first")
+    cpus = cpus_per_node or max(1, (os.cpu_count() or 2) // (workers + 1))
+    gcs_port, dashboard_port, client_port = _free_port(), _free_port(), _free_port()
+    env = node_environment()
+    logs = state_dir()
+    # short: Ray's socket paths under it must stay within the OS's ~107 characters
+    temp_root = tempfile.mkdtemp(prefix="dy-ray-")
+    head = _start_node(["--head", f"--port={gcs_port}", f"--num-cpus={cpus}", "--include-dashboard=true",
+                        f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}",
+                        f"--ray-client-server-port={client_port}"], logs / "head.log", env, f"{temp_root}/head")
+    state = {"address": f"http://{HOST}:{dashboard_port}", "gcs_address": f"{HOST}:{gcs_port}",
+             "cpus_per_node": cpus, "storage": env["DEEPYARD_STORAGE"], "tracking_uri": env["MLFLOW_TRACKING_URI"],
+             "temp_dir": temp_root, "nodes": [{"role": "head", "pid": head, "log": str(logs / "head.log")}]}
+    _state_file().write_text(json.dumps(state, indent=2))
+    try:
+        _wait_for_nodes(state, 1, timeout_s)
+        for index in range(workers):
+            log = logs / f"worker-{index}.log"
+            pid = _start_node([f"--address={state['gcs_address']}", f"--num-cpus={cpus}"], log, env,
+                              f"{temp_root}/worker-{index}")
+            state["nodes"].append({"role": "worker", "pid": pid, "log": str(log)})
+            _state_file().write_text(json.dumps(state, indent=2))
+        _wait_for_nodes(state, 1 + workers, timeout_s)
+    except BaseException:
+        down()
+        raise
+    return state
+
+
+def _wait_for_nodes(state: dict[str, Any], count: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for node in state["nodes"]:
+            if not _alive(node["pid"]):
+                raise DeepyardError(f"the {node['role']} node exited while starting; see {node['log']}")
+        try:
+            if sum(n["state"] == "ALIVE" for n in nodes(state)) >= count:
+                return
+        except Exception:  # the dashboard is still starting
+            pass
+        if time.monotonic() > deadline:
+            raise DeepyardError(f"the cluster did not have {count} live nodes after {timeout_s:.0f} s; "
+                                f"see the logs in {state_dir()}")
+        time.sleep(0.5)
+
+
+def nodes(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cluster's nodes as its dashboard reports them: id, state, address, resources."""
+    from ray.util.state import list_nodes
+
+    use_token_auth()
+    found = list_nodes(address=state["address"], limit=1000, raise_on_missing_output=False)
+    return [{"node_id": n.node_id, "state": n.state, "is_head": n.is_head_node, "ip": n.node_ip,
+             "resources": n.resources_total} for n in found]
+
+
+def status() -> dict[str, Any]:
+    state = read_state()
+    if state is None:
+        raise BadInput("no local cluster is up; start one with `deepyard cluster up`")
+    live = [n for n in nodes(state) if n["state"] == "ALIVE"]
+    cpus = sum(n["resources"].get("CPU", 0) for n in live)
+    return {**{k: state[k] for k in ("address", "gcs_address", "storage", "tracking_uri")},
+            "nodes": live, "alive_nodes": len(live), "cpus": cpus}
+
+
+def stop_node(node: dict[str, Any], timeout_s: float = 30.0) -> None:
+    """SIGTERM to a node's `ray start --block`: it stops its raylet and that node's workers."""
+    if not _alive(node["pid"]):
+        return
+    os.killpg(node["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _alive(node["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(node["pid"]):
+        os.killpg(node["pid"], signal.SIGKILL)
+
+
+def down() -> dict[str, Any]:
+    """Stop every node (workers first); returns how many were running."""
+    state = read_state()
+    if state is None:
+        return {"stopped_nodes": 0}
+    running = [node for node in reversed(state["nodes"]) if _alive(node["pid"])]
+    for node in running:
+        stop_node(node)
+    if state.get("temp_dir"):
+        shutil.rmtree(state["temp_dir"], ignore_errors=True)
+    _state_file().unlink(missing_ok=True)
+    return {"stopped_nodes": len(running)}

@@ -1,0 +1,136 @@
+"""`deepyard submit` and `deepyard jobs`: a spec run on a Ray cluster through Ray's Job Submission API.
+
+The spec is validated here first (a bad one exits 2 and nothing is sent), then resolved (defaults
+and --set filled in, a sweep's base inlined) and sent as the job's working directory, with this
+checkout's `deepyard` package unless the cluster's image has it (``ship_code=False``). The driver
+on the cluster runs `deepyard run spec.yaml --json`; MLflow and deepyard settings set here
+(``MLFLOW_*``, ``DEEPYARD_*``) travel with it, Ray's own token never does: the SDK reads it from the
+usual place (``RAY_AUTH_TOKEN``, ``~/.ray/auth_token``) and sends it as a header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from deepyard.errors import BadInput, DeepyardError
+
+ENTRYPOINT = "python -m deepyard.cli run spec.yaml --json"
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+PASSED_ON = ("MLFLOW_", "DEEPYARD_")
+
+
+def resolve_address(address: str | None) -> str:
+    """--address, else RAY_API_SERVER_ADDRESS, else an http RAY_ADDRESS, else `deepyard cluster up`'s."""
+    from deepyard import local_cluster
+
+    ray_address = os.environ.get("RAY_ADDRESS", "")
+    found = address or os.environ.get("RAY_API_SERVER_ADDRESS") or (ray_address if "://" in ray_address else None)
+    if not found and (state := local_cluster.read_state()) is not None:
+        found = state["address"]
+    if not found:
+        raise BadInput("no cluster to submit to: pass --address http://HEAD:8265, set RAY_API_SERVER_ADDRESS, "
+                       "or start a local one with `deepyard cluster up`")
+    return found if "://" in found else f"http://{found}"
+
+
+def client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    from deepyard import local_cluster
+
+    resolved = resolve_address(address)
+    if (state := local_cluster.read_state()) is not None and state["address"] == resolved:
+        local_cluster.use_token_auth()
+    try:
+        return JobSubmissionClient(resolved)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise BadInput(f"cannot reach the Ray job API at {resolved} ({str(error).splitlines()[0]}); "
+                       "is the cluster up and its dashboard on that port?") from None
+
+
+def passed_environment() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key.startswith(PASSED_ON)}
+
+
+def _existing(jobs, submission_id: str):
+    try:
+        return jobs.get_job_info(submission_id)
+    except RuntimeError:  # the SDK's "not found"
+        return None
+
+
+def submit(spec_path: Path, overrides: list[str], *, address: str | None = None, submission_id: str | None = None,
+           ship_code: bool = True) -> dict[str, Any]:
+    """Validate, then submit; the same ``submission_id`` twice returns the first job (idempotent)."""
+    import deepyard
+    from deepyard.spec import load_spec, to_yaml
+
+    spec = load_spec(spec_path, overrides)
+    jobs = client(address)
+    if submission_id and (info := _existing(jobs, submission_id)) is not None:
+        return {"submission_id": submission_id, "status": str(info.status), "already_submitted": True,
+                "name": (info.metadata or {}).get("deepyard.name")}
+    with tempfile.TemporaryDirectory(prefix="deepyard-submit-") as folder:
+        (Path(folder) / "spec.yaml").write_text(to_yaml(spec))
+        runtime_env: dict[str, Any] = {"working_dir": folder, "env_vars": passed_environment()}
+        if ship_code:
+            runtime_env["py_modules"] = [str(Path(deepyard.__file__).parent)]
+        job_id = jobs.submit_job(entrypoint=ENTRYPOINT, runtime_env=runtime_env, submission_id=submission_id,
+                                 metadata={"deepyard.name": spec.name, "deepyard.kind": spec.kind,
+                                           "deepyard.spec": str(spec_path)})
+    return {"submission_id": job_id, "status": "PENDING", "already_submitted": False, "name": spec.name}
+
+
+def follow(jobs, job_id: str, write: Callable[[str], Any]) -> None:
+    """Stream the job's logs until it ends."""
+    async def tail() -> None:
+        async for lines in jobs.tail_job_logs(job_id):
+            write(lines)
+
+    asyncio.run(tail())
+
+
+def summary(jobs, job_id: str) -> dict[str, Any]:
+    """The job's status, timing and, once it succeeded, the run summary its driver printed last."""
+    info = _existing(jobs, job_id)
+    if info is None:
+        raise BadInput(f"no job {job_id!r} on this cluster; `deepyard jobs list` shows them")
+    result = {"submission_id": job_id, "status": str(info.status), "message": info.message,
+              "name": (info.metadata or {}).get("deepyard.name"), "entrypoint": info.entrypoint,
+              "start_time": info.start_time, "end_time": info.end_time, "driver_exit_code": info.driver_exit_code}
+    if str(info.status) == "SUCCEEDED":
+        result["run"] = last_json_line(jobs.get_job_logs(job_id))
+    return result
+
+
+def last_json_line(logs: str) -> dict[str, Any] | None:
+    for line in reversed(logs.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def list_jobs(jobs) -> list[dict[str, Any]]:
+    return [{"submission_id": job.submission_id, "status": str(job.status),
+             "name": (job.metadata or {}).get("deepyard.name"), "kind": (job.metadata or {}).get("deepyard.kind"),
+             "start_time": job.start_time, "end_time": job.end_time}
+            for job in sorted(jobs.list_jobs(), key=lambda job: job.start_time or 0) if job.submission_id]
+
+
+def wait(jobs, job_id: str, timeout_s: float) -> str:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (status := str(jobs.get_job_status(job_id))) not in TERMINAL:
+        if time.monotonic() > deadline:
+            raise DeepyardError(f"job {job_id} is still {status} after {timeout_s:.0f} s")
+        time.sleep(0.5)
+    return status

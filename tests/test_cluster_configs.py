@@ -1,0 +1,123 @@
+"""cluster/ (Ray cluster launcher) and k8s/ (KubeRay) configs, validated the way their tools do:
+Ray's own config preparation and schema for `ray up`; KubeRay's CRD schemas (the openAPIV3Schema
+that the API server enforces) and Kubernetes' schemas for the core kinds."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CRDS = ROOT.parent / "shared" / "reference" / "kuberay-crds"
+KUBERNETES_VERSION = "1.33.0"
+CLUSTER_CONFIGS = sorted((ROOT / "cluster").glob("*.yaml"))
+MANIFEST_FILES = sorted(path for path in (ROOT / "k8s").glob("*.yaml") if path.name != "kustomization.yaml")
+
+
+def ray_up_check(config: dict) -> dict:
+    """What `ray up` does to a config before it touches a cloud: fill in defaults, then validate."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+@pytest.mark.parametrize("path", CLUSTER_CONFIGS, ids=lambda p: p.name)
+def test_cluster_launcher_configs_pass_rays_validation(path):
+    config = yaml.safe_load(path.read_text())
+    prepared = ray_up_check(config)
+    assert prepared["cluster_name"] == "deepyard"
+    # every node tracks to the team's MLflow and checkpoints to shared storage
+    options = " ".join(config["docker"]["run_options"])
+    assert "MLFLOW_TRACKING_URI=" in options and "DEEPYARD_STORAGE=" in options
+
+
+def test_cloud_configs_have_a_cpu_head_and_autoscaling_gpu_workers():
+    for name in ("aws.yaml", "gcp.yaml"):
+        types = yaml.safe_load((ROOT / "cluster" / name).read_text())["available_node_types"]
+        assert types["gpu_workers"]["min_workers"] == 0 < types["gpu_workers"]["max_workers"]
+        assert "docker" in types["gpu_workers"] and types["gpu_workers"]["docker"]["worker_image"].endswith(":gpu")
+
+
+def test_a_broken_cluster_config_is_refused_by_the_same_check():
+    config = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
+    config["available_node_types"]["gpu_workers"]["min_workerz"] = 1
+    with pytest.raises(Exception, match="min_workerz"):
+        ray_up_check(config)
+
+
+def manifests() -> list[tuple[str, dict]]:
+    return [(f"{path.name}:{doc['kind']}/{doc['metadata'].get('name') or doc['metadata'].get('generateName')}", doc)
+            for path in MANIFEST_FILES for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def crd_schemas() -> dict[str, dict]:
+    schemas = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+        schemas[crd["spec"]["names"]["kind"]] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+def _strict(schema):
+    """A CRD schema as the API server applies it: unknown fields are errors (structural schemas
+    prune them; `kubectl apply --validate=strict` refuses them)."""
+    if isinstance(schema, dict):
+        schema = {key: _strict(value) for key, value in schema.items()}
+        if schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    return [_strict(item) for item in schema] if isinstance(schema, list) else schema
+
+
+@pytest.mark.parametrize(("name", "manifest"), manifests(), ids=[name for name, _ in manifests()])
+def test_k8s_manifests_validate_against_their_schemas(name, manifest):
+    if manifest["apiVersion"] == "ray.io/v1":
+        if not CRDS.is_dir():
+            pytest.skip(f"KubeRay's CRDs are not here ({CRDS}); CI has them")
+        import jsonschema
+
+        schema = _strict(crd_schemas()[manifest["kind"]])
+        errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                  for e in jsonschema.Draft7Validator(schema).iter_errors(manifest)]
+        assert not errors, errors
+    else:
+        import kubernetes_validate
+
+        kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_crd_check_catches_a_misspelled_field():
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay's CRDs are not here ({CRDS}); CI has them")
+    import jsonschema
+
+    cluster = next(doc for _, doc in manifests() if doc["kind"] == "RayCluster")
+    broken = copy.deepcopy(cluster)
+    broken["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3
+    with pytest.raises(jsonschema.ValidationError, match="maxReplica"):
+        jsonschema.validate(broken, _strict(crd_schemas()["RayCluster"]))
+
+
+def test_the_manifests_tie_together():
+    """kustomize lists every manifest but the RayJob template; GPU workers ask for nvidia.com/gpu;
+    the RayJob cleans up after itself; the RayService serves what serving/digits.yaml serves."""
+    kustomization = yaml.safe_load((ROOT / "k8s" / "kustomization.yaml").read_text())
+    assert set(kustomization["resources"]) == {p.name for p in MANIFEST_FILES} - {"rayjob.yaml"}
+    documents = {doc["kind"]: doc for _, doc in manifests()}
+    cluster = documents["RayCluster"]["spec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    gpu = next(group for group in cluster["workerGroupSpecs"] if group["groupName"] == "gpu")
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    job = documents["RayJob"]["spec"]
+    assert job["shutdownAfterJobFinishes"] and job["ttlSecondsAfterFinished"] > 0 and job["backoffLimit"] >= 1
+    assert job["entrypoint"].startswith("deepyard run jobs/") and (ROOT / job["entrypoint"].split()[2]).is_file()
+    served = yaml.safe_load(documents["RayService"]["spec"]["serveConfigV2"])["applications"]
+    assert served == yaml.safe_load((ROOT / "serving" / "digits.yaml").read_text())["applications"]
+    assert {"Deployment", "StatefulSet", "Service"} <= set(documents)
