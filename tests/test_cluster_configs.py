@@ -5,6 +5,7 @@ that the API server enforces) and Kubernetes' schemas for the core kinds."""
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -55,10 +56,11 @@ def manifests() -> list[tuple[str, dict]]:
             for path in MANIFEST_FILES for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
+@functools.cache
 def crd_schemas() -> dict[str, dict]:
     schemas = {}
-    for path in sorted(CRDS.glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
+    for path in sorted(CRDS.glob("*.yaml")):  # ~1 MB each: libyaml's loader, once per session
+        crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
         schemas[crd["spec"]["names"]["kind"]] = version["schema"]["openAPIV3Schema"]
     return schemas

@@ -127,12 +127,14 @@ app.add_typer(cluster_app, name="cluster")
 def cluster_up(
     workers: Annotated[int, typer.Option(min=0, help="worker nodes besides the head")] = 1,
     cpus_per_node: Annotated[Optional[int], typer.Option(min=1, help="default: this machine's CPUs shared out")] = None,
+    head_cpus: Annotated[Optional[int], typer.Option(min=0, help="default: as a worker; 0 keeps training off "
+                                                                 "the head")] = None,
     json_output: JsonOutput = False,
 ) -> None:
     """Start a head and N worker nodes on 127.0.0.1; `deepyard submit` and `deepyard run` then use it."""
     from deepyard import local_cluster
 
-    state = local_cluster.up(workers, cpus_per_node)
+    state = local_cluster.up(workers, cpus_per_node, head_cpus)
     err.print(f"[green]up[/]: head + {workers} worker node(s), {state['cpus_per_node']} CPUs each; submit to "
               f"{state['address']}; `deepyard run` joins it with RAY_ADDRESS={state['gcs_address']}", highlight=False)
     if json_output:
@@ -149,10 +151,9 @@ def cluster_status(json_output: JsonOutput = False) -> None:
     if json_output:
         print(json.dumps(status))
         return
-    table = Table("node", "role", "CPU", title=f"{status['address']}: {status['alive_nodes']} live nodes")
+    table = Table("node", "id", "CPU", title=f"{status['address']}: {status['alive_nodes']} live nodes")
     for node in status["nodes"]:
-        table.add_row(node["node_id"][:12], "head" if node["is_head"] else "worker",
-                      str(node["resources"].get("CPU", 0)))
+        table.add_row(node["name"] or "-", node["node_id"][:12], str(node["resources"].get("CPU", 0)))
     out.print(table)
 
 

@@ -67,7 +67,10 @@ def node_environment() -> dict[str, str]:
     return {**os.environ, **TRAIN_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
             "MLFLOW_TRACKING_URI": tracking.tracking_uri(), "DEEPYARD_HOME": str(settings.home()),
             "DEEPYARD_STORAGE": settings.storage_path(None), "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "token"}  # Ray's token in ~/.ray/auth_token (made if missing)
+            "RAY_AUTH_MODE": "token",  # Ray's token in ~/.ray/auth_token (made if missing)
+            # `deepyard jobs stop`: the driver's SIGTERM handler closes its MLflow run and stops its
+            # workers; Ray's default 3 s before SIGKILL can cut that short
+            "RAY_JOB_STOP_WAIT_TIME_S": "30"}
 
 
 def use_token_auth() -> None:
@@ -99,8 +102,15 @@ def _start_node(args: list[str], log: Path, env: dict[str, str], temp_dir: str) 
     return process.pid
 
 
-def up(workers: int = 1, cpus_per_node: int | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
-    """Start the head and ``workers`` worker nodes; returns the state (``address`` is what to submit to)."""
+def _marker(name: str) -> str:
+    """A custom resource only this node has: how a node id is matched to its process."""
+    return f"deepyard_{name}"
+
+
+def up(workers: int = 1, cpus_per_node: int | None = None, head_cpus: int | None = None,
+       timeout_s: float = 120.0) -> dict[str, Any]:
+    """Start the head and ``workers`` worker nodes; returns the state (``address`` is what to submit to).
+    ``head_cpus=0`` keeps training off the head (jobs' drivers need no CPU)."""
     if (state := read_state()) is not None and any(_alive(n["pid"]) for n in state["nodes"]):
         raise BadInput(f"a local cluster is already up at {state['address']}; `deepyard cluster down` first")
     cpus = cpus_per_node or max(1, (os.cpu_count() or 2) // (workers + 1))
@@ -109,20 +119,23 @@ def up(workers: int = 1, cpus_per_node: int | None = None, timeout_s: float = 12
     logs = state_dir()
     # short: Ray's socket paths under it must stay within the OS's ~107 characters
     temp_root = tempfile.mkdtemp(prefix="dy-ray-")
-    head = _start_node(["--head", f"--port={gcs_port}", f"--num-cpus={cpus}", "--include-dashboard=true",
+    head_cpus = cpus if head_cpus is None else head_cpus
+    head = _start_node(["--head", f"--port={gcs_port}", f"--num-cpus={head_cpus}", "--include-dashboard=true",
+                        f"--resources={json.dumps({_marker('head'): 1})}",
                         f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}",
                         f"--ray-client-server-port={client_port}"], logs / "head.log", env, f"{temp_root}/head")
     state = {"address": f"http://{HOST}:{dashboard_port}", "gcs_address": f"{HOST}:{gcs_port}",
              "cpus_per_node": cpus, "storage": env["DEEPYARD_STORAGE"], "tracking_uri": env["MLFLOW_TRACKING_URI"],
-             "temp_dir": temp_root, "nodes": [{"role": "head", "pid": head, "log": str(logs / "head.log")}]}
+             "temp_dir": temp_root, "nodes": [{"name": "head", "role": "head", "pid": head, "log": str(logs / "head.log")}]}
     _state_file().write_text(json.dumps(state, indent=2))
     try:
         _wait_for_nodes(state, 1, timeout_s)
         for index in range(workers):
             log = logs / f"worker-{index}.log"
-            pid = _start_node([f"--address={state['gcs_address']}", f"--num-cpus={cpus}"], log, env,
-                              f"{temp_root}/worker-{index}")
-            state["nodes"].append({"role": "worker", "pid": pid, "log": str(log)})
+            name = f"worker_{index}"
+            pid = _start_node([f"--address={state['gcs_address']}", f"--num-cpus={cpus}",
+                               f"--resources={json.dumps({_marker(name): 1})}"], log, env, f"{temp_root}/{name}")
+            state["nodes"].append({"name": name, "role": "worker", "pid": pid, "log": str(log)})
             _state_file().write_text(json.dumps(state, indent=2))
         _wait_for_nodes(state, 1 + workers, timeout_s)
     except BaseException:
@@ -155,7 +168,9 @@ def nodes(state: dict[str, Any]) -> list[dict[str, Any]]:
     use_token_auth()
     found = list_nodes(address=state["address"], limit=1000, raise_on_missing_output=False)
     return [{"node_id": n.node_id, "state": n.state, "is_head": n.is_head_node, "ip": n.node_ip,
-             "resources": n.resources_total} for n in found]
+             "name": next((k.removeprefix("deepyard_") for k in n.resources_total if k.startswith("deepyard_")), None),
+             "resources": {k: v for k, v in n.resources_total.items() if not k.startswith(("deepyard_", "node:"))}}
+            for n in found]
 
 
 def status() -> dict[str, Any]:
@@ -178,6 +193,15 @@ def stop_node(node: dict[str, Any], timeout_s: float = 30.0) -> None:
         time.sleep(0.2)
     if _alive(node["pid"]):
         os.killpg(node["pid"], signal.SIGKILL)
+
+
+def kill_node(name: str) -> None:
+    """Lose a node the hard way (SIGKILL to its raylet and workers): what a crashed machine looks like."""
+    state = read_state()
+    node = next((n for n in (state or {}).get("nodes", []) if n["name"] == name), None)
+    if node is None:
+        raise BadInput(f"no node {name!r} in the local cluster")
+    os.killpg(node["pid"], signal.SIGKILL)
 
 
 def down() -> dict[str, Any]:

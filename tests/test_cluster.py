@@ -1,0 +1,136 @@
+"""A real multi-node Ray cluster on loopback (a head and two worker raylets, `deepyard cluster up`),
+jobs submitted to it through Ray's job API (`deepyard submit`), tracked in the session's MLflow."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import last_json
+from deepyard import local_cluster, tracking
+
+pytestmark = pytest.mark.slow
+
+TINY_MLP = """
+kind: train
+name: {name}
+data: {{name: digits, max_train_samples: 400}}
+model: {{name: mlp, params: {{hidden_sizes: [16, 16]}}}}
+optim: {{name: adam, lr: 0.01}}
+train: {{epochs: {epochs}, batch_size: 32}}
+scaling: {{num_workers: {workers}}}
+checkpoint: {{every_n_epochs: 1, keep: 2}}
+failure: {{max_failures: 2}}
+register: {{enabled: false}}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(deepyard_home):
+    # The head trains nothing: each of the two worker nodes has one CPU, so a two-worker job must
+    # span both, and a one-worker job lives on exactly one worker node.
+    state = local_cluster.up(workers=2, cpus_per_node=1, head_cpus=0)
+    yield state
+    local_cluster.down()
+
+
+def spec(write_spec, name: str, epochs: int = 2, workers: int = 1) -> str:
+    return write_spec(TINY_MLP.format(name=name, epochs=epochs, workers=workers), f"{name}.yaml")
+
+
+def wait_for(predicate, timeout_s: float = 120.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result := predicate():
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def job_count(cli) -> int:
+    return len(json.loads(cli("jobs", "list", "--json").stdout.strip().splitlines()[-1]))
+
+
+def test_cluster_up_starts_a_head_and_two_worker_nodes(cluster, cli):
+    status = last_json(cli("cluster", "status", "--json"))
+    assert status["alive_nodes"] == 3 and status["cpus"] == 2
+    assert sorted(node["name"] for node in status["nodes"]) == ["head", "worker_0", "worker_1"]
+    assert "already up" in cli("cluster", "up", expect=2).stderr
+
+
+def test_a_submitted_job_spans_two_nodes_and_lands_in_mlflow(cluster, cli, write_spec):
+    path = spec(write_spec, "submitted_ddp", workers=2)  # two 1-CPU workers: one on each worker node
+    result = cli("submit", path, "--follow", "--json", "--id", "deepyard-test-ddp")
+    summary = last_json(result)
+    assert summary["status"] == "SUCCEEDED", summary
+    run = MlflowClient().get_run(summary["run"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["scaling.num_workers"] == "2"
+    assert run.data.metrics["test_accuracy"] > 0.3
+    assert "done submitted_ddp" in result.stderr  # the followed driver output
+
+    again = last_json(cli("submit", path, "--json", "--id", "deepyard-test-ddp"))
+    assert again["already_submitted"] and again["status"] == "SUCCEEDED"
+    status = last_json(cli("jobs", "status", "deepyard-test-ddp", "--json"))
+    assert status["run"]["run_id"] == summary["run"]["run_id"]
+    assert "done submitted_ddp" in cli("jobs", "logs", "deepyard-test-ddp").stdout
+
+
+def test_a_bad_spec_is_refused_before_anything_is_sent(cluster, cli, write_spec):
+    before = job_count(cli)
+    bad = write_spec(TINY_MLP.format(name="bad", epochs=2, workers=1).replace("adam", "adamm"), "bad.yaml")
+    assert "did you mean 'adam'" in cli("submit", bad, expect=2).stderr
+    assert "no job 'nope'" in cli("jobs", "status", "nope", expect=2).stderr
+    assert job_count(cli) == before
+
+
+def _running_run(name: str):
+    experiment = MlflowClient().get_experiment_by_name(name)
+    if experiment is None:
+        return None
+    runs = MlflowClient().search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+    return runs[0] if runs and runs[0].data.metrics.get("epoch", 0) >= 1 else None
+
+
+def test_stopping_a_job_marks_its_run_killed_and_frees_the_cluster(cluster, cli, write_spec):
+    job = last_json(cli("submit", spec(write_spec, "stopped_job", epochs=500), "--json"))["submission_id"]
+    run = wait_for(lambda: _running_run("stopped_job"), what="the job's first epoch")
+    result = cli("jobs", "stop", job)
+    assert f"job {job}: STOPPED" in result.stderr
+    stopped = wait_for(lambda: (r := MlflowClient().get_run(run.info.run_id)).info.status != "RUNNING" and r,
+                       timeout_s=30, what="the run to be closed")
+    assert stopped.info.status == "KILLED"
+    status = last_json(cli("cluster", "status", "--json"))
+    assert status["alive_nodes"] == 3  # stopping a job leaves the cluster up
+
+
+def _train_worker_node(address: str) -> str | None:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                         raise_on_missing_output=False)
+    if not actors:
+        return None
+    names = {node["node_id"]: node["name"] for node in local_cluster.nodes(local_cluster.read_state())}
+    return names.get(actors[0].node_id)
+
+
+def test_training_survives_losing_its_worker_node(cluster, cli, write_spec):
+    """SIGKILL the node the training worker lives on: Ray Train restarts the worker group on the
+    other node from the last checkpoint, and the job and its run finish. (Runs last: it loses a node.)"""
+    job = last_json(cli("submit", spec(write_spec, "node_loss", epochs=60), "--json"))["submission_id"]
+    run = wait_for(lambda: _running_run("node_loss"), what="the job's first epoch")
+    node = wait_for(lambda: _train_worker_node(cluster["address"]), what="the training worker's node")
+    assert node.startswith("worker_")
+    local_cluster.kill_node(node)
+    jobs = __import__("deepyard.submit", fromlist=["client"])
+    client = jobs.client(None)
+    assert jobs.wait(client, job, timeout_s=300) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
+    finished = MlflowClient().get_run(run.info.run_id)
+    assert finished.info.status == "FINISHED" and finished.data.metrics["epoch"] == 60
+    resumed = tracking.metric_history(run.info.run_id, "resumed_from_epoch")
+    assert resumed and resumed[0][1] >= 1, "the worker group was not restarted from a checkpoint"
+    assert wait_for(lambda: last_json(cli("cluster", "status", "--json"))["alive_nodes"] == 2, timeout_s=60,
+                    what="the lost node to leave the cluster")
