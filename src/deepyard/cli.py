@@ -328,5 +328,7 @@ def main() -> None:
     sys.exit(app())
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m deepyard.cli`: run the imported module, where every command is registered
+    from deepyard.cli import main as registered_main
+
+    registered_main()

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from deepyard.errors import BadInput, DeepyardError
 
-ENTRYPOINT = "python -m deepyard.cli run spec.yaml --json"
+ENTRYPOINT = "python -m deepyard run spec.yaml --json"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 PASSED_ON = ("MLFLOW_", "DEEPYARD_")
 
