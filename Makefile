@@ -52,6 +52,8 @@ bench: install data
 	$(PY) bench/lm_shakespeare.py
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/rl_cartpole.py
+	$(PY) bench/rl_targets.py
+	$(PY) bench/cluster_submit.py
 
 clean:
 	rm -rf .deepyard .pytest_cache

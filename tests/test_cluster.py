@@ -102,6 +102,8 @@ def test_stopping_a_job_marks_its_run_killed_and_frees_the_cluster(cluster, cli,
     stopped = wait_for(lambda: (r := MlflowClient().get_run(run.info.run_id)).info.status != "RUNNING" and r,
                        timeout_s=30, what="the run to be closed")
     assert stopped.info.status == "KILLED"
+    assert wait_for(lambda: _train_worker_node(cluster["address"]) is None, timeout_s=60,
+                    what="the job's training workers to go"), "a stopped job left workers running"
     status = last_json(cli("cluster", "status", "--json"))
     assert status["alive_nodes"] == 3  # stopping a job leaves the cluster up
 

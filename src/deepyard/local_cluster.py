@@ -90,7 +90,18 @@ def _node_ports() -> list[str]:
             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
 
 
-def _start_node(args: list[str], log: Path, env: dict[str, str], temp_dir: str) -> int:
+def _ensure_token() -> None:
+    """Ray's token for the cluster: the user's (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token),
+    else a new one saved in ~/.ray/auth_token. Ray's command prints it; the output is dropped."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
+            (Path.home() / ".ray" / "auth_token").is_file():
+        return
+    ray = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "get-auth-token", "--generate"], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
+def _start_node(args: list[str], log: Path, env: dict[str, str], temp_dir: str) -> subprocess.Popen:
     """One node; its own temp dir, because nodes sharing one on a host share (and clean up) each
     other's runtime-env files: a job's working directory vanished under its driver that way."""
     ray = str(Path(sys.executable).parent / "ray")
@@ -99,7 +110,7 @@ def _start_node(args: list[str], log: Path, env: dict[str, str], temp_dir: str) 
                                     f"--temp-dir={temp_dir}", *args, *_node_ports()],
                                    stdout=out, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)  # Ctrl-C in this terminal leaves the cluster up
-    return process.pid
+    return process
 
 
 def _marker(name: str) -> str:
@@ -113,6 +124,7 @@ def up(workers: int = 1, cpus_per_node: int | None = None, head_cpus: int | None
     ``head_cpus=0`` keeps training off the head (jobs' drivers need no CPU)."""
     if (state := read_state()) is not None and any(_alive(n["pid"]) for n in state["nodes"]):
         raise BadInput(f"a local cluster is already up at {state['address']}; `deepyard cluster down` first")
+    _ensure_token()
     cpus = cpus_per_node or max(1, (os.cpu_count() or 2) // (workers + 1))
     gcs_port, dashboard_port, client_port = _free_port(), _free_port(), _free_port()
     env = node_environment()
@@ -126,30 +138,32 @@ def up(workers: int = 1, cpus_per_node: int | None = None, head_cpus: int | None
                         f"--ray-client-server-port={client_port}"], logs / "head.log", env, f"{temp_root}/head")
     state = {"address": f"http://{HOST}:{dashboard_port}", "gcs_address": f"{HOST}:{gcs_port}",
              "cpus_per_node": cpus, "storage": env["DEEPYARD_STORAGE"], "tracking_uri": env["MLFLOW_TRACKING_URI"],
-             "temp_dir": temp_root, "nodes": [{"name": "head", "role": "head", "pid": head, "log": str(logs / "head.log")}]}
+             "temp_dir": temp_root, "nodes": [{"name": "head", "role": "head", "pid": head.pid, "log": str(logs / "head.log")}]}
+    processes = [head]
     _state_file().write_text(json.dumps(state, indent=2))
     try:
-        _wait_for_nodes(state, 1, timeout_s)
+        _wait_for_nodes(state, processes, 1, timeout_s)
         for index in range(workers):
             log = logs / f"worker-{index}.log"
             name = f"worker_{index}"
-            pid = _start_node([f"--address={state['gcs_address']}", f"--num-cpus={cpus}",
-                               f"--resources={json.dumps({_marker(name): 1})}"], log, env, f"{temp_root}/{name}")
-            state["nodes"].append({"name": name, "role": "worker", "pid": pid, "log": str(log)})
+            processes.append(_start_node([f"--address={state['gcs_address']}", f"--num-cpus={cpus}",
+                                          f"--resources={json.dumps({_marker(name): 1})}"], log, env,
+                                         f"{temp_root}/{name}"))
+            state["nodes"].append({"name": name, "role": "worker", "pid": processes[-1].pid, "log": str(log)})
             _state_file().write_text(json.dumps(state, indent=2))
-        _wait_for_nodes(state, 1 + workers, timeout_s)
+        _wait_for_nodes(state, processes, 1 + workers, timeout_s)
     except BaseException:
         down()
         raise
     return state
 
 
-def _wait_for_nodes(state: dict[str, Any], count: int, timeout_s: float) -> None:
+def _wait_for_nodes(state: dict[str, Any], processes: list[subprocess.Popen], count: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        for node in state["nodes"]:
-            if not _alive(node["pid"]):
-                raise DeepyardError(f"the {node['role']} node exited while starting; see {node['log']}")
+        for node, process in zip(state["nodes"], processes):
+            if process.poll() is not None:
+                raise DeepyardError(f"the {node['name']} node exited while starting; see {node['log']}")
         try:
             if sum(n["state"] == "ALIVE" for n in nodes(state)) >= count:
                 return
