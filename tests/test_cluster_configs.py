@@ -123,3 +123,27 @@ def test_the_manifests_tie_together():
     served = yaml.safe_load(documents["RayService"]["spec"]["serveConfigV2"])["applications"]
     assert served == yaml.safe_load((ROOT / "serving" / "digits.yaml").read_text())["applications"]
     assert {"Deployment", "StatefulSet", "Service"} <= set(documents)
+    assert "images" not in kustomization or all("newTag" not in image for image in kustomization["images"])
+    assert "--allowed-hosts" in " ".join(documents["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def test_what_a_submitted_job_takes_from_here(monkeypatch):
+    """To a remote cluster only settings that mean something there travel; credentials only when asked."""
+    from deepyard.errors import BadInput
+    from deepyard.submit import passed_environment
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////home/me/mlflow.db")
+    monkeypatch.setenv("DEEPYARD_STORAGE", "s3://team/checkpoints")
+    monkeypatch.setenv("DEEPYARD_HOME", "/home/me/.deepyard")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2")
+    assert passed_environment(False, []) == {"DEEPYARD_STORAGE": "s3://team/checkpoints"}
+    local = passed_environment(True, [])
+    assert local["MLFLOW_TRACKING_URI"] == "sqlite:////home/me/mlflow.db" and "MLFLOW_TRACKING_PASSWORD" not in local
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    remote = passed_environment(False, ["MLFLOW_TRACKING_PASSWORD", "WANDB_MODE=offline"])
+    assert remote == {"MLFLOW_TRACKING_URI": "http://mlflow.internal:5000", "DEEPYARD_STORAGE": "s3://team/checkpoints",
+                      "MLFLOW_TRACKING_PASSWORD": "hunter2", "WANDB_MODE": "offline"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://localhost:5000")  # a port-forward: not the cluster's
+    assert "MLFLOW_TRACKING_URI" not in passed_environment(False, [])
+    with pytest.raises(BadInput, match="--env NOT_SET_HERE: not set here"):
+        passed_environment(False, ["NOT_SET_HERE"])

@@ -94,6 +94,9 @@ def test_iteration_metrics_and_stop_conditions():
     assert stop_reason(spec, {**metrics, "eval_return_mean": 100.0, "timesteps": 10000}, 3, 10.0) == "10000 timesteps"
     # between evaluations RLlib repeats the last one's numbers: they are dropped, and the exploring
     # return never stands in for the greedy one
+    without_count = {**result, "env_runners": {k: v for k, v in result["env_runners"].items()
+                                               if k != "num_env_steps_sampled"}}
+    assert iteration_metrics(without_count, previous_timesteps=1000)["env_steps"] == 2000  # (DQN reports none)
     between = iteration_metrics(result, evaluated=False)
     assert "eval_return_mean" not in between and between["return_mean"] == 30.0
     assert stop_reason(spec, {**between, "return_mean": 490.0}, 3, 10.0) is None
@@ -321,3 +324,17 @@ def test_an_interrupted_rl_job_resumes_from_its_checkpoint(ray_cluster, cli, wri
     assert [step for step, _ in history] == [1, 2, 3, 4] and history[:2] == steps_before
     assert history[2][1] > history[1][1]  # RLlib's step counter went on from the checkpoint
     assert "the last run of 'resumable_ppo'" in cli("run", path, "--resume", expect=2).stderr
+
+
+@pytest.mark.parametrize(("job", "override", "message"), [
+    ("jobs/digits_mlp_sweep.yaml", "base.optim.lr=abc", "base.optim.lr: Input should be a valid number"),
+    ("jobs/digits_mlp_sweep.yaml", "base.train.epochs=-1", "base.train.epochs: Input should be greater than 0"),
+    ("jobs/digits_mlp_sweep.yaml", "base.foo=1", "base.foo: unknown field (valid: name, description, storage_path, "
+                                                 "tracking, kind, data,"),
+    ("jobs/cartpole_ppo_sweep.yaml", "base.foo=1", "base.foo: unknown field (valid: name, description, storage_path, "
+                                                   "tracking, kind, algorithm,"),
+    ("jobs/cartpole_ppo_sweep.yaml", "base.stop.timesteps=-5", "base.stop.timesteps: Input should be greater than 0"),
+])
+def test_a_sweeps_base_errors_name_the_base_path_and_its_own_fields(cli, job, override, message):
+    """The base is a union of job kinds: its errors read as the base job's own, at their real path."""
+    assert message in cli("validate", job, "--set", override, expect=2).stderr

@@ -39,7 +39,12 @@ def _state_file() -> Path:
 
 def read_state() -> dict[str, Any] | None:
     path = _state_file()
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise BadInput(f"{path} is not a cluster state file; remove it (and any leftover `ray` processes)") from None
 
 
 def _free_port() -> int:
@@ -48,14 +53,24 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _alive(pid: int) -> bool:
+def _started_at(pid: int) -> float | None:
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _alive(node: dict[str, Any]) -> bool:
+    """Is this node's process still the one we started (not a reused pid after a reboot, not a zombie)?"""
+    import psutil
+
+    try:
+        process = psutil.Process(node["pid"])
+        return process.create_time() == node.get("started_at") and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def node_environment() -> dict[str, str]:
@@ -122,7 +137,7 @@ def up(workers: int = 1, cpus_per_node: int | None = None, head_cpus: int | None
        timeout_s: float = 120.0) -> dict[str, Any]:
     """Start the head and ``workers`` worker nodes; returns the state (``address`` is what to submit to).
     ``head_cpus=0`` keeps training off the head (jobs' drivers need no CPU)."""
-    if (state := read_state()) is not None and any(_alive(n["pid"]) for n in state["nodes"]):
+    if (state := read_state()) is not None and any(_alive(n) for n in state["nodes"]):
         raise BadInput(f"a local cluster is already up at {state['address']}; `deepyard cluster down` first")
     _ensure_token()
     cpus = cpus_per_node or max(1, (os.cpu_count() or 2) // (workers + 1))
@@ -138,7 +153,8 @@ def up(workers: int = 1, cpus_per_node: int | None = None, head_cpus: int | None
                         f"--ray-client-server-port={client_port}"], logs / "head.log", env, f"{temp_root}/head")
     state = {"address": f"http://{HOST}:{dashboard_port}", "gcs_address": f"{HOST}:{gcs_port}",
              "cpus_per_node": cpus, "storage": env["DEEPYARD_STORAGE"], "tracking_uri": env["MLFLOW_TRACKING_URI"],
-             "temp_dir": temp_root, "nodes": [{"name": "head", "role": "head", "pid": head.pid, "log": str(logs / "head.log")}]}
+             "temp_dir": temp_root, "nodes": [{"name": "head", "role": "head", "pid": head.pid, "started_at": _started_at(head.pid),
+                        "log": str(logs / "head.log")}]}
     processes = [head]
     _state_file().write_text(json.dumps(state, indent=2))
     try:
@@ -149,7 +165,9 @@ def up(workers: int = 1, cpus_per_node: int | None = None, head_cpus: int | None
             processes.append(_start_node([f"--address={state['gcs_address']}", f"--num-cpus={cpus}",
                                           f"--resources={json.dumps({_marker(name): 1})}"], log, env,
                                          f"{temp_root}/{name}"))
-            state["nodes"].append({"name": name, "role": "worker", "pid": processes[-1].pid, "log": str(log)})
+            pid = processes[-1].pid
+            state["nodes"].append({"name": name, "role": "worker", "pid": pid, "started_at": _started_at(pid),
+                                   "log": str(log)})
             _state_file().write_text(json.dumps(state, indent=2))
         _wait_for_nodes(state, processes, 1 + workers, timeout_s)
     except BaseException:
@@ -191,7 +209,11 @@ def status() -> dict[str, Any]:
     state = read_state()
     if state is None:
         raise BadInput("no local cluster is up; start one with `deepyard cluster up`")
-    live = [n for n in nodes(state) if n["state"] == "ALIVE"]
+    try:
+        live = [n for n in nodes(state) if n["state"] == "ALIVE"]
+    except Exception as error:  # its dashboard is gone: stopped, crashed, or a reboot ago
+        raise BadInput(f"the local cluster at {state['address']} does not answer ({type(error).__name__}); "
+                       "`deepyard cluster down` clears it, then `deepyard cluster up`") from None
     cpus = sum(n["resources"].get("CPU", 0) for n in live)
     return {**{k: state[k] for k in ("address", "gcs_address", "storage", "tracking_uri")},
             "nodes": live, "alive_nodes": len(live), "cpus": cpus}
@@ -199,14 +221,21 @@ def status() -> dict[str, Any]:
 
 def stop_node(node: dict[str, Any], timeout_s: float = 30.0) -> None:
     """SIGTERM to a node's `ray start --block`: it stops its raylet and that node's workers."""
-    if not _alive(node["pid"]):
+    if not _alive(node):
         return
-    os.killpg(node["pid"], signal.SIGTERM)
+    _signal(node, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while _alive(node["pid"]) and time.monotonic() < deadline:
+    while _alive(node) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _alive(node["pid"]):
-        os.killpg(node["pid"], signal.SIGKILL)
+    if _alive(node):
+        _signal(node, signal.SIGKILL)
+
+
+def _signal(node: dict[str, Any], signum: int) -> None:
+    try:
+        os.killpg(node["pid"], signum)  # the node's session: `ray start`, its raylet and its workers
+    except ProcessLookupError:
+        pass
 
 
 def kill_node(name: str) -> None:
@@ -215,7 +244,8 @@ def kill_node(name: str) -> None:
     node = next((n for n in (state or {}).get("nodes", []) if n["name"] == name), None)
     if node is None:
         raise BadInput(f"no node {name!r} in the local cluster")
-    os.killpg(node["pid"], signal.SIGKILL)
+    if _alive(node):
+        _signal(node, signal.SIGKILL)
 
 
 def down() -> dict[str, Any]:
@@ -223,7 +253,7 @@ def down() -> dict[str, Any]:
     state = read_state()
     if state is None:
         return {"stopped_nodes": 0}
-    running = [node for node in reversed(state["nodes"]) if _alive(node["pid"])]
+    running = [node for node in reversed(state["nodes"]) if _alive(node)]
     for node in running:
         stop_node(node)
     if state.get("temp_dir"):

@@ -391,6 +391,25 @@ def _data_path(loc: tuple, data: Any) -> tuple:
     return tuple(kept)
 
 
+def _describe_errors(errors: list[dict], root: type[BaseModel], data: Any) -> list[str]:
+    """As ``_describe_all``; a sweep's base is described as its own job kind. Pydantic names the
+    union member in the path (``base.train...``, ``base.rl...``): that tag is dropped, and the
+    member's fields are the ones listed."""
+    tagged = {kind: [] for kind in KINDS}
+    rest = []
+    for error in errors:
+        loc = tuple(error["loc"])
+        if root is SweepJob and len(loc) > 1 and loc[0] == "base" and loc[1] in tagged:
+            tagged[loc[1]].append({**error, "loc": loc[2:]})
+        else:
+            rest.append(error)
+    problems = _describe_all(rest, root, data)
+    for kind, base_errors in tagged.items():
+        if base_errors:
+            problems += _describe_all(base_errors, KINDS[kind], data.get("base"), ("base",))
+    return problems
+
+
 def _describe_all(errors: list[dict], root: type[BaseModel] | None, data: Any,
                   prefix: tuple = ()) -> list[str]:
     """One line per path: the failures of a union's members are merged into one line."""
@@ -486,7 +505,7 @@ def parse_spec(document: Any, source: str = "<spec>", overrides: list[str] | Non
     try:
         spec = job_class.model_validate(document)
     except pydantic.ValidationError as error:
-        problems += _describe_all(error.errors(), job_class, document)
+        problems += _describe_errors(error.errors(), job_class, document)
     if job_class is SweepJob:
         _check_space(document, problems)
     if problems:

@@ -3,9 +3,9 @@
 The spec is validated here first (a bad one exits 2 and nothing is sent), then resolved (defaults
 and --set filled in, a sweep's base inlined) and sent as the job's working directory, with this
 checkout's `deepyard` package unless the cluster's image has it (``ship_code=False``). The driver
-on the cluster runs `deepyard run spec.yaml --json`; MLflow and deepyard settings set here
-(``MLFLOW_*``, ``DEEPYARD_*``) travel with it, Ray's own token never does: the SDK reads it from the
-usual place (``RAY_AUTH_TOKEN``, ``~/.ray/auth_token``) and sends it as a header.
+on the cluster runs `deepyard run spec.yaml --json`; which settings travel with it is
+``passed_environment``'s rule. Ray's own token never does: the SDK reads it from the usual place
+(``RAY_AUTH_TOKEN``, ``~/.ray/auth_token``) and sends it as a header.
 """
 
 from __future__ import annotations
@@ -38,13 +38,20 @@ def resolve_address(address: str | None) -> str:
     return found if "://" in found else f"http://{found}"
 
 
+def is_local_cluster(address: str | None) -> bool:
+    from deepyard import local_cluster
+
+    state = local_cluster.read_state()
+    return state is not None and state["address"] == resolve_address(address)
+
+
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
     from deepyard import local_cluster
 
     resolved = resolve_address(address)
-    if (state := local_cluster.read_state()) is not None and state["address"] == resolved:
+    if is_local_cluster(address):
         local_cluster.use_token_auth()
     try:
         return JobSubmissionClient(resolved)
@@ -53,8 +60,33 @@ def client(address: str | None):
                        "is the cluster up and its dashboard on that port?") from None
 
 
-def passed_environment() -> dict[str, str]:
-    return {key: value for key, value in os.environ.items() if key.startswith(PASSED_ON)}
+def _machine_local(uri: str) -> bool:
+    """A URI that means something on this machine only: a file, sqlite, or localhost."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    return parsed.scheme in ("", "file", "sqlite") or parsed.hostname in ("localhost", "127.0.0.1", "::1")
+
+
+def passed_environment(to_local_cluster: bool, explicit: list[str]) -> dict[str, str]:
+    """What the job's driver gets from here. To this machine's cluster: the MLFLOW_*/DEEPYARD_* settings
+    (same disk, same paths). To a remote one, only what makes sense there: a tracking server and a
+    storage URI that are not this machine's; the cluster's own settings stay otherwise. Credentials
+    (*PASSWORD*, *TOKEN*, *SECRET*) never go implicitly: a job's runtime env is readable on the
+    dashboard. ``explicit`` (`--env KEY` or `--env KEY=VALUE`) sends exactly what it names."""
+    secret = ("PASSWORD", "TOKEN", "SECRET")
+    passed = {key: value for key, value in os.environ.items()
+              if key.startswith(PASSED_ON) and not any(word in key for word in secret)}
+    if not to_local_cluster:
+        passed = {key: value for key, value in passed.items()
+                  if (key == "MLFLOW_TRACKING_URI" and not _machine_local(value))
+                  or (key == "DEEPYARD_STORAGE" and "://" in value)}
+    for item in explicit:
+        key, sep, value = item.partition("=")
+        if not sep and key not in os.environ:
+            raise BadInput(f"--env {key}: not set here; give a value (--env {key}=VALUE)")
+        passed[key] = value if sep else os.environ[key]
+    return passed
 
 
 def _existing(jobs, submission_id: str):
@@ -65,19 +97,21 @@ def _existing(jobs, submission_id: str):
 
 
 def submit(spec_path: Path, overrides: list[str], *, address: str | None = None, submission_id: str | None = None,
-           ship_code: bool = True) -> dict[str, Any]:
+           ship_code: bool = True, env: list[str] | None = None) -> dict[str, Any]:
     """Validate, then submit; the same ``submission_id`` twice returns the first job (idempotent)."""
     import deepyard
     from deepyard.spec import load_spec, to_yaml
 
     spec = load_spec(spec_path, overrides)
+    passed_environment(False, env or [])  # a bad --env exits 2 before anything is sent
     jobs = client(address)
     if submission_id and (info := _existing(jobs, submission_id)) is not None:
         return {"submission_id": submission_id, "status": str(info.status), "already_submitted": True,
                 "name": (info.metadata or {}).get("deepyard.name")}
     with tempfile.TemporaryDirectory(prefix="deepyard-submit-") as folder:
         (Path(folder) / "spec.yaml").write_text(to_yaml(spec))
-        runtime_env: dict[str, Any] = {"working_dir": folder, "env_vars": passed_environment()}
+        runtime_env: dict[str, Any] = {"working_dir": folder,
+                                       "env_vars": passed_environment(is_local_cluster(address), env or [])}
         if ship_code:
             runtime_env["py_modules"] = [str(Path(deepyard.__file__).parent)]
         job_id = jobs.submit_job(entrypoint=ENTRYPOINT, runtime_env=runtime_env, submission_id=submission_id,

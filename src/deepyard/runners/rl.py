@@ -121,7 +121,29 @@ def log_policy(spec: RLJob, policy, run_id: str, spaces, registered_name: str | 
 
 
 def checkpoint_dir(spec: RLJob, run_id: str) -> Path:
-    return Path(settings.storage_path(spec.storage_path)) / f"{spec.name}-{run_id[:8]}"
+    """Where the algorithm's state is saved: a local or mounted path. An rl job does not write to
+    URIs yet: a cluster's s3://... default (DEEPYARD_STORAGE) falls back to $DEEPYARD_HOME, and the
+    final checkpoint reaches MLflow's artifact store anyway."""
+    storage = settings.storage_path(spec.storage_path)
+    if "://" in storage:
+        if spec.storage_path:
+            raise BadInput(f"storage_path: an rl job checkpoints to a local or mounted path, not {storage!r}; "
+                           "leave it out (the final checkpoint is logged to MLflow) or give a path")
+        storage = str(settings.home() / "ray_results")
+    return Path(storage) / f"{spec.name}-{run_id[:8]}"
+
+
+def save(algo, folder: Path) -> None:
+    """Replace the checkpoint in ``folder`` all at once: a kill mid-save leaves the previous one."""
+    import shutil
+
+    partial, previous = folder.with_name(folder.name + ".saving"), folder.with_name(folder.name + ".previous")
+    shutil.rmtree(partial, ignore_errors=True)
+    algo.save_to_path(str(partial))
+    if folder.exists():
+        folder.rename(previous)
+    partial.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def interrupted_run(spec: RLJob) -> str:
@@ -150,6 +172,7 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
     from deepyard.rl.policy import from_algorithm
 
     spaces = algorithms.check(spec)
+    checkpoint_dir(spec, "")  # a URI storage_path is refused before anything starts
     resumed = interrupted_run(spec) if resume else None
     imports = algorithms.import_in_background(spec.algorithm)
     console = Console(stderr=True)
@@ -166,9 +189,13 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
             imports.join()
             algo = algorithms.build_config(spec).build_algo()
             try:
-                if resumed:
+                if resumed:  # (an interrupt here must not save a half-restored state over the checkpoint)
                     algo.restore_from_path(str(folder))
                     console.print(f"resuming run {run_id} after iteration {algo.iteration}", highlight=False)
+            except BaseException:
+                algo.stop()
+                raise
+            try:
                 startup = time.perf_counter() - started
                 iteration, metrics, reason = algo.iteration, {}, None
                 while reason is None:
@@ -178,16 +205,16 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
                     elapsed = time.perf_counter() - started - startup
                     _print_iteration(console, iteration, metrics, elapsed)
                     if iteration % spec.checkpoint.every_n_iterations == 0:
-                        algo.save_to_path(str(folder))
+                        save(algo, folder)
                     reason = stop_reason(spec, metrics, iteration, elapsed)
                 console.print(f"[green]stopping[/]: {reason}")
                 stopped = time.perf_counter() - started
-                algo.save_to_path(str(folder))
+                save(algo, folder)
                 tracking.client().log_artifacts(run_id, str(folder), "checkpoint")
                 outcome = log_policy(spec, from_algorithm(algo, spaces[1], spec.algorithm), run_id, spaces,
                                      spec.model_name if spec.register.enabled else None)
             except KeyboardInterrupt:
-                algo.save_to_path(str(folder))  # what --resume goes on from
+                save(algo, folder)  # what --resume goes on from
                 raise
             finally:
                 algo.stop()

@@ -76,6 +76,11 @@ def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
     metric = context["metric"]
     spec = trial_spec(context["base"], values)
     trial_id = tune.get_context().get_trial_id()
+    if context["resume"] and (done := tracking.finished_trial_run(context["parent_run_id"], trial_id)):
+        # Resumed after an interruption that Tune's own state missed: MLflow knows this trial finished.
+        tune.report({metric: done.data.metrics.get(f"best_{metric}", NO_RETURN_YET),
+                     "iteration": done.data.metrics.get("iteration", 0), "final": 1})
+        return
     restored = tune.get_checkpoint()
     run_id = _child_run(context, spec, trial_id, values, restored=restored is not None)
     try:
@@ -99,7 +104,7 @@ def _train(spec: RLJob, algo, run_id: str, metric: str, every_iteration: bool) -
     """Iterations until a stop condition, each reported to Tune; returns the metric's last value."""
     from ray import tune
 
-    started, metrics, latest, reason = time.perf_counter(), {}, None, None
+    started, metrics, latest, reason, evaluated_once = time.perf_counter(), {}, None, None, False
     while reason is None:
         result = algo.train()
         iteration = algo.iteration  # goes on from a restored checkpoint's
@@ -108,7 +113,10 @@ def _train(spec: RLJob, algo, run_id: str, metric: str, every_iteration: bool) -
         tracking.log_metrics(run_id, metrics, iteration)
         # Tune wants the metric in every report: the last evaluation's; before the first one, the
         # exploring policy's return stands in, and before any episode ends, a floor below any return.
-        latest = metrics.get(metric, latest if latest is not None else metrics.get("return_mean"))
+        if metric in metrics:
+            latest, evaluated_once = metrics[metric], True
+        elif not evaluated_once:
+            latest = metrics.get("return_mean", latest)
         reason = stop_reason(spec, metrics, iteration, time.perf_counter() - started)
         report = {**{k: v for k, v in metrics.items() if not k.startswith("learner/")},
                   metric: NO_RETURN_YET if latest is None else latest,
