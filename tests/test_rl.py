@@ -253,7 +253,9 @@ def test_rl_sweep_trains_trials_and_registers_the_best_policy(ray_cluster, cli, 
     children = tracking.child_runs(summary["run_id"])
     assert len(children) == 2 and {run.info.status for run in children} == {"FINISHED"}
     for child in children:
-        assert sorted({step for step, _ in tracking.metric_history(child.info.run_id, "iteration")}) == [1, 2, 3]
+        # (under PBT a trial that copies another's state takes its iteration count too: 1, 2, 4 is right)
+        steps = sorted({step for step, _ in tracking.metric_history(child.info.run_id, "iteration")})
+        assert steps[0] == 1 and steps[-1] >= 3 and (steps == [1, 2, 3] or "pbt" in scheduler)
     best = tracking.client().get_run(summary["best_trial_run_id"])
     assert best.data.metrics["best_eval_return_mean"] == summary["eval_return_mean"]
     assert "policy.gif" in {a.path for a in tracking.client().list_artifacts(best.info.run_id)}

@@ -247,7 +247,9 @@ def test_deploy_job_serves_in_the_foreground_until_ctrl_c(endpoint, write_spec):
     process = subprocess.Popen([sys.executable, "-m", "deepyard.cli", "run", spec, "--json"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        ready = json.loads(process.stdout.readline())  # printed once every endpoint answers
+        line = process.stdout.readline()  # printed once every endpoint answers
+        assert line, f"the deploy job exited ({process.wait()}): {process.stderr.read()[-3000:]}"
+        ready = json.loads(line)
         (info,) = ready["endpoints"]
         assert info["url"] == f"http://127.0.0.1:{port}/models/serve-mlp"
         answer = post(info["url"], {"instances": [[0] * 64]}, headers={"Authorization": "Bearer s3cret"}
