@@ -10,20 +10,14 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import last_json
+from test_train_job import TINY_MLP
 from deepyard import local_cluster, tracking
 from deepyard import submit as submitting
 
 pytestmark = pytest.mark.slow
 
-TINY_MLP = """
-kind: train
-name: {name}
-data: {{name: digits, max_train_samples: 400}}
-model: {{name: mlp, params: {{hidden_sizes: [16, 16]}}}}
-optim: {{name: adam, lr: 0.01}}
-train: {{epochs: {epochs}, batch_size: 32}}
-scaling: {{num_workers: {workers}}}
-checkpoint: {{every_n_epochs: 1, keep: 2}}
+# test_train_job's tiny MLP, on as many workers as asked, surviving failures, registering nothing
+SPEC = TINY_MLP + """scaling: {{num_workers: {workers}}}
 failure: {{max_failures: 2}}
 register: {{enabled: false}}
 """
@@ -39,7 +33,7 @@ def cluster(deepyard_home):
 
 
 def spec(write_spec, name: str, epochs: int = 2, workers: int = 1) -> str:
-    return write_spec(TINY_MLP.format(name=name, epochs=epochs, workers=workers), f"{name}.yaml")
+    return write_spec(SPEC.format(name=name, epochs=epochs, workers=workers), f"{name}.yaml")
 
 
 def wait_for(predicate, timeout_s: float = 120.0, what: str = "condition"):
@@ -81,7 +75,7 @@ def test_a_submitted_job_spans_two_nodes_and_lands_in_mlflow(cluster, cli, write
 
 def test_a_bad_spec_is_refused_before_anything_is_sent(cluster, cli, write_spec):
     before = job_count(cli)
-    bad = write_spec(TINY_MLP.format(name="bad", epochs=2, workers=1).replace("adam", "adamm"), "bad.yaml")
+    bad = write_spec(SPEC.format(name="bad", epochs=2, workers=1).replace("adam", "adamm"), "bad.yaml")
     assert "did you mean 'adam'" in cli("submit", bad, expect=2).stderr
     assert "no job 'nope'" in cli("jobs", "status", "nope", expect=2).stderr
     assert job_count(cli) == before
