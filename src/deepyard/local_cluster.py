@@ -153,8 +153,8 @@ def up(workers: int = 1, cpus_per_node: int | None = None, head_cpus: int | None
                         f"--ray-client-server-port={client_port}"], logs / "head.log", env, f"{temp_root}/head")
     state = {"address": f"http://{HOST}:{dashboard_port}", "gcs_address": f"{HOST}:{gcs_port}",
              "cpus_per_node": cpus, "storage": env["DEEPYARD_STORAGE"], "tracking_uri": env["MLFLOW_TRACKING_URI"],
-             "temp_dir": temp_root, "nodes": [{"name": "head", "role": "head", "pid": head.pid, "started_at": _started_at(head.pid),
-                        "log": str(logs / "head.log")}]}
+             "temp_dir": temp_root, "nodes": [{"name": "head", "role": "head", "pid": head.pid,
+                                               "started_at": _started_at(head.pid), "log": str(logs / "head.log")}]}
     processes = [head]
     _state_file().write_text(json.dumps(state, indent=2))
     try:
