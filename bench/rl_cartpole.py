@@ -1,7 +1,7 @@
 """PPO on CartPole-v1 to a greedy evaluation mean return of 475: deepyard (RLlib on a local Ray
 cluster, tracked in MLflow) next to stable-baselines3 in one process, evaluated the same way.
 
-    .venv/bin/python bench/rl_cartpole.py [--job jobs/cartpole_ppo.yaml] [--target 475] [--seeds 3]
+    .venv/bin/python bench/rl_cartpole.py [--job jobs/cartpole_ppo.yaml] [--target 475] [--seeds 3] [--warm]
 
 Both evaluate 10 greedy episodes about every 4,000 environment steps and stop at the first
 evaluation whose mean reaches the target; each runs with seeds 0..N-1 and the medians are compared. SB3 uses the rl-zoo hyperparameters for CartPole-v1
@@ -72,14 +72,14 @@ def sb3_to_target(target: float, eval_every: int = 4096, episodes: int = 10, max
             "reached": callback.reached_at is not None, "evaluations": callback.evaluations}
 
 
-def deepyard_to_target(job: str, target: float, seed: int) -> dict:
+def deepyard_to_target(job: str, target: float, seed: int, address: str | None = None) -> dict:
     from deepyard import tracking
     from deepyard.runners.rl import run
     from deepyard.spec import load_spec
 
     spec = load_spec(job, [f"stop.mean_return={target}", f"seed={seed}"])
     started = time.perf_counter()
-    summary = run(spec)
+    summary = run(spec, address=address)
     wall = time.perf_counter() - started
     evaluations = tracking.metric_history(summary["run_id"], "eval_return_mean")
     timings = summary["timings"]
@@ -94,13 +94,22 @@ def main() -> None:
     parser.add_argument("--job", default=str(ROOT / "jobs/cartpole_ppo.yaml"))
     parser.add_argument("--target", type=float, default=475)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--warm", action="store_true", help="join a running cluster (`deepyard cluster up "
+                        "--workers 0`, started here) instead of starting Ray for each run")
     args = parser.parse_args()
     home = tempfile.mkdtemp(prefix="deepyard-rl-bench-")
     os.environ["DEEPYARD_HOME"] = home
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
 
     seeds = range(args.seeds)
-    deepyard = [deepyard_to_target(args.job, args.target, seed) for seed in seeds]
+    from deepyard import local_cluster
+
+    state = local_cluster.up(workers=0) if args.warm else None
+    try:
+        deepyard = [deepyard_to_target(args.job, args.target, seed, state and state["gcs_address"]) for seed in seeds]
+    finally:
+        if state:
+            local_cluster.down()
     sb3 = [sb3_to_target(args.target, seed=seed) for seed in seeds]
 
     def median(runs: list[dict], key: str) -> float:
@@ -108,6 +117,7 @@ def main() -> None:
 
     print(json.dumps({
         "bench": "rl_cartpole", "target_eval_mean_return": args.target, "cpus": os.cpu_count(), "seeds": args.seeds,
+        "ray": "joined a running cluster" if args.warm else "started for each run",
         "deepyard": {"median_wall_s": median(deepyard, "wall_s"), "median_to_target_s": median(deepyard, "to_target_s"),
                      "median_env_steps": median(deepyard, "env_steps"), "runs": deepyard},
         "sb3": {"median_wall_s": median(sb3, "wall_s"), "median_env_steps": median(sb3, "env_steps"), "runs": sb3},
