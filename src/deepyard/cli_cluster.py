@@ -101,7 +101,7 @@ def jobs_logs(job_id: JobId, address: ApiAddress = None,
     from deepyard import submit as submitting
 
     jobs = submitting.client(address)
-    submitting.summary(jobs, job_id)  # an unknown id exits 2 with a hint
+    submitting.require(jobs, job_id)  # an unknown id exits 2 with a hint
     if follow:
         submitting.follow(jobs, job_id, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     else:
@@ -116,7 +116,7 @@ def jobs_stop(job_id: JobId, address: ApiAddress = None,
     from deepyard import submit as submitting
 
     jobs = submitting.client(address)
-    submitting.summary(jobs, job_id)
+    submitting.require(jobs, job_id)
     jobs.stop_job(job_id)
     err.print(f"job {job_id}: {submitting.wait(jobs, job_id, wait_s)}", highlight=False)
 

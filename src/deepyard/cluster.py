@@ -54,11 +54,13 @@ def connected(address: str | None = None, ray_logs: bool = False,
     """
     import ray
 
+    from deepyard import local_cluster
+
     if ray.is_initialized():  # an embedding program (or a test session) already connected
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    _authenticate_to_local_cluster(address)
+    local_cluster.authenticate(address)
     previous = _stop_on_sigterm()
     for key, value in {**TRAIN_ENV, **((local_env or {}) if not address else {})}.items():
         os.environ.setdefault(key, value)  # inherited by the raylet of a local cluster
@@ -85,15 +87,6 @@ def connected(address: str | None = None, ray_logs: bool = False,
         ray.shutdown()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _authenticate_to_local_cluster(address: str | None) -> None:
-    """`deepyard cluster up`'s cluster wants Ray's token: joining it must send one."""
-    from deepyard import local_cluster
-
-    state = local_cluster.read_state() if address else None
-    if state is not None and address in (state["gcs_address"], state["address"]):
-        local_cluster.use_token_auth()
 
 
 def _interrupt(signum, frame) -> None:

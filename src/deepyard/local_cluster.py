@@ -88,6 +88,18 @@ def node_environment() -> dict[str, str]:
             "RAY_JOB_STOP_WAIT_TIME_S": "30"}
 
 
+def is_local(address: str | None) -> bool:
+    """Is ``address`` (its GCS address or its dashboard URL) the cluster `deepyard cluster up` started?"""
+    state = read_state() if address else None
+    return state is not None and address in (state["gcs_address"], state["address"])
+
+
+def authenticate(address: str | None) -> None:
+    """Joining the local cluster (token-authenticated: ``node_environment``) must send Ray's token."""
+    if is_local(address):
+        use_token_auth()
+
+
 def use_token_auth() -> None:
     """Talk to the local cluster as a token-authenticated one (it is: ``node_environment``); the
     Ray SDKs then send the token from ~/.ray/auth_token as a header. A user's own setting wins."""

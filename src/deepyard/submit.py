@@ -38,21 +38,13 @@ def resolve_address(address: str | None) -> str:
     return found if "://" in found else f"http://{found}"
 
 
-def is_local_cluster(address: str | None) -> bool:
-    from deepyard import local_cluster
-
-    state = local_cluster.read_state()
-    return state is not None and state["address"] == resolve_address(address)
-
-
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
     from deepyard import local_cluster
 
     resolved = resolve_address(address)
-    if is_local_cluster(address):
-        local_cluster.use_token_auth()
+    local_cluster.authenticate(resolved)
     try:
         return JobSubmissionClient(resolved)
     except (ConnectionError, RuntimeError, ValueError) as error:
@@ -102,8 +94,10 @@ def submit(spec_path: Path, overrides: list[str], *, address: str | None = None,
     import deepyard
     from deepyard.spec import load_spec, to_yaml
 
+    from deepyard import local_cluster
+
     spec = load_spec(spec_path, overrides)
-    passed_environment(False, env or [])  # a bad --env exits 2 before anything is sent
+    environment = passed_environment(local_cluster.is_local(resolve_address(address)), env or [])
     jobs = client(address)
     if submission_id and (info := _existing(jobs, submission_id)) is not None:
         return {"submission_id": submission_id, "status": str(info.status), "already_submitted": True,
@@ -111,7 +105,7 @@ def submit(spec_path: Path, overrides: list[str], *, address: str | None = None,
     with tempfile.TemporaryDirectory(prefix="deepyard-submit-") as folder:
         (Path(folder) / "spec.yaml").write_text(to_yaml(spec))
         runtime_env: dict[str, Any] = {"working_dir": folder,
-                                       "env_vars": passed_environment(is_local_cluster(address), env or [])}
+                                       "env_vars": environment}
         if ship_code:
             runtime_env["py_modules"] = [str(Path(deepyard.__file__).parent)]
         job_id = jobs.submit_job(entrypoint=ENTRYPOINT, runtime_env=runtime_env, submission_id=submission_id,
@@ -129,11 +123,17 @@ def follow(jobs, job_id: str, write: Callable[[str], Any]) -> None:
     asyncio.run(tail())
 
 
-def summary(jobs, job_id: str) -> dict[str, Any]:
-    """The job's status, timing and, once it succeeded, the run summary its driver printed last."""
+def require(jobs, job_id: str):
+    """The job's details, or BadInput naming where to look."""
     info = _existing(jobs, job_id)
     if info is None:
         raise BadInput(f"no job {job_id!r} on this cluster; `deepyard jobs list` shows them")
+    return info
+
+
+def summary(jobs, job_id: str) -> dict[str, Any]:
+    """The job's status, timing and, once it succeeded, the run summary its driver printed last."""
+    info = require(jobs, job_id)
     result = {"submission_id": job_id, "status": str(info.status), "message": info.message,
               "name": (info.metadata or {}).get("deepyard.name"), "entrypoint": info.entrypoint,
               "start_time": info.start_time, "end_time": info.end_time, "driver_exit_code": info.driver_exit_code}

@@ -12,7 +12,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from deepyard import settings, tracking
 from deepyard.errors import BadInput, JobFailed
@@ -80,6 +80,21 @@ def stop_reason(spec: RLJob, metrics: dict[str, float], iteration: int, elapsed:
     return None
 
 
+def train_iterations(spec: RLJob, algo, run_id: str) -> Iterator[tuple[int, dict[str, float], float, str | None]]:
+    """Train and log one iteration at a time until a stop condition: (iteration, metrics, seconds
+    so far, stop reason or None). Iterations count as RLlib's do: a restored algorithm goes on."""
+    started, metrics, reason = time.perf_counter(), {}, None
+    while reason is None:
+        result = algo.train()
+        iteration = algo.iteration
+        metrics = iteration_metrics(result, evaluated(spec, iteration), metrics.get("timesteps"))
+        metrics["iteration"] = iteration
+        tracking.log_metrics(run_id, metrics, iteration)
+        elapsed = time.perf_counter() - started
+        reason = stop_reason(spec, metrics, iteration, elapsed)
+        yield iteration, metrics, elapsed, reason
+
+
 def _print_iteration(console, iteration: int, metrics: dict[str, float], elapsed: float) -> None:
     nan = float("nan")
     evaluation = f" eval {metrics['eval_return_mean']:.1f}" if "eval_return_mean" in metrics else ""
@@ -120,8 +135,8 @@ def log_policy(spec: RLJob, policy, run_id: str, spaces, registered_name: str | 
     return {**outcome, "gif_return": gif_return, "test_metrics": test}
 
 
-def checkpoint_dir(spec: RLJob, run_id: str) -> Path:
-    """Where the algorithm's state is saved: a local or mounted path. An rl job does not write to
+def checkpoint_root(spec: RLJob) -> Path:
+    """Where rl jobs save the algorithm's state: a local or mounted path. An rl job does not write to
     URIs yet: a cluster's s3://... default (DEEPYARD_STORAGE) falls back to $DEEPYARD_HOME, and the
     final checkpoint reaches MLflow's artifact store anyway."""
     storage = settings.storage_path(spec.storage_path)
@@ -130,7 +145,11 @@ def checkpoint_dir(spec: RLJob, run_id: str) -> Path:
             raise BadInput(f"storage_path: an rl job checkpoints to a local or mounted path, not {storage!r}; "
                            "leave it out (the final checkpoint is logged to MLflow) or give a path")
         storage = str(settings.home() / "ray_results")
-    return Path(storage) / f"{spec.name}-{run_id[:8]}"
+    return Path(storage)
+
+
+def checkpoint_dir(spec: RLJob, run_id: str) -> Path:
+    return checkpoint_root(spec) / f"{spec.name}-{run_id[:8]}"
 
 
 def save(algo, folder: Path) -> None:
@@ -156,8 +175,8 @@ def interrupted_run(spec: RLJob) -> str:
     if status in ("FINISHED", "RUNNING"):
         raise BadInput(f"--resume: the last run of {spec.name!r} ({run_id}) is {status}, not interrupted; "
                        "run it without --resume to train anew")
-    if not (checkpoint_dir(spec, run_id) / "algorithm_state.pkl").is_file():
-        raise BadInput(f"--resume: the {status} run {run_id} saved no checkpoint in {checkpoint_dir(spec, run_id)} "
+    if not ((folder := checkpoint_dir(spec, run_id)) / "algorithm_state.pkl").is_file():
+        raise BadInput(f"--resume: the {status} run {run_id} saved no checkpoint in {folder} "
                        "(one is saved every checkpoint.every_n_iterations and on Ctrl-C); run it without --resume")
     return run_id
 
@@ -172,7 +191,7 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
     from deepyard.rl.policy import from_algorithm
 
     spaces = algorithms.check(spec)
-    checkpoint_dir(spec, "")  # a URI storage_path is refused before anything starts
+    checkpoint_root(spec)  # a URI storage_path is refused before anything starts
     resumed = interrupted_run(spec) if resume else None
     imports = algorithms.import_in_background(spec.algorithm)
     console = Console(stderr=True)
@@ -198,15 +217,10 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
             try:
                 startup = time.perf_counter() - started
                 iteration, metrics, reason = algo.iteration, {}, None
-                while reason is None:
-                    iteration += 1
-                    metrics = iteration_metrics(algo.train(), evaluated(spec, iteration), metrics.get("timesteps"))
-                    tracking.log_metrics(run_id, metrics, iteration)
-                    elapsed = time.perf_counter() - started - startup
+                for iteration, metrics, elapsed, reason in train_iterations(spec, algo, run_id):
                     _print_iteration(console, iteration, metrics, elapsed)
                     if iteration % spec.checkpoint.every_n_iterations == 0:
                         save(algo, folder)
-                    reason = stop_reason(spec, metrics, iteration, elapsed)
                 console.print(f"[green]stopping[/]: {reason}")
                 stopped = time.perf_counter() - started
                 save(algo, folder)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 import traceback
 from typing import Any
 
 from deepyard import tracking
 from deepyard.errors import BadInput
 from deepyard.rl import algorithms
-from deepyard.runners.rl import evaluated, iteration_metrics, log_policy, stop_reason
+from deepyard.runners.rl import log_policy, train_iterations
 from deepyard.spec import RLJob, SweepJob, parse_spec
 
 METRICS = ("eval_return_mean", "return_mean")
@@ -71,15 +70,12 @@ def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
     """One Tune trial: an rl job with the sampled values, tracked as a child run of the sweep."""
     from ray import tune
 
-    from deepyard.runners.sweep import _child_run
+    from deepyard.runners.sweep import _child_run, reported_finished
 
     metric = context["metric"]
     spec = trial_spec(context["base"], values)
     trial_id = tune.get_context().get_trial_id()
-    if context["resume"] and (done := tracking.finished_trial_run(context["parent_run_id"], trial_id)):
-        # Resumed after an interruption that Tune's own state missed: MLflow knows this trial finished.
-        tune.report({metric: done.data.metrics.get(f"best_{metric}", NO_RETURN_YET),
-                     "iteration": done.data.metrics.get("iteration", 0), "final": 1})
+    if reported_finished(context, trial_id, "iteration", NO_RETURN_YET):
         return
     restored = tune.get_checkpoint()
     run_id = _child_run(context, spec, trial_id, values, restored=restored is not None)
@@ -104,20 +100,14 @@ def _train(spec: RLJob, algo, run_id: str, metric: str, every_iteration: bool) -
     """Iterations until a stop condition, each reported to Tune; returns the metric's last value."""
     from ray import tune
 
-    started, metrics, latest, reason, evaluated_once = time.perf_counter(), {}, None, None, False
-    while reason is None:
-        result = algo.train()
-        iteration = algo.iteration  # goes on from a restored checkpoint's
-        metrics = iteration_metrics(result, evaluated(spec, iteration), metrics.get("timesteps"))
-        metrics["iteration"] = iteration
-        tracking.log_metrics(run_id, metrics, iteration)
+    latest, reason, evaluated_once = None, None, False
+    for iteration, metrics, _, reason in train_iterations(spec, algo, run_id):
         # Tune wants the metric in every report: the last evaluation's; before the first one, the
         # exploring policy's return stands in, and before any episode ends, a floor below any return.
         if metric in metrics:
             latest, evaluated_once = metrics[metric], True
         elif not evaluated_once:
             latest = metrics.get("return_mean", latest)
-        reason = stop_reason(spec, metrics, iteration, time.perf_counter() - started)
         report = {**{k: v for k, v in metrics.items() if not k.startswith("learner/")},
                   metric: NO_RETURN_YET if latest is None else latest,
                   "final": int(reason is not None)}

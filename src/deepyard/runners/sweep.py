@@ -117,6 +117,20 @@ def _child_run(context: dict[str, Any], spec: TrainJob, trial_id: str, values: d
                                     "deepyard.trial_id": trial_id, **tags})
 
 
+def reported_finished(context: dict[str, Any], trial_id: str, clock: str, worst: float) -> bool:
+    """Resumed after an interruption that Tune's own state missed, but MLflow knows this trial
+    finished: report its result again (``clock``: its epochs or iterations) instead of training."""
+    from ray import tune
+
+    done = context["resume"] and tracking.finished_trial_run(context["parent_run_id"], trial_id)
+    if not done:
+        return False
+    metric = context["metric"]
+    tune.report({metric: done.data.metrics.get(f"best_{metric}", worst), clock: done.data.metrics.get(clock, 0),
+                 "final": 1})
+    return True
+
+
 def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
     """One Tune trial: a train job with the sampled values, tracked as a child run of the sweep."""
     from ray import tune
@@ -127,11 +141,7 @@ def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
     metric, mode = context["metric"], context["mode"]
     spec = trial_spec(context["base"], values, metric, mode, every_epoch=context["pbt"])
     trial_id = tune.get_context().get_trial_id()
-    if context["resume"] and (done := tracking.finished_trial_run(context["parent_run_id"], trial_id)):
-        # Resumed after an interruption that Tune's own state missed: MLflow knows this trial finished.
-        worst = -math.inf if mode == "max" else math.inf
-        tune.report({metric: done.data.metrics.get(f"best_{metric}", worst),
-                     "epoch": done.data.metrics.get("epoch", 0), "final": 1})
+    if reported_finished(context, trial_id, "epoch", -math.inf if mode == "max" else math.inf):
         return
     run_id = _child_run(context, spec, trial_id, values, restored=tune.get_checkpoint() is not None)
     try:
