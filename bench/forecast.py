@@ -12,15 +12,17 @@ below persistence the model's RMSE is. Goal: at least 15% below.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import record
 
 ROOT = Path(__file__).resolve().parents[1]
+# `make bench`'s runs by job: (result name, season); another job or season is another result
+RUNS = {"sunspots_lstm": ("forecast_sunspots", 11), "co2_gru": ("forecast_co2", 52)}
 
 
 def scores(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
@@ -53,13 +55,16 @@ def main() -> None:
     differenced = bool(spec.data.params.get("difference"))
     persistence = scores(np.zeros_like(actual) if differenced else windows[:, -1], actual)
     seasonal = scores(windows[:, -args.season], actual)  # the value one season before the target
-    print(json.dumps({
+    job = Path(args.job).stem
+    base, season = RUNS.get(job, (f"forecast_{job}", None))
+    name = record.variant(base, season != args.season and f"season{args.season}")
+    record.save(name, {
         "bench": "forecast", "job": Path(args.job).name, "test_windows": len(actual), "differenced": differenced,
         "wall_s": time.perf_counter() - started, "epochs_run": summary["epochs_run"],
         "model": model, "persistence": persistence, f"seasonal_naive_{args.season}": seasonal,
         "rmse_below_persistence": 1 - model["rmse"] / persistence["rmse"],
         "rmse_below_seasonal_naive": 1 - model["rmse"] / seasonal["rmse"],
-    }, indent=2))
+    })
 
 
 if __name__ == "__main__":

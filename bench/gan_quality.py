@@ -12,11 +12,12 @@ confident samples, every class >= 5%.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
+
+import record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +53,8 @@ def main() -> None:
         real = torch.softmax(judge.reference(torch.from_numpy(splits.x_test)), -1)
     shares = torch.bincount(probabilities.argmax(-1), minlength=splits.num_outputs).float() / QUALITY_SAMPLES
     confident = float((probabilities.max(-1).values >= CONFIDENT).float().mean())
-    print(json.dumps({
+    job = Path(args.job).stem
+    record.save(record.variant("gan_quality", job != Path(parser.get_default("job")).stem and job), {
         "bench": "gan_quality", "job": Path(args.job).name, "wall_s": wall, "epochs": summary["epochs_run"],
         "best_epoch": summary["best_epoch"], "test_metrics": summary["metrics"],
         "registered_sampler": {
@@ -62,7 +64,7 @@ def main() -> None:
         "real_test_images_confident_share": float((real.max(-1).values >= CONFIDENT).float().mean()),
         "reference_test_accuracy": judge.reference_accuracy,
         "goals": {"confident_share_at_least_0.8": confident >= 0.8, "every_class_at_least_0.05": float(shares.min()) >= 0.05},
-    }, indent=2))
+    })
 
 
 if __name__ == "__main__":

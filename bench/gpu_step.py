@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 
+import record
 import torch
 import torch.nn.functional as F
 
@@ -107,11 +108,13 @@ def main() -> int:
         return 0
     device = torch.device(args.device)
     results = {name: measure(name, device, args.steps, args.batch_size, args.rounds) for name in ZOO}
-    print(json.dumps({"bench": "gpu_step", "gpu": device.type == "cuda",
-                      "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                      "dtype": "bf16 autocast" if device.type == "cuda" else "fp32", "batch_size": args.batch_size,
-                      "steps": args.steps, "rounds": args.rounds, "torch": torch.__version__, "results": results,
-                      "min_ratio": min(r["ratio"] for r in results.values())}, indent=2))
+    # one result per batch size (and the CPU smoke test apart): bench/results/gpu_step_b256.json
+    name = record.variant("gpu_step", device.type != "cuda" and device.type, f"b{args.batch_size}")
+    record.save(name, {"bench": "gpu_step", "gpu": device.type == "cuda",
+                       "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                       "dtype": "bf16 autocast" if device.type == "cuda" else "fp32", "batch_size": args.batch_size,
+                       "steps": args.steps, "rounds": args.rounds, "torch": torch.__version__, "results": results,
+                       "min_ratio": min(r["ratio"] for r in results.values())})
     return 0
 
 

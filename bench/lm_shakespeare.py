@@ -17,12 +17,13 @@ ratio deepyard/plain >= 0.9.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import tempfile
 import time
 from pathlib import Path
+
+import record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +82,10 @@ def main() -> None:
     throughput = [m.value for m in client.get_metric_history(summary["run_id"], "tokens_per_s")]
     reached = [m for m in val_loss if m.value <= args.target]
     deepyard_tokens_per_s = sum(throughput) / len(throughput)
-    print(json.dumps({
+    job = Path(args.job).stem
+    name = record.variant("lm_shakespeare", job != Path(parser.get_default("job")).stem and job,
+                          args.target != parser.get_default("target") and f"target{args.target:g}")
+    record.save(name, {
         "bench": "lm_shakespeare", "job": Path(args.job).name, "context_length": context,
         "batch_size": spec.train.batch_size, "cpus": spec.scaling.cpus_per_worker,
         "deepyard": {
@@ -98,7 +102,7 @@ def main() -> None:
         "plain_pytorch": {"tokens_per_s": plain, "steps": args.plain_steps},
         "tokens_per_s_ratio_deepyard_vs_plain": deepyard_tokens_per_s / plain,
         "target_val_loss_nats": args.target,
-    }, indent=2))
+    })
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ Prints one JSON object; the goal is a wall-time ratio deepyard/SB3 <= 1.0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +116,11 @@ def main() -> None:
     def median(runs: list[dict], key: str) -> float:
         return statistics.median(run[key] for run in runs if run[key] is not None)
 
-    print(json.dumps({
+    job = Path(args.job).stem
+    name = record.variant("rl_cartpole", job != Path(parser.get_default("job")).stem and job,
+                          args.target != parser.get_default("target") and f"target{args.target:g}",
+                          args.warm and "warm")
+    record.save(name, {
         "bench": "rl_cartpole", "target_eval_mean_return": args.target, "cpus": os.cpu_count(), "seeds": args.seeds,
         "ray": "joined a running cluster" if args.warm else "started for each run",
         "deepyard": {"median_wall_s": median(deepyard, "wall_s"), "median_to_target_s": median(deepyard, "to_target_s"),
@@ -126,7 +131,7 @@ def main() -> None:
         "wall_ratio_deepyard_vs_sb3": median(deepyard, "wall_s") / median(sb3, "wall_s"),
         "to_target_ratio_deepyard_vs_sb3": median(deepyard, "to_target_s") / median(sb3, "wall_s"),
         "env_steps_ratio_deepyard_vs_sb3": median(deepyard, "env_steps") / median(sb3, "env_steps"),
-    }, indent=2))
+    })
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ training, finishing) and the registered policy's return on fresh test episodes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
+
+import record
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = [str(ROOT / "jobs/cartpole_dqn.yaml"), str(ROOT / "jobs/pendulum_sac.yaml")]
@@ -44,7 +45,9 @@ def main() -> None:
             "timings": summary["timings"], "test_return_mean": summary["metrics"]["test_return_mean"],
             "eval_returns": [[step, value] for step, value in sorted(evaluations)],
         }
-    print(json.dumps({"bench": "rl_targets", "cpus": os.cpu_count(), "results": results}, indent=2))
+    jobs = [Path(job).stem for job in args.jobs]
+    name = "rl_targets" if jobs == [Path(job).stem for job in JOBS] else record.variant("rl_targets", *jobs)
+    record.save(name, {"bench": "rl_targets", "cpus": os.cpu_count(), "results": results})
 
 
 if __name__ == "__main__":

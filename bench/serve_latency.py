@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
+import record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +130,10 @@ def main() -> None:
         ours, theirs = results[f"deepyard_c{concurrency}"], results[f"plain_c{concurrency}"]
         results[f"c{concurrency}_p50_ratio"] = ours["p50_ms"] / theirs["p50_ms"]
         results[f"c{concurrency}_throughput_ratio"] = ours["requests_per_s"] / theirs["requests_per_s"]
-    print(json.dumps(results, indent=2))
+    name = record.variant("serve_latency", args.replicas != 1 and f"replicas{args.replicas}",
+                          args.max_batch_size != 1 and f"batch{args.max_batch_size}",
+                          args.no_fast_proxy and "python_proxy")
+    record.save(name, results)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,11 @@ request and response shape as deepyard's endpoint. Used by bench/serve_latency.p
 
 import os
 
+import mlflow.pytorch
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-
-import mlflow.pytorch
 
 torch.set_num_threads(1)
 model = mlflow.pytorch.load_model(os.environ["MODEL_URI"], map_location="cpu")

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import record
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -78,8 +80,10 @@ def main() -> None:
             "tune_fit": asha["tune_fit_s"] / fifo["tune_fit_s"],
             "best_val_accuracy_gap_points": 100 * (fifo["best_val_accuracy"] - asha["best_val_accuracy"]),
         }
-    print(json.dumps({"bench": "sweep_asha", "trials": args.trials, "epochs_per_trial": args.epochs,
-                      "cpus": os.cpu_count(), **results, **comparison}, indent=2))
+    name = record.variant("sweep_asha", args.trials != parser.get_default("trials") and f"trials{args.trials}",
+                          args.epochs != parser.get_default("epochs") and f"epochs{args.epochs}")
+    record.save(name, {"bench": "sweep_asha", "trials": args.trials, "epochs_per_trial": args.epochs,
+                       "cpus": os.cpu_count(), **results, **comparison})
 
 
 if __name__ == "__main__":

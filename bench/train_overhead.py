@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import record
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = """
 kind: train
@@ -87,7 +89,10 @@ def deepyard_job(spec_path: str, home: str, *overrides: str, env: dict | None = 
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    history = lambda key: [m.value for m in sorted(client.get_metric_history(summary["run_id"], key), key=lambda m: m.step)]  # noqa: E731
+
+    def history(key: str) -> list[float]:
+        return [m.value for m in sorted(client.get_metric_history(summary["run_id"], key), key=lambda m: m.step)]
+
     rates, samples = history("samples_per_s"), history("train_samples")
     train_s = sum(n / r for n, r in zip(samples, rates))
     del os.environ["MLFLOW_TRACKING_URI"]
@@ -135,9 +140,11 @@ def main() -> None:
         deepyard_job(spec_path, f"{work}/warm", env=warm_env)  # the first job on a new cluster warms it
         warm = deepyard_job(spec_path, f"{work}/warm", env=warm_env)
     finally:
-        subprocess.run([str(ROOT / ".venv/bin/ray"), "stop", "--force"], capture_output=True)
+        subprocess.run([str(ROOT / ".venv/bin/ray"), "stop", "--force"], check=False, capture_output=True)
 
-    print(json.dumps({
+    name = record.variant("train_overhead", args.epochs != parser.get_default("epochs") and f"epochs{args.epochs}",
+                          args.samples != parser.get_default("samples") and f"samples{args.samples}")
+    record.save(name, {
         "bench": "train_overhead",
         "setup": {"data": "fashion_mnist", "train_samples": args.samples, "epochs": args.epochs,
                   "model": "cnn [16, 32] + 64", "batch_size": 128, "cpus": os.cpu_count()},
@@ -150,7 +157,7 @@ def main() -> None:
         "ratio_samples_per_s_2_workers_vs_1": two["samples_per_s"] / one["samples_per_s"],
         "fixed_cost_s_cold": one["fixed_cost_s"],
         "fixed_cost_s_warm_cluster": warm["fixed_cost_s"],
-    }, indent=2))
+    })
 
 
 if __name__ == "__main__":

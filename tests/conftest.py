@@ -31,11 +31,14 @@ def deepyard_home(tmp_path_factory) -> Path:
 def ray_cluster(deepyard_home):
     import ray
 
-    from deepyard.cluster import TRAIN_ENV, serve_env
+    from deepyard.cluster import serve_env
+    from deepyard.settings import TRAIN_ENV
 
     os.environ.update({**TRAIN_ENV, **serve_env()})  # serving tests run what `deepyard deploy` runs
-    ray.init(address="local", num_cpus=2, log_to_driver=False,
-             logging_level="WARNING")
+    # Every worker can import the tests' own fault injection (faults.py), which stays inert until a test asks.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+    ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level="WARNING",
+             runtime_env={"worker_process_setup_hook": "faults.install"})
     yield ray
     ray.shutdown()
 

@@ -173,12 +173,11 @@ def test_multi_step_windows_and_their_naive_forecasts():
 
 
 def test_multi_step_regression_scores_every_step_and_serves_lists():
-    from deepyard.serve.payloads import encode_predictions
     from deepyard.tasks import Regression
 
     task = Regression(target_mean=1.0, target_std=2.0)
     outputs, targets = torch.zeros(4, 3), torch.full((4, 3), 3.0)  # standardized error 1 everywhere
     metrics = task.metrics(task.batch_sums(outputs, targets), "test")
     assert metrics["test_rmse"] == pytest.approx(2.0) and metrics["test_mae"] == pytest.approx(2.0)
-    served = encode_predictions(np.array([[1.0, 2.0, 3.0]]), {"task": "regression"}, top_k=1)
+    served = Regression.codec.encode(np.array([[1.0, 2.0, 3.0]]), {"task": "regression"}, {}, None)
     assert served == [[1.0, 2.0, 3.0]]

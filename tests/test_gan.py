@@ -15,8 +15,10 @@ from torch import nn
 from deepyard.data import load_splits
 from deepyard.models import MODELS
 from deepyard.models.pipeline import Pipeline
-from deepyard.serve.payloads import BadRequest, decode_image_requests, generate_images
+from deepyard.serve.payloads import BadRequest
 from deepyard.tasks.generation import Generation, Sampler
+
+codec = Generation.codec
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +92,15 @@ def test_quality_sees_mode_collapse_and_noise(digits):
 
 def test_image_requests_and_png_answers():
     metadata = {"task": "generation", "input_shape": [8], "image_shape": [1, 8, 8], "pixel_max": 16.0}
-    requests = decode_image_requests({"instances": [{"n": 3, "seed": 1}, {}]}, metadata, 4)
+    requests = codec.decode({"instances": [{"n": 3, "seed": 1}, {}]}, metadata, 4)
     assert requests == [(3, 1), (1, None)]
-    answers = generate_images(Sampler(gan_pipeline()).eval(), requests, metadata)
+    answers = codec.run(Sampler(gan_pipeline()).eval(), requests, metadata)
     assert [len(a["images"]) for a in answers] == [3, 1]
     from PIL import Image
 
     image = Image.open(io.BytesIO(base64.b64decode(answers[0]["images"][0])))
     assert image.format == "PNG" and image.size == (8, 8)
-    again = generate_images(Sampler(gan_pipeline()).eval(), [(3, 1)], metadata)
+    again = codec.run(Sampler(gan_pipeline()).eval(), [(3, 1)], metadata)
     assert again[0]["images"] == answers[0]["images"]  # a seed makes the answer repeatable
     for body, message in [({"instances": [{"n": 0}]}, "n: 0; must be an integer from 1 to 64"),
                           ({"instances": [{"n": 2, "z": 1}]}, "unknown keys ['z']"),
@@ -107,4 +109,4 @@ def test_image_requests_and_png_answers():
                           ({"instances": [{"seed": 2**64}]}, "seed: 18446744073709551616"),
                           ({"instances": [{"n": 64}] * 5}, "320 images in one request")]:
         with pytest.raises(BadRequest, match=re.escape(message)):
-            decode_image_requests(body, metadata, 8)
+            codec.decode(body, metadata, 8)

@@ -14,7 +14,8 @@ from torch import nn
 from deepyard import tracking
 from deepyard.rl.policy import GreedyPolicy
 from deepyard.runners.rl import evaluated, iteration_metrics, stop_reason
-from deepyard.spec import RLEvaluationSpec, parse_spec
+from deepyard.spec import parse_spec
+from deepyard.spec.rl import RLEvaluationSpec
 from tests.conftest import last_json
 
 SPEC = """
@@ -239,7 +240,7 @@ def test_bad_rl_sweeps_exit_2_before_ray_starts(cli, write_spec, space, schedule
 
 def test_a_sweep_refuses_a_deploy_base_and_a_min_mode_for_returns(cli, write_spec):
     text = sweep_text().replace("  kind: rl\n", "  kind: deploy\n")
-    assert "a sweep varies a train or an rl job, not a 'deploy' job" in cli("validate", write_spec(text), expect=2).stderr
+    assert "a sweep varies a job of kind rl or train, not a 'deploy' job" in cli("validate", write_spec(text), expect=2).stderr
     assert "maximizes the return" in cli("validate", write_spec(sweep_text() + "mode: min\n"), expect=2).stderr
 
 

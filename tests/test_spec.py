@@ -11,7 +11,6 @@ import yaml
 
 from conftest import ROOT
 from deepyard.errors import SpecError
-from deepyard.runners import RUNNERS
 from deepyard.spec import KINDS, flatten, load_spec, parse_spec, to_yaml
 
 GOOD = {"kind": "train", "name": "t", "data": {"name": "digits"}, "model": {"name": "mlp"}}
@@ -114,8 +113,28 @@ def test_deploy_spec_errors(cli, write_spec):
     assert "models.0.replicas" in stderr and "models.0.max_batch" in stderr and "http.port" in stderr
 
 
-def test_every_kind_has_a_runner():
-    assert set(KINDS) == set(RUNNERS)
+TRIAL_HOOKS = ("check", "clock", "resources", "concurrency", "reuse_actors", "run_trial", "promote")
+
+
+def test_every_kind_has_a_runner_and_every_sweep_base_its_trials():
+    """The job-kind contract (spec/kinds.py): what the CLI and the sweep runner call exists for every kind."""
+    for kind in KINDS.values():
+        runner = kind.runner_module()
+        assert callable(runner.check) and callable(runner.run), kind.name
+        if kind.trials:
+            trials = kind.trials_module()
+            missing = [hook for hook in TRIAL_HOOKS if not callable(getattr(trials, hook, None))]
+            assert not missing, f"{kind.trials} lacks {missing}"
+    assert {"train", "rl"} <= {kind.name for kind in KINDS.values() if kind.trials}
+    assert KINDS["sweep"].resumable and not KINDS["train"].resumable
+
+
+def test_a_sweep_of_a_kind_that_cannot_be_swept_names_the_ones_that_can():
+    with pytest.raises(SpecError) as caught:
+        parse_spec({"kind": "sweep", "name": "s", "base": {"kind": "deploy", "name": "d", "models": []},
+                    "space": {"x": {"choice": [1]}}})
+    problems = caught.value.problems
+    assert any(p.startswith("base.kind: a sweep varies a job of kind rl or train") and "'deploy'" in p for p in problems), problems
 
 
 def test_cli_validate_exit_code_2_and_message(cli, write_spec):

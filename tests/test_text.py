@@ -16,8 +16,10 @@ from deepyard.data.splits import PAD, UNK
 from deepyard.data.text import decode, encode, labelled_texts, language_model_windows
 from deepyard.errors import DataError
 from deepyard.models import MODELS
-from deepyard.serve.payloads import BadRequest, decode_instances, decode_prompts, generate_texts, request_instance
-from deepyard.tasks.language_model import LanguageModel, generate
+from deepyard.serve.payloads import BadRequest
+from deepyard.tasks.classification import Classification
+from deepyard.tasks.language_model import LanguageModel
+from deepyard.tasks.language_model import generate
 
 
 def decoder(vocab_size: int = 12, steps: int = 10, **params):
@@ -168,23 +170,23 @@ def test_language_model_metrics_and_sampling():
 def test_text_payloads():
     vocab = ["<pad>", "<unk>", "good", "film", "bad"]
     metadata = {"task": "classification", "input_shape": [4], "vocab": vocab, "token_level": "word"}
-    batch = decode_instances({"instances": ["Good film", "bad bad bad bad bad"]}, metadata, 8)
+    batch = Classification.codec.decode({"instances": ["Good film", "bad bad bad bad bad"]}, metadata, 8)
     np.testing.assert_array_equal(batch, [[2, 3, 0, 0], [4, 4, 4, 4]])
     for bad in ([[1, 2, 3, 4]], [""]):
         with pytest.raises(BadRequest, match="each instance: a text string"):
-            decode_instances({"instances": bad}, metadata, 8)
-    assert request_instance(np.array([2, 3, 0, 0]), metadata) == "good film"
+            Classification.codec.decode({"instances": bad}, metadata, 8)
+    assert Classification.codec.example(np.array([2, 3, 0, 0]), metadata) == "good film"
 
 
 def test_language_model_payloads():
     chars = ["<pad>", "<unk>"] + list("abc ")
     metadata = {"task": "language_model", "input_shape": [10], "vocab": chars, "token_level": "char"}
-    requests = decode_prompts({"instances": ["abc", {"prompt": "ab", "max_new_tokens": 5, "temperature": 0,
+    requests = LanguageModel.codec.decode({"instances": ["abc", {"prompt": "ab", "max_new_tokens": 5, "temperature": 0,
                                                       "top_k": 2, "seed": 1}]}, metadata, 4)
     assert requests[0].ids == [2, 3, 4] and requests[0].max_new_tokens == 100
     assert requests[1].temperature == 0.0 and requests[1].top_k == 2
     model = decoder(vocab_size=len(chars)).eval()
-    texts = generate_texts(model, requests, metadata)
+    texts = LanguageModel.codec.run(model, requests, metadata)
     assert texts[0]["prompt"] == "abc" and len(texts[1]["text"]) == 5 and set(texts[1]["text"]) <= set("abc ")
     for body, message in [({"instances": [{"prompt": ""}]}, "needs a non-empty prompt"),
                           ({"instances": [{"prompt": "a", "max_new_tokens": 10**6}]}, "max_new_tokens: 1000000"),
@@ -195,7 +197,7 @@ def test_language_model_payloads():
                           ({"instances": [{"prompt": "a", "max_new_tokens": 2048}] * 3}, "6144 new tokens"),
                           ({"instances": ["a"] * 5}, "over this endpoint's limit of 4")]:
         with pytest.raises(BadRequest, match=re.escape(message)):
-            decode_prompts(body, metadata, 4)
+            LanguageModel.codec.decode(body, metadata, 4)
 
 
 SEQUENCE_SPEC = """

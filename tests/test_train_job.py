@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+import faults
 from conftest import last_json
-from deepyard.runners.train import FAIL_AT_EPOCH_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -80,8 +80,8 @@ def test_two_worker_ddp_run(ray_cluster, cli, write_spec):
     assert len(MlflowClient().get_metric_history(summary["run_id"], "train_loss")) == 3
 
 
-def test_dead_worker_is_replaced_and_training_resumes_from_a_checkpoint(ray_cluster, cli, write_spec, monkeypatch):
-    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "3")  # rank 0 exits hard once, after epoch 3's checkpoint
+def test_dead_worker_is_replaced_and_training_resumes_from_a_checkpoint(ray_cluster, cli, write_spec):
+    faults.crash_after_epoch("tiny_recover", 3)  # rank 0 exits hard once, after epoch 3's checkpoint
     summary = run_job(cli, write_spec(TINY_MLP.format(name="tiny_recover", epochs=4)),
                       "--set", "failure.max_failures=1")
     client = MlflowClient()
@@ -93,9 +93,8 @@ def test_dead_worker_is_replaced_and_training_resumes_from_a_checkpoint(ray_clus
     assert client.get_run(summary["run_id"]).info.status == "FINISHED"
 
 
-def test_a_failed_job_marks_its_run_failed_and_keeps_its_checkpoints(ray_cluster, cli, write_spec, monkeypatch,
-                                                                     deepyard_home):
-    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
+def test_a_failed_job_marks_its_run_failed_and_keeps_its_checkpoints(ray_cluster, cli, write_spec, deepyard_home):
+    faults.crash_after_epoch("tiny_fail", 2)
     result = run_job(cli, write_spec(TINY_MLP.format(name="tiny_fail", epochs=3)), expect=1)
     assert "training failed" in result.stderr and "marked FAILED" in result.stderr
     client = MlflowClient()

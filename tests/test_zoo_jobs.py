@@ -8,7 +8,6 @@ import base64
 import math
 
 import httpx
-import numpy as np
 import pytest
 import torch
 

@@ -76,7 +76,7 @@ def _alive(node: dict[str, Any]) -> bool:
 def node_environment() -> dict[str, str]:
     """What every node's processes (and so every job's driver) see."""
     from deepyard import tracking
-    from deepyard.cluster import TRAIN_ENV
+    from deepyard.settings import TRAIN_ENV
 
     bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, **TRAIN_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",

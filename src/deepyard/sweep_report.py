@@ -23,6 +23,7 @@ def _trial(run, metric: str, mode: str) -> dict[str, Any]:
         "epochs": int(metrics.get("epoch", metrics.get("iteration", 0))),  # (an rl trial's iterations)
         # A finished trial logged the value its checkpoint was chosen by; a stopped one has its history.
         "best": metrics.get(f"best_{metric}", pick(history) if history else None),
+        "tie": metrics.get("best_tie_breaker"),  # the best epoch's validation loss: breaks ties
         "last": history[-1] if history else None,
         "checkpoint": run.data.tags.get("deepyard.final_checkpoint"),
         "stopped_early": run.data.tags.get("deepyard.stopped_early") == "true",
@@ -55,14 +56,14 @@ def close_trials(parent_run_id: str, metric: str, mode: str, errored_dirs: set[s
     for trial_id, run in latest.items():
         if trial_id in final_checkpoints and "deepyard.final_checkpoint" not in run.data.tags:
             tracking.set_tags(run.info.run_id, {"deepyard.final_checkpoint": final_checkpoints[trial_id]})
-            run = tracking.client().get_run(run.info.run_id)
+            run = tracking.get_run(run.info.run_id)
         if run.info.status != "FINISHED":
             if trial_id in errored_dirs:
                 tracking.finish_run(run.info.run_id, "FAILED")
             else:
                 tracking.set_tags(run.info.run_id, {"deepyard.stopped_early": "true"})
                 tracking.finish_run(run.info.run_id, "KILLED")
-            run = tracking.client().get_run(run.info.run_id)
+            run = tracking.get_run(run.info.run_id)
         trials.append(_trial(run, metric, mode))
     return sorted(trials, key=lambda t: t["trial_id"] or "")
 

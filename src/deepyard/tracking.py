@@ -11,13 +11,15 @@ import os
 import queue
 import threading
 import time
+import traceback
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from deepyard import settings
-from deepyard.errors import BadInput
+from deepyard.errors import BadInput, DeepyardError, JobFailed
 
 MODEL_ARTIFACT = "model"
 
@@ -52,13 +54,14 @@ def _experiment_id(mlflow_client, name: str) -> str:
         return experiment.experiment_id
 
 
-def start_run(experiment: str, run_name: str, params: dict[str, str], spec_yaml: str,
+def start_run(experiment: str, run_name: str, params: dict[str, str], spec_yaml: str, *, kind: str,
               tags: dict[str, str] | None = None) -> str:
+    """A new run: ``deepyard.kind`` tags what made it (a job kind, or "trial")."""
     from mlflow.entities import Param
 
     mlflow_client = client()
     run = mlflow_client.create_run(_experiment_id(mlflow_client, experiment), run_name=run_name,
-                                   tags={"deepyard.kind": "train", **(tags or {})})
+                                   tags={"deepyard.kind": kind, **(tags or {})})
     run_id = run.info.run_id
     try:
         items = [Param(key, value[:6000]) for key, value in params.items()]
@@ -171,6 +174,42 @@ def log_dict(run_id: str, data: dict, artifact_file: str) -> None:
     client().log_dict(run_id, data, artifact_file)
 
 
+def log_artifact(run_id: str, path: str, artifact_path: str | None = None) -> None:
+    client().log_artifact(run_id, path, artifact_path)
+
+
+def log_artifacts(run_id: str, folder: str, artifact_path: str | None = None) -> None:
+    client().log_artifacts(run_id, folder, artifact_path)
+
+
+def log_outputs(run_id: str, artifacts: dict[str, Any], uri: str | None = None, *, strict: bool = True) -> None:
+    """Artifact path -> text or matplotlib figure, as a task returns them. Not ``strict`` (samples
+    logged while training): a failed write is printed, never raised: it must not stop training."""
+    import matplotlib.pyplot as plt
+
+    for path, item in artifacts.items():
+        try:
+            if isinstance(item, str):
+                client(uri).log_text(run_id, item, path)
+            else:
+                client(uri).log_figure(run_id, item, path)
+        except Exception as error:
+            if strict:
+                raise
+            print(f"could not log {path}: {error}")
+        finally:
+            if not isinstance(item, str):
+                plt.close(item)
+
+
+def run_status(run_id: str) -> str:
+    return client().get_run(run_id).info.status
+
+
+def get_run(run_id: str):
+    return client().get_run(run_id)
+
+
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
     mlflow_client = client()
     for key, value in tags.items():
@@ -184,6 +223,99 @@ def finish_run(run_id: str, status: str, error: str | None = None) -> None:
         mlflow_client.set_tag(run_id, "deepyard.error", error[:5000])
         mlflow_client.log_text(run_id, error, "error.txt")
     mlflow_client.set_terminated(run_id, status)
+
+
+class JobRun:
+    """The MLflow run of one job while it runs: its id (opened in the background: waiting for it
+    is deferred to the first use) and the job's timings, logged as ``timing_<name>_s`` at the end."""
+
+    def __init__(self, started: float):
+        self._opening: Future | None = None
+        self.timings: dict[str, float] = {}
+        self._started = started
+        self.opened_after: float | None = None  # seconds from the start until the run was open
+
+    @property
+    def id(self) -> str:
+        return self._opening.result()  # an error opening the run surfaces here
+
+    def lap(self, name: str) -> float:
+        """Record the seconds since the previous lap as ``<name>_s`` (laps and marks do not mix)."""
+        seconds = self.elapsed() - sum(self.timings.values())
+        self.timings[f"{name}_s"] = seconds
+        return seconds
+
+    def mark(self, name: str) -> float:
+        """Record the seconds since the job started as ``<name>_s``."""
+        self.timings[f"{name}_s"] = self.elapsed()
+        return self.timings[f"{name}_s"]
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._started
+
+
+@contextmanager
+def job_run(spec, *, tags: dict[str, str] | None = None, reopen: str | None = None, failure: str = "the job failed",
+            failure_hint: Callable[[], str] = lambda: "", killed_note: str = "interrupted (Ctrl-C or SIGTERM)",
+            on_stop: Callable[[str], None] | None = None) -> Iterator[JobRun]:
+    """The lifecycle of a job's run, the same for every kind: open it (``reopen``: go on with that
+    one) in the background, so that it overlaps Ray's start-up; when the block ends, FINISHED (with
+    the timings), KILLED on Ctrl-C or SIGTERM (``killed_note`` says how to go on), or FAILED with the
+    traceback. ``on_stop(run_id)`` runs first on a kill or failure (e.g. closing a sweep's trials).
+    A failure that is not a DeepyardError becomes ``JobFailed("<failure>: <error>; the MLflow run
+    ... is marked FAILED<hint>")``: users see what failed and where the run is, not a traceback."""
+    from deepyard.spec import flatten, to_yaml
+
+    started = time.perf_counter()
+
+    def open_run() -> str:
+        if reopen:
+            reopen_run(reopen)
+            run_id = reopen
+        else:
+            run_id = start_run(spec.experiment, spec.name, flatten(spec), to_yaml(spec), kind=spec.kind, tags=tags)
+        run.opened_after = time.perf_counter() - started
+        return run_id
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-open") as pool:
+        run = JobRun(started)
+        run._opening = pool.submit(open_run)
+        try:
+            yield run
+            run.timings.setdefault("total_s", run.elapsed())
+            log_metrics(run.id, {f"timing_{name}": value for name, value in run.timings.items()}, 0)
+            finish_run(run.id, "FINISHED")
+        except KeyboardInterrupt:
+            _stop(run.id, on_stop)
+            finish_run(run.id, "KILLED", killed_note)
+            raise
+        except BaseException as error:  # the run must never be left RUNNING
+            run_id = run.id  # (if the run could not even be opened, that error surfaces here)
+            _stop(run_id, on_stop)
+            finish_run(run_id, "FAILED", "".join(traceback.format_exception(error)))
+            if isinstance(error, DeepyardError):
+                raise
+            raise JobFailed(f"{failure}: {error}; the MLflow run {run_id} is marked FAILED{failure_hint()}") from error
+
+
+def _stop(run_id: str, on_stop: Callable[[str], None] | None) -> None:
+    if on_stop is not None:
+        try:
+            on_stop(run_id)
+        except Exception as error:  # closing what it can must not hide why the job stopped
+            warnings.warn(f"could not close everything of run {run_id}: {error!r}")
+
+
+@contextmanager
+def finishing(run_id: str) -> Iterator[None]:
+    """A sweep trial's run: FINISHED when the block ends, FAILED with the traceback if it raises
+    (a scheduler's stop kills the trial's actor outright: the sweep's driver closes those runs)."""
+    try:
+        yield
+    except BaseException as error:
+        finish_run(run_id, "FAILED", "".join(traceback.format_exception(error)))
+        raise
+    finish_run(run_id, "FINISHED")
 
 
 @contextmanager
@@ -259,7 +391,7 @@ def delete_tag(run_id: str, key: str) -> None:
         client().delete_tag(run_id, key)
 
 
-def trial_run(parent_run_id: str, trial_id: str, status: str | None = None):
+def find_trial_run(parent_run_id: str, trial_id: str, status: str | None = None):
     """The newest child run of ``trial_id`` under this sweep (only one in ``status``, if given)."""
     mlflow_client = client()
     experiment_id = mlflow_client.get_run(parent_run_id).info.experiment_id
@@ -272,7 +404,7 @@ def trial_run(parent_run_id: str, trial_id: str, status: str | None = None):
 
 def finished_trial_run(parent_run_id: str, trial_id: str):
     """The FINISHED child run of ``trial_id`` under this sweep, if there is one."""
-    return trial_run(parent_run_id, trial_id, "FINISHED")
+    return find_trial_run(parent_run_id, trial_id, "FINISHED")
 
 
 def promote(name: str, version: str, alias: str, *, only_if_better: bool, metric: str, mode: str) -> dict[str, Any]:

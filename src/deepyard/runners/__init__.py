@@ -1,17 +1,7 @@
-"""One runner per job kind. ``RUNNERS`` must list exactly the kinds in ``spec.KINDS`` (a test checks).
+"""One runner per job kind, each registered beside its spec class (``spec/kinds.py``): ``check(spec)``
+says what `deepyard validate` prints, ``run(spec, options)`` returns a ``summary.RunSummary``.
+A kind that can be a sweep's base also has a trials module (``trials.py`` says what it provides).
 
-Runner modules import lazily (``runner(kind)``): they pull in Ray, which the CLI's validate path and
-the GPU step bench (``runners.loop`` on a machine with PyTorch only) do not need.
+Runner modules import lazily (``JobKind.runner_module``): they pull in Ray, which the CLI's validate
+path and the GPU step bench (``runners.loop`` on a machine with PyTorch only) do not need.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Callable
-
-RUNNERS = {"train": "deepyard.runners.train", "sweep": "deepyard.runners.sweep", "deploy": "deepyard.runners.deploy",
-           "rl": "deepyard.runners.rl"}
-
-
-def runner(kind: str) -> Callable:
-    return importlib.import_module(RUNNERS[kind]).run

@@ -7,6 +7,7 @@ replaced or removed without touching the others.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,14 +19,16 @@ from typing import Any, Callable
 
 from deepyard import tracking
 from deepyard.errors import BadInput
+from deepyard.runners.summary import RunOptions, RunSummary
 from deepyard.serve.options import EndpointOptions, parse_model_ref
+from deepyard.spec import DeployJob
 
 # Serve's proxy and replicas log every request by default: at hundreds of requests per second
 # that is most of the CPU a laptop has.
 LOGGING = {"enable_access_log": False, "log_level": "WARNING"}
 
 
-def check(endpoints: list[EndpointOptions]) -> list[dict[str, Any]]:
+def resolve(endpoints: list[EndpointOptions]) -> list[dict[str, Any]]:
     """What each endpoint will serve now: the registry's answer, before anything starts."""
     resolved = []
     for options in endpoints:
@@ -91,7 +94,7 @@ def serve_until_interrupted(endpoints: list[EndpointOptions], *, host: str, port
 
     from deepyard import cluster
 
-    resolved = check(endpoints)  # before Ray starts
+    resolved = resolve(endpoints)  # before Ray starts
     if detach and not (address or os.environ.get("RAY_ADDRESS")):
         raise BadInput("--detach leaves the endpoints on a running cluster, but none was given; start one "
                        "(`ray start --head`) and pass --address auto (or RAY_ADDRESS), or drop --detach")
@@ -121,15 +124,50 @@ def _interrupt_on_ctrl_c() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def run(spec, *, address: str | None = None, ray_logs: bool = False, watch: Callable | None = None,
-        resume: bool = False, on_ready: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+def check(spec: DeployJob) -> str:
+    """What `deepyard validate` prints: the version each model's reference points at now."""
+    return "serving " + ", ".join(f"{r['name']} version {r['version']} at {r['route']}" for r in resolve(spec.models))
+
+
+def announce(resolved: list[dict[str, Any]], *, console, try_sample: bool, json_output: bool, detach: bool) -> None:
+    """The endpoints are up: where each one answers, a curl line that works, and (``try_sample``) a
+    real test input's answer."""
+    from rich.markup import escape
+
+    from deepyard.tasks import codec
+
+    for info in resolved:
+        alias = f"@{info['alias']}" if info["alias"] else ""
+        console.print(f"[green]serving[/] {info['name']}{alias} version {info['version']} at {info['url']}/predict")
+        metadata = tracking.model_metadata(info["name"], info["version"])
+        sample = codec(metadata.get("task")).example(tracking.input_example(info["name"], info["version"])[0],
+                                                      metadata)
+        console.print("  try: " + escape(curl_example(info, sample)), highlight=False)
+        if try_sample:
+            answer = ask(info, sample)
+            first = answer["predictions"][0]
+            shown = (first.get("top_k") or first.get("text") or f"{len(first.get('images', []))} PNG images"
+                     if isinstance(first, dict) else first)
+            console.print(f"  a real test input -> {escape(json.dumps(shown))} (version {answer['version']})")
+    console.print("  docs: " + ", ".join(f"{info['url']}/docs" for info in resolved))
+    if json_output:
+        print(json.dumps({"endpoints": resolved}, default=str), flush=True)
+    if not detach:
+        console.print("[dim]serving until Ctrl-C[/]")
+
+
+def run(spec: DeployJob, options: RunOptions) -> RunSummary:
     """``kind: deploy``: the spec's models, served like ``deepyard deploy`` serves them."""
-    if resume:
-        raise BadInput("--resume continues an interrupted sweep; a deploy job just deploys again")
-    resolved = serve_until_interrupted(spec.models, host=spec.http.host, port=spec.http.port, address=address,
-                                       detach=spec.detach, on_ready=on_ready or (lambda _: None),
-                                       fast_proxy=spec.fast_proxy)
-    return {"endpoints": resolved, "detached": spec.detach}
+    from rich.console import Console
+
+    console = options.console or Console(stderr=True, quiet=True)
+    ready = functools.partial(announce, console=console, try_sample=False, json_output=options.json_output,
+                              detach=spec.detach)
+    resolved = serve_until_interrupted(spec.models, host=spec.http.host, port=spec.http.port, address=options.address,
+                                       detach=spec.detach, on_ready=ready, fast_proxy=spec.fast_proxy)
+    notes = [] if spec.detach else ["stopped: the endpoints are down"]
+    return RunSummary(run_id=None, experiment=None, notes=notes,
+                      details={"endpoints": resolved, "detached": spec.detach})
 
 
 def undeploy(names: list[str], address: str | None) -> list[str]:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from deepyard import settings, tracking
-from deepyard.errors import BadInput, JobFailed
+from deepyard.errors import BadInput
 from deepyard.rl import algorithms
-from deepyard.spec import RLJob, flatten, to_yaml
+from deepyard.runners.summary import RunOptions, RunSummary
+from deepyard.spec import RLJob
+from deepyard.tasks.rl_policy import RLPolicy
 
 # Result keys -> metric names: what a user reads per iteration.
 RESULT_METRICS = {
@@ -125,9 +126,9 @@ def log_policy(spec: RLJob, policy, run_id: str, spaces, registered_name: str | 
     with tempfile.TemporaryDirectory() as folder:
         gif = Path(folder) / "policy.gif"
         save_gif(frames, str(gif))
-        tracking.client().log_artifact(run_id, str(gif))
+        tracking.log_artifact(run_id, str(gif))
     example = np.stack([spaces[0].sample() for _ in range(5)]).astype(np.float32)
-    metadata = {"task": "rl_policy", "env_id": spec.env.id, "env_kwargs": dict(spec.env.kwargs),
+    metadata = {"task": RLPolicy.name, "env_id": spec.env.id, "env_kwargs": dict(spec.env.kwargs),
                 "algorithm": spec.algorithm, "input_shape": list(spaces[0].shape),
                 "action_space": str(spaces[1]), "job": spec.name}
     outcome = tracking.log_model(run_id, policy, example, registered_name=registered_name, metadata=metadata,
@@ -167,7 +168,7 @@ def save(algo, folder: Path) -> None:
 
 def interrupted_run(spec: RLJob) -> str:
     """The newest run of this job, if it was stopped or failed and left a checkpoint; else BadInput."""
-    last = tracking.latest_run(spec.experiment, spec.name, {"deepyard.task": "rl"})
+    last = tracking.latest_run(spec.experiment, spec.name, {"deepyard.task": RLPolicy.name})
     if last is None:
         raise BadInput(f"--resume: no earlier run of {spec.name!r} in experiment {spec.experiment!r}; "
                        "run it without --resume")
@@ -181,8 +182,19 @@ def interrupted_run(spec: RLJob) -> str:
     return run_id
 
 
-def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watch: Callable | None = None,
-        resume: bool = False) -> dict[str, Any]:
+def describe(spec: RLJob, spaces) -> str:
+    observations, actions = spaces
+    return f"algorithm={spec.algorithm} env={spec.env.id} (observations {observations.shape}, actions {actions})"
+
+
+def check(spec: RLJob) -> str:
+    """What `deepyard validate` prints: the algorithm and the environment's spaces, once checked."""
+    spaces = algorithms.check(spec)
+    checkpoint_root(spec)
+    return describe(spec, spaces)
+
+
+def run(spec: RLJob, options: RunOptions) -> RunSummary:
     """Train to a stop condition; returns the ids, the final metrics and the model URIs. With
     ``resume``, the last interrupted run goes on from its checkpoint (``stop.time_s`` counts anew)."""
     from rich.console import Console
@@ -192,19 +204,14 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
 
     spaces = algorithms.check(spec)
     checkpoint_root(spec)  # a URI storage_path is refused before anything starts
-    resumed = interrupted_run(spec) if resume else None
+    resumed = interrupted_run(spec) if options.resume else None
     imports = algorithms.import_in_background(spec.algorithm)
-    console = Console(stderr=True)
-    started = time.perf_counter()
-    if resumed:
-        run_id = resumed
-        tracking.reopen_run(run_id)
-    else:
-        run_id = tracking.start_run(spec.experiment, spec.name, flatten(spec), to_yaml(spec),
-                                    tags={"deepyard.task": "rl"})
-    folder = checkpoint_dir(spec, run_id)
-    try:
-        with cluster.connected(address, ray_logs):
+    console = options.console or Console(stderr=True, quiet=True)
+    with tracking.job_run(spec, tags={"deepyard.task": RLPolicy.name}, reopen=resumed, failure="rl training failed",
+                          killed_note="interrupted; continue with `deepyard run SPEC --resume`") as run:
+        run_id = run.id
+        folder = checkpoint_dir(spec, run_id)
+        with cluster.connected(options.address, options.ray_logs):
             imports.join()
             algo = algorithms.build_config(spec).build_algo()
             try:
@@ -215,16 +222,16 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
                 algo.stop()
                 raise
             try:
-                startup = time.perf_counter() - started
+                run.lap("startup")
                 iteration, metrics, reason = algo.iteration, {}, None
                 for iteration, metrics, elapsed, reason in train_iterations(spec, algo, run_id):
                     _print_iteration(console, iteration, metrics, elapsed)
                     if iteration % spec.checkpoint.every_n_iterations == 0:
                         save(algo, folder)
                 console.print(f"[green]stopping[/]: {reason}")
-                stopped = time.perf_counter() - started
+                run.lap("train")
                 save(algo, folder)
-                tracking.client().log_artifacts(run_id, str(folder), "checkpoint")
+                tracking.log_artifacts(run_id, str(folder), "checkpoint")
                 outcome = log_policy(spec, from_algorithm(algo, spaces[1], spec.algorithm), run_id, spaces,
                                      spec.model_name if spec.register.enabled else None)
             except KeyboardInterrupt:
@@ -232,20 +239,10 @@ def run(spec: RLJob, *, address: str | None = None, ray_logs: bool = False, watc
                 raise
             finally:
                 algo.stop()
-        # train: the iterations; finish: the checkpoint, the registered policy and its GIF
-        timings = {"startup_s": startup, "train_s": stopped - startup, "finish_s": time.perf_counter() - started - stopped,
-                   "total_s": time.perf_counter() - started}
-        tracking.log_metrics(run_id, {f"timing_{k}": v for k, v in timings.items()}, iteration)
+        run.lap("finish")  # the checkpoint, the registered policy and its GIF
+        run.timings["total_s"] = run.elapsed()
         tracking.set_tags(run_id, {"deepyard.stop_reason": reason})
-        tracking.finish_run(run_id, "FINISHED")
-    except KeyboardInterrupt:
-        tracking.finish_run(run_id, "KILLED", "interrupted; continue with `deepyard run SPEC --resume`")
-        raise
-    except BaseException as error:  # the run must never be left RUNNING
-        tracking.finish_run(run_id, "FAILED", "".join(traceback.format_exception(error)))
-        if isinstance(error, (BadInput, JobFailed)):
-            raise
-        raise JobFailed(f"rl training failed: {error}; the MLflow run {run_id} is marked FAILED") from error
     final = {k: v for k, v in metrics.items() if not k.startswith("learner/")} | outcome.pop("test_metrics")
-    return {"run_id": run_id, "experiment": spec.experiment, "metrics": final, "iterations": iteration,
-            "stop_reason": reason, "checkpoint": str(folder), "timings": timings, **outcome}
+    return RunSummary(run_id=run_id, experiment=spec.experiment, metrics=final, timings=run.timings,
+                      notes=[f"stopped after {iteration} iterations: {reason}"],
+                      details={"iterations": iteration, "stop_reason": reason, "checkpoint": str(folder), **outcome})

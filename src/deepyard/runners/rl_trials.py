@@ -10,30 +10,29 @@ promoted on ``test_return_mean``.
 
 from __future__ import annotations
 
-import json
 import tempfile
-import traceback
 from typing import Any
 
 from deepyard import tracking
 from deepyard.errors import BadInput
 from deepyard.rl import algorithms
-from deepyard.runners.rl import log_policy, train_iterations
-from deepyard.spec import RLJob, SweepJob, parse_spec
+from deepyard.runners.rl import describe, log_policy, train_iterations
+from deepyard.runners.trials import Checked, child_run, overrides, reported_finished
+from deepyard.spec import RLJob, SweepJob, parse_spec, sample_values
+from deepyard.tasks.base import selectable
+from deepyard.tasks.rl_policy import RLPolicy
 
-METRICS = ("eval_return_mean", "return_mean")
+METRICS = tuple(selectable(RLPolicy))  # eval_return_mean, return_mean
 NO_RETURN_YET = -1e12  # finite: Tune's TensorBoard logger complains about infinities
 
 
 def trial_spec(base: dict, values: dict[str, Any]) -> RLJob:
-    return parse_spec(base, "base", [f"{path}={json.dumps(value)}" for path, value in values.items()])
+    return parse_spec(base, "base", overrides(values))
 
 
-def check(spec: SweepJob) -> tuple[str, str]:
-    """The base job's checks with every value the space can take; (metric, mode)."""
-    from deepyard.spec import sample_values
-
-    algorithms.check(spec.base)
+def check(spec: SweepJob) -> Checked:
+    """The base job's checks with every value the space can take; what ranks the trials."""
+    spaces = algorithms.check(spec.base)
     base = spec.base.model_dump(mode="json")
     for path, distribution in {**spec.space, **spec.scheduler.mutations}.items():
         for value in sample_values(distribution):
@@ -52,11 +51,21 @@ def check(spec: SweepJob) -> tuple[str, str]:
         raise BadInput("metric: eval_return_mean needs base.evaluation.interval >= 1 (or use return_mean)")
     if spec.mode == "min":
         raise BadInput("mode: an rl sweep maximizes the return; leave mode out or set max")
-    return metric, "max"
+    return Checked(metric, "max", RLPolicy.name, f"{describe(spec.base, spaces)} ranked by {metric}")
 
 
-def cpus_per_trial(spec: SweepJob) -> int:
-    return 1 + spec.base.env_runners.count
+def clock(spec: SweepJob) -> tuple[int, str, int]:
+    """(seed, what schedulers count trials' progress in, its maximum: one past the last iteration,
+    so that a trial that gets there finishes itself instead of being stopped)."""
+    return spec.base.seed, "training_iteration", (spec.base.stop.iterations or 100_000) + 1
+
+
+def concurrency(spec: SweepJob, available: dict[str, float]) -> int:
+    return max(1, int(available.get("CPU", 1) // (1 + spec.base.env_runners.count)))
+
+
+def reuse_actors(spec: SweepJob) -> bool:
+    return False  # each trial builds its algorithm anew anyway
 
 
 def resources(spec: SweepJob):
@@ -70,16 +79,14 @@ def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
     """One Tune trial: an rl job with the sampled values, tracked as a child run of the sweep."""
     from ray import tune
 
-    from deepyard.runners.sweep import _child_run, reported_finished
-
     metric = context["metric"]
     spec = trial_spec(context["base"], values)
     trial_id = tune.get_context().get_trial_id()
     if reported_finished(context, trial_id, "iteration", NO_RETURN_YET):
         return
     restored = tune.get_checkpoint()
-    run_id = _child_run(context, spec, trial_id, values, restored=restored is not None)
-    try:
+    run_id = child_run(context, spec, trial_id, values, restored=restored is not None)
+    with tracking.finishing(run_id):
         algo = algorithms.build_config(spec).build_algo()
         try:
             if restored is not None:  # PBT's exploit step, or a resumed sweep
@@ -90,10 +97,6 @@ def run_trial(values: dict[str, Any], context: dict[str, Any]) -> None:
             algo.stop()
         # The registered policy is the final one, so the final evaluation is what ranks the trial.
         tracking.log_metrics(run_id, {f"best_{metric}": final} if final is not None else {}, 0)
-        tracking.finish_run(run_id, "FINISHED")
-    except BaseException as error:  # a scheduler's stop kills this actor outright; the driver closes those runs
-        tracking.finish_run(run_id, "FAILED", "".join(traceback.format_exception(error)))
-        raise
 
 
 def _train(spec: RLJob, algo, run_id: str, metric: str, every_iteration: bool) -> float | None:

@@ -19,10 +19,7 @@ from deepyard.models.pipeline import Pipeline
 from deepyard.optim import OPTIMIZERS
 from deepyard.spec import TrainJob
 from deepyard.tasks import make_task
-
-
-# Validation metrics where higher is better; every other one is a loss or an error.
-MAXIMIZED = ("accuracy", "quality", "confident_share", "min_class_share")
+from deepyard.tasks.base import selectable
 
 
 def load_data(spec: TrainJob) -> Splits:
@@ -61,9 +58,10 @@ def _generative(spec: TrainJob, splits: Splits, net):
 
 
 def monitored(spec_metric: str | None, spec_mode: str | None, task) -> tuple[str, str]:
-    """The validation metric to rank checkpoints (or stop early) by, and whether higher is better."""
+    """The validation metric to rank checkpoints (or stop early) by, and whether higher is better
+    (the task's direction unless the spec says otherwise)."""
     metric = spec_metric or task.monitor
-    return metric, spec_mode or ("max" if metric.endswith(MAXIMIZED) else "min")
+    return metric, spec_mode or selectable(type(task))[metric]
 
 
 def batch_size(spec: TrainJob, splits: Splits) -> int:
@@ -101,8 +99,8 @@ def preflight(spec: TrainJob):
     except (ValueError, RuntimeError) as error:
         raise BadInput(f"model {spec.model.name!r} does not fit data {spec.data.name!r} "
                        f"(input {splits.in_shape}): {error}") from None
-    if task.name == "generation" and spec.scaling.num_workers > 1:
-        raise BadInput(f"scaling.num_workers: {spec.model.name} trains on one worker (its alternating steps are "
+    if not task.data_parallel and spec.scaling.num_workers > 1:
+        raise BadInput(f"scaling.num_workers: {spec.model.name} trains on one worker (its {task.name} steps are "
                        "not data-parallel yet); set num_workers: 1")
     has_batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if has_batch_norm and batch_size(spec, splits) == 1:
@@ -120,6 +118,6 @@ def preflight(spec: TrainJob):
 
 def check_metric(where: str, metric: str | None, task) -> None:
     """A validation metric the task reports (None: the task's default)."""
-    valid = [f"val_{name}" for name in task.metric_names]
+    valid = list(selectable(type(task)))
     if metric and metric not in valid:
         raise BadInput(f"{where}: {task.name} reports {', '.join(valid)}, not {metric!r}")

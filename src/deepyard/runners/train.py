@@ -7,15 +7,10 @@ Driver: check the spec against the data (before Ray starts) -> open the MLflow r
 
 from __future__ import annotations
 
-import math
-import os
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 
 from deepyard import settings, tracking
@@ -24,12 +19,10 @@ from deepyard.data.augment import random_affine
 from deepyard.errors import BadInput, JobFailed
 from deepyard.optim import OPTIMIZERS, make_schedule, restore
 from deepyard.runners import checkpoints
-from deepyard.runners.loop import EarlyStopping, evaluate, improved, reduce_sum, train_step
+from deepyard.runners.loop import EarlyStopping, Selection, evaluate, reduce_sum, train_step
 from deepyard.runners.setup import build, eval_loader, load_data, monitored, preflight, train_loader
-from deepyard.spec import TrainJob, flatten, to_yaml
-
-# Test-only fault injection: the rank-0 worker exits hard once, at the end of this epoch.
-FAIL_AT_EPOCH_ENV = "DEEPYARD_TEST_FAIL_AT_EPOCH"
+from deepyard.runners.summary import RunOptions, RunSummary
+from deepyard.spec import TrainJob
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -39,18 +32,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fit_loop(config, TrainWorker())
 
 
-def fit_loop(config: dict[str, Any], edges) -> float | None:
+def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
     """The training loop; Ray appears only at the ``edges`` [1]-[4] (``runners.edges``).
 
-    Returns the best validation value on rank 0 (None elsewhere)."""
+    Returns, on rank 0, the best epoch's monitored value and tie-breaker (None elsewhere)."""
     spec = TrainJob.model_validate(config["spec"])
     rank, world, device = edges.rank, edges.world, edges.device
     torch.manual_seed(spec.train.seed)
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))  # intra-op threads = the CPUs Ray gave us
     splits = load_data(spec)  # every worker builds the same deterministic splits locally
     model, task = build(spec, splits)
-    if task.name == "generation" and world > 1:  # (a sweep may set num_workers past preflight's check)
-        raise BadInput(f"scaling.num_workers: {spec.model.name} trains on one worker; its alternating steps "
+    if not task.data_parallel and world > 1:  # (a sweep may set num_workers past preflight's check)
+        raise BadInput(f"scaling.num_workers: {spec.model.name} trains on one worker; its {task.name} steps "
                        "are not data-parallel yet")
     use_amp = spec.scaling.use_gpu and spec.scaling.mixed_precision
     augment = spec.data.augment if splits.is_image else None
@@ -68,24 +61,24 @@ def fit_loop(config: dict[str, Any], edges) -> float | None:
     scheduler = make_schedule(optimizer, name=schedule.name, total_steps=steps_per_epoch * spec.train.epochs,
                               steps_per_epoch=steps_per_epoch, warmup_epochs=schedule.warmup_epochs,
                               step_size=schedule.step_size, gamma=schedule.gamma)
-    ckpt_metric, ckpt_mode = monitored(spec.checkpoint.metric, spec.checkpoint.mode, task)
+    selection = Selection(*monitored(spec.checkpoint.metric, spec.checkpoint.mode, task), task.tie_breaker)
     stop_spec = spec.train.early_stopping
     stopper = EarlyStopping(*monitored(stop_spec.metric, stop_spec.mode, task), stop_spec.patience,
-                            stop_spec.min_delta) if stop_spec else None
-    best = {"value": None, "epoch": 0, "weights": checkpoints.cpu_copy(plain_model.state_dict())}
+                            stop_spec.min_delta, task.tie_breaker) if stop_spec else None
+    best = {"value": None, "tie": None, "epoch": 0, "weights": checkpoints.cpu_copy(plain_model.state_dict())}
 
     start_epoch, stop = 1, False
     if (resumed := edges.checkpoint()) is not None:  # [3]
         with resumed.as_directory() as directory:
             state = checkpoints.load(directory)
             if "test" in state:  # the job had finished: hand its final checkpoint back
-                edges.report({ckpt_metric: state["best_value"], "final": 1, "epoch": state["epochs_run"]},
+                edges.report(selection.final_report(state["best_value"], state.get("best_tie"), state["epochs_run"]),
                              directory if rank == 0 else None)
-                return state["best_value"] if rank == 0 else None
+                return {"value": state["best_value"], "tie": state.get("best_tie")} if rank == 0 else None
         stop = state.get("stopped", False)
         plain_model.load_state_dict(state["model"])
         restore(optimizer, scheduler, state["optimizer"], state["scheduler"])  # this spec's hyperparameters
-        best = state["best"]
+        best = {"tie": None, **state["best"]}
         if stopper and state.get("stopper"):
             stopper.load_state_dict(state["stopper"])
         start_epoch = state["epoch"] + 1
@@ -107,7 +100,7 @@ def fit_loop(config: dict[str, Any], edges) -> float | None:
         for inputs, targets in batches:
             if augment:
                 inputs = random_affine(inputs, augment.max_shift, augment.max_rotation_deg)
-            if hasattr(task, "train_step"):  # a GAN's alternating steps
+            if hasattr(task, "train_step"):  # a task with steps of its own (a GAN's alternating ones)
                 batch = task.train_step(model, optimizer, scheduler, inputs, targets,
                                         use_amp=use_amp, grad_clip=spec.train.grad_clip)
             else:
@@ -117,22 +110,18 @@ def fit_loop(config: dict[str, Any], edges) -> float | None:
         train_seconds = time.perf_counter() - started
         train_sums = reduce_sum(sums, device)
         metrics = {**task.metrics(train_sums, "train"),
-                   **task.metrics(reduce_sum(evaluate(plain_model, val_loader, task, device)[0], device), "val"),
+                   **task.metrics(reduce_sum(evaluate(plain_model, val_loader, task, device), device), "val"),
                    **_throughput(float(train_sums[-1]), train_seconds, task, splits),  # summed over workers
+                   **task.epoch_metrics(plain_model, splits, spec.train.seed),
                    "lr": optimizer.param_groups[0]["lr"], "epoch": epoch}
-        if task.name == "generation":  # one worker (preflight): judge this epoch's generator
-            metrics.update(task.quality(plain_model, splits, "val", judge_seed=spec.train.seed))
-        if improved(metrics[ckpt_metric], best["value"], ckpt_mode):
-            best = {"value": metrics[ckpt_metric], "epoch": epoch,
-                    "weights": checkpoints.cpu_copy(plain_model.state_dict())}
+        if selection.improved(metrics, best):
+            best = {**selection.of(metrics), "epoch": epoch, "weights": checkpoints.cpu_copy(plain_model.state_dict())}
         stop = bool(stopper and stopper.update(metrics))
         if log:
             log({**metrics, **hyperparameters}, epoch)
             log.flush()  # a scheduler may stop this trial at the report: its epochs are in MLflow first
-            if task.name == "language_model":
-                _log_samples(config, plain_model, splits, epoch)
-            elif task.name == "generation":
-                _log_image_grid(config, plain_model, task, epoch)
+            tracking.log_outputs(config["run_id"], task.epoch_artifacts(plain_model, splits, epoch),
+                                 config["tracking_uri"], strict=False)  # a nicety: never stops training
 
         state = None
         if epoch % spec.checkpoint.every_n_epochs == 0 and rank == 0:
@@ -140,39 +129,26 @@ def fit_loop(config: dict[str, Any], edges) -> float | None:
                      "scheduler": scheduler.state_dict(), "best": best, "epoch": epoch,
                      "stopper": stopper.state_dict() if stopper else None, "stopped": stop}
         with checkpoints.staged(state) as directory:
-            edges.report(metrics, directory)  # [4] rank 0 persists the checkpoint
-
-        if rank == 0 and epoch == config.get("fail_at_epoch") and not Path(config["fault_marker"]).exists():
-            Path(config["fault_marker"]).touch()
-            os._exit(1)
+            edges.report(selection.epoch_report(metrics), directory)  # [4] rank 0 persists the checkpoint
         if stop:
             break
 
     # The best epoch's weights, scored once on the held-out test split, go into the final checkpoint.
     # (No epoch ever scored, e.g. NaN from the start: rank it last.)
-    best_value = best["value"] if best["value"] is not None else (-math.inf if ckpt_mode == "max" else math.inf)
+    best_value = best["value"] if best["value"] is not None else selection.worst
     final = None
     if rank == 0:
         plain_model.load_state_dict(best["weights"])
-        test_loader = eval_loader(splits.x_test, splits.y_test)
-        classifying = task.name == "classification"
-        sums, confusion = evaluate(plain_model, test_loader, task, device, confusion=classifying)
-        test = task.metrics(sums, "test")
-        final = {"model": best["weights"], "best_epoch": best["epoch"], "best_value": best_value, "epochs_run": epoch,
-                 "stopped_early": stop, "test": test, "task": task.name,
-                 "example": torch.from_numpy(splits.x_test[:5].copy())}
-        if classifying:
-            test["test_f1_macro"] = task.macro_f1(confusion)
-            final["confusion"] = confusion
-        if task.name == "generation":  # fresh noise, and how good the judge itself is on real images
-            test.update(task.quality(plain_model, splits, "test", seed=1, judge_seed=spec.train.seed),
-                        test_reference_accuracy=task.reference_accuracy)
-            final["example"] = plain_model.net.noise(5, generator=torch.Generator().manual_seed(0))
+        test, details = task.test_metrics(plain_model, eval_loader(splits.x_test, splits.y_test), device, splits,
+                                          spec.train.seed)
+        final = {"model": best["weights"], "best_epoch": best["epoch"], "best_value": best_value,
+                 "best_tie": best["tie"], "epochs_run": epoch, "stopped_early": stop, "test": test, "task": task.name,
+                 "example": task.input_example(plain_model, splits), **details}
         log({**test, "best_epoch": best["epoch"]}, epoch)
         final["failed_metric_writes"] = log.close()  # waits until every metric is written
     with checkpoints.staged(final) as directory:
-        edges.report({ckpt_metric: best_value, "final": 1, "epoch": epoch}, directory)
-    return best_value if rank == 0 else None
+        edges.report(selection.final_report(best_value, best["tie"], epoch), directory)
+    return {"value": best_value, "tie": best["tie"]} if rank == 0 else None
 
 
 def _throughput(count: float, seconds: float, task, splits: Splits) -> dict[str, float]:
@@ -180,61 +156,14 @@ def _throughput(count: float, seconds: float, task, splits: Splits) -> dict[str,
     token (a language model, which gets tokens per second too) or per step ahead (a forecast)."""
     samples = count / splits.y_train[0].size
     rates = {"samples_per_s": samples / seconds, "train_samples": samples}
-    return {**rates, "tokens_per_s": count / seconds} if task.name == "language_model" else rates
+    return {**rates, f"{task.target_unit}_per_s": count / seconds} if task.target_unit else rates
 
 
-def _log_samples(config: dict[str, Any], model, splits: Splits, epoch: int, count: int = 3) -> None:
-    """A few texts sampled from the model, each from the start of a validation window, as an artifact."""
-    from deepyard.data.text import decode
-    from deepyard.tasks.language_model import generate
-
-    model.eval()
-    window = splits.in_shape[0]
-    device = next(model.parameters()).device
-    texts = []
-    for index in range(count):
-        prompt = splits.x_val[index * len(splits.x_val) // count, : max(1, window // 4)].tolist()
-        ids = generate(lambda batch: model(batch.to(device)).cpu(), prompt, window=window,
-                       max_new_tokens=2 * window, temperature=0.8, top_k=20, seed=index)
-        texts.append(f"[{decode(prompt, splits.vocab, splits.join_with)}]"
-                     f"{splits.join_with}{decode(ids, splits.vocab, splits.join_with)}")
-    try:
-        tracking.log_text(config["run_id"], "\n\n----\n\n".join(texts), f"samples/epoch_{epoch:04d}.txt",
-                          uri=config["tracking_uri"])
-    except Exception as error:  # a sample is a nicety: it must never stop training
-        print(f"could not log the epoch's text samples: {error}")
-
-
-def _log_image_grid(config: dict[str, Any], pipeline, task, epoch: int, rows: int = 8) -> None:
-    """An 8x8 grid of generated images (fixed noise, so epochs compare) as an artifact."""
-    from deepyard import plots
-    from deepyard.tasks.generation import Sampler
-
-    pipeline.eval()
-    with torch.inference_mode():
-        noise = pipeline.net.noise(rows * rows, generator=torch.Generator().manual_seed(0))
-        images = Sampler(pipeline)(noise.to(next(pipeline.parameters()).device)).cpu().numpy()
-    try:
-        pixel_max = float(pipeline.standardize.mean.max() * 2)  # the GAN's scaling: mean = std = max / 2
-        figure = plots.image_grid(images, rows, pixel_max, title=f"epoch {epoch}")
-        tracking.client(config["tracking_uri"]).log_figure(config["run_id"], figure,
-                                                          f"samples/epoch_{epoch:04d}.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
-    except Exception as error:  # a picture is a nicety: it must never stop training
-        print(f"could not log the epoch's image grid: {error}")
-
-
-def make_trainer(spec: TrainJob, run_id: str, monitor: tuple[str, str], callbacks: list | None = None):
+def make_trainer(spec: TrainJob, run_id: str, selection: Selection, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage = settings.storage_path(spec.storage_path)
-    config: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "run_id": run_id,
-                              "tracking_uri": tracking.tracking_uri()}
-    if fail_at := os.environ.get(FAIL_AT_EPOCH_ENV):
-        config.update(fail_at_epoch=int(fail_at), fault_marker=str(Path(storage) / f"fault-{run_id}"))
+    config = {"spec": spec.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking.tracking_uri()}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -242,10 +171,12 @@ def make_trainer(spec: TrainJob, run_id: str, monitor: tuple[str, str], callback
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         run_config=RunConfig(
             name=f"{spec.name}-{run_id[:8]}",
-            storage_path=storage,
-            # The best K by the validation metric; Ray always keeps the latest too (recovery).
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep, checkpoint_score_attribute=monitor[0],
-                                               checkpoint_score_order=monitor[1]),
+            storage_path=settings.storage_path(spec.storage_path),
+            # The best K by the validation metric (ties broken as the loop breaks them); Ray always
+            # keeps the latest too (recovery).
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep,
+                                               checkpoint_score_attribute=Selection.SCORE,
+                                               checkpoint_score_order=selection.mode),
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
             callbacks=callbacks,
         ),
@@ -267,27 +198,24 @@ def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, An
 
     pipeline, task = build(spec, splits)
     history = {f"{split}_{name}": tracking.metric_history(run_id, f"{split}_{name}")
-               for split in ("train", "val") for name in task.metric_names}  # only what this task logs
-    figure = plots.learning_curves({k: v for k, v in history.items() if v})
-    tracking.log_figure(run_id, figure, "plots/learning_curves.png")
-    if "confusion" in final:
-        figure = plots.confusion_matrix(final["confusion"].numpy(), splits.class_names)
-        tracking.log_figure(run_id, figure, "plots/confusion_matrix.png")
-
+               for split in ("train", "val") for name in task.directions}  # only what this task logs
+    artifacts = {"plots/learning_curves.png": plots.learning_curves({k: v for k, v in history.items() if v})}
     pipeline.load_state_dict(final["model"])
-    if splits.persistence:  # forecasting windows: the test span against the naive forecast
-        _log_forecast(run_id, task, pipeline, splits, final)
+    serving = task.serving_module(pipeline)
+    scores, more = task.outcome(serving, splits, final)
+    tracking.log_outputs(run_id, {**artifacts, **more})
+    if scores:
+        final["test"].update(scores)
+        tracking.log_metrics(run_id, scores, final["epochs_run"])
     metadata = {"task": task.name, "input_shape": list(splits.in_shape), "class_names": splits.class_names,
                 "feature_names": splits.feature_names, "job": spec.name}
-    if task.name == "generation":  # the served model takes noise and answers images
-        metadata.update(input_shape=[pipeline.net.latent_dim], image_shape=list(splits.in_shape))
     if splits.is_text:  # the served model tokenizes requests with the training vocabulary
         metadata.update(vocab=splits.vocab, token_level="char" if splits.join_with == "" else "word")
     if splits.is_image:  # PNG requests are scaled from 0-255 into the data set's own pixel range
         metadata["pixel_max"] = float(splits.x_train.max())
+    metadata.update(task.serving_metadata(pipeline, splits))
     tags = {f"metric.{k}": f"{v:.6g}" for k, v in final["test"].items()}
-    return tracking.log_model(run_id, task.serving_module(pipeline), final["example"].numpy(),
-                              registered_name=registered_name,
+    return tracking.log_model(run_id, serving, final["example"].numpy(), registered_name=registered_name,
                               metadata=metadata, version_tags={**tags, "run_id": run_id})
 
 
@@ -297,98 +225,49 @@ def promote(model_name: str, version: str, options, metric: str, mode: str) -> d
                             metric="test_" + metric.removeprefix("val_"), mode=mode)
 
 
-def _log_forecast(run_id: str, task, pipeline, splits: Splits, final: dict[str, Any]) -> None:
-    """RMSE and MAE of the naive forecasts on the same test windows, and the model's ratio to each."""
-    from deepyard import plots
-    from deepyard.data.splits import persistence_forecast, seasonal_naive_forecast
-
-    with torch.inference_mode():
-        predicted = task.serving_module(pipeline).eval()(torch.from_numpy(splits.x_test)).numpy()
-    naive = persistence_forecast(splits)
-    baselines = {"persistence": naive, "seasonal_naive": seasonal_naive_forecast(splits)}
-    test = final["test"]
-    for name, forecast in baselines.items():
-        if forecast is None:
-            continue
-        error = forecast - splits.y_test
-        test[f"test_rmse_{name}"] = float(np.sqrt(np.mean(error**2)))
-        test[f"test_mae_{name}"] = float(np.mean(np.abs(error)))
-        test[f"test_rmse_vs_{name}"] = test["test_rmse"] / max(test[f"test_rmse_{name}"], 1e-12)
-    tracking.log_metrics(run_id, {k: v for k, v in test.items() if "persistence" in k or "seasonal" in k},
-                         final["epochs_run"])
-    def first(values: np.ndarray) -> np.ndarray:  # the one-step-ahead forecasts
-        return values[:, 0] if values.ndim == 2 else values
-
-    tracking.log_figure(run_id, plots.forecast(first(splits.y_test), first(predicted), first(naive)),
-                        "plots/forecast.png")
+def check(spec: TrainJob) -> str:
+    """What `deepyard validate` prints: the data's splits and shapes, and the model, once checked."""
+    splits, _ = preflight(spec)
+    return describe(spec, splits)
 
 
-def run(spec: TrainJob, *, address: str | None = None, ray_logs: bool = False,
-        watch: Callable[[str, int], Any] | None = None, resume: bool = False) -> dict[str, Any]:
-    """Run the job to the end; returns the ids, final test metrics and model URIs.
+def describe(spec: TrainJob, splits: Splits) -> str:
+    return (f"data={spec.data.name} ({len(splits.x_train)} train / {len(splits.x_val)} val / "
+            f"{len(splits.x_test)} test, input {splits.in_shape}) model={spec.model.name}")
 
-    ``watch(run_id, epochs)``, if given, is a context manager that shows progress while training runs.
-    """
-    from contextlib import nullcontext
 
-    from deepyard import cluster
-
-    if resume:
-        raise BadInput("--resume continues an interrupted sweep; a train job restarts from its checkpoints "
-                       "on its own (failure.max_failures)")
+def run(spec: TrainJob, options: RunOptions) -> RunSummary:
+    """Run the job to the end; returns the ids, final test metrics and model URIs."""
+    from deepyard import cluster, progress
 
     splits, task = preflight(spec)
-    monitor = monitored(spec.checkpoint.metric, spec.checkpoint.mode, task)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-
-    def open_run() -> str:
-        run_id = tracking.start_run(spec.experiment, spec.name, flatten(spec), to_yaml(spec),
-                                    tags={"deepyard.task": task.name})
-        timings["mlflow_start_s"] = time.perf_counter() - started
-        return run_id
-
-    # Opening the MLflow run (~2 s on a new sqlite store) overlaps Ray's start-up (~4 s).
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        opening = pool.submit(open_run)
-        try:
-            with cluster.connected(address, ray_logs):
-                timings["ray_connect_s"] = time.perf_counter() - started
-                run_id = opening.result()
-                timings["startup_s"] = time.perf_counter() - started
-                trainer = make_trainer(spec, run_id, monitor)
+    selection = Selection(*monitored(spec.checkpoint.metric, spec.checkpoint.mode, task), task.tie_breaker)
+    storage = settings.storage_path(spec.storage_path)
+    with tracking.job_run(spec, tags={"deepyard.task": task.name}, failure="training failed",
+                          failure_hint=lambda: f" and checkpoints stay under {storage}",
+                          killed_note="interrupted by the user (Ctrl-C or SIGTERM)") as run:
+        # Opening the MLflow run (~2 s on a new sqlite store) overlaps Ray's start-up (~4 s).
+        with cluster.connected(options.address, options.ray_logs):
+            run.mark("ray_connect")
+            run_id = run.id
+            run.timings["mlflow_start_s"] = run.opened_after
+            run.mark("startup")
+            trainer = make_trainer(spec, run_id, selection)
+            with ThreadPoolExecutor(max_workers=1) as pool:
                 pool.submit(tracking.preload)  # the driver idles during fit(): import what logging needs
-                with watch(run_id, spec.train.epochs) if watch else nullcontext():
+                with progress.watch(run_id, spec.train.epochs, options.console):
                     result = trainer.fit()
-                timings["fit_s"] = time.perf_counter() - started - timings["startup_s"]
-            if getattr(result, "error", None):
-                raise result.error
-            final = final_state(result)
-            outcome = log_outcome(spec, splits, run_id, final,
-                                  registered_name=spec.model_name if spec.register.enabled else None)
-            if spec.promote and outcome.get("model_version"):
-                outcome["promotion"] = promote(spec.model_name, outcome["model_version"], spec.promote, *monitor)
-            timings["total_s"] = time.perf_counter() - started
-            tracking.log_metrics(run_id, {f"timing_{k}": v for k, v in timings.items()}, 0)
-            tracking.finish_run(run_id, "FINISHED")
-        except KeyboardInterrupt:
-            tracking.finish_run(opening.result(), "KILLED", "interrupted by the user (Ctrl-C)")
-            raise
-        except BaseException as error:  # the run must never be left RUNNING
-            run_id = opening.result()  # (if the run could not even be opened, that error surfaces here)
-            tracking.finish_run(run_id, "FAILED", "".join(traceback.format_exception(error)))
-            if isinstance(error, (BadInput, JobFailed)):
-                raise
-            raise JobFailed(f"training failed: {error}; the MLflow run {run_id} is marked FAILED and "
-                            f"checkpoints stay under {settings.storage_path(spec.storage_path)}") from error
-    return {
-        "run_id": run_id,
-        "experiment": spec.experiment,
-        "metrics": final["test"],
-        "best_epoch": final["best_epoch"],
-        "epochs_run": final["epochs_run"],
-        "stopped_early": final["stopped_early"],
-        "checkpoint": result.checkpoint.path,
-        "timings": timings,
-        **outcome,
-    }
+            run.timings["fit_s"] = run.elapsed() - run.timings["startup_s"]
+        if getattr(result, "error", None):
+            raise result.error
+        final = final_state(result)
+        outcome = log_outcome(spec, splits, run_id, final,
+                              registered_name=spec.model_name if spec.register.enabled else None)
+        if spec.promote and outcome.get("model_version"):
+            outcome["promotion"] = promote(spec.model_name, outcome["model_version"], spec.promote,
+                                           selection.metric, selection.mode)
+        run.mark("total")
+    return RunSummary(run_id=run_id, experiment=spec.experiment, metrics=final["test"], timings=run.timings,
+                      details={"best_epoch": final["best_epoch"], "epochs_run": final["epochs_run"],
+                               "stopped_early": final["stopped_early"], "checkpoint": result.checkpoint.path,
+                               **outcome})

@@ -29,8 +29,8 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from deepyard.serve.options import EndpointOptions, parse_model_ref
-from deepyard.serve.payloads import (BadRequest, decode_image_requests, decode_instances, decode_prompts,
-                                     encode_predictions, expected, generate_images, generate_texts)
+from deepyard.serve.payloads import BadRequest
+from deepyard.tasks import Codec, codec
 
 TOKEN_ENV = "DEEPYARD_API_TOKEN"
 logger = logging.getLogger("deepyard.serve")
@@ -55,6 +55,7 @@ class Loaded:
     version: str
     metadata: dict[str, Any]
     metrics: dict[str, float]
+    codec: Codec  # the task's: what a request holds and how the outputs read
 
 
 app = FastAPI(title="deepyard model endpoint",
@@ -99,7 +100,7 @@ class ModelEndpoint:
         module, metadata = tracking.load_model(self.name, version, self.uri)
         info = tracking.model_version(self.name, version=version, uri=self.uri)
         logger.info("loaded %s version %s", self.name, version)
-        return Loaded(module, version, metadata, info["metrics"])
+        return Loaded(module, version, metadata, info["metrics"], codec(metadata.get("task")))
 
     async def _follow(self) -> None:
         """Swap in the version the alias points at, whenever it moves."""
@@ -114,15 +115,9 @@ class ModelEndpoint:
             except Exception:  # the registry may be briefly unreachable: keep serving what is loaded
                 logger.exception("could not follow %s@%s", self.name, self.alias)
 
-    def _run(self, loaded: Loaded, batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            return loaded.module(torch.from_numpy(batch)).numpy()
-
     async def _predict_many(self, batches: list[np.ndarray]) -> list[tuple[np.ndarray, Loaded]]:
         loaded = self.current  # one version for the whole batch
-        outputs = self._run(loaded, np.concatenate(batches))
+        outputs = loaded.codec.run(loaded.module, np.concatenate(batches), loaded.metadata)
         bounds = np.cumsum([len(b) for b in batches])[:-1]
         return [(part, loaded) for part in np.split(outputs, bounds)]
 
@@ -138,27 +133,17 @@ class ModelEndpoint:
         try:
             body = await self._body(request)
             loaded = self.current
-            if loaded.metadata.get("task") == "language_model":  # sampled token by token, never batched
-                prompts = decode_prompts(body, loaded.metadata, self.options.max_instances)
-                texts = await asyncio.to_thread(generate_texts, loaded.module, prompts, loaded.metadata)
-                return JSONResponse({"predictions": texts, "model": self.name, "version": loaded.version})
-            if loaded.metadata.get("task") == "generation":
-                wanted = decode_image_requests(body, loaded.metadata, self.options.max_instances)
-                images = await asyncio.to_thread(generate_images, loaded.module, wanted, loaded.metadata)
-                return JSONResponse({"predictions": images, "model": self.name, "version": loaded.version})
-            batch = decode_instances(body, loaded.metadata, self.options.max_instances)
-            top_k = body.get("top_k")
-            top_k = self.options.top_k if top_k is None else top_k
-            if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-                raise BadRequest(f"top_k must be a positive integer, got {top_k!r}")
-            if self.options.max_batch_size > 1:
-                outputs, loaded = await self._predict_batched(batch)
+            decoded = loaded.codec.decode(body, loaded.metadata, self.options.max_instances)
+            if not loaded.codec.batchable:  # sampled step by step (text, images): off the event loop
+                outputs = await asyncio.to_thread(loaded.codec.run, loaded.module, decoded, loaded.metadata)
+            elif self.options.max_batch_size > 1:
+                outputs, loaded = await self._predict_batched(decoded)
             else:
-                outputs = self._run(loaded, batch)
+                outputs = loaded.codec.run(loaded.module, decoded, loaded.metadata)
+            predictions = loaded.codec.encode(outputs, loaded.metadata, body, self.options)
         except BadRequest as error:
             return JSONResponse({"error": str(error), "model": self.name}, status_code=error.status)
-        return JSONResponse({"predictions": encode_predictions(outputs, loaded.metadata, top_k),
-                             "model": self.name, "version": loaded.version})
+        return JSONResponse({"predictions": predictions, "model": self.name, "version": loaded.version})
 
     async def _body(self, request: Request) -> Any:
         declared = request.headers.get("content-length")
@@ -179,7 +164,7 @@ class ModelEndpoint:
         return {"model": self.name, "version": loaded.version, "alias": self.alias, "task": loaded.metadata.get("task"),
                 "input_shape": loaded.metadata.get("input_shape"), "class_names": loaded.metadata.get("class_names"),
                 "feature_names": loaded.metadata.get("feature_names"), "metrics": loaded.metrics,
-                "request": expected(loaded.metadata), "max_instances": self.options.max_instances}
+                "request": loaded.codec.expected(loaded.metadata), "max_instances": self.options.max_instances}
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:

@@ -1,10 +1,19 @@
-"""Classification: softmax cross-entropy; accuracy, macro F1 and a confusion matrix."""
+"""Classification: softmax cross-entropy; accuracy, macro F1 and a confusion matrix.
+
+Served: class probabilities; each prediction names the label, every class's probability and the top k.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from deepyard.serve.payloads import ArrayCodec, BadRequest
+from deepyard.tasks.base import Supervised, evaluate_sums
 
 
 class Probabilities(nn.Module):
@@ -18,10 +27,25 @@ class Probabilities(nn.Module):
         return torch.softmax(self.pipeline(x), dim=-1)
 
 
-class Classification:
+class Labels(ArrayCodec):
+    def encode(self, outputs: np.ndarray, metadata: dict[str, Any], body: dict, options: Any) -> list[Any]:
+        top_k = body.get("top_k")
+        top_k = options.top_k if top_k is None else top_k
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise BadRequest(f"top_k must be a positive integer, got {top_k!r}")
+        names = metadata.get("class_names") or [str(i) for i in range(outputs.shape[-1])]
+        order = np.argsort(-outputs, axis=-1)[:, :min(top_k, len(names))]
+        return [{"label": names[row[0]], "probabilities": dict(zip(names, map(float, probs))),
+                 "top_k": [{"label": names[i], "probability": float(probs[i])} for i in row]}
+                for probs, row in zip(outputs, order)]
+
+
+class Classification(Supervised):
     name = "classification"
-    monitor, monitor_mode = "val_accuracy", "max"
-    metric_names = ("loss", "accuracy")
+    directions = {"loss": "min", "accuracy": "max"}
+    monitor = "val_accuracy"
+    shown = ("train_loss", "val_loss", "val_accuracy")
+    codec = Labels()
 
     def __init__(self, num_classes: int, **_: object):
         self.num_classes = num_classes
@@ -44,6 +68,16 @@ class Classification:
         count = max(count, 1.0)
         return {f"{prefix}_loss": loss / count, f"{prefix}_accuracy": correct / count}
 
+    def test_metrics(self, model, loader, device, splits, seed: int) -> tuple[dict[str, float], dict[str, Any]]:
+        confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+
+        def count(outputs: torch.Tensor, targets: torch.Tensor) -> None:
+            confusion.add_(self.confusion(outputs, targets).cpu())
+
+        test = self.metrics(evaluate_sums(model, loader, self, device, on_batch=count), "test")
+        test["test_f1_macro"] = self.macro_f1(confusion)
+        return test, {"confusion": confusion}
+
     def confusion(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         index = targets * self.num_classes + outputs.argmax(dim=-1)
         counts = torch.bincount(index, minlength=self.num_classes**2)
@@ -57,6 +91,12 @@ class Classification:
         recall = true_pos / confusion.sum(1).clamp(min=1)
         f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
         return float(f1.mean())
+
+    def outcome(self, serving: nn.Module, splits, final: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+        from deepyard import plots
+
+        return {}, {"plots/confusion_matrix.png": plots.confusion_matrix(final["confusion"].numpy(),
+                                                                         splits.class_names)}
 
     def serving_module(self, pipeline: nn.Module) -> nn.Module:
         return Probabilities(pipeline)

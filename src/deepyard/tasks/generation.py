@@ -7,16 +7,25 @@ images: ``confident_share`` is the share it classifies with probability >= 0.9, 
 ``min_class_share`` the share of the rarest class among them (1/classes when balanced). Mode
 collapse shows in the second even when the first looks fine. ``quality`` multiplies the first by
 the second's shortfall from balance, and is what checkpoints are ranked by.
+
+Served: a count and a seed per instance -> that many images as base64 PNGs.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepyard.serve.payloads import BadRequest, instances_of, png_base64, seed_of
+from deepyard.tasks.base import Supervised
+
 CONFIDENT = 0.9
 QUALITY_SAMPLES = 1000
+MAX_IMAGES = 64  # per instance
+MAX_TOTAL_IMAGES = 256  # per request: one forward pass per batch of images
 
 
 class Sampler(nn.Module):
@@ -37,10 +46,57 @@ def _bce(logits: torch.Tensor, real: bool) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target)
 
 
-class Generation:
+class Images:
+    """``{"instances": [{"n": 8, "seed": 1}, ...]}`` -> that many images per instance, as base64 PNGs."""
+
+    batchable = False
+
+    def expected(self, metadata: dict[str, Any]) -> str:
+        return f'each instance: {{"n": images to generate (1 to {MAX_IMAGES}, default 1), "seed": int (optional)}}'
+
+    def decode(self, body: Any, metadata: dict[str, Any], max_batch: int) -> list[tuple[int, int | None]]:
+        requests = []
+        for index, item in enumerate(instances_of(body, self.expected(metadata), max_batch)):
+            if not isinstance(item, dict) or set(item) - {"n", "seed"}:
+                problem = (f"unknown keys {sorted(set(item) - {'n', 'seed'})}" if isinstance(item, dict)
+                           else type(item).__name__)
+                raise BadRequest(f"instances[{index}]: {problem}; " + self.expected(metadata))
+            count = item.get("n", 1)
+            if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_IMAGES:
+                raise BadRequest(f"instances[{index}].n: {count!r}; must be an integer from 1 to {MAX_IMAGES}")
+            requests.append((count, seed_of(item.get("seed"), f"instances[{index}].seed")))
+        if (total := sum(count for count, _ in requests)) > MAX_TOTAL_IMAGES:
+            raise BadRequest(f"{total} images in one request is over the limit of {MAX_TOTAL_IMAGES}; "
+                             "split the request", status=413)
+        return requests
+
+    def run(self, module, requests: list[tuple[int, int | None]], metadata: dict[str, Any]) -> list[dict]:
+        latent_dim = int(metadata["input_shape"][0])
+        results = []
+        for count, seed in requests:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            with torch.inference_mode():
+                images = module(torch.randn(count, latent_dim, generator=generator)).numpy()
+            pixel_max = float(metadata.get("pixel_max", 255.0))
+            results.append({"images": [png_base64(image, pixel_max) for image in images], "seed": seed})
+        return results
+
+    def encode(self, outputs: list[dict], metadata: dict[str, Any], body: dict, options: Any) -> list[Any]:
+        return outputs
+
+    def example(self, logged_input, metadata: dict[str, Any]) -> Any:
+        return {"n": 4, "seed": 0}
+
+
+class Generation(Supervised):
     name = "generation"
-    monitor, monitor_mode = "val_quality", "max"
-    metric_names = ("d_loss", "g_loss", "quality", "confident_share", "min_class_share")
+    directions = {"d_loss": "min", "g_loss": "min", "quality": "max", "confident_share": "max",
+                  "min_class_share": "max"}
+    monitor = "val_quality"
+    shown = ("train_d_loss", "train_g_loss", "val_confident_share", "val_min_class_share")
+    data_parallel = False  # the alternating steps are not data-parallel yet
+    tie_breaker = None  # a lower loss is not a better GAN
+    codec = Images()
 
     def __init__(self, num_classes: int, **_: object):
         self.num_classes = num_classes
@@ -144,5 +200,33 @@ class Generation:
         return {f"{prefix}_confident_share": confident_share, f"{prefix}_min_class_share": min_share,
                 f"{prefix}_quality": confident_share * balance}
 
+    def epoch_metrics(self, model: nn.Module, splits, seed: int) -> dict[str, float]:
+        return self.quality(model, splits, "val", judge_seed=seed)
+
+    def epoch_artifacts(self, model: nn.Module, splits, epoch: int, rows: int = 8) -> dict[str, Any]:
+        """An 8x8 grid of generated images (fixed noise, so epochs compare)."""
+        from deepyard import plots
+
+        model.eval()
+        with torch.inference_mode():
+            noise = model.net.noise(rows * rows, generator=torch.Generator().manual_seed(0))
+            images = Sampler(model)(noise.to(next(model.parameters()).device)).cpu().numpy()
+        pixel_max = float(model.standardize.mean.max() * 2)  # the GAN's scaling: mean = std = max / 2
+        return {f"samples/epoch_{epoch:04d}.png": plots.image_grid(images, rows, pixel_max, title=f"epoch {epoch}")}
+
+    def test_metrics(self, model, loader, device, splits, seed: int) -> tuple[dict[str, float], dict[str, Any]]:
+        """The losses, the judge's verdict on fresh noise, and how good the judge itself is on real images."""
+        test, _ = super().test_metrics(model, loader, device, splits, seed)
+        test.update(self.quality(model, splits, "test", seed=1, judge_seed=seed),
+                    test_reference_accuracy=self.reference_accuracy)
+        return test, {}
+
+    def input_example(self, model: nn.Module, splits) -> torch.Tensor:
+        return model.net.noise(5, generator=torch.Generator().manual_seed(0))
+
     def serving_module(self, pipeline: nn.Module) -> nn.Module:
         return Sampler(pipeline)
+
+    def serving_metadata(self, pipeline: nn.Module, splits) -> dict[str, Any]:
+        """The served model takes noise and answers images."""
+        return {"input_shape": [pipeline.net.latent_dim], "image_shape": list(splits.in_shape)}

@@ -1,6 +1,6 @@
 """`deepyard submit`, `deepyard jobs ...` and `deepyard cluster ...`: jobs on a real Ray cluster.
 
-Registered on the main `deepyard` app by ``cli.py``; same conventions (exit 2 on bad input, --json
+Registered on the main `deepyard` app (``cli/__init__.py``); same conventions (exit 2 on bad input, --json
 puts one JSON object on the last stdout line).
 """
 
@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from deepyard.cli import Overrides, SpecPath, app, err, out, user_errors
+from deepyard.cli.app import Overrides, SpecPath, app, err, out, user_errors
 
 ApiAddress = Annotated[Optional[str], typer.Option(
     "--address", help="the cluster's job API, http://HEAD:8265; default $RAY_API_SERVER_ADDRESS, else "

@@ -1,0 +1,69 @@
+"""`deepyard validate`, `deepyard run` and `deepyard data`: a job spec, checked or run, whatever its kind."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from deepyard.cli.app import JsonOutput, Overrides, SpecPath, app, err, out, user_errors
+from deepyard.errors import BadInput
+
+
+@app.command()
+@user_errors
+def validate(spec: SpecPath, set_: Overrides = None) -> None:
+    """Check a spec (and that its data loads and fits the model) without starting anything."""
+    from deepyard.spec import KINDS, load_spec
+
+    job = load_spec(spec, set_ or [])
+    checked = KINDS[job.kind].runner_module().check(job)
+    err.print(f"[green]ok[/] {spec}: kind={job.kind} name={job.name} {checked}", highlight=False)
+
+
+@app.command()
+@user_errors
+def run(
+    spec: SpecPath,
+    set_: Overrides = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default $RAY_ADDRESS, else a "
+                                                        "local cluster")] = None,
+    json_output: JsonOutput = False,
+    ray_logs: Annotated[bool, typer.Option("--ray-logs", help="stream Ray's worker logs to the terminal")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted sweep or rl job from its "
+                                                          "checkpoint")] = False,
+) -> None:
+    """Run a job: train on Ray, track in MLflow, register the model."""
+    from deepyard.runners.summary import RunOptions
+    from deepyard.spec import KINDS, load_spec
+    from deepyard.tracking import tracking_uri
+
+    job = load_spec(spec, set_ or [])
+    kind = KINDS[job.kind]
+    if resume and not kind.resumable:
+        resumable = " or ".join(name for name, k in KINDS.items() if k.resumable)
+        raise BadInput(f"--resume continues an interrupted {resumable} job; a {job.kind} job cannot resume "
+                       "(a train job restarts from its checkpoints on its own: failure.max_failures)")
+    options = RunOptions(address=address, ray_logs=ray_logs, resume=resume, console=err, json_output=json_output)
+    summary = kind.runner_module().run(job, options)
+    lines = summary.lines()
+    if lines:
+        err.print(f"[green]done[/] {job.name}: {lines[0]}", highlight=False)
+        for line in lines[1:]:
+            err.print(f"  {line}", highlight=False)
+    if summary.run_id:
+        err.print("  browse runs: mlflow ui --backend-store-uri " + tracking_uri(), highlight=False)
+    if json_output:
+        print(json.dumps(summary.to_json(), default=str))
+
+
+@app.command()
+def data() -> None:
+    """List the data sets, model builders and optimizers a spec can name."""
+    from deepyard.data import DATASETS
+    from deepyard.models import MODELS
+    from deepyard.optim import OPTIMIZERS
+
+    for registry in (DATASETS, MODELS, OPTIMIZERS):
+        out.print(f"[bold]{registry.what}s[/]: {', '.join(registry.names())}")

@@ -1,0 +1,87 @@
+"""`deepyard deploy`, `undeploy`, `endpoints` and `predict`: registered models over HTTP (Ray Serve)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from deepyard.cli.app import Address, JsonOutput, app, err, out, user_errors
+
+
+@app.command()
+@user_errors
+def deploy(
+    models: Annotated[list[str], typer.Argument(help="NAME (its @champion), NAME@alias or NAME:version; several allowed")],
+    host: Annotated[str, typer.Option(help="HTTP host; 0.0.0.0 to listen beyond this machine")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    replicas: Annotated[Optional[int], typer.Option(help="fixed replicas per model")] = None,
+    min_replicas: Annotated[Optional[int], typer.Option(help="autoscaling lower bound")] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(help="autoscaling upper bound")] = None,
+    max_batch_size: Annotated[int, typer.Option(help="dynamic batching across requests (1: off)")] = 1,
+    address: Address = None,
+    detach: Annotated[bool, typer.Option(help="leave the endpoints on the running cluster and return")] = False,
+    fast_proxy: Annotated[bool, typer.Option(help="local cluster: Serve's HAProxy high-throughput mode "
+                                                  "(--no-fast-proxy: Serve's Python proxy)")] = True,
+    try_sample: Annotated[bool, typer.Option(help="send each model one real test input and print its answer")] = False,
+    json_output: JsonOutput = False,
+) -> None:
+    """Serve registered models over HTTP (Ray Serve), one application per model under /models/NAME."""
+    from deepyard.runners import deploy as deploying
+    from deepyard.serve.options import EndpointOptions
+
+    scaling = ({"replicas": None, "min_replicas": min_replicas or 1, "max_replicas": max_replicas or 4}
+               if (min_replicas or max_replicas) and not replicas else {"replicas": replicas or 1})
+    endpoints = [EndpointOptions(model=ref, max_batch_size=max_batch_size, **scaling) for ref in models]
+
+    ready = functools.partial(deploying.announce, console=err, try_sample=try_sample, json_output=json_output,
+                              detach=detach)
+    deploying.serve_until_interrupted(endpoints, host=host, port=port, address=address, detach=detach,
+                                      on_ready=ready, fast_proxy=fast_proxy)
+    if not detach:
+        err.print("[yellow]stopped[/]: the endpoints are down")
+
+
+@app.command()
+@user_errors
+def undeploy(names: Annotated[list[str], typer.Argument(help="model names to take down")],
+             address: Address = None) -> None:
+    """Remove deployed models from the running cluster."""
+    from deepyard.runners import deploy as deploying
+
+    for name in deploying.undeploy(names, address):
+        err.print(f"[green]removed[/] {name}")
+
+
+@app.command()
+@user_errors
+def endpoints(address: Address = None,
+              json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """What is deployed on the running cluster."""
+    from deepyard.runners import deploy as deploying
+
+    rows = deploying.endpoints(address)
+    if json_output:
+        print(json.dumps(rows))
+        return
+    table = Table("model", "status", "url", "replicas")
+    for row in rows:
+        table.add_row(row["name"], row["status"], row["url"], str(row["replicas"]))
+    out.print(table if rows else "nothing deployed: `deepyard deploy NAME`")
+
+
+@app.command()
+@user_errors
+def predict(
+    name: Annotated[str, typer.Argument(help="deployed model name")],
+    input_: Annotated[Path, typer.Option("--input", help='a JSON file ({"instances": [...]} or a list) or a PNG image')],
+    url: Annotated[str, typer.Option(help="the Serve HTTP address")] = "http://127.0.0.1:8000",
+) -> None:
+    """Send inputs to a deployed model and print its answer."""
+    from deepyard.serve.client import predict as send
+
+    print(json.dumps(send(name, input_, url), indent=2))

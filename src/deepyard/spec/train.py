@@ -1,0 +1,159 @@
+"""`kind: train`: a supervised job on Ray Train (`runners/train.py`). Data, model and optimizer
+names resolve through their registries; a builder's signature is the schema of its ``params``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pydantic
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+
+from deepyard.registry import Registry, unknown_name_message
+from deepyard.spec.kinds import job_kind
+from deepyard.spec.problems import describe_all
+from deepyard.spec.sections import JobBase, MetricName, PromoteSpec, RegisterSpec, Section, check_promote
+
+
+def _registries() -> dict[str, Registry]:
+    from deepyard.data import DATASETS
+    from deepyard.models import MODELS
+    from deepyard.optim import OPTIMIZERS
+
+    return {"data": DATASETS, "model": MODELS, "optim": OPTIMIZERS}
+
+
+def _names(section: str) -> str:
+    return ", ".join(_registries()[section].names())
+
+
+def _monitors() -> str:
+    from deepyard.tasks import TASKS
+
+    return "; ".join(f"{task.monitor} for {name}" for name, task in TASKS.items() if hasattr(task, "monitor"))
+
+
+class AugmentSpec(Section):
+    """Random image augmentation applied to training batches only."""
+
+    max_shift: float = Field(0.1, ge=0, le=0.5, description="largest shift, as a fraction of the image size")
+    max_rotation_deg: float = Field(10.0, ge=0, le=180, description="largest rotation, in degrees")
+
+
+class DataSpec(Section):
+    name: str = Field(description=f"a data set: {_names('data')}")
+    params: dict[str, Any] = Field(default_factory=dict, description="the data set builder's keyword arguments")
+    val_fraction: float = Field(0.15, gt=0, lt=1, description="share of the training data held out for validation")
+    test_fraction: float = Field(0.15, ge=0, lt=1,
+                                 description="share held out for the test; unused where a data set has its own test split")
+    max_train_samples: PositiveInt | None = Field(None, description="train on at most this many samples (quick runs)")
+    augment: AugmentSpec | None = Field(None, description="random shifts and rotations of training images")
+
+
+class ModelSpec(Section):
+    name: str = Field(description=f"a model builder: {_names('model')}")
+    params: dict[str, Any] = Field(default_factory=dict, description="the model builder's keyword arguments")
+
+
+class ScheduleSpec(Section):
+    name: Literal["constant", "step", "cosine", "onecycle"] = "constant"
+    warmup_epochs: NonNegativeFloat = Field(0.0, description="linear warm-up from 0 over this many epochs")
+    step_size: PositiveInt = Field(10, description="step: multiply the rate by gamma every step_size epochs")
+    gamma: float = Field(0.1, gt=0, le=1, description="step: the decay factor")
+
+
+class OptimSpec(Section):
+    name: str = Field("adam", description=f"an optimizer: {_names('optim')}")
+    lr: PositiveFloat = Field(1e-3, description="learning rate (the peak rate under a schedule)")
+    weight_decay: NonNegativeFloat = Field(0.0, description="L2 penalty (decoupled for adamw)")
+    params: dict[str, Any] = Field(default_factory=dict, description="momentum, nesterov, betas...: the optimizer's own")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+
+
+class EarlyStoppingSpec(Section):
+    metric: MetricName | None = Field(None, description=f"validation metric to watch; default: the task's "
+                                                         f"({_monitors()})")
+    mode: Literal["min", "max"] | None = Field(None, description="default: the metric's own direction")
+    patience: PositiveInt = Field(5, description="epochs without improvement before stopping")
+    min_delta: NonNegativeFloat = Field(0.0, description="smallest change that counts as an improvement")
+
+
+class TrainSpec(Section):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt | Literal["full"] = Field(
+        64, description="samples per step and worker: 1 is stochastic, 'full' is batch gradient descent")
+    seed: int = Field(0, description="seeds the splits, the initial weights and the shuffling")
+    early_stopping: EarlyStoppingSpec | None = None
+    grad_clip: PositiveFloat | None = Field(None, description="clip the global gradient norm to this value")
+
+
+class ScalingSpec(Section):
+    num_workers: PositiveInt = Field(1, description="data-parallel training workers (DDP)")
+    use_gpu: bool = Field(False, description="one GPU per worker; NCCL instead of gloo")
+    cpus_per_worker: PositiveFloat = 1.0
+    mixed_precision: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+
+
+class CheckpointSpec(Section):
+    every_n_epochs: PositiveInt = 1
+    keep: PositiveInt = Field(2, description="keep the best K checkpoints by the validation metric")
+    metric: MetricName | None = Field(None, description=f"default: the task's ({_monitors()}); epochs that tie "
+                                                         "on it are ranked by val_loss")
+    mode: Literal["min", "max"] | None = Field(None, description="default: the metric's own direction")
+
+
+class FailureSpec(Section):
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: no limit")
+
+
+@job_kind(runner="deepyard.runners.train", trials="deepyard.runners.train_trials")
+class TrainJob(JobBase):
+    """A supervised job on Ray Train: data -> model -> task loss -> optimizer."""
+
+    kind: Literal["train"] = "train"
+    data: DataSpec
+    model: ModelSpec
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    failure: FailureSpec = Field(default_factory=FailureSpec)
+    register: RegisterSpec = Field(default_factory=RegisterSpec)
+    promote: PromoteSpec | None = Field(None, description="move a registry alias to the new version")
+
+    @model_validator(mode="after")
+    def _promote_needs_a_version(self) -> "TrainJob":
+        return check_promote(self)
+
+    @property
+    def model_name(self) -> str:
+        return self.register.model_name or self.name
+
+    @classmethod
+    def resolve(cls, document: dict, problems: list[str], prefix: tuple = ()) -> None:
+        """Names resolve through the registries; ``params`` must match the builder's signature."""
+        dotted = "".join(f"{part}." for part in prefix)
+        for section, registry in _registries().items():
+            default = OptimSpec.model_fields["name"].default if section == "optim" else None
+            if default and document.get(section) is None:  # optim may be left out: resolve its params too
+                document[section] = {}
+            body = document.get(section)
+            name = body.get("name", default) if isinstance(body, dict) else None
+            if not isinstance(name, str):
+                continue  # the structural pass reports it
+            if name not in registry:
+                problems.append(f"{dotted}{section}.name: {unknown_name_message(registry.what, name, registry.names())}")
+                continue
+            params = body.get("params", {})
+            if not isinstance(params, dict):
+                continue
+            try:
+                body["params"] = registry.params_model(name).model_validate(params).model_dump(mode="json")
+            except pydantic.ValidationError as error:
+                schema = registry.params_model(name)
+                problems += describe_all(error.errors(), schema, params, (*prefix, section, "params"))
+
+    def pbt_problem(self) -> str | None:
+        if self.scaling.num_workers != 1:
+            return ("scheduler pbt runs each trial in one process (it copies checkpoints between trials); "
+                    "set base.scaling.num_workers: 1")
+        return None
