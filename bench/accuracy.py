@@ -27,6 +27,7 @@ def main(paths: list[str]) -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from deepyard import cluster
     from deepyard.runners.train import run
+    from deepyard.runners.summary import RunOptions
     from deepyard.spec import load_spec
 
     results = {}
@@ -37,7 +38,7 @@ def main(paths: list[str]) -> None:
             for seed in SEEDS.get(name, [0]):
                 spec = load_spec(path, [f"train.seed={seed}"])
                 started = time.perf_counter()
-                summary = run(spec)
+                summary = run(spec, RunOptions()).to_json()
                 runs.append({"seed": seed, "test_accuracy": summary["metrics"].get("test_accuracy"),
                              "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
                              "wall_s": round(time.perf_counter() - started, 1)})

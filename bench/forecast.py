@@ -40,6 +40,7 @@ def main() -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
     from deepyard.runners.setup import load_data
     from deepyard.runners.train import run
+    from deepyard.runners.summary import RunOptions
     from deepyard.spec import load_spec
 
     spec = load_spec(args.job)
@@ -48,7 +49,7 @@ def main() -> None:
     if args.season > windows.shape[1]:
         raise SystemExit(f"--season {args.season} is longer than the lookback {windows.shape[1]}")
     started = time.perf_counter()
-    summary = run(spec)
+    summary = run(spec, RunOptions()).to_json()
     model = {"rmse": summary["metrics"]["test_rmse"], "mae": summary["metrics"]["test_mae"]}
     # On a differenced series the windows hold changes: persistence (the level stays) predicts no
     # change, and the seasonal naive forecast repeats the change of one season before.

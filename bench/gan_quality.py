@@ -34,12 +34,13 @@ def main() -> None:
     from deepyard import tracking
     from deepyard.runners.setup import load_data
     from deepyard.runners.train import run
+    from deepyard.runners.summary import RunOptions
     from deepyard.spec import load_spec
     from deepyard.tasks.generation import CONFIDENT, QUALITY_SAMPLES, Generation
 
     spec = load_spec(args.job)
     started = time.perf_counter()
-    summary = run(spec)
+    summary = run(spec, RunOptions()).to_json()
     wall = time.perf_counter() - started
 
     # The registered sampler, judged again by a reference classifier fitted the same way.
@@ -63,7 +64,8 @@ def main() -> None:
         },
         "real_test_images_confident_share": float((real.max(-1).values >= CONFIDENT).float().mean()),
         "reference_test_accuracy": judge.reference_accuracy,
-        "goals": {"confident_share_at_least_0.8": confident >= 0.8, "every_class_at_least_0.05": float(shares.min()) >= 0.05},
+        "goals": {"confident_share_at_least_0.8": confident >= 0.8,
+                  "every_class_at_least_0.05": float(shares.min()) >= 0.05},
     })
 
 

@@ -67,6 +67,7 @@ def main() -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
     from deepyard import tracking
     from deepyard.runners.train import run
+    from deepyard.runners.summary import RunOptions
     from deepyard.spec import load_spec
 
     spec = load_spec(args.job)
@@ -75,7 +76,7 @@ def main() -> None:
 
     started_ms = time.time() * 1000
     started = time.perf_counter()
-    summary = run(spec)
+    summary = run(spec, RunOptions()).to_json()
     wall = time.perf_counter() - started
     client = tracking.client()
     val_loss = client.get_metric_history(summary["run_id"], "val_loss")

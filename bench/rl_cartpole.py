@@ -4,7 +4,8 @@ cluster, tracked in MLflow) next to stable-baselines3 in one process, evaluated 
     .venv/bin/python bench/rl_cartpole.py [--job jobs/cartpole_ppo.yaml] [--target 475] [--seeds 3] [--warm]
 
 Both evaluate 10 greedy episodes about every 4,000 environment steps and stop at the first
-evaluation whose mean reaches the target; each runs with seeds 0..N-1 and the medians are compared. SB3 uses the rl-zoo hyperparameters for CartPole-v1
+evaluation whose mean reaches the target; each runs with seeds 0..N-1 and the medians are
+compared. SB3 uses the rl-zoo hyperparameters for CartPole-v1
 (8 envs, n_steps 32, batch 256, 20 epochs, gamma 0.98, GAE lambda 0.8, linear lr 1e-3 and clip
 0.2). stable-baselines3 is a bench-only dependency: pip install "stable-baselines3>=2.3,<3".
 Prints one JSON object; the goal is a wall-time ratio deepyard/SB3 <= 1.0.
@@ -76,11 +77,12 @@ def sb3_to_target(target: float, eval_every: int = 4096, episodes: int = 10, max
 def deepyard_to_target(job: str, target: float, seed: int, address: str | None = None) -> dict:
     from deepyard import tracking
     from deepyard.runners.rl import run
+    from deepyard.runners.summary import RunOptions
     from deepyard.spec import load_spec
 
     spec = load_spec(job, [f"stop.mean_return={target}", f"seed={seed}"])
     started = time.perf_counter()
-    summary = run(spec, address=address)
+    summary = run(spec, RunOptions(address=address)).to_json()
     wall = time.perf_counter() - started
     evaluations = tracking.metric_history(summary["run_id"], "eval_return_mean")
     timings = summary["timings"]

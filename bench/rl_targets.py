@@ -30,13 +30,14 @@ def main() -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
     from deepyard import tracking
     from deepyard.runners.rl import run
+    from deepyard.runners.summary import RunOptions
     from deepyard.spec import load_spec
 
     results = {}
     for job in args.jobs:
         spec = load_spec(job)
         started = time.perf_counter()
-        summary = run(spec)
+        summary = run(spec, RunOptions()).to_json()
         evaluations = tracking.metric_history(summary["run_id"], "eval_return_mean")
         results[spec.name] = {
             "algorithm": spec.algorithm, "env": spec.env.id, "goal": spec.stop.mean_return,

@@ -88,6 +88,7 @@ def main() -> None:
     from deepyard import cluster, tracking
     from deepyard.runners import deploy
     from deepyard.runners.train import run
+    from deepyard.runners.summary import RunOptions
     from deepyard.serve.options import EndpointOptions
     from deepyard.spec import load_spec
 
@@ -97,7 +98,7 @@ def main() -> None:
                      "max_batch_size": args.max_batch_size}
     # deepyard deploy's default on a local cluster: Serve's HAProxy high-throughput mode
     with cluster.connected(local_env=None if args.no_fast_proxy else cluster.serve_env()):
-        summary = run(spec)
+        summary = run(spec, RunOptions()).to_json()
         name, version = summary["model_name"], summary["model_version"]
         sample = tracking.input_example(name, version)[:1].tolist()
         body = {"instances": sample}
@@ -122,7 +123,8 @@ def main() -> None:
                 for server, url in (("plain", plain_url), ("deepyard", deepyard_url)):
                     requests = args.requests if concurrency == 1 else 2 * args.requests
                     results[f"{server}_c{concurrency}"] = asyncio.run(load(url, body, concurrency, requests))
-                    print(json.dumps({f"{server}_c{concurrency}": results[f"{server}_c{concurrency}"]}), file=sys.stderr)
+                    key = f"{server}_c{concurrency}"
+                    print(json.dumps({key: results[key]}), file=sys.stderr)
         finally:
             plain.terminate()
             plain.wait()

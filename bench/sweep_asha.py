@@ -47,6 +47,7 @@ def main() -> None:
     os.environ["DEEPYARD_HOME"] = tempfile.mkdtemp(prefix="deepyard-sweep-bench-")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from deepyard import cluster
+    from deepyard.runners.summary import RunOptions
     from deepyard.runners.sweep import run
     from deepyard.spec import parse_spec
 
@@ -57,7 +58,7 @@ def main() -> None:
                               str(ROOT / "bench/sweep_asha.py"),
                               [f"base.train.epochs={args.epochs}", "base.train.early_stopping=null"])
             started = time.perf_counter()
-            summary = run(spec)
+            summary = run(spec, RunOptions()).to_json()
             wall = time.perf_counter() - started
             results[scheduler] = {
                 "wall_s": wall, "trial_epochs": summary["trial_epochs"], "trials": summary["trials"],

@@ -7,8 +7,11 @@ as a killed process would), once, right after it reported epoch ``epoch`` with i
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -25,9 +28,35 @@ def clear() -> None:
 
 
 def install() -> None:
-    """Wrap the Ray Train edge [4] of the training loop (``TrainWorker.report``)."""
-    from deepyard.runners import edges
+    """Wrap the Ray Train edge [4] of the training loop (``TrainWorker.report``) once a worker imports
+    it: importing it here would load torch into every Ray worker, trainer or not."""
+    module = sys.modules.get(EDGES)
+    if module is not None:
+        _wrap(module)
+    else:
+        sys.meta_path.insert(0, _WrapOnImport())
 
+
+EDGES = "deepyard.runners.edges"
+
+
+class _WrapOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != EDGES:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        execute = spec.loader.exec_module
+
+        def exec_then_wrap(module):
+            execute(module)
+            _wrap(module)
+
+        spec.loader.exec_module = exec_then_wrap
+        return spec
+
+
+def _wrap(edges) -> None:
     report = edges.TrainWorker.report
 
     def report_then_maybe_crash(self, metrics, directory):

@@ -114,7 +114,8 @@ def agents(ray_cluster, tmp_path_factory):
     folder = tmp_path_factory.mktemp("rl")
     results = {}
     for algorithm, env, training in [("ppo", "CartPole-v1", "{train_batch_size_per_learner: 500, minibatch_size: 64}"),
-                                     ("dqn", "CartPole-v1", "{num_steps_sampled_before_learning_starts: 100, n_step: [2, 3]}"),
+                                     ("dqn", "CartPole-v1",
+                                      "{num_steps_sampled_before_learning_starts: 100, n_step: [2, 3]}"),
                                      ("sac", "Pendulum-v1", "{num_steps_sampled_before_learning_starts: 100}"),
                                      ("appo", "Acrobot-v1", "{train_batch_size_per_learner: 500}")]:
         spec = folder / f"{algorithm}.yaml"
@@ -228,7 +229,8 @@ def test_a_sweep_takes_an_rl_base_from_a_file_or_inline(tmp_path):
 
 
 @pytest.mark.parametrize(("space", "scheduler", "message"), [
-    ("{training.lrr: {uniform: [0.1, 0.2]}}", "{name: fifo}", "space.training.lrr=0.1: training.lrr: ppo does not take"),
+    ("{training.lrr: {uniform: [0.1, 0.2]}}", "{name: fifo}",
+     "space.training.lrr=0.1: training.lrr: ppo does not take"),
     ("{training.lr: {uniform: [0.1, 0.2]}}", "{name: pbt, mutations: {model.hidden_sizes: {choice: [[8], [16]]}}}",
      "scheduler.mutations.model.hidden_sizes: PBT copies a trial's state"),
     ("{env.id: {choice: [CartPole-v1, CartPole-v9]}}", "{name: fifo}", "unknown gymnasium environment 'CartPole-v9'"),
@@ -240,7 +242,8 @@ def test_bad_rl_sweeps_exit_2_before_ray_starts(cli, write_spec, space, schedule
 
 def test_a_sweep_refuses_a_deploy_base_and_a_min_mode_for_returns(cli, write_spec):
     text = sweep_text().replace("  kind: rl\n", "  kind: deploy\n")
-    assert "a sweep varies a job of kind rl or train, not a 'deploy' job" in cli("validate", write_spec(text), expect=2).stderr
+    stderr = cli("validate", write_spec(text), expect=2).stderr
+    assert "a sweep varies a job of kind rl or train, not a 'deploy' job" in stderr
     assert "maximizes the return" in cli("validate", write_spec(sweep_text() + "mode: min\n"), expect=2).stderr
 
 
@@ -314,7 +317,7 @@ def test_an_interrupted_rl_job_resumes_from_its_checkpoint(ray_cluster, cli, wri
     cli("run", path, expect=130)
     monkeypatch.setattr(rl, "stop_reason", real_stop_reason)
     spec = parse_spec(__import__("yaml").safe_load(open(path).read()))
-    run_id = tracking.latest_run(spec.experiment, spec.name, {"deepyard.task": "rl"}).info.run_id
+    run_id = tracking.latest_run(spec.experiment, spec.name, {"deepyard.task": "rl_policy"}).info.run_id
     assert tracking.client().get_run(run_id).info.status == "KILLED"
     steps_before = tracking.metric_history(run_id, "timesteps")
 

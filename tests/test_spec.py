@@ -134,7 +134,8 @@ def test_a_sweep_of_a_kind_that_cannot_be_swept_names_the_ones_that_can():
         parse_spec({"kind": "sweep", "name": "s", "base": {"kind": "deploy", "name": "d", "models": []},
                     "space": {"x": {"choice": [1]}}})
     problems = caught.value.problems
-    assert any(p.startswith("base.kind: a sweep varies a job of kind rl or train") and "'deploy'" in p for p in problems), problems
+    assert any(p.startswith("base.kind: a sweep varies a job of kind rl or train") and "'deploy'" in p
+               for p in problems), problems
 
 
 def test_cli_validate_exit_code_2_and_message(cli, write_spec):
@@ -158,7 +159,8 @@ def test_metric_the_task_never_reports(cli, write_spec):
 def test_missing_data_directory(cli, write_spec):
     spec = write_spec("name: t\ndata: {name: fashion_mnist, params: {path: /nonexistent/fm}}\nmodel: {name: cnn}\n")
     result = cli("validate", spec, expect=2)
-    assert "/nonexistent/fm does not exist" in result.stderr and "apt-get install dataset-fashion-mnist" in result.stderr
+    assert "/nonexistent/fm does not exist" in result.stderr
+    assert "apt-get install dataset-fashion-mnist" in result.stderr
 
 
 def test_csv_without_the_named_column(cli, write_spec, tmp_path):

@@ -91,7 +91,8 @@ register: {{model_name: pbt-mlp}}
     ("scheduler.mutations={model.params.hidden_sizes: {choice: [[16], [32]]}}",
      "scheduler.mutations.model.params.hidden_sizes: PBT copies weights between trials, so it can only perturb "
      "values that keep the model's shape, and model.params.hidden_sizes=[16] changes it"),
-    ("scheduler.mutations={optim.lr: {grid: [0.1, 0.2]}}", "scheduler.mutations.optim.lr: pbt samples, it cannot walk a grid"),
+    ("scheduler.mutations={optim.lr: {grid: [0.1, 0.2]}}",
+     "scheduler.mutations.optim.lr: pbt samples, it cannot walk a grid"),
     ("scheduler.mutations={optim.lrr: {uniform: [0.1, 0.2]}}", "optim.lrr: unknown field; did you mean 'lr'?"),
     ("scheduler.mutations={}", "pbt needs mutations"),
     ("search=optuna", "scheduler pbt picks the next hyperparameters itself; use search: random"),
@@ -137,7 +138,8 @@ def test_sweep_tracks_nested_runs_registers_and_promotes(ray_cluster, cli, write
     for child in children:  # params are that trial's resolved config
         config = child.data.tags["deepyard.trial_config"]
         assert child.data.params["model.params.hidden_sizes"] in config
-        assert float(child.data.params["optim.lr"]) == pytest.approx(float(config.split('"optim.lr": ')[1].split(",")[0]))
+        sampled = float(config.split('"optim.lr": ')[1].split(",")[0])
+        assert float(child.data.params["optim.lr"]) == pytest.approx(sampled)
     best = client.get_run(summary["best_trial_run_id"])
     assert best.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert summary["model_version"] == "1" and summary["promotion"]["moved"]
@@ -205,7 +207,8 @@ def test_resume_after_interruption_does_not_rerun_finished_trials(ray_cluster, c
     process.send_signal(signal.SIGINT)  # Ctrl-C: Tune must not turn it into a normal, promoted end
     code = process.wait(timeout=90)
     assert code == 130, process.communicate()[1][-3000:]
-    (parent,) = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("deepyard.kind") == "sweep"]
+    (parent,) = [r for r in client.search_runs([experiment.experiment_id])
+                 if r.data.tags.get("deepyard.kind") == "sweep"]
     assert parent.info.status == "KILLED"
     assert not [r for r in tracking.child_runs(parent.info.run_id) if r.info.status == "RUNNING"]
 

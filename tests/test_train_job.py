@@ -142,7 +142,8 @@ train: {epochs: 3, batch_size: 16}
     # the 11-year cycle's naive forecast (lookback 11 reaches one season back): on sunspots it is
     # worse than persistence, as the cycle's length drifts (bench/forecast.py: RMSE 36 against 30)
     assert metrics["test_rmse_seasonal_naive"] > metrics["test_rmse_persistence"]
-    assert metrics["test_rmse_vs_seasonal_naive"] == pytest.approx(metrics["test_rmse"] / metrics["test_rmse_seasonal_naive"])
+    assert metrics["test_rmse_vs_seasonal_naive"] == pytest.approx(
+        metrics["test_rmse"] / metrics["test_rmse_seasonal_naive"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(summary["run_id"], "plots")}
     assert "plots/forecast.png" in artifacts
 
@@ -174,3 +175,28 @@ def test_sigterm_stops_the_job_and_marks_its_run_killed(write_spec, tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert client.get_run(run.info.run_id).info.status == "KILLED"
+
+
+def test_a_saturated_validation_accuracy_registers_the_epoch_with_the_lowest_loss(ray_cluster, cli, write_spec):
+    """Wine's validation split (23 samples) is classified perfectly from the first epoch on (seed 1);
+    the loss goes on falling, from 0.75 to under 0.1. The registered model must be the tied epoch
+    with the lowest validation loss, not the first to reach 1.0, and early stopping must not stop
+    at the first tie plus its patience (both did: the earliest of tied epochs won)."""
+    spec = write_spec("""
+kind: train
+name: tiny_wine_ties
+data: {name: wine}
+model: {name: mlp, params: {hidden_sizes: [32]}}
+optim: {name: adam, lr: 0.003}
+train: {epochs: 12, batch_size: 8, seed: 1, early_stopping: {patience: 6}}
+""")
+    summary = run_job(cli, spec)
+    client = MlflowClient()
+    accuracy = {m.step: m.value for m in client.get_metric_history(summary["run_id"], "val_accuracy")}
+    loss = {m.step: m.value for m in client.get_metric_history(summary["run_id"], "val_loss")}
+    tied = [epoch for epoch, value in sorted(accuracy.items()) if value == max(accuracy.values())]
+    assert len(tied) >= 3, f"the validation accuracy did not saturate: {accuracy}"
+    assert summary["best_epoch"] == min(tied, key=loss.get) > tied[0]
+    assert summary["epochs_run"] > tied[0] + 6, "early stopping ended training at the first tie plus its patience"
+    version = client.get_model_version("tiny_wine_ties", summary["model_version"])
+    assert version.run_id == summary["run_id"]

@@ -14,8 +14,9 @@ from deepyard.settings import TRAIN_ENV
 def serve_env() -> dict[str, str]:
     """Ray Serve's high-throughput mode: HAProxy in front, requests straight to the replicas' own
     HTTP servers, gRPC inside. Seen here on 2 cores (bench/serve_latency.py): p50 at concurrency 1
-    from 6.8 ms to 1.5 ms, requests/s at 32 from 266 to ~615 with the niceness and thread settings. Serve reads these when its processes
-    start: a local cluster gets them from here, a long-lived cluster needs them in its environment.
+    from 6.8 ms to 1.5 ms, requests/s at 32 from 266 to ~615 with the niceness and thread settings.
+    Serve reads these when its processes start: a local cluster gets them from here, a long-lived
+    cluster needs them in its environment.
     HAProxy's files get a folder per DEEPYARD_HOME instead of one /tmp folder shared by everyone;
     a short one, since Ray nests a 56-character folder in it and HAProxy's socket paths end at 97."""
     import hashlib

@@ -6,7 +6,6 @@ every constructor argument is kept in ``args``.
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_JOB_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 from rich.console import Console
@@ -14,23 +14,33 @@ from rich.table import Table
 
 from deepyard import tracking
 
-SHOWN = {"train_loss": "train loss", "val_loss": "val loss", "val_accuracy": "val acc", "val_rmse": "val rmse",
-         "val_mae": "val mae", "val_bits_per_token": "val bits/token", "train_d_loss": "D loss",
-         "train_g_loss": "G loss", "val_confident_share": "confident", "val_min_class_share": "rarest class",
-         "lr": "lr", "samples_per_s": "samples/s", "tokens_per_s": "tokens/s"}
+# What every train job logs, after the task's own columns.
+COMMON = ("lr", "samples_per_s", "tokens_per_s")
+
+
+def columns() -> list[str]:
+    """The metrics a table shows, where a run has them: each task's ``shown``, then the common ones."""
+    from deepyard.tasks import progress_columns
+
+    return [*progress_columns(), *COMMON]
+
+
+def _label(key: str) -> str:
+    return key.replace("_per_s", "/s").replace("_", " ")
 
 
 def _table(metrics: dict[str, float], epochs: int, elapsed: float, first_epoch_at: float | None) -> Table:
     epoch = int(metrics.get("epoch", 0))
     table = Table(box=None, show_header=True, header_style="bold")
-    for column in ("epoch", *(label for key, label in SHOWN.items() if key in metrics), "elapsed", "eta"):
+    shown = [key for key in columns() if key in metrics]
+    for column in ("epoch", *map(_label, shown), "elapsed", "eta"):
         table.add_column(column, justify="right", no_wrap=True)
     if epoch and first_epoch_at is not None:
         per_epoch = (elapsed - first_epoch_at) / max(epoch - 1, 1) if epoch > 1 else first_epoch_at
         eta = f"{per_epoch * (epochs - epoch):.0f}s"
     else:
         eta = "starting" if not epoch else "-"
-    values = [f"{metrics[key]:.4g}" for key in SHOWN if key in metrics]
+    values = [f"{metrics[key]:.4g}" for key in shown]
     table.add_row(f"{epoch}/{epochs}", *values, f"{elapsed:.0f}s", eta)
     return table
 
@@ -63,8 +73,10 @@ def _live(first: Table, render: Callable[[], Table], interval_s: float, console:
     console.line()
 
 
-def watch(run_id: str, epochs: int, console: Console):
-    """A train job's latest epoch: metrics, elapsed time and ETA; every second."""
+def watch(run_id: str, epochs: int, console: Console | None):
+    """A train job's latest epoch: metrics, elapsed time and ETA; every second (None: quiet)."""
+    if console is None:
+        return nullcontext()
     started = time.monotonic()
     first_epoch_at: list[float] = []
 
@@ -94,7 +106,8 @@ def _sweep_table(parent_run_id: str, paths: list[str], metric: str, mode: str) -
         current = run.data.metrics.get(metric)
         trial = run.data.tags.get("deepyard.trial_id", "?").rsplit("_", 1)[-1]  # "5acb9_00003" -> "00003"
         table.add_row(trial, run.info.status.lower(), *values,
-                      str(int(run.data.metrics.get("epoch", run.data.metrics.get("iteration", 0)))), f"{current:.4g}" if current is not None else "-")
+                      str(int(run.data.metrics.get("epoch", run.data.metrics.get("iteration", 0)))),
+                      f"{current:.4g}" if current is not None else "-")
     return table
 
 

@@ -1,4 +1,5 @@
-"""Name -> builder tables, one per extension point (models, data sets, optimizers, schedules).
+"""Name -> builder tables, one per extension point (models, data sets, optimizers; tasks and job kinds
+have their own: ``tasks.TASKS``, ``spec.KINDS``).
 
 A builder's keyword arguments are the schema of its ``params:`` in a spec, so a spec can be
 checked against it before anything is built. Names from YAML resolve here, never as import paths.

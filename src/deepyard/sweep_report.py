@@ -41,8 +41,9 @@ def close_trials(parent_run_id: str, metric: str, mode: str, errored_dirs: set[s
     A trial a scheduler stopped had its actors killed mid-fit, so its run is left RUNNING (or
     FAILED, if the trial saw the kill as an error): unless Tune says the trial errored (its trial
     directory is in ``errored_dirs``), it becomes KILLED with ``deepyard.stopped_early``. A finished
-    inline trial's final checkpoint is Tune's (``final_checkpoints``, by trial id): it is tagged here. A trial that ran again after
-    ``--resume`` keeps its newest run; the interrupted ones are marked ``deepyard.interrupted``.
+    inline trial's final checkpoint is Tune's (``final_checkpoints``, by trial id): it is tagged here.
+    A trial that ran again after ``--resume`` keeps its newest run; the interrupted ones are marked
+    ``deepyard.interrupted``.
     """
     latest: dict[str, Any] = {}
     for run in sorted(tracking.child_runs(parent_run_id), key=lambda r: r.info.start_time):

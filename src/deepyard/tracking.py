@@ -430,7 +430,8 @@ def promote(name: str, version: str, alias: str, *, only_if_better: bool, metric
                 return {**decision, "moved": False, "reason": reason}
             reason = f"version {version}'s {metric} {new_score:.4g} beats version {holder.version}'s {float(old):.4g}"
         else:
-            reason = f"{alias!r} moved from version {holder.version} (not compared: only_if_better is off or it has no {metric})"
+            reason = (f"{alias!r} moved from version {holder.version} (not compared: only_if_better is off "
+                      f"or it has no {metric})")
     else:
         reason = f"no version held {alias!r} yet"
     mlflow_client.set_registered_model_alias(name, alias, version)

@@ -32,8 +32,8 @@ def submit(
                                                                       "the same id again changes nothing")] = None,
     ship_code: Annotated[bool, typer.Option("--ship-code/--no-ship-code", help="send this checkout's deepyard "
                                             "package (off: the cluster's image has it)")] = True,
-    env: Annotated[Optional[list[str]], typer.Option("--env", help="send an environment variable to the job: "
-                                                                  "KEY (its value here) or KEY=VALUE; repeatable")] = None,
+    env: Annotated[Optional[list[str]], typer.Option(
+        "--env", help="send an environment variable to the job: KEY (its value here) or KEY=VALUE; repeatable")] = None,
     follow: Annotated[bool, typer.Option("--follow", help="stream the job's logs until it ends")] = False,
     json_output: JsonOutput = False,
 ) -> None:
@@ -96,7 +96,8 @@ def jobs_status(job_id: JobId, address: ApiAddress = None, json_output: JsonOutp
 @jobs_app.command("logs")
 @user_errors
 def jobs_logs(job_id: JobId, address: ApiAddress = None,
-              follow: Annotated[bool, typer.Option("--follow", "-f", help="stream until the job ends")] = False) -> None:
+              follow: Annotated[bool, typer.Option("--follow", "-f", help="stream until the job ends")] = False,
+              ) -> None:
     """A job's driver output."""
     from deepyard import submit as submitting
 

@@ -16,7 +16,8 @@ from deepyard.cli.app import Address, JsonOutput, app, err, out, user_errors
 @app.command()
 @user_errors
 def deploy(
-    models: Annotated[list[str], typer.Argument(help="NAME (its @champion), NAME@alias or NAME:version; several allowed")],
+    models: Annotated[list[str], typer.Argument(
+        help="NAME (its @champion), NAME@alias or NAME:version; several allowed")],
     host: Annotated[str, typer.Option(help="HTTP host; 0.0.0.0 to listen beyond this machine")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
     replicas: Annotated[Optional[int], typer.Option(help="fixed replicas per model")] = None,
@@ -78,7 +79,8 @@ def endpoints(address: Address = None,
 @user_errors
 def predict(
     name: Annotated[str, typer.Argument(help="deployed model name")],
-    input_: Annotated[Path, typer.Option("--input", help='a JSON file ({"instances": [...]} or a list) or a PNG image')],
+    input_: Annotated[Path, typer.Option(
+        "--input", help='a JSON file ({"instances": [...]} or a list) or a PNG image')],
     url: Annotated[str, typer.Option(help="the Serve HTTP address")] = "http://127.0.0.1:8000",
 ) -> None:
     """Send inputs to a deployed model and print its answer."""

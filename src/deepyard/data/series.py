@@ -1,7 +1,8 @@
 """Time series bundled with statsmodels, as next-value forecasting windows: no download, ever.
 
 Each sample is the last ``lookback`` observations, shape (lookback, 1); its target is the next
-one, or the next ``horizon`` ones (a direct multi-step forecast: one output per step ahead). With ``difference``, observations are week-to-week (or year-to-year) changes and the target is
+one, or the next ``horizon`` ones (a direct multi-step forecast: one output per step ahead). With
+``difference``, observations are week-to-week (or year-to-year) changes and the target is
 the next change: a trending series (CO2) becomes one a model can learn without extrapolating past
 the levels it was trained on; the next level is the last one plus the predicted change, with the
 same error. Samples stay in time order (``RawData.ordered``): the splits are the earliest span for

@@ -26,7 +26,8 @@ def breast_cancer() -> RawData:
 
     bunch = datasets.load_breast_cancer()
     return RawData(bunch.data, bunch.target, "classification",
-                   class_names=list(bunch.target_names), feature_names=list(bunch.feature_names))
+                   class_names=[str(n) for n in bunch.target_names],  # plain str: numpy's do not serialize
+                   feature_names=[str(n) for n in bunch.feature_names])
 
 
 @DATASETS.register("wine")
@@ -36,7 +37,8 @@ def wine() -> RawData:
 
     bunch = datasets.load_wine()
     return RawData(bunch.data, bunch.target, "classification",
-                   class_names=list(bunch.target_names), feature_names=list(bunch.feature_names))
+                   class_names=[str(n) for n in bunch.target_names],  # plain str: numpy's do not serialize
+                   feature_names=[str(n) for n in bunch.feature_names])
 
 
 @DATASETS.register("diabetes")

@@ -210,6 +210,7 @@ def fit_vocabulary(splits: Splits, raw: RawData) -> Splits:
     recode[kept] = np.arange(2, len(kept) + 2)
     splits.vocab = ["<pad>", "<unk>"] + [raw.symbols[code] for code in kept]
     splits.join_with = raw.join_with
-    for name in ("x_train", "x_val", "x_test") + (("y_train", "y_val", "y_test") if raw.task == "language_model" else ()):
+    targets_are_tokens = raw.task == "language_model"
+    for name in ("x_train", "x_val", "x_test") + (("y_train", "y_val", "y_test") if targets_are_tokens else ()):
         setattr(splits, name, recode[getattr(splits, name)])
     return splits

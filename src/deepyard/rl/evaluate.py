@@ -11,6 +11,7 @@ from deepyard import tracking
 from deepyard.errors import BadInput
 from deepyard.rl.algorithms import make_env
 from deepyard.rl.policy import play, save_gif
+from deepyard.tasks.rl_policy import RLPolicy
 
 
 def resolve(ref: str) -> tuple[str, str]:
@@ -27,7 +28,7 @@ def resolve(ref: str) -> tuple[str, str]:
 def evaluate(ref: str, *, episodes: int, seed: int = 0, render: Path | None = None) -> dict[str, Any]:
     name, version = resolve(ref)
     policy, metadata = tracking.load_model(name, version)
-    if metadata.get("task") != "rl_policy":
+    if metadata.get("task") != RLPolicy.name:  # (a refusal, not a branch: only a policy plays)
         raise BadInput(f"model {name!r} version {version} is a {metadata.get('task')} model, not an RL policy")
     env = make_env(metadata["env_id"], metadata.get("env_kwargs") or {},
                    **({"render_mode": "rgb_array"} if render else {}))

@@ -52,7 +52,7 @@ def start(endpoints: list[EndpointOptions], *, host: str, port: int,
 
     from deepyard.serve.app import build_app
 
-    resolved = resolved or check(endpoints)
+    resolved = resolved or resolve(endpoints)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # deepyard prints what matters itself
     serve.start(http_options={"host": host, "port": port}, logging_config=LOGGING)
     for options, info in zip(endpoints, resolved):

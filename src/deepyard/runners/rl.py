@@ -48,7 +48,8 @@ def evaluated(spec: RLJob, iteration: int) -> bool:
     return bool(spec.evaluation.interval) and iteration % spec.evaluation.interval == 0
 
 
-def iteration_metrics(result: dict, evaluated: bool = True, previous_timesteps: float | None = None) -> dict[str, float]:
+def iteration_metrics(result: dict, evaluated: bool = True,
+                      previous_timesteps: float | None = None) -> dict[str, float]:
     """The numbers worth a chart from one ``Algorithm.train()`` result: returns, lengths, steps,
     throughput, and every learner loss (the evaluation's only when it ran this iteration)."""
     metrics = {name: float(value) for path, name in RESULT_METRICS.items()  # (NaN: not measured this time)
@@ -99,7 +100,8 @@ def train_iterations(spec: RLJob, algo, run_id: str) -> Iterator[tuple[int, dict
 def _print_iteration(console, iteration: int, metrics: dict[str, float], elapsed: float) -> None:
     nan = float("nan")
     evaluation = f" eval {metrics['eval_return_mean']:.1f}" if "eval_return_mean" in metrics else ""
-    console.print(f"iter {iteration} steps {metrics.get('timesteps', 0):.0f} return {metrics.get('return_mean', nan):.1f} "
+    console.print(f"iter {iteration} steps {metrics.get('timesteps', 0):.0f} "
+                  f"return {metrics.get('return_mean', nan):.1f} "
                   f"[{metrics.get('return_min', nan):.0f}, {metrics.get('return_max', nan):.0f}]{evaluation} "
                   f"{metrics.get('env_steps_per_s', 0):.0f} steps/s {elapsed:.0f}s", highlight=False, soft_wrap=True)
 
@@ -132,7 +134,8 @@ def log_policy(spec: RLJob, policy, run_id: str, spaces, registered_name: str | 
                 "algorithm": spec.algorithm, "input_shape": list(spaces[0].shape),
                 "action_space": str(spaces[1]), "job": spec.name}
     outcome = tracking.log_model(run_id, policy, example, registered_name=registered_name, metadata=metadata,
-                                 version_tags={**{f"metric.{k}": f"{v:.6g}" for k, v in test.items()}, "run_id": run_id})
+                                 version_tags={**{f"metric.{k}": f"{v:.6g}" for k, v in test.items()},
+                                               "run_id": run_id})
     return {**outcome, "gif_return": gif_return, "test_metrics": test}
 
 
@@ -168,7 +171,8 @@ def save(algo, folder: Path) -> None:
 
 def interrupted_run(spec: RLJob) -> str:
     """The newest run of this job, if it was stopped or failed and left a checkpoint; else BadInput."""
-    last = tracking.latest_run(spec.experiment, spec.name, {"deepyard.task": RLPolicy.name})
+    last = (tracking.latest_run(spec.experiment, spec.name, {"deepyard.task": RLPolicy.name})
+            or tracking.latest_run(spec.experiment, spec.name, {"deepyard.task": "rl"}))  # (older runs' tag)
     if last is None:
         raise BadInput(f"--resume: no earlier run of {spec.name!r} in experiment {spec.experiment!r}; "
                        "run it without --resume")

@@ -139,7 +139,7 @@ def check(spec: SweepJob) -> str:
     return f"base kind={spec.base.kind} {checked.described}"
 
 
-def _best(finished: list[dict], mode: str) -> dict:
+def best_trial(finished: list[dict], mode: str) -> dict:
     """The best trial; among trials that tie on the metric, the lower tie-breaker (the best epoch's
     validation loss) wins, as it does between epochs."""
     sign = 1 if mode == "max" else -1
@@ -198,7 +198,7 @@ def run(spec: SweepJob, options: RunOptions) -> RunSummary:
         finished = [t for t in closed if t["checkpoint"] and t["best"] is not None and math.isfinite(t["best"])]
         if not finished:
             raise JobFailed("no trial finished; see the child runs' errors in MLflow")
-        best = _best(finished, mode)
+        best = best_trial(finished, mode)
         summary = sweep_report.log_summary(parent, closed, best, spec.varied_paths, metric, mode,
                                            wall_s=run.elapsed())
         run.lap("report")

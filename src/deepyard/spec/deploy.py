@@ -21,8 +21,8 @@ class DeployJob(JobBase):
     """Registered models served over HTTP by Ray Serve, one application per model (`deepyard deploy`)."""
 
     kind: Literal["deploy"]
-    models: list[EndpointOptions] = Field(min_length=1, description="one entry per model: model: NAME[@alias|:version], "
-                                                                    "replicas, batching, limits...")
+    models: list[EndpointOptions] = Field(
+        min_length=1, description="one entry per model: model: NAME[@alias|:version], replicas, batching, limits...")
     http: HttpSpec = Field(default_factory=HttpSpec)
     detach: bool = Field(False, description="leave the endpoints on the running cluster (needs --address)")
     fast_proxy: bool = Field(True, description="local cluster: Serve's HAProxy high-throughput mode")

@@ -69,7 +69,8 @@ class SweepJob(JobBase):
     @model_validator(mode="after")
     def _pbt_fits(self) -> "SweepJob":
         if not self.space and self.scheduler.name != "pbt":
-            raise ValueError("space is empty: give at least one path to vary, e.g. optim.lr: {loguniform: [1e-4, 1e-2]}")
+            raise ValueError("space is empty: give at least one path to vary, "
+                             "e.g. optim.lr: {loguniform: [1e-4, 1e-2]}")
         if self.scheduler.name == "pbt":
             if self.search != "random":
                 raise ValueError(f"scheduler pbt picks the next hyperparameters itself; use search: random "

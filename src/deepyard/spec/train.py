@@ -44,7 +44,8 @@ class DataSpec(Section):
     params: dict[str, Any] = Field(default_factory=dict, description="the data set builder's keyword arguments")
     val_fraction: float = Field(0.15, gt=0, lt=1, description="share of the training data held out for validation")
     test_fraction: float = Field(0.15, ge=0, lt=1,
-                                 description="share held out for the test; unused where a data set has its own test split")
+                                 description="share held out for the test; unused where a data set has its own "
+                                             "test split")
     max_train_samples: PositiveInt | None = Field(None, description="train on at most this many samples (quick runs)")
     augment: AugmentSpec | None = Field(None, description="random shifts and rotations of training images")
 
@@ -65,7 +66,8 @@ class OptimSpec(Section):
     name: str = Field("adam", description=f"an optimizer: {_names('optim')}")
     lr: PositiveFloat = Field(1e-3, description="learning rate (the peak rate under a schedule)")
     weight_decay: NonNegativeFloat = Field(0.0, description="L2 penalty (decoupled for adamw)")
-    params: dict[str, Any] = Field(default_factory=dict, description="momentum, nesterov, betas...: the optimizer's own")
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="momentum, nesterov, betas...: the optimizer's own")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
 
 
@@ -141,7 +143,8 @@ class TrainJob(JobBase):
             if not isinstance(name, str):
                 continue  # the structural pass reports it
             if name not in registry:
-                problems.append(f"{dotted}{section}.name: {unknown_name_message(registry.what, name, registry.names())}")
+                unknown = unknown_name_message(registry.what, name, registry.names())
+                problems.append(f"{dotted}{section}.name: {unknown}")
                 continue
             params = body.get("params", {})
             if not isinstance(params, dict):
