@@ -159,11 +159,13 @@ def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client().get_metric_history(run_id, key)]
 
 
-def log_figure(run_id: str, figure, artifact_file: str) -> None:
+def log_figure(run_id: str, figure, artifact_file: str, uri: str | None = None) -> None:
     import matplotlib.pyplot as plt
 
-    client().log_figure(run_id, figure, artifact_file)
-    plt.close(figure)  # pyplot keeps every figure alive otherwise
+    try:
+        client(uri).log_figure(run_id, figure, artifact_file)
+    finally:
+        plt.close(figure)  # pyplot keeps every figure alive otherwise
 
 
 def log_text(run_id: str, text: str, artifact_file: str, uri: str | None = None) -> None:
@@ -185,21 +187,16 @@ def log_artifacts(run_id: str, folder: str, artifact_path: str | None = None) ->
 def log_outputs(run_id: str, artifacts: dict[str, Any], uri: str | None = None, *, strict: bool = True) -> None:
     """Artifact path -> text or matplotlib figure, as a task returns them. Not ``strict`` (samples
     logged while training): a failed write is printed, never raised: it must not stop training."""
-    import matplotlib.pyplot as plt
-
     for path, item in artifacts.items():
         try:
             if isinstance(item, str):
                 client(uri).log_text(run_id, item, path)
             else:
-                client(uri).log_figure(run_id, item, path)
+                log_figure(run_id, item, path, uri)
         except Exception as error:
             if strict:
                 raise
             print(f"could not log {path}: {error}")
-        finally:
-            if not isinstance(item, str):
-                plt.close(item)
 
 
 def run_status(run_id: str) -> str:
