@@ -211,7 +211,8 @@ model: {name: %s, params: %s}
 @pytest.mark.parametrize(("model", "params", "message"), [
     ("transformer_decoder", "{context_length: 16}", "sequences have 32 tokens but the model's context_length is 16"),
     ("transformer_decoder", "{width: 30}", "width 30 is not divisible by heads 4"),
-    ("transformer_encoder", "{}", "transformer_encoder is not a language model"),
+    ("transformer_encoder", "{}",
+     "'transformer_encoder' does not fit data 'shakespeare_char': it is not a language model"),
     ("mlp", "{}", "model 'mlp' reads numbers but data 'shakespeare_char' is text"),
 ])
 def test_bad_sequence_settings_exit_2_before_ray_starts(cli, write_spec, model, params, message):

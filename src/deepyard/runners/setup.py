@@ -18,7 +18,8 @@ from deepyard.models import MODELS
 from deepyard.models.pipeline import Pipeline
 from deepyard.optim import OPTIMIZERS
 from deepyard.spec import TrainJob
-from deepyard.tasks import make_task
+from deepyard.tasks import TASKS
+from deepyard.tasks.generation import Generation
 from deepyard.tasks.base import selectable
 
 
@@ -37,24 +38,13 @@ def build(spec: TrainJob, splits: Splits):
                         if splits.is_text else "mlp, cnn, lstm, gru or rnn"))
     net = MODELS.build(spec.model.name, spec.model.params, in_shape=splits.in_shape,
                        num_outputs=splits.num_outputs, vocab_size=len(splits.vocab) if splits.is_text else None)
-    if splits.task == "language_model" and not getattr(net, "predicts_every_step", False):
-        raise BadInput(f"model {spec.model.name!r}: {spec.model.name} is not a language model (it predicts one "
-                       f"output per text); data {spec.data.name!r} needs next-token predictions: use "
-                       "transformer_decoder")
-    if getattr(net, "generative", False):
-        return _generative(spec, splits, net)
+    # A generative model's task is generation, whatever the data's labels; otherwise the data's task.
+    task_class = TASKS[Generation.name if getattr(net, "generative", False) else splits.task]
+    if problem := task_class.fits(net, splits):
+        raise BadInput(f"model {spec.model.name!r} does not fit data {spec.data.name!r}: {problem}")
     target_mean, target_std = splits.target_stats()
-    task = make_task(splits.task, num_classes=splits.num_outputs, target_mean=target_mean, target_std=target_std)
-    return Pipeline(net, splits.input_stats()), task
-
-
-def _generative(spec: TrainJob, splits: Splits, net):
-    """A GAN sees pixels scaled to [-1, 1], and its task is generation whatever the data's labels."""
-    if not splits.is_image or splits.task != "classification":
-        raise BadInput(f"model {spec.model.name!r} generates labelled images; data {spec.data.name!r} is not an "
-                       "image classification data set (use digits, fashion_mnist or mnist_idx)")
-    half = np.full((splits.in_shape[0], 1, 1), float(splits.x_train.max()) / 2, dtype=np.float32)
-    return Pipeline(net, (half, half)), make_task("generation", num_classes=splits.num_outputs)
+    task = task_class(num_classes=splits.num_outputs, target_mean=target_mean, target_std=target_std)
+    return Pipeline(net, task.input_stats(splits)), task
 
 
 def monitored(spec_metric: str | None, spec_mode: str | None, task) -> tuple[str, str]:

@@ -51,6 +51,13 @@ class Task(Protocol):
     target_unit: ClassVar[str | None]  # "tokens": throughput is also logged per token
     codec: ClassVar[Codec]
 
+    @staticmethod
+    def fits(net: nn.Module, splits) -> str | None:
+        """Why this network cannot learn the task on this data (checked before Ray starts), or None."""
+
+    def input_stats(self, splits) -> tuple | None:
+        """The (mean, std) the served pipeline standardizes raw inputs with (None: token ids as they are)."""
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
 
     def batch_sums(self, outputs: torch.Tensor, targets: torch.Tensor,
@@ -95,6 +102,13 @@ class Supervised:
     data_parallel: ClassVar[bool] = True
     tie_breaker: ClassVar[str | None] = "val_loss"
     target_unit: ClassVar[str | None] = None
+
+    @staticmethod
+    def fits(net: nn.Module, splits) -> str | None:
+        return None
+
+    def input_stats(self, splits) -> tuple | None:
+        return splits.input_stats()
 
     def epoch_metrics(self, model: nn.Module, splits, seed: int) -> dict[str, float]:
         return {}

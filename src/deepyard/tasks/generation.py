@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,6 +103,18 @@ class Generation(Supervised):
         self.num_classes = num_classes
         self.reference: nn.Module | None = None
         self.reference_accuracy: float | None = None
+
+    @staticmethod
+    def fits(net: nn.Module, splits) -> str | None:
+        if not splits.is_image or splits.task != "classification":
+            return ("a GAN generates labelled images; this is not an image classification data set "
+                    "(use digits, fashion_mnist or mnist_idx)")
+        return None
+
+    def input_stats(self, splits) -> tuple:
+        """Pixels scaled to [-1, 1]: mean = std = half the largest pixel value."""
+        half = np.full((splits.in_shape[0], 1, 1), float(splits.x_train.max()) / 2, dtype=np.float32)
+        return half, half
 
     def train_step(self, model, optimizer, scheduler, real, targets, *, use_amp: bool,
                    grad_clip: float | None) -> torch.Tensor:

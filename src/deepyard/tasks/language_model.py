@@ -49,6 +49,13 @@ class LanguageModel(Supervised):
     def __init__(self, **_: object):
         pass
 
+    @staticmethod
+    def fits(net: nn.Module, splits) -> str | None:
+        if not getattr(net, "predicts_every_step", False):
+            return ("it is not a language model (it predicts one output per text); this data needs next-token "
+                    "predictions: use transformer_decoder")
+        return None
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs.flatten(0, 1), targets.flatten())
 
