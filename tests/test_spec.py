@@ -220,3 +220,15 @@ def test_error_text_is_printed_verbatim(cli, write_spec, tmp_path):
     table.write_text("[mm],[/x],label\n1,2,a\n3,4,b\n")
     spec = write_spec(f"name: t\ndata: {{name: csv, params: {{path: {table}, target: nope}}}}\nmodel: {{name: mlp}}\n")
     assert "(columns: [mm], [/x], label)" in cli("validate", spec, expect=2).stderr
+
+
+def test_a_sweep_needs_a_base_and_registers_under_its_own_name():
+    with pytest.raises(SpecError) as caught:
+        parse_spec({"kind": "sweep", "name": "swp", "space": {"optim.lr": {"uniform": [0.1, 0.2]}}})
+    assert "base: required field is missing" in caught.value.problems
+    base = {"kind": "train", "name": "basejob", "data": {"name": "digits"}, "model": {"name": "mlp"}}
+    sweep = parse_spec({"kind": "sweep", "name": "swp", "base": base, "space": {"optim.lr": {"uniform": [0.1, 0.2]}}})
+    assert sweep.model_name == "swp"  # not the base job's model: a sweep must not add versions to it
+    named = {**base, "register": {"model_name": "shared"}}
+    assert parse_spec({"kind": "sweep", "name": "swp", "base": named,
+                       "space": {"optim.lr": {"uniform": [0.1, 0.2]}}}).model_name == "shared"

@@ -120,8 +120,7 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
         if log:
             log({**metrics, **hyperparameters}, epoch)
             log.flush()  # a scheduler may stop this trial at the report: its epochs are in MLflow first
-            tracking.log_outputs(config["run_id"], task.epoch_artifacts(plain_model, splits, epoch),
-                                 config["tracking_uri"], strict=False)  # a nicety: never stops training
+            _log_epoch_artifacts(config, task, plain_model, splits, epoch)
 
         state = None
         if epoch % spec.checkpoint.every_n_epochs == 0 and rank == 0:
@@ -149,6 +148,16 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
     with checkpoints.staged(final) as directory:
         edges.report(selection.final_report(best_value, best["tie"], epoch), directory)
     return {"value": best_value, "tie": best["tie"]} if rank == 0 else None
+
+
+def _log_epoch_artifacts(config: dict[str, Any], task, model, splits: Splits, epoch: int) -> None:
+    """The task's samples of this epoch (texts, image grids): a nicety that must never stop training."""
+    try:
+        artifacts = task.epoch_artifacts(model, splits, epoch)
+    except Exception as error:
+        print(f"could not make epoch {epoch}'s samples: {error}")
+        return
+    tracking.log_outputs(config["run_id"], artifacts, config["tracking_uri"], strict=False)
 
 
 def _throughput(count: float, seconds: float, task, splits: Splits) -> dict[str, float]:

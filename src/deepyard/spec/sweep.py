@@ -48,9 +48,9 @@ class SweepJob(JobBase):
     """Hyperparameter search on Ray Tune; each trial is a job of the base's kind."""
 
     kind: Literal["sweep"]
-    # (SweepBase: the union of the kinds that can be a sweep's base, bound by bind_bases())
-    base: SweepBase = Field(  # noqa: F821 (bound below)description="the job to vary (kind train or rl): a spec path (e.g. "
-                                        "jobs/digits_mlp.yaml) or inline")
+    # SweepBase: the union of the kinds that can be a sweep's base, bound by bind_bases()
+    base: SweepBase = Field(  # noqa: F821
+        description="the job to vary (kind train or rl): a spec path (e.g. jobs/digits_mlp.yaml) or inline")
     space: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="dotted spec path -> {distribution: args}, e.g. optim.lr: {loguniform: [1e-4, 1e-2]}, "
@@ -85,7 +85,7 @@ class SweepJob(JobBase):
 
     @property
     def model_name(self) -> str:
-        return self.register.model_name or getattr(self.base, "model_name", None) or self.name
+        return self.register.model_name or self.base.register.model_name or self.name
 
     @classmethod
     def prepare(cls, document: dict, source: str, problems: list[str]) -> None:
