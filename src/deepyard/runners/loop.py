@@ -1,5 +1,5 @@
-"""Pieces of the training loop that have no Ray in them: a step, evaluation, all-reduce, which epoch
-is best, early stopping."""
+"""Pieces of the training loop that have no Ray in them: a step, all-reduce, which epoch is best,
+early stopping. (Evaluation is ``tasks.base.evaluate_sums``: the tasks score their test split with it.)"""
 
 from __future__ import annotations
 
@@ -31,13 +31,6 @@ def train_step(model, task, optimizer, scheduler, inputs, targets, *, use_amp: b
     optimizer.step()
     scheduler.step()
     return task.batch_sums(outputs.detach(), targets, loss)  # stays on the device: no sync per step
-
-
-def evaluate(model: torch.nn.Module, loader, task, device: torch.device) -> torch.Tensor:
-    """The task's metric sums over ``loader``, in one pass."""
-    from deepyard.tasks.base import evaluate_sums
-
-    return evaluate_sums(model, loader, task, device)
 
 
 def _tied(value: float, best: float) -> bool:
@@ -99,17 +92,17 @@ class EarlyStopping:
 
     def __init__(self, metric: str, mode: str, patience: int, min_delta: float, tie_breaker: str | None = None):
         self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
-        self.tie_breaker = tie_breaker if tie_breaker != metric else None
+        self.selection = Selection(metric, mode, tie_breaker)  # the same tie rule as the best epoch's
         self.best: float | None = None
         self.best_tie: float | None = None
         self.bad_epochs = 0
 
     def update(self, metrics: dict[str, float]) -> bool:
-        value = metrics[self.metric]
-        tie = metrics.get(self.tie_breaker) if self.tie_breaker else None
+        candidate = self.selection.of(metrics)
+        value, tie = candidate["value"], candidate["tie"]
         gain = (value - self.best if self.mode == "max" else self.best - value) if self.best is not None else None
-        tie_won = (gain is not None and _tied(value, self.best) and tie is not None
-                   and (self.best_tie is None or tie < self.best_tie))
+        tie_won = (gain is not None and _tied(value, self.best)
+                   and self.selection.better(value, tie, self.best, self.best_tie))
         if gain is None or gain > self.min_delta or tie_won:
             self.best, self.best_tie, self.bad_epochs = value, tie, 0
         else:

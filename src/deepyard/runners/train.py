@@ -19,10 +19,11 @@ from deepyard.data.augment import random_affine
 from deepyard.errors import BadInput, JobFailed
 from deepyard.optim import OPTIMIZERS, make_schedule, restore
 from deepyard.runners import checkpoints
-from deepyard.runners.loop import EarlyStopping, Selection, evaluate, reduce_sum, train_step
+from deepyard.runners.loop import EarlyStopping, Selection, reduce_sum, train_step
 from deepyard.runners.setup import build, eval_loader, load_data, monitored, preflight, train_loader
 from deepyard.runners.summary import RunOptions, RunSummary
 from deepyard.spec import TrainJob
+from deepyard.tasks.base import evaluate_sums
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -110,7 +111,7 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
         train_seconds = time.perf_counter() - started
         train_sums = reduce_sum(sums, device)
         metrics = {**task.metrics(train_sums, "train"),
-                   **task.metrics(reduce_sum(evaluate(plain_model, val_loader, task, device), device), "val"),
+                   **task.metrics(reduce_sum(evaluate_sums(plain_model, val_loader, task, device), device), "val"),
                    **_throughput(float(train_sums[-1]), train_seconds, task, splits),  # summed over workers
                    **task.epoch_metrics(plain_model, splits, spec.train.seed),
                    "lr": optimizer.param_groups[0]["lr"], "epoch": epoch}

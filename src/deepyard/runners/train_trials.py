@@ -9,7 +9,6 @@ TorchTrainer of its own whose epochs reach Tune through Ray's TuneReportCallback
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -54,7 +53,7 @@ def _check_mutations_keep_shape(spec: SweepJob, splits) -> None:
     expected = shapes(spec.base)
     for path, distribution in spec.scheduler.mutations.items():
         for value in sample_values(distribution):
-            if shapes(parse_spec(base, "base", [f"{path}={json.dumps(value)}"])) != expected:
+            if shapes(parse_spec(base, "base", overrides({path: value}))) != expected:
                 raise BadInput(f"scheduler.mutations.{path}: PBT copies weights between trials, so it can only "
                                f"perturb values that keep the model's shape, and {path}={value!r} changes it; "
                                "vary it in space instead")

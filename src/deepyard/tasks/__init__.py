@@ -18,7 +18,7 @@ from deepyard.tasks.rl_policy import RLPolicy
 TASKS: dict[str, type] = {task.name: task for task in (Classification, Regression, LanguageModel, Generation,
                                                         RLPolicy)}
 
-__all__ = ["TASKS", "Codec", "Task", "make_task", "metric_directions", "direction", "progress_columns", "codec"]
+__all__ = ["TASKS", "Codec", "Task", "make_task", "metric_directions", "progress_columns", "codec"]
 
 
 def make_task(name: str, **kwargs) -> Task:
@@ -32,13 +32,6 @@ def metric_directions() -> dict[str, Direction]:
     for task in TASKS.values():
         found.update(selectable(task))
     return found
-
-
-def direction(metric: str) -> Direction:
-    directions = metric_directions()
-    if metric not in directions:
-        raise BadInput(unknown_name_message("metric", metric, list(directions)))
-    return directions[metric]
 
 
 def progress_columns() -> list[str]:
