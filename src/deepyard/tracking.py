@@ -539,6 +539,19 @@ def input_example(name: str, version: str):
     return Model.load(local).load_input_example(local)
 
 
+def download(run_id: str, artifact_path: str, uri: str | None = None) -> str | None:
+    """A run's artifact as a local file (None if the run has no such artifact)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in a job's output
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                   tracking_uri=uri or tracking_uri())
+    except (MlflowException, OSError):
+        return None
+
+
 def set_alias(name: str, alias: str, version: str) -> None:
     """Point ``alias`` at ``version`` unconditionally (``deepyard models promote``)."""
     model_version(name, version=version)  # a clear error if either is missing

@@ -6,17 +6,19 @@ scikit-learn is imported inside each builder: it costs ~0.7 s, paid only by jobs
 from __future__ import annotations
 
 from deepyard.data.registry import DATASETS
-from deepyard.data.splits import RawData
+from deepyard.data.splits import RawData, keep_classes
+from deepyard.data.subsets import ClassList, LabelBudget
 
 
 @DATASETS.register("digits")
-def digits() -> RawData:
+def digits(classes: ClassList = None, labels_per_class: LabelBudget = None) -> RawData:
     """1,797 8x8 grey-scale handwritten digits, pixel values 0-16, as (1, 8, 8) images."""
     from sklearn import datasets
 
     bunch = datasets.load_digits()
-    return RawData(bunch.images.reshape(-1, 1, 8, 8), bunch.target, "classification",
-                   class_names=[str(d) for d in range(10)])
+    raw = RawData(bunch.images.reshape(-1, 1, 8, 8), bunch.target, "classification",
+                  class_names=[str(d) for d in range(10)], labels_per_class=labels_per_class)
+    return keep_classes(raw, classes)
 
 
 @DATASETS.register("breast_cancer")

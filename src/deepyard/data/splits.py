@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -41,6 +41,40 @@ class RawData:
     min_count: int = 1  # a symbol seen fewer times in training becomes <unk>
     max_vocab: int | None = None
     join_with: str = ""  # how decoded tokens join back into text ("" for characters, " " for words)
+    # A label budget: keep this many labelled training samples per class (seeded, stratified); the
+    # rest of the training inputs stay as ``Splits.x_unlabeled`` (a distillation job may use them).
+    labels_per_class: int | None = None
+
+
+def keep_classes(raw: RawData, classes: list[int] | None) -> RawData:
+    """Only the samples of ``classes`` (indices into the data set's class names), relabelled 0..k-1
+    in the order given: the other half of a data set is a new task for a transfer study."""
+    if classes is None:
+        return raw
+    names = raw.class_names or []
+    if len(set(classes)) != len(classes) or not classes:
+        raise DataError(f"data.params.classes: {classes} must list distinct classes")
+    if unknown := [c for c in classes if not 0 <= c < len(names)]:
+        raise DataError(f"data.params.classes: {unknown} not in 0..{len(names) - 1} "
+                        f"({', '.join(f'{i}={n}' for i, n in enumerate(names))})")
+    relabel = np.full(len(names), -1, dtype=np.int64)
+    relabel[classes] = np.arange(len(classes))
+
+    def subset(x: np.ndarray | None, y: np.ndarray | None):
+        if x is None:
+            return None, None
+        kept = relabel[y] >= 0
+        return x[kept], relabel[y[kept]]
+
+    x, y = subset(raw.x, raw.y)
+    x_test, y_test = subset(raw.x_test, raw.y_test)
+    return replace(raw, x=x, y=y, x_test=x_test, y_test=y_test, class_names=[names[c] for c in classes])
+
+
+def _label_budget(y: np.ndarray, per_class: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (labelled, unlabelled) in ``y``: ``per_class`` of each class, drawn with ``rng``."""
+    labelled = np.concatenate([rng.permutation(np.flatnonzero(y == label))[:per_class] for label in np.unique(y)])
+    return np.sort(labelled), np.setdiff1d(np.arange(len(y)), labelled)
 
 
 @dataclass
@@ -58,6 +92,7 @@ class Splits:
     season: int | None = None
     vocab: list[str] | None = None  # token data: id -> token, fitted on the training split
     join_with: str = ""
+    x_unlabeled: np.ndarray | None = None  # training inputs whose labels a label budget withheld
     in_shape: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -138,6 +173,10 @@ def make_splits(raw: RawData, *, val_fraction: float, test_fraction: float, seed
         x_test, y_test = _inputs(raw, raw.x_test), raw.y_test
     train, val = _split_indices(y, val_fraction, rng, stratify)
     train = rng.permutation(train)
+    unlabeled = np.arange(0)
+    if raw.labels_per_class is not None:
+        labelled, withheld = _label_budget(y[train], raw.labels_per_class, rng)
+        train, unlabeled = rng.permutation(train[labelled]), train[withheld]
     if max_train_samples is not None:
         train = train[:max_train_samples]
     dtype = _target_dtype(raw)
@@ -148,6 +187,7 @@ def make_splits(raw: RawData, *, val_fraction: float, test_fraction: float, seed
         x_test=x_test, y_test=y_test.astype(dtype),
         class_names=raw.class_names,
         feature_names=raw.feature_names,
+        x_unlabeled=x[unlabeled] if len(unlabeled) else None,
     )
     return fit_vocabulary(splits, raw) if raw.symbols is not None else splits
 

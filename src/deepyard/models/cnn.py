@@ -1,10 +1,12 @@
 """Convolutional networks: conv/pool blocks, then a fully connected head.
 
 ``cnn`` is the general family; ``cnn_lenet`` and ``cnn_resnet_small`` are presets (more builders,
-not flags).
+not flags). Each is ``body`` (the features a transfer job reuses or freezes) then ``head``.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 from pydantic import PositiveInt
@@ -30,6 +32,11 @@ def _head(features: int, hidden: list[int], num_outputs: int, act: Activation, d
         features = width
     layers.append(nn.Linear(features, num_outputs))
     return nn.Sequential(*layers)
+
+
+def _body_and_head(body: nn.Module, head: nn.Module) -> nn.Sequential:
+    """Named parts, so parameters read ``body.0.weight`` and ``head.3.bias`` (``init.freeze: ['^body']``)."""
+    return nn.Sequential(OrderedDict(body=body, head=head))
 
 
 def _out_features(body: nn.Module, in_shape: tuple[int, int, int]) -> int:
@@ -63,7 +70,7 @@ def cnn(
         in_channels = out_channels
     body = nn.Sequential(*blocks)
     head = _head(_out_features(body, image), hidden_sizes, num_outputs, activation, dropout)
-    return nn.Sequential(body, head)
+    return _body_and_head(body, head)
 
 
 @MODELS.register("cnn_lenet")
@@ -75,7 +82,7 @@ def cnn_lenet(in_shape: tuple[int, ...], num_outputs: int, activation: Activatio
         nn.Conv2d(6, 16, 5, padding=2), make_activation(activation), nn.MaxPool2d(2),
     )
     head = _head(_out_features(body, image), [120, 84], num_outputs, activation, 0.0)
-    return nn.Sequential(body, head)
+    return _body_and_head(body, head)
 
 
 class ResidualBlock(nn.Module):
@@ -103,4 +110,4 @@ def cnn_resnet_small(
         ResidualBlock(2 * width),
         nn.AdaptiveAvgPool2d(1),
     )
-    return nn.Sequential(body, nn.Flatten(), nn.Dropout(dropout), nn.Linear(2 * width, num_outputs))
+    return _body_and_head(body, nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(2 * width, num_outputs)))

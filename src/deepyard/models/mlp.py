@@ -1,6 +1,11 @@
-"""Multi-layer perceptrons: hidden layers of Linear -> [BatchNorm] -> activation -> [Dropout]."""
+"""Multi-layer perceptrons: hidden layers of Linear -> [BatchNorm] -> activation -> [Dropout].
+
+Named parts: ``body`` (the hidden layers) then ``head`` (the output layer), as in every CNN.
+"""
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from pydantic import PositiveInt
 from torch import nn
@@ -26,5 +31,4 @@ def mlp(
             layers.append(nn.BatchNorm1d(hidden))
         layers += [make_activation(activation), make_dropout(dropout)]
         width = hidden
-    layers.append(nn.Linear(width, num_outputs))
-    return nn.Sequential(*layers)
+    return nn.Sequential(OrderedDict(body=nn.Sequential(*layers), head=nn.Linear(width, num_outputs)))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from deepyard import transfer
 from deepyard.data import Splits, load_splits
 from deepyard.errors import BadInput, DataError
 from deepyard.models import MODELS
@@ -96,14 +97,23 @@ def preflight(spec: TrainJob):
     if has_batch_norm and batch_size(spec, splits) == 1:
         raise BadInput("train.batch_size: 1 cannot train a model with batch norm (it needs 2+ samples per "
                        "batch); use a larger batch or model.params.batch_norm: false")
+    if spec.init:
+        transfer.start_from(spec.init, model.net)  # the source exists and fits, each regex matches
     try:
-        OPTIMIZERS.build(spec.optim.name, spec.optim.params, parameters=model.parameters(),
-                         lr=spec.optim.lr, weight_decay=spec.optim.weight_decay)
+        make_optimizer(spec, model.net)
     except ValueError as error:
         raise BadInput(f"optim: {error}") from None
     for section, choice in (("train.early_stopping", spec.train.early_stopping), ("checkpoint", spec.checkpoint)):
         check_metric(f"{section}.metric", getattr(choice, "metric", None), task)
     return splits, task
+
+
+def make_optimizer(spec: TrainJob, net: torch.nn.Module) -> torch.optim.Optimizer:
+    """The spec's optimizer over ``net``, with its parameter groups' own rates."""
+    groups = transfer.param_groups(net, spec.optim.param_groups, lr=spec.optim.lr,
+                                   weight_decay=spec.optim.weight_decay)
+    return OPTIMIZERS.build(spec.optim.name, spec.optim.params, parameters=groups,
+                            lr=spec.optim.lr, weight_decay=spec.optim.weight_decay)
 
 
 def check_metric(where: str, metric: str | None, task) -> None:

@@ -13,14 +13,15 @@ from typing import Any
 
 import torch
 
-from deepyard import settings, tracking
+from deepyard import settings, tracking, transfer
 from deepyard.data import Splits
 from deepyard.data.augment import random_affine
 from deepyard.errors import BadInput, JobFailed
-from deepyard.optim import OPTIMIZERS, make_schedule, restore
+from deepyard.optim import make_schedule, restore
 from deepyard.runners import checkpoints
 from deepyard.runners.loop import EarlyStopping, Selection, reduce_sum, train_step
-from deepyard.runners.setup import build, eval_loader, load_data, monitored, preflight, train_loader
+from deepyard.runners.setup import (build, eval_loader, load_data, make_optimizer, monitored, preflight,
+                                    train_loader)
 from deepyard.runners.summary import RunOptions, RunSummary
 from deepyard.spec import TrainJob
 from deepyard.tasks.base import evaluate_sums
@@ -43,6 +44,7 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))  # intra-op threads = the CPUs Ray gave us
     splits = load_data(spec)  # every worker builds the same deterministic splits locally
     model, task = build(spec, splits)
+    freezer = transfer.start_from(spec.init, model.net, config.get("tracking_uri"))[0] if spec.init else None
     if not task.data_parallel and world > 1:  # (a sweep may set num_workers past preflight's check)
         raise BadInput(f"scaling.num_workers: {spec.model.name} trains on one worker; its {task.name} steps "
                        "are not data-parallel yet")
@@ -53,10 +55,11 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
     val_shard = slice(rank, None, world)  # every worker scores its own slice; sums are all-reduced
     val_loader = eval_loader(splits.x_val[val_shard], splits.y_val[val_shard])
 
+    if freezer:
+        freezer.set_epoch(1)  # before DDP: it registers only the parameters that train
     model = edges.wrap(model)  # [2]
     plain_model = getattr(model, "module", model)
-    optimizer = OPTIMIZERS.build(spec.optim.name, spec.optim.params, parameters=model.parameters(),
-                                 lr=spec.optim.lr, weight_decay=spec.optim.weight_decay)
+    optimizer = make_optimizer(spec, plain_model.net)
     steps_per_epoch = len(batches)
     schedule = spec.optim.schedule
     scheduler = make_schedule(optimizer, name=schedule.name, total_steps=steps_per_epoch * spec.train.epochs,
@@ -96,7 +99,11 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
     for epoch in range(start_epoch, spec.train.epochs + 1 if not stop else start_epoch):
         if hasattr(batches.sampler, "set_epoch"):
             batches.sampler.set_epoch(epoch)
+        if freezer and freezer.set_epoch(epoch) and world > 1:
+            model = edges.wrap(plain_model)  # DDP again, over the parameters that train now
         model.train()
+        if freezer:
+            freezer.hold_norms()
         sums, started = None, time.perf_counter()
         for inputs, targets in batches:
             if augment:
@@ -224,9 +231,24 @@ def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, An
     if splits.is_image:  # PNG requests are scaled from 0-255 into the data set's own pixel range
         metadata["pixel_max"] = float(splits.x_train.max())
     metadata.update(task.serving_metadata(pipeline, splits))
+    log_weights(run_id, spec, pipeline)
     tags = {f"metric.{k}": f"{v:.6g}" for k, v in final["test"].items()}
+    lineage = {"init_from": spec.init.from_} if spec.init else {}
     return tracking.log_model(run_id, serving, final["example"].numpy(), registered_name=registered_name,
-                              metadata=metadata, version_tags={**tags, "run_id": run_id})
+                              metadata=metadata, version_tags={**tags, **lineage, "run_id": run_id})
+
+
+def log_weights(run_id: str, spec: TrainJob, pipeline: torch.nn.Module) -> None:
+    """The network's tensors and the spec that builds it: what a transfer or compress job starts from."""
+    import tempfile
+    from pathlib import Path
+
+    from deepyard.spec import to_yaml
+
+    with tempfile.TemporaryDirectory(prefix="deepyard-weights-") as directory:
+        torch.save(checkpoints.cpu_copy(pipeline.state_dict()), Path(directory) / Path(transfer.WEIGHTS_ARTIFACT).name)
+        (Path(directory) / Path(transfer.SPEC_ARTIFACT).name).write_text(to_yaml(spec))
+        tracking.log_artifacts(run_id, directory, str(Path(transfer.WEIGHTS_ARTIFACT).parent))
 
 
 def promote(model_name: str, version: str, options, metric: str, mode: str) -> dict[str, Any]:
@@ -242,8 +264,12 @@ def check(spec: TrainJob) -> str:
 
 
 def describe(spec: TrainJob, splits: Splits) -> str:
-    return (f"data={spec.data.name} ({len(splits.x_train)} train / {len(splits.x_val)} val / "
+    line = (f"data={spec.data.name} ({len(splits.x_train)} train / {len(splits.x_val)} val / "
             f"{len(splits.x_test)} test, input {splits.in_shape}) model={spec.model.name}")
+    if spec.init:
+        model, _ = build(spec, splits)
+        line += "\n" + transfer.start_from(spec.init, model.net)[1]
+    return line
 
 
 def run(spec: TrainJob, options: RunOptions) -> RunSummary:
@@ -251,9 +277,11 @@ def run(spec: TrainJob, options: RunOptions) -> RunSummary:
     from deepyard import cluster, progress
 
     splits, task = preflight(spec)
+    spec = transfer.pinned_spec(spec)  # every worker copies the version the alias points at now
     selection = Selection(*monitored(spec.checkpoint.metric, spec.checkpoint.mode, task), task.tie_breaker)
     storage = settings.storage_path(spec.storage_path)
-    with tracking.job_run(spec, tags={"deepyard.task": task.name}, failure="training failed",
+    lineage = {"deepyard.init_from": spec.init.from_} if spec.init else {}
+    with tracking.job_run(spec, tags={"deepyard.task": task.name, **lineage}, failure="training failed",
                           failure_hint=lambda: f" and checkpoints stay under {storage}",
                           killed_note="interrupted by the user (Ctrl-C or SIGTERM)") as run:
         # Opening the MLflow run (~2 s on a new sqlite store) overlaps Ray's start-up (~4 s).

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import pydantic
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+from pydantic import ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from deepyard.registry import Registry, unknown_name_message
 from deepyard.spec.kinds import job_kind
@@ -62,6 +62,15 @@ class ScheduleSpec(Section):
     gamma: float = Field(0.1, gt=0, le=1, description="step: the decay factor")
 
 
+class ParamGroupSpec(Section):
+    """Parameters whose names match get their own rate: a pretrained body learning 10x slower than a
+    new head (discriminative learning rates). The first group that matches a parameter takes it."""
+
+    match: str = Field(description="a regex searched in the network's parameter names (body.0.weight, head.4.bias)")
+    lr: PositiveFloat = Field(description="this group's (peak) learning rate")
+    weight_decay: NonNegativeFloat | None = Field(None, description="default: optim.weight_decay")
+
+
 class OptimSpec(Section):
     name: str = Field("adam", description=f"an optimizer: {_names('optim')}")
     lr: PositiveFloat = Field(1e-3, description="learning rate (the peak rate under a schedule)")
@@ -69,6 +78,23 @@ class OptimSpec(Section):
     params: dict[str, Any] = Field(default_factory=dict,
                                    description="momentum, nesterov, betas...: the optimizer's own")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    param_groups: list[ParamGroupSpec] = Field(default_factory=list,
+                                               description="rates per parameter group; the rest use optim.lr")
+
+
+class InitSpec(Section):
+    """Start from another model's weights (transfer learning): copy, optionally freeze, fine-tune."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    from_: str = Field(alias="from", description="NAME@alias or NAME:version (a registered model), or a local "
+                                                 "state-dict file (.pt)")
+    modules: list[str] | None = Field(None, description="regexes of the parameter names to copy; default: every "
+                                                        "tensor, with a new output layer where the class count "
+                                                        "differs")
+    freeze: list[str] = Field(default_factory=list, description="regexes of parameters that do not train "
+                                                                "(frozen batch norms keep their statistics)")
+    unfreeze_at_epoch: PositiveInt | None = Field(None, description="from this epoch on, everything trains")
 
 
 class EarlyStoppingSpec(Section):
@@ -114,6 +140,7 @@ class TrainJob(JobBase):
     kind: Literal["train"] = "train"
     data: DataSpec
     model: ModelSpec
+    init: InitSpec | None = Field(None, description="start from a registered model's weights (transfer learning)")
     optim: OptimSpec = Field(default_factory=OptimSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
