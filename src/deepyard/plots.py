@@ -109,3 +109,19 @@ def image_grid(images: np.ndarray, rows: int, pixel_max: float, title: str = "")
     axis.axis("off")
     axis.set_title(title)
     return figure
+
+
+def compression(points: list[dict], x: str, metric: str, x_label: str):
+    """A compress job's trade-off: ``metric`` against ``x`` (sparsity, stored bytes...), one point per
+    version, the parent's marked."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for point in points:
+        parent = point["label"] == "parent"
+        axis.scatter(point[x], point[metric], marker="*" if parent else "o", s=120 if parent else 40,
+                     color="black" if parent else "tab:blue")
+        axis.annotate(point["label"], (point[x], point[metric]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axis.set_xlabel(x_label)
+    axis.set_ylabel(metric)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure

@@ -7,6 +7,7 @@ plots, the model with its preprocessing, a registered version, and the final sta
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -325,8 +326,9 @@ def _active(run_id: str) -> Iterator[None]:
 
 
 def log_model(run_id: str, module, input_example, *, registered_name: str | None,
-              metadata: dict[str, Any], version_tags: dict[str, str]) -> dict[str, Any]:
-    """Log the serving module (preprocessing included) and register it as a new version."""
+              metadata: dict[str, Any], version_tags: dict[str, str], exportable: bool = True) -> dict[str, Any]:
+    """Log the serving module (preprocessing included) and register it as a new version.
+    ``exportable=False``: a module ``torch.export`` cannot trace (int8 packed weights) is pickled."""
     import mlflow.pytorch
     import torch
     from mlflow.models import infer_signature
@@ -336,7 +338,10 @@ def log_model(run_id: str, module, input_example, *, registered_name: str | None
     module = module.eval()
     with torch.inference_mode():
         output = module(torch.as_tensor(input_example)).numpy()
-    with _active(run_id):
+    if not exportable:  # MLflow warns that pickles run code on load: these are the job's own, loaded by deepyard
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    with _active(run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's TypedStorage notice, from MLflow's pickling
         info = mlflow.pytorch.log_model(
             module,
             name=MODEL_ARTIFACT,
@@ -348,6 +353,7 @@ def log_model(run_id: str, module, input_example, *, registered_name: str | None
             code_paths=[str(Path(deepyard.__file__).parent)],
             metadata=metadata,
             registered_model_name=registered_name,
+            **({} if exportable else {"serialization_format": "pickle"}),
         )
     result = {"model_uri": info.model_uri, "model_name": registered_name, "model_version": None}
     if registered_name:

@@ -26,8 +26,12 @@ from deepyard.tasks.base import selectable
 
 def load_data(spec: TrainJob) -> Splits:
     return load_splits(spec.data.name, spec.data.params, val_fraction=spec.data.val_fraction,
-                       test_fraction=spec.data.test_fraction, seed=spec.train.seed,
+                       test_fraction=spec.data.test_fraction, seed=split_seed(spec),
                        max_train_samples=spec.data.max_train_samples)
+
+
+def split_seed(spec: TrainJob) -> int:
+    return spec.train.seed if spec.data.seed is None else spec.data.seed
 
 
 def build(spec: TrainJob, splits: Splits):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from deepyard import settings, tracking, transfer
+from deepyard.compress import hooks as compress_hooks
 from deepyard.data import Splits
 from deepyard.data.augment import random_affine
 from deepyard.errors import BadInput, JobFailed
@@ -45,6 +46,8 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
     splits = load_data(spec)  # every worker builds the same deterministic splits locally
     model, task = build(spec, splits)
     freezer = transfer.start_from(spec.init, model.net, config.get("tracking_uri"))[0] if spec.init else None
+    if method := compress_hooks.for_config(config.get("compress")):  # a compress stage: prune or distil
+        splits, task = method.prepare(model, splits, task, config.get("tracking_uri"))
     if not task.data_parallel and world > 1:  # (a sweep may set num_workers past preflight's check)
         raise BadInput(f"scaling.num_workers: {spec.model.name} trains on one worker; its {task.name} steps "
                        "are not data-parallel yet")
@@ -146,6 +149,9 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
     final = None
     if rank == 0:
         plain_model.load_state_dict(best["weights"])
+        if method:
+            method.finish(plain_model)
+            best["weights"] = checkpoints.cpu_copy(plain_model.state_dict())  # pruning masks folded in
         test, details = task.test_metrics(plain_model, eval_loader(splits.x_test, splits.y_test), device, splits,
                                           spec.train.seed)
         final = {"model": best["weights"], "best_epoch": best["epoch"], "best_value": best_value,
@@ -171,16 +177,19 @@ def _log_epoch_artifacts(config: dict[str, Any], task, model, splits: Splits, ep
 def _throughput(count: float, seconds: float, task, splits: Splits) -> dict[str, float]:
     """Samples per second. A task's sums count the targets it scores: one per sample, or one per
     token (a language model, which gets tokens per second too) or per step ahead (a forecast)."""
-    samples = count / splits.y_train[0].size
+    samples = count / task.targets_per_sample(splits)
     rates = {"samples_per_s": samples / seconds, "train_samples": samples}
     return {**rates, f"{task.target_unit}_per_s": count / seconds} if task.target_unit else rates
 
 
-def make_trainer(spec: TrainJob, run_id: str, selection: Selection, callbacks: list | None = None):
+def make_trainer(spec: TrainJob, run_id: str, selection: Selection, callbacks: list | None = None,
+                 compress: dict[str, Any] | None = None):
+    """``compress``: a compress stage's method settings (``compress/hooks.py``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    config = {"spec": spec.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking.tracking_uri()}
+    config = {"spec": spec.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking.tracking_uri(),
+              "compress": compress}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,

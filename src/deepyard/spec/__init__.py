@@ -3,10 +3,11 @@
 ``kinds.py``   the job-kind contract: each spec class registers its kind (runner, resume, sweep trials)
 ``loading.py`` YAML, ``--set`` overrides, every problem at once (``problems.py`` words them)
 ``space.py``   search-space distributions, shared with the sweep runner
-one module per kind: ``train``, ``sweep``, ``deploy``, ``rl``; ``sections.py`` what they share.
+one module per kind: ``train``, ``sweep``, ``deploy``, ``rl``, ``compress``; ``sections.py`` what they share.
 """
 
-from deepyard.spec import deploy, rl, sweep, train  # noqa: F401  (each registers its job kind)
+from deepyard.spec import compress, deploy, rl, sweep, train  # noqa: F401  (each registers its job kind)
+from deepyard.spec.compress import CompressJob
 from deepyard.spec.deploy import DeployJob
 from deepyard.spec.kinds import KINDS, JobKind
 from deepyard.spec.loading import apply_overrides, flatten, load_spec, parse_spec, to_yaml
@@ -18,5 +19,5 @@ from deepyard.spec.train import TrainJob
 
 sweep.bind_bases()
 
-__all__ = ["DISTRIBUTIONS", "KINDS", "DeployJob", "JobBase", "JobKind", "RLJob", "SweepJob", "TrainJob",
+__all__ = ["DISTRIBUTIONS", "KINDS", "CompressJob", "DeployJob", "JobBase", "JobKind", "RLJob", "SweepJob", "TrainJob",
            "apply_overrides", "flatten", "load_spec", "parse_spec", "sample_values", "to_yaml"]

@@ -47,6 +47,8 @@ class DataSpec(Section):
                                  description="share held out for the test; unused where a data set has its own "
                                              "test split")
     max_train_samples: PositiveInt | None = Field(None, description="train on at most this many samples (quick runs)")
+    seed: int | None = Field(None, description="seeds the splits (and a label budget); default: train.seed. A "
+                                               "compress job keeps its parent's, so both score the same test split")
     augment: AugmentSpec | None = Field(None, description="random shifts and rotations of training images")
 
 

@@ -79,6 +79,9 @@ class Task(Protocol):
     def input_example(self, model: nn.Module, splits) -> torch.Tensor:
         """A few inputs of the served model, logged with it."""
 
+    def targets_per_sample(self, splits) -> int:
+        """Targets each training sample holds, as its sums count them (tokens of a context, steps ahead)."""
+
     def outcome(self, serving: nn.Module, splits, final: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
         """On the driver, after training: (more test metrics, artifacts such as plots)."""
 
@@ -122,6 +125,9 @@ class Supervised:
 
     def input_example(self, model: nn.Module, splits) -> torch.Tensor:
         return torch.from_numpy(splits.x_test[:5].copy())
+
+    def targets_per_sample(self, splits) -> int:
+        return splits.y_train[0].size
 
     def outcome(self, serving: nn.Module, splits, final: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
         return {}, {}

@@ -1,0 +1,70 @@
+"""`kind: compress`: a registered model made smaller (`runners/compress.py`): pruned, quantized or
+distilled into a new registered version that serves the same requests as its parent."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, PositiveFloat, model_validator
+
+from deepyard.spec.kinds import job_kind
+from deepyard.spec.sections import JobBase, RegisterSpec, Section
+from deepyard.spec.train import ModelSpec, OptimSpec, ScalingSpec, TrainSpec
+
+Sparsity = Annotated[float, Field(gt=0, lt=1)]
+
+
+class PruneMethod(Section):
+    """Global magnitude pruning at each sparsity in turn, each stage fine-tuned (a Ray Train job)
+    from the last; or, ``structured``, whole channels and neurons removed so that the stored model
+    and its latency really shrink."""
+
+    name: Literal["prune"]
+    sparsities: list[Sparsity] = Field([0.5, 0.8, 0.9, 0.95], min_length=1,
+                                       description="shares of weights removed, rising; each one is a version")
+    structured: bool = Field(False, description="remove channels/neurons (Torch-Pruning) instead of masking weights")
+
+    @model_validator(mode="after")
+    def _rising(self) -> "PruneMethod":
+        if self.sparsities != sorted(set(self.sparsities)):
+            raise ValueError(f"sparsities must rise, each once: {self.sparsities}")
+        return self
+
+
+class QuantizeMethod(Section):
+    """int8 weights for Linear and LSTM layers, activations quantized on the fly (no fine-tuning)."""
+
+    name: Literal["quantize"]
+    mode: Literal["dynamic"] = Field("dynamic", description="dynamic int8 (torch.ao quantize_dynamic)")
+
+
+class DistillMethod(Section):
+    """A smaller student learns from the parent (the teacher): its softened outputs mixed with the labels."""
+
+    name: Literal["distill"]
+    student: ModelSpec = Field(description="the student network: a model builder and its params")
+    temperature: PositiveFloat = Field(4.0, description="softens both distributions (Hinton et al. 2015)")
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the teacher's soft targets; 1 - alpha: the labels'")
+    unlabeled: bool = Field(True, description="also learn the teacher's outputs on training inputs whose labels "
+                                              "a label budget withheld")
+
+
+Method = Annotated[Union[PruneMethod, QuantizeMethod, DistillMethod], Field(discriminator="name")]
+
+
+@job_kind(runner="deepyard.runners.compress")
+class CompressJob(JobBase):
+    """A registered model (the parent) pruned, quantized or distilled into a new registered version,
+    tagged with its size, latency and test metrics against the parent's."""
+
+    kind: Literal["compress"]
+    model: str = Field(description="the parent: NAME@alias or NAME:version of a supervised model")
+    method: Method
+    optim: OptimSpec = Field(default_factory=lambda: OptimSpec(lr=3e-4),
+                             description="the fine-tuning's (prune, distill); default: adam at 3e-4")
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=2),
+                             description="fine-tuning epochs per stage and batch size; the data and its splits "
+                                         "are the parent's")
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    register: RegisterSpec = Field(default_factory=RegisterSpec,
+                                   description="default name: the parent's, plus -pruned, -int8 or -distilled")
