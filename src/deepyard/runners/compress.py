@@ -91,7 +91,8 @@ def _check_quantize(spec: CompressJob, checked: Checked) -> list[str]:
     if not layers:
         raise BadInput(f"method quantize: {checked.parent.ref} has no Linear or LSTM/GRU layer for dynamic int8 "
                        "(a CNN's convolutions stay float: prune or distil it instead)")
-    return [f"quantize: dynamic int8 of {len(layers)} layers ({', '.join(layers[:4])}{'...' if len(layers) > 4 else ''})"]
+    shown = ", ".join(layers[:4]) + ("..." if len(layers) > 4 else "")
+    return [f"quantize: dynamic int8 of {len(layers)} layers ({shown})"]
 
 
 def _check_distill(spec: CompressJob, checked: Checked) -> list[str]:
@@ -252,10 +253,9 @@ def run(spec: CompressJob, options: RunOptions) -> RunSummary:
             "plots/accuracy_vs_size.png": plots.compression(rows, x, metric, x.replace("_", " ")),
             "compression.json": json.dumps(rows, indent=2)})
         run.mark("total")
-    last = rows[-1]
     return RunSummary(run_id=run.id, experiment=spec.experiment, metrics=produced[-1].test, timings=run.timings,
-                      details={"parent": parent.ref, "model_name": registered, "model_version": last["version"],
-                               "versions": rows},
+                      details={"parent": parent.ref, "model_name": registered,
+                               "model_version": produced[-1].outcome["model_version"], "versions": rows},
                       notes=[f"{row['version']}: {metric} {row.get(metric, float('nan')):.4f}, "
                              f"{row['stored_bytes'] / 1e6:.2f} MB, p50 {row['latency_ms_p50_batch1']:.2f} ms "
                              f"(batch 1)" for row in rows])
