@@ -12,8 +12,13 @@ from typing import Any
 
 
 def for_config(settings: dict[str, Any] | None):
+    """The hook that ``settings`` (``{"method": ..., its values}``) names; None for a plain job."""
     if not settings:
         return None
+    if settings["method"] == "prune" and settings.get("structured"):
+        from deepyard.compress.structured import StructuredPruning
+
+        return StructuredPruning(settings["sparsity"])
     if settings["method"] == "prune":
         from deepyard.compress.prune import MagnitudePruning
 

@@ -52,5 +52,9 @@ def rebuild(spec, state: dict[str, torch.Tensor], splits):
     from deepyard.runners.setup import build
 
     pipeline, task = build(spec, splits)
-    pipeline.load_state_dict(state)
+    try:
+        pipeline.load_state_dict(state)
+    except RuntimeError:
+        raise BadInput(f"{spec.name}'s weights do not fit its spec's network (its units were removed by structured "
+                       "pruning): compress its parent instead") from None
     return pipeline.eval(), task

@@ -159,10 +159,23 @@ def _fine_tune(stage: TrainJob, label: str, settings: dict, checked: Checked, pa
         if getattr(result, "error", None):
             raise result.error
         final = final_state(result)
-        outcome = log_outcome(stage, checked.splits, child, final, registered_name=registered)
-    pipeline, _ = build(stage, checked.splits)
-    pipeline.load_state_dict(final["model"])
+        pipeline = _stage_pipeline(stage, settings, checked.splits, final["model"])
+        outcome = log_outcome(stage, checked.splits, child, final, registered_name=registered, pipeline=pipeline)
     return Produced(label, pipeline.eval(), final["test"], outcome, {}, child)
+
+
+def _stage_pipeline(stage: TrainJob, settings: dict, splits, weights: dict) -> torch.nn.Module:
+    """The network a stage's weights fit: the stage spec's, with the units a structured pruning removed
+    removed again (the same ones: it is deterministic given the parent's weights)."""
+    pipeline, _ = build(stage, splits)
+    if settings.get("structured"):
+        from deepyard import transfer
+        from deepyard.compress.structured import remove_units
+
+        transfer.start_from(stage.init, pipeline.net)
+        remove_units(pipeline, torch.from_numpy(splits.x_train[:2]), settings["sparsity"])
+    pipeline.load_state_dict(weights)
+    return pipeline
 
 
 def _prune(spec: CompressJob, checked: Checked, run_id: str, registered: str, options: RunOptions) -> list[Produced]:
@@ -170,19 +183,17 @@ def _prune(spec: CompressJob, checked: Checked, run_id: str, registered: str, op
     from deepyard.compress.prune import sparsity
 
     produced, source = [], checked.parent.ref
+    structured = spec.method.structured
     for amount in spec.method.sparsities:
-        label = f"sparsity-{amount:g}"
-        if spec.method.structured:
-            from deepyard.compress.structured import prune_structured
-
-            produced.append(prune_structured(spec, checked, amount, label, source, run_id, registered, options))
-        else:
-            stage = stage_spec(spec, checked.parent, label, init_from=source)
-            result = _fine_tune(stage, label, {"method": "prune", "sparsity": amount}, checked, run_id, registered,
-                                options)
-            result.extra_tags = {"sparsity": f"{sparsity(result.pipeline.net):.4f}"}
-            produced.append(result)
-        source = f"{registered}:{produced[-1].outcome['model_version']}"
+        label = f"{'units' if structured else 'sparsity'}-{amount:g}"
+        stage = stage_spec(spec, checked.parent, label, init_from=source)
+        settings = {"method": "prune", "sparsity": amount, "structured": structured}
+        result = _fine_tune(stage, label, settings, checked, run_id, registered, options)
+        result.extra_tags = {"units_removed": f"{amount:g}"} if structured else {
+            "sparsity": f"{sparsity(result.pipeline.net):.4f}"}
+        produced.append(result)
+        if not structured:  # each sparsity prunes the last stage further; units are removed from the parent
+            source = f"{registered}:{result.outcome['model_version']}"
     return produced
 
 

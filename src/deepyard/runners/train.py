@@ -217,12 +217,14 @@ def final_state(result) -> dict[str, Any]:
 
 
 def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, Any], *,
-                registered_name: str | None) -> dict[str, Any]:
+                registered_name: str | None, pipeline: torch.nn.Module | None = None) -> dict[str, Any]:
     """Plots, the serving model (preprocessing and output head included) and, under
-    ``registered_name`` (None: not registered), a new registered version."""
+    ``registered_name`` (None: not registered), a new registered version. ``pipeline``: the network
+    the weights fit, where it is not the spec's (units removed by structured pruning)."""
     from deepyard import plots  # matplotlib: the driver needs it, the workers never do
 
-    pipeline, task = build(spec, splits)
+    built, task = build(spec, splits)
+    pipeline = pipeline if pipeline is not None else built
     history = {f"{split}_{name}": tracking.metric_history(run_id, f"{split}_{name}")
                for split in ("train", "val") for name in task.directions}  # only what this task logs
     artifacts = {"plots/learning_curves.png": plots.learning_curves({k: v for k, v in history.items() if v})}
