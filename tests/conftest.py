@@ -69,3 +69,25 @@ def write_spec(tmp_path):
         return str(path)
 
     return write
+
+
+DIGITS_SOURCE = """
+kind: train
+name: digits_source
+data: {name: digits, params: {classes: [0, 1, 2, 3, 4]}}
+model: {name: cnn, params: {channels: [8, 16], hidden_sizes: [32]}}
+optim: {name: adam, lr: 0.01}
+train: {epochs: 2, batch_size: 32}
+promote: {alias: champion, only_if_better: false}
+"""
+
+
+@pytest.fixture(scope="session")
+def digits_source(ray_cluster, tmp_path_factory) -> dict:
+    """A small CNN on digits 0-4, trained and registered once (digits_source@champion): the source
+    of the transfer tests and the parent of the compress tests."""
+    path = tmp_path_factory.mktemp("digits_source") / "digits_source.yaml"
+    path.write_text(DIGITS_SOURCE)
+    result = CliRunner().invoke(app, ["run", str(path), "--json"])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    return last_json(result)

@@ -17,16 +17,6 @@ from deepyard.errors import BadInput
 from deepyard.models import MODELS
 from deepyard.spec.train import ParamGroupSpec
 
-SOURCE = """
-kind: train
-name: {name}
-data: {{name: digits, params: {{classes: [0, 1, 2, 3, 4]}}}}
-model: {{name: cnn, params: {{channels: [8, 16], hidden_sizes: [32]}}}}
-optim: {{name: adam, lr: 0.01}}
-train: {{epochs: 2, batch_size: 32}}
-promote: {{alias: champion, only_if_better: false}}
-"""
-
 TARGET = """
 kind: train
 name: {name}
@@ -91,9 +81,9 @@ def test_classes_are_kept_relabelled_and_the_label_budget_is_stratified():
 
 
 @pytest.mark.slow
-def test_fine_tuning_from_a_registered_model_freezes_copies_and_records_its_source(ray_cluster, cli, write_spec):
-    source = last_json(cli("run", write_spec(SOURCE.format(name="tl_source"), "source.yaml"), "--json"))
-    spec = write_spec(TARGET.format(name="tl_target", source="tl_source@champion", hidden=32, freeze=r"^body\.",
+def test_fine_tuning_from_a_registered_model_freezes_copies_and_records_its_source(digits_source, cli, write_spec):
+    source = digits_source
+    spec = write_spec(TARGET.format(name="tl_target", source="digits_source@champion", hidden=32, freeze=r"^body\.",
                                     group=r"^head\.1\."))
     summary = last_json(cli("run", spec, "--json"))
     assert summary["metrics"]["test_accuracy"] > 1 / 6
@@ -108,7 +98,7 @@ def test_fine_tuning_from_a_registered_model_freezes_copies_and_records_its_sour
     assert not torch.equal(before["standardize.mean"], after["standardize.mean"])  # its own data's statistics
 
     version = client.get_model_version("tl_target", summary["model_version"])
-    assert version.tags["init_from"] == f"tl_source:{source['model_version']}"
+    assert version.tags["init_from"] == f"digits_source:{source['model_version']}"
     assert client.get_run(summary["run_id"]).data.tags["deepyard.init_from"] == version.tags["init_from"]
 
 
