@@ -306,10 +306,14 @@ def _stop(run_id: str, on_stop: Callable[[str], None] | None) -> None:
 
 @contextmanager
 def finishing(run_id: str) -> Iterator[None]:
-    """A sweep trial's run: FINISHED when the block ends, FAILED with the traceback if it raises
-    (a scheduler's stop kills the trial's actor outright: the sweep's driver closes those runs)."""
+    """A sweep trial's (or a compress stage's) run: FINISHED when the block ends, KILLED on Ctrl-C or
+    SIGTERM, FAILED with the traceback if it raises (a scheduler's stop kills a trial's actor
+    outright: the sweep's driver closes those runs)."""
     try:
         yield
+    except KeyboardInterrupt:
+        finish_run(run_id, "KILLED", "interrupted (Ctrl-C or SIGTERM)")
+        raise
     except BaseException as error:
         finish_run(run_id, "FAILED", "".join(traceback.format_exception(error)))
         raise
