@@ -8,8 +8,8 @@ Trains the parent once (jobs/fashion_mnist_cnn.yaml, fewer epochs), in a throw-a
 - prune: global magnitude pruning at 50/80/90/95% (jobs/fashion_cnn_prune.yaml), one fine-tuning
   epoch per stage; test accuracy, stored and zipped size, CPU latency per stage next to the parent.
 - structured: 50% of the units removed (Torch-Pruning), fine-tuned; size and latency next to the parent.
-- int8: dynamic int8 (jobs/fashion_cnn_int8.yaml); accuracy, size, and the served p50 latency of both
-  versions, deployed side by side by Ray Serve, the same request to each.
+- int8: static (jobs/fashion_cnn_int8.yaml) and dynamic int8; accuracy, size, and the served p50
+  latency of the three versions, deployed side by side by Ray Serve, the same request to each.
 - distill: an MLP student taught by the parent against the same MLP trained from scratch with the
   same epochs, over 3 seeds.
 
@@ -100,10 +100,13 @@ def main() -> None:
                                                 "method.sparsities=[0.5]", "register.model_name=fashion-cnn-slim")
             log("structured", result["structured"])
         if "int8" in args.parts:
-            result["int8"] = compress_job("jobs/fashion_cnn_int8.yaml")
+            result["int8"] = {"static": compress_job("jobs/fashion_cnn_int8.yaml"),
+                              "dynamic": compress_job("jobs/fashion_cnn_int8.yaml", "method.mode=dynamic",
+                                                      "register.model_name=fashion-cnn-int8-dynamic")}
             result["int8"]["served"] = serve_side_by_side(
-                [f"fashion_mnist_cnn:{parent.details['model_version']}",
-                 f"{result['int8']['model']}:{result['int8']['version']}"], args.requests)
+                [f"fashion_mnist_cnn:{parent.details['model_version']}"]
+                + [f"{r['model']}:{r['version']}" for r in (result["int8"]["static"], result["int8"]["dynamic"])],
+                args.requests)
             log("int8", result["int8"])
         if "distill" in args.parts:
             result["distill"] = distill_against_scratch(args, parent)
@@ -132,8 +135,8 @@ def serve_side_by_side(models: list[str], requests: int) -> dict:
             served[model] = min(served[model], served_p50(info["url"] + "/predict", body, requests))
     finally:
         serve.shutdown()
-    fp32, int8 = (served[m] for m in models)
-    return {"p50_ms": served, "int8_over_fp32": int8 / fp32, "requests_each": 2 * requests}
+    fp32 = served[models[0]]
+    return {"p50_ms": served, "over_fp32": {m: served[m] / fp32 for m in models[1:]}, "requests_each": 2 * requests}
 
 
 def distill_against_scratch(args, parent) -> dict:

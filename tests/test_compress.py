@@ -20,7 +20,7 @@ JOBS = {
     "prune": "method: {name: prune, sparsities: [0.6]}\ntrain: {epochs: 1, batch_size: 32}",
     "structured": "method: {name: prune, sparsities: [0.5], structured: true}\ntrain: {epochs: 1, batch_size: 32}\n"
                   "register: {model_name: digits_source-slim}",
-    "quantize": "method: {name: quantize}",
+    "quantize": "method: {name: quantize, mode: static, calibration_samples: 256}",
     "distill": "method: {name: distill, student: {name: mlp, params: {hidden_sizes: [16]}}}\n"
                "optim: {lr: 0.01}\ntrain: {epochs: 2, batch_size: 32}",
 }

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from deepyard.compress import measure
 from deepyard.compress.distill import NO_LABEL, Distillation
 from deepyard.compress.prune import MagnitudePruning, sparsity
-from deepyard.compress.quantize import quantize_dynamic
+from deepyard.compress.quantize import for_serving, quantize_dynamic, quantize_static
 from deepyard.compress.structured import remove_units
 from deepyard.models import MODELS
 from deepyard.models.pipeline import Pipeline
@@ -68,3 +68,15 @@ def test_dynamic_int8_stays_close_to_float_and_stores_smaller():
     assert (quantized(example) - model(example)).abs().max() < 0.05
     assert measure.stored_bytes(quantized)[0] < measure.stored_bytes(model)[0] / 3
     assert measure.parameters(model) == sum(p.numel() for p in model.parameters())  # the float model is untouched
+
+
+def test_static_int8_quantizes_convolutions_too_and_serves_as_torchscript(tmp_path):
+    model, example = _pipeline(channels=[8, 16], hidden_sizes=[32]), torch.rand(64, 1, 8, 8)
+    quantized = quantize_static(model, example.numpy())
+    assert (quantized(example) - model(example)).abs().max() < 0.1
+    assert measure.stored_bytes(quantized)[0] < measure.stored_bytes(model)[0] / 1.3  # scales weigh on a tiny net
+    for module in (quantized, quantize_dynamic(model)):
+        scripted = for_serving(module, example[:2])
+        torch.jit.save(scripted, tmp_path / "model.pt")
+        loaded = torch.jit.load(tmp_path / "model.pt")
+        assert torch.equal(loaded(example[:7]), module(example[:7]))  # any batch size, the same outputs

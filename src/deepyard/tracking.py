@@ -332,7 +332,8 @@ def _active(run_id: str) -> Iterator[None]:
 def log_model(run_id: str, module, input_example, *, registered_name: str | None,
               metadata: dict[str, Any], version_tags: dict[str, str], exportable: bool = True) -> dict[str, Any]:
     """Log the serving module (preprocessing included) and register it as a new version.
-    ``exportable=False``: a module ``torch.export`` cannot trace (int8 packed weights) is pickled."""
+    ``exportable=False``: a module ``torch.export`` cannot trace (int8 packed weights), passed as
+    TorchScript, which MLflow's "pickle" format saves with ``torch.jit.save``."""
     import mlflow.pytorch
     import torch
     from mlflow.models import infer_signature
@@ -342,7 +343,7 @@ def log_model(run_id: str, module, input_example, *, registered_name: str | None
     module = module.eval()
     with torch.inference_mode():
         output = module(torch.as_tensor(input_example)).numpy()
-    if not exportable:  # MLflow warns that pickles run code on load: these are the job's own, loaded by deepyard
+    if not exportable:  # MLflow warns of pickles; a TorchScript module is saved by torch.jit.save, not pickled
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     with _active(run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's TypedStorage notice, from MLflow's pickling

@@ -85,8 +85,15 @@ def _check_prune(spec: CompressJob, checked: Checked) -> list[str]:
 
 
 def _check_quantize(spec: CompressJob, checked: Checked) -> list[str]:
-    from deepyard.compress.quantize import quantizable
+    from deepyard.compress.quantize import RECURRENT, quantizable
 
+    if spec.method.mode == "static":
+        if any(isinstance(module, RECURRENT) for module in checked.pipeline.modules()):
+            raise BadInput(f"method quantize, mode static: {checked.parent.ref} is recurrent; use mode: dynamic "
+                           "(int8 LSTM/GRU weights)")
+        _quantized(spec, checked, calibration=checked.splits.x_train[:8])  # it converts and traces, or exit 2
+        return [f"quantize: static int8 of every layer, calibrated on {spec.method.calibration_samples} "
+                "training inputs"]
     layers = quantizable(checked.pipeline.net)
     if not layers:
         raise BadInput(f"method quantize: {checked.parent.ref} has no Linear or LSTM/GRU layer for dynamic int8 "
@@ -199,16 +206,27 @@ def _prune(spec: CompressJob, checked: Checked, run_id: str, registered: str, op
 
 def _quantize(spec: CompressJob, checked: Checked, run_id: str, registered: str, options: RunOptions) -> list[Produced]:
     """Post-training, on the driver: no fine-tuning to run."""
-    from deepyard.compress.quantize import quantize_dynamic
-
-    quantized = quantize_dynamic(checked.pipeline)
+    quantized, serving = _quantized(spec, checked, checked.splits.x_train[:spec.method.calibration_samples])
     test = _score(quantized, checked)
-    serving = checked.task.serving_module(quantized)
     metadata = tracking.model_metadata(checked.parent.name, checked.parent.version)  # the same requests
     tags = {f"metric.{k}": f"{v:.6g}" for k, v in test.items()}
     outcome = tracking.log_model(run_id, serving, checked.splits.x_test[:5].copy(), registered_name=registered,
                                  metadata=metadata, version_tags={**tags, "run_id": run_id}, exportable=False)
-    return [Produced("int8", quantized, test, outcome, {"dtype": "qint8"}, run_id)]
+    return [Produced(f"int8-{spec.method.mode}", quantized, test, outcome, {"mode": spec.method.mode}, run_id)]
+
+
+def _quantized(spec: CompressJob, checked: Checked, calibration) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the quantized pipeline, its serving module as TorchScript); a BadInput if either step fails."""
+    from deepyard.compress.quantize import for_serving, quantize_dynamic, quantize_static
+
+    example = torch.from_numpy(checked.splits.x_test[:2].copy())
+    try:
+        quantized = (quantize_static(checked.pipeline, calibration) if spec.method.mode == "static"
+                     else quantize_dynamic(checked.pipeline))
+        return quantized, for_serving(checked.task.serving_module(quantized), example)
+    except Exception as error:  # FX tracing or TorchScript refuses this network
+        raise BadInput(f"method quantize, mode {spec.method.mode}: {checked.parent.ref} cannot be quantized "
+                       f"({type(error).__name__}: {str(error)[:300]})") from None
 
 
 def _distill(spec: CompressJob, checked: Checked, run_id: str, registered: str, options: RunOptions) -> list[Produced]:

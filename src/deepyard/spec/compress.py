@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field, PositiveFloat, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from deepyard.spec.kinds import job_kind
 from deepyard.spec.sections import JobBase, RegisterSpec, Section
@@ -32,10 +32,13 @@ class PruneMethod(Section):
 
 
 class QuantizeMethod(Section):
-    """int8 weights for Linear and LSTM layers, activations quantized on the fly (no fine-tuning)."""
+    """int8 after training, no fine-tuning: ``dynamic`` quantizes Linear and LSTM/GRU weights (any
+    model); ``static`` weights and activations of every layer (CNNs: convolutions too), calibrated."""
 
     name: Literal["quantize"]
-    mode: Literal["dynamic"] = Field("dynamic", description="dynamic int8 (torch.ao quantize_dynamic)")
+    mode: Literal["dynamic", "static"] = Field("dynamic", description="dynamic: Linear/LSTM/GRU weights; static: "
+                                                                      "all layers, activations calibrated")
+    calibration_samples: PositiveInt = Field(512, description="static: training inputs that set activation ranges")
 
 
 class DistillMethod(Section):
