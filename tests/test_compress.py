@@ -10,6 +10,7 @@ import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+import faults
 from conftest import last_json
 from deepyard import tracking, transfer
 from deepyard.cli import app
@@ -17,7 +18,9 @@ from deepyard.cli import app
 pytestmark = pytest.mark.slow
 
 JOBS = {
-    "prune": "method: {name: prune, sparsities: [0.6]}\ntrain: {epochs: 1, batch_size: 32}",
+    # its worker dies after epoch 1 (below): the stage resumes from its checkpoint, masks and all
+    "prune": "method: {name: prune, sparsities: [0.6]}\ntrain: {epochs: 2, batch_size: 32}\n"
+             "failure: {max_failures: 1}",
     "structured": "method: {name: prune, sparsities: [0.5], structured: true}\ntrain: {epochs: 1, batch_size: 32}\n"
                   "register: {model_name: digits_source-slim}",
     "quantize": "method: {name: quantize, mode: static, calibration_samples: 256}",
@@ -30,12 +33,14 @@ JOBS = {
 def compressed(digits_source, tmp_path_factory) -> dict[str, dict]:
     """Each method's job, run once on digits_source@champion."""
     runner, folder, summaries = CliRunner(), tmp_path_factory.mktemp("compress"), {}
+    faults.crash_after_epoch("cmp_prune-sparsity-0.6", 1)
     for method, body in JOBS.items():
         path = folder / f"{method}.yaml"
         path.write_text(f"kind: compress\nname: cmp_{method}\nmodel: digits_source@champion\n{body}\n")
         result = runner.invoke(app, ["run", str(path), "--json"])
         assert result.exit_code == 0, result.stdout + result.stderr
         summaries[method] = last_json(result)
+    faults.clear()
     return summaries
 
 
@@ -65,8 +70,11 @@ def test_each_version_is_tagged_with_its_parent_size_latency_and_metric_changes(
                                                                                                "plots")}
 
 
-def test_magnitude_pruning_zeroes_the_share_of_weights_asked_for(compressed):
+def test_magnitude_pruning_zeroes_the_share_of_weights_asked_for_through_a_worker_restart(compressed):
     summary = compressed["prune"]
+    stage = MlflowClient().get_run(_version(summary).run_id)
+    assert stage.data.tags["mlflow.parentRunId"] == summary["run_id"] and stage.info.status == "FINISHED"
+    assert stage.data.metrics["resumed_from_epoch"] == 1  # the dead worker's group went on from its checkpoint
     weights = _weights(summary)
     prunable = [w for name, w in weights.items() if name.startswith("net.") and name.endswith(".weight") and w.ndim > 1]
     zero = sum(int((w == 0).sum()) for w in prunable) / sum(w.numel() for w in prunable)

@@ -58,7 +58,7 @@ def stage_spec(spec: CompressJob, parent: Parent, label: str, *, init_from: str 
                     tracking={"experiment": spec.experiment}, storage_path=spec.storage_path,
                     init={"from": init_from} if init_from else None, optim=spec.optim.model_dump(mode="json"),
                     train=spec.train.model_dump(mode="json"), scaling=spec.scaling.model_dump(mode="json"),
-                    register={"enabled": False}, promote=None)
+                    failure=spec.failure.model_dump(mode="json"), register={"enabled": False}, promote=None)
     document["data"]["seed"] = split_seed(parent.spec)
     if model is not None:
         document["model"] = model
@@ -277,6 +277,11 @@ def run(spec: CompressJob, options: RunOptions) -> RunSummary:
             tracking.log_metrics(run.id, {k: v for k, v in after.items()}, step)
             rows.append({"label": result.label, "version": f"{registered}:{version}", **after,
                          **{k: float(v) for k, v in result.extra_tags.items() if _is_number(v)}})
+        if spec.promote:
+            version = produced[-1].outcome["model_version"]
+            promotion = tracking.promote(registered, version, spec.promote.alias,
+                                         only_if_better=spec.promote.only_if_better, metric=metric,
+                                         mode=monitored(None, None, task)[1])
         x = "sparsity" if spec.method.name == "prune" and not spec.method.structured else "stored_bytes"
         tracking.log_outputs(run.id, {
             "plots/accuracy_vs_size.png": plots.compression(rows, x, metric, x.replace("_", " ")),
@@ -284,7 +289,8 @@ def run(spec: CompressJob, options: RunOptions) -> RunSummary:
         run.mark("total")
     return RunSummary(run_id=run.id, experiment=spec.experiment, metrics=produced[-1].test, timings=run.timings,
                       details={"parent": parent.ref, "model_name": registered,
-                               "model_version": produced[-1].outcome["model_version"], "versions": rows},
+                               "model_version": produced[-1].outcome["model_version"], "versions": rows,
+                               **({"promotion": promotion} if spec.promote else {})},
                       notes=[f"{row['version']}: {metric} {row.get(metric, float('nan')):.4f}, "
                              f"{row['stored_bytes'] / 1e6:.2f} MB, p50 {row['latency_ms_p50_batch1']:.2f} ms "
                              f"(batch 1)" for row in rows])

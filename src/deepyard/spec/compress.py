@@ -8,8 +8,8 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from deepyard.spec.kinds import job_kind
-from deepyard.spec.sections import JobBase, RegisterSpec, Section
-from deepyard.spec.train import ModelSpec, OptimSpec, ScalingSpec, TrainSpec
+from deepyard.spec.sections import JobBase, PromoteSpec, RegisterSpec, Section, check_promote
+from deepyard.spec.train import FailureSpec, ModelSpec, OptimSpec, ScalingSpec, TrainSpec
 
 Sparsity = Annotated[float, Field(gt=0, lt=1)]
 
@@ -69,5 +69,15 @@ class CompressJob(JobBase):
                              description="fine-tuning epochs per stage and batch size; the data and its splits "
                                          "are the parent's")
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    failure: FailureSpec = Field(default_factory=FailureSpec, description="a stage's worker-group restarts from "
+                                                                          "its last checkpoint")
     register: RegisterSpec = Field(default_factory=RegisterSpec,
                                    description="default name: the parent's, plus -pruned, -int8 or -distilled")
+    promote: PromoteSpec | None = Field(None, description="move a registry alias to the job's last version "
+                                                          "(prune: the sparsest)")
+
+    @model_validator(mode="after")
+    def _promote_needs_a_version(self) -> "CompressJob":
+        if not self.register.enabled:
+            raise ValueError("register.enabled: false: a compress job's result is its registered versions")
+        return check_promote(self)
