@@ -156,7 +156,7 @@ def distill_against_scratch(args, parent) -> dict:
             "name=fashion_student_scratch", f"model.name={STUDENT['name']}",
             f"model.params={STUDENT['params']}".replace("'", '"'), "optim.name=adam", "optim.lr=0.001",
             "optim.weight_decay=0", "optim.schedule.name=constant", f"train.epochs={args.distill_epochs}",
-            f"train.seed={seed}", "data.seed=0", "register.enabled=false", "data.augment=null"])
+            f"train.seed={seed}", "data.seed=0", "register.enabled=false", "promote=null", "data.augment=null"])
         runs["scratch"].append(train.run(scratch, RunOptions()).metrics["test_accuracy"])
         print(f"distill seed {seed}: {runs['distilled'][-1]:.4f} vs scratch {runs['scratch'][-1]:.4f}", file=sys.stderr)
     mean = {name: sum(values) / len(values) for name, values in runs.items()}

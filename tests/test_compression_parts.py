@@ -80,3 +80,12 @@ def test_static_int8_quantizes_convolutions_too_and_serves_as_torchscript(tmp_pa
         torch.jit.save(scripted, tmp_path / "model.pt")
         loaded = torch.jit.load(tmp_path / "model.pt")
         assert torch.equal(loaded(example[:7]), module(example[:7]))  # any batch size, the same outputs
+
+
+def test_a_weight_tied_to_an_embedding_is_not_pruned():
+    net = MODELS.build("transformer_decoder", {"width": 16, "layers": 1, "heads": 2}, in_shape=(8,),
+                       num_outputs=20, vocab_size=20)
+    from deepyard.compress.prune import prunable
+
+    shared = {id(p) for m in net.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    assert prunable(net) and not any(id(module.weight) in shared for module, _ in prunable(net))

@@ -63,8 +63,8 @@ def test_param_groups_take_the_first_match_and_the_rest_train_at_the_base_rate()
     net = _cnn()
     groups = transfer.param_groups(net, [ParamGroupSpec(match=r"^body\.", lr=1e-4),
                                          ParamGroupSpec(match=r"\.bias$", lr=1e-2)], lr=1e-3, weight_decay=0.0)
-    assert [g["lr"] for g in groups] == [1e-4, 1e-2, 1e-3]
-    assert len(groups[0]["params"]) == 8 and len(groups[1]["params"]) == 2  # head biases: body's are taken
+    assert [g["lr"] for g in groups] == [1e-3, 1e-4, 1e-2]  # the rest first: the logged lr is optim.lr
+    assert len(groups[1]["params"]) == 8 and len(groups[2]["params"]) == 2  # head biases: body's are taken
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
 
 
@@ -113,6 +113,7 @@ def _weights(run_id: str) -> dict[str, torch.Tensor]:
     ({"hidden": 64}, r"tensor 'head.1.weight' is \(32, 64\) in the source but \(64, 64\) here"),
     ({"freeze": "^backbone"}, r"init.freeze: '\^backbone' matches no parameter"),
     ({"group": "^tail"}, r"optim.param_groups\[0\].match: '\^tail' matches no parameter"),
+    ({"freeze": ".*"}, "init.freeze: every parameter is frozen, so nothing would train"),
     ({"source": "/no/such/weights.pt"}, "init.from: no file /no/such/weights.pt"),
 ])
 def test_bad_transfer_input_exits_2_before_ray_starts(cli, write_spec, tmp_path, change, message):

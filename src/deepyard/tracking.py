@@ -551,16 +551,16 @@ def input_example(name: str, version: str):
 
 
 def download(run_id: str, artifact_path: str, uri: str | None = None) -> str | None:
-    """A run's artifact as a local file (None if the run has no such artifact)."""
+    """A run's artifact as a local file; None if the run has no such artifact (any other failure to
+    fetch it, a store that cannot be reached, raises)."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in a job's output
-    try:
-        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
-                                                   tracking_uri=uri or tracking_uri())
-    except (MlflowException, OSError):
+    folder = os.path.dirname(artifact_path) or None
+    if artifact_path not in {entry.path for entry in client(uri).list_artifacts(run_id, folder)}:
         return None
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in a job's output
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                               tracking_uri=uri or tracking_uri())
 
 
 def set_alias(name: str, alias: str, version: str) -> None:

@@ -164,8 +164,9 @@ class Freezer:
 
 def param_groups(net: nn.Module, groups, *, lr: float, weight_decay: float) -> list[dict]:
     """Optimizer parameter groups: the first spec group whose regex matches a name takes it; the rest
-    train at ``lr``. Empty groups are left out (a torch optimizer refuses them)."""
-    named = list(net.named_parameters())
+    train at ``lr`` (the first group). Empty groups are left out (a torch optimizer refuses them)."""
+    # (pruning masks rename a weight to weight_orig while it fine-tunes: match the name it had)
+    named = [(name.removesuffix("_orig"), parameter) for name, parameter in net.named_parameters()]
     names = [name for name, _ in named]
     taken: set[str] = set()
     built = []
@@ -175,13 +176,13 @@ def param_groups(net: nn.Module, groups, *, lr: float, weight_decay: float) -> l
         decay = weight_decay if group.weight_decay is None else group.weight_decay
         built.append({"params": [p for n, p in named if n in members], "lr": group.lr, "weight_decay": decay})
     rest = [p for n, p in named if n not in taken]
-    built.append({"params": rest, "lr": lr, "weight_decay": weight_decay})
+    built.insert(0, {"params": rest, "lr": lr, "weight_decay": weight_decay})  # first: the logged `lr` is optim.lr
     return [group for group in built if group["params"]]
 
 
 def pinned_spec(spec):
-    """The train spec with ``init.from`` pinned to a version (or an absolute file path)."""
-    if spec.init is None:
+    """The spec with ``init.from`` pinned to a version (or an absolute file path); any other spec as it is."""
+    if getattr(spec, "init", None) is None:
         return spec
     return spec.model_copy(update={"init": spec.init.model_copy(update={"from_": pinned(spec.init.from_)})})
 
@@ -195,6 +196,9 @@ def start_from(init, net: nn.Module, uri: str | None = None) -> tuple[Freezer, s
     plan, fresh = copy_plan(net, source.state, init.modules)
     copy_into(net, plan)
     freezer = Freezer(net, init.freeze, init.unfreeze_at_epoch)
+    if len(freezer.frozen) == len(list(net.parameters())) and (init.unfreeze_at_epoch or 2) > 1:
+        raise BadInput("init.freeze: every parameter is frozen, so nothing would train; freeze fewer, or set "
+                       "init.unfreeze_at_epoch")
     shown = lambda names: ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")  # noqa: E731
     line = f"init: {len(plan)} tensors from {source.lineage or init.from_}"
     line += f"; new: {shown(fresh)}" if fresh else ""

@@ -70,7 +70,7 @@ class Distilling:
         from deepyard.compress.parent import load_parent, rebuild
 
         parent = load_parent(self.teacher, uri, where="the teacher")
-        teacher, _ = rebuild(parent.spec, parent.state, splits)
+        teacher, _ = rebuild(parent, splits, where="the teacher")
         targets = [teacher_targets(teacher, splits.x_train, splits.y_train)]
         if self.unlabeled and splits.x_unlabeled is not None:
             targets.append(teacher_targets(teacher, splits.x_unlabeled, None))

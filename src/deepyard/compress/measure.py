@@ -29,28 +29,36 @@ def stored_bytes(module: nn.Module) -> tuple[int, int]:
     return len(raw), len(zlib.compress(raw, 1))
 
 
-def latency_ms(module: nn.Module, example: torch.Tensor, batch: int, *, repeats: int = 30,
-               budget_s: float = 5.0) -> float:
-    """Median milliseconds of one forward pass at ``batch`` on this CPU, after a warm-up."""
+def latencies_ms(modules: list[nn.Module], example: torch.Tensor, batch: int, *, rounds: int = 15,
+                 per_round: int = 3) -> list[float]:
+    """Median milliseconds of one forward pass at ``batch`` on this CPU, per module, measured in
+    alternating rounds after a warm-up, so that no module gets a quieter moment of the machine."""
     inputs = example[torch.arange(batch) % len(example)]
-    timings = []
+    samples: list[list[float]] = [[] for _ in modules]
     with torch.inference_mode():
-        for _ in range(3):
-            module(inputs)
-        deadline = time.perf_counter() + budget_s
-        while len(timings) < repeats and (len(timings) < 5 or time.perf_counter() < deadline):
-            started = time.perf_counter()
-            module(inputs)
-            timings.append(1000 * (time.perf_counter() - started))
-    return statistics.median(timings)
+        for module in modules:
+            for _ in range(3):
+                module(inputs)
+        for _ in range(rounds):
+            for timings, module in zip(samples, modules):
+                for _ in range(per_round):
+                    started = time.perf_counter()
+                    module(inputs)
+                    timings.append(1000 * (time.perf_counter() - started))
+    return [statistics.median(timings) for timings in samples]
 
 
-def profile(module: nn.Module, example: torch.Tensor, float_module: nn.Module | None = None) -> dict[str, float]:
-    """Size and CPU latency of a serving module; ``float_module``: the float model a quantized one came
-    from (its parameter count)."""
-    counted = float_module if float_module is not None else module
-    size, zipped = stored_bytes(module)
-    return {"parameters": parameters(counted), "nonzero_parameters": nonzero_parameters(counted),
-            "stored_bytes": size, "zipped_bytes": zipped,
-            "latency_ms_p50_batch1": latency_ms(module, example, 1),
-            "latency_ms_p50_batch64": latency_ms(module, example, 64)}
+def profiles(modules: list[nn.Module], example: torch.Tensor,
+             float_modules: list[nn.Module | None] | None = None) -> list[dict[str, float]]:
+    """Size and CPU latency of each serving module, measured side by side; ``float_modules``: the
+    float model a quantized one came from (its parameter count), None where it is the module itself."""
+    float_modules = float_modules or [None] * len(modules)
+    batch1, batch64 = latencies_ms(modules, example, 1), latencies_ms(modules, example, 64)
+    rows = []
+    for module, float_module, fast, batched in zip(modules, float_modules, batch1, batch64):
+        counted = float_module if float_module is not None else module
+        size, zipped = stored_bytes(module)
+        rows.append({"parameters": parameters(counted), "nonzero_parameters": nonzero_parameters(counted),
+                     "stored_bytes": size, "zipped_bytes": zipped,
+                     "latency_ms_p50_batch1": fast, "latency_ms_p50_batch64": batched})
+    return rows

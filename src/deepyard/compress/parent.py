@@ -47,14 +47,15 @@ def load_parent(ref: str, uri: str | None = None, where: str = "model") -> Paren
     return Parent(name, found["version"], found["run_id"], spec, state, found["metrics"])
 
 
-def rebuild(spec, state: dict[str, torch.Tensor], splits):
-    """(the pipeline of ``spec`` with ``state`` loaded, in eval mode; its task)."""
+def rebuild(parent: Parent, splits, where: str = "model"):
+    """(the parent's pipeline with its weights loaded, in eval mode; its task)."""
     from deepyard.runners.setup import build
 
-    pipeline, task = build(spec, splits)
+    pipeline, task = build(parent.spec, splits)
     try:
-        pipeline.load_state_dict(state)
-    except RuntimeError:
-        raise BadInput(f"{spec.name}'s weights do not fit its spec's network (its units were removed by structured "
-                       "pruning): compress its parent instead") from None
+        pipeline.load_state_dict(parent.state)
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)[:200]
+        raise BadInput(f"{where}: {parent.ref}'s weights do not fit the network its train spec builds ({first}); "
+                       "a structurally pruned version cannot be rebuilt from its spec: compress its parent") from None
     return pipeline.eval(), task

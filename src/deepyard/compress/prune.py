@@ -15,7 +15,15 @@ PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
 def prunable(net: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(module, "weight") for module in net.modules() if isinstance(module, PRUNABLE)]
+    """Conv and Linear weights, except one shared with another module (a language model's output layer
+    tied to its embedding): masking it in one place would change the other unseen."""
+    uses: dict[int, int] = {}
+    for module in net.modules():
+        for parameter in module.parameters(recurse=False):
+            uses[id(parameter)] = uses.get(id(parameter), 0) + 1
+    own = lambda module: getattr(module, "weight_orig", module.weight)  # noqa: E731  (masked: the original)
+    return [(module, "weight") for module in net.modules()
+            if isinstance(module, PRUNABLE) and uses.get(id(own(module)), 0) == 1]
 
 
 def sparsity(net: nn.Module) -> float:

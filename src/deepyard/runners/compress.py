@@ -129,7 +129,7 @@ CHECKS: dict[str, Callable[[CompressJob, Checked], list[str]]] = {
 def _checked(spec: CompressJob) -> Checked:
     parent = load_parent(spec.model)
     splits = load_data(parent.spec)
-    pipeline, task = rebuild(parent.spec, parent.state, splits)
+    pipeline, task = rebuild(parent, splits)
     if getattr(pipeline.net, "generative", False):
         raise BadInput(f"method {spec.method.name}: {parent.ref} is a generative model (a GAN); compress takes "
                        "classifiers, regressors and language models")
@@ -263,15 +263,16 @@ def run(spec: CompressJob, options: RunOptions) -> RunSummary:
                           killed_note="interrupted (Ctrl-C or SIGTERM); the versions registered so far stay") as run:
         with cluster.connected(options.address, options.ray_logs):
             run.mark("startup")
-            before = {**_score(checked.pipeline, checked),
-                      **measure.profile(task.serving_module(checked.pipeline), example)}
-            tracking.log_metrics(run.id, {f"parent_{k}": v for k, v in before.items()}, 0)
             produced = STAGES[spec.method.name](spec, checked, run.id, registered, options)
+        # The parent and every version scored and measured here, side by side (the same split, the same moment)
+        float_parent = checked.pipeline if spec.method.name == "quantize" else None
+        servings = [task.serving_module(m) for m in [checked.pipeline, *(r.pipeline for r in produced)]]
+        measured = measure.profiles(servings, example, [None] + [float_parent] * len(produced))
+        before = {**_score(checked.pipeline, checked), **measured[0]}
+        tracking.log_metrics(run.id, {f"parent_{k}": v for k, v in before.items()}, 0)
         rows = [{"label": "parent", "version": parent.ref, **before, "sparsity": 0.0}]
-        for step, result in enumerate(produced, start=1):
-            float_model = checked.pipeline if spec.method.name == "quantize" else None
-            after = {**result.test, **measure.profile(task.serving_module(result.pipeline), example,
-                                                      task.serving_module(float_model) if float_model else None)}
+        for step, (result, profile) in enumerate(zip(produced, measured[1:]), start=1):
+            after = {**result.test, **profile}
             version = result.outcome["model_version"]
             _tag_version(registered, version, spec, parent, before, after, result.extra_tags)
             tracking.log_metrics(run.id, {k: v for k, v in after.items()}, step)

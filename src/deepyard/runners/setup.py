@@ -103,6 +103,9 @@ def preflight(spec: TrainJob):
                        "batch); use a larger batch or model.params.batch_norm: false")
     if spec.init:
         transfer.start_from(spec.init, model.net)  # the source exists and fits, each regex matches
+        if (spec.init.unfreeze_at_epoch or 0) > spec.train.epochs:
+            raise BadInput(f"init.unfreeze_at_epoch: {spec.init.unfreeze_at_epoch} is after the last epoch "
+                           f"(train.epochs: {spec.train.epochs}); nothing would unfreeze")
     try:
         make_optimizer(spec, model.net)
     except ValueError as error:

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from deepyard import settings, tracking
+from deepyard import settings, tracking, transfer
 from deepyard.errors import BadInput, JobFailed
 from deepyard.runners.summary import RunOptions, RunSummary
 from deepyard.runners.trials import Checked
@@ -158,6 +158,9 @@ def run(spec: SweepJob, options: RunOptions) -> RunSummary:
 
     trials = trials_of(spec)
     checked: Checked = trials.check(spec)
+    # Every trial copies the same source version, even if the alias moves during the sweep (and a
+    # relative weights file still resolves inside a trial's own directory).
+    spec = spec.model_copy(update={"base": transfer.pinned_spec(spec.base)})
     metric, mode = checked.metric, checked.mode
     sweep_dir = Path(settings.storage_path(spec.storage_path)) / spec.name
     previous = _parent_to_resume(spec, sweep_dir, options.resume)

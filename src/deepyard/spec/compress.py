@@ -9,7 +9,7 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from deepyard.spec.kinds import job_kind
 from deepyard.spec.sections import JobBase, PromoteSpec, RegisterSpec, Section, check_promote
-from deepyard.spec.train import FailureSpec, ModelSpec, OptimSpec, ScalingSpec, TrainSpec
+from deepyard.spec.train import FailureSpec, ModelSpec, OptimSpec, ScalingSpec, TrainSpec, resolve_builder
 
 Sparsity = Annotated[float, Field(gt=0, lt=1)]
 
@@ -75,6 +75,18 @@ class CompressJob(JobBase):
                                    description="default name: the parent's, plus -pruned, -int8 or -distilled")
     promote: PromoteSpec | None = Field(None, description="move a registry alias to the job's last version "
                                                           "(prune: the sparsest)")
+
+    @classmethod
+    def resolve(cls, document: dict, problems: list[str], prefix: tuple = ()) -> None:
+        """The optimizer and a distillation's student resolve through their registries, as a train job's do."""
+        from deepyard.models import MODELS
+        from deepyard.optim import OPTIMIZERS
+
+        if isinstance(document.get("optim"), dict):  # left out: the compress default (adam at 3e-4)
+            resolve_builder(document, "optim", OPTIMIZERS, problems, prefix)
+        method = document.get("method")
+        if isinstance(method, dict) and method.get("name") == "distill":
+            resolve_builder(method, "student", MODELS, problems, (*prefix, "method"))
 
     @model_validator(mode="after")
     def _promote_needs_a_version(self) -> "CompressJob":

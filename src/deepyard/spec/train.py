@@ -32,6 +32,29 @@ def _monitors() -> str:
     return "; ".join(f"{task.monitor} for {name}" for name, task in TASKS.items() if hasattr(task, "monitor"))
 
 
+def resolve_builder(document: dict, section: str, registry: Registry, problems: list[str], prefix: tuple = ()) -> None:
+    """``document[section]`` names a builder of ``registry`` and its ``params`` fit its signature (the
+    params are normalized in place); each problem is added with its dotted path."""
+    default = OptimSpec.model_fields["name"].default if registry.what == "optimizer" else None
+    if default and document.get(section) is None:  # optim may be left out: resolve its params too
+        document[section] = {}
+    body = document.get(section)
+    name = body.get("name", default) if isinstance(body, dict) else None
+    if not isinstance(name, str):
+        return  # the structural pass reports it
+    if name not in registry:
+        dotted = "".join(f"{part}." for part in prefix)
+        problems.append(f"{dotted}{section}.name: {unknown_name_message(registry.what, name, registry.names())}")
+        return
+    params = body.get("params", {})
+    if not isinstance(params, dict):
+        return
+    try:
+        body["params"] = registry.params_model(name).model_validate(params).model_dump(mode="json")
+    except pydantic.ValidationError as error:
+        problems += describe_all(error.errors(), registry.params_model(name), params, (*prefix, section, "params"))
+
+
 class AugmentSpec(Section):
     """Random image augmentation applied to training batches only."""
 
@@ -162,27 +185,8 @@ class TrainJob(JobBase):
     @classmethod
     def resolve(cls, document: dict, problems: list[str], prefix: tuple = ()) -> None:
         """Names resolve through the registries; ``params`` must match the builder's signature."""
-        dotted = "".join(f"{part}." for part in prefix)
         for section, registry in _registries().items():
-            default = OptimSpec.model_fields["name"].default if section == "optim" else None
-            if default and document.get(section) is None:  # optim may be left out: resolve its params too
-                document[section] = {}
-            body = document.get(section)
-            name = body.get("name", default) if isinstance(body, dict) else None
-            if not isinstance(name, str):
-                continue  # the structural pass reports it
-            if name not in registry:
-                unknown = unknown_name_message(registry.what, name, registry.names())
-                problems.append(f"{dotted}{section}.name: {unknown}")
-                continue
-            params = body.get("params", {})
-            if not isinstance(params, dict):
-                continue
-            try:
-                body["params"] = registry.params_model(name).model_validate(params).model_dump(mode="json")
-            except pydantic.ValidationError as error:
-                schema = registry.params_model(name)
-                problems += describe_all(error.errors(), schema, params, (*prefix, section, "params"))
+            resolve_builder(document, section, registry, problems, prefix)
 
     def pbt_problem(self) -> str | None:
         if self.scaling.num_workers != 1:
