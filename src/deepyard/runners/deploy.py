@@ -55,12 +55,14 @@ def start(endpoints: list[EndpointOptions], *, host: str, port: int,
     resolved = resolved or resolve(endpoints)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # deepyard prints what matters itself
     serve.start(http_options={"host": host, "port": port}, logging_config=LOGGING)
+    targets = []
     for options, info in zip(endpoints, resolved):
         # replicas read the registry this command read, wherever they run
         options = options.model_copy(update={"tracking_uri": options.tracking_uri or tracking.tracking_uri()})
-        serve.run(build_app(options.model_dump()), name=info["name"], route_prefix=info["route"],
-                  logging_config=LOGGING)
+        targets.append(serve.RunTarget(build_app(options.model_dump()), name=info["name"], route_prefix=info["route"],
+                                       logging_config=LOGGING))
         info["url"] = f"http://{_display_host(host)}:{port}{info['route']}"
+    serve.run_many(targets)  # one call: the models' replicas start side by side, and it waits for all of them
     return resolved
 
 
