@@ -231,8 +231,9 @@ def status() -> dict[str, Any]:
             "nodes": live, "alive_nodes": len(live), "cpus": cpus}
 
 
-def stop_node(node: dict[str, Any], timeout_s: float = 30.0) -> None:
-    """SIGTERM to a node's `ray start --block`: it stops its raylet and that node's workers."""
+def stop_node(node: dict[str, Any], timeout_s: float = 16.0) -> None:
+    """SIGTERM to a node's `ray start --block`: it stops its raylet and that node's workers; SIGKILL
+    after ``timeout_s`` (the grace period of Ray's own `ray stop`)."""
     if not _alive(node):
         return
     _signal(node, signal.SIGTERM)
