@@ -29,8 +29,11 @@ class TrainWorker:
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:  # [2] DDP (gloo on CPU, NCCL on GPU)
         return self._torch.prepare_model(model)
 
-    def checkpoint(self):  # [3] a restarted worker group resumes here
-        return self._train.get_checkpoint()
+    def checkpoint(self):  # [3] a restarted worker group resumes here: the newest complete checkpoint
+        from deepyard.runners.checkpoints import newest_in_storage
+
+        storage = self._train.get_context().get_storage()
+        return newest_in_storage(storage.storage_filesystem, storage.experiment_fs_path, self._train.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], directory: str | None) -> None:  # [4] rank 0 persists
         checkpoint = self._train.Checkpoint.from_directory(directory) if directory else None
