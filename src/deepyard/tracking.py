@@ -7,6 +7,7 @@ plots, the model with its preprocessing, a registered version, and the final sta
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -33,7 +34,27 @@ def tracking_uri() -> str:
 def client(uri: str | None = None):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri or tracking_uri())
+    return MlflowClient(tracking_uri=_ready(uri or tracking_uri()))
+
+
+@functools.cache
+def _ready(uri: str) -> str:
+    """``uri``, once its store exists and is up to date. MLflow creates and migrates a sqlite store
+    on first use with no lock of its own: jobs started together on a new home raced each other's
+    migrations and could leave the database half-built for good. The first use per process holds a
+    file lock beside the database while both stores (tracking and registry) are opened."""
+    if not uri.startswith("sqlite:///"):
+        return uri
+    from filelock import FileLock
+    from mlflow import MlflowClient
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock"):
+        opened = MlflowClient(tracking_uri=uri)
+        opened.search_experiments(max_results=1)
+        opened.search_registered_models(max_results=1)
+    return uri
 
 
 def _experiment_id(mlflow_client, name: str) -> str:
@@ -324,7 +345,7 @@ def finishing(run_id: str) -> Iterator[None]:
 def _active(run_id: str) -> Iterator[None]:
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(_ready(tracking_uri()))
     with mlflow.start_run(run_id=run_id):
         yield
 
@@ -521,7 +542,7 @@ def load_model(name: str, version: str, uri: str | None = None):
     import mlflow
     import mlflow.pytorch
 
-    mlflow.set_tracking_uri(uri or tracking_uri())
+    mlflow.set_tracking_uri(_ready(uri or tracking_uri()))
     model_uri = f"models:/{name}/{version}"
     metadata = mlflow.models.get_model_info(model_uri).metadata or {}
     module = mlflow.pytorch.load_model(model_uri, map_location="cpu")
@@ -536,7 +557,7 @@ def model_metadata(name: str, version: str) -> dict[str, Any]:
     """What ``log_model`` stored with the version: task, input shape, class names, vocabulary..."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(_ready(tracking_uri()))
     return mlflow.models.get_model_info(f"models:/{name}/{version}").metadata or {}
 
 
@@ -545,7 +566,7 @@ def input_example(name: str, version: str):
     import mlflow
     from mlflow.models import Model
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(_ready(tracking_uri()))
     local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}")
     return Model.load(local).load_input_example(local)
 

@@ -157,11 +157,55 @@ def _check(raw: RawData) -> None:
                                 f"{len(raw.class_names or [])} classes (for mnist_idx, set data.params.num_classes)")
 
 
+def _check_values(raw: RawData) -> None:
+    """Refused before training, not trained on: one class, or values that are not finite (a NaN
+    loss and a registered model that answers nothing useful)."""
+    if raw.task == "classification" and raw.symbols is None and len(raw.y):
+        present = np.unique(raw.y)
+        if len(present) < 2:
+            name = (raw.class_names or [str(present[0])])[int(present[0])]
+            raise DataError(f"the target has a single class ({name!r}); classification needs at least two")
+    arrays = [("features", raw.x)] + ([("test features", raw.x_test)] if raw.x_test is not None else [])
+    if raw.task == "regression":
+        arrays.append(("the target", raw.y))
+    for what, values in arrays:
+        if not np.issubdtype(values.dtype, np.floating):
+            continue
+        bad = ~np.isfinite(values)
+        if not bad.any():
+            continue
+        where = ""
+        if what != "the target" and raw.feature_names and values.ndim == 2:
+            columns = [raw.feature_names[i] for i in np.flatnonzero(bad.any(axis=0))]
+            where = f" in column{'s' if len(columns) > 1 else ''} {', '.join(map(repr, columns[:5]))}"
+        rows = np.flatnonzero(bad.reshape(len(values), -1).any(axis=1))
+        raise DataError(f"{what}: {len(rows)} row{'s' if len(rows) > 1 else ''} with values that are not finite "
+                        f"(inf or NaN){where}, first at row {rows[0]}; fix or drop them first")
+
+
+def _check_rows(raw: RawData, val_fraction: float, test_fraction: float) -> None:
+    """Each split gets at least one row (of each class, where splits are stratified)."""
+    needed = 1 + (val_fraction > 0) + (test_fraction > 0 and raw.x_test is None)
+    if raw.task == "classification" and raw.symbols is None and len(raw.y):
+        labels, counts = np.unique(raw.y, return_counts=True)
+        if counts.min() < needed:
+            smallest = int(labels[counts.argmin()])
+            name = raw.class_names[smallest] if raw.class_names else smallest
+            raise DataError(f"class {name!r} has {counts.min()} row{'s' if counts.min() > 1 else ''}; each class "
+                            f"needs at least {needed}, one for each of the train, val and test splits; add rows or "
+                            "leave the class out")
+    elif len(raw.y) < needed:
+        raise DataError(f"the data has {len(raw.y)} rows; it needs at least {needed} (one for each split)")
+
+
 def make_splits(raw: RawData, *, val_fraction: float, test_fraction: float, seed: int,
                 max_train_samples: int | None = None) -> Splits:
     rng = np.random.default_rng(seed)
     stratify = raw.task == "classification"
     _check(raw)
+    _check_values(raw)
+    if not raw.ordered:
+        _check_rows(raw, val_fraction, test_fraction)
     if raw.ordered:
         splits = _ordered_splits(raw, val_fraction, test_fraction, max_train_samples)
         return fit_vocabulary(splits, raw) if raw.symbols is not None else splits

@@ -1,0 +1,59 @@
+"""Defects that lost a user's work or let bad data through, each kept fixed (fast: no Ray job)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+def _deepyard(home, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "DEEPYARD_HOME": str(home)}
+    env.pop("MLFLOW_TRACKING_URI")  # the embedded default: sqlite under the home
+    return subprocess.Popen([sys.executable, "-m", "deepyard.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_commands_started_together_on_a_new_home_all_create_one_store(tmp_path):
+    """Four at once raced MLflow's migrations (`duplicate column name`, a half-migrated database
+    that every later command failed on); the first use of the store is now serialised."""
+    home = tmp_path / "home"
+    together = [_deepyard(home, "models") for _ in range(4)]
+    outcomes = [(process.wait(timeout=180), process.stderr.read()) for process in together]
+    assert all(code == 0 for code, _ in outcomes), outcomes
+    assert not any("Traceback" in stderr for _, stderr in outcomes)
+    later = _deepyard(home, "models")
+    assert later.wait(timeout=120) == 0, later.stderr.read()
+
+
+def _table(tmp_path, rows: list[str]) -> str:
+    path = tmp_path / "t.csv"
+    path.write_text("a,b,y\n" + "\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([f"{i},{i % 3},1" for i in range(40)], "the target has a single class ('1'); classification needs at least two"),
+    ([f"{i},{'inf' if i == 7 else i % 3},{i % 2}" for i in range(40)],
+     "1 row with values that are not finite (inf or NaN) in column 'b', first at row 7"),
+    (["1,2,0", "3,4,1"], "class '0' has 1 row; each class needs at least 3, one for each of the train, val and test"),
+])
+def test_data_that_cannot_train_a_model_is_refused_before_ray_starts(cli, write_spec, tmp_path, rows, message):
+    spec = write_spec(f"name: t\ndata: {{name: csv, params: {{path: {_table(tmp_path, rows)}, target: y}}}}\n"
+                      "model: {name: mlp}\n")
+    result = cli("validate", spec, expect=2)
+    assert message in result.stderr
+
+
+def test_a_regression_target_with_inf_is_refused(tmp_path):
+    from deepyard.data.splits import RawData, make_splits
+    from deepyard.errors import DataError
+
+    y = np.arange(30, dtype=np.float32)
+    y[4] = np.inf
+    with pytest.raises(DataError, match="the target: 1 row with values that are not finite"):
+        make_splits(RawData(np.ones((30, 2), np.float32), y, "regression"), val_fraction=0.2, test_fraction=0.2,
+                    seed=0)
