@@ -57,3 +57,20 @@ def test_a_regression_target_with_inf_is_refused(tmp_path):
     with pytest.raises(DataError, match="the target: 1 row with values that are not finite"):
         make_splits(RawData(np.ones((30, 2), np.float32), y, "regression"), val_fraction=0.2, test_fraction=0.2,
                     seed=0)
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_every_stop_signal_ends_a_job_as_ctrl_c_does(stop):
+    """KeyboardInterrupt is what marks the run KILLED and exits 130 (tests/test_train_job.py runs it
+    end to end with SIGINT); a scheduler's SIGTERM and a closed terminal's SIGHUP must raise it too."""
+    import signal
+
+    from deepyard import cluster
+
+    previous = cluster._stop_on_signals()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), getattr(signal, stop))
+            signal.sigtimedwait([], 0.1)  # (the handler runs between bytecodes: give it one)
+    finally:
+        cluster._restore(previous)

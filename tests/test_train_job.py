@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 
 import faults
 from conftest import last_json
+from deepyard import tracking
 
 pytestmark = pytest.mark.slow
 
@@ -149,33 +150,49 @@ train: {epochs: 3, batch_size: 16}
     assert "plots/forecast.png" in artifacts
 
 
-def test_sigterm_stops_the_job_and_marks_its_run_killed(write_spec, tmp_path):
-    """The real console script with its own local cluster, stopped the way a scheduler stops it."""
-    import os
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGKILL"])
+def test_a_stopped_or_killed_driver_resumes_in_the_same_run_with_no_epoch_twice(ray_cluster, cli, write_spec,
+                                                                                 deepyard_home, stop):
+    """The real console script with its own local cluster, stopped by Ctrl-C (it was marked FAILED
+    and exited 1) or killed outright (its run stayed RUNNING for ever); then `--resume` goes on
+    from the newest checkpoint in the same MLflow run (it refused train jobs)."""
     import signal
     import subprocess
     import sys
     import time
 
-    spec = write_spec(TINY_MLP.format(name="tiny_sigterm", epochs=500))
-    process = subprocess.Popen([sys.executable, "-m", "deepyard.cli", "run", spec],
-                               env={**os.environ, "DEEPYARD_HOME": str(tmp_path / "home")},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    name = f"stop_{stop.lower()}"
+    spec = write_spec(TINY_MLP.format(name=name, epochs=12))  # about a second an epoch, most of it Ray's
+    process = subprocess.Popen([sys.executable, "-m", "deepyard.cli", "run", spec], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     client = MlflowClient()
-    deadline = time.monotonic() + 120
-    run = None
-    while time.monotonic() < deadline and process.poll() is None:
-        experiment = client.get_experiment_by_name("tiny_sigterm")
+    deadline, run = time.monotonic() + 180, None
+    while time.monotonic() < deadline and process.poll() is None and run is None:
+        experiment = client.get_experiment_by_name(name)
         runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        if runs and runs[0].data.metrics.get("epoch", 0) >= 2:
-            run = runs[0]
-            break
-        time.sleep(0.5)
+        run = runs[0] if runs and runs[0].data.metrics.get("epoch", 0) >= 2 else None
+        time.sleep(0.3)
     assert run is not None, process.communicate(timeout=30)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    process.send_signal(getattr(signal, stop))
+    _, stderr = process.communicate(timeout=90)
+    stopped = client.get_run(run.info.run_id)
+    if stop == "SIGINT":
+        assert process.returncode == 130, stderr
+        assert stopped.info.status == "KILLED" and "--resume" in stopped.data.tags["deepyard.error"]
+    else:
+        assert stopped.info.status == "RUNNING"  # nobody was left to close it
+    reached = max(step for step, _ in tracking.metric_history(run.info.run_id, "epoch"))
+    assert reached < 12, "the job ended before it was stopped"
+
+    summary = run_job(cli, spec, "--resume")
+    assert summary["run_id"] == run.info.run_id
+    resumed = client.get_run(run.info.run_id)
+    assert resumed.info.status == "FINISHED" and "deepyard.error" not in resumed.data.tags
+    (start,) = [value for _, value in tracking.metric_history(run.info.run_id, "resumed_from_epoch")]
+    assert start >= reached - 1  # from the newest checkpoint: at most the epoch in flight is redone
+    assert sorted(step for step, _ in tracking.metric_history(run.info.run_id, "train_loss")) == list(range(1, 13))
+    folder = Path(deepyard_home, "ray_results", f"{name}-{run.info.run_id[:8]}")
+    assert len(list(folder.glob("checkpoint_*"))) <= 3  # checkpoint.keep (2) and the final one
 
 
 def test_a_saturated_validation_accuracy_registers_the_epoch_with_the_lowest_loss(ray_cluster, cli, write_spec):

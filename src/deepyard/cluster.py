@@ -60,7 +60,7 @@ def connected(address: str | None = None, ray_logs: bool = False,
         return
     address = address or os.environ.get("RAY_ADDRESS")
     local_cluster.authenticate(address)
-    previous = _stop_on_sigterm()
+    previous = _stop_on_signals()
     for key, value in {**TRAIN_ENV, **((local_env or {}) if not address else {})}.items():
         os.environ.setdefault(key, value)  # inherited by the raylet of a local cluster
     try:
@@ -73,31 +73,38 @@ def connected(address: str | None = None, ray_logs: bool = False,
     except ConnectionError as error:
         from deepyard.errors import BadInput
 
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
+        _restore(previous)
         where = "running on this machine" if address == "auto" else f"at {address}"
         raise BadInput(f"no Ray cluster {where} ({error}); start one with `ray start --head`, "
                        "or pass --address / RAY_ADDRESS") from None
-    _stop_on_sigterm()  # again: ray.init replaced it
+    _stop_on_signals()  # again: ray.init replaced them
     try:
         yield
     finally:
         ray.shutdown()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        _restore(previous)
 
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _stop_on_sigterm():
-    """A scheduler's SIGTERM ends the job like Ctrl-C (run marked KILLED, exit code 130).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    ray.init installs its own handler, which exits mid-job without cleaning up; ours replaces it.
-    Returns the handler it replaced (None off the main thread, where signals cannot be handled).
-    """
-    if threading.current_thread() is threading.main_thread():
-        return signal.signal(signal.SIGTERM, _interrupt)
-    return None
+
+def _stop_on_signals() -> dict:
+    """Ctrl-C, a scheduler's SIGTERM and a closed terminal's SIGHUP all end the job the same way:
+    KeyboardInterrupt, so the run is marked KILLED and the command exits 130.
+
+    ray.init installs its own SIGTERM handler, which exits mid-job without cleaning up; ours
+    replaces it. Returns the handlers it replaced (none off the main thread, where signals cannot
+    be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, _interrupt) for signum in STOP_SIGNALS}
+
+
+def _restore(previous: dict) -> None:
+    for signum, handler in previous.items():
+        if handler is not None:  # (None: a handler not set from Python)
+            signal.signal(signum, handler)

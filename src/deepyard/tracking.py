@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from deepyard import settings
+from deepyard import drivers, settings
 from deepyard.errors import BadInput, DeepyardError, JobFailed
 
 MODEL_ARTIFACT = "model"
@@ -177,8 +177,8 @@ def latest_metrics(run_id: str) -> dict[str, float]:
     return dict(client().get_run(run_id).data.metrics)
 
 
-def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
-    return [(m.step, m.value) for m in client().get_metric_history(run_id, key)]
+def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
 
 
 def log_figure(run_id: str, figure, artifact_file: str, uri: str | None = None) -> None:
@@ -288,11 +288,16 @@ def job_run(spec, *, tags: dict[str, str] | None = None, reopen: str | None = No
     started = time.perf_counter()
 
     def open_run() -> str:
+        close_orphans(spec.experiment)
+        driver = {drivers.TAG: drivers.this_process()}
         if reopen:
             reopen_run(reopen)
+            set_tags(reopen, driver)
+            delete_tag(reopen, "deepyard.error")  # why it stopped then is history (error.txt keeps it)
             run_id = reopen
         else:
-            run_id = start_run(spec.experiment, spec.name, flatten(spec), to_yaml(spec), kind=spec.kind, tags=tags)
+            run_id = start_run(spec.experiment, spec.name, flatten(spec), to_yaml(spec), kind=spec.kind,
+                               tags={**(tags or {}), **driver})
         run.opened_after = time.perf_counter() - started
         return run_id
 
@@ -393,6 +398,24 @@ def log_model(run_id: str, module, input_example, *, registered_name: str | None
 
 def reopen_run(run_id: str) -> None:
     client().update_run(run_id, status="RUNNING")
+
+
+def close_orphans(experiment: str) -> list[str]:
+    """Close the experiment's RUNNING runs whose driver process is gone (``drivers``), and their
+    RUNNING child runs, as KILLED with the reason. Returns their ids."""
+    mlflow_client = client()
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    running = mlflow_client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+    orphans = [run for run in running if drivers.is_gone(run.data.tags.get(drivers.TAG, ""))]
+    for run in orphans:
+        reason = (f"its driver ({drivers.describe(run.data.tags[drivers.TAG])}) stopped without closing the run "
+                  "(killed, or the machine went down); continue with `deepyard run SPEC --resume`")
+        for child in [r for r in running if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]:
+            finish_run(child.info.run_id, "KILLED", f"its job's driver stopped: {reason}")
+        finish_run(run.info.run_id, "KILLED", reason)
+    return [run.info.run_id for run in orphans]
 
 
 def latest_run(experiment: str, run_name: str, tags: dict[str, str]):

@@ -31,7 +31,8 @@ def run(
                                                         "local cluster")] = None,
     json_output: JsonOutput = False,
     ray_logs: Annotated[bool, typer.Option("--ray-logs", help="stream Ray's worker logs to the terminal")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted sweep or rl job from its "
+    resume: Annotated[bool, typer.Option("--resume", help="continue the job's last interrupted run (Ctrl-C, "
+                                                          "a killed driver, a failure) from its newest "
                                                           "checkpoint")] = False,
 ) -> None:
     """Run a job: train on Ray, track in MLflow, register the model."""
@@ -43,8 +44,7 @@ def run(
     kind = KINDS[job.kind]
     if resume and not kind.resumable:
         resumable = " or ".join(name for name, k in KINDS.items() if k.resumable)
-        raise BadInput(f"--resume continues an interrupted {resumable} job; a {job.kind} job cannot resume "
-                       "(a train job restarts from its checkpoints on its own: failure.max_failures)")
+        raise BadInput(f"--resume continues an interrupted {resumable} job; a {job.kind} job cannot resume")
     options = RunOptions(address=address, ray_logs=ray_logs, resume=resume, console=err, json_output=json_output)
     summary = kind.runner_module().run(job, options)
     lines = summary.lines()

@@ -57,5 +57,20 @@ def newest_in_storage(filesystem, experiment_path: str, known) -> Any:
     return known
 
 
+def tidy(result) -> None:
+    """Delete the run's checkpoints that Ray no longer keeps: the ones its controller never heard of
+    (``newest_in_storage``) are not deleted by Ray, so they outlived ``checkpoint.keep``."""
+    import pyarrow.fs
+
+    kept = {Path(c.path).name for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint is not None:
+        kept.add(Path(result.checkpoint.path).name)
+    found = result.filesystem.get_file_info(pyarrow.fs.FileSelector(result.path, allow_not_found=True))
+    for info in found:
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_") \
+                and info.base_name not in kept:
+            result.filesystem.delete_dir(info.path)
+
+
 def cpu_copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.detach().to("cpu", copy=True) for key, value in state_dict.items()}

@@ -18,6 +18,7 @@ from deepyard import tracking
 from deepyard.compress import measure
 from deepyard.compress.parent import Parent, load_parent, rebuild
 from deepyard.errors import BadInput
+from deepyard.runners import checkpoints
 from deepyard.runners.setup import build, eval_loader, load_data, monitored, preflight, split_seed
 from deepyard.runners.summary import RunOptions, RunSummary
 from deepyard.spec import CompressJob, TrainJob, flatten, to_yaml
@@ -166,6 +167,7 @@ def _fine_tune(stage: TrainJob, label: str, settings: dict, checked: Checked, pa
         if getattr(result, "error", None):
             raise result.error
         final = final_state(result)
+        checkpoints.tidy(result)
         pipeline = _stage_pipeline(stage, settings, checked.splits, final["model"])
         outcome = log_outcome(stage, checked.splits, child, final, registered_name=registered, pipeline=pipeline)
     return Produced(label, pipeline.eval(), final["test"], outcome, {}, child)

@@ -171,6 +171,7 @@ def save(algo, folder: Path) -> None:
 
 def interrupted_run(spec: RLJob) -> str:
     """The newest run of this job, if it was stopped or failed and left a checkpoint; else BadInput."""
+    tracking.close_orphans(spec.experiment)  # a driver killed outright left its run RUNNING
     last = (tracking.latest_run(spec.experiment, spec.name, {"deepyard.task": RLPolicy.name})
             or tracking.latest_run(spec.experiment, spec.name, {"deepyard.task": "rl"}))  # (older runs' tag)
     if last is None:

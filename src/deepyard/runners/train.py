@@ -7,13 +7,15 @@ Driver: check the spec against the data (before Ray starts) -> open the MLflow r
 
 from __future__ import annotations
 
+import functools
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-from deepyard import settings, tracking, transfer
+from deepyard import drivers, settings, tracking, transfer
 from deepyard.compress import hooks as compress_hooks
 from deepyard.data import Splits
 from deepyard.data.augment import random_affine
@@ -92,8 +94,13 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
 
     # Rank 0 logs each epoch to the job's MLflow run from a background thread, off the training path.
     log = tracking.BackgroundLogger(config["run_id"], config["tracking_uri"]) if rank == 0 else None
+    logged_up_to = 0
     if log and start_epoch > 1:
         log({"resumed_from_epoch": start_epoch - 1}, start_epoch - 1)
+        # Epochs logged after the newest checkpoint (the job stopped before it was saved) are
+        # trained again, but logged once: their first values stand.
+        logged_up_to = max((step for step, _ in tracking.metric_history(config["run_id"], "epoch",
+                                                                             config["tracking_uri"])), default=0)
     # A sweep trial's numeric values, per epoch: under PBT they change as the trial goes.
     hyperparameters = {f"hp/{path}": float(value) for path, value in config.get("trial_values", {}).items()
                        if isinstance(value, (int, float)) and not isinstance(value, bool)}
@@ -128,7 +135,7 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
         if selection.improved(metrics, best):
             best = {**selection.of(metrics), "epoch": epoch, "weights": checkpoints.cpu_copy(plain_model.state_dict())}
         stop = bool(stopper and stopper.update(metrics))
-        if log:
+        if log and epoch > logged_up_to:
             log({**metrics, **hyperparameters}, epoch)
             log.flush()  # a scheduler may stop this trial at the report: its epochs are in MLflow first
             _log_epoch_artifacts(config, task, plain_model, splits, epoch)
@@ -186,17 +193,16 @@ def make_trainer(spec: TrainJob, run_id: str, selection: Selection, callbacks: l
                  compress: dict[str, Any] | None = None):
     """``compress``: a compress stage's method settings (``compress/hooks.py``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     config = {"spec": spec.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking.tracking_uri(),
               "compress": compress}
-    return TorchTrainer(
+    return _trainer_class()(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         run_config=RunConfig(
-            name=f"{spec.name}-{run_id[:8]}",
+            name=trainer_name(spec, run_id),
             storage_path=settings.storage_path(spec.storage_path),
             # The best K by the validation metric (ties broken as the loop breaks them); Ray always
             # keeps the latest too (recovery).
@@ -207,6 +213,38 @@ def make_trainer(spec: TrainJob, run_id: str, selection: Selection, callbacks: l
             callbacks=callbacks,
         ),
     )
+
+
+@functools.cache
+def _trainer_class():
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        """A TorchTrainer that leaves Ctrl-C to deepyard. Ray's own SIGINT handler aborts the run
+        and then exits 1 from inside ``ray.get``: the run was marked FAILED and the command exited
+        1. Here Ctrl-C raises KeyboardInterrupt as everywhere else (run KILLED, exit 130); the
+        controller is told to stop its workers, and every checkpoint stays. A second Ctrl-C while
+        it stops them stops at once."""
+
+        _controller = None
+
+        def _register_sigint_handler(self, controller) -> None:
+            self._controller = controller
+
+        def fit(self):
+            try:
+                return super().fit()
+            except KeyboardInterrupt:
+                if self._controller is not None:
+                    import ray
+
+                    try:
+                        ray.get(self._controller.abort.remote(), timeout=30)
+                    except (ray.exceptions.RayError, TimeoutError):
+                        pass  # the controller is gone already: its workers go with it
+                raise
+
+    return Trainer
 
 
 def final_state(result) -> dict[str, Any]:
@@ -252,7 +290,6 @@ def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, An
 def log_weights(run_id: str, spec: TrainJob, pipeline: torch.nn.Module) -> None:
     """The network's tensors and the spec that builds it: what a transfer or compress job starts from."""
     import tempfile
-    from pathlib import Path
 
     from deepyard.spec import to_yaml
 
@@ -283,18 +320,60 @@ def describe(spec: TrainJob, splits: Splits) -> str:
     return line
 
 
+def interrupted_run(spec: TrainJob) -> str:
+    """The newest run of this job, if it was stopped (Ctrl-C, SIGTERM, a dead driver) or failed and
+    left a checkpoint, and ran this same spec; else BadInput."""
+    from deepyard.spec import flatten
+
+    tracking.close_orphans(spec.experiment)  # a driver killed outright left its run RUNNING
+    last = tracking.latest_run(spec.experiment, spec.name, {"deepyard.kind": spec.kind})
+    if last is None:
+        raise BadInput(f"--resume: no earlier run of {spec.name!r} in experiment {spec.experiment!r}; "
+                       "run it without --resume")
+    run_id, status = last.info.run_id, last.info.status
+    if status == "FINISHED":
+        raise BadInput(f"--resume: the last run of {spec.name!r} ({run_id}) finished; nothing to resume "
+                       "(run it without --resume to train anew)")
+    if status == "RUNNING":
+        driver = last.data.tags.get(drivers.TAG, "")
+        raise BadInput(f"--resume: the last run of {spec.name!r} ({run_id}) is still running"
+                       f"{' (' + drivers.describe(driver) + ')' if driver else ''}; stop it first")
+    folder = Path(settings.storage_path(spec.storage_path)) / trainer_name(spec, run_id)
+    if "://" not in str(folder) and not any(folder.glob("checkpoint_*")):
+        raise BadInput(f"--resume: the {status} run {run_id} saved no checkpoint in {folder}; run it without "
+                       "--resume")
+    # The checkpoint holds this spec's model and optimizer: another spec would not load, or would
+    # silently train something else. (The source of init.from mattered only at the first epoch.)
+    then, now = last.data.params, flatten(spec)
+    changed = [key for key in sorted(set(then) | set(now)) if not key.startswith("init.from")
+               and then.get(key) != (now[key][:6000] if key in now else None)]
+    if changed:
+        shown = "; ".join(f"{key}: {then.get(key)} -> {now.get(key)}" for key in changed[:5])
+        raise BadInput(f"--resume: the spec changed since run {run_id} ({shown}); resume with the spec it ran "
+                       "with, or run without --resume")
+    return run_id
+
+
+def trainer_name(spec: TrainJob, run_id: str) -> str:
+    """Ray Train's name for the job's checkpoints: the same run id finds them again on --resume."""
+    return f"{spec.name}-{run_id[:8]}"
+
+
 def run(spec: TrainJob, options: RunOptions) -> RunSummary:
-    """Run the job to the end; returns the ids, final test metrics and model URIs."""
+    """Run the job to the end; returns the ids, final test metrics and model URIs. With ``resume``,
+    the last interrupted run goes on from its newest complete checkpoint, in the same MLflow run."""
     from deepyard import cluster, progress
 
     splits, task = preflight(spec)
+    resumed = interrupted_run(spec) if options.resume else None
     spec = transfer.pinned_spec(spec)  # every worker copies the version the alias points at now
     selection = Selection(*monitored(spec.checkpoint.metric, spec.checkpoint.mode, task), task.tie_breaker)
     storage = settings.storage_path(spec.storage_path)
     lineage = {"deepyard.init_from": spec.init.from_} if spec.init else {}
-    with tracking.job_run(spec, tags={"deepyard.task": task.name, **lineage}, failure="training failed",
-                          failure_hint=lambda: f" and checkpoints stay under {storage}",
-                          killed_note="interrupted by the user (Ctrl-C or SIGTERM)") as run:
+    with tracking.job_run(spec, tags={"deepyard.task": task.name, **lineage}, reopen=resumed,
+                          failure="training failed", failure_hint=lambda: f" and checkpoints stay under {storage}",
+                          killed_note="interrupted (Ctrl-C, SIGTERM or SIGHUP); continue with "
+                                      "`deepyard run SPEC --resume`") as run:
         # Opening the MLflow run (~2 s on a new sqlite store) overlaps Ray's start-up (~4 s).
         with cluster.connected(options.address, options.ray_logs):
             run.mark("ray_connect")
@@ -310,6 +389,7 @@ def run(spec: TrainJob, options: RunOptions) -> RunSummary:
         if getattr(result, "error", None):
             raise result.error
         final = final_state(result)
+        checkpoints.tidy(result)
         outcome = log_outcome(spec, splits, run_id, final,
                               registered_name=spec.model_name if spec.register.enabled else None)
         if spec.promote and outcome.get("model_version"):

@@ -158,7 +158,7 @@ class FailureSpec(Section):
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: no limit")
 
 
-@job_kind(runner="deepyard.runners.train", trials="deepyard.runners.train_trials")
+@job_kind(runner="deepyard.runners.train", resumable=True, trials="deepyard.runners.train_trials")
 class TrainJob(JobBase):
     """A supervised job on Ray Train: data -> model -> task loss -> optimizer."""
 
