@@ -8,12 +8,14 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
 from deepyard import tracking
+from deepyard.serve.client import auth_headers
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +123,7 @@ def test_png_instances_for_image_models(endpoint):
     ({"instances": [[0] * 64] * 17}, 413, "17 instances is over this endpoint's limit of 16"),
     ({"instances": [[0] * 64], "top_k": 0}, 400, "top_k must be a positive integer"),
     ({"instances": "everything"}, 400, '"instances" must be a list'),
+    ({"instances": [[0] * 63 + [True]]}, 400, "instances[0]: true/false where numbers are expected"),
 ])
 def test_bad_input_gets_a_4xx_and_the_endpoint_keeps_answering(endpoint, body, status, message):
     answer = post(endpoint["url"], body)
@@ -185,18 +188,32 @@ def test_hot_swap_under_load_drops_no_request(endpoint, cli):
     assert set(versions[switched + 20:]) <= {"2"}  # once swapped, every replica answers with the new version
 
 
+TOKEN = "tok-7f3a9c-never-in-a-log"
+
+
 def test_bearer_token_and_dynamic_batching(endpoint, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
     from deepyard.runners import deploy
 
-    monkeypatch.setenv("DEEPYARD_API_TOKEN", "s3cret")
+    monkeypatch.setenv("DEEPYARD_API_TOKEN", TOKEN)
     batched = endpoint["options"].model_copy(update={"max_batch_size": 8, "batch_wait_timeout_s": 0.01})
     deploy.start([batched], host="127.0.0.1", port=endpoint["port"])  # redeployed: token and batching on
     assert post(endpoint["url"], {"instances": [[0] * 64]}).status_code == 401
     wrong = post(endpoint["url"], {"instances": [[0] * 64]}, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
+    for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive
+        answer = post(endpoint["url"], {"instances": [[0] * 64]}, headers={"Authorization": f"{scheme} {TOKEN}"})
+        assert answer.status_code == 200, (scheme, answer.text)
+    assert post(endpoint["url"], {"instances": [[0] * 64]},
+                headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
     assert httpx.get(f"{endpoint['url']}/healthz", timeout=10).status_code == 200  # probes need no token
+    # Replicas get a salted digest, never the token: passed as is, Ray wrote it to runtime_env_agent.log.
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    leaked = [path.name for path in logs.rglob("*") if path.is_file() and TOKEN.encode() in path.read_bytes()]
+    assert not leaked, leaked
 
     # Concurrent requests of different sizes share batches; each gets exactly its own answers.
     example = tracking.input_example("serve-mlp", "2")
@@ -208,7 +225,7 @@ def test_bearer_token_and_dynamic_batching(endpoint, monkeypatch):
     requests = [example[i:i + size] for i in range(len(example)) for size in (1, 2) if i + size <= len(example)]
 
     def ask(batch):
-        answer = post(endpoint["url"], {"instances": batch.tolist()}, headers={"Authorization": "Bearer s3cret"})
+        answer = post(endpoint["url"], {"instances": batch.tolist()}, headers={"Authorization": f"Bearer {TOKEN}"})
         assert answer.status_code == 200, answer.text
         return answer.json()["predictions"]
 
@@ -252,8 +269,7 @@ def test_deploy_job_serves_in_the_foreground_until_ctrl_c(endpoint, write_spec):
         ready = json.loads(line)
         (info,) = ready["endpoints"]
         assert info["url"] == f"http://127.0.0.1:{port}/models/serve-mlp"
-        answer = post(info["url"], {"instances": [[0] * 64]}, headers={"Authorization": "Bearer s3cret"}
-                      if os.environ.get("DEEPYARD_API_TOKEN") else None)
+        answer = post(info["url"], {"instances": [[0] * 64]}, headers=auth_headers())
         assert answer.status_code == 200 and answer.json()["model"] == "serve-mlp"
     finally:
         process.send_signal(signal.SIGINT)

@@ -74,3 +74,38 @@ def test_every_stop_signal_ends_a_job_as_ctrl_c_does(stop):
             signal.sigtimedwait([], 0.1)  # (the handler runs between bytecodes: give it one)
     finally:
         cluster._restore(previous)
+
+
+def test_an_unwritable_home_or_store_is_refused_before_ray_starts(cli, write_spec, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    spec = write_spec("name: t\ndata: {name: wine}\nmodel: {name: mlp}\n")
+    monkeypatch.setenv("DEEPYARD_STORAGE", str(blocker / "store"))
+    result = cli("run", spec, expect=2)
+    assert f"{blocker / 'store'} is not writable (Not a directory)" in result.stderr
+    monkeypatch.setenv("DEEPYARD_HOME", str(blocker / "home"))
+    result = cli("run", spec, expect=2)
+    assert "DEEPYARD_HOME" in result.stderr and "is not writable" in result.stderr
+
+
+def test_a_file_that_is_not_a_table_is_not_echoed(cli, write_spec, tmp_path):
+    secret = tmp_path / "token.txt"
+    secret.write_text("password=hunter2\n")
+    spec = write_spec(f"name: t\ndata: {{name: csv, params: {{path: {secret}, target: y}}}}\nmodel: {{name: mlp}}\n")
+    result = cli("validate", spec, expect=2)
+    assert "one column only" in result.stderr and "hunter2" not in result.stderr
+
+
+def test_a_directory_as_predict_input_says_so(cli, tmp_path):
+    result = cli("predict", "some-model", "--input", str(tmp_path), expect=2)
+    assert "a directory; give one JSON file or PNG image" in result.stderr
+
+
+def test_artifacts_of_a_sqlite_store_named_by_uri_land_beside_it(deepyard_home):
+    """With MLFLOW_TRACKING_URI set to a sqlite file (as here), they landed in ./mlruns of the
+    working directory."""
+    from deepyard import tracking
+
+    experiment_id = tracking._experiment_id(tracking.client(), "where_artifacts_land")
+    location = tracking.client().get_experiment(experiment_id).artifact_location
+    assert location == (deepyard_home / "artifacts" / "where_artifacts_land").as_uri()

@@ -14,8 +14,34 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 def home() -> Path:
     """``$DEEPYARD_HOME``, default ``./.deepyard``: the sqlite store, artifacts and checkpoints."""
     path = Path(os.environ.get("DEEPYARD_HOME", ".deepyard")).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _unwritable("DEEPYARD_HOME", path, error) from None
     return path
+
+
+def check_writable(spec) -> None:
+    """The home and a local checkpoint store (of a spec that has one) take files: checked before Ray
+    starts, not minutes later when the first run or checkpoint is written."""
+    import tempfile
+
+    places = [("DEEPYARD_HOME", home())]
+    if hasattr(spec, "storage_path") and "://" not in (storage := storage_path(spec.storage_path)):
+        places.append(("storage_path (or DEEPYARD_STORAGE)", Path(storage)))
+    for what, path in places:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as error:
+            raise _unwritable(what, path, error) from None
+
+
+def _unwritable(what: str, path: Path, error: OSError):
+    from deepyard.errors import BadInput
+
+    return BadInput(f"{what}: {path} is not writable ({error.strerror}); set it to a directory you can write")
 
 
 def storage_path(configured: str | None) -> str:

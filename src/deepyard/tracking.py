@@ -65,9 +65,10 @@ def _experiment_id(mlflow_client, name: str) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        # The embedded store keeps artifacts beside it, not in ./mlruns of whatever directory we ran from.
-        location = (settings.home() / "artifacts" / name).as_uri()
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        # A sqlite store keeps artifacts beside it, not in ./mlruns of whatever directory we ran from.
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / name).as_uri()
     try:
         return mlflow_client.create_experiment(name, artifact_location=location)
     except Exception:  # another job created it first

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from deepyard import settings
 from deepyard.cli.app import JsonOutput, Overrides, SpecPath, app, err, out, user_errors
 from deepyard.errors import BadInput
 
@@ -45,6 +46,7 @@ def run(
     if resume and not kind.resumable:
         resumable = " or ".join(name for name, k in KINDS.items() if k.resumable)
         raise BadInput(f"--resume continues an interrupted {resumable} job; a {job.kind} job cannot resume")
+    settings.check_writable(job)
     options = RunOptions(address=address, ray_logs=ray_logs, resume=resume, console=err, json_output=json_output)
     summary = kind.runner_module().run(job, options)
     lines = summary.lines()

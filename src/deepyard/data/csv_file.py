@@ -30,6 +30,10 @@ def read_table(path: str, columns: list[str]):
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
         raise DataError(f"{file}: cannot be read as CSV: {error}") from None
     known = [str(c) for c in table.columns]
+    if len(known) == 1 and columns and columns[0] not in known:
+        # One "column" is the file's whole first line: not echoed, since the file may hold a secret.
+        raise DataError(f"{file}: one column only, not {columns[0]!r}; is it a comma-separated table with a "
+                        "header row?")
     for column in columns:
         _check_column(column, known, file)
     return table

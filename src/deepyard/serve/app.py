@@ -15,10 +15,12 @@ RayService) imports.
 # No `from __future__ import annotations` here: FastAPI must see the real types of the handlers
 # that Serve's ingress rebinds, or `request: Request` turns into a query parameter.
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,7 @@ from deepyard.serve.payloads import BadRequest
 from deepyard.tasks import Codec, codec
 
 TOKEN_ENV = "DEEPYARD_API_TOKEN"
+TOKEN_DIGEST_ENV = "DEEPYARD_API_TOKEN_DIGEST"
 logger = logging.getLogger("deepyard.serve")
 
 
@@ -62,12 +65,31 @@ app = FastAPI(title="deepyard model endpoint",
               description="A registered deepyard model served by Ray Serve (KServe v1 style predict).")
 
 
+def token_digest(token: str, salt: str | None = None) -> str:
+    """``salt$sha256(salt + token)``: what replicas check a bearer token against. The token itself
+    never reaches them: passed in their runtime environment, it was written in clear to Ray's
+    world-readable runtime_env_agent.log, which outlives the deployment."""
+    salt = salt if salt is not None else secrets.token_hex(16)
+    return f"{salt}${hashlib.sha256((salt + token).encode()).hexdigest()}"
+
+
+def _expected_digest() -> str | None:
+    """This replica's: the deployer's digest, or a token set in the replica's own environment (a
+    Kubernetes secret on the pod)."""
+    if digest := os.environ.get(TOKEN_DIGEST_ENV):
+        return digest
+    token = os.environ.get(TOKEN_ENV)
+    return token_digest(token, salt="") if token else None
+
+
 async def _authorized(request: Request) -> None:  # async: a sync dependency costs a thread hop per request
-    token = os.environ.get(TOKEN_ENV)  # this replica's environment (build_app passes the deployer's)
-    if not token:
+    expected = _expected_digest()
+    if not expected:
         return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+    salt = expected.split("$", 1)[0]
+    # The scheme is case-insensitive (RFC 9110, 11.1): "bearer" is "Bearer".
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(given.strip(), salt), expected):
         raise HTTPException(401, "missing or wrong bearer token (header: Authorization: Bearer $DEEPYARD_API_TOKEN)",
                             headers={"WWW-Authenticate": "Bearer"})
 
@@ -182,8 +204,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
         "target_ongoing_requests": options.target_ongoing_requests}
     actor_options: dict[str, Any] = {"num_cpus": options.num_cpus}
-    if token := os.environ.get(TOKEN_ENV):  # the token of whoever deploys travels to the replicas
-        actor_options["runtime_env"] = {"env_vars": {TOKEN_ENV: token}}
+    if token := os.environ.get(TOKEN_ENV):  # whoever deploys sets it; replicas get only its digest
+        actor_options["runtime_env"] = {"env_vars": {TOKEN_DIGEST_ENV: token_digest(token)}}
     return ModelEndpoint.options(
         num_replicas=options.replicas if options.replicas else None,
         autoscaling_config=autoscaling,

@@ -12,6 +12,8 @@ from deepyard.errors import BadInput, JobFailed
 
 
 def request_body(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise BadInput(f"--input {path}: a directory; give one JSON file or PNG image")
     if not path.is_file():
         raise BadInput(f"--input {path}: no such file")
     raw = path.read_bytes()

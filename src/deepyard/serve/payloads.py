@@ -123,6 +123,8 @@ def _instance(item: Any, index: int, shape: tuple[int, ...], metadata: dict[str,
         if len(shape) != 3:
             raise BadRequest(f"instances[{index}]: a string, but this model takes numbers; " + expected)
         return _png(item, index, shape, float(metadata.get("pixel_max", 255.0)))
+    if _holds_bool(item):  # numpy reads true as 1.0: a client's bug would pass as data
+        raise BadRequest(f"instances[{index}]: true/false where numbers are expected; " + expected)
     try:
         array = np.asarray(item, dtype=np.float32)
     except (ValueError, TypeError):
@@ -136,6 +138,17 @@ def _instance(item: Any, index: int, shape: tuple[int, ...], metadata: dict[str,
     if not np.isfinite(array).all():
         raise BadRequest(f"instances[{index}]: NaN or infinity; every value must be a finite number")
     return array.reshape(shape)
+
+
+def _holds_bool(item: Any) -> bool:
+    pending = [item]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, bool):
+            return True
+        if isinstance(value, list):
+            pending.extend(v for v in value if isinstance(v, (list, bool)))
+    return False
 
 
 def _png(text: str, index: int, shape: tuple[int, ...], pixel_max: float) -> np.ndarray:
