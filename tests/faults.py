@@ -3,6 +3,9 @@ the test session (conftest's ``worker_process_setup_hook``), inert until a test 
 
 ``crash_after_epoch(job, epoch)``: the rank-0 training worker of ``job`` exits hard (``os._exit``,
 as a killed process would), once, right after it reported epoch ``epoch`` with its checkpoint.
+``slow_epochs(job, seconds)``: every report of ``job`` takes ``seconds`` longer, so that a test can
+stop a tiny job mid-way. A driver with a local cluster of its own gets the plan through
+``tests/fault_site`` on its PYTHONPATH (a ``sitecustomize`` that every Python process runs).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -21,6 +25,10 @@ def _plan_file() -> Path:
 
 def crash_after_epoch(job: str, epoch: int) -> None:
     _plan_file().write_text(json.dumps({"job": job, "epoch": epoch}))
+
+
+def slow_epochs(job: str, seconds: float) -> None:
+    _plan_file().write_text(json.dumps({"job": job, "slow_s": seconds}))
 
 
 def clear() -> None:
@@ -66,7 +74,11 @@ def _wrap(edges) -> None:
             return
         plan = json.loads(plan_file.read_text())
         experiment = self._train.get_context().get_experiment_name()
-        if metrics.get("epoch") == plan["epoch"] and experiment.startswith(f"{plan['job']}-"):
+        if not experiment.startswith(f"{plan['job']}-"):
+            return
+        if "slow_s" in plan:
+            time.sleep(plan["slow_s"])
+        elif metrics.get("epoch") == plan["epoch"]:
             plan_file.unlink(missing_ok=True)  # once: the restarted worker trains on
             os._exit(1)
 

@@ -129,7 +129,7 @@ def test_every_kind_has_a_runner_and_every_sweep_base_its_trials():
             missing = [hook for hook in TRIAL_HOOKS if not callable(getattr(trials, hook, None))]
             assert not missing, f"{kind.trials} lacks {missing}"
     assert {"train", "rl"} <= {kind.name for kind in KINDS.values() if kind.trials}
-    assert KINDS["sweep"].resumable and not KINDS["train"].resumable
+    assert KINDS["sweep"].resumable and KINDS["train"].resumable and not KINDS["deploy"].resumable
 
 
 def test_a_sweep_of_a_kind_that_cannot_be_swept_names_the_ones_that_can():

@@ -156,15 +156,18 @@ def test_a_stopped_or_killed_driver_resumes_in_the_same_run_with_no_epoch_twice(
     """The real console script with its own local cluster, stopped by Ctrl-C (it was marked FAILED
     and exited 1) or killed outright (its run stayed RUNNING for ever); then `--resume` goes on
     from the newest checkpoint in the same MLflow run (it refused train jobs)."""
+    import os
     import signal
     import subprocess
     import sys
     import time
 
     name = f"stop_{stop.lower()}"
-    spec = write_spec(TINY_MLP.format(name=name, epochs=12))  # about a second an epoch, most of it Ray's
+    spec = write_spec(TINY_MLP.format(name=name, epochs=8))
+    faults.slow_epochs(name, 1.0)  # until it is stopped: the resumed run trains at full speed
+    site = os.pathsep.join([str(Path(__file__).parent / "fault_site"), os.environ["PYTHONPATH"]])
     process = subprocess.Popen([sys.executable, "-m", "deepyard.cli", "run", spec], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": site})
     client = MlflowClient()
     deadline, run = time.monotonic() + 180, None
     while time.monotonic() < deadline and process.poll() is None and run is None:
@@ -181,8 +184,9 @@ def test_a_stopped_or_killed_driver_resumes_in_the_same_run_with_no_epoch_twice(
         assert stopped.info.status == "KILLED" and "--resume" in stopped.data.tags["deepyard.error"]
     else:
         assert stopped.info.status == "RUNNING"  # nobody was left to close it
+    faults.clear()
     reached = max(step for step, _ in tracking.metric_history(run.info.run_id, "epoch"))
-    assert reached < 12, "the job ended before it was stopped"
+    assert reached < 8, "the job ended before it was stopped"
 
     summary = run_job(cli, spec, "--resume")
     assert summary["run_id"] == run.info.run_id
@@ -190,7 +194,7 @@ def test_a_stopped_or_killed_driver_resumes_in_the_same_run_with_no_epoch_twice(
     assert resumed.info.status == "FINISHED" and "deepyard.error" not in resumed.data.tags
     (start,) = [value for _, value in tracking.metric_history(run.info.run_id, "resumed_from_epoch")]
     assert start >= reached - 1  # from the newest checkpoint: at most the epoch in flight is redone
-    assert sorted(step for step, _ in tracking.metric_history(run.info.run_id, "train_loss")) == list(range(1, 13))
+    assert sorted(step for step, _ in tracking.metric_history(run.info.run_id, "train_loss")) == list(range(1, 9))
     folder = Path(deepyard_home, "ray_results", f"{name}-{run.info.run_id[:8]}")
     assert len(list(folder.glob("checkpoint_*"))) <= 3  # checkpoint.keep (2) and the final one
 
