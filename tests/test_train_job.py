@@ -154,8 +154,9 @@ train: {epochs: 3, batch_size: 16}
 def test_a_stopped_or_killed_driver_resumes_in_the_same_run_with_no_epoch_twice(ray_cluster, cli, write_spec,
                                                                                  deepyard_home, stop):
     """The real console script with its own local cluster, stopped by Ctrl-C (it was marked FAILED
-    and exited 1) or killed outright (its run stayed RUNNING for ever); then `--resume` goes on
-    from the newest checkpoint in the same MLflow run (it refused train jobs)."""
+    and exited 1) or killed outright (its run stayed RUNNING for ever; its orphaned worker trained
+    on and wrote the final checkpoint); then `--resume` goes on from the newest checkpoint in the
+    same MLflow run (it refused train jobs)."""
     import os
     import signal
     import subprocess

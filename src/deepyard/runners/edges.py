@@ -8,6 +8,7 @@ are Tune's own, which PBT copies between trials and ``--resume`` continues from.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator
 
 import torch
@@ -22,6 +23,7 @@ class TrainWorker:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self._raylet = os.getppid()  # the node's raylet started this worker
 
     def shard(self, loader):  # [1] this worker's shard, moved to its device
         return self._torch.prepare_data_loader(loader, add_dist_sampler=False)
@@ -36,6 +38,11 @@ class TrainWorker:
         return newest_in_storage(storage.storage_filesystem, storage.experiment_fs_path, self._train.get_checkpoint())
 
     def report(self, metrics: dict[str, Any], directory: str | None) -> None:  # [4] rank 0 persists
+        if os.getppid() != self._raylet:
+            # The raylet is gone (its driver was killed, and a local cluster with it): this worker
+            # trains on alone until Ray notices, and must not write checkpoints into the storage
+            # that `--resume` goes on from.
+            os._exit(1)
         checkpoint = self._train.Checkpoint.from_directory(directory) if directory else None
         self._train.report(metrics, checkpoint=checkpoint)
 

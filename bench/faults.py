@@ -1,0 +1,158 @@
+"""Fault injections on a small train job and what became of it, each in a fresh DEEPYARD_HOME.
+
+    .venv/bin/python bench/faults.py [--repeats 3] [--epochs 30]
+
+- driver_SIGINT / driver_SIGTERM / driver_SIGKILL: the `deepyard run` process gets the signal at a
+  random epoch (2-5), then `deepyard run --resume` continues it;
+- worker_SIGKILL: the Ray Train worker process is killed (failure.max_failures: 1), the job goes on;
+- four_jobs_fresh_home: four `deepyard run` started together on a new home.
+Per try: the exit codes, the run's final state, epochs redone (logged before the fault, trained
+again), epochs lost (missing from the final history), and seconds from the fault to the next epoch
+logged. Goal (the staying-power issue): every job finishes, 0 epochs lost, at most the epochs
+since the newest checkpoint redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import record
+
+CLI = [sys.executable, "-m", "deepyard.cli", "run"]
+SPEC = """kind: train
+name: {name}
+data: {{name: digits}}
+model: {{name: mlp, params: {{hidden_sizes: [128, 128]}}}}
+optim: {{name: adam, lr: 0.003}}
+train: {{epochs: {epochs}, batch_size: 8}}
+checkpoint: {{every_n_epochs: 1, keep: 2}}
+failure: {{max_failures: 1}}
+"""
+
+
+def _home() -> dict[str, str]:
+    env = {**os.environ, "DEEPYARD_HOME": tempfile.mkdtemp(prefix="deepyard-faults-")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _client(env):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{env['DEEPYARD_HOME']}/mlflow.db")
+
+
+def _epochs(client, run_id: str) -> list[tuple[int, int]]:
+    return [(m.step, m.timestamp) for m in client.get_metric_history(run_id, "train_loss")]
+
+
+def _wait_for_epoch(client, name: str, epoch: int, process, timeout_s: float = 300):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            experiment = client.get_experiment_by_name(name)
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        except Exception:  # noqa: BLE001 - the store is still being created
+            runs = []
+        if runs and runs[0].data.metrics.get("epoch", 0) >= epoch:
+            return runs[0]
+        time.sleep(0.2)
+    raise RuntimeError(f"{name} never reached epoch {epoch}: {process.poll()}")
+
+
+def _outcome(client, run_id: str, epochs: int, reached: int, fault_at: float, codes: list[int]) -> dict:
+    run = client.get_run(run_id)
+    history = _epochs(client, run_id)
+    steps = [step for step, _ in history]
+    resumed = [m.value for m in client.get_metric_history(run_id, "resumed_from_epoch")]
+    after = [stamp for step, stamp in history if stamp / 1000 > fault_at]
+    return {"exit_codes": codes, "final_state": run.info.status, "epochs_reached_at_fault": reached,
+            "resumed_from_epoch": int(resumed[-1]) if resumed else None,
+            "epochs_redone": max(0, reached - int(resumed[-1])) if resumed else reached,
+            "epochs_lost": len(set(range(1, epochs + 1)) - set(steps)),
+            "epochs_logged_twice": len(steps) - len(set(steps)),
+            "fault_to_training_s": round(min(after) / 1000 - fault_at, 1) if after else None}
+
+
+def driver_fault(stop: str, epochs: int) -> dict:
+    env, name = _home(), f"fault_{stop.lower()}"
+    spec = Path(env["DEEPYARD_HOME"]) / "job.yaml"
+    spec.write_text(SPEC.format(name=name, epochs=epochs))
+    client = _client(env)
+    process = subprocess.Popen([*CLI, str(spec)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    run = _wait_for_epoch(client, name, random.randint(2, 5), process)
+    fault_at = time.time()
+    process.send_signal(getattr(signal, stop))
+    process.communicate(timeout=120)
+    reached = max((step for step, _ in _epochs(client, run.info.run_id)), default=0)
+    resumed = subprocess.run([*CLI, str(spec), "--resume"], env=env, capture_output=True, text=True)
+    return _outcome(client, run.info.run_id, epochs, reached, fault_at, [process.returncode, resumed.returncode])
+
+
+def worker_fault(epochs: int) -> dict:
+    import psutil
+
+    env, name = _home(), "fault_worker"
+    spec = Path(env["DEEPYARD_HOME"]) / "job.yaml"
+    spec.write_text(SPEC.format(name=name, epochs=epochs))
+    client = _client(env)
+    process = subprocess.Popen([*CLI, str(spec)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    run = _wait_for_epoch(client, name, random.randint(2, 5), process)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    fault_at = time.time()
+    for worker in workers:
+        worker.kill()
+    reached = max((step for step, _ in _epochs(client, run.info.run_id)), default=0)
+    process.communicate(timeout=600)
+    return {**_outcome(client, run.info.run_id, epochs, reached, fault_at, [process.returncode]),
+            "workers_killed": len(workers)}
+
+
+def jobs_together(count: int = 4) -> dict:
+    env = _home()
+    processes = []
+    for index in range(count):
+        spec = Path(env["DEEPYARD_HOME"]) / f"job{index}.yaml"
+        spec.write_text(SPEC.format(name=f"together_{index}", epochs=3))
+        processes.append(subprocess.Popen([*CLI, str(spec)], env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, text=True))
+    codes = [process.wait(timeout=900) for process in processes]
+    client = _client(env)
+    states = [client.search_runs([client.get_experiment_by_name(f"together_{i}").experiment_id])[0].info.status
+              for i in range(count)]
+    return {"exit_codes": codes, "final_states": states}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=30)
+    args = parser.parse_args()
+    random.seed(0)
+    tries: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):
+        for stop in ("SIGINT", "SIGTERM", "SIGKILL"):
+            tries.setdefault(f"driver_{stop}", []).append(driver_fault(stop, args.epochs))
+            print(stop, tries[f"driver_{stop}"][-1], file=sys.stderr)
+        tries.setdefault("worker_SIGKILL", []).append(worker_fault(args.epochs))
+        tries.setdefault("four_jobs_fresh_home", []).append(jobs_together())
+    states = [state for runs in tries.values() for t in runs for state in t.get("final_states", [t.get("final_state")])]
+    finished = all(state == "FINISHED" for state in states)
+    lost = sum(t.get("epochs_lost", 0) for runs in tries.values() for t in runs)
+    record.save("faults", {"bench": "faults", "goal": "every job finishes, 0 epochs lost, redone <= epochs since the "
+                                                      "newest checkpoint", "repeats": args.repeats,
+                           "every_job_finished": finished, "epochs_lost_total": lost, "tries": tries})
+
+
+if __name__ == "__main__":
+    main()
