@@ -82,14 +82,19 @@ def _outcome(client, run_id: str, epochs: int, reached: int, fault_at: float, co
             "fault_to_training_s": round(min(after) / 1000 - fault_at, 1) if after else None}
 
 
-def driver_fault(stop: str, epochs: int) -> dict:
-    env, name = _home(), f"fault_{stop.lower()}"
+def _started(name: str, epochs: int):
+    """A job in a fresh home, once it reached a random epoch (2-5): (env, spec, client, process, run)."""
+    env = _home()
     spec = Path(env["DEEPYARD_HOME"]) / "job.yaml"
     spec.write_text(SPEC.format(name=name, epochs=epochs))
     client = _client(env)
     process = subprocess.Popen([*CLI, str(spec)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
-    run = _wait_for_epoch(client, name, random.randint(2, 5), process)
+    return env, spec, client, process, _wait_for_epoch(client, name, random.randint(2, 5), process)
+
+
+def driver_fault(stop: str, epochs: int) -> dict:
+    env, spec, client, process, run = _started(f"fault_{stop.lower()}", epochs)
     fault_at = time.time()
     process.send_signal(getattr(signal, stop))
     process.communicate(timeout=120)
@@ -101,13 +106,7 @@ def driver_fault(stop: str, epochs: int) -> dict:
 def worker_fault(epochs: int) -> dict:
     import psutil
 
-    env, name = _home(), "fault_worker"
-    spec = Path(env["DEEPYARD_HOME"]) / "job.yaml"
-    spec.write_text(SPEC.format(name=name, epochs=epochs))
-    client = _client(env)
-    process = subprocess.Popen([*CLI, str(spec)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
-    run = _wait_for_epoch(client, name, random.randint(2, 5), process)
+    _, _, client, process, run = _started("fault_worker", epochs)
     workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
     fault_at = time.time()
     for worker in workers:
