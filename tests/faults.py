@@ -1,7 +1,7 @@
 """Fault injection for the tests, kept out of the product: installed in every Ray worker process of
 the test session (conftest's ``worker_process_setup_hook``), inert until a test writes a plan.
 
-``crash_after_epoch(job, epoch)``: the rank-0 training worker of ``job`` exits hard (``os._exit``,
+``crash_after_epoch(job, epoch)``: the (rank-0) training process of ``job`` exits hard (``os._exit``,
 as a killed process would), once, right after it reported epoch ``epoch`` with its checkpoint.
 ``slow_epochs(job, seconds)``: every report of ``job`` takes ``seconds`` longer, so that a test can
 stop a tiny job mid-way. A driver with a local cluster of its own gets the plan through
@@ -36,7 +36,7 @@ def clear() -> None:
 
 
 def install() -> None:
-    """Wrap the Ray Train edge [4] of the training loop (``TrainWorker.report``) once a worker imports
+    """Wrap the edge [4] of the training loop (``TrainWorker.report``, ``TuneTrial.report``) once a worker imports
     it: importing it here would load torch into every Ray worker, trainer or not."""
     module = sys.modules.get(EDGES)
     if module is not None:
@@ -65,16 +65,18 @@ class _WrapOnImport(importlib.abc.MetaPathFinder):
 
 
 def _wrap(edges) -> None:
-    report = edges.TrainWorker.report
+    for worker in (edges.TrainWorker, edges.TuneTrial):  # a data-parallel job's rank 0, a one-worker job
+        worker.report = _then_maybe_crash(worker.report)
 
+
+def _then_maybe_crash(report):
     def report_then_maybe_crash(self, metrics, directory):
         report(self, metrics, directory)
         plan_file = _plan_file()
         if self.rank != 0 or directory is None or not plan_file.is_file():
             return
         plan = json.loads(plan_file.read_text())
-        experiment = self._train.get_context().get_experiment_name()
-        if not experiment.startswith(f"{plan['job']}-"):
+        if not self.job_name.startswith(f"{plan['job']}-"):
             return
         if "slow_s" in plan:
             time.sleep(plan["slow_s"])
@@ -82,4 +84,4 @@ def _wrap(edges) -> None:
             plan_file.unlink(missing_ok=True)  # once: the restarted worker trains on
             os._exit(1)
 
-    edges.TrainWorker.report = report_then_maybe_crash
+    return report_then_maybe_crash

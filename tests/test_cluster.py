@@ -106,8 +106,10 @@ def test_stopping_a_job_marks_its_run_killed_and_frees_the_cluster(cluster, cli,
 def _train_worker_node(address: str) -> str | None:
     from ray.util.state import list_actors
 
-    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                         raise_on_missing_output=False)
+    # A one-worker job trains in a Tune trial (a function trainable's actor), a data-parallel one in Ray Train's workers.
+    actors = [actor for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")],
+                                             raise_on_missing_output=False)
+              if actor.class_name in ("ImplicitFunc", "RayTrainWorker")]
     if not actors:
         return None
     names = {node["node_id"]: node["name"] for node in local_cluster.nodes(local_cluster.read_state())}

@@ -85,6 +85,17 @@ def connected(address: str | None = None, ray_logs: bool = False,
         _restore(previous)
 
 
+def quiet_tune() -> None:
+    """What every Tuner in a deepyard driver runs with. Tune turns the first Ctrl-C into a normal end
+    of fit(), which would register a model from a half-run job: deepyard's own handling stops the
+    job instead (then --resume continues it). Tune's newer console output prints a configuration
+    box even at verbose=0; deepyard has its own progress table. Tune snapshots its state at each
+    checkpoint of a job that keeps few, and warns about it at every one."""
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -28,33 +29,49 @@ def load(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def newest_in_storage(filesystem, experiment_path: str, known) -> Any:
-    """The newest checkpoint of a run that loads in full, or ``known`` (Ray's own) when none is newer.
+def newest_in_storage(filesystem, run_path: str, known) -> Any:
+    """The checkpoint of a run that has trained furthest and loads in full, or ``known`` (Ray's own)
+    when none has.
 
-    Ray Train's controller learns of a reported checkpoint only at its next poll of the workers
-    (every 2 s): a worker that dies in between leaves a persisted checkpoint Ray never heard of, and
-    Ray would resume from an older one, training those epochs again. A checkpoint cut short by a
-    crash mid-upload does not load and is passed over. Directory names are timestamps, so the
-    newest sorts last.
+    Ray learns of a reported checkpoint only after the worker has written it (Ray Train's controller
+    at its next poll of the workers, Tune when it next takes the trial's results): a worker that dies
+    in between leaves a checkpoint Ray never heard of, and Ray would resume from an older one,
+    training those epochs again. A checkpoint cut short by a crash mid-upload does not load and is
+    passed over. ``run_path`` holds the checkpoints (Ray Train) or trial folders holding them (Tune:
+    a job resumed with --resume runs in a new trial beside the old one).
     """
-    import pyarrow.fs
     from ray.train import Checkpoint
 
-    found = filesystem.get_file_info(pyarrow.fs.FileSelector(experiment_path, allow_not_found=True))
-    names = sorted((info.base_name for info in found if info.type == pyarrow.fs.FileType.Directory
-                    and info.base_name.startswith("checkpoint_")), reverse=True)
-    known_name = Path(known.path).name if known is not None else None
-    for name in names:
-        if name == known_name or (known_name and name < known_name):
-            break  # Ray's own is the newest that is left
-        candidate = Checkpoint(f"{experiment_path}/{name}", filesystem=filesystem)
+    furthest, progress = known, -1.0
+    for path in _checkpoint_dirs(filesystem, run_path):
         try:
-            with candidate.as_directory() as directory:
-                load(directory)
-        except Exception:  # noqa: BLE001 - cut short by a crash: try the one before it
+            with Checkpoint(path, filesystem=filesystem).as_directory() as directory:
+                state = load(directory)
+        except Exception:  # noqa: BLE001 - cut short by a crash: it does not count
             continue
-        return candidate
-    return known
+        epochs = math.inf if "test" in state else float(state["epoch"])  # a final one: the job had finished
+        if epochs > progress:
+            furthest, progress = Checkpoint(path, filesystem=filesystem), epochs
+    return furthest
+
+
+def _checkpoint_dirs(filesystem, run_path: str) -> list[str]:
+    import pyarrow.fs
+
+    def folders(path: str) -> list:
+        found = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+        return [info for info in found if info.type == pyarrow.fs.FileType.Directory]
+
+    found = []
+    for folder in folders(run_path):
+        inside = [folder] if folder.base_name.startswith("checkpoint_") else folders(folder.path)
+        found += [info.path for info in inside if info.base_name.startswith("checkpoint_")]
+    return found
+
+
+def saved_any(folder: Path) -> bool:
+    """Did the run in local ``folder`` save a checkpoint (Ray Train's layout, or Tune's)?"""
+    return any(folder.glob("checkpoint_*")) or any(folder.glob("*/checkpoint_*"))
 
 
 def tidy(result) -> None:

@@ -151,19 +151,18 @@ def check(spec: CompressJob) -> str:
 
 def _fine_tune(stage: TrainJob, label: str, settings: dict, checked: Checked, parent_run: str, registered: str,
                options: RunOptions) -> Produced:
-    """One stage as a Ray Train job in its own child run; its result registered as a version."""
+    """One stage as a train job in its own child run; its result registered as a version."""
     from deepyard import progress
     from deepyard.runners.loop import Selection
-    from deepyard.runners.train import final_state, log_outcome, make_trainer
+    from deepyard.runners.train import final_state, fit, log_outcome
 
     child = tracking.start_run(stage.experiment, stage.name, flatten(stage), to_yaml(stage), kind="train",
                                tags={"mlflow.parentRunId": parent_run, "deepyard.compress_stage": stage.name})
     with tracking.finishing(child):
         selection = Selection(*monitored(stage.checkpoint.metric, stage.checkpoint.mode, checked.task),
                               checked.task.tie_breaker)
-        trainer = make_trainer(stage, child, selection, compress=settings)
         with progress.watch(child, stage.train.epochs, options.console):
-            result = trainer.fit()
+            result = fit(stage, child, selection, compress=settings)
         if getattr(result, "error", None):
             raise result.error
         final = final_state(result)

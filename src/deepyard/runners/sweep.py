@@ -165,15 +165,10 @@ def run(spec: SweepJob, options: RunOptions) -> RunSummary:
     sweep_dir = Path(settings.storage_path(spec.storage_path)) / spec.name
     previous = _parent_to_resume(spec, sweep_dir, options.resume)
     random.seed(trials.clock(spec)[0])  # PBT's explore steps draw from Python's random
-    # Tune turns the first Ctrl-C into a normal end of fit(), which would register a model from a
-    # half-run sweep; let it stop the sweep instead (then --resume continues it).
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    # Tune's newer console output prints a configuration box even at verbose=0; deepyard has its own table.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    cluster.quiet_tune()
     # Tune's experiment snapshot is what --resume restores: every second, so that an interrupted
     # trial goes on from a recent checkpoint (Tune's adaptive default can lag by minutes).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     with tracking.job_run(spec, tags={"deepyard.task": checked.task}, reopen=previous, failure="sweep failed",
                           killed_note="interrupted; continue with `deepyard run SPEC --resume`",
                           on_stop=sweep_report.close_interrupted) as run:
