@@ -1,14 +1,17 @@
-"""deepyard (TorchTrainer) against a plain single-process PyTorch loop: same model, same data.
+"""deepyard against a plain single-process PyTorch loop: same model, same data, interleaved repeats.
 
-    .venv/bin/python bench/train_overhead.py [--epochs 4] [--samples 12000]
+    .venv/bin/python bench/train_overhead.py [--pairs 5] [--epochs 4] [--samples 12000] [--before SRC]
 
-Prints one JSON object:
-- steady-state training samples/s (median over epochs after the first) of the plain loop and of
-  deepyard with 1 worker (2 CPUs) and with 2 workers (1 CPU each), and their ratios;
-- wall time of each whole job, and deepyard's fixed cost = wall time minus time spent training
-  and evaluating, split into MLflow start, Ray start, fit() overhead and model logging;
-- the same fixed cost against a long-lived local cluster (`ray start --head`, via RAY_ADDRESS);
-- one job with Ray Train's default 2 s health-check interval instead of deepyard's 0.1 s.
+Each repeat runs, one after another: the plain loop; a deepyard job with 1 worker (2 CPUs) on its
+own embedded cluster (cold); the same against a long-lived local cluster (`ray start --head`, via
+RAY_ADDRESS: warm); 2 workers of 1 CPU each (cold); and, with ``--before SRC``, the 1-worker cold job
+with another checkout's ``src`` first on PYTHONPATH (the design being replaced, side by side).
+Prints medians over the repeats:
+- steady-state training samples/s (median over epochs after the first) and the ratios 1 worker /
+  plain and 2 workers / 1 worker;
+- each job's fixed cost = wall time minus time spent training (from the run's per-epoch metrics),
+  split into process start and data check, Ray start, fit() beyond training, model logging; and
+  the plain loop's own (imports, data, evaluation) beside it.
 """
 
 from __future__ import annotations
@@ -105,7 +108,6 @@ def deepyard_job(spec_path: str, home: str, *overrides: str, env: dict | None = 
         "breakdown_s": {
             "process_start_imports_and_data_check": wall - timings["total_s"],
             "ray_start": timings["ray_connect_s"],
-            "mlflow_run_start (overlaps ray_start)": timings["mlflow_start_s"],
             "fit_minus_training": timings["fit_s"] - train_s,
             "model_logging_and_teardown": timings["total_s"] - timings["fit_s"] - timings["startup_s"],
         },
@@ -113,50 +115,84 @@ def deepyard_job(spec_path: str, home: str, *overrides: str, env: dict | None = 
     }
 
 
-def warm_cluster(home: str):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+def warm_cluster(home: str, env: dict) -> dict:
+    from deepyard.settings import TRAIN_ENV
+
     subprocess.run([str(ROOT / ".venv/bin/ray"), "start", "--head", "--num-cpus=2", "--port=6391",
                     "--include-dashboard=false", f"--temp-dir={home}/ray_tmp", "--disable-usage-stats"],
-                   check=True, capture_output=True, env={**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"})
-    return {"RAY_ADDRESS": "127.0.0.1:6391", "RAY_AUTH_MODE": "disabled"}
+                   check=True, capture_output=True, env={**os.environ, **env, **TRAIN_ENV})
+    return {**env, "RAY_ADDRESS": "127.0.0.1:6391"}
+
+
+def medians(runs: list[dict]) -> dict:
+    """The median of every number over the repeats (nested dicts kept), and the repeats' values."""
+    out = {}
+    for key, value in runs[0].items():
+        if isinstance(value, dict):
+            out[key] = medians([run[key] for run in runs])
+        else:
+            out[key] = statistics.median(run[key] for run in runs)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved repeats of every variant")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--samples", type=int, default=12000)
+    parser.add_argument("--before", help="another checkout's src folder: its 1-worker job runs beside this one's")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="deepyard-overhead-")
     spec_path = str(Path(work) / "overhead.yaml")
     Path(spec_path).write_text(SPEC.format(samples=args.samples, epochs=args.epochs))
+    no_auth = {"RAY_AUTH_MODE": "disabled"}  # the bench's own long-lived cluster takes no token
+    before_env = {"PYTHONPATH": os.pathsep.join(filter(None, [args.before, os.environ.get("PYTHONPATH")]))}
 
-    plain = plain_loop(spec_path)
-    one = deepyard_job(spec_path, f"{work}/one")
-    # Ray Train's default 2 s health-check poll, against deepyard's 0.1 s: does polling cost throughput?
-    slow_poll = deepyard_job(spec_path, f"{work}/slow_poll", env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"})
-    two = deepyard_job(spec_path, f"{work}/two", "scaling.num_workers=2", "scaling.cpus_per_worker=1")
-    warm_env = warm_cluster(work)
+    runs: dict[str, list[dict]] = {"plain": [], "one_worker_cold": [], "one_worker_warm": [], "two_workers_cold": []}
+    if args.before:
+        runs["before_one_worker_cold"] = []
+    warm_env = warm_cluster(work, no_auth)
     try:
         deepyard_job(spec_path, f"{work}/warm", env=warm_env)  # the first job on a new cluster warms it
-        warm = deepyard_job(spec_path, f"{work}/warm", env=warm_env)
+        for repeat in range(args.pairs):
+            runs["plain"].append(plain_loop(spec_path))
+            runs["one_worker_cold"].append(deepyard_job(spec_path, f"{work}/one{repeat}"))
+            runs["one_worker_warm"].append(deepyard_job(spec_path, f"{work}/warm", env=warm_env))
+            runs["two_workers_cold"].append(deepyard_job(spec_path, f"{work}/two{repeat}", "scaling.num_workers=2",
+                                                         "scaling.cpus_per_worker=1"))
+            if args.before:
+                runs["before_one_worker_cold"].append(deepyard_job(spec_path, f"{work}/before{repeat}", env=before_env))
+            print(json.dumps({"repeat": repeat, **{name: round(done[-1]["wall_s"], 1) for name, done in runs.items()}}),
+                  file=sys.stderr)
     finally:
         subprocess.run([str(ROOT / ".venv/bin/ray"), "stop", "--force"], check=False, capture_output=True)
+
+    median = {name: medians(done) for name, done in runs.items()}
+    plain = median["plain"]
+    plain_fixed = plain["wall_s"] - plain["train_s"]
+
+    def ratio(of: str, to: str) -> float:
+        return statistics.median(a["samples_per_s"] / b["samples_per_s"] for a, b in zip(runs[of], runs[to]))
 
     name = record.variant("train_overhead", args.epochs != parser.get_default("epochs") and f"epochs{args.epochs}",
                           args.samples != parser.get_default("samples") and f"samples{args.samples}")
     record.save(name, {
         "bench": "train_overhead",
         "setup": {"data": "fashion_mnist", "train_samples": args.samples, "epochs": args.epochs,
-                  "model": "cnn [16, 32] + 64", "batch_size": 128, "cpus": os.cpu_count()},
-        "plain": plain,
-        "deepyard_1_worker": one,
-        "deepyard_1_worker_health_check_2s": slow_poll,
-        "deepyard_2_workers": two,
-        "deepyard_1_worker_warm_cluster": warm,
-        "ratio_samples_per_s_1_worker_vs_plain": one["samples_per_s"] / plain["samples_per_s"],
-        "ratio_samples_per_s_2_workers_vs_1": two["samples_per_s"] / one["samples_per_s"],
-        "fixed_cost_s_cold": one["fixed_cost_s"],
-        "fixed_cost_s_warm_cluster": warm["fixed_cost_s"],
+                  "model": "cnn [16, 32] + 64", "batch_size": 128, "cpus": os.cpu_count(), "repeats": args.pairs,
+                  "before": args.before},
+        "medians": median,
+        "wall_s_each": {name: [round(run["wall_s"], 2) for run in done] for name, done in runs.items()},
+        "ratio_samples_per_s_1_worker_vs_plain": ratio("one_worker_cold", "plain"),
+        "ratio_samples_per_s_1_worker_warm_vs_plain": ratio("one_worker_warm", "plain"),
+        "ratio_samples_per_s_2_workers_vs_1": ratio("two_workers_cold", "one_worker_cold"),
+        "plain_fixed_cost_s": plain_fixed,
+        "fixed_cost_s_cold": median["one_worker_cold"]["fixed_cost_s"],
+        "fixed_cost_s_warm_cluster": median["one_worker_warm"]["fixed_cost_s"],
+        "fixed_cost_s_2_workers_cold": median["two_workers_cold"]["fixed_cost_s"],
+        **({"fixed_cost_s_before_cold": median["before_one_worker_cold"]["fixed_cost_s"],
+            "ratio_fixed_cost_cold_vs_before": median["one_worker_cold"]["fixed_cost_s"]
+            / median["before_one_worker_cold"]["fixed_cost_s"]} if args.before else {}),
     })
 
 

@@ -106,7 +106,7 @@ def test_stopping_a_job_marks_its_run_killed_and_frees_the_cluster(cluster, cli,
 def _train_worker_node(address: str) -> str | None:
     from ray.util.state import list_actors
 
-    # A one-worker job trains in a Tune trial (a function trainable's actor), a data-parallel one in Ray Train's workers.
+    # A one-worker job trains in a Tune trial (a function trainable), a data-parallel one in Ray Train's workers.
     actors = [actor for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")],
                                              raise_on_missing_output=False)
               if actor.class_name in ("ImplicitFunc", "RayTrainWorker")]

@@ -181,3 +181,23 @@ def test_multi_step_regression_scores_every_step_and_serves_lists():
     assert metrics["test_rmse"] == pytest.approx(2.0) and metrics["test_mae"] == pytest.approx(2.0)
     served = Regression.codec.encode(np.array([[1.0, 2.0, 3.0]]), {"task": "regression"}, {}, None)
     assert served == [[1.0, 2.0, 3.0]]
+
+
+def test_scikit_learn_sets_load_from_the_homes_copy_without_importing_scikit_learn(tmp_path):
+    """A training process reads the copies the first load kept: the same arrays, names and targets,
+    without the seconds of importing scikit-learn."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    load = ("import json, sys; from deepyard.data import DATASETS; "
+            "raws = [DATASETS.get(name)() for name in ('digits', 'wine', 'breast_cancer', 'diabetes')]; "
+            "print(json.dumps([[raw.x.tolist(), raw.y.tolist(), raw.class_names, raw.feature_names] for raw in raws]"
+            " + ['sklearn' in sys.modules]))")
+    env = {**os.environ, "DEEPYARD_HOME": str(tmp_path)}
+    first, second = (json.loads(subprocess.run([sys.executable, "-c", load], env=env, check=True, text=True,
+                                               capture_output=True).stdout) for _ in range(2))
+    assert first[-1] and not second[-1]
+    assert first[:-1] == second[:-1]
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4

@@ -31,6 +31,10 @@ register: {{model_name: tiny-{algorithm}}}
 """
 
 
+# PPO's defaults (4,000 steps an iteration, 30 epochs over them) take a minute an iteration here.
+SMALL_PPO = "{train_batch_size_per_learner: 500, minibatch_size: 64, num_epochs: 2}"
+
+
 def spec_text(algorithm="ppo", env="CartPole-v1", training="{}", runners=1) -> str:
     return SPEC.format(algorithm=algorithm, env=env, training=training, runners=runners)
 
@@ -113,7 +117,7 @@ def agents(ray_cluster, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("rl")
     results = {}
-    for algorithm, env, training in [("ppo", "CartPole-v1", "{train_batch_size_per_learner: 500, minibatch_size: 64}"),
+    for algorithm, env, training in [("ppo", "CartPole-v1", SMALL_PPO),
                                      ("dqn", "CartPole-v1",
                                       "{num_steps_sampled_before_learning_starts: 100, n_step: [2, 3]}"),
                                      ("sac", "Pendulum-v1", "{num_steps_sampled_before_learning_starts: 100}"),
@@ -303,7 +307,8 @@ def test_a_trial_goes_on_from_a_checkpoint_as_pbt_and_resume_need(ray_cluster, t
 def test_an_interrupted_rl_job_resumes_from_its_checkpoint(ray_cluster, cli, write_spec, monkeypatch):
     from deepyard.runners import rl
 
-    path = write_spec(spec_text().replace("tiny_ppo", "resumable_ppo").replace("{iterations: 2}", "{iterations: 4}"))
+    path = write_spec(spec_text(training=SMALL_PPO).replace("tiny_ppo", "resumable_ppo")
+                      .replace("{iterations: 2}", "{iterations: 4}"))
     assert "no earlier run of 'resumable_ppo'" in cli("run", path, "--resume", expect=2).stderr
 
     real_stop_reason = rl.stop_reason

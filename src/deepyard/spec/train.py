@@ -155,7 +155,7 @@ class CheckpointSpec(Section):
 
 
 class FailureSpec(Section):
-    max_failures: int = Field(0, ge=-1, description="restarts of the training process (or worker group) from the last checkpoint; -1: no limit")
+    max_failures: int = Field(0, ge=-1, description="restarts from the last checkpoint; -1: no limit")
 
 
 @job_kind(runner="deepyard.runners.train", resumable=True, trials="deepyard.runners.train_trials")
