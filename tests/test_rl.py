@@ -117,13 +117,16 @@ def agents(ray_cluster, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("rl")
     results = {}
+    # DQN and SAC train on a minibatch per step sampled by default (training_intensity: one sampled
+    # step per trained one is a thirtieth of that); only PPO samples in an env runner of its own.
     for algorithm, env, training in [("ppo", "CartPole-v1", SMALL_PPO),
-                                     ("dqn", "CartPole-v1",
-                                      "{num_steps_sampled_before_learning_starts: 100, n_step: [2, 3]}"),
-                                     ("sac", "Pendulum-v1", "{num_steps_sampled_before_learning_starts: 100}"),
+                                     ("dqn", "CartPole-v1", "{num_steps_sampled_before_learning_starts: 100, "
+                                                            "n_step: [2, 3], training_intensity: 1}"),
+                                     ("sac", "Pendulum-v1", "{num_steps_sampled_before_learning_starts: 100, "
+                                                            "training_intensity: 1}"),
                                      ("appo", "Acrobot-v1", "{train_batch_size_per_learner: 500}")]:
         spec = folder / f"{algorithm}.yaml"
-        spec.write_text(spec_text(algorithm, env, training, runners=0 if algorithm in ("dqn", "sac") else 1))
+        spec.write_text(spec_text(algorithm, env, training, runners=1 if algorithm == "ppo" else 0))
         result = CliRunner().invoke(app, ["run", str(spec), "--json"])
         assert result.exit_code == 0, f"{algorithm}: {result.stderr}\n{result.exception!r}"
         results[algorithm] = (last_json(result), env)

@@ -10,7 +10,7 @@ import numpy as np
 from deepyard import tracking
 from deepyard.errors import BadInput
 from deepyard.rl.algorithms import make_env
-from deepyard.rl.policy import play, save_gif
+from deepyard.rl.policy import GIF_EVERY, play, save_gif
 from deepyard.tasks.rl_policy import RLPolicy
 
 
@@ -33,7 +33,7 @@ def evaluate(ref: str, *, episodes: int, seed: int = 0, render: Path | None = No
     env = make_env(metadata["env_id"], metadata.get("env_kwargs") or {},
                    **({"render_mode": "rgb_array"} if render else {}))
     frames: list | None = [] if render else None
-    returns = play(policy, env, episodes, seed=seed, frames=frames)
+    returns = play(policy, env, episodes, seed=seed, frames=frames, frame_every=GIF_EVERY)
     env.close()
     if render:
         save_gif(frames, str(render))

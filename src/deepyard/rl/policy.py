@@ -58,15 +58,17 @@ def act(policy, observation: np.ndarray) -> Any:
     return action.item() if action.ndim == 0 else action
 
 
-def play(policy, env, episodes: int, seed: int = 0, frames: list | None = None) -> list[float]:
-    """Greedy episodes; their returns. With ``frames``, the first episode's rendered frames go there."""
+def play(policy, env, episodes: int, seed: int = 0, frames: list | None = None, frame_every: int = 1) -> list[float]:
+    """Greedy episodes; their returns. With ``frames``, every ``frame_every``-th frame of the first
+    episode is rendered into it (rendering costs more than the step)."""
     returns = []
     for episode in range(episodes):
         observation, _ = env.reset(seed=seed + episode)
-        total, done = 0.0, False
+        total, done, step = 0.0, False, 0
         while not done:
-            if frames is not None and episode == 0:
+            if frames is not None and episode == 0 and step % frame_every == 0:
                 frames.append(env.render())
+            step += 1
             observation, reward, terminated, truncated, _ = env.step(act(policy, observation))
             total += float(reward)
             done = terminated or truncated
@@ -74,12 +76,15 @@ def play(policy, env, episodes: int, seed: int = 0, frames: list | None = None) 
     return returns
 
 
-def save_gif(frames: list[np.ndarray], path: str, every: int = 2, width: int = 300) -> None:
-    """Every ``every``-th frame, scaled to ``width`` pixels, at the environment's pace."""
+GIF_EVERY = 2  # a GIF shows every other step of the episode
+
+
+def save_gif(frames: list[np.ndarray], path: str, every: int = GIF_EVERY, width: int = 300) -> None:
+    """``frames``, one every ``every`` steps, scaled to ``width`` pixels, at the environment's pace."""
     from PIL import Image
 
     images = []
-    for frame in frames[::every]:
+    for frame in frames:
         image = Image.fromarray(frame)
         images.append(image.resize((width, round(image.height * width / image.width))))
     images[0].save(path, save_all=True, append_images=images[1:], duration=40 * every, loop=0)

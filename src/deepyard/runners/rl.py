@@ -114,11 +114,11 @@ def log_policy(spec: RLJob, policy, run_id: str, spaces, registered_name: str | 
     episodes: ``test_return_mean``, the number a sweep's promotion compares."""
     import numpy as np
 
-    from deepyard.rl.policy import play, save_gif
+    from deepyard.rl.policy import GIF_EVERY, play, save_gif
 
     env = algorithms.make_env(spec.env.id, spec.env.kwargs, render_mode="rgb_array")
     frames: list = []
-    gif_return = play(policy, env, episodes=1, seed=spec.seed, frames=frames)[0]
+    gif_return = play(policy, env, episodes=1, seed=spec.seed, frames=frames, frame_every=GIF_EVERY)[0]
     env.close()
     env = algorithms.make_env(spec.env.id, spec.env.kwargs)
     returns = play(policy, env, episodes=spec.evaluation.episodes, seed=TEST_SEED)
