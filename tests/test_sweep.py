@@ -77,8 +77,9 @@ base: {ROOT}/jobs/digits_mlp.yaml
 space: {{}}
 scheduler:
   name: pbt
-  perturbation_interval: 1
+  perturbation_interval: 2
   quantile_fraction: 0.5
+  synchronous: true   # every step exploits, whatever the timing (async PBT skipped them all once in CI)
   mutations:
     optim.lr: {{loguniform: [0.0005, 0.02]}}
     model.params.dropout: {{uniform: [0.0, 0.3]}}
@@ -98,6 +99,7 @@ register: {{model_name: pbt-mlp}}
     ("search=optuna", "scheduler pbt picks the next hyperparameters itself; use search: random"),
     ("base.scaling.num_workers=2", "scheduler pbt runs each trial in one process"),
     ("scheduler.name=asha", "mutations are for scheduler pbt; asha does not use them"),
+    ("scheduler={name: median, synchronous: true}", "synchronous is for scheduler pbt; median does not use it"),
 ])
 def test_bad_pbt_specs_are_refused(cli, write_spec, override, message):
     spec = write_spec(PBT, "pbt.yaml")

@@ -71,7 +71,8 @@ def _search_and_schedule(spec: SweepJob, concurrency: int):
             # a choice perturbs to a neighbouring value, so it goes as a list
             hyperparam_mutations={path: d["choice"] if "choice" in d else _domain(d)
                                   for path, d in options.mutations.items()},
-            quantile_fraction=options.quantile_fraction, resample_probability=options.resample_probability),
+            quantile_fraction=options.quantile_fraction, resample_probability=options.resample_probability,
+            synch=options.synchronous),
     }[options.name]()
     return searcher, scheduler
 

@@ -103,16 +103,17 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
 
     # Rank 0 logs each epoch to the job's MLflow run from a background thread, off the training path.
     log = tracking.BackgroundLogger(config["run_id"], config["tracking_uri"]) if rank == 0 else None
+    # A sweep trial's numeric values, per epoch: under PBT they change as the trial goes.
+    hyperparameters = {f"hp/{path}": float(value) for path, value in config.get("trial_values", {}).items()
+                       if isinstance(value, (int, float)) and not isinstance(value, bool)}
     logged_up_to = 0
     if log and start_epoch > 1:
-        log({"resumed_from_epoch": start_epoch - 1}, start_epoch - 1)
+        # (with the values it goes on with: PBT may have changed them, even after the last epoch)
+        log({"resumed_from_epoch": start_epoch - 1, **hyperparameters}, start_epoch - 1)
         # Epochs logged after the newest checkpoint (the job stopped before it was saved) are
         # trained again, but logged once: their first values stand.
         logged_up_to = max((step for step, _ in tracking.metric_history(config["run_id"], "epoch",
                                                                              config["tracking_uri"])), default=0)
-    # A sweep trial's numeric values, per epoch: under PBT they change as the trial goes.
-    hyperparameters = {f"hp/{path}": float(value) for path, value in config.get("trial_values", {}).items()
-                       if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
     epoch = start_epoch - 1
     for epoch in range(start_epoch, spec.train.epochs + 1 if not stop else start_epoch):

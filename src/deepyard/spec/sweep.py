@@ -33,6 +33,10 @@ class SchedulerSpec(Section):
     quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="PBT: share of trials that copy a better one")
     resample_probability: float = Field(0.25, ge=0, le=1, description="PBT: chance to resample instead of "
                                                                        "scaling by 0.8/1.2 or stepping a choice")
+    synchronous: bool = Field(
+        False, description="PBT: every trial waits at each perturbation step until the whole population is there, "
+                           "so every step exploits (reproducible, but trials pause and wait for stragglers); "
+                           "false: a trial copies whichever better trial has a checkpoint when it reports")
 
     @model_validator(mode="after")
     def _mutations_are_for_pbt(self) -> "SchedulerSpec":
@@ -40,6 +44,8 @@ class SchedulerSpec(Section):
             raise ValueError("pbt needs mutations: the paths it may perturb, e.g. optim.lr: {loguniform: [1e-4, 1e-2]}")
         if self.name != "pbt" and self.mutations:
             raise ValueError(f"mutations are for scheduler pbt; {self.name} does not use them")
+        if self.name != "pbt" and self.synchronous:
+            raise ValueError(f"synchronous is for scheduler pbt; {self.name} does not use it")
         return self
 
 
