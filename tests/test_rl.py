@@ -311,19 +311,23 @@ def test_an_interrupted_rl_job_resumes_from_its_checkpoint(ray_cluster, cli, wri
     from deepyard.runners import rl
 
     path = write_spec(spec_text(training=SMALL_PPO).replace("tiny_ppo", "resumable_ppo")
-                      .replace("{iterations: 2}", "{iterations: 4}"))
+                      .replace("{iterations: 2}", "{iterations: 4}") + "checkpoint: {every_n_iterations: 1}\n")
     assert "no earlier run of 'resumable_ppo'" in cli("run", path, "--resume", expect=2).stderr
 
-    real_stop_reason = rl.stop_reason
+    real_stop_reason, real_save = rl.stop_reason, rl.save
 
     def ctrl_c_after_two(spec, metrics, iteration, elapsed):
         if iteration == 2:
-            raise KeyboardInterrupt  # what Ctrl-C (or a scheduler's SIGTERM) raises mid-run
+            # Stopped before iteration 2 was saved (a SIGKILL saves nothing; Ctrl-C would save it):
+            # --resume goes on from iteration 1 and trains 2 again.
+            monkeypatch.setattr(rl, "save", lambda *args: None)
+            raise KeyboardInterrupt
         return real_stop_reason(spec, metrics, iteration, elapsed)
 
     monkeypatch.setattr(rl, "stop_reason", ctrl_c_after_two)
     cli("run", path, expect=130)
     monkeypatch.setattr(rl, "stop_reason", real_stop_reason)
+    monkeypatch.setattr(rl, "save", real_save)
     spec = parse_spec(__import__("yaml").safe_load(open(path).read()))
     run_id = tracking.latest_run(spec.experiment, spec.name, {"deepyard.task": "rl_policy"}).info.run_id
     assert tracking.client().get_run(run_id).info.status == "KILLED"
@@ -331,10 +335,11 @@ def test_an_interrupted_rl_job_resumes_from_its_checkpoint(ray_cluster, cli, wri
 
     result = cli("run", path, "--resume", "--json")
     summary = last_json(result)
-    assert "resuming run" in result.stderr and "after iteration 2" in result.stderr
+    assert "resuming run" in result.stderr and "after iteration 1" in result.stderr
     assert summary["run_id"] == run_id and summary["iterations"] == 4
     assert tracking.client().get_run(run_id).info.status == "FINISHED"
     history = tracking.metric_history(run_id, "timesteps")
+    # each iteration logged once; iteration 2's first values stand
     assert [step for step, _ in history] == [1, 2, 3, 4] and history[:2] == steps_before
     assert history[2][1] > history[1][1]  # RLlib's step counter went on from the checkpoint
     assert "the last run of 'resumable_ppo'" in cli("run", path, "--resume", expect=2).stderr

@@ -82,16 +82,20 @@ def stop_reason(spec: RLJob, metrics: dict[str, float], iteration: int, elapsed:
     return None
 
 
-def train_iterations(spec: RLJob, algo, run_id: str) -> Iterator[tuple[int, dict[str, float], float, str | None]]:
+def train_iterations(spec: RLJob, algo, run_id: str,
+                     logged_up_to: int = 0) -> Iterator[tuple[int, dict[str, float], float, str | None]]:
     """Train and log one iteration at a time until a stop condition: (iteration, metrics, seconds
-    so far, stop reason or None). Iterations count as RLlib's do: a restored algorithm goes on."""
+    so far, stop reason or None). Iterations count as RLlib's do: a restored algorithm goes on.
+    Iterations up to ``logged_up_to`` (logged before a crash, after the checkpoint it resumed
+    from) are trained again but logged once: their first values stand."""
     started, metrics, reason = time.perf_counter(), {}, None
     while reason is None:
         result = algo.train()
         iteration = algo.iteration
         metrics = iteration_metrics(result, evaluated(spec, iteration), metrics.get("timesteps"))
         metrics["iteration"] = iteration
-        tracking.log_metrics(run_id, metrics, iteration)
+        if iteration > logged_up_to:
+            tracking.log_metrics(run_id, metrics, iteration)
         elapsed = time.perf_counter() - started
         reason = stop_reason(spec, metrics, iteration, elapsed)
         yield iteration, metrics, elapsed, reason
@@ -229,7 +233,9 @@ def run(spec: RLJob, options: RunOptions) -> RunSummary:
             try:
                 run.lap("startup")
                 iteration, metrics, reason = algo.iteration, {}, None
-                for iteration, metrics, elapsed, reason in train_iterations(spec, algo, run_id):
+                logged_up_to = max((step for step, _ in tracking.metric_history(run_id, "iteration")),
+                                   default=0) if resumed else 0
+                for iteration, metrics, elapsed, reason in train_iterations(spec, algo, run_id, logged_up_to):
                     _print_iteration(console, iteration, metrics, elapsed)
                     if iteration % spec.checkpoint.every_n_iterations == 0:
                         save(algo, folder)
