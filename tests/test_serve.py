@@ -54,7 +54,7 @@ def endpoint(ray_cluster, tmp_path_factory):
     tracking.set_alias("serve-mlp", "champion", "1")
     port = free_port()
     options = EndpointOptions(model="serve-mlp", follow_alias_s=0.3, max_instances=16, max_body_bytes=64 * 1024,
-                              num_cpus=0.5)
+                              num_cpus=0.5, body_timeout_s=3)
     (info,) = deploy.start([options], host="127.0.0.1", port=port)
     yield {"url": info["url"], "options": options, "port": port}
     serve.shutdown()
@@ -135,6 +135,48 @@ def test_bad_input_gets_a_4xx_and_the_endpoint_keeps_answering(endpoint, body, s
 def test_oversized_body_is_refused(endpoint):
     answer = post(endpoint["url"], {"instances": [[0.123456789] * 64] * 200})
     assert answer.status_code == 413 and "over the limit of 65536" in answer.json()["error"]
+
+
+def stalled_client(port: int, path: str) -> socket.socket:
+    """A client that sends its headers and the start of its body, then nothing more (a slowloris)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: 1000\r\n\r\n{{\"instances\": [[".encode())
+    return sock
+
+
+def read_reply(sock: socket.socket) -> str:
+    """One HTTP response: its headers, then content-length bytes (the proxy may keep the connection)."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := sock.recv(4096)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    headers = dict(line.split(b":", 1) for line in head.lower().split(b"\r\n")[1:])
+    length = int(headers[b"content-length"])
+    while len(body) < length and (chunk := sock.recv(4096)):
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")
+
+
+def test_clients_that_never_finish_their_body_cannot_stall_the_endpoint(endpoint):
+    """More stalled bodies than the replica has request slots (max_ongoing_requests): each is cut off
+    with a 408, and the healthy clients among them are answered."""
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlparse
+
+    path = urlparse(endpoint["url"]).path + "/predict"
+    stalled = [stalled_client(endpoint["port"], path) for _ in range(endpoint["options"].max_ongoing_requests + 20)]
+    try:
+        time.sleep(1)  # they reach the replica and wait there for the rest of their bodies
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: post(endpoint["url"], {"instances": [[0] * 64]}), range(16)))
+        assert [answer.status_code for answer in answers] == [200] * 16
+        replies = [read_reply(sock) for sock in stalled[:3] + stalled[-3:]]
+        assert all(reply.startswith("HTTP/1.1 408") and "did not arrive within" in reply for reply in replies), replies
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert post(endpoint["url"], {"instances": [[0] * 64]}).status_code == 200
 
 
 def test_metadata_health_and_openapi(endpoint):
@@ -274,6 +316,7 @@ def test_deploy_job_serves_in_the_foreground_until_ctrl_c(endpoint, write_spec):
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(timeout=60)
-    assert code == 0, process.stderr.read()[-2000:]
+    stderr = process.stderr.read()
+    assert code == 130 and "stopped: the endpoints are down" in stderr, stderr[-2000:]  # as every command stops
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/models/serve-mlp/healthz", timeout=2)

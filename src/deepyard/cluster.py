@@ -36,6 +36,9 @@ def serve_env() -> dict[str, str]:
             "RAY_worker_niceness": "0",
             # HAProxy's 4 threads by default; no more than the machine has cores
             "RAY_SERVE_HAPROXY_NBTHREAD": str(max(1, min(4, os.cpu_count() or 1))),
+            # A client that goes quiet mid-request is let go after 30 s, not Serve's 3600 s (the
+            # replica already answered its unfinished body with a 408: ModelEndpoint._receive_body).
+            "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": "30",
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(folder, "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(folder, "admin.sock"),
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,

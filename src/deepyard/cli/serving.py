@@ -41,10 +41,12 @@ def deploy(
 
     ready = functools.partial(deploying.announce, console=err, try_sample=try_sample, json_output=json_output,
                               detach=detach)
-    deploying.serve_until_interrupted(endpoints, host=host, port=port, address=address, detach=detach,
-                                      on_ready=ready, fast_proxy=fast_proxy)
-    if not detach:
+    try:
+        deploying.serve_until_interrupted(endpoints, host=host, port=port, address=address, detach=detach,
+                                          on_ready=ready, fast_proxy=fast_proxy)
+    except KeyboardInterrupt:
         err.print("[yellow]stopped[/]: the endpoints are down")
+        raise  # exit 130
 
 
 @app.command()

@@ -112,10 +112,12 @@ def serve_until_interrupted(endpoints: list[EndpointOptions], *, host: str, port
                 time.sleep(1)
         except KeyboardInterrupt:
             # A local cluster goes down with Ray (a full Serve shutdown would wait ~30 s for HAProxy);
-            # on a shared cluster, only this command's applications go.
+            # on a shared cluster, only this command's applications go. Then exit 130, as every
+            # command does when stopped.
             if address:
                 for info in resolved:
                     serve.delete(info["name"], _blocking=False)
+            raise
     return resolved
 
 
@@ -165,10 +167,14 @@ def run(spec: DeployJob, options: RunOptions) -> RunSummary:
     console = options.console or Console(stderr=True, quiet=True)
     ready = functools.partial(announce, console=console, try_sample=False, json_output=options.json_output,
                               detach=spec.detach)
-    resolved = serve_until_interrupted(spec.models, host=spec.http.host, port=spec.http.port, address=options.address,
-                                       detach=spec.detach, on_ready=ready, fast_proxy=spec.fast_proxy)
-    notes = [] if spec.detach else ["stopped: the endpoints are down"]
-    return RunSummary(run_id=None, experiment=None, notes=notes,
+    try:
+        resolved = serve_until_interrupted(spec.models, host=spec.http.host, port=spec.http.port,
+                                           address=options.address, detach=spec.detach, on_ready=ready,
+                                           fast_proxy=spec.fast_proxy)
+    except KeyboardInterrupt:
+        console.print("[yellow]stopped[/]: the endpoints are down")
+        raise
+    return RunSummary(run_id=None, experiment=None, notes=[],
                       details={"endpoints": resolved, "detached": spec.detach})
 
 

@@ -111,6 +111,7 @@ class ModelEndpoint:
         torch.set_num_threads(max(1, int(self.options.num_cpus)))  # small models: threads cost more than they give
         version = pinned or tracking.model_version(self.name, alias=self.alias, uri=self.uri)["version"]
         self.current = self._load(version)
+        self._waiting_bodies = 0  # requests of this replica still receiving their bodies (one event loop)
         self._predict_batched = serve.batch(max_batch_size=self.options.max_batch_size,
                                             batch_wait_timeout_s=self.options.batch_wait_timeout_s)(
             self._predict_many)
@@ -164,7 +165,9 @@ class ModelEndpoint:
                 outputs = loaded.codec.run(loaded.module, decoded, loaded.metadata)
             predictions = loaded.codec.encode(outputs, loaded.metadata, body, self.options)
         except BadRequest as error:
-            return JSONResponse({"error": str(error), "model": self.name}, status_code=error.status)
+            # (a client that never sent its whole body gets no second chance on this connection)
+            return JSONResponse({"error": str(error), "model": self.name}, status_code=error.status,
+                                headers={"Connection": "close"} if error.status == 408 else None)
         return JSONResponse({"predictions": predictions, "model": self.name, "version": loaded.version})
 
     async def _body(self, request: Request) -> Any:
@@ -172,13 +175,30 @@ class ModelEndpoint:
         if declared and declared.isdigit() and int(declared) > self.options.max_body_bytes:
             raise BadRequest(f"request body of {declared} bytes is over the limit of "
                              f"{self.options.max_body_bytes}", status=413)
-        raw = await request.body()
+        raw = await self._receive_body(request)
         if len(raw) > self.options.max_body_bytes:
             raise BadRequest(f"request body is over the limit of {self.options.max_body_bytes} bytes", status=413)
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise BadRequest(f"body is not valid JSON ({error}); send {{\"instances\": [...]}}") from None
+
+    async def _receive_body(self, request: Request) -> bytes:
+        """The whole body, within a deadline. A request waiting on its body holds one of the replica's
+        max_ongoing_requests slots: enough clients that never finish theirs would leave none for
+        anyone else. Only max_waiting_bodies may wait the full body_timeout_s at once."""
+        options = self.options
+        busy = self._waiting_bodies >= min(options.max_waiting_bodies, max(1, options.max_ongoing_requests // 4))
+        deadline = options.busy_body_grace_s if busy else options.body_timeout_s
+        self._waiting_bodies += 1
+        try:
+            return await asyncio.wait_for(request.body(), deadline)
+        except asyncio.TimeoutError:
+            raise BadRequest(f"the request body did not arrive within {deadline:g} s"
+                             f"{' (the endpoint is waiting on many slow clients)' if busy else ''}; send it whole",
+                             status=408) from None
+        finally:
+            self._waiting_bodies -= 1
 
     @app.get("/", dependencies=[Depends(_authorized)])
     async def metadata(self) -> dict[str, Any]:

@@ -24,6 +24,14 @@ class EndpointOptions(BaseModel):
     batch_wait_timeout_s: float = Field(0.002, ge=0)
     max_instances: int = Field(1024, ge=1, description="instances per request (more: HTTP 413)")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="request body limit (more: HTTP 413)")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's whole body must arrive within this (else "
+                                                          "HTTP 408): a client that never finishes one holds a slot")
+    max_waiting_bodies: int = Field(16, ge=1, description="requests per replica that may wait that long for their "
+                                                          "bodies (at most a quarter of max_ongoing_requests); past "
+                                                          "it a body must arrive within busy_body_grace_s, so slow "
+                                                          "clients cannot fill every slot")
+    busy_body_grace_s: float = Field(0.5, gt=0, description="the wait for a body while max_waiting_bodies already "
+                                                            "wait (a healthy client's arrives with its headers)")
     follow_alias_s: float = Field(2.0, gt=0, description="how often an alias-following endpoint polls the registry")
     top_k: int = Field(3, ge=1, description="classification: labels in each prediction's top_k")
 
