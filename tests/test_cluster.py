@@ -90,7 +90,8 @@ def _running_run(name: str):
 
 
 def test_stopping_a_job_marks_its_run_killed_and_frees_the_cluster(cluster, cli, write_spec):
-    job = last_json(cli("submit", spec(write_spec, "stopped_job", epochs=500), "--json"))["submission_id"]
+    path = spec(write_spec, "stopped_job", epochs=500)
+    job = last_json(cli("submit", path, "--json"))["submission_id"]
     run = wait_for(lambda: _running_run("stopped_job"), what="the job's first epoch")
     result = cli("jobs", "stop", job)
     assert f"job {job}: STOPPED" in result.stderr
@@ -99,6 +100,17 @@ def test_stopping_a_job_marks_its_run_killed_and_frees_the_cluster(cluster, cli,
     assert stopped.info.status == "KILLED"
     assert wait_for(lambda: _train_worker_node(cluster["address"]) is None, timeout_s=60,
                     what="the job's training workers to go"), "a stopped job left workers running"
+
+    # `submit --resume`: the same run goes on, on the cluster, from its newest checkpoint
+    again = last_json(cli("submit", path, "--resume", "--json"))["submission_id"]
+    resumed = wait_for(lambda: tracking.metric_history(run.info.run_id, "resumed_from_epoch"),
+                       what="the run to go on")
+    assert resumed[0][1] >= 1
+    cli("jobs", "stop", again)
+    assert wait_for(lambda: MlflowClient().get_run(run.info.run_id).info.status == "KILLED", timeout_s=30,
+                    what="the run to be closed again")
+    assert wait_for(lambda: _train_worker_node(cluster["address"]) is None, timeout_s=60,
+                    what="the job's training workers to go")
     status = last_json(cli("cluster", "status", "--json"))
     assert status["alive_nodes"] == 3  # stopping a job leaves the cluster up
 

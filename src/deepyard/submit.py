@@ -89,14 +89,18 @@ def _existing(jobs, submission_id: str):
 
 
 def submit(spec_path: Path, overrides: list[str], *, address: str | None = None, submission_id: str | None = None,
-           ship_code: bool = True, env: list[str] | None = None) -> dict[str, Any]:
-    """Validate, then submit; the same ``submission_id`` twice returns the first job (idempotent)."""
+           ship_code: bool = True, env: list[str] | None = None, resume: bool = False) -> dict[str, Any]:
+    """Validate, then submit; the same ``submission_id`` twice returns the first job (idempotent).
+    ``resume``: the driver runs ``deepyard run --resume``, which goes on with the job's last stopped run
+    (its MLflow store and checkpoint storage are the cluster's)."""
     import deepyard
-    from deepyard.spec import load_spec, to_yaml
+    from deepyard.spec import KINDS, load_spec, to_yaml
 
     from deepyard import local_cluster
 
     spec = load_spec(spec_path, overrides)
+    if resume and not KINDS[spec.kind].resumable:
+        raise BadInput(f"--resume continues an interrupted job; a {spec.kind} job cannot resume")
     environment = passed_environment(local_cluster.is_local(resolve_address(address)), env or [])
     jobs = client(address)
     if submission_id and (info := _existing(jobs, submission_id)) is not None:
@@ -108,9 +112,10 @@ def submit(spec_path: Path, overrides: list[str], *, address: str | None = None,
                                        "env_vars": environment}
         if ship_code:
             runtime_env["py_modules"] = [str(Path(deepyard.__file__).parent)]
-        job_id = jobs.submit_job(entrypoint=ENTRYPOINT, runtime_env=runtime_env, submission_id=submission_id,
+        job_id = jobs.submit_job(entrypoint=ENTRYPOINT + (" --resume" if resume else ""), runtime_env=runtime_env,
+                                 submission_id=submission_id,
                                  metadata={"deepyard.name": spec.name, "deepyard.kind": spec.kind,
-                                           "deepyard.spec": str(spec_path)})
+                                           "deepyard.spec": str(spec_path), "deepyard.resume": str(resume).lower()})
     return {"submission_id": job_id, "status": "PENDING", "already_submitted": False, "name": spec.name}
 
 

@@ -35,13 +35,15 @@ def submit(
     env: Annotated[Optional[list[str]], typer.Option(
         "--env", help="send an environment variable to the job: KEY (its value here) or KEY=VALUE; repeatable")] = None,
     follow: Annotated[bool, typer.Option("--follow", help="stream the job's logs until it ends")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the job's last stopped run on the "
+                                                          "cluster from its newest checkpoint")] = False,
     json_output: JsonOutput = False,
 ) -> None:
     """Run a spec on a Ray cluster through its job API (validated here first; nothing is sent if it is bad)."""
     from deepyard import submit as submitting
 
     result = submitting.submit(spec, set_ or [], address=address, submission_id=submission_id, ship_code=ship_code,
-                               env=env)
+                               env=env, resume=resume)
     job_id = result["submission_id"]
     verb = "already submitted" if result["already_submitted"] else "submitted"
     err.print(f"[green]{verb}[/] {result['name']} as job {job_id} ({result['status']}); "
