@@ -179,6 +179,23 @@ def test_clients_that_never_finish_their_body_cannot_stall_the_endpoint(endpoint
     assert post(endpoint["url"], {"instances": [[0] * 64]}).status_code == 200
 
 
+def test_haproxy_stats_and_metrics_listen_only_where_the_endpoint_does(endpoint):
+    """The endpoint is on 127.0.0.1: so are HAProxy's stats page and Prometheus metrics (Ray binds them
+    on every interface; deepyard's wrapper, serve/haproxy.py, moves them)."""
+    import os
+
+    import ray
+
+    address = ray.util.get_node_ip_address()
+    if address.startswith("127."):
+        pytest.skip("this machine has no address but loopback to try")
+    for port in (int(os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", 8404)),
+                 int(os.environ.get("RAY_SERVE_HAPROXY_METRICS_PORT", 9101))):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((address, port), timeout=5).close()
+
+
 def test_metadata_health_and_openapi(endpoint):
     metadata = httpx.get(f"{endpoint['url']}/", timeout=10).json()
     assert metadata["task"] == "classification" and metadata["input_shape"] == [1, 8, 8]

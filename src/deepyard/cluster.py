@@ -23,6 +23,7 @@ def serve_env() -> dict[str, str]:
     import tempfile
 
     from deepyard import settings
+    from deepyard.serve import haproxy
 
     tag = hashlib.sha1(os.path.abspath(settings.home()).encode()).hexdigest()[:8]
     folder = os.path.join(tempfile.gettempdir(), f"dy-haproxy-{tag}")
@@ -42,7 +43,9 @@ def serve_env() -> dict[str, str]:
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(folder, "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(folder, "admin.sock"),
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(folder, "server-state")}
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(folder, "server-state"),
+            # its stats page and metrics where the endpoint listens, not on every interface
+            **haproxy.wrapper_env(folder)}
 
 
 @contextmanager
