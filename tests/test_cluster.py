@@ -56,27 +56,39 @@ def test_cluster_up_starts_a_head_and_two_worker_nodes(cluster, cli):
     assert "already up" in cli("cluster", "up", expect=2).stderr
 
 
-def test_a_submitted_job_spans_two_nodes_and_lands_in_mlflow(cluster, cli, write_spec):
+def test_submitted_jobs_queue_for_the_cluster_span_two_nodes_and_land_in_mlflow(cluster, cli, write_spec):
+    """Two jobs that each need both worker CPUs: the second waits PENDING in the cluster's queue until
+    the first is done (it used to start at once and starve both)."""
     path = spec(write_spec, "submitted_ddp", workers=2)  # two 1-CPU workers: one on each worker node
-    result = cli("submit", path, "--follow", "--json", "--id", "deepyard-test-ddp")
-    summary = last_json(result)
+    first = last_json(cli("submit", path, "--json", "--id", "deepyard-test-ddp"))
+    assert first["queued"] and first["waits_for"] == {"deepyard_queue_cpu": 2.0}
+    jobs = submitting.client(None)
+    wait_for(lambda: str(jobs.get_job_status("deepyard-test-ddp")) == "RUNNING", what="the first job to start")
+    second = last_json(cli("submit", spec(write_spec, "queued_ddp", workers=2), "--json"))["submission_id"]
+    rows = {row["submission_id"]: row for row in json.loads(cli("jobs", "list", "--json").stdout)}
+    assert rows[second]["status"] == "PENDING" and rows[second]["waits_for"] == "2 CPU"
+
+    assert "done submitted_ddp" in cli("jobs", "logs", "deepyard-test-ddp", "--follow").stdout
+    summary = last_json(cli("jobs", "status", "deepyard-test-ddp", "--json"))
     assert summary["status"] == "SUCCEEDED", summary
     run = MlflowClient().get_run(summary["run"]["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["scaling.num_workers"] == "2"
     assert run.data.metrics["test_accuracy"] > 0.3
-    assert "done submitted_ddp" in result.stderr  # the followed driver output
+    assert submitting.wait(jobs, second, timeout_s=300) == "SUCCEEDED", jobs.get_job_logs(second)[-3000:]
+    queued = MlflowClient().get_run(last_json(cli("jobs", "status", second, "--json"))["run"]["run_id"])
+    assert queued.info.start_time >= run.info.end_time  # it trained only once the first was done
 
     again = last_json(cli("submit", path, "--json", "--id", "deepyard-test-ddp"))
     assert again["already_submitted"] and again["status"] == "SUCCEEDED"
-    status = last_json(cli("jobs", "status", "deepyard-test-ddp", "--json"))
-    assert status["run"]["run_id"] == summary["run"]["run_id"]
-    assert "done submitted_ddp" in cli("jobs", "logs", "deepyard-test-ddp").stdout
 
 
 def test_a_bad_spec_is_refused_before_anything_is_sent(cluster, cli, write_spec):
     before = job_count(cli)
     bad = write_spec(SPEC.format(name="bad", epochs=2, workers=1).replace("adam", "adamm"), "bad.yaml")
     assert "did you mean 'adam'" in cli("submit", bad, expect=2).stderr
+    too_big = spec(write_spec, "too_big", workers=3)
+    assert "too_big needs 3 CPUs for its workers, and this cluster has 2 in all" in cli("submit", too_big,
+                                                                                         expect=2).stderr
     assert "no job 'nope'" in cli("jobs", "status", "nope", expect=2).stderr
     assert job_count(cli) == before
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from deepyard import settings
+from deepyard.cluster_queue import TOKENS, quota_resources
 from deepyard.errors import BadInput, DeepyardError
 
 HOST = "127.0.0.1"
@@ -159,8 +160,9 @@ def up(workers: int = 1, cpus_per_node: int | None = None, head_cpus: int | None
     # short: Ray's socket paths under it must stay within the OS's ~107 characters
     temp_root = tempfile.mkdtemp(prefix="dy-ray-")
     head_cpus = cpus if head_cpus is None else head_cpus
+    quota = quota_resources(head_cpus + workers * cpus)  # the queue's: every CPU (deepyard submit waits for them)
     head = _start_node(["--head", f"--port={gcs_port}", f"--num-cpus={head_cpus}", "--include-dashboard=true",
-                        f"--resources={json.dumps({_marker('head'): 1})}",
+                        f"--resources={json.dumps({_marker('head'): 1, **quota})}",
                         f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}",
                         f"--ray-client-server-port={client_port}"], logs / "head.log", env, f"{temp_root}/head")
     state = {"address": f"http://{HOST}:{dashboard_port}", "gcs_address": f"{HOST}:{gcs_port}",
@@ -212,7 +214,8 @@ def nodes(state: dict[str, Any]) -> list[dict[str, Any]]:
     use_token_auth()
     found = list_nodes(address=state["address"], limit=1000, raise_on_missing_output=False)
     return [{"node_id": n.node_id, "state": n.state, "is_head": n.is_head_node, "ip": n.node_ip,
-             "name": next((k.removeprefix("deepyard_") for k in n.resources_total if k.startswith("deepyard_")), None),
+             "name": next((k.removeprefix("deepyard_") for k in n.resources_total
+                           if k.startswith("deepyard_") and k not in TOKENS.values()), None),
              "resources": {k: v for k, v in n.resources_total.items() if not k.startswith(("deepyard_", "node:"))}}
             for n in found]
 

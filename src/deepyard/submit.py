@@ -96,7 +96,7 @@ def submit(spec_path: Path, overrides: list[str], *, address: str | None = None,
     import deepyard
     from deepyard.spec import KINDS, load_spec, to_yaml
 
-    from deepyard import local_cluster
+    from deepyard import cluster_queue, local_cluster
 
     spec = load_spec(spec_path, overrides)
     if resume and not KINDS[spec.kind].resumable:
@@ -106,6 +106,8 @@ def submit(spec_path: Path, overrides: list[str], *, address: str | None = None,
     if submission_id and (info := _existing(jobs, submission_id)) is not None:
         return {"submission_id": submission_id, "status": str(info.status), "already_submitted": True,
                 "name": (info.metadata or {}).get("deepyard.name")}
+    # the cluster's queue: the job waits PENDING until its workers' CPUs and GPUs are free
+    waits_for = cluster_queue.admission(spec.footprint(), cluster_queue.capacity(jobs), spec.name)
     with tempfile.TemporaryDirectory(prefix="deepyard-submit-") as folder:
         (Path(folder) / "spec.yaml").write_text(to_yaml(spec))
         runtime_env: dict[str, Any] = {"working_dir": folder,
@@ -113,10 +115,12 @@ def submit(spec_path: Path, overrides: list[str], *, address: str | None = None,
         if ship_code:
             runtime_env["py_modules"] = [str(Path(deepyard.__file__).parent)]
         job_id = jobs.submit_job(entrypoint=ENTRYPOINT + (" --resume" if resume else ""), runtime_env=runtime_env,
-                                 submission_id=submission_id,
+                                 submission_id=submission_id, entrypoint_resources=waits_for or None,
                                  metadata={"deepyard.name": spec.name, "deepyard.kind": spec.kind,
-                                           "deepyard.spec": str(spec_path), "deepyard.resume": str(resume).lower()})
-    return {"submission_id": job_id, "status": "PENDING", "already_submitted": False, "name": spec.name}
+                                           "deepyard.spec": str(spec_path), "deepyard.resume": str(resume).lower(),
+                                           "deepyard.waits_for": cluster_queue.describe(waits_for)})
+    return {"submission_id": job_id, "status": "PENDING", "already_submitted": False, "name": spec.name,
+            "queued": bool(waits_for), "waits_for": waits_for}
 
 
 def follow(jobs, job_id: str, write: Callable[[str], Any]) -> None:
@@ -158,8 +162,10 @@ def last_json_line(logs: str) -> dict[str, Any] | None:
 
 
 def list_jobs(jobs) -> list[dict[str, Any]]:
+    """Every submitted job, oldest first; a PENDING one is in the queue, waiting for ``waits_for``."""
     return [{"submission_id": job.submission_id, "status": str(job.status),
              "name": (job.metadata or {}).get("deepyard.name"), "kind": (job.metadata or {}).get("deepyard.kind"),
+             "waits_for": (job.metadata or {}).get("deepyard.waits_for"),
              "start_time": job.start_time, "end_time": job.end_time}
             for job in sorted(jobs.list_jobs(), key=lambda job: job.start_time or 0) if job.submission_id]
 

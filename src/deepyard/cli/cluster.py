@@ -48,6 +48,12 @@ def submit(
     verb = "already submitted" if result["already_submitted"] else "submitted"
     err.print(f"[green]{verb}[/] {result['name']} as job {job_id} ({result['status']}); "
               f"logs: deepyard jobs logs {job_id} --follow", highlight=False)
+    if not result["already_submitted"]:
+        from deepyard import cluster_queue
+
+        err.print(f"  queued until the cluster has {cluster_queue.describe(result['waits_for'])} free for it"
+                  if result["queued"] else "  this cluster's nodes advertise no deepyard_queue_cpu: it starts at once, "
+                  "with no queue", highlight=False)
     if follow:
         jobs = submitting.client(address)
         submitting.follow(jobs, job_id, lambda text: err.out(text, end="", highlight=False))
@@ -66,16 +72,17 @@ app.add_typer(jobs_app, name="jobs")
 @jobs_app.command("list")
 @user_errors
 def jobs_list(address: ApiAddress = None, json_output: JsonOutput = False) -> None:
-    """Every job the cluster knows, oldest first."""
+    """Every job the cluster knows, oldest first: the queue is the PENDING ones, each waiting for its workers' share."""
     from deepyard import submit as submitting
 
     rows = submitting.list_jobs(submitting.client(address))
     if json_output:
         print(json.dumps(rows, default=str))
         return
-    table = Table("id", "status", "name", "kind")
+    table = Table("id", "status", "name", "kind", "holds while running")
     for row in rows:
-        table.add_row(row["submission_id"], row["status"], row["name"] or "-", row["kind"] or "-")
+        table.add_row(row["submission_id"], row["status"], row["name"] or "-", row["kind"] or "-",
+                      row["waits_for"] or "-")
     out.print(table if rows else "no jobs yet: `deepyard submit SPEC`")
 
 

@@ -76,6 +76,9 @@ class CompressJob(JobBase):
     promote: PromoteSpec | None = Field(None, description="move a registry alias to the job's last version "
                                                           "(prune: the sparsest)")
 
+    def footprint(self) -> dict[str, float]:
+        return self.scaling.footprint()  # its fine-tuning stages train as a train job does
+
     @classmethod
     def resolve(cls, document: dict, problems: list[str], prefix: tuple = ()) -> None:
         """The optimizer and a distillation's student resolve through their registries, as a train job's do."""

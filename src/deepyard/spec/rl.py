@@ -70,3 +70,6 @@ class RLJob(JobBase):
     @property
     def model_name(self) -> str:
         return self.register.model_name or self.name
+
+    def footprint(self) -> dict[str, float]:
+        return {"CPU": float(self.env_runners.count)}  # one CPU per EnvRunner; the learner is the driver

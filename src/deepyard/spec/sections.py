@@ -74,6 +74,11 @@ class JobBase(Section):
         """Why population-based training cannot vary this job, if it cannot."""
         return None
 
+    def footprint(self) -> dict[str, float]:
+        """The CPUs and GPUs the job's workers hold while it runs, beyond its driver (``CPU``, ``GPU``):
+        what a cluster's queue admits it by (``deepyard submit``)."""
+        return {}
+
 
 def check_promote(job):
     if job.promote and not job.register.enabled:

@@ -93,6 +93,10 @@ class SweepJob(JobBase):
     def model_name(self) -> str:
         return self.register.model_name or self.base.register.model_name or self.name
 
+    def footprint(self) -> dict[str, float]:
+        """One trial's: the sweep starts when one fits and runs more as the cluster has room."""
+        return self.base.footprint()
+
     @classmethod
     def prepare(cls, document: dict, source: str, problems: list[str]) -> None:
         _resolve_base(document, source, problems)  # first, so that --set base.train.epochs=2 works

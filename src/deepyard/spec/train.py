@@ -145,6 +145,9 @@ class ScalingSpec(Section):
     cpus_per_worker: PositiveFloat = 1.0
     mixed_precision: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
 
+    def footprint(self) -> dict[str, float]:
+        return {"CPU": self.num_workers * self.cpus_per_worker, "GPU": float(self.num_workers if self.use_gpu else 0)}
+
 
 class CheckpointSpec(Section):
     every_n_epochs: PositiveInt = 1
@@ -177,6 +180,9 @@ class TrainJob(JobBase):
     @model_validator(mode="after")
     def _promote_needs_a_version(self) -> "TrainJob":
         return check_promote(self)
+
+    def footprint(self) -> dict[str, float]:
+        return self.scaling.footprint()
 
     @property
     def model_name(self) -> str:
