@@ -1,6 +1,6 @@
-"""cluster/ (Ray cluster launcher) and k8s/ (KubeRay) configs, validated the way their tools do:
-Ray's own config preparation and schema for `ray up`; KubeRay's CRD schemas (the openAPIV3Schema
-that the API server enforces) and Kubernetes' schemas for the core kinds."""
+"""cluster/ (Ray cluster launcher) and k8s/ (KubeRay, Kueue) configs, validated the way their tools do:
+Ray's own config preparation and schema for `ray up`; KubeRay's and Kueue's CRD schemas (the
+openAPIV3Schema that the API server enforces) and Kubernetes' schemas for the core kinds."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = ROOT.parent / "shared" / "reference" / "kuberay-crds"
+# API group -> the folder of its project's CRDs (the reference copies beside the checkout)
+CRD_FOLDERS = {"ray.io": CRDS, "kueue.x-k8s.io": ROOT.parent / "shared" / "reference" / "kueue-crds"}
 KUBERNETES_VERSION = "1.33.0"
 CLUSTER_CONFIGS = sorted((ROOT / "cluster").glob("*.yaml"))
 MANIFEST_FILES = sorted(path for path in (ROOT / "k8s").glob("*.yaml") if path.name != "kustomization.yaml")
@@ -57,12 +59,15 @@ def manifests() -> list[tuple[str, dict]]:
 
 
 @functools.cache
-def crd_schemas() -> dict[str, dict]:
+def crd_schemas() -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> the CRD's schema of that version, for every CRD at hand."""
     schemas = {}
-    for path in sorted(CRDS.glob("*.yaml")):  # ~1 MB each: libyaml's loader, once per session
-        crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-        schemas[crd["spec"]["names"]["kind"]] = version["schema"]["openAPIV3Schema"]
+    for folder in CRD_FOLDERS.values():
+        for path in sorted(folder.glob("*.yaml")):  # ~1 MB each: libyaml's loader, once per session
+            crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+            for version in crd["spec"]["versions"]:
+                api_version = f"{crd['spec']['group']}/{version['name']}"
+                schemas[(api_version, crd["spec"]["names"]["kind"])] = version["schema"]["openAPIV3Schema"]
     return schemas
 
 
@@ -80,12 +85,13 @@ def _strict(schema):
 
 @pytest.mark.parametrize(("name", "manifest"), manifests(), ids=[name for name, _ in manifests()])
 def test_k8s_manifests_validate_against_their_schemas(name, manifest):
-    if manifest["apiVersion"] == "ray.io/v1":
-        if not CRDS.is_dir():
-            pytest.skip(f"KubeRay's CRDs are not here ({CRDS}); CI has them")
+    group = manifest["apiVersion"].split("/")[0]
+    if group in CRD_FOLDERS:
+        if not CRD_FOLDERS[group].is_dir():
+            pytest.skip(f"{group}'s CRDs are not here ({CRD_FOLDERS[group]})")
         import jsonschema
 
-        schema = _strict(crd_schemas()[manifest["kind"]])
+        schema = _strict(crd_schemas()[(manifest["apiVersion"], manifest["kind"])])
         errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
                   for e in jsonschema.Draft7Validator(schema).iter_errors(manifest)]
         assert not errors, errors
@@ -104,14 +110,14 @@ def test_the_crd_check_catches_a_misspelled_field():
     broken = copy.deepcopy(cluster)
     broken["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3
     with pytest.raises(jsonschema.ValidationError, match="maxReplica"):
-        jsonschema.validate(broken, _strict(crd_schemas()["RayCluster"]))
+        jsonschema.validate(broken, _strict(crd_schemas()[("ray.io/v1", "RayCluster")]))
 
 
 def test_the_manifests_tie_together():
     """kustomize lists every manifest but the RayJob template; GPU workers ask for nvidia.com/gpu;
     the RayJob cleans up after itself; the RayService serves what serving/digits.yaml serves."""
     kustomization = yaml.safe_load((ROOT / "k8s" / "kustomization.yaml").read_text())
-    assert set(kustomization["resources"]) == {p.name for p in MANIFEST_FILES} - {"rayjob.yaml"}
+    assert set(kustomization["resources"]) == {p.name for p in MANIFEST_FILES} - {"rayjob.yaml", "kueue.yaml"}
     documents = {doc["kind"]: doc for _, doc in manifests()}
     cluster = documents["RayCluster"]["spec"]
     assert cluster["enableInTreeAutoscaling"] is True
@@ -125,6 +131,32 @@ def test_the_manifests_tie_together():
     assert {"Deployment", "StatefulSet", "Service"} <= set(documents)
     assert "images" not in kustomization or all("newTag" not in image for image in kustomization["images"])
     assert "--allowed-hosts" in " ".join(documents["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def test_the_rayjob_is_queued_by_the_kueue_objects():
+    """The RayJob's queue and priority labels name a LocalQueue and a WorkloadPriorityClass of
+    k8s/kueue.yaml; the LocalQueue feeds the ClusterQueue, whose flavors exist and whose quota
+    covers what one RayJob's cluster asks for (or it could never be admitted)."""
+    documents = [doc for _, doc in manifests()]
+    named = {(doc["kind"], doc["metadata"].get("name")): doc for doc in documents}
+    job = next(doc for doc in documents if doc["kind"] == "RayJob")
+    labels = job["metadata"]["labels"]
+    local_queue = named[("LocalQueue", labels["kueue.x-k8s.io/queue-name"])]
+    assert ("WorkloadPriorityClass", labels["kueue.x-k8s.io/priority-class"]) in named
+    cluster_queue = named[("ClusterQueue", local_queue["spec"]["clusterQueue"])]
+    quota = {}
+    for group in cluster_queue["spec"]["resourceGroups"]:
+        for flavor in group["flavors"]:
+            assert ("ResourceFlavor", flavor["name"]) in named
+            quota.update({r["name"]: r["nominalQuota"] for r in flavor["resources"]})
+    spec = job["spec"]["rayClusterSpec"]
+    pods = [(1, spec["headGroupSpec"]["template"])] + [(g.get("replicas", 1), g["template"])
+                                                        for g in spec.get("workerGroupSpecs", [])]
+    cpus = sum(count * float(c["resources"]["requests"]["cpu"]) for count, template in pods
+               for c in template["spec"]["containers"])
+    gpus = sum(count * int(c["resources"].get("limits", {}).get("nvidia.com/gpu", 0)) for count, template in pods
+               for c in template["spec"]["containers"])
+    assert cpus <= quota["cpu"] and gpus <= quota["nvidia.com/gpu"]
 
 
 def test_what_a_submitted_job_takes_from_here(monkeypatch):
