@@ -6,12 +6,14 @@
   random epoch (2-5), then `deepyard run --resume` continues it;
 - worker_SIGKILL: the training process (the Tune trial of a one-worker job) is killed
   (failure.max_failures: 1), the job goes on;
+- worker_node_SIGKILL: the worker node it trains on is lost (a local cluster of two one-CPU nodes);
 - four_jobs_fresh_home: four `deepyard run` started together on a new home.
 Per try: the exit codes, the run's final state, epochs redone (logged before the fault, trained
 again), epochs lost (missing from the final history), and seconds to training again: from the
-fault to the next epoch logged (a worker), or from the start of `--resume` to the first epoch it
-logged (a driver: the time before `--resume` is the user's). Goal (the staying-power issue): every
-job finishes, 0 epochs lost, at most the epochs since the newest checkpoint redone.
+fault (a worker, a node), or from the start of `--resume` (a driver: the time before it is the
+user's), to the loop starting again from the checkpoint (`resumed_from_epoch` logged). Goal (the
+staying-power issue): every job finishes, 0 epochs lost, at most the epochs since the newest
+checkpoint redone.
 """
 
 from __future__ import annotations
@@ -70,26 +72,31 @@ def _wait_for_epoch(client, name: str, epoch: int, process, timeout_s: float = 3
     raise RuntimeError(f"{name} never reached epoch {epoch}: {process.poll()}")
 
 
-def _outcome(client, run_id: str, epochs: int, reached: int, fault_at: float, codes: list[int],
+def _outcome(client, run_id: str, epochs: int, fault_at: float, codes: list[int],
              going_on_at: float | None = None) -> dict:
-    """``going_on_at``: when training was asked to go on (the --resume command); default the fault."""
+    """``going_on_at``: when training was asked to go on (the --resume command); default the fault.
+    Training is going again when the run logs ``resumed_from_epoch`` (the loop starts from the
+    checkpoint); the epochs reached are those logged before that, also by a dying process."""
+    going_on_at = going_on_at or fault_at
     run = client.get_run(run_id)
     history = _epochs(client, run_id)
     steps = [step for step, _ in history]
-    resumed = [m.value for m in client.get_metric_history(run_id, "resumed_from_epoch")]
-    going_on_at = going_on_at or fault_at
-    after = [stamp for step, stamp in history if stamp / 1000 > going_on_at]
+    resumes = [(m.value, m.timestamp) for m in client.get_metric_history(run_id, "resumed_from_epoch")
+               if m.timestamp / 1000 > going_on_at]
+    resumed, again = resumes[-1] if resumes else (None, None)
+    reached = max((step for step, stamp in history if again is None or stamp <= again), default=0)
     return {"exit_codes": codes, "final_state": run.info.status, "epochs_reached_at_fault": reached,
-            "resumed_from_epoch": int(resumed[-1]) if resumed else None,
-            "epochs_redone": max(0, reached - int(resumed[-1])) if resumed else reached,
+            "resumed_from_epoch": int(resumed) if resumed is not None else None,
+            "epochs_redone": max(0, reached - int(resumed)) if resumed is not None else reached,
             "epochs_lost": len(set(range(1, epochs + 1)) - set(steps)),
             "epochs_logged_twice": len(steps) - len(set(steps)),
-            "to_training_again_s": round(min(after) / 1000 - going_on_at, 1) if after else None}
+            "to_training_again_s": round(again / 1000 - going_on_at, 1) if again else None}
 
 
-def _started(name: str, epochs: int):
-    """A job in a fresh home, once it reached a random epoch (2-5): (env, spec, client, process, run)."""
-    env = _home()
+def _started(name: str, epochs: int, env: dict[str, str] | None = None):
+    """A job in a fresh home (or ``env``'s), once it reached a random epoch (2-5): (env, spec, client,
+    process, run)."""
+    env = env or _home()
     spec = Path(env["DEEPYARD_HOME"]) / "job.yaml"
     spec.write_text(SPEC.format(name=name, epochs=epochs))
     client = _client(env)
@@ -103,10 +110,9 @@ def driver_fault(stop: str, epochs: int) -> dict:
     fault_at = time.time()
     process.send_signal(getattr(signal, stop))
     process.communicate(timeout=120)
-    reached = max((step for step, _ in _epochs(client, run.info.run_id)), default=0)
     resume_at = time.time()
     resumed = subprocess.run([*CLI, str(spec), "--resume"], env=env, capture_output=True, text=True)
-    return _outcome(client, run.info.run_id, epochs, reached, fault_at, [process.returncode, resumed.returncode],
+    return _outcome(client, run.info.run_id, epochs, fault_at, [process.returncode, resumed.returncode],
                     going_on_at=resume_at)
 
 
@@ -120,10 +126,46 @@ def worker_fault(epochs: int) -> dict:
     fault_at = time.time()
     for worker in workers:
         worker.kill()
-    reached = max((step for step, _ in _epochs(client, run.info.run_id)), default=0)
     process.communicate(timeout=600)
-    return {**_outcome(client, run.info.run_id, epochs, reached, fault_at, [process.returncode]),
+    return {**_outcome(client, run.info.run_id, epochs, fault_at, [process.returncode]),
             "workers_killed": len(workers)}
+
+
+def _training_node(state: dict) -> str | None:
+    """The local cluster's node that the job's training process lives on (a Tune trial or a Train worker)."""
+    from ray.util.state import list_actors
+
+    from deepyard import local_cluster
+
+    actors = [actor for actor in list_actors(address=state["address"], filters=[("state", "=", "ALIVE")],
+                                             raise_on_missing_output=False)
+              if actor.class_name in ("ImplicitFunc", "RayTrainWorker")]
+    names = {node["node_id"]: node["name"] for node in local_cluster.nodes(state)}
+    return names.get(actors[0].node_id) if actors else None
+
+
+def node_fault(epochs: int) -> dict:
+    """SIGKILL of the worker node the training runs on (its raylet and workers: a machine that went
+    down). A local cluster of a head with no CPUs and two one-CPU worker nodes; the job's driver joins it
+    and its training goes on on the node that is left, from the newest checkpoint."""
+    from deepyard import local_cluster
+
+    env = _home()
+    os.environ["DEEPYARD_HOME"] = env["DEEPYARD_HOME"]  # where local_cluster keeps the cluster's state
+    state = local_cluster.up(workers=2, cpus_per_node=1, head_cpus=0)
+    try:
+        env["RAY_ADDRESS"] = state["gcs_address"]
+        _, _, client, process, run = _started("fault_node", epochs, env)
+        node = None
+        while node is None and process.poll() is None:
+            node = _training_node(state)
+        fault_at = time.time()
+        local_cluster.kill_node(node)
+        process.communicate(timeout=600)
+        return {**_outcome(client, run.info.run_id, epochs, fault_at, [process.returncode]),
+                "node_killed": node}
+    finally:
+        local_cluster.down()
 
 
 def jobs_together(count: int = 4) -> dict:
@@ -153,6 +195,8 @@ def main() -> None:
             tries.setdefault(f"driver_{stop}", []).append(driver_fault(stop, args.epochs))
             print(stop, tries[f"driver_{stop}"][-1], file=sys.stderr)
         tries.setdefault("worker_SIGKILL", []).append(worker_fault(args.epochs))
+        tries.setdefault("worker_node_SIGKILL", []).append(node_fault(args.epochs))
+        print("node", tries["worker_node_SIGKILL"][-1], file=sys.stderr)
         tries.setdefault("four_jobs_fresh_home", []).append(jobs_together())
     states = [state for runs in tries.values() for t in runs for state in t.get("final_states", [t.get("final_state")])]
     finished = all(state == "FINISHED" for state in states)
