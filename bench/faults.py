@@ -159,6 +159,10 @@ def node_fault(epochs: int) -> dict:
         node = None
         while node is None and process.poll() is None:
             node = _training_node(state)
+            time.sleep(0.2)
+        if node is None:
+            raise RuntimeError(f"the job ended ({process.poll()}) before its training node was found: "
+                               f"{process.communicate()[1][-2000:]}")
         fault_at = time.time()
         local_cluster.kill_node(node)
         process.communicate(timeout=600)

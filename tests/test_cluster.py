@@ -59,14 +59,16 @@ def test_cluster_up_starts_a_head_and_two_worker_nodes(cluster, cli):
 def test_submitted_jobs_queue_for_the_cluster_span_two_nodes_and_land_in_mlflow(cluster, cli, write_spec):
     """Two jobs that each need both worker CPUs: the second waits PENDING in the cluster's queue until
     the first is done (it used to start at once and starve both)."""
-    path = spec(write_spec, "submitted_ddp", workers=2)  # two 1-CPU workers: one on each worker node
+    path = spec(write_spec, "submitted_ddp", epochs=6, workers=2)  # two 1-CPU workers: one on each worker node
     first = last_json(cli("submit", path, "--json", "--id", "deepyard-test-ddp"))
-    assert first["queued"] and first["waits_for"] == {"deepyard_queue_cpu": 2.0}
+    assert first["queue"] and first["waits_for"] == {"deepyard_queue_cpu": 2.0}
     jobs = submitting.client(None)
-    wait_for(lambda: str(jobs.get_job_status("deepyard-test-ddp")) == "RUNNING", what="the first job to start")
+    training = wait_for(lambda: _running_run("submitted_ddp"), what="the first job's first epoch")
     second = last_json(cli("submit", spec(write_spec, "queued_ddp", workers=2), "--json"))["submission_id"]
     rows = {row["submission_id"]: row for row in json.loads(cli("jobs", "list", "--json").stdout)}
     assert rows[second]["status"] == "PENDING" and rows[second]["waits_for"] == "2 CPU"
+    # (the first was still training when the second came: without the queue they would overlap)
+    assert MlflowClient().get_run(training.info.run_id).info.status == "RUNNING"
 
     assert "done submitted_ddp" in cli("jobs", "logs", "deepyard-test-ddp", "--follow").stdout
     summary = last_json(cli("jobs", "status", "deepyard-test-ddp", "--json"))
@@ -87,8 +89,8 @@ def test_a_bad_spec_is_refused_before_anything_is_sent(cluster, cli, write_spec)
     bad = write_spec(SPEC.format(name="bad", epochs=2, workers=1).replace("adam", "adamm"), "bad.yaml")
     assert "did you mean 'adam'" in cli("submit", bad, expect=2).stderr
     too_big = spec(write_spec, "too_big", workers=3)
-    assert "too_big needs 3 CPUs for its workers, and this cluster has 2 in all" in cli("submit", too_big,
-                                                                                         expect=2).stderr
+    assert "too_big needs 3 CPUs for its workers, and this cluster's queue has 2 in all" in cli(
+        "submit", too_big, expect=2).stderr
     assert "no job 'nope'" in cli("jobs", "status", "nope", expect=2).stderr
     assert job_count(cli) == before
 

@@ -152,11 +152,17 @@ def test_the_rayjob_is_queued_by_the_kueue_objects():
     spec = job["spec"]["rayClusterSpec"]
     pods = [(1, spec["headGroupSpec"]["template"])] + [(g.get("replicas", 1), g["template"])
                                                         for g in spec.get("workerGroupSpecs", [])]
-    cpus = sum(count * float(c["resources"]["requests"]["cpu"]) for count, template in pods
-               for c in template["spec"]["containers"])
-    gpus = sum(count * int(c["resources"].get("limits", {}).get("nvidia.com/gpu", 0)) for count, template in pods
-               for c in template["spec"]["containers"])
-    assert cpus <= quota["cpu"] and gpus <= quota["nvidia.com/gpu"]
+    containers = [(count, c["resources"]) for count, template in pods for c in template["spec"]["containers"]]
+    cpus = sum(count * float(r["requests"]["cpu"]) for count, r in containers)
+    memory_gi = sum(count * gibibytes(r["requests"]["memory"]) for count, r in containers)
+    gpus = sum(count * int(r.get("limits", {}).get("nvidia.com/gpu", 0)) for count, r in containers)
+    assert cpus <= quota["cpu"] and memory_gi <= gibibytes(quota["memory"]) and gpus <= quota["nvidia.com/gpu"]
+
+
+def gibibytes(quantity: str) -> float:
+    """A Kubernetes memory quantity (Gi, Mi) in GiB."""
+    units = {"Gi": 1, "Mi": 1 / 1024, "Ti": 1024}
+    return next(float(quantity[:-2]) * factor for unit, factor in units.items() if quantity.endswith(unit))
 
 
 def test_what_a_submitted_job_takes_from_here(monkeypatch):

@@ -17,6 +17,9 @@ from typing import Any
 from deepyard.errors import BadInput
 
 TOKENS = {"CPU": "deepyard_queue_cpu", "GPU": "deepyard_queue_gpu"}
+# Ray fails a job still PENDING after RAY_JOB_START_TIMEOUT_SECONDS (15 min by default); one queued
+# behind a long training run waits longer. The head's environment sets this (a week).
+JOB_START_TIMEOUT_S = "604800"
 
 
 def quota_resources(cpus: float, gpus: float = 0) -> dict[str, float]:
@@ -24,32 +27,31 @@ def quota_resources(cpus: float, gpus: float = 0) -> dict[str, float]:
     return {token: amount for token, amount in ((TOKENS["CPU"], cpus), (TOKENS["GPU"], gpus)) if amount}
 
 
-def capacity(jobs) -> dict[str, float]:
-    """The cluster's tokens in all, from the dashboard's cluster status ({} if it has none)."""
-    response = jobs._do_request("GET", "/api/cluster_status")  # the SDK's request: address, auth headers
-    if response.status_code != 200:
-        return {}
-    report = response.json().get("data", {}).get("clusterStatus", {}).get("loadMetricsReport", {})
+def capacity(address: str) -> dict[str, float]:
+    """The cluster's tokens in all ({} if its nodes advertise none), from Ray's state API at the
+    dashboard ``address`` (the SDK sends the token, as the job client does)."""
+    from ray.util.state import list_nodes
+
     totals: dict[str, float] = {}
-    for resources, count in report.get("nodeTypes") or []:  # (its "usage" camel-cases the names)
+    for node in list_nodes(address=address, filters=[("state", "=", "ALIVE")], limit=10000,
+                           raise_on_missing_output=False):
         for token in TOKENS.values():
-            if token in resources:
-                totals[token] = totals.get(token, 0.0) + float(resources[token]) * count
+            if token in (node.resources_total or {}):
+                totals[token] = totals.get(token, 0.0) + float(node.resources_total[token])
     return totals
 
 
 def admission(footprint: dict[str, float], capacity: dict[str, float], name: str) -> dict[str, float]:
-    """The entrypoint resources a job waits for: its footprint in tokens. A job the whole cluster could
-    never admit is refused (it would wait forever)."""
-    if not capacity:
-        return {}
-    wanted = {TOKENS[kind]: amount for kind, amount in footprint.items() if amount > 0}
-    for token, amount in wanted.items():
-        if amount > capacity.get(token, 0):
-            kind = next(k for k, t in TOKENS.items() if t == token)
-            raise BadInput(f"{name} needs {amount:g} {kind}s for its workers, and this cluster has "
-                           f"{capacity.get(token, 0):g} in all; lower scaling.num_workers (or the runners), "
-                           "or add nodes")
+    """The entrypoint resources a job waits for: its footprint in the tokens the cluster has (a GPU
+    job on a cluster with no GPU quota is queued by its CPUs). A job the whole quota could never
+    admit is refused: it would wait forever."""
+    wanted = {TOKENS[kind]: amount for kind, amount in footprint.items() if amount > 0 and TOKENS[kind] in capacity}
+    for kind, token in TOKENS.items():
+        if wanted.get(token, 0) > capacity.get(token, 0):
+            raise BadInput(f"{name} needs {wanted[token]:g} {kind}s for its workers, and this cluster's queue has "
+                           f"{capacity[token]:g} in all; make the job smaller (scaling.num_workers, "
+                           "scaling.cpus_per_worker, env_runners.count) or give the cluster more "
+                           f"({token} on its head node)")
     return wanted
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from deepyard import settings
-from deepyard.cluster_queue import TOKENS, quota_resources
+from deepyard.cluster_queue import JOB_START_TIMEOUT_S, TOKENS, quota_resources
 from deepyard.errors import BadInput, DeepyardError
 
 HOST = "127.0.0.1"
@@ -86,7 +86,9 @@ def node_environment() -> dict[str, str]:
             "RAY_AUTH_MODE": "token",  # Ray's token in ~/.ray/auth_token (made if missing)
             # `deepyard jobs stop`: the driver's SIGTERM handler closes its MLflow run and stops its
             # workers; Ray's default 3 s before SIGKILL can cut that short
-            "RAY_JOB_STOP_WAIT_TIME_S": "30"}
+            "RAY_JOB_STOP_WAIT_TIME_S": "30",
+            # a job queued for the cluster's quota may wait hours: Ray fails one PENDING for 15 min
+            "RAY_JOB_START_TIMEOUT_SECONDS": JOB_START_TIMEOUT_S}
 
 
 def is_local(address: str | None) -> bool:

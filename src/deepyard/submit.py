@@ -107,7 +107,8 @@ def submit(spec_path: Path, overrides: list[str], *, address: str | None = None,
         return {"submission_id": submission_id, "status": str(info.status), "already_submitted": True,
                 "name": (info.metadata or {}).get("deepyard.name")}
     # the cluster's queue: the job waits PENDING until its workers' CPUs and GPUs are free
-    waits_for = cluster_queue.admission(spec.footprint(), cluster_queue.capacity(jobs), spec.name)
+    quota = cluster_queue.capacity(resolve_address(address))
+    waits_for = cluster_queue.admission(spec.footprint(), quota, spec.name)
     with tempfile.TemporaryDirectory(prefix="deepyard-submit-") as folder:
         (Path(folder) / "spec.yaml").write_text(to_yaml(spec))
         runtime_env: dict[str, Any] = {"working_dir": folder,
@@ -120,7 +121,7 @@ def submit(spec_path: Path, overrides: list[str], *, address: str | None = None,
                                            "deepyard.spec": str(spec_path), "deepyard.resume": str(resume).lower(),
                                            "deepyard.waits_for": cluster_queue.describe(waits_for)})
     return {"submission_id": job_id, "status": "PENDING", "already_submitted": False, "name": spec.name,
-            "queued": bool(waits_for), "waits_for": waits_for}
+            "queue": bool(quota), "waits_for": waits_for}
 
 
 def follow(jobs, job_id: str, write: Callable[[str], Any]) -> None:

@@ -52,8 +52,8 @@ def submit(
         from deepyard import cluster_queue
 
         err.print(f"  queued until the cluster has {cluster_queue.describe(result['waits_for'])} free for it"
-                  if result["queued"] else "  this cluster's nodes advertise no deepyard_queue_cpu: it starts at once, "
-                  "with no queue", highlight=False)
+                  if result["queue"] else "  this cluster has no queue (no deepyard_queue_cpu on its head): "
+                  "it starts at once", highlight=False)
     if follow:
         jobs = submitting.client(address)
         submitting.follow(jobs, job_id, lambda text: err.out(text, end="", highlight=False))

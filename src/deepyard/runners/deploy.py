@@ -102,11 +102,11 @@ def serve_until_interrupted(endpoints: list[EndpointOptions], *, host: str, port
                        "(`ray start --head`) and pass --address auto (or RAY_ADDRESS), or drop --detach")
     address = address or os.environ.get("RAY_ADDRESS")
     with cluster.connected(address, local_env=cluster.serve_env() if fast_proxy else None):
-        resolved = start(endpoints, host=host, port=port, resolved=resolved)
-        on_ready(resolved)
-        if detach:
-            return resolved
         try:
+            resolved = start(endpoints, host=host, port=port, resolved=resolved)
+            on_ready(resolved)
+            if detach:
+                return resolved
             _interrupt_on_ctrl_c()
             while True:
                 time.sleep(1)
@@ -115,8 +115,13 @@ def serve_until_interrupted(endpoints: list[EndpointOptions], *, host: str, port
             # on a shared cluster, only this command's applications go. Then exit 130, as every
             # command does when stopped.
             if address:
+                from ray.serve.exceptions import RayServeException
+
                 for info in resolved:
-                    serve.delete(info["name"], _blocking=False)
+                    try:
+                        serve.delete(info["name"], _blocking=False)
+                    except RayServeException:  # stopped before Serve itself was up
+                        break
             raise
     return resolved
 

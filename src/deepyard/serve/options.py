@@ -31,7 +31,9 @@ class EndpointOptions(BaseModel):
                                                           "it a body must arrive within busy_body_grace_s, so slow "
                                                           "clients cannot fill every slot")
     busy_body_grace_s: float = Field(0.5, gt=0, description="the wait for a body while max_waiting_bodies already "
-                                                            "wait (a healthy client's arrives with its headers)")
+                                                            "wait: a small body arrives with its headers, but a "
+                                                            "large upload over a slow link needs more; raise it "
+                                                            "for endpoints that take those")
     follow_alias_s: float = Field(2.0, gt=0, description="how often an alias-following endpoint polls the registry")
     top_k: int = Field(3, ge=1, description="classification: labels in each prediction's top_k")
 

@@ -76,7 +76,7 @@ class CompressJob(JobBase):
     promote: PromoteSpec | None = Field(None, description="move a registry alias to the job's last version "
                                                           "(prune: the sparsest)")
 
-    def footprint(self) -> dict[str, float]:
+    def footprint(self, trial: bool = False) -> dict[str, float]:
         return self.scaling.footprint()  # its fine-tuning stages train as a train job does
 
     @classmethod

@@ -71,5 +71,6 @@ class RLJob(JobBase):
     def model_name(self) -> str:
         return self.register.model_name or self.name
 
-    def footprint(self) -> dict[str, float]:
-        return {"CPU": float(self.env_runners.count)}  # one CPU per EnvRunner; the learner is the driver
+    def footprint(self, trial: bool = False) -> dict[str, float]:
+        # one CPU per EnvRunner; the learner is the driver's process, or the trial's CPU in a sweep
+        return {"CPU": float(self.env_runners.count + trial)}

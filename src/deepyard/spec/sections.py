@@ -74,9 +74,10 @@ class JobBase(Section):
         """Why population-based training cannot vary this job, if it cannot."""
         return None
 
-    def footprint(self) -> dict[str, float]:
+    def footprint(self, trial: bool = False) -> dict[str, float]:
         """The CPUs and GPUs the job's workers hold while it runs, beyond its driver (``CPU``, ``GPU``):
-        what a cluster's queue admits it by (``deepyard submit``)."""
+        what a cluster's queue admits it by (``deepyard submit``). ``trial``: as one trial of a sweep
+        (which runs in a Tune trial's process, not in the driver)."""
         return {}
 
 

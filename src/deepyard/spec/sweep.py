@@ -93,9 +93,9 @@ class SweepJob(JobBase):
     def model_name(self) -> str:
         return self.register.model_name or self.base.register.model_name or self.name
 
-    def footprint(self) -> dict[str, float]:
+    def footprint(self, trial: bool = False) -> dict[str, float]:
         """One trial's: the sweep starts when one fits and runs more as the cluster has room."""
-        return self.base.footprint()
+        return self.base.footprint(trial=True)
 
     @classmethod
     def prepare(cls, document: dict, source: str, problems: list[str]) -> None:

@@ -181,7 +181,7 @@ class TrainJob(JobBase):
     def _promote_needs_a_version(self) -> "TrainJob":
         return check_promote(self)
 
-    def footprint(self) -> dict[str, float]:
+    def footprint(self, trial: bool = False) -> dict[str, float]:
         return self.scaling.footprint()
 
     @property
