@@ -48,10 +48,19 @@ def read_state() -> dict[str, Any] | None:
         raise BadInput(f"{path} is not a cluster state file; remove it (and any leftover `ray` processes)") from None
 
 
+_HANDED_OUT: set[int] = set()  # ports given to nodes that may not have bound them yet
+
+
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
+    """A free port, never one handed out before in this process: the kernel may offer a port again
+    as soon as the probe closes, and two of a node's components on one port kill it at start."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind((HOST, 0))
+            port = probe.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _started_at(pid: int) -> float | None:
