@@ -59,16 +59,16 @@ def test_cluster_up_starts_a_head_and_two_worker_nodes(cluster, cli):
 def test_submitted_jobs_queue_for_the_cluster_span_two_nodes_and_land_in_mlflow(cluster, cli, write_spec):
     """Two jobs that each need both worker CPUs: the second waits PENDING in the cluster's queue until
     the first is done (it used to start at once and starve both)."""
-    path = spec(write_spec, "submitted_ddp", epochs=6, workers=2)  # two 1-CPU workers: one on each worker node
+    path = spec(write_spec, "submitted_ddp", epochs=12, workers=2)  # two 1-CPU workers: one on each worker node
     first = last_json(cli("submit", path, "--json", "--id", "deepyard-test-ddp"))
     assert first["queue"] and first["waits_for"] == {"deepyard_queue_cpu": 2.0}
     jobs = submitting.client(None)
     training = wait_for(lambda: _running_run("submitted_ddp"), what="the first job's first epoch")
-    second = last_json(cli("submit", spec(write_spec, "queued_ddp", workers=2), "--json"))["submission_id"]
-    rows = {row["submission_id"]: row for row in json.loads(cli("jobs", "list", "--json").stdout)}
-    assert rows[second]["status"] == "PENDING" and rows[second]["waits_for"] == "2 CPU"
+    second = last_json(cli("submit", spec(write_spec, "queued_ddp", epochs=1, workers=2), "--json"))["submission_id"]
     # (the first was still training when the second came: without the queue they would overlap)
     assert MlflowClient().get_run(training.info.run_id).info.status == "RUNNING"
+    rows = {row["submission_id"]: row for row in json.loads(cli("jobs", "list", "--json").stdout)}
+    assert rows[second]["status"] == "PENDING" and rows[second]["waits_for"] == "2 CPU"
 
     assert "done submitted_ddp" in cli("jobs", "logs", "deepyard-test-ddp", "--follow").stdout
     summary = last_json(cli("jobs", "status", "deepyard-test-ddp", "--json"))
