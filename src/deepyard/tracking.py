@@ -182,6 +182,11 @@ def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[
     return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
 
 
+def last_step(run_id: str, key: str, uri: str | None = None) -> int:
+    """The highest step ``key`` was logged at (0 if never): how far a resumed job had logged."""
+    return max((step for step, _ in metric_history(run_id, key, uri)), default=0)
+
+
 def log_figure(run_id: str, figure, artifact_file: str, uri: str | None = None) -> None:
     import matplotlib.pyplot as plt
 

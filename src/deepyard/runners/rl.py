@@ -233,8 +233,7 @@ def run(spec: RLJob, options: RunOptions) -> RunSummary:
             try:
                 run.lap("startup")
                 iteration, metrics, reason = algo.iteration, {}, None
-                logged_up_to = max((step for step, _ in tracking.metric_history(run_id, "iteration")),
-                                   default=0) if resumed else 0
+                logged_up_to = tracking.last_step(run_id, "iteration") if resumed else 0
                 for iteration, metrics, elapsed, reason in train_iterations(spec, algo, run_id, logged_up_to):
                     _print_iteration(console, iteration, metrics, elapsed)
                     if iteration % spec.checkpoint.every_n_iterations == 0:

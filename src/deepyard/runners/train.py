@@ -112,8 +112,7 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
         log({"resumed_from_epoch": start_epoch - 1, **hyperparameters}, start_epoch - 1)
         # Epochs logged after the newest checkpoint (the job stopped before it was saved) are
         # trained again, but logged once: their first values stand.
-        logged_up_to = max((step for step, _ in tracking.metric_history(config["run_id"], "epoch",
-                                                                             config["tracking_uri"])), default=0)
+        logged_up_to = tracking.last_step(config["run_id"], "epoch", config["tracking_uri"])
 
     epoch = start_epoch - 1
     for epoch in range(start_epoch, spec.train.epochs + 1 if not stop else start_epoch):

@@ -112,6 +112,8 @@ class ModelEndpoint:
         version = pinned or tracking.model_version(self.name, alias=self.alias, uri=self.uri)["version"]
         self.current = self._load(version)
         self._waiting_bodies = 0  # requests of this replica still receiving their bodies (one event loop)
+        # past this many, a body gets only the short grace (at most a quarter of the request slots)
+        self._patient_bodies = min(self.options.max_waiting_bodies, max(1, self.options.max_ongoing_requests // 4))
         self._predict_batched = serve.batch(max_batch_size=self.options.max_batch_size,
                                             batch_wait_timeout_s=self.options.batch_wait_timeout_s)(
             self._predict_many)
@@ -187,9 +189,8 @@ class ModelEndpoint:
         """The whole body, within a deadline. A request waiting on its body holds one of the replica's
         max_ongoing_requests slots: enough clients that never finish theirs would leave none for
         anyone else. Only max_waiting_bodies may wait the full body_timeout_s at once."""
-        options = self.options
-        busy = self._waiting_bodies >= min(options.max_waiting_bodies, max(1, options.max_ongoing_requests // 4))
-        deadline = options.busy_body_grace_s if busy else options.body_timeout_s
+        busy = self._waiting_bodies >= self._patient_bodies
+        deadline = self.options.busy_body_grace_s if busy else self.options.body_timeout_s
         self._waiting_bodies += 1
         try:
             return await asyncio.wait_for(request.body(), deadline)
