@@ -1,7 +1,8 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   train the quickstart model on an embedded local Ray cluster (unless a champion
 #               exists), tracked in MLflow, and serve it at http://127.0.0.1:8000 until Ctrl-C
-#   make test   the whole test suite (make test-fast: without the Ray Train jobs)
+#   make test   the test suite but its longest fault checks (make test-long: those; make test-all:
+#               both, as CI runs them; make test-fast: no Ray jobs, a unit-test loop)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -12,7 +13,7 @@ TORCH_PIN ?= $(call pin,torch)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 TEXT_DATA := $(call pin,no_deps)
 
-.PHONY: demo test test-fast lint bench install data clean
+.PHONY: demo test test-fast test-long test-all lint bench install data clean
 
 install: $(STAMP)
 
@@ -38,6 +39,12 @@ demo: install data
 	$(VENV)/bin/deepyard deploy digits-cnn --port 8000 --try-sample
 
 test: install data
+	$(PY) -m pytest -q -m "not long"
+
+test-long: install data
+	$(PY) -m pytest -q -m long
+
+test-all: install data
 	$(PY) -m pytest -q
 
 test-fast: install data

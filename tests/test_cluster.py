@@ -14,7 +14,8 @@ from test_train_job import TINY_MLP
 from deepyard import local_cluster, tracking
 from deepyard import submit as submitting
 
-pytestmark = pytest.mark.slow
+# A cluster of three nodes, started once for these tests (~3 minutes in all): CI runs them (make test-long).
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 # test_train_job's tiny MLP, on as many workers as asked, surviving failures, registering nothing
 SPEC = TINY_MLP + """scaling: {{num_workers: {workers}}}

@@ -1,4 +1,4 @@
-"""Defects that lost a user's work or let bad data through, each kept fixed (fast: no Ray job)."""
+"""Defects that lost a user's work or let bad data through, each kept fixed (no Ray job)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ def _deepyard(home, *args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_commands_started_together_on_a_new_home_all_create_one_store(tmp_path):
     """Four at once raced MLflow's migrations (`duplicate column name`, a half-migrated database
     that every later command failed on); the first use of the store is now serialised."""

@@ -187,6 +187,7 @@ register: {{model_name: resume-mlp}}
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_resume_after_interruption_does_not_rerun_finished_trials(ray_cluster, cli, write_spec, deepyard_home):
     # Two short trials and two long ones: Ctrl-C lands after a short one finished, mid-way through a long one.
     spec = write_spec(LONG_AND_SHORT.format(root=ROOT), "resumed_sweep.yaml")

@@ -150,7 +150,7 @@ train: {epochs: 3, batch_size: 16}
     assert "plots/forecast.png" in artifacts
 
 
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("stop", ["SIGINT", pytest.param("SIGKILL", marks=pytest.mark.long)])
 def test_a_stopped_or_killed_driver_resumes_in_the_same_run_with_no_epoch_twice(ray_cluster, cli, write_spec,
                                                                                  deepyard_home, stop):
     """The real console script with its own local cluster, stopped by Ctrl-C (it was marked FAILED

@@ -48,14 +48,19 @@ def serve_env() -> dict[str, str]:
             **haproxy.wrapper_env(folder)}
 
 
+_stopping: threading.Thread | None = None  # a local cluster still shutting down behind the driver
+
+
 @contextmanager
 def connected(address: str | None = None, ray_logs: bool = False,
-              local_env: dict[str, str] | None = None) -> Iterator[None]:
+              local_env: dict[str, str] | None = None, stop_behind: bool = False) -> Iterator[None]:
     """Connect for the duration of a job; a cluster we started is shut down afterwards.
 
     Worker logs stay in Ray's session directory unless ``ray_logs``: a worker's failure reaches
     the driver as an exception with its traceback anyway. ``local_env`` is set for the processes
-    of a local cluster (a running one keeps its own).
+    of a local cluster (a running one keeps its own). ``stop_behind``: the driver goes on (logs the
+    model) while a local cluster stops (~1.5 s of waiting on its processes); the process waits for
+    it before it exits.
     """
     import ray
 
@@ -64,6 +69,8 @@ def connected(address: str | None = None, ray_logs: bool = False,
     if ray.is_initialized():  # an embedding program (or a test session) already connected
         yield
         return
+    if _stopping is not None:
+        _stopping.join()  # the last local cluster is down before another starts
     address = address or os.environ.get("RAY_ADDRESS")
     local_cluster.authenticate(address)
     previous = _stop_on_signals()
@@ -73,6 +80,9 @@ def connected(address: str | None = None, ray_logs: bool = False,
         ray.init(
             address=address or "local",
             runtime_env={"env_vars": dict(TRAIN_ENV)} if address else None,
+            # An embedded cluster lives for one job: its dashboard would cost ~1 s of start-up and
+            # some CPU beside training (`deepyard cluster up` starts one that has it).
+            include_dashboard=None if address else False,
             logging_level="WARNING",
             log_to_driver=ray_logs,
         )
@@ -87,8 +97,18 @@ def connected(address: str | None = None, ray_logs: bool = False,
     try:
         yield
     finally:
-        ray.shutdown()
         _restore(previous)
+        if stop_behind and not address:
+            _stop_behind(ray.shutdown)
+        else:
+            ray.shutdown()
+
+
+def _stop_behind(shutdown) -> None:
+    global _stopping
+    # not a daemon: the interpreter waits for it, and Ray's own exit handler finds Ray down
+    _stopping = threading.Thread(target=shutdown, name="deepyard-ray-shutdown")
+    _stopping.start()
 
 
 def quiet_tune() -> None:

@@ -180,7 +180,7 @@ def run(spec: SweepJob, options: RunOptions) -> RunSummary:
         context = {"base": spec.base.model_dump(mode="json"), "metric": metric, "mode": mode,
                    "experiment": spec.experiment, "parent_run_id": parent, "resume": options.resume,
                    "pbt": spec.scheduler.name == "pbt"}
-        with cluster.connected(options.address, options.ray_logs):
+        with cluster.connected(options.address, options.ray_logs, stop_behind=True):
             tuner = _tuner(spec, context, sweep_dir, options.resume, metric, mode)
             run.lap("ray_connect")
             watching = (progress.watch_sweep(parent, spec.varied_paths, metric, mode, options.console)
