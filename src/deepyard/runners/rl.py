@@ -220,7 +220,8 @@ def run(spec: RLJob, options: RunOptions) -> RunSummary:
                           killed_note="interrupted; continue with `deepyard run SPEC --resume`") as run:
         run_id = run.id
         folder = checkpoint_dir(spec, run_id)
-        with cluster.connected(options.address, options.ray_logs):
+        # The cluster stops behind the driver while it tests, logs and registers the policy.
+        with cluster.connected(options.address, options.ray_logs, stop_behind=True):
             imports.join()
             algo = algorithms.build_config(spec).build_algo()
             try:
@@ -241,14 +242,14 @@ def run(spec: RLJob, options: RunOptions) -> RunSummary:
                 console.print(f"[green]stopping[/]: {reason}")
                 run.lap("train")
                 save(algo, folder)
-                tracking.log_artifacts(run_id, str(folder), "checkpoint")
-                outcome = log_policy(spec, from_algorithm(algo, spaces[1], spec.algorithm), run_id, spaces,
-                                     spec.model_name if spec.register.enabled else None)
+                policy = from_algorithm(algo, spaces[1], spec.algorithm)  # a torch module: needs no Ray
             except KeyboardInterrupt:
                 save(algo, folder)  # what --resume goes on from
                 raise
             finally:
                 algo.stop()
+        tracking.log_artifacts(run_id, str(folder), "checkpoint")
+        outcome = log_policy(spec, policy, run_id, spaces, spec.model_name if spec.register.enabled else None)
         run.lap("finish")  # the checkpoint, the registered policy and its GIF
         run.timings["total_s"] = run.elapsed()
         tracking.set_tags(run_id, {"deepyard.stop_reason": reason})
