@@ -66,11 +66,10 @@ def connected(address: str | None = None, ray_logs: bool = False,
 
     from deepyard import local_cluster
 
+    wait_stopped()  # the last local cluster is down before another starts
     if ray.is_initialized():  # an embedding program (or a test session) already connected
         yield
         return
-    if _stopping is not None:
-        _stopping.join()  # the last local cluster is down before another starts
     address = address or os.environ.get("RAY_ADDRESS")
     local_cluster.authenticate(address)
     previous = _stop_on_signals()
@@ -96,19 +95,38 @@ def connected(address: str | None = None, ray_logs: bool = False,
     _stop_on_signals()  # again: ray.init replaced them
     try:
         yield
-    finally:
+    except BaseException:
         _restore(previous)
-        if stop_behind and not address:
-            _stop_behind(ray.shutdown)
-        else:
-            ray.shutdown()
+        ray.shutdown()  # a failed or stopped job: its trials are gone before its runs are closed
+        raise
+    _restore(previous)
+    if stop_behind and not address:
+        _stop_behind(ray.shutdown)
+    else:
+        ray.shutdown()
 
 
 def _stop_behind(shutdown) -> None:
     global _stopping
-    # not a daemon: the interpreter waits for it, and Ray's own exit handler finds Ray down
     _stopping = threading.Thread(target=shutdown, name="deepyard-ray-shutdown")
     _stopping.start()
+
+
+def wait_stopped() -> None:
+    """Wait for a local cluster stopping behind the driver (``connected(stop_behind=True)``)."""
+    if _stopping is not None:
+        _stopping.join()
+
+
+@contextmanager
+def signals_stop_the_job() -> Iterator[None]:
+    """For a whole job, Ray's block and what follows it (logging, registering): SIGTERM and SIGHUP
+    end it as Ctrl-C does (``_stop_on_signals``), not halfway through a registration."""
+    previous = _stop_on_signals()
+    try:
+        yield
+    finally:
+        _restore(previous)
 
 
 def quiet_tune() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-import threading
 
 from deepyard.cli import cluster, jobs, models, rl, serving  # noqa: F401  (each registers its commands)
 from deepyard.cli.app import app
@@ -26,21 +25,26 @@ def main() -> None:
     _exit_at_once(0)
 
 
-def _exit_at_once(code: int | str | None) -> None:
+def _exit_at_once(code: object) -> None:
     """End the process without the interpreter's teardown of every module and object: with torch,
     Ray and MLflow loaded it took ~3 s after a job had finished, for nothing. What that teardown is
-    for is done first: threads still working (a local cluster stopping behind the driver), every exit
-    handler (Ray's shutdown, MLflow's and logging's flushes), the standard streams."""
-    if isinstance(code, str):  # sys.exit("message"): the message, and status 1
+    for is done first: a local cluster stopping behind the driver is waited for, every exit handler
+    runs (Ray's shutdown, MLflow's and logging's flushes), the standard streams are flushed."""
+    from deepyard.cluster import wait_stopped
+
+    if code is not None and not isinstance(code, int):  # sys.exit("message"): the message, and status 1
         print(code, file=sys.stderr)
         code = 1
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    try:
+        wait_stopped()
+    except KeyboardInterrupt:  # Ctrl-C while it stops: Ray's exit handler below stops it at once
+        code = code or 130
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a reader gone (`| head`), or a closed stream: nothing to lose
+        except (BrokenPipeError, ValueError):  # the reader is gone (`| head`), or the stream closed
             pass
+        except OSError:  # a full disk: the output is lost, as Python itself would say
+            code = code or 120
     os._exit(code or 0)

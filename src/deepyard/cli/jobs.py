@@ -37,6 +37,7 @@ def run(
                                                           "checkpoint")] = False,
 ) -> None:
     """Run a job: train on Ray, track in MLflow, register the model."""
+    from deepyard import cluster
     from deepyard.runners.summary import RunOptions
     from deepyard.spec import KINDS, load_spec
     from deepyard.tracking import tracking_uri
@@ -48,7 +49,8 @@ def run(
         raise BadInput(f"--resume continues an interrupted {resumable} job; a {job.kind} job cannot resume")
     settings.check_writable(job)
     options = RunOptions(address=address, ray_logs=ray_logs, resume=resume, console=err, json_output=json_output)
-    summary = kind.runner_module().run(job, options)
+    with cluster.signals_stop_the_job():
+        summary = kind.runner_module().run(job, options)
     lines = summary.lines()
     if lines:
         err.print(f"[green]done[/] {job.name}: {lines[0]}", highlight=False)
