@@ -5,7 +5,7 @@ cluster, tracked in MLflow) next to stable-baselines3 in one process, evaluated 
 
 Both evaluate 10 greedy episodes about every 4,000 environment steps and stop at the first
 evaluation whose mean reaches the target; each runs with seeds 0..N-1 and the medians are
-compared. SB3 uses the rl-zoo hyperparameters for CartPole-v1
+compared (the runs interleaved, seed by seed). SB3 uses the rl-zoo hyperparameters for CartPole-v1
 (8 envs, n_steps 32, batch 256, 20 epochs, gamma 0.98, GAE lambda 0.8, linear lr 1e-3 and clip
 0.2). stable-baselines3 is a bench-only dependency: pip install "stable-baselines3>=2.3,<3".
 Prints one JSON object; the goal is a wall-time ratio deepyard/SB3 <= 1.0.
@@ -107,13 +107,18 @@ def main() -> None:
     seeds = range(args.seeds)
     from deepyard import local_cluster
 
+    # Interleaved, seed by seed: this machine's speed drifts over minutes (two runs of this bench
+    # half an hour apart differed by 40%), and a drift must not fall on one side only. (--warm: the
+    # idle cluster, ~0.07 of a core, runs beside SB3 too.)
     state = local_cluster.up(workers=0) if args.warm else None
+    deepyard, sb3 = [], []
     try:
-        deepyard = [deepyard_to_target(args.job, args.target, seed, state and state["gcs_address"]) for seed in seeds]
+        for seed in seeds:
+            deepyard.append(deepyard_to_target(args.job, args.target, seed, state and state["gcs_address"]))
+            sb3.append(sb3_to_target(args.target, seed=seed))
     finally:
         if state:
             local_cluster.down()
-    sb3 = [sb3_to_target(args.target, seed=seed) for seed in seeds]
 
     def median(runs: list[dict], key: str) -> float:
         return statistics.median(run[key] for run in runs if run[key] is not None)
@@ -131,6 +136,7 @@ def main() -> None:
         # wall: the whole command (Ray's start, training, the checkpoint, the registered policy and
         # its GIF); to target: start to the evaluation that reached it. SB3 saves nothing.
         "wall_ratio_deepyard_vs_sb3": median(deepyard, "wall_s") / median(sb3, "wall_s"),
+        "wall_ratio_median_of_seeds": statistics.median(d["wall_s"] / s["wall_s"] for d, s in zip(deepyard, sb3)),
         "to_target_ratio_deepyard_vs_sb3": median(deepyard, "to_target_s") / median(sb3, "wall_s"),
         "env_steps_ratio_deepyard_vs_sb3": median(deepyard, "env_steps") / median(sb3, "env_steps"),
     })
