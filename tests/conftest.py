@@ -37,7 +37,7 @@ def ray_cluster(deepyard_home):
     os.environ.update({**TRAIN_ENV, **serve_env()})  # serving tests run what `deepyard deploy` runs
     # Every worker can import the tests' own fault injection (faults.py), which stays inert until a test asks.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
-    ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level="WARNING", include_dashboard=False,
+    ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level="WARNING",
              runtime_env={"worker_process_setup_hook": "faults.install"})
     yield ray
     ray.shutdown()

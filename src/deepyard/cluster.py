@@ -79,9 +79,9 @@ def connected(address: str | None = None, ray_logs: bool = False,
         ray.init(
             address=address or "local",
             runtime_env={"env_vars": dict(TRAIN_ENV)} if address else None,
-            # An embedded cluster lives for one job: its dashboard would cost ~1 s of start-up and
-            # some CPU beside training (`deepyard cluster up` starts one that has it).
-            include_dashboard=None if address else False,
+            # (The dashboard stays, though it costs ~1 s of start-up: Ray Train's placement-group
+            # cleaner asks its state API whether a controller died, and without it the workers'
+            # CPUs of a stopped multi-worker trial stayed reserved, starving the next one.)
             logging_level="WARNING",
             log_to_driver=ray_logs,
         )
