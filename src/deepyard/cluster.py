@@ -72,34 +72,26 @@ def connected(address: str | None = None, ray_logs: bool = False,
         return
     address = address or os.environ.get("RAY_ADDRESS")
     local_cluster.authenticate(address)
-    previous = _stop_on_signals()
-    for key, value in {**TRAIN_ENV, **((local_env or {}) if not address else {})}.items():
-        os.environ.setdefault(key, value)  # inherited by the raylet of a local cluster
-    try:
-        ray.init(
-            address=address or "local",
-            runtime_env={"env_vars": dict(TRAIN_ENV)} if address else None,
-            # (The dashboard stays, though it costs ~1 s of start-up: Ray Train's placement-group
-            # cleaner asks its state API whether a controller died, and without it the workers'
-            # CPUs of a stopped multi-worker trial stayed reserved, starving the next one.)
-            logging_level="WARNING",
-            log_to_driver=ray_logs,
-        )
-    except ConnectionError as error:
-        from deepyard.errors import BadInput
+    with signals_stop_the_job():
+        for key, value in {**TRAIN_ENV, **((local_env or {}) if not address else {})}.items():
+            os.environ.setdefault(key, value)  # inherited by the raylet of a local cluster
+        try:
+            # (with Ray's dashboard, though it costs ~1 s: Ray Train's placement-group cleaner asks its
+            # state API whether a controller died; without it a stopped trial's CPUs stayed reserved)
+            ray.init(address=address or "local", runtime_env={"env_vars": dict(TRAIN_ENV)} if address else None,
+                     logging_level="WARNING", log_to_driver=ray_logs)
+        except ConnectionError as error:
+            from deepyard.errors import BadInput
 
-        _restore(previous)
-        where = "running on this machine" if address == "auto" else f"at {address}"
-        raise BadInput(f"no Ray cluster {where} ({error}); start one with `ray start --head`, "
-                       "or pass --address / RAY_ADDRESS") from None
-    _stop_on_signals()  # again: ray.init replaced them
-    try:
-        yield
-    except BaseException:
-        _restore(previous)
-        ray.shutdown()  # a failed or stopped job: its trials are gone before its runs are closed
-        raise
-    _restore(previous)
+            where = "running on this machine" if address == "auto" else f"at {address}"
+            raise BadInput(f"no Ray cluster {where} ({error}); start one with `ray start --head`, "
+                           "or pass --address / RAY_ADDRESS") from None
+        _stop_on_signals()  # again: ray.init replaced them
+        try:
+            yield
+        except BaseException:
+            ray.shutdown()  # a failed or stopped job: its trials are gone before its runs are closed
+            raise
     if stop_behind and not address:
         _stop_behind(ray.shutdown)
     else:
