@@ -183,6 +183,7 @@ def test_multi_step_regression_scores_every_step_and_serves_lists():
     assert served == [[1.0, 2.0, 3.0]]
 
 
+@pytest.mark.slow  # two processes of their own
 def test_scikit_learn_sets_load_from_the_homes_copy_without_importing_scikit_learn(tmp_path):
     """A training process reads the copies the first load kept: the same arrays, names and targets,
     without the seconds of importing scikit-learn."""

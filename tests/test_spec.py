@@ -174,6 +174,7 @@ def test_csv_without_the_named_column(cli, write_spec, tmp_path):
     assert "no column 'lable'; did you mean 'label'?" in result.stderr
 
 
+@pytest.mark.slow  # a process of its own
 def test_console_script_exit_code_without_ray(tmp_path):
     """The installed `deepyard` command itself: a bad spec exits 2 in well under Ray's start-up time."""
     bad = tmp_path / "bad.yaml"
@@ -188,18 +189,21 @@ def test_console_script_exit_code_without_ray(tmp_path):
     assert not (home / "mlflow.db").exists() and not (home / "ray_results").exists()  # nothing started
 
 
+@pytest.mark.slow  # processes of their own
 @pytest.mark.parametrize(("args", "code"), [(["validate", "{good}"], 0), (["validate", "{bad}"], 2)])
 def test_the_command_ends_at_once_but_finishes_what_the_teardown_was_for(tmp_path, args, code):
     """The command skips the interpreter's teardown (seconds with torch and Ray loaded): its exit code,
     its output, a local cluster still stopping behind it and exit handlers (Ray's, MLflow's) all stay."""
-    (tmp_path / "good.yaml").write_text("name: t\ndata: {name: digits}\nmodel: {name: mlp}\n")
-    (tmp_path / "bad.yaml").write_text("name: t\ndata: {name: digits}\nmodel: {name: mlp}\ntrain: {epochs: -1}\n")
+    (tmp_path / "t.csv").write_text("x,label\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
+    data = f"data: {{name: csv, params: {{path: {tmp_path / 't.csv'}, target: label}}}}"  # no import of scikit-learn
+    (tmp_path / "good.yaml").write_text(f"name: t\n{data}\nmodel: {{name: mlp}}\n")
+    (tmp_path / "bad.yaml").write_text(f"name: t\n{data}\nmodel: {{name: mlp}}\ntrain: {{epochs: -1}}\n")
     done_file = tmp_path / "cluster-stopped"
     script = f"""
 import atexit, sys, time
 from deepyard import cluster
 atexit.register(lambda: print("exit handler ran", flush=False))
-cluster._stop_behind(lambda: (time.sleep(3), open({str(done_file)!r}, "w").close()))  # as ray.shutdown would
+cluster._stop_behind(lambda: (time.sleep(1), open({str(done_file)!r}, "w").close()))  # as ray.shutdown would
 sys.argv = ["deepyard", *{[a.format(good=tmp_path / "good.yaml", bad=tmp_path / "bad.yaml") for a in args]!r}]
 from deepyard.cli import main
 main()

@@ -14,18 +14,18 @@ import sys
 from deepyard.cli import cluster, jobs, models, rl, serving  # noqa: F401  (each registers its commands)
 from deepyard.cli.app import app
 
-__all__ = ["app", "main"]
+__all__ = ["app", "exit_at_once", "main"]
 
 
 def main() -> None:
     try:
         app()
     except SystemExit as stop:
-        _exit_at_once(stop.code)
-    _exit_at_once(0)
+        exit_at_once(stop.code)
+    exit_at_once(0)
 
 
-def _exit_at_once(code: object) -> None:
+def exit_at_once(code: object) -> None:
     """End the process without the interpreter's teardown of every module and object: with torch,
     Ray and MLflow loaded it took ~3 s after a job had finished, for nothing. What that teardown is
     for is done first: a local cluster stopping behind the driver is waited for, every exit handler
