@@ -81,6 +81,28 @@ def test_greedy_policy_maps_distribution_inputs_to_actions_in_the_env_units():
     assert middle[0, 0] == 0.0
 
 
+class LeanWithThePole(nn.Module):
+    """Push the cart the way the pole leans (CartPole's observation 2: its angle)."""
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs[:, 2] > 0).long()
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_episodes_played_side_by_side_return_what_each_alone_does(env_id):
+    from deepyard.rl.algorithms import make_env
+    from deepyard.rl.policy import play
+
+    policy = LeanWithThePole() if env_id == "CartPole-v1" else nn.Linear(3, 1)  # (Pendulum: a continuous action)
+    make = lambda render: make_env(env_id, {}, **({"render_mode": "rgb_array"} if render else {}))  # noqa: E731
+    frames: list = []
+    together = play(policy, make, [3, 0, 1, 2], frames=frames, frame_every=2)
+    alone = [play(policy, make, [seed])[0] for seed in (3, 0, 1, 2)]
+    assert together == alone and len(set(alone)) > 1  # (different seeds, different episodes)
+    steps = alone[0] if env_id == "CartPole-v1" else 200  # (CartPole pays 1 a step; Pendulum always runs 200)
+    assert len(frames) == -(-steps // 2) and frames[0].ndim == 3  # every other frame, of the first episode only
+
+
 def test_iteration_metrics_and_stop_conditions():
     result = {"env_runners": {"episode_return_mean": 30.0, "episode_return_min": 9.0, "episode_return_max": 80.0,
                               "episode_len_mean": 30.0, "num_env_steps_sampled": 2000},

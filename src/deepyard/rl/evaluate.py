@@ -30,11 +30,12 @@ def evaluate(ref: str, *, episodes: int, seed: int = 0, render: Path | None = No
     policy, metadata = tracking.load_model(name, version)
     if metadata.get("task") != RLPolicy.name:  # (a refusal, not a branch: only a policy plays)
         raise BadInput(f"model {name!r} version {version} is a {metadata.get('task')} model, not an RL policy")
-    env = make_env(metadata["env_id"], metadata.get("env_kwargs") or {},
-                   **({"render_mode": "rgb_array"} if render else {}))
+    def make(rendered: bool):
+        return make_env(metadata["env_id"], metadata.get("env_kwargs") or {},
+                        **({"render_mode": "rgb_array"} if rendered else {}))
+
     frames: list | None = [] if render else None
-    returns = play(policy, env, episodes, seed=seed, frames=frames, frame_every=GIF_EVERY)
-    env.close()
+    returns = play(policy, make, list(range(seed, seed + episodes)), frames=frames, frame_every=GIF_EVERY)
     if render:
         save_gif(frames, str(render))
     return {"model": name, "version": version, "env_id": metadata["env_id"], "episodes": episodes,

@@ -8,7 +8,7 @@ SAC, clipped otherwise, as RLlib's own action connector does) and are rescaled t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,27 +52,30 @@ def from_checkpoint(path: str, action_space, algorithm: str) -> GreedyPolicy:
     return GreedyPolicy(module, action_space, squashed=algorithm == "sac").eval()
 
 
-def act(policy, observation: np.ndarray) -> Any:
-    with torch.inference_mode():
-        action = policy(torch.as_tensor(observation, dtype=torch.float32)[None])[0].numpy()
-    return action.item() if action.ndim == 0 else action
-
-
-def play(policy, env, episodes: int, seed: int = 0, frames: list | None = None, frame_every: int = 1) -> list[float]:
-    """Greedy episodes; their returns. With ``frames``, every ``frame_every``-th frame of the first
-    episode is rendered into it (rendering costs more than the step)."""
-    returns = []
-    for episode in range(episodes):
-        observation, _ = env.reset(seed=seed + episode)
-        total, done, step = 0.0, False, 0
-        while not done:
-            if frames is not None and episode == 0 and step % frame_every == 0:
-                frames.append(env.render())
-            step += 1
-            observation, reward, terminated, truncated, _ = env.step(act(policy, observation))
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
+def play(policy, make_env: Callable[[bool], Any], seeds: list[int], frames: list | None = None,
+         frame_every: int = 1) -> list[float]:
+    """One greedy episode per seed, all side by side: each step is one policy call on the episodes
+    still running (10 CartPole episodes one at a time made 5,000 calls: 1.6 s). ``make_env(render)``
+    builds an environment. With ``frames``, every ``frame_every``-th frame of the first episode is
+    rendered into it (rendering costs more than the step)."""
+    envs = [make_env(frames is not None and index == 0) for index in range(len(seeds))]
+    observations = [env.reset(seed=seed)[0] for env, seed in zip(envs, seeds)]
+    returns, running, step = [0.0] * len(envs), list(range(len(envs))), 0
+    while running:
+        if frames is not None and running[0] == 0 and step % frame_every == 0:
+            frames.append(envs[0].render())
+        with torch.inference_mode():
+            actions = policy(torch.as_tensor(np.stack([observations[i] for i in running]), dtype=torch.float32)).numpy()
+        still = []
+        for index, action in zip(running, actions):
+            observations[index], reward, terminated, truncated, _ = envs[index].step(
+                action.item() if action.ndim == 0 else action)
+            returns[index] += float(reward)
+            if not (terminated or truncated):
+                still.append(index)
+        running, step = still, step + 1
+    for env in envs:
+        env.close()
     return returns
 
 
@@ -80,11 +83,14 @@ GIF_EVERY = 2  # a GIF shows every other step of the episode
 
 
 def save_gif(frames: list[np.ndarray], path: str, every: int = GIF_EVERY, width: int = 300) -> None:
-    """``frames``, one every ``every`` steps, scaled to ``width`` pixels, at the environment's pace."""
+    """``frames``, one every ``every`` steps, shrunk by a whole factor to about ``width`` pixels, at
+    the environment's pace. A box filter (``reduce``) and a fast octree palette per frame: 0.4 s for
+    a CartPole episode where bicubic resizing and median-cut colours took 1.8 s (and twice the bytes)."""
     from PIL import Image
 
     images = []
     for frame in frames:
         image = Image.fromarray(frame)
-        images.append(image.resize((width, round(image.height * width / image.width))))
+        image = image.reduce(max(1, round(image.width / width)))
+        images.append(image.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE))
     images[0].save(path, save_all=True, append_images=images[1:], duration=40 * every, loop=0)
