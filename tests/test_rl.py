@@ -149,8 +149,10 @@ def agents(ray_cluster, tmp_path_factory):
                                      ("appo", "Acrobot-v1", "{train_batch_size_per_learner: 500}")]:
         spec = folder / f"{algorithm}.yaml"
         spec.write_text(spec_text(algorithm, env, training, runners=1 if algorithm == "ppo" else 0))
+        threads = torch.get_num_threads()
         result = CliRunner().invoke(app, ["run", str(spec), "--json"])
         assert result.exit_code == 0, f"{algorithm}: {result.stderr}\n{result.exception!r}"
+        assert torch.get_num_threads() == threads  # the learner's one thread was for the job only
         results[algorithm] = (last_json(result), env)
     return results
 
