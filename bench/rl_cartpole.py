@@ -2,20 +2,26 @@
 cluster, tracked in MLflow) next to stable-baselines3 in one process, evaluated the same way.
 
     .venv/bin/python bench/rl_cartpole.py [--job jobs/cartpole_ppo.yaml] [--target 475] [--seeds 3] [--warm]
+                                          [--before SRC]
 
 Both evaluate 10 greedy episodes about every 4,000 environment steps and stop at the first
 evaluation whose mean reaches the target; each runs with seeds 0..N-1 and the medians are
 compared (the runs interleaved, seed by seed). SB3 uses the rl-zoo hyperparameters for CartPole-v1
 (8 envs, n_steps 32, batch 256, 20 epochs, gamma 0.98, GAE lambda 0.8, linear lr 1e-3 and clip
 0.2). stable-baselines3 is a bench-only dependency: pip install "stable-baselines3>=2.3,<3".
+Each deepyard job runs in a process of its own, so that Ray's and RLlib's imports count every
+time, as they do for `deepyard run`; with ``--before SRC``, another checkout's job runs beside it.
 Prints one JSON object; the goal is a wall-time ratio deepyard/SB3 <= 1.0.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,6 +80,17 @@ def sb3_to_target(target: float, eval_every: int = 4096, episodes: int = 10, max
             "reached": callback.reached_at is not None, "evaluations": callback.evaluations}
 
 
+def deepyard_in_a_process(job: str, target: float, seed: int, address: str | None, src: str | None = None) -> dict:
+    """One deepyard job in a process of its own, as `deepyard run` is: its imports count each time.
+    ``src``: another checkout's source folder, first on the path (the design being replaced)."""
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import rl_cartpole; "
+            f"print(json.dumps(rl_cartpole.deepyard_to_target({job!r}, {target!r}, {seed!r}, {address!r})))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "process_wall_s": time.perf_counter() - started}
+
+
 def deepyard_to_target(job: str, target: float, seed: int, address: str | None = None) -> dict:
     from deepyard import tracking
     from deepyard.runners.rl import run
@@ -99,6 +116,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--warm", action="store_true", help="join a running cluster (`deepyard cluster up "
                         "--workers 0`, started here) instead of starting Ray for each run")
+    parser.add_argument("--before", help="another checkout's src folder: its job runs beside this one's, seed by seed")
     args = parser.parse_args()
     home = tempfile.mkdtemp(prefix="deepyard-rl-bench-")
     os.environ["DEEPYARD_HOME"] = home
@@ -111,11 +129,14 @@ def main() -> None:
     # half an hour apart differed by 40%), and a drift must not fall on one side only. (--warm: the
     # idle cluster, ~0.07 of a core, runs beside SB3 too.)
     state = local_cluster.up(workers=0) if args.warm else None
-    deepyard, sb3 = [], []
+    deepyard, sb3, before = [], [], []
     try:
         for seed in seeds:
-            deepyard.append(deepyard_to_target(args.job, args.target, seed, state and state["gcs_address"]))
+            address = state and state["gcs_address"]
+            deepyard.append(deepyard_in_a_process(args.job, args.target, seed, address))
             sb3.append(sb3_to_target(args.target, seed=seed))
+            if args.before:
+                before.append(deepyard_in_a_process(args.job, args.target, seed, address, args.before))
     finally:
         if state:
             local_cluster.down()
@@ -139,6 +160,12 @@ def main() -> None:
         "wall_ratio_median_of_seeds": statistics.median(d["wall_s"] / s["wall_s"] for d, s in zip(deepyard, sb3)),
         "to_target_ratio_deepyard_vs_sb3": median(deepyard, "to_target_s") / median(sb3, "wall_s"),
         "env_steps_ratio_deepyard_vs_sb3": median(deepyard, "env_steps") / median(sb3, "env_steps"),
+        **({"before": {"src": args.before, "median_wall_s": median(before, "wall_s"),
+                       "median_to_target_s": median(before, "to_target_s"), "runs": before},
+            "wall_ratio_vs_before": median(deepyard, "wall_s") / median(before, "wall_s"),
+            "wall_ratio_vs_before_median_of_seeds": statistics.median(
+                now["wall_s"] / then["wall_s"] for now, then in zip(deepyard, before)),
+            "wall_ratio_before_vs_sb3": median(before, "wall_s") / median(sb3, "wall_s")} if args.before else {}),
     })
 
 

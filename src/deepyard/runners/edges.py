@@ -4,14 +4,26 @@
 ``TuneTrial``: the whole job in one process inside a Tune trial. One-worker train jobs and a sweep's
 single-worker trials run this way: no controller and worker group to start (~7-14 s on a laptop), and
 the trial's checkpoints are Tune's own, which PBT copies between trials and ``--resume`` continues from.
+
+Each also says how rank 0's epoch metrics reach MLflow (``metrics_log``). A whole-job trial hands
+them to the driver with its reports and the driver logs them (``driver_logs``): importing MLflow and
+opening its store in the trial held the GIL for ~2.5 s of the job's start. The others log from the
+worker, in a background thread.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Iterator
 
 import torch
+
+from deepyard import tracking
+
+# The report key under which a whole-job trial hands its metric lines, [[step, {name: value}], ...],
+# to the driver.
+TO_LOG = "deepyard_to_log"
 
 
 class TrainWorker:
@@ -42,6 +54,72 @@ class TrainWorker:
         _exit_if_orphaned(self._raylet)
         checkpoint = self._train.Checkpoint.from_directory(directory) if directory else None
         self._train.report(metrics, checkpoint=checkpoint)
+
+    def metrics_log(self, config: dict[str, Any]) -> "_ToMLflow":
+        return _ToMLflow(config)
+
+
+class _ToMLflow(tracking.BackgroundLogger):
+    """Rank 0 writes its metric lines to the job's MLflow run itself, from a background thread."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config["run_id"], config["tracking_uri"])
+        self._run_id, self._uri = config["run_id"], config["tracking_uri"]
+
+    def after_restore(self, history: list) -> int:
+        """The last epoch MLflow has (logged after the checkpoint it goes on from): not logged again."""
+        return tracking.last_step(self._run_id, "epoch", self._uri)
+
+
+class _ToDriver:
+    """Metric lines kept until the next report, which hands them to the driver (``driver_logs``)."""
+
+    def __init__(self) -> None:
+        self.lines: list = []
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        self.lines.append([step, dict(metrics)])
+
+    def after_restore(self, history: list) -> int:
+        """Every epoch the checkpoint covers goes out again: the driver logs those MLflow lacks (one a
+        killed driver never heard of), and drops the rest, and the epochs redone after it."""
+        for step, metrics in history:
+            self(metrics, step)
+        return 0
+
+    def take(self) -> list:
+        lines, self.lines = self.lines, []
+        return lines
+
+    def flush(self) -> None:  # (written by the driver, when it gets the report)
+        pass
+
+    def close(self) -> int:
+        return 0
+
+
+def driver_logs(run_id: str, logged_up_to: int):
+    """The Tune callback that writes a whole-job trial's metric lines to its MLflow run. An epoch's
+    line is written once: the first values stand (after ``logged_up_to``, what MLflow already has)."""
+    from ray.tune import Callback
+
+    class LogReportedMetrics(Callback):
+        def __init__(self) -> None:
+            self.logged_up_to, self.failed = logged_up_to, 0
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            for step, metrics in result.get(TO_LOG, ()):
+                if "epoch" in metrics:
+                    if step <= self.logged_up_to:
+                        continue
+                    self.logged_up_to = step
+                try:
+                    tracking.log_metrics(run_id, metrics, step)
+                except Exception as error:  # a missing metric line must not stop the training
+                    self.failed += 1
+                    print(f"could not log step {step}'s metrics to MLflow: {error}", file=sys.stderr)
+
+    return LogReportedMetrics()
 
 
 def _exit_if_orphaned(raylet: int) -> None:
@@ -77,7 +155,7 @@ class TuneTrial:
     def __init__(self, use_gpu: bool, whole_run: bool = False) -> None:
         from ray import tune
 
-        self._tune, self._whole_run = tune, whole_run
+        self._tune, self._whole_run, self._to_driver = tune, whole_run, None
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self._raylet = os.getppid()
         self.job_name = tune.get_context().get_experiment_name()
@@ -99,4 +177,13 @@ class TuneTrial:
     def report(self, metrics: dict[str, Any], directory: str | None) -> None:
         _exit_if_orphaned(self._raylet)
         checkpoint = self._tune.Checkpoint.from_directory(directory) if directory else None
+        if self._to_driver is not None:
+            metrics = {**metrics, TO_LOG: self._to_driver.take()}
         self._tune.report(metrics, checkpoint=checkpoint)
+
+    def metrics_log(self, config: dict[str, Any]):
+        """A whole job's lines go to the driver; a sweep's trial writes its own child run's."""
+        if not self._whole_run:
+            return _ToMLflow(config)
+        self._to_driver = _ToDriver()
+        return self._to_driver

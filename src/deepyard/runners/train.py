@@ -52,10 +52,10 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
     Returns, on rank 0, the best epoch's monitored value and tie-breaker (None elsewhere)."""
     spec = TrainJob.model_validate(config["spec"])
     rank, world, device = edges.rank, edges.world, edges.device
-    # Rank 0 logs each epoch to the job's MLflow run from a background thread, off the training path.
-    # It starts first: importing MLflow beside the first epoch held the GIL the loop needs (epoch 1
-    # at half speed, ~3 s lost); beside loading data and building the model it costs far less.
-    log = tracking.BackgroundLogger(config["run_id"], config["tracking_uri"]) if rank == 0 else None
+    # Rank 0's epoch metrics reach the job's MLflow run off the training path (``edges.metrics_log``).
+    # A logger of its own starts first: importing MLflow beside the first epoch held the GIL the loop
+    # needs (epoch 1 at half speed, ~3 s lost); beside loading data and building the model it costs less.
+    log = edges.metrics_log(config) if rank == 0 else None
     torch.manual_seed(spec.train.seed)
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))  # intra-op threads = the CPUs Ray gave us
     splits = load_data(spec)  # every worker builds the same deterministic splits locally
@@ -89,7 +89,7 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
                             stop_spec.min_delta, task.tie_breaker) if stop_spec else None
     best = {"value": None, "tie": None, "epoch": 0, "weights": checkpoints.cpu_copy(plain_model.state_dict())}
 
-    start_epoch, stop = 1, False
+    start_epoch, stop, history = 1, False, []  # history: every epoch's metric line, in the checkpoints
     if (resumed := edges.checkpoint()) is not None:  # [3]
         with resumed.as_directory() as directory:
             state = checkpoints.load(directory)
@@ -103,7 +103,7 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
         best = {"tie": None, **state["best"]}
         if stopper and state.get("stopper"):
             stopper.load_state_dict(state["stopper"])
-        start_epoch = state["epoch"] + 1
+        start_epoch, history = state["epoch"] + 1, state.get("history", [])
 
     # A sweep trial's numeric values, per epoch: under PBT they change as the trial goes.
     hyperparameters = {f"hp/{path}": float(value) for path, value in config.get("trial_values", {}).items()
@@ -114,7 +114,7 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
         log({"resumed_from_epoch": start_epoch - 1, **hyperparameters}, start_epoch - 1)
         # Epochs logged after the newest checkpoint (the job stopped before it was saved) are
         # trained again, but logged once: their first values stand.
-        logged_up_to = tracking.last_step(config["run_id"], "epoch", config["tracking_uri"])
+        logged_up_to = log.after_restore(history)
 
     epoch = start_epoch - 1
     for epoch in range(start_epoch, spec.train.epochs + 1 if not stop else start_epoch):
@@ -146,6 +146,7 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
         if selection.improved(metrics, best):
             best = {**selection.of(metrics), "epoch": epoch, "weights": checkpoints.cpu_copy(plain_model.state_dict())}
         stop = bool(stopper and stopper.update(metrics))
+        history.append([epoch, {**metrics, **hyperparameters}])
         if log and epoch > logged_up_to:
             log({**metrics, **hyperparameters}, epoch)
             log.flush()  # a scheduler may stop this trial at the report: its epochs are in MLflow first
@@ -155,7 +156,7 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
         if epoch % spec.checkpoint.every_n_epochs == 0 and rank == 0:
             state = {"model": plain_model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "best": best, "epoch": epoch,
-                     "stopper": stopper.state_dict() if stopper else None, "stopped": stop}
+                     "stopper": stopper.state_dict() if stopper else None, "stopped": stop, "history": history}
         with checkpoints.staged(state) as directory:
             edges.report(selection.epoch_report(metrics), directory)  # [4] rank 0 persists the checkpoint
         if stop:
@@ -211,6 +212,7 @@ def fit(spec: TrainJob, run_id: str, selection: Selection, compress: dict[str, A
     from ray import tune
 
     from deepyard import cluster
+    from deepyard.runners.edges import driver_logs
 
     cluster.quiet_tune()
     resources = {"cpu": spec.scaling.cpus_per_worker, "gpu": int(spec.scaling.use_gpu)}
@@ -221,7 +223,8 @@ def fit(spec: TrainJob, run_id: str, selection: Selection, compress: dict[str, A
         checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.checkpoint.keep,
                                                 checkpoint_score_attribute=Selection.SCORE,
                                                 checkpoint_score_order=selection.mode),
-        failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures)))
+        failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
+        callbacks=[driver_logs(run_id, tracking.last_step(run_id, "epoch"))]))  # (--resume: what MLflow has)
     return tuner.fit()[0]
 
 
