@@ -1,5 +1,6 @@
-"""Live progress in the terminal while a job runs: rank 0 logs each epoch to MLflow, and this
-thread reads the run back once a second, so the display needs no extra actor or channel."""
+"""Live progress in the terminal while a job runs: each epoch reaches MLflow (from rank 0, or from
+the driver for a one-worker job), and this thread reads the run back once a second, so the display
+needs no extra actor or channel."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Every MLflow call lives here.
 
 One run per job. The driver creates it (params = the resolved spec, flattened; the spec YAML as an
-artifact), rank 0 logs per-epoch metrics into it while training runs, and the driver closes it:
-plots, the model with its preprocessing, a registered version, and the final status.
+artifact), per-epoch metrics go into it while training runs (rank 0 writes them, or the driver from
+a one-worker job's reports: ``runners/edges.py``), and the driver closes it: plots, the model with
+its preprocessing, a registered version, and the final status.
 """
 
 from __future__ import annotations
