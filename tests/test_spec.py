@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from deepyard import tracking
 from deepyard.errors import SpecError
 from deepyard.spec import KINDS, flatten, load_spec, parse_spec, to_yaml
 
@@ -213,6 +214,18 @@ main()
     assert done.returncode == code, done.stderr
     assert "exit handler ran" in done.stdout and done_file.exists()
     assert ("ok " in done.stderr) == (code == 0) and ("train.epochs:" in done.stderr) == (code == 2)
+
+
+def test_an_address_nobody_listens_on_is_bad_input_before_anything_starts(cli, write_spec, deepyard_home):
+    import socket
+
+    spec = write_spec("name: unreachable\ndata: {name: digits}\nmodel: {name: mlp}\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"  # (closed again before the run)
+    result = cli("run", spec, "--address", address, expect=2)
+    assert f"no Ray cluster at {address} (Connection refused)" in result.stderr
+    assert tracking.client().get_experiment_by_name("unreachable") is None  # no run was opened
 
 
 def test_optimizer_arguments_that_only_the_builder_can_check(cli, write_spec):

@@ -202,6 +202,42 @@ def test_a_stopped_or_killed_driver_resumes_in_the_same_run_with_no_epoch_twice(
     assert len(list(final.glob("checkpoint_*"))) <= 3  # checkpoint.keep (2) and the final one
 
 
+@pytest.mark.long  # ray.init gives up on a silent address after ~30 s, in native code
+def test_sigterm_while_waiting_for_a_cluster_stops_the_job(write_spec, tmp_path):
+    """Ray's own SIGTERM handler is active while ray.init waits for a cluster: it exited with status
+    15, which ended the run FAILED with the message "15". (The signal is handled once ray.init gives up.)"""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    spec = write_spec(TINY_MLP.format(name="sigterm_connect", epochs=1))
+    with socket.socket() as silent:  # it accepts connections and never answers: ray.init waits on it
+        silent.bind(("0.0.0.0", 0))
+        silent.listen(16)
+        env = {**os.environ, "DEEPYARD_HOME": str(tmp_path / "home")}
+        env.pop("MLFLOW_TRACKING_URI")
+        process = subprocess.Popen([sys.executable, "-m", "deepyard.cli", "run", spec, "--address",
+                                    f"127.0.0.1:{silent.getsockname()[1]}"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        client, runs = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"), []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None and not runs:
+            time.sleep(0.5)
+            experiment = (tmp_path / "home" / "mlflow.db").exists() and client.get_experiment_by_name("sigterm_connect")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        assert runs, process.communicate(timeout=30)
+        time.sleep(2)  # (the run opens beside ray.init, which is waiting now)
+        assert process.poll() is None, "ray.init gave up before the signal"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    stopped = client.get_run(runs[0].info.run_id)
+    assert stopped.info.status == "KILLED" and "--resume" in stopped.data.tags["deepyard.error"]
+
+
 def test_a_saturated_validation_accuracy_registers_the_epoch_with_the_lowest_loss(ray_cluster, cli, write_spec):
     """Wine's validation split (23 samples) is classified perfectly from the first epoch on (seed 1);
     the loss goes on falling, from 0.75 to under 0.1. The registered model must be the tied epoch

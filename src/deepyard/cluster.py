@@ -72,6 +72,7 @@ def connected(address: str | None = None, ray_logs: bool = False,
         return
     address = address or os.environ.get("RAY_ADDRESS")
     local_cluster.authenticate(address)
+    check_reachable(address)
     with signals_stop_the_job():
         for key, value in {**TRAIN_ENV, **((local_env or {}) if not address else {})}.items():
             os.environ.setdefault(key, value)  # inherited by the raylet of a local cluster
@@ -86,6 +87,13 @@ def connected(address: str | None = None, ray_logs: bool = False,
             where = "running on this machine" if address == "auto" else f"at {address}"
             raise BadInput(f"no Ray cluster {where} ({error}); start one with `ray start --head`, "
                            "or pass --address / RAY_ADDRESS") from None
+        except SystemExit as exit_:
+            if exit_.code != signal.SIGTERM:
+                raise
+            # ray.init's own SIGTERM handler, while it starts or waits for a cluster: sys.exit(15),
+            # which ended the run FAILED with the message "15". A stop, as everywhere else.
+            ray.shutdown()
+            raise KeyboardInterrupt from None
         _stop_on_signals()  # again: ray.init replaced them
         try:
             yield
@@ -96,6 +104,24 @@ def connected(address: str | None = None, ray_logs: bool = False,
         _stop_behind(ray.shutdown)
     else:
         ray.shutdown()
+
+
+def check_reachable(address: str | None, timeout_s: float = 3.0) -> None:
+    """A ``host:port`` nobody listens on is bad input at once: ray.init waited ~35 s on it, in
+    native code where not even SIGTERM is handled until it gives up."""
+    import socket
+
+    if not address or address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as error:
+        from deepyard.errors import BadInput
+
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        raise BadInput(f"--address / RAY_ADDRESS: no Ray cluster at {address} ({reason}); start one with "
+                       "`ray start --head` or `deepyard cluster up`, or pass the head node's address") from None
 
 
 def _stop_behind(shutdown) -> None:

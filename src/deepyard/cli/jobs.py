@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -48,6 +49,7 @@ def run(
         resumable = " or ".join(name for name, k in KINDS.items() if k.resumable)
         raise BadInput(f"--resume continues an interrupted {resumable} job; a {job.kind} job cannot resume")
     settings.check_writable(job)
+    cluster.check_reachable(address or os.environ.get("RAY_ADDRESS"))  # before a run is opened for the job
     options = RunOptions(address=address, ray_logs=ray_logs, resume=resume, console=err, json_output=json_output)
     with cluster.signals_stop_the_job():
         summary = kind.runner_module().run(job, options)
