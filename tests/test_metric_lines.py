@@ -3,6 +3,8 @@ the callback Tune calls with each result, and the trial's side as the training l
 
 from __future__ import annotations
 
+import json
+
 from deepyard import tracking
 from deepyard.runners.edges import TO_LOG, _ToDriver, driver_logs
 
@@ -24,11 +26,11 @@ def test_each_epoch_is_logged_once_and_a_killed_drivers_gap_is_filled_from_the_c
     trial({"resumed_from_epoch": 2}, 2)
     assert trial.after_restore([[1, {"epoch": 1, "train_loss": 9.0}], [2, {"epoch": 2, "train_loss": 0.8}]]) == 0
     trial({"epoch": 3, "train_loss": 0.5}, 3)
-    callback.on_trial_result(1, [], None, {"score": 0.5, TO_LOG: trial.take()})
+    callback.on_trial_result(1, [], None, {"score": 0.5, TO_LOG: json.dumps(trial.take())})
     assert trial.take() == []  # handed over once
     # A restart after epoch 3 was reported redoes it: its first values stand. Then the test line.
-    callback.on_trial_result(2, [], None, {TO_LOG: [[3, {"epoch": 3, "train_loss": 0.4}],
-                                                    [3, {"test_accuracy": 0.9, "best_epoch": 3}]]})
+    callback.on_trial_result(2, [], None, {TO_LOG: json.dumps([[3, {"epoch": 3, "train_loss": 0.4}],
+                                                               [3, {"test_accuracy": 0.9, "best_epoch": 3}]])})
     callback.on_trial_result(3, [], None, {"score": 0.5})  # (a result without lines)
 
     history = {key: tracking.metric_history(run_id, key) for key in ("train_loss", "resumed_from_epoch",
@@ -38,7 +40,8 @@ def test_each_epoch_is_logged_once_and_a_killed_drivers_gap_is_filled_from_the_c
     assert callback.failed == 0
 
 
-def test_a_write_that_fails_is_counted_and_said_but_never_stops_the_job(capsys):
+def test_a_write_that_fails_is_counted_and_said_and_a_later_copy_can_still_fill_it(capsys):
     callback = driver_logs("no-such-run", 0)
-    callback.on_trial_result(1, [], None, {TO_LOG: [[1, {"epoch": 1, "train_loss": 1.0}]]})
+    callback.on_trial_result(1, [], None, {TO_LOG: json.dumps([[1, {"epoch": 1, "train_loss": 1.0}]])})
     assert callback.failed == 1 and "could not log step 1's metrics" in capsys.readouterr().err
+    assert callback.logged_up_to == 0  # (not written: a restart's copy from the checkpoint is not dropped)

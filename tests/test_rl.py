@@ -96,9 +96,10 @@ def test_episodes_played_side_by_side_return_what_each_alone_does(env_id):
     policy = LeanWithThePole() if env_id == "CartPole-v1" else nn.Linear(3, 1)  # (Pendulum: a continuous action)
     make = lambda render: make_env(env_id, {}, **({"render_mode": "rgb_array"} if render else {}))  # noqa: E731
     frames: list = []
-    together = play(policy, make, [3, 0, 1, 2], frames=frames, frame_every=2)
-    alone = [play(policy, make, [seed])[0] for seed in (3, 0, 1, 2)]
-    assert together == alone and len(set(alone)) > 1  # (different seeds, different episodes)
+    together = play(policy, make, [3, 0, 1, 2, 4], frames=frames, frame_every=2, at_once=3)  # (3, then 2)
+    alone = [play(policy, make, [seed])[0] for seed in (3, 0, 1, 2, 4)]
+    # (a batch's matmul may round its last bit unlike a single row's: continuous returns are close)
+    assert together == pytest.approx(alone, rel=1e-6) and len(set(alone)) > 1  # (different seeds, episodes)
     steps = alone[0] if env_id == "CartPole-v1" else 200  # (CartPole pays 1 a step; Pendulum always runs 200)
     assert len(frames) == -(-steps // 2) and frames[0].ndim == 3  # every other frame, of the first episode only
 

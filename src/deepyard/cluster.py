@@ -116,7 +116,7 @@ def check_reachable(address: str | None, timeout_s: float = 3.0) -> None:
     host, port = address.rsplit(":", 1)
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, OverflowError) as error:  # (a port past 65535: OverflowError)
         from deepyard.errors import BadInput
 
         reason = getattr(error, "strerror", None) or str(error) or type(error).__name__

@@ -98,12 +98,25 @@ def start_run(experiment: str, run_name: str, params: dict[str, str], spec_yaml:
     return run_id
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int, uri: str | None = None) -> None:
-    """One batched write per epoch: ~50x faster on sqlite than a call per value."""
+def log_metrics(run_id: str, metrics: dict[str, float], step: int, uri: str | None = None, *,
+                attempts: int = 1) -> None:
+    """One batched write per epoch: ~50x faster on sqlite than a call per value. ``attempts`` > 1:
+    tried again after a short wait (a sqlite file busy with another job's writes)."""
+    _write_batch(client(uri), run_id, metrics, step, attempts)
+
+
+def _write_batch(mlflow_client, run_id: str, metrics: dict[str, float], step: int, attempts: int) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for attempt in range(attempts):
+        try:
+            return mlflow_client.log_batch(run_id, metrics=batch)
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
 
 
 class BackgroundLogger:
@@ -125,20 +138,10 @@ class BackgroundLogger:
     def _drain(self, run_id: str, uri: str) -> None:
         write = None
         try:
-            from mlflow.entities import Metric
-
             mlflow_client = client(uri)
 
             def write(metrics: dict[str, float], step: int) -> None:
-                now = int(time.time() * 1000)
-                batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-                for attempt in range(3):  # a busy sqlite file is worth a retry
-                    try:
-                        return mlflow_client.log_batch(run_id, metrics=batch)
-                    except Exception:
-                        if attempt == 2:
-                            raise
-                        time.sleep(0.2 * 2**attempt)
+                _write_batch(mlflow_client, run_id, metrics, step, attempts=3)  # a busy sqlite file: again
         except Exception as error:  # no MLflow here: keep training, say so at close
             self._errors.append(error)
         while True:  # task_done for every item, whatever happens: flush() must never hang

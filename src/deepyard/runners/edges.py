@@ -13,6 +13,7 @@ worker, in a background thread.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any, Iterator
@@ -21,8 +22,8 @@ import torch
 
 from deepyard import tracking
 
-# The report key under which a whole-job trial hands its metric lines, [[step, {name: value}], ...],
-# to the driver.
+# The report key under which a whole-job trial hands its metric lines to the driver: JSON text of
+# [[step, {name: value}], ...]. (Text: Tune's own loggers skip it; a list went to TensorBoard's.)
 TO_LOG = "deepyard_to_log"
 
 
@@ -100,7 +101,9 @@ class _ToDriver:
 
 def driver_logs(run_id: str, logged_up_to: int):
     """The Tune callback that writes a whole-job trial's metric lines to its MLflow run. An epoch's
-    line is written once: the first values stand (after ``logged_up_to``, what MLflow already has)."""
+    line is written once: the first values stand (after ``logged_up_to``, what MLflow already has).
+    A line that cannot be written after a few tries is counted (``failed``) and said, never raised:
+    the training goes on, and a later restart's copy of the line may still fill it in."""
     from ray.tune import Callback
 
     class LogReportedMetrics(Callback):
@@ -108,16 +111,17 @@ def driver_logs(run_id: str, logged_up_to: int):
             self.logged_up_to, self.failed = logged_up_to, 0
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-            for step, metrics in result.get(TO_LOG, ()):
-                if "epoch" in metrics:
-                    if step <= self.logged_up_to:
-                        continue
-                    self.logged_up_to = step
+            for step, metrics in json.loads(result.get(TO_LOG) or "[]"):
+                if "epoch" in metrics and step <= self.logged_up_to:
+                    continue
                 try:
-                    tracking.log_metrics(run_id, metrics, step)
-                except Exception as error:  # a missing metric line must not stop the training
+                    tracking.log_metrics(run_id, metrics, step, attempts=3)
+                except Exception as error:
                     self.failed += 1
                     print(f"could not log step {step}'s metrics to MLflow: {error}", file=sys.stderr)
+                    continue
+                if "epoch" in metrics:
+                    self.logged_up_to = step
 
     return LogReportedMetrics()
 
@@ -178,7 +182,7 @@ class TuneTrial:
         _exit_if_orphaned(self._raylet)
         checkpoint = self._tune.Checkpoint.from_directory(directory) if directory else None
         if self._to_driver is not None:
-            metrics = {**metrics, TO_LOG: self._to_driver.take()}
+            metrics = {**metrics, TO_LOG: json.dumps(self._to_driver.take())}
         self._tune.report(metrics, checkpoint=checkpoint)
 
     def metrics_log(self, config: dict[str, Any]):

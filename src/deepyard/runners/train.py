@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -146,7 +147,7 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
         if selection.improved(metrics, best):
             best = {**selection.of(metrics), "epoch": epoch, "weights": checkpoints.cpu_copy(plain_model.state_dict())}
         stop = bool(stopper and stopper.update(metrics))
-        history.append([epoch, {**metrics, **hyperparameters}])
+        history.append([epoch, {key: float(value) for key, value in {**metrics, **hyperparameters}.items()}])
         if log and epoch > logged_up_to:
             log({**metrics, **hyperparameters}, epoch)
             log.flush()  # a scheduler may stop this trial at the report: its epochs are in MLflow first
@@ -224,8 +225,11 @@ def fit(spec: TrainJob, run_id: str, selection: Selection, compress: dict[str, A
                                                 checkpoint_score_attribute=Selection.SCORE,
                                                 checkpoint_score_order=selection.mode),
         failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
-        callbacks=[driver_logs(run_id, tracking.last_step(run_id, "epoch"))]))  # (--resume: what MLflow has)
-    return tuner.fit()[0]
+        callbacks=[logger := driver_logs(run_id, tracking.last_step(run_id, "epoch"))]))  # (--resume: MLflow's)
+    result = tuner.fit()[0]
+    if logger.failed:
+        warnings.warn(f"{logger.failed} metric lines could not be written to MLflow run {run_id} (said above)")
+    return result
 
 
 def _loop_config(spec: TrainJob, run_id: str, compress: dict[str, Any] | None) -> dict[str, Any]:
