@@ -90,11 +90,11 @@ class LeanWithThePole(nn.Module):
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
 def test_episodes_played_side_by_side_return_what_each_alone_does(env_id):
-    from deepyard.rl.algorithms import make_env
+    from deepyard.rl.algorithms import env_maker
     from deepyard.rl.policy import play
 
     policy = LeanWithThePole() if env_id == "CartPole-v1" else nn.Linear(3, 1)  # (Pendulum: a continuous action)
-    make = lambda render: make_env(env_id, {}, **({"render_mode": "rgb_array"} if render else {}))  # noqa: E731
+    make = env_maker(env_id, {})
     frames: list = []
     together = play(policy, make, [3, 0, 1, 2, 4], frames=frames, frame_every=2, at_once=3)  # (3, then 2)
     alone = [play(policy, make, [seed])[0] for seed in (3, 0, 1, 2, 4)]

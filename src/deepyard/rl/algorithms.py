@@ -102,11 +102,15 @@ def _rllib_values(training: dict[str, Any]) -> dict[str, Any]:
             for name, value in training.items()}
 
 
-MAX_EVALUATION_ENVS = 32  # evaluation episodes played side by side, at most
+def env_maker(env_id: str, kwargs: dict[str, Any]):
+    """``make(render)``: a new environment, drawing rgb_array frames when ``render`` (``policy.play``)."""
+    return lambda render: make_env(env_id, kwargs, **({"render_mode": "rgb_array"} if render else {}))
 
 
 def build_config(spec):
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+
+    from deepyard.rl.policy import EPISODES_AT_ONCE
 
     config = (config_class(spec.algorithm)()
               .environment(spec.env.id, env_config=dict(spec.env.kwargs))
@@ -129,5 +133,5 @@ def build_config(spec):
                                    evaluation_duration_unit="episodes", evaluation_num_env_runners=0,
                                    evaluation_config={"explore": False,
                                                       "num_envs_per_env_runner": min(spec.evaluation.episodes,
-                                                                                     MAX_EVALUATION_ENVS)})
+                                                                                     EPISODES_AT_ONCE)})
     return config

@@ -9,7 +9,7 @@ import numpy as np
 
 from deepyard import tracking
 from deepyard.errors import BadInput
-from deepyard.rl.algorithms import make_env
+from deepyard.rl.algorithms import env_maker
 from deepyard.rl.policy import GIF_EVERY, play, save_gif
 from deepyard.tasks.rl_policy import RLPolicy
 
@@ -30,12 +30,9 @@ def evaluate(ref: str, *, episodes: int, seed: int = 0, render: Path | None = No
     policy, metadata = tracking.load_model(name, version)
     if metadata.get("task") != RLPolicy.name:  # (a refusal, not a branch: only a policy plays)
         raise BadInput(f"model {name!r} version {version} is a {metadata.get('task')} model, not an RL policy")
-    def make(rendered: bool):
-        return make_env(metadata["env_id"], metadata.get("env_kwargs") or {},
-                        **({"render_mode": "rgb_array"} if rendered else {}))
-
     frames: list | None = [] if render else None
-    returns = play(policy, make, list(range(seed, seed + episodes)), frames=frames, frame_every=GIF_EVERY)
+    returns = play(policy, env_maker(metadata["env_id"], metadata.get("env_kwargs") or {}),
+                   list(range(seed, seed + episodes)), frames=frames, frame_every=GIF_EVERY)
     if render:
         save_gif(frames, str(render))
     return {"model": name, "version": version, "env_id": metadata["env_id"], "episodes": episodes,

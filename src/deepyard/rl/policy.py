@@ -52,8 +52,11 @@ def from_checkpoint(path: str, action_space, algorithm: str) -> GreedyPolicy:
     return GreedyPolicy(module, action_space, squashed=algorithm == "sac").eval()
 
 
+EPISODES_AT_ONCE = 32  # greedy episodes played side by side, at most (here and in RLlib's evaluation)
+
+
 def play(policy, make_env: Callable[[bool], Any], seeds: list[int], frames: list | None = None,
-         frame_every: int = 1, at_once: int = 32) -> list[float]:
+         frame_every: int = 1, at_once: int = EPISODES_AT_ONCE) -> list[float]:
     """One greedy episode per seed, ``at_once`` side by side: each step is one policy call on the
     episodes still running (10 CartPole episodes one at a time made 5,000 calls: 1.6 s).
     ``make_env(render)`` builds an environment. With ``frames``, every ``frame_every``-th frame of

@@ -121,11 +121,9 @@ def log_policy(spec: RLJob, policy, run_id: str, spaces, registered_name: str | 
 
     from deepyard.rl.policy import GIF_EVERY, play, save_gif
 
-    def make_env(render: bool):
-        return algorithms.make_env(spec.env.id, spec.env.kwargs, **({"render_mode": "rgb_array"} if render else {}))
-
     frames: list = []  # the GIF's episode, played beside the test episodes
-    gif_return, *returns = play(policy, make_env, [spec.seed, *range(TEST_SEED, TEST_SEED + spec.evaluation.episodes)],
+    gif_return, *returns = play(policy, algorithms.env_maker(spec.env.id, spec.env.kwargs),
+                                [spec.seed, *range(TEST_SEED, TEST_SEED + spec.evaluation.episodes)],
                                 frames=frames, frame_every=GIF_EVERY)
     test = {"test_return_mean": float(np.mean(returns)), "test_return_std": float(np.std(returns))}
     tracking.log_metrics(run_id, test, 0)

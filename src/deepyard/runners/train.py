@@ -147,9 +147,10 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
         if selection.improved(metrics, best):
             best = {**selection.of(metrics), "epoch": epoch, "weights": checkpoints.cpu_copy(plain_model.state_dict())}
         stop = bool(stopper and stopper.update(metrics))
-        history.append([epoch, {key: float(value) for key, value in {**metrics, **hyperparameters}.items()}])
+        line = {key: float(value) for key, value in {**metrics, **hyperparameters}.items()}
+        history.append([epoch, line])
         if log and epoch > logged_up_to:
-            log({**metrics, **hyperparameters}, epoch)
+            log(line, epoch)
             log.flush()  # a scheduler may stop this trial at the report: its epochs are in MLflow first
             _log_epoch_artifacts(config, task, plain_model, splits, epoch)
 
