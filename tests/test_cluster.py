@@ -37,13 +37,15 @@ def spec(write_spec, name: str, epochs: int = 2, workers: int = 1) -> str:
     return write_spec(SPEC.format(name=name, epochs=epochs, workers=workers), f"{name}.yaml")
 
 
-def wait_for(predicate, timeout_s: float = 120.0, what: str = "condition"):
+def wait_for(predicate, timeout_s: float = 120.0, what: str = "condition", job: str | None = None):
+    """``job``: its driver's last words go into the failure."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if result := predicate():
             return result
         time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    said = f"; job {job}'s driver said:\n{submitting.client(None).get_job_logs(job)[-4000:]}" if job else ""
+    raise AssertionError(f"timed out waiting for {what}{said}")
 
 
 def job_count(cli) -> int:
@@ -111,7 +113,7 @@ def test_stopping_a_job_marks_its_run_killed_and_frees_the_cluster(cluster, cli,
     result = cli("jobs", "stop", job)
     assert f"job {job}: STOPPED" in result.stderr
     stopped = wait_for(lambda: (r := MlflowClient().get_run(run.info.run_id)).info.status != "RUNNING" and r,
-                       timeout_s=30, what="the run to be closed")
+                       timeout_s=30, what="the run to be closed", job=job)
     assert stopped.info.status == "KILLED"
     assert wait_for(lambda: _train_worker_node(cluster["address"]) is None, timeout_s=60,
                     what="the job's training workers to go"), "a stopped job left workers running"
@@ -123,7 +125,7 @@ def test_stopping_a_job_marks_its_run_killed_and_frees_the_cluster(cluster, cli,
     assert resumed[0][1] >= 1
     cli("jobs", "stop", again)
     assert wait_for(lambda: MlflowClient().get_run(run.info.run_id).info.status == "KILLED", timeout_s=30,
-                    what="the run to be closed again")
+                    what="the run to be closed again", job=again)
     assert wait_for(lambda: _train_worker_node(cluster["address"]) is None, timeout_s=60,
                     what="the job's training workers to go")
     status = last_json(cli("cluster", "status", "--json"))

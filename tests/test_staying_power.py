@@ -66,15 +66,49 @@ def test_every_stop_signal_ends_a_job_as_ctrl_c_does(stop):
     end to end with SIGINT); a scheduler's SIGTERM and a closed terminal's SIGHUP must raise it too."""
     import signal
 
-    from deepyard import cluster
+    from deepyard import stops
 
-    previous = cluster._stop_on_signals()
+    previous = stops.on_signals()
     try:
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), getattr(signal, stop))
             signal.sigtimedwait([], 0.1)  # (the handler runs between bytecodes: give it one)
     finally:
-        cluster._restore(previous)
+        stops.restore(previous)
+
+
+def test_a_stop_waits_for_the_mlflow_write_it_comes_during():
+    """A write to the sqlite store that a stop cut short kept it locked while the stop was handled:
+    closing the run failed after 20 s ("database is locked"), and a stopped job's driver was killed by
+    Ray with its run still RUNNING. Stops now wait for the write, then end the job as before."""
+    import random
+    import signal
+    import threading
+
+    from deepyard import stops, tracking
+
+    run_id = tracking.start_run("stopped_mid_write", "t", {}, "", kind="train")
+    previous = stops.on_signals()
+    try:
+        with pytest.raises(KeyboardInterrupt):  # a stop inside the block takes effect at its end
+            with stops.writing():
+                os.kill(os.getpid(), signal.SIGTERM)
+                signal.sigtimedwait([], 0.1)  # (where the handler would have raised)
+                tracking.log_metrics(run_id, {"written": 1.0}, 0)
+        for stop in range(20):  # stops at random moments of a stream of writes (one in 3 locked the store)
+            threading.Timer(random.uniform(0, 0.03), os.kill, (os.getpid(), signal.SIGTERM)).start()
+            try:
+                for step in range(1, 10_000):
+                    tracking.log_metrics(run_id, {"loss": 1.0 / step, "accuracy": 0.5}, step)
+                pytest.fail("the stop never came")
+            except KeyboardInterrupt:  # written while the stop is handled, as job_run closes the run
+                tracking.log_metrics(run_id, {"stops": stop + 1}, stop)
+        tracking.finish_run(run_id, "KILLED", "stopped")
+    finally:
+        stops.restore(previous)
+    run = tracking.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.metrics["written"] == 1.0
+    assert len(tracking.metric_history(run_id, "stops")) == 20
 
 
 def test_an_unwritable_home_or_store_is_refused_before_ray_starts(cli, write_spec, tmp_path, monkeypatch):

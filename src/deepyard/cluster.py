@@ -8,6 +8,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from deepyard import stops
 from deepyard.settings import TRAIN_ENV
 
 
@@ -73,7 +74,7 @@ def connected(address: str | None = None, ray_logs: bool = False,
     address = address or os.environ.get("RAY_ADDRESS")
     local_cluster.authenticate(address)
     check_reachable(address)
-    with signals_stop_the_job():
+    with stops.signals_stop_the_job():
         for key, value in {**TRAIN_ENV, **((local_env or {}) if not address else {})}.items():
             os.environ.setdefault(key, value)  # inherited by the raylet of a local cluster
         try:
@@ -94,7 +95,7 @@ def connected(address: str | None = None, ray_logs: bool = False,
             # which ended the run FAILED with the message "15". A stop, as everywhere else.
             ray.shutdown()
             raise KeyboardInterrupt from None
-        _stop_on_signals()  # again: ray.init replaced them
+        stops.on_signals()  # again: ray.init replaced them
         try:
             yield
         except BaseException:
@@ -136,17 +137,6 @@ def wait_stopped() -> None:
         _stopping.join()
 
 
-@contextmanager
-def signals_stop_the_job() -> Iterator[None]:
-    """For a whole job, Ray's block and what follows it (logging, registering): SIGTERM and SIGHUP
-    end it as Ctrl-C does (``_stop_on_signals``), not halfway through a registration."""
-    previous = _stop_on_signals()
-    try:
-        yield
-    finally:
-        _restore(previous)
-
-
 def quiet_tune() -> None:
     """What every Tuner in a deepyard driver runs with. Tune turns the first Ctrl-C into a normal end
     of fit(), which would register a model from a half-run job: deepyard's own handling stops the
@@ -156,28 +146,3 @@ def quiet_tune() -> None:
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def _stop_on_signals() -> dict:
-    """Ctrl-C, a scheduler's SIGTERM and a closed terminal's SIGHUP all end the job the same way:
-    KeyboardInterrupt, so the run is marked KILLED and the command exits 130.
-
-    ray.init installs its own SIGTERM handler, which exits mid-job without cleaning up; ours
-    replaces it. Returns the handlers it replaced (none off the main thread, where signals cannot
-    be handled)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {signum: signal.signal(signum, _interrupt) for signum in STOP_SIGNALS}
-
-
-def _restore(previous: dict) -> None:
-    for signum, handler in previous.items():
-        if handler is not None:  # (None: a handler not set from Python)
-            signal.signal(signum, handler)

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from deepyard import drivers, settings
+from deepyard import drivers, settings, stops
 from deepyard.errors import BadInput, DeepyardError, JobFailed
 
 MODEL_ARTIFACT = "model"
@@ -32,10 +32,28 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{settings.home() / 'mlflow.db'}"
 
 
-def client(uri: str | None = None):
+def client(uri: str | None = None) -> "_StopsWait":
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=_ready(uri or tracking_uri()))
+    return _StopsWait(MlflowClient(tracking_uri=_ready(uri or tracking_uri())))
+
+
+class _StopsWait:
+    """An MlflowClient whose every call a stop waits for (``stops.writing``): cut short, a call
+    could leave the sqlite store locked, and then the run could not be closed."""
+
+    def __init__(self, mlflow_client) -> None:
+        self._client = mlflow_client
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            with stops.writing():
+                return attribute(*args, **kwargs)
+        return call
 
 
 @functools.cache
@@ -381,7 +399,9 @@ def log_model(run_id: str, module, input_example, *, registered_name: str | None
         output = module(torch.as_tensor(input_example)).numpy()
     if not exportable:  # MLflow warns of pickles; a TorchScript module is saved by torch.jit.save, not pickled
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-    with _active(run_id), warnings.catch_warnings():
+    # A stop waits for the model to be logged and registered: a registration cut short is worse
+    # than a stop a few seconds late.
+    with stops.writing(), _active(run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's TypedStorage notice, from MLflow's pickling
         info = mlflow.pytorch.log_model(
             module,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from deepyard import settings
+from deepyard import settings, stops
 from deepyard.cli.app import JsonOutput, Overrides, SpecPath, app, err, out, user_errors
 from deepyard.errors import BadInput
 
@@ -51,7 +51,7 @@ def run(
     settings.check_writable(job)
     cluster.check_reachable(address or os.environ.get("RAY_ADDRESS"))  # before a run is opened for the job
     options = RunOptions(address=address, ray_logs=ray_logs, resume=resume, console=err, json_output=json_output)
-    with cluster.signals_stop_the_job():
+    with stops.signals_stop_the_job():
         summary = kind.runner_module().run(job, options)
     lines = summary.lines()
     if lines:

@@ -1,0 +1,71 @@
+"""How a job stops. Ctrl-C, a scheduler's SIGTERM and a closed terminal's SIGHUP all end it the same
+way: KeyboardInterrupt in the driver, so its run is marked KILLED and the command exits 130.
+
+A stop that comes while the driver writes to MLflow waits for that write (``writing``). A write
+to MLflow's sqlite store that KeyboardInterrupt cut short kept the database locked while the stop
+was handled: closing the run failed after 20 s ("database is locked"), and a stopped job's driver
+was killed by Ray with its run still RUNNING.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+_writes = 0  # how deep the main thread is in ``writing`` blocks
+_deferred: list[int] = []  # the stop signals that came meanwhile
+
+
+def _interrupt(signum, frame) -> None:
+    if _writes:
+        _deferred.append(signum)
+        return
+    raise KeyboardInterrupt
+
+
+def on_signals() -> dict:
+    """Stop signals raise KeyboardInterrupt (ray.init installs its own SIGTERM handler, which exits
+    mid-job without cleaning up; this replaces it). Returns the handlers it replaced (none off the
+    main thread, where signals cannot be handled)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, _interrupt) for signum in STOP_SIGNALS}
+
+
+def restore(previous: dict) -> None:
+    for signum, handler in previous.items():
+        if handler is not None:  # (None: a handler not set from Python)
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def signals_stop_the_job() -> Iterator[None]:
+    """For a whole job, Ray's block and what follows it (logging, registering): every stop signal
+    ends it as Ctrl-C does, not halfway through a registration."""
+    previous = on_signals()
+    try:
+        yield
+    finally:
+        restore(previous)
+
+
+@contextmanager
+def writing() -> Iterator[None]:
+    """A stop that comes during the block takes effect when it ends. (Signals reach Python only in
+    the main thread: elsewhere there is nothing to hold back.)"""
+    global _writes
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _writes += 1
+    try:
+        yield
+    finally:
+        _writes -= 1
+        if not _writes and _deferred:
+            _deferred.clear()
+            raise KeyboardInterrupt
