@@ -124,6 +124,11 @@ def test_png_instances_for_image_models(endpoint):
     ({"instances": [[0] * 64], "top_k": 0}, 400, "top_k must be a positive integer"),
     ({"instances": "everything"}, 400, '"instances" must be a list'),
     ({"instances": [[0] * 63 + [True]]}, 400, "instances[0]: true/false where numbers are expected"),
+    # what the JSON parser cannot take were 500s
+    (b"[" * 20_000 + b"]" * 20_000, 400, "body is nested too deeply"),
+    (b'{"instances": [[' + b"9" * 5000 + b"]]}", 400, "body is not valid JSON (Exceeds the limit (4300 digits)"),
+    (b'{"instances": ' + b"[" * 200 + b"0" + b"]" * 200 + b"}", 400, "instances[0]: not an array of numbers"),
+    (b"\xff\xfe{}", 400, "body is not valid JSON"),
 ])
 def test_bad_input_gets_a_4xx_and_the_endpoint_keeps_answering(endpoint, body, status, message):
     answer = post(endpoint["url"], body)

@@ -17,7 +17,6 @@ RayService) imports.
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import os
 import secrets
@@ -31,7 +30,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from deepyard.serve.options import EndpointOptions, parse_model_ref
-from deepyard.serve.payloads import BadRequest
+from deepyard.serve.payloads import BadRequest, parse_json
 from deepyard.tasks import Codec, codec
 
 TOKEN_ENV = "DEEPYARD_API_TOKEN"
@@ -180,10 +179,7 @@ class ModelEndpoint:
         raw = await self._receive_body(request)
         if len(raw) > self.options.max_body_bytes:
             raise BadRequest(f"request body is over the limit of {self.options.max_body_bytes} bytes", status=413)
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise BadRequest(f"body is not valid JSON ({error}); send {{\"instances\": [...]}}") from None
+        return parse_json(raw, 'send {"instances": [...]}')
 
     async def _receive_body(self, request: Request) -> bytes:
         """The whole body, within a deadline. A request waiting on its body holds one of the replica's
