@@ -213,14 +213,93 @@ def test_metadata_health_and_openapi(endpoint):
     assert "instances" in predict["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
 
 
+def test_the_open_inference_protocol_through_tritons_own_client(endpoint):
+    """KServe v2 as Triton's HTTP client speaks it, unchanged: binary tensors by default, JSON when asked."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(f"127.0.0.1:{endpoint['port']}")
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("serve-mlp") and client.is_model_ready("serve-mlp", "1")
+    assert not client.is_model_ready("serve-mlp", "7") and not client.is_model_ready("no-such-model")
+    metadata = client.get_model_metadata("serve-mlp")
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert {o["name"] for o in metadata["outputs"]} == {"probabilities", "label"}
+
+    module, logged = tracking.load_model("serve-mlp", "1")
+    example = tracking.input_example("serve-mlp", "1").astype(np.float32)
+    import torch
+
+    with torch.inference_mode():
+        offline = module(torch.as_tensor(example)).numpy()
+    for binary in (True, False):
+        tensor = triton.InferInput("input", list(example.shape), "FP32")
+        tensor.set_data_from_numpy(example, binary_data=binary)
+        asked = None if binary else [triton.InferRequestedOutput(name, binary_data=False)
+                                     for name in ("probabilities", "label")]
+        result = client.infer("serve-mlp", [tensor], outputs=asked, model_version="1", request_id="r-1")
+        np.testing.assert_allclose(result.as_numpy("probabilities"), offline, rtol=1e-5, atol=1e-6)
+        labels = [label.decode() if isinstance(label, bytes) else label for label in result.as_numpy("label")]
+        assert labels == [logged["class_names"][i] for i in offline.argmax(1)]
+        response = result.get_response()
+        assert response["model_name"] == "serve-mlp" and response["model_version"] == "1" and response["id"] == "r-1"
+
+    wrong = triton.InferInput("input", [1, 63], "FP32")
+    wrong.set_data_from_numpy(np.zeros((1, 63), np.float32))
+    with pytest.raises(InferenceServerException, match=r"input shape \[1, 63\]: this model takes 'input': FP32"):
+        client.infer("serve-mlp", [wrong])
+    with pytest.raises(InferenceServerException, match="version '7' is not served here"):
+        client.infer("serve-mlp", [tensor], model_version="7")
+
+
+@pytest.mark.parametrize(("path", "body", "status", "message"), [
+    ("/v2/models/serve-mlp/infer", b"{not json", 400, "body is not valid JSON"),
+    ("/v2/models/serve-mlp/infer", {"inputs": []}, 400, "0 inputs; this model takes one, 'input': FP32 [-1, 1, 8, 8]"),
+    ("/v2/models/serve-mlp/infer", {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 64],
+                                                "data": [0] * 64}]}, 400, "holds 128 elements, the data has 64"),
+    ("/v2/models/serve-mlp/infer", {"inputs": [{"name": "input", "datatype": "FP8", "shape": [1, 64],
+                                                "data": [0] * 64}]}, 400, "input datatype 'FP8'"),
+    ("/v2/models/serve-mlp/infer", {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                                "data": ["a"] * 64}]}, 400, "not all numbers"),
+    ("/v2/models/serve-mlp/infer", {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                                "data": [0] * 64}], "outputs": [{"name": "logits"}]},
+     400, "no output 'logits'; this model's outputs: probabilities, label"),
+    ("/v2/models/nope/infer", {"inputs": []}, 404, "no model 'nope' is deployed here"),
+    ("/v1/models/serve-mlp:predict", {"instances": [[0] * 63]}, 400, "instances[0]: shape [63]"),
+    ("/v1/models/serve-mlp:predict", b"[" * 20_000, 400, "nested too deeply"),
+])
+def test_protocol_paths_answer_bad_input_with_a_4xx(endpoint, path, body, status, message):
+    base = f"http://127.0.0.1:{endpoint['port']}"
+    content = body if isinstance(body, bytes) else json.dumps(body)
+    answer = httpx.post(base + path, content=content, timeout=30)
+    assert answer.status_code == status, answer.text
+    assert message in answer.json()["error"]
+
+
+def test_kserve_v1_and_v2_json_paths_answer_as_predict_does(endpoint):
+    base = f"http://127.0.0.1:{endpoint['port']}"
+    instances = {"instances": [[0] * 64, [3] * 64]}
+    predicted = post(endpoint["url"], instances).json()
+    v1 = httpx.post(f"{base}/v1/models/serve-mlp:predict", json=instances, timeout=30).json()
+    assert v1["predictions"] == predicted["predictions"] and v1["version"] == predicted["version"]
+    assert httpx.get(f"{base}/v1/models/serve-mlp", timeout=10).json() == {"name": "serve-mlp", "ready": True}
+    v2 = httpx.post(f"{base}/v2/models/serve-mlp/infer", timeout=30, json={
+        "inputs": [{"name": "input", "datatype": "INT64", "shape": [2, 1, 8, 8], "data": instances["instances"]}]})
+    outputs = {o["name"]: o for o in v2.json()["outputs"]}
+    assert outputs["label"]["data"] == [p["label"] for p in predicted["predictions"]]
+    assert outputs["probabilities"]["shape"] == [2, 10]
+    assert httpx.get(f"{base}/v2", timeout=10).json()["extensions"] == ["binary_tensor_data"]
+
+
 def test_cli_predict_and_endpoints(endpoint, cli, tmp_path):
     url = f"http://127.0.0.1:{endpoint['port']}"
     request = tmp_path / "digit.json"
     request.write_text(json.dumps([[0] * 64]))
     answer = json.loads(cli("predict", "serve-mlp", "--input", str(request), "--url", url).stdout)
     assert answer["version"] == "1" and len(answer["predictions"]) == 1
-    rows = json.loads(cli("endpoints", "--json").stdout)
-    assert {"name": "serve-mlp", "route": "/models/serve-mlp"}.items() <= rows[0].items()
+    rows = {row["name"]: row for row in json.loads(cli("endpoints", "--json").stdout)}
+    assert rows["serve-mlp"]["route"] == "/models/serve-mlp"
+    assert rows["deepyard-protocols"]["route"] == "/"  # the v1 and v2 paths of every model
     request.write_text("[[1, 2, 3]]")
     refused = cli("predict", "serve-mlp", "--input", str(request), "--url", url, expect=2)
     assert "serve-mlp: HTTP 400: instances[0]: shape [3]" in refused.stderr

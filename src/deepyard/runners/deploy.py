@@ -50,6 +50,7 @@ def start(endpoints: list[EndpointOptions], *, host: str, port: int,
     ``resolved``: what ``check`` answered already, if the caller asked before Ray started."""
     from ray import serve
 
+    from deepyard.serve import gateway
     from deepyard.serve.app import build_app
 
     resolved = resolved or resolve(endpoints)
@@ -62,6 +63,9 @@ def start(endpoints: list[EndpointOptions], *, host: str, port: int,
         targets.append(serve.RunTarget(build_app(options.model_dump()), name=info["name"], route_prefix=info["route"],
                                        logging_config=LOGGING))
         info["url"] = f"http://{_display_host(host)}:{port}{info['route']}"
+    if gateway.APP_NAME not in serve.status().applications:  # (the v1/v2 paths of every model; deployed once)
+        targets.append(serve.RunTarget(gateway.build_app(), name=gateway.APP_NAME, route_prefix="/",
+                                       logging_config=LOGGING))
     serve.run_many(targets)  # one call: the models' replicas start side by side, and it waits for all of them
     return resolved
 

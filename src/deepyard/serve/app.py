@@ -17,6 +17,7 @@ RayService) imports.
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import os
 import secrets
@@ -30,6 +31,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from deepyard.serve.options import EndpointOptions, parse_model_ref
+from deepyard.serve import v2
 from deepyard.serve.payloads import BadRequest, parse_json
 from deepyard.tasks import Codec, codec
 
@@ -51,6 +53,13 @@ class PredictResponse(BaseModel):
     version: str
 
 
+Answer = tuple[int, bytes, dict[str, str]]  # status, body, headers
+
+
+def _json(status: int, body: dict[str, Any]) -> Answer:
+    return status, json.dumps(body).encode(), {"content-type": "application/json"}
+
+
 @dataclass
 class Loaded:
     module: Any
@@ -62,6 +71,11 @@ class Loaded:
 
 app = FastAPI(title="deepyard model endpoint",
               description="A registered deepyard model served by Ray Serve (KServe v1 style predict).")
+
+
+def _takes_numbers(loaded: Loaded) -> bool:
+    """Its instances are arrays of numbers (not text, PNG strings only, or objects)."""
+    return loaded.codec.batchable and not loaded.metadata.get("vocab")
 
 
 def token_digest(token: str, salt: str | None = None) -> str:
@@ -155,21 +169,75 @@ class ModelEndpoint:
                          413: {"description": "too many instances, or too large a body"}})
     async def predict(self, request: Request) -> JSONResponse:
         try:
-            body = await self._body(request)
-            loaded = self.current
-            decoded = loaded.codec.decode(body, loaded.metadata, self.options.max_instances)
-            if not loaded.codec.batchable:  # sampled step by step (text, images): off the event loop
-                outputs = await asyncio.to_thread(loaded.codec.run, loaded.module, decoded, loaded.metadata)
-            elif self.options.max_batch_size > 1:
-                outputs, loaded = await self._predict_batched(decoded)
-            else:
-                outputs = loaded.codec.run(loaded.module, decoded, loaded.metadata)
-            predictions = loaded.codec.encode(outputs, loaded.metadata, body, self.options)
+            answer = await self._predictions(await self._body(request))
         except BadRequest as error:
             # (a client that never sent its whole body gets no second chance on this connection)
             return JSONResponse({"error": str(error), "model": self.name}, status_code=error.status,
                                 headers={"Connection": "close"} if error.status == 408 else None)
-        return JSONResponse({"predictions": predictions, "model": self.name, "version": loaded.version})
+        return JSONResponse(answer)
+
+    async def _predictions(self, body: Any) -> dict[str, Any]:
+        outputs, loaded = await self._run(body)
+        predictions = loaded.codec.encode(outputs, loaded.metadata, body, self.options)
+        return {"predictions": predictions, "model": self.name, "version": loaded.version}
+
+    async def _run(self, body: Any) -> tuple[Any, Loaded]:
+        """The task's outputs for a parsed ``{"instances": [...]}`` body, and the version that gave them."""
+        loaded = self.current
+        decoded = loaded.codec.decode(body, loaded.metadata, self.options.max_instances)
+        if not loaded.codec.batchable:  # sampled step by step (text, images): off the event loop
+            outputs = await asyncio.to_thread(loaded.codec.run, loaded.module, decoded, loaded.metadata)
+        elif self.options.max_batch_size > 1:
+            outputs, loaded = await self._predict_batched(decoded)
+        else:
+            outputs = loaded.codec.run(loaded.module, decoded, loaded.metadata)
+        return outputs, loaded
+
+    # What the protocols' gateway (serve/gateway.py) calls through a handle: (status, body, headers).
+
+    async def v1_predict(self, raw: bytes) -> Answer:
+        """KServe v1: ``POST /v1/models/<name>:predict``, the body /predict takes."""
+        try:
+            return _json(200, await self._predictions(self._parsed(raw, 'send {"instances": [...]}')))
+        except BadRequest as error:
+            return _json(error.status, {"error": str(error)})
+
+    async def v2_infer(self, raw: bytes, header_length: str | None, version: str | None) -> Answer:
+        try:
+            loaded = self._serving(version)
+            request = v2.parse(self._parsed(raw), header_length, loaded.metadata, _takes_numbers(loaded))
+            outputs, loaded = await self._run({**request.parameters, "instances": request.instances})
+            return 200, *v2.response(self.name, loaded.version, request,
+                                     loaded.codec.named_outputs(outputs, loaded.metadata))
+        except BadRequest as error:
+            return _json(error.status, {"error": str(error)})
+
+    async def v2_metadata(self, version: str | None) -> Answer:
+        try:
+            loaded = self._serving(version)
+        except BadRequest as error:
+            return _json(error.status, {"error": str(error)})
+        return _json(200, v2.model_metadata(self.name, loaded.version, loaded.metadata, _takes_numbers(loaded),
+                                            loaded.codec.output_tensors(loaded.metadata)))
+
+    async def v2_ready(self, version: str | None) -> Answer:
+        try:
+            return _json(200, {"name": self.name, "version": self._serving(version).version, "ready": True})
+        except BadRequest as error:
+            return _json(error.status, {"error": str(error)})
+
+    def _serving(self, version: str | None) -> Loaded:
+        loaded = self.current
+        if version is not None and version != loaded.version:
+            raise BadRequest(f"model {self.name!r} version {version!r} is not served here; it serves version "
+                             f"{loaded.version} (drop /versions/... to use it)", status=404)
+        return loaded
+
+    def _parsed(self, raw: bytes, expected: str | None = None) -> Any:
+        """The gateway's body: the same size limit as /predict. (``expected``: parse it as JSON too.)"""
+        if len(raw) > self.options.max_body_bytes:
+            raise BadRequest(f"request body is over the limit of {self.options.max_body_bytes} bytes", status=413)
+        return raw if expected is None else parse_json(raw, expected)
 
     async def _body(self, request: Request) -> Any:
         declared = request.headers.get("content-length")

@@ -65,6 +65,19 @@ def seed_of(value: Any, where: str) -> int | None:
     return value
 
 
+class JsonOutputs:
+    """For codecs whose outputs are JSON objects (generated images, texts): in the v2 protocol, one
+    BYTES tensor ``prediction`` holding each instance's answer as JSON text."""
+
+    def named_outputs(self, outputs: list, metadata: dict[str, Any]) -> dict[str, np.ndarray]:
+        import json
+
+        return {"prediction": np.array([json.dumps(output) for output in outputs], dtype=object)}
+
+    def output_tensors(self, metadata: dict[str, Any]) -> dict[str, tuple[str, list[int]]]:
+        return {"prediction": ("BYTES", [-1])}
+
+
 class ArrayCodec:
     """Instances as numbers (nested in the input shape, or flat), base64 PNGs for image models, or
     strings for text models -> one float32 (or token id) batch; one output row per instance."""
@@ -91,6 +104,13 @@ class ArrayCodec:
 
         with torch.inference_mode():
             return module(torch.from_numpy(batch)).numpy()
+
+    def named_outputs(self, outputs: np.ndarray, metadata: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The outputs as the v2 protocol's named tensors (``output_tensors`` describes them)."""
+        return {"output": np.asarray(outputs)}
+
+    def output_tensors(self, metadata: dict[str, Any]) -> dict[str, tuple[str, list[int]]]:
+        return {"output": ("FP32", [-1, -1])}
 
     def example(self, logged_input: np.ndarray, metadata: dict[str, Any]) -> Any:
         if metadata.get("vocab"):

@@ -34,6 +34,12 @@ class Codec(Protocol):
     def encode(self, outputs: Any, metadata: dict[str, Any], body: dict, options: Any) -> list[Any]:
         """Outputs -> one JSON-ready prediction per instance (``options``: the endpoint's)."""
 
+    def named_outputs(self, outputs: Any, metadata: dict[str, Any]) -> dict[str, Any]:
+        """``run``'s outputs as named arrays, the tensors of the v2 protocol's answer (``serve/v2.py``)."""
+
+    def output_tensors(self, metadata: dict[str, Any]) -> dict[str, tuple[str, list[int]]]:
+        """Those tensors' v2 datatypes and shapes (-1: any size), for the model's metadata."""
+
     def example(self, logged_input: Any, metadata: dict[str, Any]) -> Any:
         """One request instance made from the version's logged input example (curl hints, --try-sample)."""
 

@@ -28,6 +28,15 @@ class Probabilities(nn.Module):
 
 
 class Labels(ArrayCodec):
+    def named_outputs(self, outputs: np.ndarray, metadata: dict[str, Any]) -> dict[str, np.ndarray]:
+        names = metadata.get("class_names") or [str(i) for i in range(outputs.shape[-1])]
+        return {"probabilities": outputs.astype(np.float32),
+                "label": np.array([names[i] for i in outputs.argmax(-1)], dtype=object)}
+
+    def output_tensors(self, metadata: dict[str, Any]) -> dict[str, tuple[str, list[int]]]:
+        return {"probabilities": ("FP32", [-1, len(metadata.get("class_names") or []) or -1]),
+                "label": ("BYTES", [-1])}
+
     def encode(self, outputs: np.ndarray, metadata: dict[str, Any], body: dict, options: Any) -> list[Any]:
         top_k = body.get("top_k")
         top_k = options.top_k if top_k is None else top_k

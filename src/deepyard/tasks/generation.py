@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepyard.serve.payloads import BadRequest, instances_of, png_base64, seed_of
+from deepyard.serve.payloads import BadRequest, JsonOutputs, instances_of, png_base64, seed_of
 from deepyard.tasks.base import Supervised
 
 CONFIDENT = 0.9
@@ -47,7 +47,7 @@ def _bce(logits: torch.Tensor, real: bool) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target)
 
 
-class Images:
+class Images(JsonOutputs):
     """``{"instances": [{"n": 8, "seed": 1}, ...]}`` -> that many images per instance, as base64 PNGs."""
 
     batchable = False

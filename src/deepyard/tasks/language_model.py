@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepyard.serve.payloads import BadRequest, decode_text, instances_of, seed_of, token_ids
+from deepyard.serve.payloads import BadRequest, JsonOutputs, decode_text, instances_of, seed_of, token_ids
 from deepyard.tasks.base import Supervised
 
 # Per request: one forward pass per new token; these caps keep one request from holding a replica for minutes.
@@ -105,7 +105,7 @@ class Generation:
     seed: int | None = None
 
 
-class Prompts:
+class Prompts(JsonOutputs):
     """``{"instances": [prompt or {"prompt": ..., ...}]}`` -> generated texts."""
 
     batchable = False
