@@ -5,8 +5,9 @@
 Trains the quickstart job (a few epochs: accuracy does not matter here), deploys it with
 deepyard's defaults, starts the baseline (bench/serve_plain.py, one uvicorn process, the same
 model and payloads), then sends the same real digit from a loopback load generator at
-concurrency 1 and 32, to each in turn. Prints one JSON object: p50/p99 latency (ms) and
-requests/s per server and concurrency, the ratios deepyard/baseline, and start-up seconds.
+concurrency 1 and 32, to each in turn, and to deepyard's Open Inference Protocol path (v2 infer) as
+well. Prints one JSON object: p50/p99 latency (ms) and requests/s per server and concurrency, the
+ratios deepyard/baseline and v2/predict, and start-up seconds.
 """
 
 from __future__ import annotations
@@ -109,6 +110,11 @@ def main() -> None:
                                                       max_batch_size=args.max_batch_size)], host="127.0.0.1", port=port)
         results["deepyard_start_s"] = time.perf_counter() - started
         deepyard_url = f"{info['url']}/predict"
+        # The same instance through the Open Inference Protocol's path (the gateway, then the model)
+        v2_url = f"http://127.0.0.1:{port}/v2/models/{name}/infer"
+        example = tracking.input_example(name, version)[:1]
+        v2_body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(example.shape),
+                               "data": example.reshape(-1).tolist()}]}
 
         started = time.perf_counter()
         plain_port = free_port()
@@ -120,9 +126,10 @@ def main() -> None:
             results["plain_start_s"] = time.perf_counter() - started
             plain_url = f"http://127.0.0.1:{plain_port}/predict"
             for concurrency in (1, 32):
-                for server, url in (("plain", plain_url), ("deepyard", deepyard_url)):
+                for server, url, payload in (("plain", plain_url, body), ("deepyard", deepyard_url, body),
+                                             ("deepyard_v2", v2_url, v2_body)):
                     requests = args.requests if concurrency == 1 else 2 * args.requests
-                    results[f"{server}_c{concurrency}"] = asyncio.run(load(url, body, concurrency, requests))
+                    results[f"{server}_c{concurrency}"] = asyncio.run(load(url, payload, concurrency, requests))
                     key = f"{server}_c{concurrency}"
                     print(json.dumps({key: results[key]}), file=sys.stderr)
         finally:
@@ -132,6 +139,9 @@ def main() -> None:
         ours, theirs = results[f"deepyard_c{concurrency}"], results[f"plain_c{concurrency}"]
         results[f"c{concurrency}_p50_ratio"] = ours["p50_ms"] / theirs["p50_ms"]
         results[f"c{concurrency}_throughput_ratio"] = ours["requests_per_s"] / theirs["requests_per_s"]
+        v2 = results[f"deepyard_v2_c{concurrency}"]  # the v2 path against deepyard's own predict
+        results[f"c{concurrency}_v2_vs_predict_p50_ratio"] = v2["p50_ms"] / ours["p50_ms"]
+        results[f"c{concurrency}_v2_vs_predict_throughput_ratio"] = v2["requests_per_s"] / ours["requests_per_s"]
     name = record.variant("serve_latency", args.replicas != 1 and f"replicas{args.replicas}",
                           args.max_batch_size != 1 and f"batch{args.max_batch_size}",
                           args.no_fast_proxy and "python_proxy")

@@ -2,7 +2,8 @@
 
 Every model reference is checked against the registry before Ray starts (a wrong name or alias
 exits with code 2). Each model is its own application under ``/models/<name>``, so one can be
-replaced or removed without touching the others.
+replaced or removed without touching the others; one more application at ``/`` answers the
+standard protocols' paths (KServe v1 and v2) for all of them (``serve/gateway.py``).
 """
 
 from __future__ import annotations
@@ -121,11 +122,12 @@ def serve_until_interrupted(endpoints: list[EndpointOptions], *, host: str, port
             if address:
                 from ray.serve.exceptions import RayServeException
 
-                for info in resolved:
-                    try:
+                try:
+                    for info in resolved:
                         serve.delete(info["name"], _blocking=False)
-                    except RayServeException:  # stopped before Serve itself was up
-                        break
+                    _gateway_goes_with_the_last_model(leaving={info["name"] for info in resolved}, blocking=False)
+                except RayServeException:  # stopped before Serve itself was up
+                    pass
             raise
     return resolved
 
@@ -199,7 +201,18 @@ def undeploy(names: list[str], address: str | None) -> list[str]:
             raise BadInput(f"not deployed: {', '.join(missing)} (deployed: {', '.join(sorted(deployed)) or 'none'})")
         for name in names:
             serve.delete(name)
+        _gateway_goes_with_the_last_model()
     return names
+
+
+def _gateway_goes_with_the_last_model(leaving: set[str] = frozenset(), blocking: bool = True) -> None:
+    """The protocols' paths go once no other application stays (``leaving``: being deleted now)."""
+    from ray import serve
+
+    from deepyard.serve import gateway
+
+    if set(serve.status().applications) - set(leaving) == {gateway.APP_NAME}:
+        serve.delete(gateway.APP_NAME, _blocking=blocking)
 
 
 def endpoints(address: str | None) -> list[dict[str, Any]]:
