@@ -22,9 +22,10 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from ray import serve
 
-from deepyard.serve.app import TOKEN_DIGEST_ENV, TOKEN_ENV, Answer, _authorized, token_digest
+from deepyard.serve.app import TOKEN_DIGEST_ENV, TOKEN_ENV, Answer, PredictRequest, _authorized, token_digest
 from deepyard.serve.options import EndpointOptions
 
 APP_NAME = "deepyard-protocols"
@@ -32,6 +33,26 @@ MODEL_DEPLOYMENT = "ModelEndpoint"
 app = FastAPI(title="deepyard protocols", description="KServe v1 and v2 (Open Inference Protocol) paths "
                                                       "for every model deployed by deepyard.")
 LIMITS = EndpointOptions(model="-")  # the body limits of a model endpoint's defaults
+
+
+class Tensor(BaseModel):
+    name: str
+    shape: list[int] = Field(description="the batch first")
+    datatype: str = Field(description="BOOL, UINT8-64, INT8-64, FP16/32/64 or BYTES")
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size: the tensor follows the JSON")
+    data: list[Any] | None = Field(None, description="flat, or nested as the shape")
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[Tensor]
+    outputs: list[dict[str, Any]] | None = Field(None, description='[{"name": ...}]: only these (default: all)')
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The documented body of a route that parses its own (limits first, then messages that help)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 def _reply(answer: Answer) -> Response:
@@ -119,11 +140,12 @@ class Protocols:
     async def v2_version_ready(self, name: str, version: str) -> Response:
         return await self._call(name, "v2_ready", version)
 
-    @app.post("/v2/models/{name}/infer", dependencies=[Depends(_authorized)])
+    @app.post("/v2/models/{name}/infer", dependencies=[Depends(_authorized)], openapi_extra=_body_schema(InferRequest))
     async def v2_infer(self, name: str, request: Request) -> Response:
         return await self._infer(name, None, request)
 
-    @app.post("/v2/models/{name}/versions/{version}/infer", dependencies=[Depends(_authorized)])
+    @app.post("/v2/models/{name}/versions/{version}/infer", dependencies=[Depends(_authorized)],
+              openapi_extra=_body_schema(InferRequest))
     async def v2_version_infer(self, name: str, version: str, request: Request) -> Response:
         return await self._infer(name, version, request)
 
@@ -143,7 +165,8 @@ class Protocols:
             return answer
         return JSONResponse({"name": name, "ready": True})
 
-    @app.post("/v1/models/{name}:predict", dependencies=[Depends(_authorized)])
+    @app.post("/v1/models/{name}:predict", dependencies=[Depends(_authorized)],
+              openapi_extra=_body_schema(PredictRequest))
     async def v1_predict(self, name: str, request: Request) -> Response:
         body = await self._body(request)
         if isinstance(body, Response):
