@@ -161,7 +161,7 @@ def _instance(item: Any, index: int, shape: tuple[int, ...], metadata: dict[str,
         raise BadRequest(f"instances[{index}]: true/false where numbers are expected; " + expected)
     try:
         array = np.asarray(item, dtype=np.float32)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):  # (an integer past float64's range: OverflowError)
         raise BadRequest(f"instances[{index}]: not an array of numbers (ragged, or holding non-numbers); "
                          + expected) from None
     if array.dtype == object or array.size != math.prod(shape):

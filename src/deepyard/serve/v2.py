@@ -131,7 +131,7 @@ def _instances(tensor: dict[str, Any], binary: bytes, metadata: dict[str, Any], 
             raise BadRequest(f"input shape {shape} holds {size} elements, the data has {len(data)}")
         try:
             array = np.asarray(data, dtype=np.float64)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):
             raise BadRequest(f"input data: not all numbers; this model takes {expected}") from None
     features = math.prod(metadata["input_shape"])
     if len(shape) < 2 or math.prod(shape[1:]) != features:
