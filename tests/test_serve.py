@@ -346,6 +346,39 @@ def test_near_valid_bodies_never_get_a_5xx(endpoint):
     assert 200 in answered and post(endpoint["url"], {"instances": [[0] * 64]}).status_code == 200
 
 
+def test_the_gateway_hands_protocol_calls_to_the_model(endpoint):
+    """Without HAProxy in front (Serve's own proxy, a RayService), the standard paths reach the
+    gateway, which hands each call to the model's deployment: that hand-over, through its handle."""
+    import ray
+
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                   "data": [0.0] * 64}]}).encode()
+
+    @ray.remote(num_cpus=0)
+    def through_the_gateway(calls):
+        import asyncio
+
+        from ray import serve
+
+        from deepyard.serve import gateway
+
+        async def answers():  # (in an event loop, as in a replica)
+            protocols = serve.get_app_handle(gateway.APP_NAME)
+            return [await protocols.hand_over.remote(*call) for call in calls]
+
+        return [(response.status_code, json.loads(response.body)) for response in asyncio.run(answers())]
+
+    inferred, other_version, bad, metadata, missing = ray.get(through_the_gateway.remote([
+        ("serve-mlp", "v2_infer", body, None, None), ("serve-mlp", "v2_infer", body, None, "7"),
+        ("serve-mlp", "v1_predict", b'{"instances": [[1, 2]]}'), ("serve-mlp", "v2_metadata", None),
+        ("nope", "v2_metadata", None)]))
+    assert inferred[0] == 200 and {o["name"] for o in inferred[1]["outputs"]} == {"probabilities", "label"}
+    assert other_version[0] == 404 and "version '7' is not served here" in other_version[1]["error"]
+    assert bad[0] == 400 and "instances[0]: shape [2]" in bad[1]["error"]
+    assert metadata == (200, {**metadata[1], "name": "serve-mlp"})
+    assert missing[0] == 404 and "no model 'nope' is deployed here" in missing[1]["error"]
+
+
 def test_kserve_v1_and_v2_json_paths_answer_as_predict_does(endpoint):
     base = f"http://127.0.0.1:{endpoint['port']}"
     instances = {"instances": [[0] * 64, [3] * 64]}

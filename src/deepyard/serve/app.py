@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
 
@@ -47,6 +47,11 @@ class PredictRequest(BaseModel):
     top_k: int | None = Field(None, ge=1, description="classification: how many labels in each top_k")
 
 
+# The documented body of the routes that parse their own (size limit first, then messages that help)
+PREDICT_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": PredictRequest.model_json_schema()}}}}
+
+
 class PredictResponse(BaseModel):
     predictions: list[Any]
     model: str
@@ -58,6 +63,11 @@ Answer = tuple[int, bytes, dict[str, str]]  # status, body, headers
 
 def _json(status: int, body: dict[str, Any]) -> Answer:
     return status, json.dumps(body).encode(), {"content-type": "application/json"}
+
+
+def reply(answer: Answer) -> Response:
+    status, content, headers = answer
+    return Response(content=content, status_code=status, headers=headers)
 
 
 @dataclass
@@ -159,11 +169,8 @@ class ModelEndpoint:
         bounds = np.cumsum([len(b) for b in batches])[:-1]
         return [(part, loaded) for part in np.split(outputs, bounds)]
 
-    # The body is parsed by hand (size limit first, then messages that name the expected shape);
-    # the OpenAPI docs still describe it.
     @app.post("/predict", response_model=PredictResponse, dependencies=[Depends(_authorized)],
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": PredictRequest.model_json_schema()}}}},
+              openapi_extra=PREDICT_BODY,
               responses={400: {"description": "bad input: the message names the problem and the expected shape"},
                          401: {"description": "missing or wrong bearer token"},
                          413: {"description": "too many instances, or too large a body"}})
@@ -192,6 +199,50 @@ class ModelEndpoint:
         else:
             outputs = loaded.codec.run(loaded.module, decoded, loaded.metadata)
         return outputs, loaded
+
+    # The KServe v1 and v2 paths under this model's own prefix. In front of a local cluster HAProxy
+    # rewrites /v2/models/<name>/... to /models/<name>/v2/... (and /v1/models/<name> likewise;
+    # serve/haproxy.py), so they cost no more than /predict; elsewhere the gateway application
+    # (serve/gateway.py) answers the standard paths and calls the methods below through a handle.
+
+    @app.post("/v2/infer", dependencies=[Depends(_authorized)], openapi_extra=v2.OPENAPI_BODY)
+    async def v2_infer_here(self, request: Request) -> Response:
+        return await self._infer_here(request, None)
+
+    @app.post("/v2/versions/{version}/infer", dependencies=[Depends(_authorized)], openapi_extra=v2.OPENAPI_BODY)
+    async def v2_version_infer_here(self, version: str, request: Request) -> Response:
+        return await self._infer_here(request, version)
+
+    async def _infer_here(self, request: Request, version: str | None) -> Response:
+        try:
+            raw = await self._raw_body(request)
+        except BadRequest as error:
+            return reply(_json(error.status, {"error": str(error)}))
+        return reply(await self.v2_infer(raw, request.headers.get(v2.HEADER_LENGTH), version))
+
+    @app.get("/v2", dependencies=[Depends(_authorized)])
+    async def v2_metadata_here(self) -> Response:
+        return reply(await self.v2_metadata(None))
+
+    @app.get("/v2/versions/{version}", dependencies=[Depends(_authorized)])
+    async def v2_version_metadata_here(self, version: str) -> Response:
+        return reply(await self.v2_metadata(version))
+
+    @app.get("/v2/ready")
+    async def v2_ready_here(self) -> Response:
+        return reply(await self.v2_ready(None))
+
+    @app.get("/v2/versions/{version}/ready")
+    async def v2_version_ready_here(self, version: str) -> Response:
+        return reply(await self.v2_ready(version))
+
+    @app.get("/v1")
+    async def v1_status_here(self) -> dict[str, Any]:
+        return {"name": self.name, "ready": True}
+
+    @app.post("/v1:predict", dependencies=[Depends(_authorized)], openapi_extra=PREDICT_BODY)
+    async def v1_predict_here(self, request: Request) -> Response:
+        return await self.predict(request)
 
     # What the protocols' gateway (serve/gateway.py) calls through a handle: (status, body, headers).
 
@@ -240,6 +291,9 @@ class ModelEndpoint:
         return raw if expected is None else parse_json(raw, expected)
 
     async def _body(self, request: Request) -> Any:
+        return parse_json(await self._raw_body(request), 'send {"instances": [...]}')
+
+    async def _raw_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.options.max_body_bytes:
             raise BadRequest(f"request body of {declared} bytes is over the limit of "
@@ -247,7 +301,7 @@ class ModelEndpoint:
         raw = await self._receive_body(request)
         if len(raw) > self.options.max_body_bytes:
             raise BadRequest(f"request body is over the limit of {self.options.max_body_bytes} bytes", status=413)
-        return parse_json(raw, 'send {"instances": [...]}')
+        return raw
 
     async def _receive_body(self, request: Request) -> bytes:
         """The whole body, within a deadline. A request waiting on its body holds one of the replica's

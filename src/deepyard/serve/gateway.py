@@ -22,10 +22,10 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
 from ray import serve
 
-from deepyard.serve.app import TOKEN_DIGEST_ENV, TOKEN_ENV, Answer, PredictRequest, _authorized, token_digest
+from deepyard.serve import v2
+from deepyard.serve.app import TOKEN_DIGEST_ENV, TOKEN_ENV, PREDICT_BODY, _authorized, reply, token_digest
 from deepyard.serve.options import EndpointOptions
 
 APP_NAME = "deepyard-protocols"
@@ -35,33 +35,12 @@ app = FastAPI(title="deepyard protocols", description="KServe v1 and v2 (Open In
 LIMITS = EndpointOptions(model="-")  # the body limits of a model endpoint's defaults
 
 
-class Tensor(BaseModel):
-    name: str
-    shape: list[int] = Field(description="the batch first")
-    datatype: str = Field(description="BOOL, UINT8-64, INT8-64, FP16/32/64 or BYTES")
-    parameters: dict[str, Any] | None = Field(None, description="binary_data_size: the tensor follows the JSON")
-    data: list[Any] | None = Field(None, description="flat, or nested as the shape")
-
-
-class InferRequest(BaseModel):
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[Tensor]
-    outputs: list[dict[str, Any]] | None = Field(None, description='[{"name": ...}]: only these (default: all)')
-
-
-def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The documented body of a route that parses its own (limits first, then messages that help)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
-
-
-def _reply(answer: Answer) -> Response:
-    status, content, headers = answer
-    return Response(content=content, status_code=status, headers=headers)
-
-
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def _no_model(name: str) -> JSONResponse:
+    return _error(404, f"no model {name!r} is deployed here (`deepyard endpoints` lists them)")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256,
@@ -80,16 +59,17 @@ class Protocols:
             self._handles[name] = serve.get_deployment_handle(MODEL_DEPLOYMENT, app_name=name)
         return self._handles[name]
 
-    async def _call(self, name: str, method: str, *args: Any) -> Response:
+    async def hand_over(self, name: str, method: str, *args: Any) -> Response:
+        """The model's answer to ``method(*args)``, through its deployment's handle."""
         handle = await asyncio.to_thread(self._model, name) if name not in self._handles else self._handles[name]
         if handle is None:
-            return _error(404, f"no model {name!r} is deployed here (`deepyard endpoints` lists them)")
+            return _no_model(name)
         try:
-            return _reply(await getattr(handle, method).remote(*args))
+            return reply(await getattr(handle, method).remote(*args))
         except Exception as error:  # undeployed since it was looked up: forget it, and say so
             if name not in (await asyncio.to_thread(serve.status)).applications:
                 self._handles.pop(name, None)
-                return _error(404, f"no model {name!r} is deployed here (`deepyard endpoints` lists them)")
+                return _no_model(name)
             return _error(503, f"model {name!r} could not answer ({type(error).__name__}); try again")
 
     async def _body(self, request: Request) -> bytes | Response:
@@ -126,26 +106,26 @@ class Protocols:
 
     @app.get("/v2/models/{name}", dependencies=[Depends(_authorized)])
     async def v2_metadata(self, name: str) -> Response:
-        return await self._call(name, "v2_metadata", None)
+        return await self.hand_over(name, "v2_metadata", None)
 
     @app.get("/v2/models/{name}/versions/{version}", dependencies=[Depends(_authorized)])
     async def v2_version_metadata(self, name: str, version: str) -> Response:
-        return await self._call(name, "v2_metadata", version)
+        return await self.hand_over(name, "v2_metadata", version)
 
     @app.get("/v2/models/{name}/ready")
     async def v2_ready(self, name: str) -> Response:
-        return await self._call(name, "v2_ready", None)
+        return await self.hand_over(name, "v2_ready", None)
 
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def v2_version_ready(self, name: str, version: str) -> Response:
-        return await self._call(name, "v2_ready", version)
+        return await self.hand_over(name, "v2_ready", version)
 
-    @app.post("/v2/models/{name}/infer", dependencies=[Depends(_authorized)], openapi_extra=_body_schema(InferRequest))
+    @app.post("/v2/models/{name}/infer", dependencies=[Depends(_authorized)], openapi_extra=v2.OPENAPI_BODY)
     async def v2_infer(self, name: str, request: Request) -> Response:
         return await self._infer(name, None, request)
 
     @app.post("/v2/models/{name}/versions/{version}/infer", dependencies=[Depends(_authorized)],
-              openapi_extra=_body_schema(InferRequest))
+              openapi_extra=v2.OPENAPI_BODY)
     async def v2_version_infer(self, name: str, version: str, request: Request) -> Response:
         return await self._infer(name, version, request)
 
@@ -153,25 +133,31 @@ class Protocols:
         body = await self._body(request)
         if isinstance(body, Response):
             return body
-        return await self._call(name, "v2_infer", body, request.headers.get("inference-header-content-length"),
+        return await self.hand_over(name, "v2_infer", body, request.headers.get("inference-header-content-length"),
                                 version)
 
     # KServe v1
 
     @app.get("/v1/models/{name}")
     async def v1_status(self, name: str) -> Response:
-        answer = await self._call(name, "v2_ready", None)
+        answer = await self.hand_over(name, "v2_ready", None)
         if answer.status_code != 200:
             return answer
         return JSONResponse({"name": name, "ready": True})
 
-    @app.post("/v1/models/{name}:predict", dependencies=[Depends(_authorized)],
-              openapi_extra=_body_schema(PredictRequest))
+    @app.post("/v1/models/{name}:predict", dependencies=[Depends(_authorized)], openapi_extra=PREDICT_BODY)
     async def v1_predict(self, name: str, request: Request) -> Response:
         body = await self._body(request)
         if isinstance(body, Response):
             return body
-        return await self._call(name, "v1_predict", body)
+        return await self.hand_over(name, "v1_predict", body)
+
+
+    # HAProxy sends /v2/models/<name>/... to /models/<name>/v2/... (serve/haproxy.py): what reaches
+    # this application there names no deployed model.
+    @app.api_route("/models/{name}/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
+    async def no_such_model(self, name: str, rest: str) -> JSONResponse:
+        return _no_model(name)
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:

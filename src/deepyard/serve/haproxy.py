@@ -1,5 +1,6 @@
 """Ray Serve's HAProxy, started through a small wrapper that binds its stats page and Prometheus
-metrics where the endpoint itself listens.
+metrics where the endpoint itself listens, and sends the standard protocols' paths of a model
+(KServe v1 and v2) straight to the model's own application.
 
 Ray's config binds both on every interface (``bind *:8404``, ``bind :9101``) even for an endpoint
 deployed on 127.0.0.1, and has no setting for their address. Ray does let an operator choose the
@@ -22,15 +23,28 @@ for arg in "$@"; do
   [ "$previous" = "-f" ] && config="$arg"
   previous="$arg"
 done
+edit() {
+  if command -v flock >/dev/null; then  # Ray writes the config under this lock
+    flock "$config.lock" sed -i "$@" "$config"
+  else
+    sed -i "$@" "$config"
+  fi
+}
 if [ -n "$config" ] && [ -f "$config" ]; then
   host=$(sed -n '/^frontend http_frontend/,/^[a-z]/ s/^ *bind \(.*\):[0-9][0-9]*$/\1/p' "$config" | head -n 1)
   if [ -n "$host" ] && [ "$host" != "*" ]; then
-    rebind="s/^\( *bind \)\*\{0,1\}:\([0-9][0-9]*\)$/\1$host:\2/"
-    if command -v flock >/dev/null; then  # Ray writes the config under this lock
-      flock "$config.lock" sed -i -e "$rebind" "$config"
-    else
-      sed -i -e "$rebind" "$config"
-    fi
+    edit -e "s/^\( *bind \)\*\{0,1\}:\([0-9][0-9]*\)$/\1$host:\2/"
+  fi
+  # The standard protocols' paths straight to the model's own application (serve/app.py answers
+  # them under its prefix): /v2/models/NAME/... -> /models/NAME/v2/..., /v1/models/NAME... ->
+  # /models/NAME/v1...; what no model takes falls through to the gateway at /, as before.
+  if ! grep -q "deepyard: protocols" "$config"; then
+    edit -e '/^frontend http_frontend/,/^[a-z]/ {
+/^ *bind /a\
+    # deepyard: protocols\
+    http-request replace-path ^/v2/models/([^/]+)(.*)$ /models/\\1/v2\\2\
+    http-request replace-path ^/v1/models/([^/:]+)(.*)$ /models/\\1/v1\\2
+}'
   fi
 fi
 if [ "${DEEPYARD_HAPROXY_BINARY:?the real haproxy}" -ef "$0" ]; then

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from deepyard.serve.payloads import BadRequest, parse_json
 
@@ -27,6 +28,28 @@ NUMERIC = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": n
            "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
 DATATYPE = {np.dtype(dtype): name for name, dtype in NUMERIC.items()}
 EXPECTED = 'send {"inputs": [{"name": "input", "datatype": "FP32", "shape": [batch, ...], "data": [...]}]}'
+
+
+class Tensor(BaseModel):
+    name: str
+    shape: list[int] = Field(description="the batch first")
+    datatype: str = Field(description="BOOL, UINT8-64, INT8-64, FP16/32/64 or BYTES")
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size: the tensor follows the JSON")
+    data: list[Any] | None = Field(None, description="flat, or nested as the shape")
+
+
+class InferBody(BaseModel):
+    """The infer request, as the OpenAPI docs show it (the routes parse their own bodies: limits
+    first, then messages that help)."""
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[Tensor]
+    outputs: list[dict[str, Any]] | None = Field(None, description='[{"name": ...}]: only these (default: all)')
+
+
+OPENAPI_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": InferBody.model_json_schema()}}}}
 
 
 @dataclass
