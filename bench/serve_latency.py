@@ -5,9 +5,9 @@
 Trains the quickstart job (a few epochs: accuracy does not matter here), deploys it with
 deepyard's defaults, starts the baseline (bench/serve_plain.py, one uvicorn process, the same
 model and payloads), then sends the same real digit from a loopback load generator at
-concurrency 1 and 32, to each in turn, and to deepyard's Open Inference Protocol path (v2 infer) as
-well. Prints one JSON object: p50/p99 latency (ms) and requests/s per server and concurrency, the
-ratios deepyard/baseline and v2/predict, and start-up seconds.
+concurrency 1 and 32, to each in turn (3 interleaved rounds), and to deepyard's Open Inference
+Protocol path (v2 infer) as well. Prints one JSON object: p50/p99 latency (ms) and requests/s per
+server and concurrency, the ratios deepyard/baseline and v2/predict, and start-up seconds.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def load(url: str, body: dict, concurrency: int, requests: int) -> dict:
+async def load(url: str, body: dict, concurrency: int, requests: int) -> tuple[list[float], float, int]:
+    """Latencies (s), wall seconds and failures of ``requests`` requests, ``concurrency`` at a time."""
     latencies: list[float] = []
     failures = 0
     remaining = requests
@@ -56,10 +57,14 @@ async def load(url: str, body: dict, concurrency: int, requests: int) -> dict:
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-    latencies.sort()
+        return latencies, time.perf_counter() - started, failures
+
+
+def summary(runs: list[tuple[list[float], float, int]]) -> dict:
+    latencies = sorted(latency for run in runs for latency in run[0])
     return {"p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
-            "requests_per_s": len(latencies) / wall, "requests": len(latencies), "failures": failures}
+            "requests_per_s": len(latencies) / sum(run[1] for run in runs), "requests": len(latencies),
+            "failures": sum(run[2] for run in runs)}
 
 
 def wait_ready(url: str, timeout: float = 60) -> None:
@@ -78,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=400, help="per concurrency level")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per concurrency level")
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=1, help="dynamic batching (1: off)")
     parser.add_argument("--no-fast-proxy", action="store_true", help="Serve's Python proxy instead of HAProxy")
@@ -125,12 +131,16 @@ def main() -> None:
             wait_ready(f"http://127.0.0.1:{plain_port}/docs")
             results["plain_start_s"] = time.perf_counter() - started
             plain_url = f"http://127.0.0.1:{plain_port}/predict"
+            servers = [("plain", plain_url, body), ("deepyard", deepyard_url, body), ("deepyard_v2", v2_url, v2_body)]
             for concurrency in (1, 32):
-                for server, url, payload in (("plain", plain_url, body), ("deepyard", deepyard_url, body),
-                                             ("deepyard_v2", v2_url, v2_body)):
-                    requests = args.requests if concurrency == 1 else 2 * args.requests
-                    results[f"{server}_c{concurrency}"] = asyncio.run(load(url, payload, concurrency, requests))
+                requests = (args.requests if concurrency == 1 else 2 * args.requests) // args.rounds
+                runs: dict[str, list] = {server: [] for server, _, _ in servers}
+                for round_ in range(args.rounds):  # interleaved, each round in another order: drift hits all alike
+                    for server, url, payload in servers[round_ % 3:] + servers[:round_ % 3]:
+                        runs[server].append(asyncio.run(load(url, payload, concurrency, requests)))
+                for server in runs:
                     key = f"{server}_c{concurrency}"
+                    results[key] = summary(runs[server])
                     print(json.dumps({key: results[key]}), file=sys.stderr)
         finally:
             plain.terminate()
