@@ -60,7 +60,7 @@ async def load(url: str, body: dict, concurrency: int, requests: int) -> tuple[l
         return latencies, time.perf_counter() - started, failures
 
 
-def summary(runs: list[tuple[list[float], float, int]]) -> dict:
+def summarize(runs: list[tuple[list[float], float, int]]) -> dict:
     latencies = sorted(latency for run in runs for latency in run[0])
     return {"p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
             "requests_per_s": len(latencies) / sum(run[1] for run in runs), "requests": len(latencies),
@@ -140,7 +140,7 @@ def main() -> None:
                         runs[server].append(asyncio.run(load(url, payload, concurrency, requests)))
                 for server in runs:
                     key = f"{server}_c{concurrency}"
-                    results[key] = summary(runs[server])
+                    results[key] = summarize(runs[server])
                     print(json.dumps({key: results[key]}), file=sys.stderr)
         finally:
             plain.terminate()
