@@ -408,6 +408,27 @@ def test_cli_predict_and_endpoints(endpoint, cli, tmp_path):
     assert "serve-mlp: HTTP 400: instances[0]: shape [3]" in refused.stderr
 
 
+def test_each_versions_requests_errors_and_latency_are_counted(endpoint, cli):
+    """Ray metrics from the replicas, scraped from the nodes by `deepyard endpoints`: they move with traffic."""
+    def counted() -> dict:
+        rows = {row["name"]: row for row in json.loads(cli("endpoints", "--json").stdout)}
+        return rows["serve-mlp"]["traffic"].get("1", {"requests": 0, "client_errors": 0})
+
+    before = counted()
+    base = f"http://127.0.0.1:{endpoint['port']}"
+    for _ in range(5):
+        assert post(endpoint["url"], {"instances": [[0] * 64]}).status_code == 200
+    assert post(endpoint["url"], {"instances": [[0] * 3]}).status_code == 400
+    assert httpx.post(f"{base}/v2/models/serve-mlp/infer", timeout=30, json={"inputs": [
+        {"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0] * 64}]}).status_code == 200
+    deadline = time.monotonic() + 60  # (Ray exports metrics every few seconds)
+    while (now := counted())["requests"] < before["requests"] + 7 and time.monotonic() < deadline:
+        time.sleep(2)
+    assert now["requests"] >= before["requests"] + 7, (before, now)
+    assert now["client_errors"] >= before["client_errors"] + 1 and now["mean_ms"] > 0
+    assert "v1:" in cli("endpoints").stdout
+
+
 def test_hot_swap_under_load_drops_no_request(endpoint, cli):
     failures, versions, stop = [], [], threading.Event()
 

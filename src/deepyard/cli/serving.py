@@ -71,9 +71,12 @@ def endpoints(address: Address = None,
     if json_output:
         print(json.dumps(rows))
         return
-    table = Table("model", "status", "url", "replicas")
+    table = Table("model", "status", "url", "replicas", "traffic")
     for row in rows:
-        table.add_row(row["name"], row["status"], row["url"], str(row["replicas"]))
+        traffic = "\n".join(f"v{version}: {t['requests']} requests, {t['client_errors']} 4xx, "
+                             f"{t['server_errors']} 5xx, mean {t['mean_ms']} ms"
+                             for version, t in sorted(row["traffic"].items()))
+        table.add_row(row["name"], row["status"], row["url"], str(row["replicas"]), traffic)
     out.print(table if rows else "nothing deployed: `deepyard deploy NAME`")
 
 

@@ -216,16 +216,20 @@ def _gateway_goes_with_the_last_model(leaving: set[str] = frozenset(), blocking:
 
 
 def endpoints(address: str | None) -> list[dict[str, Any]]:
-    """What is deployed on the running cluster: application, status, URL, replicas."""
+    """What is deployed on the running cluster: application, status, URL, replicas, and what each
+    version answered since its replicas started (``serve/metrics.py``; Ray exports every few seconds)."""
     from ray import serve
     from ray.serve.context import _get_global_client
 
     from deepyard import cluster
 
+    from deepyard.serve import metrics
+
     with cluster.connected(address or "auto"):
         status = serve.status()
         # (the public status has no routes; the controller's details do, as `serve status` shows them)
         details = _get_global_client().get_serve_details()
+        traffic = metrics.traffic(metrics.scrape_nodes())
         http = details.get("http_options") or {}
         base = f"http://{_display_host(http.get('host', '127.0.0.1'))}:{http.get('port', 8000)}"
         rows = []
@@ -233,5 +237,6 @@ def endpoints(address: str | None) -> list[dict[str, Any]]:
             route_prefix = (details.get("applications", {}).get(name) or {}).get("route_prefix")
             replicas = sum(sum(d.replica_states.values()) for d in app.deployments.values())
             rows.append({"name": name, "status": str(getattr(app.status, "value", app.status)),
-                         "route": route_prefix, "url": f"{base}{route_prefix or ''}", "replicas": replicas})
+                         "route": route_prefix, "url": f"{base}{route_prefix or ''}", "replicas": replicas,
+                         "traffic": traffic.get(name, {})})  # per version: requests, errors, mean latency
     return rows

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from ray import serve
 
 from deepyard.serve.options import EndpointOptions, parse_model_ref
 from deepyard.serve import v2
+from deepyard.serve.metrics import EndpointMetrics
 from deepyard.serve.payloads import BadRequest, parse_json
 from deepyard.tasks import Codec, codec
 
@@ -134,6 +136,7 @@ class ModelEndpoint:
         torch.set_num_threads(max(1, int(self.options.num_cpus)))  # small models: threads cost more than they give
         version = pinned or tracking.model_version(self.name, alias=self.alias, uri=self.uri)["version"]
         self.current = self._load(version)
+        self.metrics = EndpointMetrics(self.name)
         self._waiting_bodies = 0  # requests of this replica still receiving their bodies (one event loop)
         # past this many, a body gets only the short grace (at most a quarter of the request slots)
         self._patient_bodies = min(self.options.max_waiting_bodies, max(1, self.options.max_ongoing_requests // 4))
@@ -175,12 +178,18 @@ class ModelEndpoint:
                          401: {"description": "missing or wrong bearer token"},
                          413: {"description": "too many instances, or too large a body"}})
     async def predict(self, request: Request) -> JSONResponse:
+        return await self._predict_route(request, "predict")
+
+    async def _predict_route(self, request: Request, route: str) -> JSONResponse:
+        started = time.perf_counter()
         try:
             answer = await self._predictions(await self._body(request))
         except BadRequest as error:
+            self.metrics.record(route, self.current.version, error.status, started)
             # (a client that never sent its whole body gets no second chance on this connection)
             return JSONResponse({"error": str(error), "model": self.name}, status_code=error.status,
                                 headers={"Connection": "close"} if error.status == 408 else None)
+        self.metrics.record(route, answer["version"], 200, started)
         return JSONResponse(answer)
 
     async def _predictions(self, body: Any) -> dict[str, Any]:
@@ -242,26 +251,34 @@ class ModelEndpoint:
 
     @app.post("/v1:predict", dependencies=[Depends(_authorized)], openapi_extra=PREDICT_BODY)
     async def v1_predict_here(self, request: Request) -> Response:
-        return await self.predict(request)
+        return await self._predict_route(request, "v1")
 
     # What the protocols' gateway (serve/gateway.py) calls through a handle: (status, body, headers).
 
     async def v1_predict(self, raw: bytes) -> Answer:
         """KServe v1: ``POST /v1/models/<name>:predict``, the body /predict takes."""
+        started = time.perf_counter()
         try:
-            return _json(200, await self._predictions(self._parsed(raw, 'send {"instances": [...]}')))
+            answer = await self._predictions(self._parsed(raw, 'send {"instances": [...]}'))
         except BadRequest as error:
+            self.metrics.record("v1", self.current.version, error.status, started)
             return _json(error.status, {"error": str(error)})
+        self.metrics.record("v1", answer["version"], 200, started)
+        return _json(200, answer)
 
     async def v2_infer(self, raw: bytes, header_length: str | None, version: str | None) -> Answer:
+        started = time.perf_counter()
         try:
             loaded = self._serving(version)
             request = v2.parse(self._parsed(raw), header_length, loaded.metadata, _takes_numbers(loaded))
             outputs, loaded = await self._run({**request.parameters, "instances": request.instances})
-            return 200, *v2.response(self.name, loaded.version, request,
-                                     loaded.codec.named_outputs(outputs, loaded.metadata))
+            content, headers = v2.response(self.name, loaded.version, request,
+                                           loaded.codec.named_outputs(outputs, loaded.metadata))
         except BadRequest as error:
+            self.metrics.record("v2", self.current.version, error.status, started)
             return _json(error.status, {"error": str(error)})
+        self.metrics.record("v2", loaded.version, 200, started)
+        return 200, content, headers
 
     async def v2_metadata(self, version: str | None) -> Answer:
         try:
