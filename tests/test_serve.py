@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
+from conftest import last_json
 from deepyard import tracking
 from deepyard.serve.client import auth_headers
 
@@ -505,6 +506,65 @@ def test_bearer_token_and_dynamic_batching(endpoint, monkeypatch):
         start = next(i for i in range(len(example)) if np.array_equal(example[i], batch[0]))
         served = np.array([[p["probabilities"][n] for n in names] for p in predictions])
         np.testing.assert_allclose(served, offline[start:start + len(batch)], rtol=1e-5, atol=1e-6)
+
+
+def test_canary_split_rollback_and_promotion_under_load(endpoint, cli, tmp_path):
+    """A canary gets its share, one that fails is rolled back by the replicas on their own (and the
+    rollback recorded on its version), a healthy one is promoted; the stable version never fails."""
+    from deepyard.serve import rollout
+
+    stable = tracking.model_version("serve-mlp", alias="champion")["version"]
+    healthy = next(v for v in ("1", "2") if v != stable)
+    spec = tmp_path / "diverged.yaml"  # a run that diverged: its weights are NaN, its answers are not JSON
+    spec.write_text(TINY)
+    diverged = last_json(cli("run", str(spec), "--json", "--set", "optim.lr=1e30"))["model_version"]
+    assert "no canary" in cli("rollout", "serve-mlp", "--traffic", "20", expect=2).stderr
+
+    answers, stop = [], threading.Event()
+
+    def hammer():
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                response = client.post(f"{endpoint['url']}/predict", json={"instances": [[0] * 64]})
+                answers.append((response.headers.get("x-deepyard-version"), response.status_code))
+
+    def after(mark: int, seconds: float) -> list:
+        time.sleep(seconds)
+        return answers[mark:]
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        rollout.start("serve-mlp", healthy, 30)
+        time.sleep(2)  # (replicas poll the registry every 0.3 s here)
+        split = after(len(answers), 4)
+        share = sum(version == healthy for version, _ in split) / len(split)
+        assert 0.15 < share < 0.45, (share, len(split))
+
+        rollout.start("serve-mlp", diverged, 50)
+        deadline = time.monotonic() + 30
+        while rollout.state("serve-mlp")[0] is not None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert rollout.state("serve-mlp") == (None, 0.0), "the failing canary was not rolled back"
+        record = tracking.client().get_model_version("serve-mlp", diverged).tags[rollout.RECORD_TAG]
+        assert "rolled back automatically: server errors" in record
+        settled = after(len(answers) + 50, 2)
+        assert settled and all(status == 200 and version == stable for version, status in settled)
+
+        rollout.start("serve-mlp", healthy, 10)
+        time.sleep(1)
+        assert f"promoted serve-mlp version {healthy} to @champion" in cli("rollout", "serve-mlp", "--promote").stderr
+        time.sleep(2)
+        promoted = after(len(answers), 2)
+        assert promoted and all(status == 200 and version == healthy for version, status in promoted)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        tracking.set_alias("serve-mlp", "champion", stable)
+    failed = [(version, status) for version, status in answers if status != 200]
+    assert failed and all(version == diverged for version, _ in failed), failed[:5]  # only the diverged canary's
 
 
 def test_undeploy(endpoint, cli):

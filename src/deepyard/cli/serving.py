@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from deepyard.cli.app import Address, JsonOutput, app, err, out, user_errors
+from deepyard.errors import BadInput
 
 
 @app.command()
@@ -29,12 +30,24 @@ def deploy(
     fast_proxy: Annotated[bool, typer.Option(help="local cluster: Serve's HAProxy high-throughput mode "
                                                   "(--no-fast-proxy: Serve's Python proxy)")] = True,
     try_sample: Annotated[bool, typer.Option(help="send each model one real test input and print its answer")] = False,
+    canary: Annotated[Optional[str], typer.Option(
+        help="a version to try beside the one served (VERSION or NAME@alias); one model only")] = None,
+    traffic: Annotated[float, typer.Option(help="--canary: the percent of requests it gets")] = 10.0,
     json_output: JsonOutput = False,
 ) -> None:
     """Serve registered models over HTTP (Ray Serve), one application per model under /models/NAME."""
     from deepyard.runners import deploy as deploying
-    from deepyard.serve.options import EndpointOptions
+    from deepyard.serve import rollout
+    from deepyard.serve.options import EndpointOptions, parse_model_ref
 
+    if canary is not None:
+        name, alias, _ = parse_model_ref(models[0])
+        if len(models) != 1 or alias is None:
+            raise BadInput("--canary: deploy one model that follows an alias (NAME or NAME@alias), so that a "
+                           "promotion can move the alias")
+        started = rollout.start(name, canary, traffic)
+        err.print(f"[green]canary[/] {name} version {started['canary']} at {traffic:g}% of the traffic",
+                  highlight=False)
     scaling = ({"replicas": None, "min_replicas": min_replicas or 1, "max_replicas": max_replicas or 4}
                if (min_replicas or max_replicas) and not replicas else {"replicas": replicas or 1})
     endpoints = [EndpointOptions(model=ref, max_batch_size=max_batch_size, **scaling) for ref in models]
@@ -47,6 +60,38 @@ def deploy(
     except KeyboardInterrupt:
         err.print("[yellow]stopped[/]: the endpoints are down")
         raise  # exit 130
+
+
+@app.command(name="rollout")
+@user_errors
+def rollout_(
+    name: Annotated[str, typer.Argument(help="the deployed model with a canary")],
+    traffic: Annotated[Optional[float], typer.Option(help="the canary's new percent of the requests")] = None,
+    promote: Annotated[bool, typer.Option("--promote", help="the canary becomes --alias: all requests go to it")
+                       ] = False,
+    rollback: Annotated[bool, typer.Option("--rollback", help="the canary goes: all requests to the stable version")
+                        ] = False,
+    alias: Annotated[str, typer.Option(help="--promote: the alias the endpoint follows")] = "champion",
+    json_output: JsonOutput = False,
+) -> None:
+    """Move a canary rollout on: its share of the traffic, a promotion, or a rollback. Endpoints
+    that follow the model's alias pick it up within seconds (the registry holds the rollout)."""
+    from deepyard.serve import rollout
+
+    if sum([traffic is not None, promote, rollback]) != 1:
+        raise BadInput("rollout: give one of --traffic PERCENT, --promote or --rollback")
+    if promote:
+        result = rollout.promote(name, alias)
+        err.print(f"[green]promoted[/] {name} version {result['promoted']} to @{alias}", highlight=False)
+    elif rollback:
+        result = rollout.rollback(name)
+        err.print(f"[yellow]rolled back[/] {name} version {result['rolled_back']}", highlight=False)
+    else:
+        result = rollout.set_traffic(name, traffic)
+        err.print(f"[green]canary[/] {name} version {result['canary']} at {traffic:g}% of the traffic",
+                  highlight=False)
+    if json_output:
+        print(json.dumps(result))
 
 
 @app.command()

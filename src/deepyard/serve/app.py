@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import os
+import random
 import secrets
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from deepyard.serve.options import EndpointOptions, parse_model_ref
-from deepyard.serve import v2
+from deepyard.serve import rollout, v2
 from deepyard.serve.metrics import EndpointMetrics
 from deepyard.serve.payloads import BadRequest, parse_json
 from deepyard.tasks import Codec, codec
@@ -61,6 +62,17 @@ class PredictResponse(BaseModel):
 
 
 Answer = tuple[int, bytes, dict[str, str]]  # status, body, headers
+VERSION_HEADER = "x-deepyard-version"  # which version answered (a canary, or the stable one)
+
+
+class ModelFailed(Exception):
+    """The model itself failed on a valid request (HTTP 500): counted against its version."""
+
+    status = 500
+
+    def __init__(self, version: str, error: BaseException):
+        super().__init__(f"version {version} failed: {type(error).__name__}: {str(error)[:300]}")
+        self.version = version
 
 
 def _json(status: int, body: dict[str, Any]) -> Answer:
@@ -137,6 +149,15 @@ class ModelEndpoint:
         version = pinned or tracking.model_version(self.name, alias=self.alias, uri=self.uri)["version"]
         self.current = self._load(version)
         self.metrics = EndpointMetrics(self.name)
+        # A canary (serve/rollout.py): only for an endpoint that follows an alias
+        self.canary: Loaded | None = None
+        self.canary_share = 0.0
+        self._rolled_back: str | None = None  # the version this replica rolled back, until the registry agrees
+        self.watch = rollout.Watch(self.options.rollback_window_s, self.options.rollback_min_requests,
+                                   self.options.rollback_error_margin, self.options.rollback_latency_ratio)
+        self._judged_at = 0.0
+        if self.alias:
+            self._follow_canary()
         self._waiting_bodies = 0  # requests of this replica still receiving their bodies (one event loop)
         # past this many, a body gets only the short grace (at most a quarter of the request slots)
         self._patient_bodies = min(self.options.max_waiting_bodies, max(1, self.options.max_ongoing_requests // 4))
@@ -154,7 +175,7 @@ class ModelEndpoint:
         return Loaded(module, version, metadata, info["metrics"], codec(metadata.get("task")))
 
     async def _follow(self) -> None:
-        """Swap in the version the alias points at, whenever it moves."""
+        """Swap in the version the alias points at, whenever it moves, and follow the canary's state."""
         from deepyard import tracking
 
         while True:
@@ -162,9 +183,52 @@ class ModelEndpoint:
             try:
                 info = await asyncio.to_thread(tracking.model_version, self.name, alias=self.alias, uri=self.uri)
                 if info["version"] != self.current.version:
-                    self.current = await asyncio.to_thread(self._load, info["version"])
+                    canary = self.canary  # (a promoted canary is loaded already)
+                    self.current = (canary if canary is not None and canary.version == info["version"]
+                                    else await asyncio.to_thread(self._load, info["version"]))
+                await asyncio.to_thread(self._follow_canary)
             except Exception:  # the registry may be briefly unreachable: keep serving what is loaded
                 logger.exception("could not follow %s@%s", self.name, self.alias)
+
+    def _follow_canary(self) -> None:
+        version, percent = rollout.state(self.name, self.uri)
+        if version != self._rolled_back:
+            self._rolled_back = None
+        if version is None or version == self._rolled_back or version == self.current.version:
+            self.canary, self.canary_share = None, 0.0
+            return
+        if self.canary is None or self.canary.version != version:
+            self.watch.forget(version)
+            self.canary = self._load(version)
+        self.canary_share = percent / 100
+
+    def _pick(self) -> Loaded:
+        canary = self.canary
+        if canary is not None and random.random() < self.canary_share:
+            return canary
+        return self.current
+
+    def _answered(self, route: str, version: str, status: int, started: float) -> None:
+        """Counted (serve/metrics.py), and watched: a canary worse than the stable version goes."""
+        self.metrics.record(route, version, status, started)
+        canary = self.canary
+        if canary is None:
+            return
+        self.watch.add(version, status, time.perf_counter() - started)
+        now = time.monotonic()
+        if version == canary.version and now - self._judged_at > 1.0:  # (at most once a second: it sums the window)
+            self._judged_at = now
+            if reason := self.watch.verdict(self.current.version, canary.version):
+                self.canary, self.canary_share, self._rolled_back = None, 0.0, canary.version
+                logger.warning("%s version %s: %s", self.name, canary.version, reason)
+                asyncio.get_event_loop().create_task(self._record_rollback(canary.version, reason))
+
+    async def _record_rollback(self, version: str, reason: str) -> None:
+        try:  # (another replica may have done it first)
+            if (await asyncio.to_thread(rollout.state, self.name, self.uri))[0] == version:
+                await asyncio.to_thread(rollout.rollback, self.name, reason)
+        except Exception:
+            logger.exception("could not record the rollback of %s version %s", self.name, version)
 
     async def _predict_many(self, batches: list[np.ndarray]) -> list[tuple[np.ndarray, Loaded]]:
         loaded = self.current  # one version for the whole batch
@@ -180,33 +244,46 @@ class ModelEndpoint:
     async def predict(self, request: Request) -> JSONResponse:
         return await self._predict_route(request, "predict")
 
-    async def _predict_route(self, request: Request, route: str) -> JSONResponse:
+    async def _predict_route(self, request: Request, route: str) -> Response:
         started = time.perf_counter()
         try:
-            answer = await self._predictions(await self._body(request))
-        except BadRequest as error:
-            self.metrics.record(route, self.current.version, error.status, started)
+            status, content, headers = await self._predictions(await self._body(request))
+        except (BadRequest, ModelFailed) as error:
+            version = self._blamed(error)
+            self._answered(route, version, error.status, started)
             # (a client that never sent its whole body gets no second chance on this connection)
             return JSONResponse({"error": str(error), "model": self.name}, status_code=error.status,
-                                headers={"Connection": "close"} if error.status == 408 else None)
-        self.metrics.record(route, answer["version"], 200, started)
-        return JSONResponse(answer)
+                                headers={VERSION_HEADER: version, **({"Connection": "close"} if error.status == 408
+                                                                      else {})})
+        self._answered(route, headers[VERSION_HEADER], status, started)
+        return Response(content, status, headers)
 
-    async def _predictions(self, body: Any) -> dict[str, Any]:
+    async def _predictions(self, body: Any) -> Answer:
         outputs, loaded = await self._run(body)
-        predictions = loaded.codec.encode(outputs, loaded.metadata, body, self.options)
-        return {"predictions": predictions, "model": self.name, "version": loaded.version}
+        try:
+            predictions = loaded.codec.encode(outputs, loaded.metadata, body, self.options)
+            content = json.dumps({"predictions": predictions, "model": self.name, "version": loaded.version},
+                                 allow_nan=False).encode()
+        except BadRequest:
+            raise
+        except Exception as error:  # (a model that diverged answers NaN: not JSON)
+            raise ModelFailed(loaded.version, error) from error
+        return 200, content, {"content-type": "application/json", VERSION_HEADER: loaded.version}
 
-    async def _run(self, body: Any) -> tuple[Any, Loaded]:
-        """The task's outputs for a parsed ``{"instances": [...]}`` body, and the version that gave them."""
-        loaded = self.current
+    async def _run(self, body: Any, loaded: Loaded | None = None) -> tuple[Any, Loaded]:
+        """The task's outputs for a parsed ``{"instances": [...]}`` body, and the version that gave
+        them (``loaded``, or the stable version or the canary by the canary's share)."""
+        loaded = loaded or self._pick()
         decoded = loaded.codec.decode(body, loaded.metadata, self.options.max_instances)
-        if not loaded.codec.batchable:  # sampled step by step (text, images): off the event loop
-            outputs = await asyncio.to_thread(loaded.codec.run, loaded.module, decoded, loaded.metadata)
-        elif self.options.max_batch_size > 1:
-            outputs, loaded = await self._predict_batched(decoded)
-        else:
-            outputs = loaded.codec.run(loaded.module, decoded, loaded.metadata)
+        try:
+            if not loaded.codec.batchable:  # sampled step by step (text, images): off the event loop
+                outputs = await asyncio.to_thread(loaded.codec.run, loaded.module, decoded, loaded.metadata)
+            elif self.options.max_batch_size > 1 and loaded is self.current:
+                outputs, loaded = await self._predict_batched(decoded)
+            else:
+                outputs = loaded.codec.run(loaded.module, decoded, loaded.metadata)
+        except Exception as error:
+            raise ModelFailed(loaded.version, error) from error
         return outputs, loaded
 
     # The KServe v1 and v2 paths under this model's own prefix. In front of a local cluster HAProxy
@@ -260,25 +337,39 @@ class ModelEndpoint:
         started = time.perf_counter()
         try:
             answer = await self._predictions(self._parsed(raw, 'send {"instances": [...]}'))
-        except BadRequest as error:
-            self.metrics.record("v1", self.current.version, error.status, started)
-            return _json(error.status, {"error": str(error)})
-        self.metrics.record("v1", answer["version"], 200, started)
-        return _json(200, answer)
+        except (BadRequest, ModelFailed) as error:
+            return self._failed("v1", error, started)
+        self._answered("v1", answer[2][VERSION_HEADER], 200, started)
+        return answer
 
     async def v2_infer(self, raw: bytes, header_length: str | None, version: str | None) -> Answer:
         started = time.perf_counter()
         try:
-            loaded = self._serving(version)
-            request = v2.parse(self._parsed(raw), header_length, loaded.metadata, _takes_numbers(loaded))
-            outputs, loaded = await self._run({**request.parameters, "instances": request.instances})
-            content, headers = v2.response(self.name, loaded.version, request,
-                                           loaded.codec.named_outputs(outputs, loaded.metadata))
-        except BadRequest as error:
-            self.metrics.record("v2", self.current.version, error.status, started)
-            return _json(error.status, {"error": str(error)})
-        self.metrics.record("v2", loaded.version, 200, started)
-        return 200, content, headers
+            asked = self._serving(version) if version is not None else None
+            request = v2.parse(self._parsed(raw), header_length, (asked or self.current).metadata,
+                               _takes_numbers(asked or self.current))
+            outputs, loaded = await self._run({**request.parameters, "instances": request.instances}, asked)
+            try:
+                content, headers = v2.response(self.name, loaded.version, request,
+                                               loaded.codec.named_outputs(outputs, loaded.metadata))
+            except BadRequest:
+                raise
+            except Exception as error:
+                raise ModelFailed(loaded.version, error) from error
+        except (BadRequest, ModelFailed) as error:
+            return self._failed("v2", error, started)
+        self._answered("v2", loaded.version, 200, started)
+        return 200, content, {**headers, VERSION_HEADER: loaded.version}
+
+    def _blamed(self, error: BaseException) -> str:
+        """The version an error counts against: the one that failed, else (bad input) the stable one."""
+        return getattr(error, "version", None) or self.current.version
+
+    def _failed(self, route: str, error: BadRequest | ModelFailed, started: float) -> Answer:
+        version = self._blamed(error)
+        self._answered(route, version, error.status, started)
+        status, content, headers = _json(error.status, {"error": str(error)})
+        return status, content, {**headers, VERSION_HEADER: version}
 
     async def v2_metadata(self, version: str | None) -> Answer:
         try:
@@ -295,7 +386,9 @@ class ModelEndpoint:
             return _json(error.status, {"error": str(error)})
 
     def _serving(self, version: str | None) -> Loaded:
-        loaded = self.current
+        loaded, canary = self.current, self.canary
+        if canary is not None and version == canary.version:
+            return canary
         if version is not None and version != loaded.version:
             raise BadRequest(f"model {self.name!r} version {version!r} is not served here; it serves version "
                              f"{loaded.version} (drop /versions/... to use it)", status=404)

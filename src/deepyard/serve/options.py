@@ -36,6 +36,14 @@ class EndpointOptions(BaseModel):
                                                             "for endpoints that take those")
     follow_alias_s: float = Field(2.0, gt=0, description="how often an alias-following endpoint polls the registry")
     top_k: int = Field(3, ge=1, description="classification: labels in each prediction's top_k")
+    # A canary (serve/rollout.py) is rolled back on its own when, over the window, its share of
+    # server errors exceeds the stable version's by the margin, or its p99 latency the stable p99
+    # times the ratio; judged once it has min_requests answers in the window.
+    rollback_window_s: float = Field(60.0, gt=0, description="canary: the window its answers are judged over")
+    rollback_min_requests: int = Field(20, ge=1, description="canary: answers in the window before it is judged")
+    rollback_error_margin: float = Field(0.05, ge=0, le=1, description="canary: server-error share above the "
+                                                                       "stable version's that rolls it back")
+    rollback_latency_ratio: float = Field(2.0, ge=1, description="canary: p99 over the stable p99 that rolls it back")
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
