@@ -522,8 +522,8 @@ def test_canary_split_rollback_and_promotion_under_load(endpoint, cli, tmp_path)
 
     answers, stop = [], threading.Event()
 
-    def hammer():
-        with httpx.Client(timeout=30) as client:
+    def hammer():  # (with the token of test_bearer_token_and_dynamic_batching's redeploy, if it ran)
+        with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
             while not stop.is_set():
                 response = client.post(f"{endpoint['url']}/predict", json={"instances": [[0] * 64]})
                 answers.append((response.headers.get("x-deepyard-version"), response.status_code))
