@@ -268,6 +268,10 @@ def test_the_open_inference_protocol_through_tritons_own_client(endpoint):
                                                 "data": [0] * 64}], "outputs": [{"name": "logits"}]},
      400, "no output 'logits'; this model's outputs: probabilities, label"),
     ("/v2/models/nope/infer", {"inputs": []}, 404, "no model 'nope' is deployed here"),
+    ("/v2/models/serve-mlp/infer", {"inputs": [{"name": "input", "datatype": "FP32", "shape": [10**2200, 10**2200],
+                                                "data": [1]}]}, 400, "input shape [1000"),  # (was a 500)
+    ("/v2/models/serve-mlp/infer", {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2**20, 2**20],
+                                                "data": [1]}]}, 413, "holds more than 268435456 elements"),
     ("/v1/models/serve-mlp:predict", {"instances": [[0] * 63]}, 400, "instances[0]: shape [63]"),
     ("/v1/models/serve-mlp:predict", b"[" * 20_000, 400, "nested too deeply"),
 ])
@@ -369,15 +373,24 @@ def test_the_gateway_hands_protocol_calls_to_the_model(endpoint):
 
         return [(response.status_code, json.loads(response.body)) for response in asyncio.run(answers())]
 
+    token = f"Bearer {TOKEN}"  # (needed only once test_bearer_token_and_dynamic_batching has run)
     inferred, other_version, bad, metadata, missing = ray.get(through_the_gateway.remote([
-        ("serve-mlp", "v2_infer", body, None, None), ("serve-mlp", "v2_infer", body, None, "7"),
-        ("serve-mlp", "v1_predict", b'{"instances": [[1, 2]]}'), ("serve-mlp", "v2_metadata", None),
-        ("nope", "v2_metadata", None)]))
+        ("serve-mlp", "v2_infer", body, None, None, token), ("serve-mlp", "v2_infer", body, None, "7", token),
+        ("serve-mlp", "v1_predict", b'{"instances": [[1, 2]]}', token), ("serve-mlp", "v2_metadata", None, token),
+        ("nope", "v2_metadata", None, token)]))
     assert inferred[0] == 200 and {o["name"] for o in inferred[1]["outputs"]} == {"probabilities", "label"}
     assert other_version[0] == 404 and "version '7' is not served here" in other_version[1]["error"]
     assert bad[0] == 400 and "instances[0]: shape [2]" in bad[1]["error"]
     assert metadata == (200, {**metadata[1], "name": "serve-mlp"})
     assert missing[0] == 404 and "no model 'nope' is deployed here" in missing[1]["error"]
+
+
+def test_a_binary_header_length_that_is_not_a_small_number_is_a_400(endpoint):
+    base = f"http://127.0.0.1:{endpoint['port']}"
+    for length in ("9" * 5000, "-1", "12x"):  # (5,000 digits: int() refused it, a 500)
+        answer = httpx.post(f"{base}/v2/models/serve-mlp/infer", content=b'{"inputs": []}', timeout=30,
+                            headers={"Inference-Header-Content-Length": length})
+        assert answer.status_code == 400 and "Inference-Header-Content-Length" in answer.json()["error"], answer.text
 
 
 def test_kserve_v1_and_v2_json_paths_answer_as_predict_does(endpoint):
@@ -478,6 +491,16 @@ def test_bearer_token_and_dynamic_batching(endpoint, monkeypatch):
     assert post(endpoint["url"], {"instances": [[0] * 64]},
                 headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
     assert httpx.get(f"{endpoint['url']}/healthz", timeout=10).status_code == 200  # probes need no token
+    # The KServe paths too: their token is the model's own, not what the gateway was deployed with
+    # (deployed before the token existed); %2F is not rewritten by HAProxy and goes through the gateway.
+    base, auth = f"http://127.0.0.1:{endpoint['port']}", {"Authorization": f"Bearer {TOKEN}"}
+    v2_body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0] * 64}]}
+    for path in ("/v2/models/serve-mlp/infer", "/v2%2Fmodels/serve-mlp/infer"):
+        assert httpx.post(base + path, json=v2_body, timeout=30).status_code in (401, 404), path
+    assert httpx.post(f"{base}/v2/models/serve-mlp/infer", json=v2_body, headers=auth, timeout=30).status_code == 200
+    assert httpx.post(f"{base}/v1/models/serve-mlp:predict", json={"instances": [[0] * 64]},
+                      timeout=30).status_code == 401
+    assert httpx.get(f"{base}/v2/models/serve-mlp", timeout=30).status_code == 401
     # Replicas get a salted digest, never the token: passed as is, Ray wrote it to runtime_env_agent.log.
     import ray
 

@@ -21,9 +21,10 @@ _deferred: list[int] = []  # the stop signals that came meanwhile
 
 
 def _interrupt(signum, frame) -> None:
-    if _writes:
+    if _writes and len(_deferred) < 2:  # (a third stop while one write is waiting: the user insists)
         _deferred.append(signum)
         return
+    _deferred.clear()
     raise KeyboardInterrupt
 
 

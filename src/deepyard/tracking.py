@@ -338,13 +338,15 @@ def job_run(spec, *, tags: dict[str, str] | None = None, reopen: str | None = No
             log_metrics(run.id, {f"timing_{name}": value for name, value in run.timings.items()}, 0)
             finish_run(run.id, "FINISHED")
         except KeyboardInterrupt:
-            _stop(run.id, on_stop)
-            finish_run(run.id, "KILLED", killed_note)
+            with stops.writing():  # (one more stop waits until the run is closed)
+                _stop(run.id, on_stop)
+                finish_run(run.id, "KILLED", killed_note)
             raise
         except BaseException as error:  # the run must never be left RUNNING
             run_id = run.id  # (if the run could not even be opened, that error surfaces here)
-            _stop(run_id, on_stop)
-            finish_run(run_id, "FAILED", "".join(traceback.format_exception(error)))
+            with stops.writing():
+                _stop(run_id, on_stop)
+                finish_run(run_id, "FAILED", "".join(traceback.format_exception(error)))
             if isinstance(error, DeepyardError):
                 raise
             raise JobFailed(f"{failure}: {error}; the MLflow run {run_id} is marked FAILED{failure_hint()}") from error
@@ -416,13 +418,13 @@ def log_model(run_id: str, module, input_example, *, registered_name: str | None
             registered_model_name=registered_name,
             **({} if exportable else {"serialization_format": "pickle"}),
         )
-    result = {"model_uri": info.model_uri, "model_name": registered_name, "model_version": None}
-    if registered_name:
-        version = str(info.registered_model_version)
-        mlflow_client = client()
-        for key, value in version_tags.items():
-            mlflow_client.set_model_version_tag(registered_name, version, key, value)
-        result.update(model_version=version, registered_model_uri=f"models:/{registered_name}/{version}")
+        result = {"model_uri": info.model_uri, "model_name": registered_name, "model_version": None}
+        if registered_name:  # (in the same block: a stop never leaves a version without its tags)
+            version = str(info.registered_model_version)
+            mlflow_client = client()
+            for key, value in version_tags.items():
+                mlflow_client.set_model_version_tag(registered_name, version, key, value)
+            result.update(model_version=version, registered_model_uri=f"models:/{registered_name}/{version}")
     return result
 
 

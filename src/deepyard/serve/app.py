@@ -119,16 +119,27 @@ def _expected_digest() -> str | None:
     return token_digest(token, salt="") if token else None
 
 
-async def _authorized(request: Request) -> None:  # async: a sync dependency costs a thread hop per request
+TOKEN_REFUSED = "missing or wrong bearer token (header: Authorization: Bearer $DEEPYARD_API_TOKEN)"
+
+
+def _token_accepted(authorization: str | None) -> bool:
     expected = _expected_digest()
     if not expected:
-        return
-    scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        return True
+    scheme, _, given = (authorization or "").strip().partition(" ")
     salt = expected.split("$", 1)[0]
     # The scheme is case-insensitive (RFC 9110, 11.1): "bearer" is "Bearer".
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(given.strip(), salt), expected):
-        raise HTTPException(401, "missing or wrong bearer token (header: Authorization: Bearer $DEEPYARD_API_TOKEN)",
-                            headers={"WWW-Authenticate": "Bearer"})
+    return scheme.lower() == "bearer" and hmac.compare_digest(token_digest(given.strip(), salt), expected)
+
+
+async def _authorized(request: Request) -> None:  # async: a sync dependency costs a thread hop per request
+    if not _token_accepted(request.headers.get("authorization")):
+        raise HTTPException(401, TOKEN_REFUSED, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _refused() -> Answer:
+    status, content, headers = _json(401, {"error": TOKEN_REFUSED})
+    return status, content, {**headers, "WWW-Authenticate": "Bearer"}
 
 
 # A replaced replica gets 5 s for requests in flight (ms each), not Serve's 20 s: behind HAProxy,
@@ -157,7 +168,10 @@ class ModelEndpoint:
                                    self.options.rollback_error_margin, self.options.rollback_latency_ratio)
         self._judged_at = 0.0
         if self.alias:
-            self._follow_canary()
+            try:
+                self._follow_canary()
+            except Exception:  # a canary that cannot load must not keep the stable version from serving
+                logger.exception("could not load the canary of %s; serving without it", self.name)
         self._waiting_bodies = 0  # requests of this replica still receiving their bodies (one event loop)
         # past this many, a body gets only the short grace (at most a quarter of the request slots)
         self._patient_bodies = min(self.options.max_waiting_bodies, max(1, self.options.max_ongoing_requests // 4))
@@ -198,8 +212,11 @@ class ModelEndpoint:
             self.canary, self.canary_share = None, 0.0
             return
         if self.canary is None or self.canary.version != version:
+            loaded = self._load(version)
+            if version == self._rolled_back:  # (rolled back while it loaded)
+                return
             self.watch.forget(version)
-            self.canary = self._load(version)
+            self.canary = loaded
         self.canary_share = percent / 100
 
     def _pick(self) -> Loaded:
@@ -208,11 +225,12 @@ class ModelEndpoint:
             return canary
         return self.current
 
-    def _answered(self, route: str, version: str, status: int, started: float) -> None:
-        """Counted (serve/metrics.py), and watched: a canary worse than the stable version goes."""
+    def _answered(self, route: str, version: str, status: int, started: float, judged: bool = True) -> None:
+        """Counted (serve/metrics.py), and watched: a canary worse than the stable version goes.
+        (``judged=False``: a request that asked for its version, which the split did not choose.)"""
         self.metrics.record(route, version, status, started)
         canary = self.canary
-        if canary is None:
+        if canary is None or not judged:
             return
         self.watch.add(version, status, time.perf_counter() - started)
         now = time.monotonic()
@@ -226,7 +244,7 @@ class ModelEndpoint:
     async def _record_rollback(self, version: str, reason: str) -> None:
         try:  # (another replica may have done it first)
             if (await asyncio.to_thread(rollout.state, self.name, self.uri))[0] == version:
-                await asyncio.to_thread(rollout.rollback, self.name, reason)
+                await asyncio.to_thread(rollout.rollback, self.name, reason, version)
         except Exception:
             logger.exception("could not record the rollback of %s version %s", self.name, version)
 
@@ -247,7 +265,9 @@ class ModelEndpoint:
     async def _predict_route(self, request: Request, route: str) -> Response:
         started = time.perf_counter()
         try:
-            status, content, headers = await self._predictions(await self._body(request))
+            body = await self._body(request)
+            started = time.perf_counter()  # (what a slow client's upload takes is not the model's time)
+            status, content, headers = await self._predictions(body)
         except (BadRequest, ModelFailed) as error:
             version = self._blamed(error)
             self._answered(route, version, error.status, started)
@@ -291,11 +311,11 @@ class ModelEndpoint:
     # serve/haproxy.py), so they cost no more than /predict; elsewhere the gateway application
     # (serve/gateway.py) answers the standard paths and calls the methods below through a handle.
 
-    @app.post("/v2/infer", dependencies=[Depends(_authorized)], openapi_extra=v2.OPENAPI_BODY)
+    @app.post("/v2/infer", openapi_extra=v2.OPENAPI_BODY)  # (the token is checked in v2_infer)
     async def v2_infer_here(self, request: Request) -> Response:
         return await self._infer_here(request, None)
 
-    @app.post("/v2/versions/{version}/infer", dependencies=[Depends(_authorized)], openapi_extra=v2.OPENAPI_BODY)
+    @app.post("/v2/versions/{version}/infer", openapi_extra=v2.OPENAPI_BODY)
     async def v2_version_infer_here(self, version: str, request: Request) -> Response:
         return await self._infer_here(request, version)
 
@@ -304,15 +324,16 @@ class ModelEndpoint:
             raw = await self._raw_body(request)
         except BadRequest as error:
             return reply(_json(error.status, {"error": str(error)}))
-        return reply(await self.v2_infer(raw, request.headers.get(v2.HEADER_LENGTH), version))
+        return reply(await self.v2_infer(raw, request.headers.get(v2.HEADER_LENGTH), version,
+                                         request.headers.get("authorization")))
 
-    @app.get("/v2", dependencies=[Depends(_authorized)])
-    async def v2_metadata_here(self) -> Response:
-        return reply(await self.v2_metadata(None))
+    @app.get("/v2")
+    async def v2_metadata_here(self, request: Request) -> Response:
+        return reply(await self.v2_metadata(None, request.headers.get("authorization")))
 
-    @app.get("/v2/versions/{version}", dependencies=[Depends(_authorized)])
-    async def v2_version_metadata_here(self, version: str) -> Response:
-        return reply(await self.v2_metadata(version))
+    @app.get("/v2/versions/{version}")
+    async def v2_version_metadata_here(self, version: str, request: Request) -> Response:
+        return reply(await self.v2_metadata(version, request.headers.get("authorization")))
 
     @app.get("/v2/ready")
     async def v2_ready_here(self) -> Response:
@@ -332,8 +353,10 @@ class ModelEndpoint:
 
     # What the protocols' gateway (serve/gateway.py) calls through a handle: (status, body, headers).
 
-    async def v1_predict(self, raw: bytes) -> Answer:
+    async def v1_predict(self, raw: bytes, authorization: str | None = None) -> Answer:
         """KServe v1: ``POST /v1/models/<name>:predict``, the body /predict takes."""
+        if not _token_accepted(authorization):
+            return _refused()
         started = time.perf_counter()
         try:
             answer = await self._predictions(self._parsed(raw, 'send {"instances": [...]}'))
@@ -342,13 +365,15 @@ class ModelEndpoint:
         self._answered("v1", answer[2][VERSION_HEADER], 200, started)
         return answer
 
-    async def v2_infer(self, raw: bytes, header_length: str | None, version: str | None) -> Answer:
+    async def v2_infer(self, raw: bytes, header_length: str | None, version: str | None,
+                       authorization: str | None = None) -> Answer:
+        if not _token_accepted(authorization):
+            return _refused()
         started = time.perf_counter()
         try:
-            asked = self._serving(version) if version is not None else None
-            request = v2.parse(self._parsed(raw), header_length, (asked or self.current).metadata,
-                               _takes_numbers(asked or self.current))
-            outputs, loaded = await self._run({**request.parameters, "instances": request.instances}, asked)
+            loaded = self._serving(version) if version is not None else self._pick()
+            request = v2.parse(self._parsed(raw), header_length, loaded.metadata, _takes_numbers(loaded))
+            outputs, loaded = await self._run({**request.parameters, "instances": request.instances}, loaded)
             try:
                 content, headers = v2.response(self.name, loaded.version, request,
                                                loaded.codec.named_outputs(outputs, loaded.metadata))
@@ -357,21 +382,23 @@ class ModelEndpoint:
             except Exception as error:
                 raise ModelFailed(loaded.version, error) from error
         except (BadRequest, ModelFailed) as error:
-            return self._failed("v2", error, started)
-        self._answered("v2", loaded.version, 200, started)
+            return self._failed("v2", error, started, judged=version is None)
+        self._answered("v2", loaded.version, 200, started, judged=version is None)
         return 200, content, {**headers, VERSION_HEADER: loaded.version}
 
     def _blamed(self, error: BaseException) -> str:
         """The version an error counts against: the one that failed, else (bad input) the stable one."""
         return getattr(error, "version", None) or self.current.version
 
-    def _failed(self, route: str, error: BadRequest | ModelFailed, started: float) -> Answer:
+    def _failed(self, route: str, error: BadRequest | ModelFailed, started: float, judged: bool = True) -> Answer:
         version = self._blamed(error)
-        self._answered(route, version, error.status, started)
+        self._answered(route, version, error.status, started, judged)
         status, content, headers = _json(error.status, {"error": str(error)})
         return status, content, {**headers, VERSION_HEADER: version}
 
-    async def v2_metadata(self, version: str | None) -> Answer:
+    async def v2_metadata(self, version: str | None, authorization: str | None = None) -> Answer:
+        if not _token_accepted(authorization):
+            return _refused()
         try:
             loaded = self._serving(version)
         except BadRequest as error:

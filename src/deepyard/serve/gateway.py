@@ -17,15 +17,14 @@ when models come and go: it finds them by name when asked.
 
 # No `from __future__ import annotations`: FastAPI must see the handlers' real types (serve/app.py).
 import asyncio
-import os
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from deepyard.serve import v2
-from deepyard.serve.app import TOKEN_DIGEST_ENV, TOKEN_ENV, PREDICT_BODY, _authorized, reply, token_digest
+from deepyard.serve.app import PREDICT_BODY, reply
 from deepyard.serve.options import EndpointOptions
 
 APP_NAME = "deepyard-protocols"
@@ -37,6 +36,10 @@ LIMITS = EndpointOptions(model="-")  # the body limits of a model endpoint's def
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def _token(request: Request) -> str | None:
+    return request.headers.get("authorization")
 
 
 def _no_model(name: str) -> JSONResponse:
@@ -102,15 +105,17 @@ class Protocols:
         return JSONResponse({"ready": not waiting, **({"waiting_for": waiting} if waiting else {})},
                             status_code=503 if waiting else 200)
 
-    # Open Inference Protocol: a model (the /versions/<v> forms answer 404 for another version)
+    # Open Inference Protocol: a model (the /versions/<v> forms answer 404 for another version).
+    # The model's replicas check the bearer token (their own, however it changed since this
+    # application was deployed): the header is handed over with the call.
 
-    @app.get("/v2/models/{name}", dependencies=[Depends(_authorized)])
-    async def v2_metadata(self, name: str) -> Response:
-        return await self.hand_over(name, "v2_metadata", None)
+    @app.get("/v2/models/{name}")
+    async def v2_metadata(self, name: str, request: Request) -> Response:
+        return await self.hand_over(name, "v2_metadata", None, _token(request))
 
-    @app.get("/v2/models/{name}/versions/{version}", dependencies=[Depends(_authorized)])
-    async def v2_version_metadata(self, name: str, version: str) -> Response:
-        return await self.hand_over(name, "v2_metadata", version)
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def v2_version_metadata(self, name: str, version: str, request: Request) -> Response:
+        return await self.hand_over(name, "v2_metadata", version, _token(request))
 
     @app.get("/v2/models/{name}/ready")
     async def v2_ready(self, name: str) -> Response:
@@ -120,12 +125,11 @@ class Protocols:
     async def v2_version_ready(self, name: str, version: str) -> Response:
         return await self.hand_over(name, "v2_ready", version)
 
-    @app.post("/v2/models/{name}/infer", dependencies=[Depends(_authorized)], openapi_extra=v2.OPENAPI_BODY)
+    @app.post("/v2/models/{name}/infer", openapi_extra=v2.OPENAPI_BODY)
     async def v2_infer(self, name: str, request: Request) -> Response:
         return await self._infer(name, None, request)
 
-    @app.post("/v2/models/{name}/versions/{version}/infer", dependencies=[Depends(_authorized)],
-              openapi_extra=v2.OPENAPI_BODY)
+    @app.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=v2.OPENAPI_BODY)
     async def v2_version_infer(self, name: str, version: str, request: Request) -> Response:
         return await self._infer(name, version, request)
 
@@ -133,8 +137,8 @@ class Protocols:
         body = await self._body(request)
         if isinstance(body, Response):
             return body
-        return await self.hand_over(name, "v2_infer", body, request.headers.get("inference-header-content-length"),
-                                version)
+        return await self.hand_over(name, "v2_infer", body, request.headers.get(v2.HEADER_LENGTH), version,
+                                    _token(request))
 
     # KServe v1
 
@@ -145,24 +149,35 @@ class Protocols:
             return answer
         return JSONResponse({"name": name, "ready": True})
 
-    @app.post("/v1/models/{name}:predict", dependencies=[Depends(_authorized)], openapi_extra=PREDICT_BODY)
+    @app.post("/v1/models/{name}:predict", openapi_extra=PREDICT_BODY)
     async def v1_predict(self, name: str, request: Request) -> Response:
         body = await self._body(request)
         if isinstance(body, Response):
             return body
-        return await self.hand_over(name, "v1_predict", body)
+        return await self.hand_over(name, "v1_predict", body, _token(request))
 
-
-    # HAProxy sends /v2/models/<name>/... to /models/<name>/v2/... (serve/haproxy.py): what reaches
-    # this application there names no deployed model.
+    # HAProxy sends /v2/models/<name>/... to /models/<name>/v2/... (serve/haproxy.py). What reaches
+    # this application that way is a model deployed under another route_prefix, or none.
     @app.api_route("/models/{name}/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
-    async def no_such_model(self, name: str, rest: str) -> JSONResponse:
+    async def rewritten(self, name: str, rest: str, request: Request) -> Response:
+        if rest == "v1:predict":
+            return await self.v1_predict(name, request)
+        if rest == "v1":
+            return await self.v1_status(name)
+        parts = rest.split("/")
+        version = parts[2] if parts[:2] == ["v2", "versions"] and len(parts) >= 3 else None
+        action = parts[3:] if version is not None else parts[1:]
+        if parts[0] != "v2" or len(action) > 1:
+            return _no_model(name)
+        if action == ["infer"] and request.method == "POST":
+            return await self._infer(name, version, request)
+        if action == ["ready"]:
+            return await self.hand_over(name, "v2_ready", version)
+        if not action:
+            return await self.hand_over(name, "v2_metadata", version, _token(request))
         return _no_model(name)
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """``import_path: deepyard.serve.gateway:build_app`` in a Serve config (``route_prefix: /``)."""
-    actor_options: dict[str, Any] = {"num_cpus": 0.25}
-    if token := os.environ.get(TOKEN_ENV):  # the same bearer token as the models' own paths
-        actor_options["runtime_env"] = {"env_vars": {TOKEN_DIGEST_ENV: token_digest(token)}}
-    return Protocols.options(ray_actor_options=actor_options).bind()
+    return Protocols.bind()

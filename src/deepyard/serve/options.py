@@ -3,7 +3,16 @@ entries and ``serving/*.yaml`` application args are all this model). No Ray impo
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _not_the_gateways(route_prefix: str | None) -> str | None:
+    if route_prefix is not None and route_prefix.rstrip("/") == "":
+        raise ValueError("/ is where the KServe v1/v2 paths of every model answer (serve/gateway.py); "
+                         "give the model a path of its own, such as /models/NAME")
+    return route_prefix
 
 
 class EndpointOptions(BaseModel):
@@ -12,7 +21,8 @@ class EndpointOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="registered model: NAME, NAME@alias or NAME:version (default alias: champion)")
-    route_prefix: str | None = Field(None, description="default: /models/NAME")
+    route_prefix: Annotated[str | None, AfterValidator(_not_the_gateways)] = Field(
+        None, description="default: /models/NAME")
     tracking_uri: str | None = Field(None, description="MLflow; default: MLFLOW_TRACKING_URI or DEEPYARD_HOME's")
     replicas: int | None = Field(1, ge=1, description="fixed replica count (None: autoscale)")
     min_replicas: int = Field(1, ge=0)

@@ -20,6 +20,7 @@ from deepyard.errors import BadInput
 
 CANARY_ALIAS = "canary"
 TRAFFIC_TAG = "deepyard.canary_traffic"
+ALIAS_TAG = "deepyard.canary_for"  # the alias the endpoints follow: what a promotion moves
 RECORD_TAG = "deepyard.rollout"
 
 
@@ -42,8 +43,9 @@ def _percent(value: float) -> float:
     return value
 
 
-def start(name: str, ref: str, percent: float) -> dict[str, Any]:
-    """Put ``ref`` (a version, ``NAME:V`` or ``NAME@alias``) on trial with ``percent`` of the traffic."""
+def start(name: str, ref: str, percent: float, alias: str = "champion") -> dict[str, Any]:
+    """Put ``ref`` (a version, ``NAME:V`` or ``NAME@alias``) on trial with ``percent`` of the traffic,
+    beside what ``alias`` points at (what the endpoints follow)."""
     from deepyard.serve.options import parse_model_ref
 
     ref_name, alias, version = parse_model_ref(ref if (":" in ref or "@" in ref) else f"{name}:{ref}")
@@ -53,6 +55,7 @@ def start(name: str, ref: str, percent: float) -> dict[str, Any]:
     percent = _percent(percent)
     mlflow_client = tracking.client()
     mlflow_client.set_registered_model_tag(name, TRAFFIC_TAG, f"{percent:g}")
+    mlflow_client.set_registered_model_tag(name, ALIAS_TAG, alias)
     mlflow_client.set_registered_model_alias(name, CANARY_ALIAS, found)
     _record(name, found, f"canary at {percent:g}%")
     return {"model": name, "canary": found, "traffic": percent}
@@ -65,18 +68,22 @@ def set_traffic(name: str, percent: float) -> dict[str, Any]:
     return {"model": name, "canary": version, "traffic": percent}
 
 
-def promote(name: str, alias: str = "champion") -> dict[str, Any]:
-    """The canary becomes ``@alias`` (what the endpoints follow): every request goes to it."""
+def promote(name: str, alias: str | None = None) -> dict[str, Any]:
+    """The canary becomes ``@alias`` (default: the alias it was started beside): every request goes to it."""
     version, _ = _require_canary(name)
     mlflow_client = tracking.client()
+    alias = alias or (mlflow_client.get_registered_model(name).tags or {}).get(ALIAS_TAG, "champion")
     mlflow_client.set_registered_model_alias(name, alias, version)
     _end(name)
     _record(name, version, f"promoted to @{alias}")
     return {"model": name, "promoted": version, "alias": alias}
 
 
-def rollback(name: str, reason: str = "rolled back by hand") -> dict[str, Any]:
+def rollback(name: str, reason: str = "rolled back by hand", expected: str | None = None) -> dict[str, Any]:
+    """``expected``: only if that version is the canary still (a replica's rollback must not end a newer one)."""
     version, _ = _require_canary(name)
+    if expected is not None and version != expected:
+        return {"model": name, "rolled_back": None, "reason": f"version {expected} is no longer the canary"}
     _end(name)
     _record(name, version, reason)
     return {"model": name, "rolled_back": version, "reason": reason}
@@ -118,7 +125,8 @@ class Watch:
             answers.popleft()
 
     def verdict(self, stable: str, canary: str) -> str | None:
-        """Why the canary must go (None: it may stay)."""
+        """Why the canary must go (None: it may stay). A p99 needs more answers than an error share
+        (five times ``min_requests``): with 20, it was the second slowest, and two slow clients decided."""
         ours, theirs = self._answers.get(canary, ()), self._answers.get(stable, ())
         if len(ours) < self.min_requests:
             return None
@@ -127,7 +135,7 @@ class Watch:
         if our_errors > their_errors + self.error_margin:
             return (f"rolled back automatically: server errors {our_errors:.0%} against {their_errors:.0%} of "
                     f"version {stable} over {self.window_s:g} s")
-        if len(theirs) >= self.min_requests:
+        if min(len(ours), len(theirs)) >= 5 * self.min_requests:
             ours_p99, theirs_p99 = _p99(ours), _p99(theirs)
             if ours_p99 > self.latency_ratio * theirs_p99:
                 return (f"rolled back automatically: p99 {1000 * ours_p99:.1f} ms against {1000 * theirs_p99:.1f} ms "

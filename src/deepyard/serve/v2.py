@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ NUMERIC = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": n
            "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
            "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
 DATATYPE = {np.dtype(dtype): name for name, dtype in NUMERIC.items()}
+MAX_ELEMENTS = 2**28  # in one input tensor (a body is at most max_body_bytes anyway)
 EXPECTED = 'send {"inputs": [{"name": "input", "datatype": "FP32", "shape": [batch, ...], "data": [...]}]}'
 
 
@@ -80,7 +82,7 @@ def parse(raw: bytes, header_length: str | None, metadata: dict[str, Any], numer
     """An infer request's body -> the instances the task's codec takes; BadRequest names what is wrong."""
     binary = b""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(raw):
+        if not re.fullmatch(r"[0-9]{1,12}", header_length) or int(header_length) > len(raw):
             raise BadRequest(f"{HEADER_LENGTH}: {header_length[:40]!r}; must be the length of the JSON part "
                              f"(at most the body's {len(raw)} bytes)")
         raw, binary = raw[:int(header_length)], raw[int(header_length):]
@@ -122,10 +124,13 @@ def _describe(tensor: dict[str, Any]) -> str:
 def _instances(tensor: dict[str, Any], binary: bytes, metadata: dict[str, Any], numeric: bool) -> tuple[list, int]:
     expected = _describe(input_tensor(metadata, numeric))
     datatype, shape = tensor.get("datatype"), tensor.get("shape")
-    if not isinstance(shape, list) or not shape or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-        raise BadRequest(f"input shape {shape!r}: a list of sizes, the batch first; this model takes {expected}")
+    if not isinstance(shape, list) or not 0 < len(shape) <= 8 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_ELEMENTS for n in shape):
+        raise BadRequest(f"input shape {str(shape)[:100]}: up to 8 sizes from 0 to {MAX_ELEMENTS}, the batch "
+                         f"first; this model takes {expected}")
     size = math.prod(shape)
+    if size > MAX_ELEMENTS:
+        raise BadRequest(f"input shape {shape} holds more than {MAX_ELEMENTS} elements", status=413)
     parameters = _object(tensor.get("parameters"), "input parameters")
     nbytes = parameters.get("binary_data_size")
     if nbytes is not None and (not isinstance(nbytes, int) or isinstance(nbytes, bool)
@@ -227,7 +232,7 @@ def response(model: str, version: str, request: InferRequest, outputs: dict[str,
     answer = {"model_name": model, "model_version": version, "outputs": tensors}
     if request.id is not None:
         answer["id"] = request.id
-    header = json.dumps(answer).encode()
+    header = json.dumps(answer, allow_nan=False).encode()  # (NaN is not JSON: a model that diverged fails)
     if not blobs:
         return header, {"content-type": "application/json"}
     return header + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
