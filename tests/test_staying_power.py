@@ -111,6 +111,41 @@ def test_a_stop_waits_for_the_mlflow_write_it_comes_during():
     assert len(tracking.metric_history(run_id, "stops")) == 20
 
 
+def test_stops_during_a_write_are_held_until_it_ends_and_a_third_one_is_not():
+    """A second Ctrl-C while a stopped run is being closed waits for the closing (job_run holds it
+    in one block); a third during one write interrupts at once: the user insists."""
+    import signal
+
+    from deepyard import stops
+
+    def stop() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.sigtimedwait([], 0.05)  # (the handler runs between bytecodes: give it one)
+
+    previous = stops.on_signals()
+    try:
+        reached = []
+        with pytest.raises(KeyboardInterrupt):
+            with stops.writing():
+                stop()
+                with stops.writing():  # (nested: held until the outer block ends)
+                    stop()
+                reached.append("after both")
+        assert reached == ["after both"]
+        with pytest.raises(KeyboardInterrupt):
+            with stops.writing():
+                stop()
+                stop()
+                stop()  # the third raises here, inside the block
+                reached.append("never")
+        assert reached == ["after both"]
+        with stops.writing():  # and nothing stale is left for the next write
+            reached.append("clean")
+        assert reached == ["after both", "clean"]
+    finally:
+        stops.restore(previous)
+
+
 def test_an_unwritable_home_or_store_is_refused_before_ray_starts(cli, write_spec, tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
