@@ -575,7 +575,7 @@ def test_canary_split_rollback_and_promotion_under_load(endpoint, cli, tmp_path)
         settled = after(len(answers) + 50, 2)
         assert settled and all(status == 200 and version == stable for version, status in settled)
 
-        rollout.start("serve-mlp", healthy, 10)
+        rollout.start("serve-mlp", healthy, 10)  # (beside @champion, what a promotion moves)
         time.sleep(1)
         assert f"promoted serve-mlp version {healthy} to @champion" in cli("rollout", "serve-mlp", "--promote").stderr
         time.sleep(2)
@@ -588,6 +588,26 @@ def test_canary_split_rollback_and_promotion_under_load(endpoint, cli, tmp_path)
         tracking.set_alias("serve-mlp", "champion", stable)
     failed = [(version, status) for version, status in answers if status != 200]
     assert failed and all(version == diverged for version, _ in failed), failed[:5]  # only the diverged canary's
+
+
+def test_a_promotion_moves_the_alias_the_canary_was_started_beside(cli, tmp_path):
+    """An endpoint that follows @staging: --promote moved @champion instead, which was a rollback in effect."""
+    from deepyard.serve import rollout
+
+    registry = tracking.client()
+    registry.create_registered_model("canary-beside-staging")
+    for _ in range(2):
+        registry.create_model_version("canary-beside-staging", source=str(tmp_path))
+    registry.set_registered_model_alias("canary-beside-staging", "staging", "1")
+    rollout.start("canary-beside-staging", "2", 20, alias="staging")
+    assert "no canary" not in cli("rollout", "canary-beside-staging", "--traffic", "40").stderr
+    assert rollout.state("canary-beside-staging") == ("2", 40.0)
+    assert "to @staging" in cli("rollout", "canary-beside-staging", "--promote").stderr
+    assert registry.get_registered_model("canary-beside-staging").aliases == {"staging": 2}
+    assert rollout.state("canary-beside-staging") == (None, 0.0)
+    assert "promoted to @staging" in registry.get_model_version("canary-beside-staging", "2").tags[rollout.RECORD_TAG]
+    assert "give one of --traffic" in cli("rollout", "canary-beside-staging", "--promote", "--rollback",
+                                          expect=2).stderr
 
 
 def test_undeploy(endpoint, cli):

@@ -45,7 +45,7 @@ def deploy(
         if len(models) != 1 or alias is None:
             raise BadInput("--canary: deploy one model that follows an alias (NAME or NAME@alias), so that a "
                            "promotion can move the alias")
-        started = rollout.start(name, canary, traffic)
+        started = rollout.start(name, canary, traffic, alias=alias)
         err.print(f"[green]canary[/] {name} version {started['canary']} at {traffic:g}% of the traffic",
                   highlight=False)
     scaling = ({"replicas": None, "min_replicas": min_replicas or 1, "max_replicas": max_replicas or 4}
@@ -71,7 +71,8 @@ def rollout_(
                        ] = False,
     rollback: Annotated[bool, typer.Option("--rollback", help="the canary goes: all requests to the stable version")
                         ] = False,
-    alias: Annotated[str, typer.Option(help="--promote: the alias the endpoint follows")] = "champion",
+    alias: Annotated[Optional[str], typer.Option(
+        help="--promote: the alias to move (default: the one the canary was started beside)")] = None,
     json_output: JsonOutput = False,
 ) -> None:
     """Move a canary rollout on: its share of the traffic, a promotion, or a rollback. Endpoints
@@ -82,7 +83,7 @@ def rollout_(
         raise BadInput("rollout: give one of --traffic PERCENT, --promote or --rollback")
     if promote:
         result = rollout.promote(name, alias)
-        err.print(f"[green]promoted[/] {name} version {result['promoted']} to @{alias}", highlight=False)
+        err.print(f"[green]promoted[/] {name} version {result['promoted']} to @{result['alias']}", highlight=False)
     elif rollback:
         result = rollout.rollback(name)
         err.print(f"[yellow]rolled back[/] {name} version {result['rolled_back']}", highlight=False)

@@ -48,10 +48,10 @@ def start(name: str, ref: str, percent: float, alias: str = "champion") -> dict[
     beside what ``alias`` points at (what the endpoints follow)."""
     from deepyard.serve.options import parse_model_ref
 
-    ref_name, alias, version = parse_model_ref(ref if (":" in ref or "@" in ref) else f"{name}:{ref}")
+    ref_name, ref_alias, version = parse_model_ref(ref if (":" in ref or "@" in ref) else f"{name}:{ref}")
     if ref_name != name:
         raise BadInput(f"--canary {ref}: a version of {name} (VERSION, {name}:VERSION or {name}@alias)")
-    found = tracking.model_version(name, alias=alias, version=version)["version"]
+    found = tracking.model_version(name, alias=ref_alias, version=version)["version"]
     percent = _percent(percent)
     mlflow_client = tracking.client()
     mlflow_client.set_registered_model_tag(name, TRAFFIC_TAG, f"{percent:g}")
