@@ -148,15 +148,18 @@ def _train_worker_node(address: str) -> str | None:
 def test_training_survives_losing_its_worker_node(cluster, cli, write_spec):
     """SIGKILL the node the training worker lives on: Ray Train restarts the worker group on the
     other node from the last checkpoint, and the job and its run finish. (Runs last: it loses a node.)"""
-    job = last_json(cli("submit", spec(write_spec, "node_loss", epochs=100), "--json"))["submission_id"]
-    run = wait_for(lambda: _running_run("node_loss"), what="the job's first epoch")
-    node = wait_for(lambda: _train_worker_node(cluster["address"]), what="the training worker's node")
+    # (300 epochs: since the trial hands its metrics to the driver, 100 could end before the node
+    # was found; the node is looked for first, while the trial starts)
+    epochs = 300
+    job = last_json(cli("submit", spec(write_spec, "node_loss", epochs=epochs), "--json"))["submission_id"]
+    node = wait_for(lambda: _train_worker_node(cluster["address"]), what="the training worker's node", job=job)
+    run = wait_for(lambda: _running_run("node_loss"), what="the job's first epoch", job=job)
     assert node.startswith("worker_")
     local_cluster.kill_node(node)
     client = submitting.client(None)
     assert submitting.wait(client, job, timeout_s=300) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
     finished = MlflowClient().get_run(run.info.run_id)
-    assert finished.info.status == "FINISHED" and finished.data.metrics["epoch"] == 100
+    assert finished.info.status == "FINISHED" and finished.data.metrics["epoch"] == epochs
     resumed = tracking.metric_history(run.info.run_id, "resumed_from_epoch")
     assert resumed and resumed[0][1] >= 1, "the worker group was not restarted from a checkpoint"
     assert wait_for(lambda: last_json(cli("cluster", "status", "--json"))["alive_nodes"] == 2, timeout_s=60,
