@@ -608,6 +608,23 @@ def load_model(name: str, version: str, uri: str | None = None):
     return module, metadata
 
 
+def load_exported(name: str, version: str, uri: str | None = None):
+    """The version's ``torch.export`` program, unflattened into its module tree (the layers by the
+    names they had in training: what per-layer attributions need), or None for a version logged as
+    TorchScript (int8: no gradients to explain with)."""
+    import mlflow
+    import torch
+
+    mlflow.set_tracking_uri(_ready(uri or tracking_uri()))
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
+    found = sorted(local.rglob("*.pt2"))
+    if not found:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (unflatten's notices about the graph's signature)
+        return torch.export.unflatten(torch.export.load(str(found[0])))
+
+
 def model_metadata(name: str, version: str) -> dict[str, Any]:
     """What ``log_model`` stored with the version: task, input shape, class names, vocabulary..."""
     import mlflow

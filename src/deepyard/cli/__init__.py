@@ -1,6 +1,6 @@
 """The `deepyard` command, one module per group of commands (``app.py``: what they share):
 
-``jobs``     validate, run, data        ``models``   models list / show / promote
+``jobs``     validate, run, data        ``models``   models list / show / promote, explain
 ``serving``  deploy, undeploy, endpoints, predict     ``rl``  rl eval
 ``cluster``  submit, jobs ..., cluster ...
 """

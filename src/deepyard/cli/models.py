@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from deepyard.cli.app import app, err, out, user_errors
+from deepyard.cli.app import JsonOutput, app, err, out, user_errors
 
 models_app = typer.Typer(no_args_is_help=False, help="Registered models: list them, move an alias.")
 app.add_typer(models_app, name="models")
@@ -59,3 +60,54 @@ def promote(
     set_alias(name, alias, version)
     err.print(f"[green]{name}@{alias}[/] -> version {version}; deployed endpoints following @{alias} "
               "switch to it without dropping requests")
+
+
+@app.command()
+@user_errors
+def explain(
+    ref: Annotated[str, typer.Argument(help="NAME@alias (default @champion) or NAME:version")],
+    input_: Annotated[Path, typer.Option(
+        "--input", help='a JSON file ({"instances": [...]} or a list) or a PNG image, as `deepyard predict` takes')],
+    method: Annotated[str, typer.Option(help="integrated_gradients | saliency | gradient_shap")] = (
+        "integrated_gradients"),
+    steps: Annotated[int, typer.Option(help="integrated gradients' path points; gradient SHAP's samples")] = 50,
+    baseline: Annotated[str, typer.Option(help="auto | zeros | mean | unk (text)")] = "auto",
+    target: Annotated[Optional[str], typer.Option(
+        help="class name or index (default: the predicted one); a forecast's step")] = None,
+    top: Annotated[int, typer.Option(help="the most-attributed inputs shown per instance")] = 5,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="where the pictures go")] = Path("explanations"),
+    json_output: JsonOutput = False,
+) -> None:
+    """Why a registered model answers what it does: attributions of each input (Captum), printed,
+    and drawn as pictures (heatmaps, or bars per feature, time step or token)."""
+    import pydantic
+
+    from deepyard.errors import BadInput
+    from deepyard.explain.local import explain_version
+    from deepyard.explain.options import ExplainOptions
+    from deepyard.serve.options import parse_model_ref
+    from deepyard.tracking import model_version
+
+    try:
+        options = ExplainOptions(method=method, steps=steps, baseline=baseline, top_attributions=top,
+                                 target=int(target) if target is not None and target.isdigit() else target)
+    except pydantic.ValidationError as error:
+        raise BadInput("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())) from None
+    name, alias, version = parse_model_ref(ref)
+    version = model_version(name, alias=alias, version=version)["version"]
+    result = explain_version(name, version, input_, options, out_dir)
+    if json_output:
+        print(json.dumps(result))
+        return
+    for index, explanation in enumerate(result["explanations"]):
+        table = Table(title=f"{name}:{version} instance {index}: target {explanation['target']}, "
+                            f"output {explanation['output']:.4g} (baseline {explanation['baseline_output']:.4g})")
+        table.add_column("input")
+        table.add_column("value")
+        table.add_column("attribution", justify="right")
+        for entry in explanation["top"]:
+            where = next(entry[key] for key in ("feature", "token", "step", "pixel") if key in entry)
+            table.add_row(str(where), str(entry.get("value", "")), f"{entry['attribution']:+.4g}")
+        out.print(table)
+    for picture in result["pictures"]:
+        err.print(f"wrote {picture}")

@@ -324,6 +324,8 @@ def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, An
                 "feature_names": splits.feature_names, "job": spec.name}
     if splits.is_text:  # the served model tokenizes requests with the training vocabulary
         metadata.update(vocab=splits.vocab, token_level="char" if splits.join_with == "" else "word")
+    if splits.persistence:  # forecasting windows: explained per past time step
+        metadata["series"] = True
     if splits.is_image:  # PNG requests are scaled from 0-255 into the data set's own pixel range
         metadata["pixel_max"] = float(splits.x_train.max())
     metadata.update(task.serving_metadata(pipeline, splits))

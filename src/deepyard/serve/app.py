@@ -1,6 +1,7 @@
 """A registered model as a Ray Serve application: a typed FastAPI app under ``/models/<name>``.
 
     POST /models/<name>/predict   {"instances": [...]} -> {"predictions": [...], "model", "version"}
+    POST /models/<name>/explain   the same, and how to explain it -> and {"explanations": [...]}
     GET  /models/<name>/          metadata: task, input shape, version, alias, test metrics
     GET  /models/<name>/healthz   200 once the model is loaded
     GET  /models/<name>/docs      OpenAPI docs (FastAPI)
@@ -32,8 +33,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
 
+from deepyard.explain.options import ExplainOptions
 from deepyard.serve.options import EndpointOptions, parse_model_ref
 from deepyard.serve import rollout, v2
+from deepyard.serve.explaining import Explanations
 from deepyard.serve.metrics import EndpointMetrics
 from deepyard.serve.payloads import BadRequest, parse_json
 from deepyard.tasks import Codec, codec
@@ -59,6 +62,21 @@ class PredictResponse(BaseModel):
     predictions: list[Any]
     model: str
     version: str
+
+
+class ExplainRequest(ExplainOptions, PredictRequest):
+    """The predict body, and how to explain it."""
+
+
+EXPLAIN_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": ExplainRequest.model_json_schema()}}}}
+
+
+class ExplainResponse(PredictResponse):
+    explanations: list[Any] = Field(description="per instance: the target explained, its attributions in the "
+                                                "input's shape (or per feature, step or token), the most-"
+                                                "attributed inputs (top), and the output at the input and at "
+                                                "the baseline")
 
 
 Answer = tuple[int, bytes, dict[str, str]]  # status, body, headers
@@ -160,6 +178,7 @@ class ModelEndpoint:
         version = pinned or tracking.model_version(self.name, alias=self.alias, uri=self.uri)["version"]
         self.current = self._load(version)
         self.metrics = EndpointMetrics(self.name)
+        self.explaining = Explanations(self.name, self.uri, self.options)
         # A canary (serve/rollout.py): only for an endpoint that follows an alias
         self.canary: Loaded | None = None
         self.canary_share = 0.0
@@ -351,7 +370,58 @@ class ModelEndpoint:
     async def v1_predict_here(self, request: Request) -> Response:
         return await self._predict_route(request, "v1")
 
+    @app.post("/explain", response_model=ExplainResponse, dependencies=[Depends(_authorized)],
+              openapi_extra=EXPLAIN_BODY,
+              responses={400: {"description": "bad input, or an option this model cannot take"},
+                         401: {"description": "missing or wrong bearer token"},
+                         413: {"description": "too many instances, or too large a body"},
+                         503: {"description": "not finished within the endpoint's explain_timeout_s"}})
+    async def explain(self, request: Request) -> Response:
+        return await self._explain_route(request, "explain")
+
+    @app.post("/v1:explain", dependencies=[Depends(_authorized)], openapi_extra=EXPLAIN_BODY)
+    async def v1_explain_here(self, request: Request) -> Response:
+        return await self._explain_route(request, "v1_explain")
+
+    async def _explain_route(self, request: Request, route: str) -> Response:
+        try:
+            body = await self._body(request)
+        except BadRequest as error:
+            return reply(self._failed(route, error, time.perf_counter(), judged=False))
+        return reply(await self._explanations(body, route))
+
+    async def _explanations(self, body: Any, route: str) -> Answer:
+        """Explained by the version the split picks, never judged as a canary's answer: an
+        explanation takes hundreds of predictions' time."""
+        started = time.perf_counter()
+        loaded = self._pick()
+        try:
+            try:
+                explanations = await self.explaining.explain(loaded, body)
+                outputs, loaded = await self._run(body, loaded)
+                content = json.dumps({"explanations": explanations, "model": self.name, "version": loaded.version,
+                                      "predictions": loaded.codec.encode(outputs, loaded.metadata, body, self.options)},
+                                     allow_nan=False).encode()
+            except (BadRequest, ModelFailed):
+                raise
+            except Exception as error:  # (a model that diverged: NaN attributions)
+                raise ModelFailed(loaded.version, error) from error
+        except (BadRequest, ModelFailed) as error:
+            return self._failed(route, error, started, judged=False)
+        self._answered(route, loaded.version, 200, started, judged=False)
+        return 200, content, {"content-type": "application/json", VERSION_HEADER: loaded.version}
+
     # What the protocols' gateway (serve/gateway.py) calls through a handle: (status, body, headers).
+
+    async def v1_explain(self, raw: bytes, authorization: str | None = None) -> Answer:
+        """KServe v1: ``POST /v1/models/<name>:explain``, the body /explain takes."""
+        if not _token_accepted(authorization):
+            return _refused()
+        try:
+            body = self._parsed(raw, 'send {"instances": [...]}')
+        except BadRequest as error:
+            return self._failed("v1_explain", error, time.perf_counter(), judged=False)
+        return await self._explanations(body, "v1_explain")
 
     async def v1_predict(self, raw: bytes, authorization: str | None = None) -> Answer:
         """KServe v1: ``POST /v1/models/<name>:predict``, the body /predict takes."""

@@ -10,6 +10,7 @@ deployment through a handle:
     KServe v1
     GET  /v1/models/<name>
     POST /v1/models/<name>:predict
+    POST /v1/models/<name>:explain
 
 Each model stays its own application (replaced or removed alone); this one needs no redeploy
 when models come and go: it finds them by name when asked.
@@ -24,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from deepyard.serve import v2
-from deepyard.serve.app import PREDICT_BODY, reply
+from deepyard.serve.app import EXPLAIN_BODY, PREDICT_BODY, reply
 from deepyard.serve.options import EndpointOptions
 
 APP_NAME = "deepyard-protocols"
@@ -156,12 +157,21 @@ class Protocols:
             return body
         return await self.hand_over(name, "v1_predict", body, _token(request))
 
+    @app.post("/v1/models/{name}:explain", openapi_extra=EXPLAIN_BODY)
+    async def v1_explain(self, name: str, request: Request) -> Response:
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        return await self.hand_over(name, "v1_explain", body, _token(request))
+
     # HAProxy sends /v2/models/<name>/... to /models/<name>/v2/... (serve/haproxy.py). What reaches
     # this application that way is a model deployed under another route_prefix, or none.
     @app.api_route("/models/{name}/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
     async def rewritten(self, name: str, rest: str, request: Request) -> Response:
         if rest == "v1:predict":
             return await self.v1_predict(name, request)
+        if rest == "v1:explain":
+            return await self.v1_explain(name, request)
         if rest == "v1":
             return await self.v1_status(name)
         parts = rest.split("/")

@@ -46,6 +46,11 @@ class EndpointOptions(BaseModel):
                                                             "for endpoints that take those")
     follow_alias_s: float = Field(2.0, gt=0, description="how often an alias-following endpoint polls the registry")
     top_k: int = Field(3, ge=1, description="classification: labels in each prediction's top_k")
+    max_explain_instances: int = Field(16, ge=1, description="instances per /explain request (more: HTTP 413): "
+                                                             "each costs `steps` forward and backward passes")
+    explain_timeout_s: float = Field(30.0, gt=0, description="an /explain request's limit, its wait for the "
+                                                             "replica's one explanation at a time included "
+                                                             "(past it: HTTP 503)")
     # A canary (serve/rollout.py) is rolled back on its own when, over the window, its share of
     # server errors exceeds the stable version's by the margin, or its p99 latency the stable p99
     # times the ratio; judged once it has min_requests answers in the window.

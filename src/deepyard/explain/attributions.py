@@ -1,0 +1,243 @@
+"""Why a served model answered what it did: Captum attributions of one output to the raw inputs.
+
+The registered model takes raw inputs (its preprocessing is inside), so attributions come in the
+data's own units: per pixel, per named feature, per past time step, or per token (through the token
+embedding, as token ids have no gradient). Every method runs on the version as it is served, the
+``torch.export`` program (unflattened, so the embedding layer can be found by name).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepyard.explain.options import ExplainOptions
+from deepyard.serve.payloads import BadRequest
+
+EXPLAINABLE_TASKS = ("classification", "regression")
+INTERNAL_BATCH = 64  # points of an integrated-gradients path evaluated at once: bounds the memory
+
+
+class ExplainTimeout(Exception):
+    """The request's explanations did not finish within the endpoint's time limit."""
+
+
+def input_kind(metadata: dict[str, Any]) -> str:
+    """image | text | series (a forecast's window: time steps x features) | table."""
+    if metadata.get("vocab"):
+        return "text"
+    shape = metadata["input_shape"]
+    if len(shape) == 3:
+        return "image"
+    return "series" if metadata.get("series") or len(shape) == 2 else "table"
+
+
+def check_explainable(metadata: dict[str, Any], name: str) -> None:
+    task = metadata.get("task")
+    if task not in EXPLAINABLE_TASKS:
+        raise BadRequest(f"{name} is a {task} model; explanations are for {' and '.join(EXPLAINABLE_TASKS)} "
+                         "models (an output per input to attribute)")
+
+
+class Explainer:
+    """Attributions for one served version. ``module``: raw inputs -> served outputs (probabilities,
+    or values in the target's units)."""
+
+    def __init__(self, module: nn.Module, metadata: dict[str, Any], name: str = "the model"):
+        check_explainable(metadata, name)
+        self.module, self.metadata, self.name = module, metadata, name
+        self.kind = input_kind(metadata)
+        self.token_layer = token_embedding(module, len(metadata["vocab"])) if self.kind == "text" else None
+        self.mean, self.std = training_stats(module)
+
+    def explain(self, inputs: np.ndarray, options: ExplainOptions, deadline: float | None = None) -> list[dict]:
+        """One explanation per instance of ``inputs`` (decoded as for predict). Raises BadRequest for
+        an option this model cannot take, ExplainTimeout past ``deadline`` (time.monotonic)."""
+        if self.kind == "text" and options.method == "saliency":
+            raise BadRequest("saliency is the gradient with respect to the input, and token ids have none; "
+                             "text models take method integrated_gradients or gradient_shap")
+        x = torch.as_tensor(inputs)
+        with torch.no_grad():
+            outputs = self.module(x)
+        targets = self._targets(outputs, options.target)
+        baseline_name, baselines = self._baselines(x, options.baseline)
+        explained = []
+        for index in range(len(x)):
+            if deadline is not None and time.monotonic() > deadline:
+                raise ExplainTimeout(f"explained {index} of {len(x)} instances before the time limit")
+            one, start = x[index:index + 1], baselines[index:index + 1]
+            attributions, delta = self._attribute(one, start, targets[index], options)
+            with torch.no_grad():
+                scores = self._score(self.module(torch.cat([one, start])), targets[index])
+            explanation = {"target": self._target_name(targets[index]), "method": options.method,
+                           "baseline": baseline_name, "output": scores[0], "baseline_output": scores[1],
+                           **self._describe(one[0].numpy(), attributions, options)}
+            if delta is not None:  # completeness: the attributions add up to output - baseline_output
+                explanation["convergence_delta"] = delta
+            explained.append(explanation)
+        return explained
+
+    # -- targets and baselines ------------------------------------------------------------------
+
+    def _targets(self, outputs: torch.Tensor, asked: str | int | None) -> list[int | None]:
+        if self.metadata["task"] == "classification":
+            names = self.metadata.get("class_names") or [str(i) for i in range(outputs.shape[-1])]
+            if asked is None:
+                return outputs.argmax(-1).tolist()
+            if isinstance(asked, str) and asked in names:
+                return [names.index(asked)] * len(outputs)
+            if isinstance(asked, int) and 0 <= asked < len(names):
+                return [asked] * len(outputs)
+            raise BadRequest(f"target {asked!r} is not a class of {self.name}: one of {names} "
+                             f"(or an index 0..{len(names) - 1})")
+        if outputs.ndim == 1:  # one value per instance
+            if asked not in (None, 0):
+                raise BadRequest(f"target {asked!r}: {self.name} predicts one value; leave target out")
+            return [None] * len(outputs)
+        steps = outputs.shape[-1]
+        step = 0 if asked is None else asked
+        if not isinstance(step, int) or not 0 <= step < steps:
+            raise BadRequest(f"target {asked!r}: {self.name} forecasts {steps} steps; give a step 0..{steps - 1}")
+        return [step] * len(outputs)
+
+    def _target_name(self, target: int | None) -> str | int | None:
+        names = self.metadata.get("class_names")
+        return names[target] if names and target is not None else target
+
+    @staticmethod
+    def _score(outputs: torch.Tensor, target: int | None) -> list[float]:
+        return (outputs if target is None else outputs[:, target]).tolist()
+
+    def _baselines(self, x: torch.Tensor, asked: str) -> tuple[str, torch.Tensor]:
+        name = asked if asked != "auto" else {"image": "zeros", "text": "unk"}.get(self.kind, "mean")
+        if self.kind == "text":  # every word unknown; padding stays padding, so the attention mask is the same
+            if name != "unk":
+                raise BadRequest(f"baseline {name}: a text model's baseline is unk (every word <unk>)")
+            return name, torch.where(x == 0, 0, 1)  # ids 0 and 1: <pad> and <unk>
+        if name == "unk":
+            raise BadRequest("baseline unk is for text models; this one takes zeros or mean")
+        if name == "mean":
+            if self.mean is None:
+                raise BadRequest(f"baseline mean: {self.name} keeps no training statistics; use baseline zeros")
+            return name, self.mean.expand_as(x).clone()
+        return name, torch.zeros_like(x)
+
+    def _shap_baselines(self, start: torch.Tensor) -> torch.Tensor:
+        """Gradient SHAP's distribution of baselines: the chosen one and noisy copies of it (text: the
+        <unk> sequence alone; interpolation happens at the embedding)."""
+        if self.kind == "text":
+            return start
+        spread = self.std if self.std is not None else torch.ones_like(start[0])
+        noise = torch.randn((8, *start.shape[1:]), generator=torch.Generator().manual_seed(0)) * spread
+        return torch.cat([start, start + noise])
+
+    # -- attributions -----------------------------------------------------------------------------
+
+    def _attribute(self, one: torch.Tensor, start: torch.Tensor, target: int | None,
+                   options: ExplainOptions) -> tuple[np.ndarray, float | None]:
+        from captum import attr
+
+        layer = self.token_layer
+        if options.method == "saliency":
+            method = attr.Saliency(self.module)
+            return method.attribute(one.float(), target=target, abs=False)[0].detach().numpy(), None
+        if options.method == "integrated_gradients":
+            method = (attr.LayerIntegratedGradients(self.module, layer) if layer is not None
+                      else attr.IntegratedGradients(self.module))
+            result, delta = method.attribute(one, baselines=start, target=target, n_steps=options.steps,
+                                             internal_batch_size=INTERNAL_BATCH, return_convergence_delta=True)
+        else:  # gradient_shap: seeded, so the same request gets the same answer
+            method = (attr.LayerGradientShap(self.module, layer) if layer is not None
+                      else attr.GradientShap(self.module))
+            with _seeded(0):
+                result, delta = method.attribute(one, baselines=self._shap_baselines(start), target=target,
+                                                 n_samples=options.steps, return_convergence_delta=True)
+                delta = delta.mean()  # (one per sample)
+        result = result[0].detach()
+        if layer is not None:  # (tokens, embedding width) -> one attribution per token
+            result = result.sum(-1)
+        return result.numpy(), float(delta)
+
+    # -- what each explanation says ---------------------------------------------------------------
+
+    def _describe(self, raw: np.ndarray, attributions: np.ndarray, options: ExplainOptions) -> dict[str, Any]:
+        top_k = options.top_attributions
+        if self.kind == "text":
+            vocab = self.metadata["vocab"]
+            kept = np.flatnonzero(raw != 0)  # (padding is not part of the text)
+            tokens, values = [vocab[int(i)] for i in raw[kept]], attributions[kept]
+            top = [{"token": tokens[i], "position": int(i), "attribution": float(values[i])}
+                   for i in _largest(values, top_k)]
+            return {"tokens": tokens, "attributions": values.tolist(), "top": top}
+        if self.kind == "table":
+            names = self.metadata.get("feature_names") or [f"x{i}" for i in range(raw.size)]
+            flat, values = raw.reshape(-1), attributions.reshape(-1)
+            top = [{"feature": names[i], "value": float(flat[i]), "attribution": float(values[i])}
+                   for i in _largest(values, top_k)]
+            return {"features": names, "attributions": values.tolist(), "top": top}
+        if self.kind == "series":  # one attribution per past step (summed over the window's features)
+            steps = attributions.reshape(len(attributions), -1).sum(-1)
+            labels = [f"t-{len(steps) - i}" for i in range(len(steps))]
+            top = [{"step": labels[i], "value": raw[i].tolist(), "attribution": float(steps[i])}
+                   for i in _largest(steps, top_k)]
+            return {"steps": labels, "step_attributions": steps.tolist(), "attributions": attributions.tolist(),
+                    "top": top}
+        top = [{"pixel": [int(v) for v in np.unravel_index(i, raw.shape)], "value": float(raw.flat[i]),
+                "attribution": float(attributions.flat[i])} for i in _largest(attributions.reshape(-1), top_k)]
+        described = {"attributions": attributions.tolist(), "top": top}
+        if options.heatmap:
+            from deepyard.explain import pictures
+
+            described["heatmap_png"] = pictures.heatmap_base64(raw, attributions, self.metadata.get("pixel_max", 1.0))
+        return described
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Captum samples with torch's and numpy's global generators: seed both, then put them back."""
+    state = np.random.get_state()
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            yield
+    finally:
+        np.random.set_state(state)
+
+
+def _largest(values: np.ndarray, k: int) -> list[int]:
+    """Indices of the k largest |values|, largest first."""
+    return [int(i) for i in np.argsort(-np.abs(values), kind="stable")[:k]]
+
+
+def token_embedding(module: nn.Module, vocab_size: int) -> nn.Module:
+    """The layer that turns token ids into vectors: a leaf embedding with a row per vocabulary entry
+    (an exported program's embedding is a graph calling aten.embedding; positions have fewer rows)."""
+    found = []
+    for name, layer in module.named_modules():
+        if next(layer.children(), None) is not None:
+            continue
+        graph = getattr(layer, "graph", None)
+        embeds = isinstance(layer, nn.Embedding) or (graph is not None and any(
+            node.target is torch.ops.aten.embedding.default for node in graph.nodes))
+        weight = getattr(layer, "weight", None)
+        if embeds and weight is not None and weight.shape[0] == vocab_size:
+            found.append(name)
+    if len(found) > 1:  # (as many positions as vocabulary entries: the zoo names its layer "tokens")
+        found = [name for name in found if "token" in name.rsplit(".", 1)[-1]] or found
+    if len(found) != 1:
+        seen = ", ".join(found) or "no embedding with a row per vocabulary entry"
+        raise BadRequest(f"cannot tell which layer embeds the tokens ({seen}); per-token attributions need one")
+    return module.get_submodule(found[0])
+
+
+def training_stats(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The training split's mean and std the served pipeline standardizes with (None: it has none)."""
+    buffers = {name.rsplit(".", 1)[-1]: value for name, value in module.named_buffers()
+               if name.endswith(("standardize.mean", "standardize.std"))}
+    return buffers.get("mean"), buffers.get("std")
