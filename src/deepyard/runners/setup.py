@@ -7,6 +7,7 @@ costs seconds and exits with code 2; the workers then build the same things dete
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,7 +113,38 @@ def preflight(spec: TrainJob):
         raise BadInput(f"optim: {error}") from None
     for section, choice in (("train.early_stopping", spec.train.early_stopping), ("checkpoint", spec.checkpoint)):
         check_metric(f"{section}.metric", getattr(choice, "metric", None), task)
+    if spec.explain:
+        check_explain(spec, splits, task, model)
     return splits, task
+
+
+def check_explain(spec: TrainJob, splits: Splits, task, pipeline: torch.nn.Module) -> None:
+    """``explain:`` tried on the untrained model, one test example, two steps: an option the model
+    cannot take (a target it does not have, saliency on text) fails now, not after training."""
+    from deepyard.explain.attributions import Explainer, check_explainable
+    from deepyard.serve.payloads import BadRequest
+
+    try:
+        check_explainable({"task": task.name}, f"{spec.model.name} on {spec.data.name}")
+        explainer = Explainer(task.serving_module(pipeline).eval(), serving_metadata(spec, splits, task, pipeline),
+                              spec.name)
+        explainer.explain(splits.x_test[:1], spec.explain.model_copy(update={"steps": 2}))
+    except BadRequest as error:
+        raise BadInput(f"explain: {error}") from None
+
+
+def serving_metadata(spec: TrainJob, splits: Splits, task, pipeline: torch.nn.Module) -> dict[str, Any]:
+    """What the registered model carries for serving (and explaining): task, shapes, names..."""
+    metadata = {"task": task.name, "input_shape": list(splits.in_shape), "class_names": splits.class_names,
+                "feature_names": splits.feature_names, "job": spec.name}
+    if splits.is_text:  # the served model tokenizes requests with the training vocabulary
+        metadata.update(vocab=splits.vocab, token_level="char" if splits.join_with == "" else "word")
+    if splits.persistence:  # forecasting windows: explained per past time step
+        metadata["series"] = True
+    if splits.is_image:  # PNG requests are scaled from 0-255 into the data set's own pixel range
+        metadata["pixel_max"] = float(splits.x_train.max())
+    metadata.update(task.serving_metadata(pipeline, splits))
+    return metadata
 
 
 def make_optimizer(spec: TrainJob, net: torch.nn.Module) -> torch.optim.Optimizer:

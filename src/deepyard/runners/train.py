@@ -27,6 +27,7 @@ from deepyard.optim import make_schedule, restore
 from deepyard.runners import checkpoints
 from deepyard.runners.loop import EarlyStopping, Selection, reduce_sum, train_step
 from deepyard.runners.setup import (build, eval_loader, load_data, make_optimizer, monitored, preflight,
+                                    serving_metadata,
                                     train_loader)
 from deepyard.runners.summary import RunOptions, RunSummary
 from deepyard.spec import TrainJob
@@ -320,20 +321,31 @@ def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, An
     if scores:
         final["test"].update(scores)
         tracking.log_metrics(run_id, scores, final["epochs_run"])
-    metadata = {"task": task.name, "input_shape": list(splits.in_shape), "class_names": splits.class_names,
-                "feature_names": splits.feature_names, "job": spec.name}
-    if splits.is_text:  # the served model tokenizes requests with the training vocabulary
-        metadata.update(vocab=splits.vocab, token_level="char" if splits.join_with == "" else "word")
-    if splits.persistence:  # forecasting windows: explained per past time step
-        metadata["series"] = True
-    if splits.is_image:  # PNG requests are scaled from 0-255 into the data set's own pixel range
-        metadata["pixel_max"] = float(splits.x_train.max())
-    metadata.update(task.serving_metadata(pipeline, splits))
+    metadata = serving_metadata(spec, splits, task, pipeline)
     log_weights(run_id, spec, pipeline)
     tags = {f"metric.{k}": f"{v:.6g}" for k, v in final["test"].items()}
     lineage = {"init_from": spec.init.from_} if spec.init else {}
-    return tracking.log_model(run_id, serving, final["example"].numpy(), registered_name=registered_name,
-                              metadata=metadata, version_tags={**tags, **lineage, "run_id": run_id})
+    logged = tracking.log_model(run_id, serving, final["example"].numpy(), registered_name=registered_name,
+                                metadata=metadata, version_tags={**tags, **lineage, "run_id": run_id})
+    if spec.explain:
+        log_explanations(run_id, spec.explain, serving, metadata, splits.x_test[:spec.explain.examples])
+    return logged
+
+
+def log_explanations(run_id: str, options, serving: torch.nn.Module, metadata: dict[str, Any], inputs) -> None:
+    """The job's ``explain:``: pictures and attributions of the first test examples, in the run."""
+    import json
+    import tempfile
+
+    from deepyard.explain.attributions import Explainer
+    from deepyard.explain.local import write_pictures
+
+    name = metadata["job"]
+    explanations = Explainer(serving.eval(), metadata, name).explain(inputs, options)
+    with tempfile.TemporaryDirectory(prefix="deepyard-explain-") as directory:
+        write_pictures(inputs, explanations, metadata, Path(directory), name)
+        (Path(directory) / "explanations.json").write_text(json.dumps(explanations))
+        tracking.log_artifacts(run_id, directory, "explanations")
 
 
 def log_weights(run_id: str, spec: TrainJob, pipeline: torch.nn.Module) -> None:

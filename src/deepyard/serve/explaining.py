@@ -26,6 +26,8 @@ PREDICT_FIELDS = ("instances", "top_k")
 
 
 def explain_options(body: Any) -> ExplainOptions:
+    if not isinstance(body, dict):
+        raise BadRequest(f'a JSON {type(body).__name__}; send {{"instances": [...]}} and how to explain them')
     fields = {key: value for key, value in body.items() if key not in PREDICT_FIELDS}
     try:
         return ExplainOptions.model_validate(fields)

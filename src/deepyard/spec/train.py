@@ -8,6 +8,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
+from deepyard.explain.options import ExplainJob
 from deepyard.registry import Registry, unknown_name_message
 from deepyard.spec.kinds import job_kind
 from deepyard.spec.problems import describe_all
@@ -176,6 +177,8 @@ class TrainJob(JobBase):
     failure: FailureSpec = Field(default_factory=FailureSpec)
     register: RegisterSpec = Field(default_factory=RegisterSpec)
     promote: PromoteSpec | None = Field(None, description="move a registry alias to the new version")
+    explain: ExplainJob | None = Field(None, description="attribution pictures of the first test examples, "
+                                                         "logged to the run under explanations/")
 
     @model_validator(mode="after")
     def _promote_needs_a_version(self) -> "TrainJob":
