@@ -374,15 +374,17 @@ def test_the_gateway_hands_protocol_calls_to_the_model(endpoint):
         return [(response.status_code, json.loads(response.body)) for response in asyncio.run(answers())]
 
     token = f"Bearer {TOKEN}"  # (needed only once test_bearer_token_and_dynamic_batching has run)
-    inferred, other_version, bad, metadata, missing = ray.get(through_the_gateway.remote([
+    inferred, other_version, bad, metadata, missing, explained = ray.get(through_the_gateway.remote([
         ("serve-mlp", "v2_infer", body, None, None, token), ("serve-mlp", "v2_infer", body, None, "7", token),
         ("serve-mlp", "v1_predict", b'{"instances": [[1, 2]]}', token), ("serve-mlp", "v2_metadata", None, token),
-        ("nope", "v2_metadata", None, token)]))
+        ("nope", "v2_metadata", None, token),
+        ("serve-mlp", "v1_explain", b'{"instances": [[' + b", ".join([b"3"] * 64) + b']], "steps": 8}', token)]))
     assert inferred[0] == 200 and {o["name"] for o in inferred[1]["outputs"]} == {"probabilities", "label"}
     assert other_version[0] == 404 and "version '7' is not served here" in other_version[1]["error"]
     assert bad[0] == 400 and "instances[0]: shape [2]" in bad[1]["error"]
     assert metadata == (200, {**metadata[1], "name": "serve-mlp"})
     assert missing[0] == 404 and "no model 'nope' is deployed here" in missing[1]["error"]
+    assert explained[0] == 200 and np.asarray(explained[1]["explanations"][0]["attributions"]).shape == (1, 8, 8)
 
 
 def test_a_binary_header_length_that_is_not_a_small_number_is_a_400(endpoint):
