@@ -67,7 +67,7 @@ def test_integrated_gradients_add_up_to_the_change_in_output(kind):
         assert len(one["top"]) == min(5, np.asarray(one["attributions"]).size)
     if kind == "image":
         assert np.asarray(explanations[0]["attributions"]).shape == (1, 8, 8)
-        assert explanations[0]["baseline"] == "zeros"
+        assert explanations[0]["baseline"] == "mean"
     if kind == "table":
         assert explanations[0]["features"] == list("abcde") and explanations[0]["baseline"] == "mean"
         same_start = explainer.explain(x.numpy(), ExplainOptions(target=0))  # (one baseline: the training mean)
