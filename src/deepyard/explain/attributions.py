@@ -19,7 +19,6 @@ from torch import nn
 from deepyard.explain.options import MAX_STEPS, ExplainOptions
 from deepyard.serve.payloads import BadRequest
 
-EXPLAINABLE_TASKS = ("classification", "regression")
 INTERNAL_BATCH = 64  # points of an integrated-gradients path evaluated at once: bounds the memory
 # Integrated gradients add up to the change in output (completeness); more steps close the gap
 COMPLETENESS = 0.01
@@ -39,11 +38,17 @@ def input_kind(metadata: dict[str, Any]) -> str:
     return "series" if metadata.get("series") or len(shape) == 2 else "table"
 
 
-def check_explainable(metadata: dict[str, Any], name: str) -> None:
+def explained_output(metadata: dict[str, Any], name: str) -> str:
+    """What the task's explanations attribute ("class" or "value"); BadRequest if it has none."""
+    from deepyard.tasks import TASKS
+
     task = metadata.get("task")
-    if task not in EXPLAINABLE_TASKS:
-        raise BadRequest(f"{name} is a {task} model; explanations are for {' and '.join(EXPLAINABLE_TASKS)} "
-                         "models (an output per input to attribute)")
+    explains = getattr(TASKS.get(task), "explains", None)
+    if explains is None:
+        able = [task_name for task_name, kind in TASKS.items() if getattr(kind, "explains", None)]
+        raise BadRequest(f"{name} is a {task} model; explanations are for {' and '.join(able)} models (an output "
+                         "per input to attribute)")
+    return explains
 
 
 class Explainer:
@@ -51,7 +56,7 @@ class Explainer:
     or values in the target's units)."""
 
     def __init__(self, module: nn.Module, metadata: dict[str, Any], name: str = "the model"):
-        check_explainable(metadata, name)
+        self.explains = explained_output(metadata, name)
         self.module, self.metadata, self.name = module, metadata, name
         self.kind = input_kind(metadata)
         self.token_layer = token_embedding(module, len(metadata["vocab"])) if self.kind == "text" else None
@@ -87,7 +92,7 @@ class Explainer:
     # -- targets and baselines ------------------------------------------------------------------
 
     def _targets(self, outputs: torch.Tensor, asked: str | int | None) -> list[int | None]:
-        if self.metadata["task"] == "classification":
+        if self.explains == "class":
             names = self.metadata.get("class_names") or [str(i) for i in range(outputs.shape[-1])]
             if asked is None:
                 return outputs.argmax(-1).tolist()

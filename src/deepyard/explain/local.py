@@ -20,13 +20,13 @@ def explain_version(name: str, version: str, inputs_file: Path, options: Explain
     """``inputs_file`` (as ``deepyard predict`` takes it) explained by a registered version:
     {model, version, explanations, pictures}."""
     from deepyard import tracking
-    from deepyard.explain.attributions import Explainer, check_explainable
+    from deepyard.explain.attributions import Explainer, explained_output
     from deepyard.serve.client import request_body
     from deepyard.tasks import codec
 
     metadata = tracking.model_metadata(name, version)
     try:
-        check_explainable(metadata, name)
+        explained_output(metadata, name)
         inputs = codec(metadata.get("task")).decode(request_body(inputs_file), metadata, MAX_INSTANCES)
         module = tracking.load_exported(name, version)
         if module is None:

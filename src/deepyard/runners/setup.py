@@ -121,11 +121,11 @@ def preflight(spec: TrainJob):
 def check_explain(spec: TrainJob, splits: Splits, task, pipeline: torch.nn.Module) -> None:
     """``explain:`` tried on the untrained model, one test example, two steps: an option the model
     cannot take (a target it does not have, saliency on text) fails now, not after training."""
-    from deepyard.explain.attributions import Explainer, check_explainable
+    from deepyard.explain.attributions import Explainer, explained_output
     from deepyard.serve.payloads import BadRequest
 
     try:
-        check_explainable({"task": task.name}, f"{spec.model.name} on {spec.data.name}")
+        explained_output({"task": task.name}, f"{spec.model.name} on {spec.data.name}")
         explainer = Explainer(task.serving_module(pipeline).eval(), serving_metadata(spec, splits, task, pipeline),
                               spec.name)
         explainer.explain(splits.x_test[:1], spec.explain.model_copy(update={"steps": 2}))

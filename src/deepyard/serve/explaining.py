@@ -16,7 +16,7 @@ from typing import Any
 
 import pydantic
 
-from deepyard.explain.attributions import Explainer, ExplainTimeout, check_explainable
+from deepyard.explain.attributions import Explainer, ExplainTimeout, explained_output
 from deepyard.explain.options import ExplainOptions
 from deepyard.serve.options import EndpointOptions
 from deepyard.serve.payloads import BadRequest
@@ -48,7 +48,7 @@ class Explanations:
     async def explain(self, loaded, body: dict[str, Any]) -> list[dict[str, Any]]:
         """The explanations of ``body``'s instances by ``loaded`` (app.Loaded). Raises BadRequest
         (4xx), or with status 503 past the time limit."""
-        check_explainable(loaded.metadata, self.name)
+        explained_output(loaded.metadata, self.name)
         options = explain_options(body)
         inputs = loaded.codec.decode(body, loaded.metadata, self.options.max_explain_instances)
         limit = self.options.explain_timeout_s

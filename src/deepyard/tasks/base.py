@@ -55,6 +55,9 @@ class Task(Protocol):
     # (None: no tie-break). Accuracy saturates on small validation splits; the loss still moves.
     tie_breaker: ClassVar[str | None]
     target_unit: ClassVar[str | None]  # "tokens": throughput is also logged per token
+    # What an explanation attributes (explain/): "class" (a class's probability), "value" (a value,
+    # or a forecast's step), None: the task's outputs are not explained (generated samples, tokens)
+    explains: ClassVar[str | None]
     codec: ClassVar[Codec]
 
     @staticmethod
@@ -111,6 +114,7 @@ class Supervised:
     data_parallel: ClassVar[bool] = True
     tie_breaker: ClassVar[str | None] = "val_loss"
     target_unit: ClassVar[str | None] = None
+    explains: ClassVar[str | None] = None
 
     @staticmethod
     def fits(net: nn.Module, splits) -> str | None:

@@ -54,6 +54,7 @@ class Classification(Supervised):
     directions = {"loss": "min", "accuracy": "max"}
     monitor = "val_accuracy"
     shown = ("train_loss", "val_loss", "val_accuracy")
+    explains = "class"
     codec = Labels()
 
     def __init__(self, num_classes: int, **_: object):

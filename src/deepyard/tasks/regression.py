@@ -44,6 +44,7 @@ class Regression(Supervised):
     directions = {"loss": "min", "rmse": "min", "mae": "min"}
     monitor = "val_rmse"
     shown = ("train_loss", "val_loss", "val_rmse", "val_mae")
+    explains = "value"
     codec = Values()
 
     def __init__(self, target_mean: float = 0.0, target_std: float = 1.0, **_: object):
