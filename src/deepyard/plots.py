@@ -125,3 +125,18 @@ def compression(points: list[dict], x: str, metric: str, x_label: str):
     axis.grid(alpha=0.3)
     figure.tight_layout()
     return figure
+
+
+def robust_accuracy(epsilons: list[float], curves: dict[str, list[float]], clean: float):
+    """A robustness job's accuracy left under each attack, against the budget epsilon."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([0.0, *epsilons], [clean] * (len(epsilons) + 1), linestyle=":", color="gray", label="clean")
+    for attack, accuracies in curves.items():
+        axis.plot([0.0, *epsilons], [clean, *accuracies], marker="o", label=attack)
+    axis.set_xlabel("epsilon (L-infinity, data units)")
+    axis.set_ylabel("accuracy")
+    axis.set_ylim(0, 1.02)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    return figure
