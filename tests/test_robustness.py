@@ -115,3 +115,67 @@ def test_bad_robustness_specs_exit_2_before_ray_starts(cli, write_spec, change, 
     key = change.split(":")[0]
     text = "\n".join(line for line in ROBUSTNESS.strip().splitlines() if not line.startswith(key)) + f"\n{change}\n"
     assert message in cli("validate", write_spec(text), expect=2).stderr
+
+
+def test_the_adversary_replaces_its_share_of_a_batch_within_the_budget(digits_mlp):
+    from types import SimpleNamespace
+
+    from deepyard.robust.training import Adversary
+    from deepyard.spec.train import AdversarialSpec
+
+    model, x, y = digits_mlp
+    splits = SimpleNamespace(x_train=x.numpy(), is_image=False)
+    task = SimpleNamespace(loss=nn.functional.cross_entropy)
+    adversary = Adversary(AdversarialSpec(epsilon=2.0, mix=0.5, steps=3), splits, task, torch.device("cpu"))
+    model.train()
+    perturbed = adversary.perturb(model, x[:10], y[:10])
+    assert model.training  # (attacked in eval mode, given back in train mode)
+    moved = (perturbed - x[:10]).abs().amax(dim=1)
+    assert (moved[:5] > 0).all() and (moved[5:] == 0).all() and moved.max() <= 2.0 + 1e-5
+    lower, upper = x.min(dim=0).values, x.max(dim=0).values  # each feature's own range (not an image)
+    assert (perturbed >= lower).all() and (perturbed <= upper).all()
+    model.eval()
+
+
+ADVERSARIAL = """
+kind: train
+name: digits_adversarial
+data: {name: digits}
+model: {name: mlp, params: {hidden_sizes: [64], dropout: 0.0}}
+optim: {name: adam, lr: 0.005}
+train: {epochs: 15, batch_size: 64}
+register: {model_name: digits_adversarial}
+"""
+
+
+@pytest.mark.slow
+def test_adversarial_training_on_two_ddp_workers_keeps_more_accuracy_under_pgd(ray_cluster, cli, write_spec):
+    from deepyard.compress.parent import load_parent, rebuild
+    from deepyard.runners.setup import load_data
+
+    plain = last_json(cli("run", write_spec(ADVERSARIAL), "--json"))
+    robust = last_json(cli("run", write_spec(ADVERSARIAL), "--json", "--set", "scaling.num_workers=2",
+                           "--set", "train.adversarial={method: pgd, epsilon: 2, steps: 3}"))
+    under_attack = []
+    for summary in (plain, robust):
+        parent = load_parent(f"digits_adversarial:{summary['model_version']}")
+        splits = load_data(parent.spec)
+        pipeline = rebuild(parent, splits)[0].eval()
+        x, y = torch.from_numpy(splits.x_test), torch.from_numpy(splits.y_test)
+        adversarial = pgd(pipeline, x, y, 2.0, torch.tensor(0.0), torch.tensor(16.0), steps=10,
+                          generator=torch.Generator().manual_seed(0))
+        under_attack.append(accuracy(pipeline, adversarial, y))
+    assert robust["metrics"]["test_accuracy"] > 0.8
+    assert under_attack[1] > under_attack[0] + 0.1, under_attack
+
+
+@pytest.mark.parametrize("change, message", [
+    ("train: {adversarial: {epsilon: -1}}", "train.adversarial.epsilon"),
+    ("train: {adversarial: {epsilon: 1, method: cw}}", "train.adversarial.method"),
+    ("train: {adversarial: {epsilon: 1, mix: 0}}", "train.adversarial.mix"),
+    ("model: {name: dcgan}\ntrain: {adversarial: {epsilon: 1}}", "has steps of its own"),
+])
+def test_bad_adversarial_settings_exit_2_before_ray_starts(cli, write_spec, change, message):
+    spec = "kind: train\nname: bad_adversarial\ndata: {name: digits}\n" + (
+        change if change.startswith("model") else "model: {name: mlp}\n" + change)
+    assert message in cli("validate", write_spec(spec), expect=2).stderr

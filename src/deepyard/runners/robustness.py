@@ -18,6 +18,7 @@ import torch
 from deepyard import tracking
 from deepyard.compress.parent import Parent, load_parent, rebuild
 from deepyard.errors import BadInput
+from deepyard.robust.attacks import valid_range
 from deepyard.runners.setup import load_data
 from deepyard.runners.summary import RunOptions, RunSummary
 from deepyard.spec import RobustnessJob
@@ -43,14 +44,9 @@ def _target(spec: RobustnessJob) -> Target:
     if splits.is_text:
         raise BadInput(f"model: {parent.ref} reads token ids; gradient attacks perturb numbers (text needs "
                        "word substitutions, not supported)")
-    # Images: one range for every pixel; other inputs: each feature's own, as the training split has it
-    if splits.is_image:
-        lower, upper = np.float32(splits.x_train.min()), np.float32(splits.x_train.max())
-    else:
-        lower, upper = splits.x_train.min(axis=0), splits.x_train.max(axis=0)
+    lower, upper = valid_range(splits.x_train, per_feature=not splits.is_image)
     count = min(spec.examples, len(splits.x_test))
-    return Target(parent, pipeline.eval(), splits.x_test[:count], splits.y_test[:count],
-                  np.asarray(lower, np.float32), np.asarray(upper, np.float32))
+    return Target(parent, pipeline.eval(), splits.x_test[:count], splits.y_test[:count], lower, upper)
 
 
 def check(spec: RobustnessJob) -> str:

@@ -115,6 +115,10 @@ def preflight(spec: TrainJob):
         check_metric(f"{section}.metric", getattr(choice, "metric", None), task)
     if spec.explain:
         check_explain(spec, splits, task, model)
+    if spec.train.adversarial and (splits.is_text or hasattr(task, "train_step")):
+        why = "reads token ids, which gradients cannot perturb" if splits.is_text else "has steps of its own (a GAN)"
+        raise BadInput(f"train.adversarial: {spec.model.name} on {spec.data.name} {why}; adversarial training "
+                       "is for models of numeric inputs trained on a loss")
     return splits, task
 
 

@@ -22,6 +22,7 @@ from deepyard import drivers, settings, tracking, transfer
 from deepyard.compress import hooks as compress_hooks
 from deepyard.data import Splits
 from deepyard.data.augment import random_affine
+from deepyard.robust.training import Adversary
 from deepyard.errors import BadInput, JobFailed
 from deepyard.optim import make_schedule, restore
 from deepyard.runners import checkpoints
@@ -70,6 +71,7 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
                        "are not data-parallel yet")
     use_amp = spec.scaling.use_gpu and spec.scaling.mixed_precision
     augment = spec.data.augment if splits.is_image else None
+    adversary = Adversary(spec.train.adversarial, splits, task, device) if spec.train.adversarial else None
 
     batches = edges.shard(train_loader(spec, splits, rank, world))  # [1]
     val_shard = slice(rank, None, world)  # every worker scores its own slice; sums are all-reduced
@@ -131,6 +133,8 @@ def fit_loop(config: dict[str, Any], edges) -> dict[str, Any] | None:
         for inputs, targets in batches:
             if augment:
                 inputs = random_affine(inputs, augment.max_shift, augment.max_rotation_deg)
+            if adversary:
+                inputs = adversary.perturb(plain_model, inputs, targets)
             if hasattr(task, "train_step"):  # a task with steps of its own (a GAN's alternating ones)
                 batch = task.train_step(model, optimizer, scheduler, inputs, targets,
                                         use_amp=use_amp, grad_clip=spec.train.grad_clip)

@@ -131,6 +131,17 @@ class EarlyStoppingSpec(Section):
     min_delta: NonNegativeFloat = Field(0.0, description="smallest change that counts as an improvement")
 
 
+class AdversarialSpec(Section):
+    """Adversarial training (Madry et al. 2018): each batch partly replaced by attacks on the model."""
+
+    method: Literal["pgd", "fgsm"] = "pgd"
+    epsilon: PositiveFloat = Field(description="L-infinity budget in the data's own units (digits' pixels: 0-16)")
+    steps: PositiveInt = Field(7, description="pgd: signed-gradient steps per batch")
+    step_size: PositiveFloat | None = Field(None, description="pgd: default 2.5 x epsilon / steps")
+    mix: float = Field(1.0, gt=0, le=1, description="share of each batch replaced by adversarial examples "
+                                                    "(1: Madry et al.; 0.5: Goodfellow et al.'s mix)")
+
+
 class TrainSpec(Section):
     epochs: PositiveInt = 10
     batch_size: PositiveInt | Literal["full"] = Field(
@@ -138,6 +149,7 @@ class TrainSpec(Section):
     seed: int = Field(0, description="seeds the splits, the initial weights and the shuffling")
     early_stopping: EarlyStoppingSpec | None = None
     grad_clip: PositiveFloat | None = Field(None, description="clip the global gradient norm to this value")
+    adversarial: AdversarialSpec | None = Field(None, description="train on adversarial examples too")
 
 
 class ScalingSpec(Section):
