@@ -111,6 +111,8 @@ def test_text_models_refuse_saliency_and_models_without_one_output_per_input_are
                           params={"width": 16, "layers": 1, "heads": 2})
     with pytest.raises(BadRequest, match="token ids have none"):
         explainer.explain(x.numpy(), ExplainOptions(method="saliency"))
+    shap = explainer.explain(x[:1].numpy(), ExplainOptions(method="gradient_shap", steps=8, target="1"))
+    assert len(shap[0]["attributions"]) == 5 and shap[0]["target"] == 1  # ("1" is no class name: an index)
     with pytest.raises(BadRequest, match="generation model"):
         Explainer(torch.nn.Identity(), {"task": "generation", "input_shape": [4]}, "gan")
 

@@ -89,8 +89,7 @@ def explain(
     from deepyard.tracking import model_version
 
     try:
-        options = ExplainOptions(method=method, steps=steps, baseline=baseline, top_attributions=top,
-                                 target=int(target) if target is not None and target.isdigit() else target)
+        options = ExplainOptions(method=method, steps=steps, baseline=baseline, top_attributions=top, target=target)
     except pydantic.ValidationError as error:
         raise BadInput("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())) from None
     name, alias, version = parse_model_ref(ref)

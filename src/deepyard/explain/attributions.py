@@ -62,9 +62,11 @@ class Explainer:
         self.token_layer = token_embedding(module, len(metadata["vocab"])) if self.kind == "text" else None
         self.mean, self.std = training_stats(module)
 
-    def explain(self, inputs: np.ndarray, options: ExplainOptions, deadline: float | None = None) -> list[dict]:
+    def explain(self, inputs: np.ndarray, options: ExplainOptions, deadline: float | None = None,
+                refine: bool = True) -> list[dict]:
         """One explanation per instance of ``inputs`` (decoded as for predict). Raises BadRequest for
-        an option this model cannot take, ExplainTimeout past ``deadline`` (time.monotonic)."""
+        an option this model cannot take, ExplainTimeout past ``deadline`` (time.monotonic).
+        ``refine=False``: integrated gradients keep the steps asked for, however incomplete."""
         if self.kind == "text" and options.method == "saliency":
             raise BadRequest("saliency is the gradient with respect to the input, and token ids have none; "
                              "text models take method integrated_gradients or gradient_shap")
@@ -80,7 +82,10 @@ class Explainer:
             one, start = x[index:index + 1], baselines[index:index + 1]
             with torch.no_grad():
                 scores = self._score(self.module(torch.cat([one, start])), targets[index])
-            attributions, delta, steps = self._attribute(one, start, targets[index], options, scores[0] - scores[1])
+            # (a change too small to measure completeness against is not refined for)
+            tolerance = max(COMPLETENESS * abs(scores[0] - scores[1]), 1e-4 * max(1.0, abs(scores[0])))
+            attributions, delta, steps = self._attribute(one, start, targets[index], options,
+                                                         tolerance if refine else None, deadline)
             explanation = {"target": self._target_name(targets[index]), "method": options.method,
                            "baseline": baseline_name, "output": scores[0], "baseline_output": scores[1],
                            **self._describe(one[0].numpy(), attributions, options)}
@@ -96,6 +101,8 @@ class Explainer:
             names = self.metadata.get("class_names") or [str(i) for i in range(outputs.shape[-1])]
             if asked is None:
                 return outputs.argmax(-1).tolist()
+            if isinstance(asked, str) and asked not in names and asked.isdigit():  # (a name first, then an index)
+                asked = int(asked)
             if isinstance(asked, str) and asked in names:
                 return [names.index(asked)] * len(outputs)
             if isinstance(asked, int) and 0 <= asked < len(names):
@@ -107,7 +114,7 @@ class Explainer:
                 raise BadRequest(f"target {asked!r}: {self.name} predicts one value; leave target out")
             return [None] * len(outputs)
         steps = outputs.shape[-1]
-        step = 0 if asked is None else asked
+        step = 0 if asked is None else int(asked) if isinstance(asked, str) and asked.isdigit() else asked
         if not isinstance(step, int) or not 0 <= step < steps:
             raise BadRequest(f"target {asked!r}: {self.name} forecasts {steps} steps; give a step 0..{steps - 1}")
         return [step] * len(outputs)
@@ -149,32 +156,37 @@ class Explainer:
     # -- attributions -----------------------------------------------------------------------------
 
     def _attribute(self, one: torch.Tensor, start: torch.Tensor, target: int | None, options: ExplainOptions,
-                   change: float) -> tuple[np.ndarray, float | None, int]:
+                   tolerance: float | None, deadline: float | None) -> tuple[np.ndarray, float | None, int]:
         """(attributions, convergence delta, steps taken). Integrated gradients take more steps (x4,
-        up to MAX_STEPS) while their sum misses ``change`` by more than COMPLETENESS of it."""
+        up to MAX_STEPS) while their convergence delta is over ``tolerance`` (None: never)."""
         from captum import attr
 
         layer = self.token_layer
         steps = options.steps
+        # Token ids through a layer method: Captum may add (zero) noise to the inputs, making them
+        # floats, which an embedding refuses
+        forward = self.module if layer is None else (lambda ids: self.module(ids.round().long()))
         if options.method == "saliency":
             method = attr.Saliency(self.module)
             return method.attribute(one.float(), target=target, abs=False)[0].detach().numpy(), None, 1
         if options.method == "integrated_gradients":
-            method = (attr.LayerIntegratedGradients(self.module, layer) if layer is not None
-                      else attr.IntegratedGradients(self.module))
+            method = (attr.LayerIntegratedGradients(forward, layer) if layer is not None
+                      else attr.IntegratedGradients(forward))
             while True:
                 result, delta = method.attribute(one, baselines=start, target=target, n_steps=steps,
                                                  internal_batch_size=INTERNAL_BATCH, return_convergence_delta=True)
-                if abs(float(delta)) <= COMPLETENESS * abs(change) or steps >= MAX_STEPS:
+                if tolerance is None or abs(float(delta)) <= tolerance or steps >= MAX_STEPS:
                     break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ExplainTimeout(f"integrated gradients had taken {steps} steps at the time limit")
                 steps = min(4 * steps, MAX_STEPS)
         else:  # gradient_shap: seeded, so the same request gets the same answer
-            method = (attr.LayerGradientShap(self.module, layer) if layer is not None
-                      else attr.GradientShap(self.module))
+            method = (attr.LayerGradientShap(forward, layer) if layer is not None
+                      else attr.GradientShap(forward))
             with _seeded(0):
                 result, delta = method.attribute(one, baselines=self._shap_baselines(start), target=target,
                                                  n_samples=options.steps, return_convergence_delta=True)
-                delta = delta.mean()  # (one per sample)
+                delta = delta.abs().mean()  # (one per sample: their errors must not cancel out)
         result = result[0].detach()
         if layer is not None:  # (tokens, embedding width) -> one attribution per token
             result = result.sum(-1)

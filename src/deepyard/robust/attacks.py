@@ -33,21 +33,30 @@ def _gradient_sign(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: Los
     return gradient.sign()
 
 
+def _box(x: torch.Tensor, epsilon: float, lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The epsilon ball around x within the valid range (widened to x where x itself is outside it:
+    a test value beyond the training range must not move by more than epsilon)."""
+    return torch.maximum(x - epsilon, torch.minimum(lower, x)), torch.minimum(x + epsilon, torch.maximum(upper, x))
+
+
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float, lower: torch.Tensor,
          upper: torch.Tensor, *, loss: Loss = F.cross_entropy) -> torch.Tensor:
     """One step of size ``epsilon`` up the loss's gradient sign."""
-    return torch.clamp(x + epsilon * _gradient_sign(model, x, y, loss), lower, upper).detach()
+    low, high = _box(x, epsilon, lower, upper)
+    return torch.clamp(x + epsilon * _gradient_sign(model, x, y, loss), low, high).detach()
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float, lower: torch.Tensor,
         upper: torch.Tensor, *, steps: int = 10, step_size: float | None = None, restarts: int = 1,
-        random_start: bool = True, generator: torch.Generator | None = None,
-        loss: Loss = F.cross_entropy) -> torch.Tensor:
+        random_start: bool = True, generator: torch.Generator | None = None, loss: Loss = F.cross_entropy,
+        first_to_fool: bool = True) -> torch.Tensor:
     """``steps`` signed-gradient steps of ``step_size`` (default 2.5 epsilon / steps) up ``loss``, each
-    projected back into the epsilon ball and the valid range; from a random point of the ball,
-    ``restarts`` times, keeping per example the first one that fools a classifier (else the last)."""
+    projected back into the epsilon ball and the valid range, from a random point of the ball,
+    ``restarts`` times. ``first_to_fool`` (measuring a classifier): per example, the first step of
+    any restart that fools it, else the last; so more steps or restarts never find less. Otherwise
+    (training on any loss) the last step of the last restart."""
     step_size = step_size if step_size is not None else 2.5 * epsilon / steps
-    low, high = torch.maximum(x - epsilon, lower), torch.minimum(x + epsilon, upper)
+    low, high = _box(x, epsilon, lower, upper)
     found, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for _ in range(restarts):
         adversarial = x.clone()
@@ -56,13 +65,15 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float, lowe
             adversarial = torch.clamp(x + (2 * noise - 1) * epsilon, low, high)
         for _ in range(steps):
             adversarial = torch.clamp(adversarial + step_size * _gradient_sign(model, adversarial, y, loss), low, high)
-        if restarts == 1:
-            return adversarial.detach()
-        with torch.no_grad():
-            wrong = model(adversarial).argmax(-1) != y
-        replace = ~fooled  # (not fooled yet: this restart's, which fools it or is the latest)
-        found[replace] = adversarial[replace]
-        fooled |= wrong
+            if not first_to_fool:
+                continue
+            with torch.no_grad():
+                fools = (model(adversarial).argmax(-1) != y) & ~fooled
+            found[fools], fooled = adversarial[fools], fooled | fools
+        if not first_to_fool:
+            found = adversarial
+        else:
+            found[~fooled] = adversarial[~fooled]
     return found.detach()
 
 

@@ -23,7 +23,7 @@ class Adversary:
         count = round(len(inputs) * settings.mix)
         if count == 0:
             return inputs
-        was_training = model.training
+        modes = {module: module.training for module in model.modules()}  # (frozen norms stay in eval mode)
         model.eval()
         try:
             head, labels = inputs[:count], targets[:count]
@@ -31,7 +31,8 @@ class Adversary:
                 attacked = fgsm(model, head, labels, settings.epsilon, self.lower, self.upper, loss=self.task.loss)
             else:
                 attacked = pgd(model, head, labels, settings.epsilon, self.lower, self.upper, steps=settings.steps,
-                               step_size=settings.step_size, loss=self.task.loss)
+                               step_size=settings.step_size, loss=self.task.loss, first_to_fool=False)
         finally:
-            model.train(was_training)
+            for module, training in modes.items():
+                module.training = training
         return torch.cat([attacked, inputs[count:]])

@@ -65,7 +65,6 @@ def attack_at(pipeline: torch.nn.Module, x: np.ndarray, y: np.ndarray, lower: np
     torch.set_num_threads(1)
     job = RobustnessJob.model_validate(spec)
     low, high = torch.from_numpy(lower), torch.from_numpy(upper)
-    generator = torch.Generator().manual_seed(job.seed)
     found: dict[str, list[float]] = {}
     for start in range(0, len(x), job.batch_size):
         inputs = torch.from_numpy(x[start:start + job.batch_size])
@@ -75,29 +74,35 @@ def attack_at(pipeline: torch.nn.Module, x: np.ndarray, y: np.ndarray, lower: np
         if "fgsm" in job.attacks:
             attacked["fgsm"] = fgsm(pipeline, inputs, labels, epsilon, low, high)
         if "pgd" in job.attacks:
-            settings = {"step_size": job.pgd.step_size or 2.5 * epsilon / job.pgd.steps,
-                        "restarts": job.pgd.restarts, "generator": generator}
-            attacked["pgd"] = pgd(pipeline, inputs, labels, epsilon, low, high, steps=job.pgd.steps, **settings)
-            # (the same step size: twice the steps can only search further within the ball)
-            attacked["pgd_2x_steps"] = pgd(pipeline, inputs, labels, epsilon, low, high, steps=2 * job.pgd.steps,
-                                           **settings)
+            # Twice the steps from the same random starts with the same step size: they can only search
+            # further (a PGD that keeps each example's first fooling step never finds less)
+            step_size = job.pgd.step_size or 2.5 * epsilon / job.pgd.steps
+            for name, steps in (("pgd", job.pgd.steps), ("pgd_2x_steps", 2 * job.pgd.steps)):
+                starts = torch.Generator().manual_seed(job.seed + start)
+                attacked[name] = pgd(pipeline, inputs, labels, epsilon, low, high, steps=steps, step_size=step_size,
+                                     restarts=job.pgd.restarts, generator=starts)
         for name, adversarial in attacked.items():
             found.setdefault(name, []).append(weight * accuracy(pipeline, adversarial, labels))
     return {name: float(sum(parts)) for name, parts in found.items()}
 
 
-def sanity_checks(epsilons: list[float], table: dict[str, list[float]]) -> dict[str, bool]:
+def sanity_checks(table: dict[str, list[float]], examples: int) -> dict[str, bool]:
     """Signs of gradient masking (Carlini et al. 2019, "On evaluating adversarial robustness"): PGD
-    never beats FGSM's accuracy, accuracy never rises with epsilon, more PGD steps never raise it."""
+    never beats FGSM's accuracy, accuracy never rises with epsilon, more PGD steps never raise it.
+    Each within one example: a single flip is noise, not masking."""
+    slack = 1.0 / examples
+
+    def at_most(smaller: list[float], larger: list[float]) -> bool:
+        return all(a <= b + slack for a, b in zip(smaller, larger))
+
     checks = {}
     if "pgd" in table and "fgsm" in table:
-        checks["pgd_at_most_fgsm"] = all(p <= f for p, f in zip(table["pgd"], table["fgsm"]))
+        checks["pgd_at_most_fgsm"] = at_most(table["pgd"], table["fgsm"])
     for attack in ("fgsm", "pgd"):
         if attack in table:
-            checks[f"{attack}_not_rising_with_epsilon"] = all(b <= a for a, b in zip(table[attack],
-                                                                                     table[attack][1:]))
+            checks[f"{attack}_not_rising_with_epsilon"] = at_most(table[attack][1:], table[attack])
     if "pgd" in table:
-        checks["more_pgd_steps_never_raise_it"] = all(m <= p for m, p in zip(table["pgd_2x_steps"], table["pgd"]))
+        checks["more_pgd_steps_never_raise_it"] = at_most(table["pgd_2x_steps"], table["pgd"])
     return checks
 
 
@@ -119,7 +124,7 @@ def run(spec: RobustnessJob, options: RunOptions) -> RunSummary:
             per_epsilon = ray.get([task.remote(*shared, epsilon, spec.model_dump(mode="json"))
                                    for epsilon in spec.epsilons])
         table = {name: [row[name] for row in per_epsilon] for name in per_epsilon[0]}
-        checks = sanity_checks(spec.epsilons, table)
+        checks = sanity_checks(table, len(target.x))
         metrics = {"clean_accuracy": clean, **{f"{name}_accuracy_eps{epsilon:g}": value
                                                for name, values in table.items()
                                                for epsilon, value in zip(spec.epsilons, values)}}

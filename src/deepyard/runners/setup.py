@@ -132,7 +132,7 @@ def check_explain(spec: TrainJob, splits: Splits, task, pipeline: torch.nn.Modul
         explained_output({"task": task.name}, f"{spec.model.name} on {spec.data.name}")
         explainer = Explainer(task.serving_module(pipeline).eval(), serving_metadata(spec, splits, task, pipeline),
                               spec.name)
-        explainer.explain(splits.x_test[:1], spec.explain.model_copy(update={"steps": 2}))
+        explainer.explain(splits.x_test[:1], spec.explain.model_copy(update={"steps": 2}), refine=False)
     except BadRequest as error:
         raise BadInput(f"explain: {error}") from None
 

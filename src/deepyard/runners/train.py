@@ -332,7 +332,10 @@ def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, An
     logged = tracking.log_model(run_id, serving, final["example"].numpy(), registered_name=registered_name,
                                 metadata=metadata, version_tags={**tags, **lineage, "run_id": run_id})
     if spec.explain:
-        log_explanations(run_id, spec.explain, serving, metadata, splits.x_test[:spec.explain.examples])
+        try:  # (the version is registered: pictures that cannot be made must not fail the job)
+            log_explanations(run_id, spec.explain, serving, metadata, splits.x_test[:spec.explain.examples])
+        except Exception as error:
+            print(f"explain: no pictures logged: {type(error).__name__}: {error}")
     return logged
 
 

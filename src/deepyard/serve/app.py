@@ -398,7 +398,9 @@ class ModelEndpoint:
         try:
             try:
                 explanations = await self.explaining.explain(loaded, body)
-                outputs, loaded = await self._run(body, loaded)
+                # (not through dynamic batching: that serves whichever version is current by then)
+                decoded = loaded.codec.decode(body, loaded.metadata, self.options.max_explain_instances)
+                outputs = loaded.codec.run(loaded.module, decoded, loaded.metadata)
                 content = json.dumps({"explanations": explanations, "model": self.name, "version": loaded.version,
                                       "predictions": loaded.codec.encode(outputs, loaded.metadata, body, self.options)},
                                      allow_nan=False).encode()

@@ -53,10 +53,7 @@ class Explanations:
         inputs = loaded.codec.decode(body, loaded.metadata, self.options.max_explain_instances)
         limit = self.options.explain_timeout_s
         deadline = time.monotonic() + limit
-        try:
-            await asyncio.wait_for(self._turn.acquire(), limit)
-        except asyncio.TimeoutError:
-            raise self._late("waiting for the explanations before it") from None
+        await self._take_turn(limit)
         work = asyncio.ensure_future(self._run(loaded, inputs, options, deadline))
         work.add_done_callback(lambda _: self._turn.release())  # (a late one still holds the turn till it ends)
         try:
@@ -64,6 +61,23 @@ class Explanations:
             return await asyncio.wait_for(asyncio.shield(work), max(0.0, deadline - time.monotonic()) + 1.0)
         except (asyncio.TimeoutError, ExplainTimeout):
             raise self._late("explaining") from None
+
+    async def _take_turn(self, limit: float) -> None:
+        """The replica's one explanation at a time, within ``limit`` seconds. (Not wait_for around
+        acquire: cancelled as it succeeds, it keeps the turn forever; CPython gh-86296.)"""
+        acquiring = asyncio.ensure_future(self._turn.acquire())
+        try:
+            done, _ = await asyncio.wait({acquiring}, timeout=limit)
+        except asyncio.CancelledError:  # (the client went away while it waited)
+            self._give_up(acquiring)
+            raise
+        if not done:
+            self._give_up(acquiring)
+            raise self._late("waiting for the explanations before it")
+
+    def _give_up(self, acquiring: asyncio.Future) -> None:
+        acquiring.cancel()  # (too late if it got the turn meanwhile: then it is given back)
+        acquiring.add_done_callback(lambda done: done.cancelled() or self._turn.release())
 
     async def _run(self, loaded, inputs, options: ExplainOptions, deadline: float) -> list[dict[str, Any]]:
         explainer = self._explainers.get(loaded.version) or await asyncio.to_thread(self._explainer, loaded)
