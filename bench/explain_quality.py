@@ -21,9 +21,7 @@ Prints one JSON object and records it (bench/record.py).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -109,10 +107,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--requests", type=int, default=40, help="per route and round, for the served p50")
     args = parser.parse_args()
-    home = tempfile.mkdtemp(prefix="deepyard-explain-bench-")
-    os.environ["DEEPYARD_HOME"] = home
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    record.fresh_home("explain")
     from deepyard import cluster, tracking
     from deepyard.explain.attributions import Explainer
     from deepyard.explain.options import ExplainOptions

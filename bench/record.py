@@ -47,6 +47,17 @@ def provenance() -> dict:
     }
 
 
+def fresh_home(label: str) -> str:
+    """A new, empty deepyard home (MLflow store, checkpoints) for this bench's process, quiet MLflow."""
+    import tempfile
+
+    home = tempfile.mkdtemp(prefix=f"deepyard-{label}-bench-")
+    os.environ["DEEPYARD_HOME"] = home
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    return home
+
+
 def variant(base: str, *parts: object) -> str:
     """A result name: ``base`` and each part that is set (``None``, ``False`` and ``""`` are left out), in
     file-name-safe text. ``variant("serve_latency", "batch16", False) == "serve_latency_batch16"``."""

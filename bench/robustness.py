@@ -14,8 +14,6 @@ gradient-masking checks, and the wall time of each training run.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,10 +41,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=1000)
     parser.add_argument("--mix", type=float, default=0.5, help="share of each batch made adversarial")
     args = parser.parse_args()
-    home = tempfile.mkdtemp(prefix="deepyard-robust-bench-")
-    os.environ["DEEPYARD_HOME"] = home
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    record.fresh_home("robust")
     from deepyard import cluster
     from deepyard.runners import robustness, train
     from deepyard.runners.summary import RunOptions
