@@ -2,8 +2,8 @@
 
 The registered model takes raw inputs (its preprocessing is inside), so attributions come in the
 data's own units: per pixel, per named feature, per past time step, or per token (through the token
-embedding, as token ids have no gradient). Every method runs on the version as it is served, the
-``torch.export`` program (unflattened, so the embedding layer can be found by name).
+embedding, as token ids have no gradient). Every method runs on the version as it is served (its
+``torch.export`` program); for text, unflattened, so that the embedding layer can be found.
 """
 
 from __future__ import annotations
@@ -49,6 +49,23 @@ def explained_output(metadata: dict[str, Any], name: str) -> str:
         raise BadRequest(f"{name} is a {task} model; explanations are for {' and '.join(able)} models (an output "
                          "per input to attribute)")
     return explains
+
+
+def explainable_module(name: str, version: str, metadata: dict[str, Any], served: nn.Module | None = None,
+                       uri: str | None = None) -> nn.Module:
+    """What a version's explanations run on: the module it is served with (``served``, else loaded),
+    or, for text, its exported program unflattened (the token embedding is found by its layer)."""
+    from deepyard import tracking
+
+    if metadata.get("vocab") or served is None:
+        module = (tracking.load_exported(name, version, uri) if metadata.get("vocab")
+                  else tracking.load_model(name, version, uri)[0])
+    else:
+        module = served
+    if module is None or isinstance(module, torch.jit.ScriptModule):
+        raise BadRequest(f"{name} version {version} was logged as TorchScript (an int8 model): it has no "
+                         "gradients to explain with; explain the float model it was made from")
+    return module
 
 
 class Explainer:

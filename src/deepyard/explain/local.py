@@ -20,7 +20,7 @@ def explain_version(name: str, version: str, inputs_file: Path, options: Explain
     """``inputs_file`` (as ``deepyard predict`` takes it) explained by a registered version:
     {model, version, explanations, pictures}."""
     from deepyard import tracking
-    from deepyard.explain.attributions import Explainer, explained_output
+    from deepyard.explain.attributions import Explainer, explainable_module, explained_output
     from deepyard.serve.client import request_body
     from deepyard.tasks import codec
 
@@ -28,11 +28,7 @@ def explain_version(name: str, version: str, inputs_file: Path, options: Explain
     try:
         explained_output(metadata, name)
         inputs = codec(metadata.get("task")).decode(request_body(inputs_file), metadata, MAX_INSTANCES)
-        module = tracking.load_exported(name, version)
-        if module is None:
-            raise BadRequest(f"{name} version {version} was logged as TorchScript (an int8 model): it has no "
-                             "gradients to explain with; explain the float model it was made from")
-        explanations = Explainer(module, metadata, name).explain(inputs, options)
+        explanations = Explainer(explainable_module(name, version, metadata), metadata, name).explain(inputs, options)
     except BadRequest as error:
         raise BadInput(f"{name}:{version}: {error}") from None
     pictures = write_pictures(inputs, explanations, metadata, out, f"{name}-v{version}") if out else []

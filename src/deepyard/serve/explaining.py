@@ -4,8 +4,8 @@ why, per instance, from the same version.
 An explanation costs ``steps`` forward and backward passes per instance, hundreds of predictions'
 worth: a replica computes one at a time, off its event loop (predictions keep being answered
 meanwhile), and a request that cannot finish within ``explain_timeout_s``, its wait included, is
-answered 503 instead of holding the replica. Each version's explainer (its ``torch.export``
-program, unflattened) is loaded on the first request that needs it.
+answered 503 instead of holding the replica. Each version's explainer is made on the first request
+that needs it: on the module the replica serves, or for text on the exported program unflattened.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import pydantic
 
-from deepyard.explain.attributions import Explainer, ExplainTimeout, explained_output
+from deepyard.explain.attributions import Explainer, ExplainTimeout, explainable_module, explained_output
 from deepyard.explain.options import ExplainOptions
 from deepyard.serve.options import EndpointOptions
 from deepyard.serve.payloads import BadRequest
@@ -84,12 +84,7 @@ class Explanations:
         return await asyncio.to_thread(explainer.explain, inputs, options, deadline)
 
     def _explainer(self, loaded) -> Explainer:
-        from deepyard import tracking
-
-        module = tracking.load_exported(self.name, loaded.version, self.uri)
-        if module is None:
-            raise BadRequest(f"{self.name} version {loaded.version} was logged as TorchScript (an int8 model): "
-                             "it has no gradients to explain with; explain the float model it was made from")
+        module = explainable_module(self.name, loaded.version, loaded.metadata, loaded.module, self.uri)
         explainer = self._explainers[loaded.version] = Explainer(module, loaded.metadata, self.name)
         while len(self._explainers) > 2:  # (the stable version's and a canary's)
             self._explainers.pop(next(iter(self._explainers)))
