@@ -339,3 +339,14 @@ def test_bad_explain_blocks_exit_2_before_ray_starts(cli, write_spec, data, mode
     spec = write_spec(f"kind: train\nname: bad_explain\ndata: {{name: {data}}}\nmodel: {{name: {model}}}\n"
                       f"explain: {explain}\n")
     assert message in cli("validate", spec, expect=2).stderr
+
+
+@pytest.mark.slow
+def test_an_int8_version_is_refused_with_the_reason(digits_source, cli, write_spec, tmp_path):
+    spec = write_spec("kind: compress\nname: explain_int8\nmodel: digits_source@champion\n"
+                      "method: {name: quantize, mode: dynamic}\nregister: {model_name: explain-int8}\n")
+    result = last_json(cli("run", spec, "--json"))
+    body = tmp_path / "x.json"
+    body.write_text(json.dumps({"instances": [[0] * 64]}))
+    stderr = cli("explain", f"explain-int8:{result['model_version']}", "--input", str(body), expect=2).stderr
+    assert "TorchScript" in stderr and "explain the float model" in stderr

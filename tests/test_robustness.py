@@ -4,6 +4,7 @@ robustness` on a registered model on the session's Ray cluster and MLflow store.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from torch import nn
 
 from conftest import last_json
 from deepyard.robust.attacks import accuracy, fgsm, pgd
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +195,23 @@ def test_bad_adversarial_settings_exit_2_before_ray_starts(cli, write_spec, chan
     spec = "kind: train\nname: bad_adversarial\ndata: {name: digits}\n" + (
         change if change.startswith("model") else "model: {name: mlp}\n" + change)
     assert message in cli("validate", write_spec(spec), expect=2).stderr
+
+
+@pytest.mark.slow
+def test_a_sweep_varies_the_adversarial_budget_of_its_trials(ray_cluster, cli, write_spec):
+    from deepyard import tracking
+
+    spec = write_spec(f"""
+kind: sweep
+name: adversarial_sweep
+base: {ROOT}/jobs/digits_mlp.yaml
+space:
+  train.adversarial.epsilon: {{grid: [0.5, 2.0]}}
+register: {{enabled: false}}
+""")
+    summary = last_json(cli("run", spec, "--json", "--set", "base.train.epochs=2", "--set",
+                            "base.data.max_train_samples=300", "--set",
+                            "base.train.adversarial={method: pgd, epsilon: 1.0, steps: 2}"))
+    trials = tracking.child_runs(summary["run_id"])
+    assert sorted(t.data.params["train.adversarial.epsilon"] for t in trials) == ["0.5", "2.0"]
+    assert all(t.info.status == "FINISHED" and t.data.params["train.adversarial.steps"] == "2" for t in trials)
