@@ -207,8 +207,9 @@ name: adversarial_sweep
 base: {ROOT}/jobs/digits_mlp.yaml
 space:
   train.adversarial.epsilon: {{grid: [0.5, 2.0]}}
+scheduler: {{name: fifo}}
 register: {{enabled: false}}
-""")
+""")  # (fifo: ASHA may stop the worse trial after its first epoch)
     summary = last_json(cli("run", spec, "--json", "--set", "base.train.epochs=2", "--set",
                             "base.data.max_train_samples=300", "--set",
                             "base.train.adversarial={method: pgd, epsilon: 1.0, steps: 2}"))
