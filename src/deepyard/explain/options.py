@@ -38,5 +38,3 @@ class ExplainJob(ExplainOptions):
 
     examples: int = Field(8, ge=1, le=64, description="test examples explained")
 
-
-REQUEST_FIELDS = set(ExplainOptions.model_fields)
