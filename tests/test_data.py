@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepyard.data import DATASETS, load_splits
+from deepyard.data import DATASETS, load_splits, make_splits
 from deepyard.data.augment import random_affine
 from deepyard.data.idx import read_idx
 from deepyard.errors import DataError
@@ -65,11 +65,14 @@ def test_csv_classification_and_regression(tmp_path):
     table = tmp_path / "t.csv"
     table.write_text("a,b,kind,price\n" + "".join(f"{i},{i * 2},{'xy'[i % 2]},{i * 1.5}\n" for i in range(40)))
     raw = DATASETS.build("csv", {"path": str(table), "target": "kind", "features": ["a", "b"]})
-    assert raw.class_names == ["x", "y"] and raw.x.shape == (40, 2)
-    raw = DATASETS.build("csv", {"path": str(table), "target": "price", "features": ["a"], "task": "regression"})
-    assert raw.task == "regression" and raw.y[3] == pytest.approx(4.5)
-    with pytest.raises(DataError, match="must be numeric; not numeric: kind"):
-        DATASETS.build("csv", {"path": str(table), "target": "price", "task": "regression"})
+    splits = make_splits(raw, val_fraction=0.2, test_fraction=0.2, seed=0)
+    assert raw.class_names == ["x", "y"] and splits.in_shape == (2,) and splits.feature_names == ["a", "b"]
+    raw = DATASETS.build("csv", {"path": str(table), "target": "price", "task": "regression"})
+    splits = make_splits(raw, val_fraction=0.2, test_fraction=0.2, seed=0)
+    assert raw.task == "regression" and sorted(raw.y)[3] == pytest.approx(4.5)
+    assert sorted(splits.feature_names) == ["a", "b", "kind=x", "kind=y"]  # a text column: a category
+    with pytest.raises(DataError, match="regression target 'kind' must be numeric"):
+        DATASETS.build("csv", {"path": str(table), "target": "kind", "task": "regression"})
 
 
 def test_augmentation_keeps_shape_and_changes_pixels():

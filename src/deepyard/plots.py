@@ -140,3 +140,22 @@ def robust_accuracy(epsilons: list[float], curves: dict[str, list[float]], clean
     axis.legend()
     figure.tight_layout()
     return figure
+
+
+def fairness_by_group(by_group: dict[str, dict[str, float]], sensitive: str):
+    """Grouped bars: each rate and accuracy, one bar per group, the group's size in the legend."""
+    metrics = [name for name in next(iter(by_group.values())) if name != "count"]
+    groups = list(by_group)
+    width = 0.8 / max(len(groups), 1)
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.2 * len(metrics) + 2), 4))
+    for i, group in enumerate(groups):
+        values = [by_group[group][m] for m in metrics]
+        axis.bar(np.arange(len(metrics)) + i * width, values, width,
+                 label=f"{group} (n={int(by_group[group].get('count', 0))})")
+    axis.set_xticks(np.arange(len(metrics)) + width * (len(groups) - 1) / 2,
+                    [m.replace("_", " ") for m in metrics], rotation=20, ha="right")
+    axis.set_ylim(0, 1)
+    axis.set_title(f"test metrics by {sensitive}")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure

@@ -386,8 +386,10 @@ def _active(run_id: str) -> Iterator[None]:
 
 
 def log_model(run_id: str, module, input_example, *, registered_name: str | None,
-              metadata: dict[str, Any], version_tags: dict[str, str], exportable: bool = True) -> dict[str, Any]:
+              metadata: dict[str, Any], version_tags: dict[str, str], exportable: bool = True,
+              artifact: str = MODEL_ARTIFACT) -> dict[str, Any]:
     """Log the serving module (preprocessing included) and register it as a new version.
+    ``artifact``: the model's folder in the run (a second model of the same run needs its own).
     ``exportable=False``: a module ``torch.export`` cannot trace (int8 packed weights), passed as
     TorchScript, which MLflow's "pickle" format saves with ``torch.jit.save``."""
     import mlflow.pytorch
@@ -407,7 +409,7 @@ def log_model(run_id: str, module, input_example, *, registered_name: str | None
         warnings.simplefilter("ignore", UserWarning)  # torch's TypedStorage notice, from MLflow's pickling
         info = mlflow.pytorch.log_model(
             module,
-            name=MODEL_ARTIFACT,
+            name=artifact,
             signature=infer_signature(input_example, output),
             input_example=input_example,
             # Explicit requirements skip MLflow's slow inference, and the package code travels with
@@ -654,6 +656,12 @@ def download(run_id: str, artifact_path: str, uri: str | None = None) -> str | N
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in a job's output
     return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
                                                tracking_uri=uri or tracking_uri())
+
+
+def set_version_tags(name: str, version: str, tags: dict[str, str]) -> None:
+    mlflow_client = client()
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, version, key, value)
 
 
 def set_alias(name: str, alias: str, version: str) -> None:

@@ -3,13 +3,38 @@ into deterministic train/val/test splits. Nothing here touches the network, Ray 
 
 from deepyard.data.registry import DATASETS
 from deepyard.data.splits import RawData, Splits, make_splits
-from deepyard.data import csv_file, idx, series, sklearn_sets, text  # noqa: F401  (registers the builders)
+from deepyard.data import idx, series, sklearn_sets, table_files, text  # noqa: F401  (registers the builders)
 
 __all__ = ["DATASETS", "RawData", "Splits", "make_splits", "load_splits"]
 
 
 def load_splits(name: str, params: dict, *, val_fraction: float, test_fraction: float,
-                seed: int, max_train_samples: int | None = None) -> Splits:
+                seed: int, max_train_samples: int | None = None, sensitive: list[str] = (),
+                keep_sensitive: bool = False) -> Splits:
+    """``sensitive``: table columns whose groups fairness is measured over; kept out of the
+    features unless ``keep_sensitive``."""
     raw = DATASETS.build(name, params)
+    if sensitive:
+        raw = with_sensitive(raw, name, list(sensitive), keep_sensitive)
     return make_splits(raw, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                        max_train_samples=max_train_samples)
+
+
+def with_sensitive(raw: RawData, name: str, sensitive: list[str], keep: bool) -> RawData:
+    from dataclasses import replace
+
+    from deepyard.errors import DataError
+    from deepyard.registry import did_you_mean
+
+    if raw.table is None:
+        raise DataError(f"fairness.sensitive: data {name!r} is not a table of named columns; fairness is measured "
+                        "on tables (csv, parquet, arrests)")
+    for column in sensitive:
+        if column not in raw.table.sources:
+            raise DataError(f"fairness.sensitive: data {name!r} has no column {column!r}"
+                            f"{did_you_mean(column, raw.table.sources)} (columns: {', '.join(raw.table.sources)})")
+    table = raw.table if keep else raw.table.without(sensitive)
+    if not table.names:
+        raise DataError("fairness.sensitive: every feature column is sensitive; nothing would be left to learn from "
+                        "(set fairness.include_sensitive: true to learn from them)")
+    return replace(raw, table=replace(table, sensitive=sensitive))

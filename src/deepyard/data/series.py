@@ -66,7 +66,7 @@ def csv_series(path: str, column: str, lookback: PositiveInt = 24, horizon: Posi
     ``time_column``); gaps are interpolated. ``season`` (steps) adds the seasonal naive baseline."""
     import pandas as pd
 
-    from deepyard.data.csv_file import read_table
+    from deepyard.data.table_files import read_table
 
     table = read_table(path, [column] + ([time_column] if time_column else []))
     if time_column:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from deepyard.errors import DataError
+
+if TYPE_CHECKING:
+    from deepyard.data.tables import TablePlan
 
 Task = Literal["classification", "regression", "language_model"]
 
@@ -44,6 +47,9 @@ class RawData:
     # A label budget: keep this many labelled training samples per class (seeded, stratified); the
     # rest of the training inputs stay as ``Splits.x_unlabeled`` (a distillation job may use them).
     labels_per_class: int | None = None
+    # A table of mixed columns: ``x`` holds raw cells (objects), encoded after the split by a
+    # schema fitted on the training rows (``fit_table``).
+    table: TablePlan | None = None
 
 
 def keep_classes(raw: RawData, classes: list[int] | None) -> RawData:
@@ -93,6 +99,9 @@ class Splits:
     vocab: list[str] | None = None  # token data: id -> token, fitted on the training split
     join_with: str = ""
     x_unlabeled: np.ndarray | None = None  # training inputs whose labels a label budget withheld
+    table: dict | None = None  # a mixed table: the fitted TableSchema, as JSON (it travels with the model)
+    sensitive: list[str] | None = None  # columns fairness is measured over, kept out of the features
+    groups: dict[str, np.ndarray] | None = None  # split -> each row's sensitive group
     in_shape: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -122,7 +131,16 @@ class Splits:
         axes = (0, 2, 3) if self.is_image else (0,)
         mean = self.x_train.mean(axis=axes, keepdims=True)[0]
         std = self.x_train.std(axis=axes, keepdims=True)[0]
-        return mean.astype(np.float32), np.where(std < 1e-8, 1.0, std).astype(np.float32)
+        std = np.where(std < 1e-8, 1.0, std)
+        for position, _ in self.embedded():  # category codes reach the embedding as they are
+            mean[position], std[position] = 0.0, 1.0
+        return mean.astype(np.float32), std.astype(np.float32)
+
+    def embedded(self) -> list[tuple[int, int]]:
+        """A table's embedded columns: (feature position, number of codes)."""
+        from deepyard.data.tables import TableSchema
+
+        return TableSchema.from_dict(self.table).embedded() if self.table else []
 
     def target_stats(self) -> tuple[float, float]:
         if self.task != "regression":
@@ -209,6 +227,7 @@ def make_splits(raw: RawData, *, val_fraction: float, test_fraction: float, seed
     if raw.ordered:
         splits = _ordered_splits(raw, val_fraction, test_fraction, max_train_samples)
         return fit_vocabulary(splits, raw) if raw.symbols is not None else splits
+
     x, y = _inputs(raw, raw.x), raw.y
     if raw.x_test is None:
         rest, test = _split_indices(y, test_fraction, rng, stratify)
@@ -233,11 +252,38 @@ def make_splits(raw: RawData, *, val_fraction: float, test_fraction: float, seed
         feature_names=raw.feature_names,
         x_unlabeled=x[unlabeled] if len(unlabeled) else None,
     )
+    if raw.table is not None:
+        return fit_table(splits, raw.table)
     return fit_vocabulary(splits, raw) if raw.symbols is not None else splits
 
 
 def _inputs(raw: RawData, x: np.ndarray) -> np.ndarray:
+    if raw.table is not None:
+        return x  # raw cells, encoded once the split is known
     return x.astype(np.int64) if raw.symbols is not None else x.astype(np.float32)
+
+
+def fit_table(splits: Splits, table: TablePlan) -> Splits:
+    """Encode a mixed table's splits with a schema fitted on the training rows only; keep each row's
+    sensitive group (``table.sensitive``) aside for fairness metrics."""
+    from deepyard.data.tables import CellError, group_key
+
+    schema = table.fit(splits.x_train)
+    groups = {}
+    for split in ("train", "val", "test"):
+        cells = getattr(splits, f"x_{split}")
+        if table.sensitive:
+            groups[split] = np.array([group_key(row, table.sensitive) for row in table.cells(cells, table.sensitive)],
+                                     dtype=object)
+        try:
+            setattr(splits, f"x_{split}", schema.encode(table.cells(cells, table.names)))
+        except CellError as error:
+            raise DataError(f"the {split} split's {error}; fix the value or set the column's type in "
+                            "data.params.columns") from None
+    splits.table, splits.feature_names = schema.to_dict(), schema.feature_names()
+    splits.sensitive, splits.groups = (list(table.sensitive), groups) if table.sensitive else (None, None)
+    splits.in_shape = (schema.width,)
+    return splits
 
 
 def _target_dtype(raw: RawData):

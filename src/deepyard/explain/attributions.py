@@ -43,6 +43,9 @@ def explained_output(metadata: dict[str, Any], name: str) -> str:
     from deepyard.tasks import TASKS
 
     task = metadata.get("task")
+    if fair := metadata.get("fair_decisions"):
+        raise BadRequest(f"{name} decides by per-group thresholds ({fair['mitigation']}), which have no gradient "
+                         "to attribute; explain the version it thresholds (its tag fairness.mitigates_version)")
     explains = getattr(TASKS.get(task), "explains", None)
     if explains is None:
         able = [task_name for task_name, kind in TASKS.items() if getattr(kind, "explains", None)]

@@ -17,7 +17,7 @@ from deepyard import transfer
 from deepyard.data import Splits, load_splits
 from deepyard.errors import BadInput, DataError
 from deepyard.models import MODELS
-from deepyard.models.pipeline import Pipeline
+from deepyard.models.pipeline import Pipeline, TableEmbeddings
 from deepyard.optim import OPTIMIZERS
 from deepyard.spec import TrainJob
 from deepyard.tasks import TASKS
@@ -26,9 +26,12 @@ from deepyard.tasks.base import selectable
 
 
 def load_data(spec: TrainJob) -> Splits:
+    fairness = getattr(spec, "fairness", None)  # (a compress job's spec has none)
     return load_splits(spec.data.name, spec.data.params, val_fraction=spec.data.val_fraction,
                        test_fraction=spec.data.test_fraction, seed=split_seed(spec),
-                       max_train_samples=spec.data.max_train_samples)
+                       max_train_samples=spec.data.max_train_samples,
+                       sensitive=fairness.sensitive if fairness else (),
+                       keep_sensitive=fairness.include_sensitive if fairness else False)
 
 
 def split_seed(spec: TrainJob) -> int:
@@ -42,7 +45,9 @@ def build(spec: TrainJob, splits: Splits):
                        f"{spec.data.name!r} is {'text' if splits.is_text else 'numbers'}; use " +
                        ("transformer_encoder (classification) or transformer_decoder (language model)"
                         if splits.is_text else "mlp, cnn, lstm, gru or rnn"))
-    net = MODELS.build(spec.model.name, spec.model.params, in_shape=splits.in_shape,
+    embeddings = TableEmbeddings(splits.in_shape[0], splits.embedded()) if splits.embedded() else None
+    in_shape = (embeddings.out_width,) if embeddings else splits.in_shape
+    net = MODELS.build(spec.model.name, spec.model.params, in_shape=in_shape,
                        num_outputs=splits.num_outputs, vocab_size=len(splits.vocab) if splits.is_text else None)
     # A generative model's task is generation, whatever the data's labels; otherwise the data's task.
     task_class = TASKS[Generation.name if getattr(net, "generative", False) else splits.task]
@@ -50,7 +55,7 @@ def build(spec: TrainJob, splits: Splits):
         raise BadInput(f"model {spec.model.name!r} does not fit data {spec.data.name!r}: {problem}")
     target_mean, target_std = splits.target_stats()
     task = task_class(num_classes=splits.num_outputs, target_mean=target_mean, target_std=target_std)
-    return Pipeline(net, task.input_stats(splits)), task
+    return Pipeline(net, task.input_stats(splits), embeddings), task
 
 
 def monitored(spec_metric: str | None, spec_mode: str | None, task) -> tuple[str, str]:
@@ -115,6 +120,10 @@ def preflight(spec: TrainJob):
         check_metric(f"{section}.metric", getattr(choice, "metric", None), task)
     if spec.explain:
         check_explain(spec, splits, task, model)
+    if getattr(spec, "fairness", None):
+        from deepyard.runners import fairness
+
+        fairness.check(spec.fairness, splits, task)
     if spec.train.adversarial and (splits.is_text or hasattr(task, "train_step")):
         why = "reads token ids, which gradients cannot perturb" if splits.is_text else "has steps of its own (a GAN)"
         raise BadInput(f"train.adversarial: {spec.model.name} on {spec.data.name} {why}; adversarial training "
@@ -145,6 +154,8 @@ def serving_metadata(spec: TrainJob, splits: Splits, task, pipeline: torch.nn.Mo
         metadata.update(vocab=splits.vocab, token_level="char" if splits.join_with == "" else "word")
     if splits.persistence:  # forecasting windows: explained per past time step
         metadata["series"] = True
+    if splits.table:  # a mixed table: requests are objects of raw columns, encoded with the fitted schema
+        metadata["table"] = splits.table
     if splits.is_image:  # PNG requests are scaled from 0-255 into the data set's own pixel range
         metadata["pixel_max"] = float(splits.x_train.max())
     metadata.update(task.serving_metadata(pipeline, splits))

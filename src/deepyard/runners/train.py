@@ -331,6 +331,10 @@ def log_outcome(spec: TrainJob, splits: Splits, run_id: str, final: dict[str, An
     lineage = {"init_from": spec.init.from_} if spec.init else {}
     logged = tracking.log_model(run_id, serving, final["example"].numpy(), registered_name=registered_name,
                                 metadata=metadata, version_tags={**tags, **lineage, "run_id": run_id})
+    if spec.fairness:
+        from deepyard.runners.fairness import log_fairness
+
+        logged.update(log_fairness(spec, splits, run_id, serving, metadata, logged))
     if spec.explain:
         try:  # (the version is registered: pictures that cannot be made must not fail the job)
             log_explanations(run_id, spec.explain, serving, metadata, splits.x_test[:spec.explain.examples])
@@ -382,6 +386,13 @@ def check(spec: TrainJob) -> str:
 def describe(spec: TrainJob, splits: Splits) -> str:
     line = (f"data={spec.data.name} ({len(splits.x_train)} train / {len(splits.x_val)} val / "
             f"{len(splits.x_test)} test, input {splits.in_shape}) model={spec.model.name}")
+    if splits.table:
+        from deepyard.data.tables import TableSchema
+
+        line += "\ncolumns (fitted on the training split):\n  " + "\n  ".join(TableSchema.from_dict(splits.table)
+                                                                              .describe())
+    if splits.sensitive:
+        line += f"\nsensitive (groups for fairness, not features): {', '.join(splits.sensitive)}"
     if spec.init:
         model, _ = build(spec, splits)
         line += "\n" + transfer.start_from(spec.init, model.net)[1]

@@ -38,7 +38,7 @@ from deepyard.serve.options import EndpointOptions, parse_model_ref
 from deepyard.serve import rollout, v2
 from deepyard.serve.explaining import Explanations
 from deepyard.serve.metrics import EndpointMetrics
-from deepyard.serve.payloads import BadRequest, parse_json
+from deepyard.serve.payloads import BadRequest, parse_json, table_columns
 from deepyard.tasks import Codec, codec
 
 TOKEN_ENV = "DEEPYARD_API_TOKEN"
@@ -534,7 +534,8 @@ class ModelEndpoint:
         return {"model": self.name, "version": loaded.version, "alias": self.alias, "task": loaded.metadata.get("task"),
                 "input_shape": loaded.metadata.get("input_shape"), "class_names": loaded.metadata.get("class_names"),
                 "feature_names": loaded.metadata.get("feature_names"), "metrics": loaded.metrics,
-                "request": loaded.codec.expected(loaded.metadata), "max_instances": self.options.max_instances}
+                "request": loaded.codec.expected(loaded.metadata), "max_instances": self.options.max_instances,
+                **table_columns(loaded.metadata)}
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:

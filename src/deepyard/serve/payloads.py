@@ -87,6 +87,11 @@ class ArrayCodec:
     def expected(self, metadata: dict[str, Any]) -> str:
         if metadata.get("vocab"):
             return "each instance: a text string"
+        if metadata.get("table"):
+            columns = table_schema(metadata).inputs
+            shown = ", ".join(columns[:12]) + (", ..." if len(columns) > 12 else "")
+            return (f"each instance: an object of the columns {shown} (null for a missing value), or a list of "
+                    f"their {len(columns)} values in that order")
         shape = metadata["input_shape"]
         text = f"each instance: {'x'.join(map(str, shape))} numbers (nested in that shape, or flat)"
         return text + (", or a base64 PNG string" if len(shape) == 3 else "")
@@ -95,6 +100,8 @@ class ArrayCodec:
         expected = self.expected(metadata)
         instances = instances_of(body, expected, max_batch)
         shape = tuple(metadata["input_shape"])
+        if metadata.get("table"):
+            return _table_rows(instances, table_schema(metadata), expected)
         if metadata.get("vocab"):
             return np.stack([_text(item, index, shape[0], metadata, expected) for index, item in enumerate(instances)])
         return np.stack([_instance(item, index, shape, metadata, expected) for index, item in enumerate(instances)])
@@ -115,6 +122,8 @@ class ArrayCodec:
     def example(self, logged_input: np.ndarray, metadata: dict[str, Any]) -> Any:
         if metadata.get("vocab"):
             return decode_text(logged_input, metadata)
+        if metadata.get("table"):
+            return table_schema(metadata).decode(np.asarray(logged_input, dtype=np.float32).reshape(-1))
         return logged_input.reshape(-1).round(4).tolist()
 
 
@@ -132,6 +141,57 @@ def token_ids(text: str, metadata: dict[str, Any], length: int | None) -> list[i
     index = metadata.get("_vocab_index") or metadata.setdefault(
         "_vocab_index", {token: i for i, token in enumerate(metadata["vocab"])})
     return encode(text, index, metadata.get("token_level", "word"), length)
+
+
+def table_schema(metadata: dict[str, Any]):
+    """The version's fitted table schema, built once per loaded model and kept with its metadata."""
+    from deepyard.data.tables import TableSchema
+
+    schema = metadata.get("_table_schema")
+    if schema is None:
+        schema = metadata["_table_schema"] = TableSchema.from_dict(metadata["table"])
+    return schema
+
+
+def table_columns(metadata: dict[str, Any]) -> dict[str, Any]:
+    """A table model's columns as its GET page shows them: type, categories, what null becomes."""
+    if not metadata.get("table"):
+        return {}
+    schema = metadata["table"]
+    shown = {"columns": [{key: value for key, value in column.items() if value not in (None, [], False)}
+                         for column in schema["columns"]]}
+    if schema.get("groups"):
+        shown["sensitive"] = schema["groups"]
+    return shown
+
+
+def _table_rows(instances: list, schema, expected: str) -> np.ndarray:
+    """Objects keyed by column name, or lists in the schema's order -> encoded features; a missing or
+    unknown column, or a value of the wrong type, is a 400 that names it."""
+    from deepyard.data.tables import CellError
+    from deepyard.registry import did_you_mean
+
+    columns = schema.inputs
+    cells = np.empty((len(instances), len(columns)), dtype=object)
+    for index, item in enumerate(instances):
+        if isinstance(item, dict):
+            if missing := [c for c in columns if c not in item]:
+                raise BadRequest(f"instances[{index}]: no column {missing[0]!r}"
+                                 f"{' (nor ' + ', '.join(map(repr, missing[1:4])) + ')' if len(missing) > 1 else ''}"
+                                 f"; send null for a missing value; " + expected)
+            if unknown := [key for key in item if key not in columns]:
+                raise BadRequest(f"instances[{index}]: unknown column {unknown[0]!r}"
+                                 f"{did_you_mean(str(unknown[0]), columns)}; " + expected)
+            cells[index] = [item[c] for c in columns]
+        elif isinstance(item, list) and len(item) == len(columns):
+            cells[index] = item
+        else:
+            what = f"a list of {len(item)} values" if isinstance(item, list) else f"a {type(item).__name__}"
+            raise BadRequest(f"instances[{index}]: {what}; " + expected)
+    try:
+        return schema.encode(cells)
+    except CellError as error:
+        raise BadRequest(f"instances[{error.row}]: column {error.column!r}: {error.reason}") from None
 
 
 def _text(item: Any, index: int, length: int, metadata: dict[str, Any], expected: str) -> np.ndarray:

@@ -9,6 +9,7 @@ import pydantic
 from pydantic import ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from deepyard.explain.options import ExplainJob
+from deepyard.fairness.options import FairnessSpec
 from deepyard.registry import Registry, unknown_name_message
 from deepyard.spec.kinds import job_kind
 from deepyard.spec.problems import describe_all
@@ -191,6 +192,8 @@ class TrainJob(JobBase):
     promote: PromoteSpec | None = Field(None, description="move a registry alias to the new version")
     explain: ExplainJob | None = Field(None, description="attribution pictures of the first test examples, "
                                                          "logged to the run under explanations/")
+    fairness: FairnessSpec | None = Field(None, description="per-group metrics and disparities of a classifier "
+                                                            "on a table, and optionally a mitigated version")
 
     @model_validator(mode="after")
     def _promote_needs_a_version(self) -> "TrainJob":

@@ -58,6 +58,8 @@ class Task(Protocol):
     # What an explanation attributes (explain/): "class" (a class's probability), "value" (a value,
     # or a forecast's step), None: the task's outputs are not explained (generated samples, tokens)
     explains: ClassVar[str | None]
+    # Its predictions are decisions (labels) whose rates can be compared across groups of people
+    fairness_measured: ClassVar[bool]
     codec: ClassVar[Codec]
 
     @staticmethod
@@ -115,6 +117,7 @@ class Supervised:
     tie_breaker: ClassVar[str | None] = "val_loss"
     target_unit: ClassVar[str | None] = None
     explains: ClassVar[str | None] = None
+    fairness_measured: ClassVar[bool] = False
 
     @staticmethod
     def fits(net: nn.Module, splits) -> str | None:

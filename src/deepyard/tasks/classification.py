@@ -44,9 +44,14 @@ class Labels(ArrayCodec):
             raise BadRequest(f"top_k must be a positive integer, got {top_k!r}")
         names = metadata.get("class_names") or [str(i) for i in range(outputs.shape[-1])]
         order = np.argsort(-outputs, axis=-1)[:, :min(top_k, len(names))]
-        return [{"label": names[row[0]], "probabilities": dict(zip(names, map(float, probs))),
+        labels = order[:, 0]
+        if fair := metadata.get("fair_decisions"):  # probabilities of each decision: one is drawn
+            from deepyard.fairness.mitigate import draw_labels
+
+            labels = draw_labels(outputs, body["instances"], fair["favourable"])
+        return [{"label": names[label], "probabilities": dict(zip(names, map(float, probs))),
                  "top_k": [{"label": names[i], "probability": float(probs[i])} for i in row]}
-                for probs, row in zip(outputs, order)]
+                for probs, row, label in zip(outputs, order, labels)]
 
 
 class Classification(Supervised):
@@ -55,6 +60,7 @@ class Classification(Supervised):
     monitor = "val_accuracy"
     shown = ("train_loss", "val_loss", "val_accuracy")
     explains = "class"
+    fairness_measured = True
     codec = Labels()
 
     def __init__(self, num_classes: int, **_: object):
