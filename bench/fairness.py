@@ -1,0 +1,142 @@
+"""Fairness on arrests (jobs/arrests_fairness.yaml), and what mixed columns cost an endpoint.
+
+- fairness, per seed (the seed moves the splits and the weights): the trained MLP's test accuracy,
+  balanced accuracy, demographic parity and equalized odds differences by colour (95% bootstrap
+  intervals), then the same after fairlearn's ThresholdOptimizer (fitted on the validation split).
+  Goal: equalized odds difference at most 0.02, for at most 1 point of accuracy lost. Twice: colour
+  left out of the features (the job's default), and colour given to the model.
+- served: p50 latency of one-instance /predict requests to the arrests model (objects of 6 mixed
+  columns, encoded by the fitted schema in the replica) against a numeric-only table model of the same
+  encoded width (7 numbers), interleaved rounds on the same Serve instance.
+
+    .venv/bin/python bench/fairness.py [--seeds 3] [--requests 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import yaml
+
+import record
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fairness_runs(seeds: int, include_sensitive: bool) -> dict:
+    from deepyard.runners.summary import RunOptions
+    from deepyard.runners.train import run
+    from deepyard.spec import load_spec
+
+    rows = []
+    for seed in range(seeds):
+        overrides = [f"train.seed={seed}", f"fairness.include_sensitive={str(include_sensitive).lower()}",
+                     "promote=null"]
+        summary = run(load_spec(ROOT / "jobs/arrests_fairness.yaml", overrides), RunOptions()).to_json()
+        before, after = summary["fairness"], summary["mitigated"]
+        row = {"seed": seed}
+        for label, found in (("baseline", before), ("mitigated", after)):
+            row[label] = {"accuracy": found["overall"]["accuracy"],
+                          "balanced_accuracy": found["overall"]["balanced_accuracy"],
+                          **found["disparities"],
+                          "equalized_odds_difference_ci95": found["intervals_95"]["equalized_odds_difference"]}
+        row["accuracy_points_lost"] = 100 * (row["baseline"]["accuracy"] - row["mitigated"]["accuracy"])
+        row["model_versions"] = [summary["model_version"], after["model_version"]]
+        rows.append(row)
+    median = {f"{label}_{metric}": statistics.median(r[label][metric] for r in rows)
+              for label in ("baseline", "mitigated")
+              for metric in ("accuracy", "balanced_accuracy", "equalized_odds_difference",
+                             "demographic_parity_difference")}
+    median["accuracy_points_lost"] = statistics.median(r["accuracy_points_lost"] for r in rows)
+    goal = {"mitigated_equalized_odds_difference_at_most_0.02": median["mitigated_equalized_odds_difference"] <= 0.02,
+            "accuracy_points_lost_at_most_1": median["accuracy_points_lost"] <= 1.0}
+    return {"runs": rows, "median": median, "goal_met": goal, "version": rows[-1]["model_versions"][0]}
+
+
+def numeric_twin(folder: Path, width: int) -> str:
+    """A numeric-only table job of ``width`` features, trained for one epoch and registered."""
+    from deepyard.runners.summary import RunOptions
+    from deepyard.runners.train import run
+    from deepyard.spec import parse_spec
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, width))
+    path = folder / "numeric.csv"
+    lines = [",".join([f"f{i}" for i in range(width)] + ["y"])]
+    lines += [",".join([f"{v:.4f}" for v in row] + ["yes" if row.sum() > 0 else "no"]) for row in x]
+    path.write_text("\n".join(lines) + "\n")
+    spec = parse_spec(yaml.safe_load(f"""
+kind: train
+name: numeric-twin
+data: {{name: csv, params: {{path: {path}, target: y}}}}
+model: {{name: mlp, params: {{hidden_sizes: [32, 16], dropout: 0.1}}}}
+train: {{epochs: 1}}
+register: {{model_name: numeric-twin}}
+"""))
+    return run(spec, RunOptions()).to_json()["model_version"]
+
+
+def served_p50(arrests_version: str, numeric_version: str, width: int, requests: int) -> dict:
+    from deepyard.runners import deploy
+    from deepyard.serve.options import EndpointOptions
+
+    infos = deploy.start([EndpointOptions(model=f"arrests-mlp:{arrests_version}", num_cpus=0.5),
+                          EndpointOptions(model=f"numeric-twin:{numeric_version}", num_cpus=0.5)],
+                         host="127.0.0.1", port=free_port())
+    bodies = {"mixed": {"instances": [{"year": 2001, "age": 24, "sex": "Male", "employed": "Yes", "citizen": "Yes",
+                                       "checks": 2}]},
+              "numeric": {"instances": [[0.1 * i for i in range(width)]]}}
+    urls = {"mixed": infos[0]["url"] + "/predict", "numeric": infos[1]["url"] + "/predict"}
+    samples: dict[str, list[float]] = {"mixed": [], "numeric": []}
+    with httpx.Client(timeout=60) as client:
+        for round_ in range(6):  # interleaved rounds; the first is a warm-up
+            for kind in ("mixed", "numeric") if round_ % 2 == 0 else ("numeric", "mixed"):
+                for _ in range(requests // 5):
+                    started = time.perf_counter()
+                    answer = client.post(urls[kind], json=bodies[kind])
+                    elapsed = time.perf_counter() - started
+                    assert answer.status_code == 200, answer.text
+                    if round_:
+                        samples[kind].append(elapsed)
+    p50 = {kind: 1000 * statistics.median(values) for kind, values in samples.items()}
+    return {"mixed_p50_ms": p50["mixed"], "numeric_p50_ms": p50["numeric"],
+            "mixed_vs_numeric_p50": p50["mixed"] / p50["numeric"], "requests_each": len(samples["mixed"])}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=300, help="per model, for the served p50")
+    args = parser.parse_args()
+    home = record.fresh_home("fairness")
+    from ray import serve
+
+    from deepyard import cluster
+
+    results: dict = {"bench": "fairness", "data": "arrests (5,226 rows; colour: Black/White)",
+                     "job": "jobs/arrests_fairness.yaml", "seeds": args.seeds}
+    with cluster.connected(local_env=cluster.serve_env()):
+        width = 7  # arrests encoded: year, age, sex=Male, sex=Female, employed, citizen, checks
+        numeric = numeric_twin(Path(home), width)
+        results["colour_left_out"] = fairness_runs(args.seeds, include_sensitive=False)
+        results["colour_as_a_feature"] = fairness_runs(args.seeds, include_sensitive=True)
+        results["served"] = served_p50(results["colour_left_out"]["version"], numeric, width, args.requests)
+        serve.shutdown()
+    record.save("fairness", results)
+
+
+if __name__ == "__main__":
+    main()
