@@ -39,7 +39,7 @@ def _table(tmp_path, rows: list[str]) -> str:
 @pytest.mark.parametrize("rows, message", [
     ([f"{i},{i % 3},1" for i in range(40)], "the target has a single class ('1'); classification needs at least two"),
     ([f"{i},{'inf' if i == 7 else i % 3},{i % 2}" for i in range(40)],
-     "1 row with values that are not finite (inf or NaN) in column 'b', first at row 7"),
+     "column 'b' (numeric), row 7: inf is not a finite number"),
     (["1,2,0", "3,4,1"], "class '0' has 1 row; each class needs at least 3, one for each of the train, val and test"),
 ])
 def test_data_that_cannot_train_a_model_is_refused_before_ray_starts(cli, write_spec, tmp_path, rows, message):

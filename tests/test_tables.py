@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import last_json
-from deepyard.data import DATASETS, load_splits, make_splits
+from deepyard.data import DATASETS, load_splits
 from deepyard.data.tables import TableSchema
 from deepyard.errors import DataError
 from deepyard.models.pipeline import Pipeline, TableEmbeddings
@@ -70,18 +70,17 @@ def test_column_types_are_inferred_or_set_and_fitted_on_the_training_split_only(
     assert (ages[missing == 1] == schema.columns[0].fill).all()
 
 
-def test_a_category_only_the_test_split_has_is_the_unknown_bucket(tmp_path):
+def test_a_category_training_never_saw_is_the_unknown_bucket(tmp_path):
     frame = people()
-    frame.loc[frame.index[-40:], "colour"] = "Purple"  # rare: make sure it stays out of training
-    raw = DATASETS.build("csv", {"path": str(_write(frame, tmp_path)), **PARAMS})
-    splits = make_splits(raw, val_fraction=0.2, test_fraction=0.2, seed=0)
-    schema = TableSchema.from_dict(splits.table)
-    colour = schema.columns[1]
-    encoded = colour.encode(np.array(["Purple", "Red", None], dtype=object))
-    if "Purple" not in colour.categories:
-        assert encoded[0].sum() == 0  # unseen: all zeros
+    frame.loc[frame.index[:3], "colour"] = "Purple"  # three rows: one split at most can hold them all
+    splits = splits_of(frame, tmp_path)
+    colour = TableSchema.from_dict(splits.table).columns[1]
+    encoded = colour.encode(np.array(["Mauve", "Red", None], dtype=object))
+    assert encoded[0].sum() == 0  # never seen: all zeros
     assert encoded[1, colour.categories.index("Red")] == 1
     assert encoded[2, colour.categories.index("<missing>")] == 1
+    city = TableSchema.from_dict(splits.table).columns[3]
+    assert city.encoding == "embedding" and city.encode(np.array(["Atlantis"], dtype=object))[0, 0] == 0
 
 
 def _write(frame: pd.DataFrame, tmp_path, name: str = "t.csv"):
@@ -106,7 +105,7 @@ def test_parquet_reads_the_same_table_as_csv(tmp_path):
     (lambda f: f, {"drop": []}, "'id' looks like an identifier"),
     (lambda f: f, {"drop": ["idd"]}, "no column 'idd'; did you mean 'id'"),
     (lambda f: f.assign(outcome=f.outcome.where(f.index > 3)), {}, "target 'outcome' is missing in 4 rows"),
-    (lambda f: f, {"columns": {"colour": {"type": "numeric"}}}, r"column 'colour' \(numeric\), training row"),
+    (lambda f: f, {"columns": {"colour": {"type": "numeric"}}}, r"'colour' \(numeric\), row \d+: '\w+' is not a"),
     (lambda f: f, {"columns": {"age": {"encoding": "onehot"}}}, "encoding 'onehot' is for categorical columns"),
 ])
 def test_bad_tables_exit_2_before_ray_starts_with_the_reason(cli, write_spec, tmp_path, change, params, message):
@@ -157,6 +156,9 @@ def test_instances_are_objects_or_lists_and_bad_ones_are_400s_that_name_the_colu
     assert batch.shape == (3, splits.in_shape[0]) and (batch[0] == batch[1]).all()
     assert codec.example(batch[0], metadata) == {**row, "member": True, "grade": "2", "age": 40.0}
     for instance, message in [({k: v for k, v in row.items() if k != "city"}, "no column 'city'"),
+                              ({**row, "age": [40, 50]}, "column 'age': a list; each column takes one value"),
+                              ({**row, "age": 10**400}, "column 'age': 1000000.* is out of range"),
+                              ({**row, "age": 1e39}, "column 'age': 1e\\+39 is not a finite number"),
                               ({**row, "agee": 3}, "unknown column 'agee'"),
                               ({**row, "age": "old"}, "column 'age': 'old' is not a number"),
                               ({**row, "member": "maybe"}, "column 'member': 'maybe' is not a boolean"),
@@ -164,6 +166,8 @@ def test_instances_are_objects_or_lists_and_bad_ones_are_400s_that_name_the_colu
         with pytest.raises(BadRequest, match=message):
             codec.decode({"instances": [row, instance]}, metadata, 8)
     assert "columns age, colour, member, city, grade" in codec.expected(metadata)
+    # The sensitive column is not a feature, but a request may carry it (as the mitigated version's must)
+    assert codec.decode({"instances": [{**row, "group": "a"}]}, metadata, 8).shape == (1, splits.in_shape[0])
 
 
 # -- fairness --------------------------------------------------------------------------------------
@@ -193,14 +197,19 @@ def test_group_metrics_and_disparities_match_fairlearn():
         equalized_odds_difference(truth[rows], predicted[rows], sensitive_features=groups[rows]))
 
 
-def test_the_served_thresholds_are_the_optimizers_own():
+@pytest.mark.parametrize("constraint, saturated", [("equalized_odds", False), ("demographic_parity", False),
+                                                   ("equalized_odds", True)])
+def test_the_served_thresholds_are_the_optimizers_own(constraint, saturated):
     from deepyard.fairness.mitigate import FairDecisions, draw_labels, fit_thresholds, rules
 
     rng = np.random.default_rng(2)
     groups = rng.choice(["a", "b"], 2000).astype(object)
     truth = rng.integers(0, 2, 2000)
     scores = np.clip(truth * 0.3 + rng.random(2000) * 0.7 + (groups == "a") * 0.1, 0, 1)
-    optimizer = fit_thresholds(scores, truth, groups, constraint="equalized_odds", objective="accuracy_score")
+    if saturated:  # a softmax near 1: neighbouring scores one float32 step apart
+        scores = 1 - 2.0**-24 * rng.integers(0, 8, 2000)
+    scores = scores.astype(np.float32).astype(np.float64)  # what a model's probabilities are
+    optimizer = fit_thresholds(scores, truth, groups, constraint=constraint, objective="accuracy_score")
     keys = sorted(optimizer.interpolated_thresholder_.interpolation_dict)
 
     class Scores(torch.nn.Module):  # a "model" whose favourable probability is its first feature
@@ -209,6 +218,7 @@ def test_the_served_thresholds_are_the_optimizers_own():
 
     module = FairDecisions(Scores(), 1, rules(optimizer, keys))
     x = torch.tensor(np.stack([scores, [keys.index(g) for g in groups]], axis=1), dtype=torch.float32)
+    assert (x[:, 0].double().numpy() == scores).all()  # the scores are float32 numbers, as a model's are
     expected = optimizer._pmf_predict(scores[:, None], sensitive_features=groups)
     np.testing.assert_allclose(module(x).numpy(), expected, atol=1e-5)
     instances = [{"i": i} for i in range(2000)]
@@ -274,6 +284,8 @@ def test_a_mixed_table_trains_registers_and_answers_objects_over_http(fair_endpo
     assert predictions[0] == predictions[2] and {p["label"] for p in predictions} <= {"good", "bad"}
     missing = httpx.post(f"{base}/models/people/predict", json={"instances": [{"age": 3}]}, timeout=30)
     assert missing.status_code == 400 and "no column 'colour'" in missing.json()["error"]
+    with_group = httpx.post(f"{base}/models/people/predict", json={"instances": [{**ROW, "group": "a"}]}, timeout=30)
+    assert with_group.json()["predictions"][0] == predictions[0]  # carried, not read: the mitigated one needs it
     wrong = httpx.post(f"{base}/models/people/predict", json={"instances": [{**ROW, "age": "old"}]}, timeout=30)
     assert wrong.status_code == 400 and "column 'age'" in wrong.json()["error"]
     page = httpx.get(f"{base}/models/people/", timeout=30).json()
@@ -305,7 +317,7 @@ def test_a_fairness_job_logs_its_metrics_and_serves_a_mitigated_version(fair_end
     without_group = httpx.post(f"{base}/models/people/predict", json={"instances": [ROW]}, timeout=30)
     assert without_group.status_code == 400 and "no column 'group'" in without_group.json()["error"]
     unknown = httpx.post(f"{base}/models/people/predict", json={"instances": [{**ROW, "group": "z"}]}, timeout=30)
-    assert unknown.status_code == 400 and "group 'z' was not in the training data" in unknown.json()["error"]
+    assert unknown.status_code == 400 and "group 'z' is not among those the thresholds" in unknown.json()["error"]
     body = {"instances": [{**ROW, "group": "a"}, {**ROW, "group": "b"}, {**ROW, "age": 20, "group": "b"}]}
     first = httpx.post(f"{base}/models/people/predict", json=body, timeout=30)
     assert first.status_code == 200, first.text
@@ -325,6 +337,24 @@ def test_bad_fairness_blocks_exit_2_before_ray_starts(cli, write_spec, data, fai
     spec = write_spec(f"name: f\ndata: {{name: {data}}}\nmodel: {{name: mlp}}\nfairness: {fairness}\n")
     result = cli("run", spec, expect=2)
     assert message in result.stderr, result.stderr
+
+
+def test_mitigation_needs_both_outcomes_in_each_validation_group():
+    from types import SimpleNamespace
+
+    from deepyard.errors import BadInput
+    from deepyard.fairness.options import FairnessSpec
+    from deepyard.runners.fairness import check
+    from deepyard.tasks.classification import Classification
+
+    groups = np.array(["a", "a", "b", "b"], dtype=object)
+    splits = SimpleNamespace(class_names=["bad", "good"], y_val=np.array([0, 1, 1, 1]),
+                             groups={"val": groups, "test": groups})
+    options = FairnessSpec(sensitive=["g"], mitigation="threshold_optimizer")
+    with pytest.raises(BadInput, match="group\\(s\\) b have only one outcome"):
+        check(options, splits, Classification(num_classes=2))
+    check(options.model_copy(update={"mitigation": None}), splits, Classification(num_classes=2))  # measured: fine
+    assert FairnessSpec(sensitive=["g"], positive_label=1).positive_label == "1"
 
 
 def test_arrests_is_bundled_with_its_sensitive_columns():

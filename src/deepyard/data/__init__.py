@@ -33,6 +33,14 @@ def with_sensitive(raw: RawData, name: str, sensitive: list[str], keep: bool) ->
         if column not in raw.table.sources:
             raise DataError(f"fairness.sensitive: data {name!r} has no column {column!r}"
                             f"{did_you_mean(column, raw.table.sources)} (columns: {', '.join(raw.table.sources)})")
+    from deepyard.data.tables import CellError, category
+
+    for column in sensitive:  # each value must name a group
+        for row, cell in enumerate(raw.table.cells(raw.x, [column])[:, 0]):
+            try:
+                category(cell)
+            except CellError as error:
+                raise DataError(f"fairness.sensitive: column {column!r}, row {row}: {error.reason}") from None
     table = raw.table if keep else raw.table.without(sensitive)
     if not table.names:
         raise DataError("fairness.sensitive: every feature column is sensitive; nothing would be left to learn from "

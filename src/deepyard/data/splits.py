@@ -101,7 +101,8 @@ class Splits:
     x_unlabeled: np.ndarray | None = None  # training inputs whose labels a label budget withheld
     table: dict | None = None  # a mixed table: the fitted TableSchema, as JSON (it travels with the model)
     sensitive: list[str] | None = None  # columns fairness is measured over, kept out of the features
-    groups: dict[str, np.ndarray] | None = None  # split -> each row's sensitive group
+    groups: dict[str, np.ndarray] | None = None  # split -> each row's sensitive group (its display name)
+    sensitive_values: dict[str, list] | None = None  # split -> each row's sensitive values, column by column
     in_shape: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -266,22 +267,24 @@ def _inputs(raw: RawData, x: np.ndarray) -> np.ndarray:
 def fit_table(splits: Splits, table: TablePlan) -> Splits:
     """Encode a mixed table's splits with a schema fitted on the training rows only; keep each row's
     sensitive group (``table.sensitive``) aside for fairness metrics."""
-    from deepyard.data.tables import CellError, group_key
+    from deepyard.data.tables import CellError, category, group_key
 
     schema = table.fit(splits.x_train)
-    groups = {}
+    groups, values = {}, {}
     for split in ("train", "val", "test"):
         cells = getattr(splits, f"x_{split}")
         if table.sensitive:
-            groups[split] = np.array([group_key(row, table.sensitive) for row in table.cells(cells, table.sensitive)],
-                                     dtype=object)
+            sensitive = table.cells(cells, table.sensitive)
+            groups[split] = np.array([group_key(row, table.sensitive) for row in sensitive], dtype=object)
+            values[split] = [[category(cell) for cell in row] for row in sensitive]
         try:
             setattr(splits, f"x_{split}", schema.encode(table.cells(cells, table.names)))
         except CellError as error:
             raise DataError(f"the {split} split's {error}; fix the value or set the column's type in "
                             "data.params.columns") from None
     splits.table, splits.feature_names = schema.to_dict(), schema.feature_names()
-    splits.sensitive, splits.groups = (list(table.sensitive), groups) if table.sensitive else (None, None)
+    if table.sensitive:
+        splits.sensitive, splits.groups, splits.sensitive_values = list(table.sensitive), groups, values
     splits.in_shape = (schema.width,)
     return splits
 

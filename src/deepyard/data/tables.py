@@ -7,7 +7,7 @@ endpoint encodes each request's instances with it, exactly as the training rows 
 
 Encoding, per column:
 - numeric: the value; a gap becomes the training median, plus a 0/1 ``<name>_missing`` feature
-  where the table has gaps in that column;
+  where the training split has gaps in that column;
 - boolean (true/false, yes/no, 1/0): 0 or 1; a gap as for numbers, with the training mode;
 - categorical: one-hot over the training categories (an unseen one: all zeros), or, above
   ``max_onehot`` categories, one code column that the model's embedding layer reads (0: unseen).
@@ -16,7 +16,9 @@ Encoding, per column:
 
 from __future__ import annotations
 
+import decimal
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -62,20 +64,21 @@ def _is_pandas_na(cell: Any) -> bool:
     return type(cell).__name__ in ("NAType", "NaTType")
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _number(cell: Any) -> float:
     if isinstance(cell, (bool, np.bool_)):
         raise CellError(f"{cell!r} is true/false, not a number")
-    if isinstance(cell, (int, float, np.integer, np.floating)):
-        value = float(cell)
-    elif isinstance(cell, str):
-        try:
-            value = float(cell)
-        except ValueError:
-            raise CellError(f"{cell!r} is not a number") from None
-    else:
+    if not isinstance(cell, (numbers.Real, decimal.Decimal, str)):
         raise CellError(f"a {type(cell).__name__} where a number is expected")
-    if not math.isfinite(value):
-        raise CellError(f"{cell!r} is not a finite number")
+    try:
+        value = float(cell)
+    except (ValueError, OverflowError):  # (a JSON integer of 400 digits: OverflowError)
+        raise CellError(f"{str(cell)[:40]!r} is not a number" if isinstance(cell, str)
+                        else f"{str(cell)[:40]} is out of range") from None
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:  # (float32 would make it infinite)
+        raise CellError(f"{str(cell)[:40]} is not a finite number (within +-3.4e38)")
     return value
 
 
@@ -173,10 +176,12 @@ def _at(row: int, read, cell: Any):
 @dataclass
 class Groups:
     """The sensitive columns a fairness-mitigated model reads: their combined value, as a code
-    (the index of the group in ``keys``) appended after the features. An unknown group is refused."""
+    (the index of the group in ``keys``) appended after the features. An unknown group is refused.
+    ``values``: each group's values, column by column (a key is only their display)."""
 
     columns: list[str]
     keys: list[str]
+    values: list[list[str]] = field(default_factory=list)
 
 
 def group_key(cells: list[Any] | np.ndarray, columns: list[str]) -> str:
@@ -189,6 +194,9 @@ def group_key(cells: list[Any] | np.ndarray, columns: list[str]) -> str:
 class TableSchema:
     columns: list[Column]
     groups: Groups | None = None
+    # Columns a request may carry that the model does not read: the sensitive columns of a version
+    # measured for fairness, so that its requests and its mitigated version's are the same.
+    ignored: list[str] = field(default_factory=list)
 
     @property
     def inputs(self) -> list[str]:
@@ -225,7 +233,7 @@ class TableSchema:
             for row, values in enumerate(cells[:, len(self.columns):]):
                 key = group_key(values, self.groups.columns)
                 if key not in index:
-                    raise CellError(f"group {key!r} was not in the training data (known: "
+                    raise CellError(f"group {key!r} is not among those the thresholds were fitted on ("
                                     f"{', '.join(self.groups.keys)})", row, ", ".join(self.groups.columns))
                 codes.append(index[key])
             parts.append(np.asarray(codes, dtype=np.float32)[:, None])
@@ -238,9 +246,7 @@ class TableSchema:
             instance[column.name] = column.decode(features[position: position + column.width])
             position += column.width
         if self.groups:
-            key = self.groups.keys[int(features[position])]
-            values = [key] if len(self.groups.columns) == 1 else [part.split("=", 1)[1] for part in key.split(", ")]
-            instance.update(zip(self.groups.columns, values))
+            instance.update(zip(self.groups.columns, self.groups.values[int(features[position])]))
         return instance
 
     def describe(self) -> list[str]:
@@ -260,12 +266,13 @@ class TableSchema:
 
     def to_dict(self) -> dict[str, Any]:
         return {"columns": [asdict(c) for c in self.columns],
-                "groups": asdict(self.groups) if self.groups else None}
+                "groups": asdict(self.groups) if self.groups else None, "ignored": self.ignored}
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> "TableSchema":
         groups = saved.get("groups")
-        return cls([Column(**c) for c in saved["columns"]], Groups(**groups) if groups else None)
+        return cls([Column(**c) for c in saved["columns"]], Groups(**groups) if groups else None,
+                   list(saved.get("ignored") or []))
 
 
 @dataclass
@@ -277,7 +284,6 @@ class TablePlan:
     names: list[str]
     types: list[str]
     encodings: list[Encoding | None]
-    has_gaps: list[bool]
     sensitive: list[str] = field(default_factory=list)  # kept aside for fairness metrics
 
     def cells(self, x: np.ndarray, names: list[str]) -> np.ndarray:
@@ -286,13 +292,13 @@ class TablePlan:
     def without(self, names: list[str]) -> "TablePlan":
         kept = [i for i, name in enumerate(self.names) if name not in names]
         return TablePlan(self.sources, [self.names[i] for i in kept], [self.types[i] for i in kept],
-                         [self.encodings[i] for i in kept], [self.has_gaps[i] for i in kept], self.sensitive)
+                         [self.encodings[i] for i in kept], self.sensitive)
 
     def fit(self, x: np.ndarray) -> TableSchema:
         """Fill values and categories from the training rows ``x`` (raw cells) only."""
         columns = []
         cells = self.cells(x, self.names)
-        for i, (name, kind, encoding, gaps) in enumerate(zip(self.names, self.types, self.encodings, self.has_gaps)):
+        for i, (name, kind, encoding) in enumerate(zip(self.names, self.types, self.encodings)):
             values = cells[:, i]
             if kind == "categorical":
                 names = [category(cell) for cell in values]
@@ -310,8 +316,10 @@ class TablePlan:
                 raise DataError(f"column {name!r} has no values in the training split; drop it "
                                 "(data.params.drop) or give it values")
             fill = float(np.median(present)) if kind == "numeric" else float(present.mean() >= 0.5)
-            columns.append(Column(name, kind, fill=fill, indicator=gaps))
-        return TableSchema(columns)
+            # An indicator only where training has gaps: one that is always 0 there never trains.
+            columns.append(Column(name, kind, fill=fill, indicator=len(present) < len(values)))
+        ignored = [name for name in self.sensitive if name not in self.names]
+        return TableSchema(columns, ignored=ignored)
 
 
 def plan(frame, target: str, features: list[str] | None, drop: list[str], columns: dict[str, ColumnOptions | dict],
@@ -327,7 +335,7 @@ def plan(frame, target: str, features: list[str] | None, drop: list[str], column
     names = [c for c in (features or known) if c != target and c not in dropped]
     if not names:
         raise DataError(f"{where}: no feature columns left besides the target {target!r}")
-    types, encodings, gaps = [], [], []
+    types, encodings = [], []
     for name in names:
         series = frame[name]
         if series.isna().all():
@@ -337,13 +345,26 @@ def plan(frame, target: str, features: list[str] | None, drop: list[str], column
         if options.encoding and kind != "categorical":
             raise DataError(f"{where}: column {name!r}: encoding {options.encoding!r} is for categorical columns, "
                             f"and this one is {kind}")
+        _check_cells(series, name, kind, where)
         encoding = None
         if kind == "categorical":
             encoding = options.encoding or ("onehot" if series.nunique(dropna=False) <= max_onehot else "embedding")
         types.append(kind)
         encodings.append(encoding)
-        gaps.append(bool(series.isna().any()) and kind != "categorical")
-    return TablePlan([c for c in known if c != target], names, types, encodings, gaps)
+    return TablePlan([c for c in known if c != target], names, types, encodings)
+
+
+def _check_cells(series, name: str, kind: str, where: str) -> None:
+    """Every value fits its column's type (types are not statistics: the whole table is checked, and
+    the error names the row as the file has it)."""
+    read = {"numeric": _number, "boolean": _boolean, "categorical": category}[kind]
+    for row, cell in enumerate(series.astype(object)):
+        if not is_missing(cell):
+            try:
+                read(cell)
+            except CellError as error:
+                raise DataError(f"{where}: column {name!r} ({kind}), row {row}: {error.reason}; fix or drop the "
+                                "row, or set the column's type in data.params.columns") from None
 
 
 def infer_type(series, name: str, where: str) -> str:
@@ -365,5 +386,7 @@ def infer_type(series, name: str, where: str) -> str:
 
 
 def _two_valued_boolean(values) -> bool:
-    distinct = {str(v).strip().lower() for v in values.unique()[:3]}
+    if values.nunique() > 8:  # (Yes/yes/YES...: a few spellings at most)
+        return False
+    distinct = {str(v).strip().lower() for v in values.unique()}
     return len(distinct) == 2 and len(distinct & _TRUE) == 1 and len(distinct & _FALSE) == 1

@@ -63,11 +63,11 @@ class FairDecisions(nn.Module):
     def __init__(self, serving: nn.Module, favourable: int, table: dict[str, list[float]]):
         super().__init__()
         self.serving, self.favourable = serving, favourable
-        for name, values in table.items():
-            self.register_buffer(name, torch.tensor(values, dtype=torch.float32))
+        for name, values in table.items():  # float64: a threshold sits midway between two float32 scores
+            self.register_buffer(name, torch.tensor(values, dtype=torch.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        score = self.serving(x[:, :-1])[:, self.favourable]
+        score = self.serving(x[:, :-1])[:, self.favourable].double()
         group = x[:, -1].long().clamp(0, len(self.p0) - 1)
 
         def decide(i: int) -> torch.Tensor:
@@ -77,7 +77,7 @@ class FairDecisions(nn.Module):
         chosen = self.p0[group] * decide(0) + self.p1[group] * decide(1)
         positive = self.p_ignore[group] * self.constant[group] + (1 - self.p_ignore[group]) * chosen
         columns = [1 - positive, positive] if self.favourable == 1 else [positive, 1 - positive]
-        return torch.stack(columns, dim=1)
+        return torch.stack(columns, dim=1).float()
 
 
 def draw_labels(probabilities: np.ndarray, instances: list[Any], favourable: int) -> np.ndarray:

@@ -14,7 +14,7 @@ class FairnessSpec(BaseModel):
     """How a classifier treats groups of people: per-group metrics, disparities with bootstrap
     confidence intervals, and optionally a mitigated version (fairlearn's ThresholdOptimizer)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)  # positive_label: 1 -> "1"
 
     sensitive: list[str] = Field(min_length=1, description="table columns that define the groups (colour, sex...); "
                                                            "several: their combinations are the groups")

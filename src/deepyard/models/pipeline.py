@@ -41,8 +41,9 @@ class TableEmbeddings(nn.Module):
     def __init__(self, width: int, embedded: list[tuple[int, int]]):
         super().__init__()
         codes = [position for position, _ in embedded]
-        self.register_buffer("plain", torch.tensor([i for i in range(width) if i not in codes]), persistent=False)
-        self.register_buffer("codes", torch.tensor(codes), persistent=False)
+        plain = [i for i in range(width) if i not in codes]
+        self.register_buffer("plain", torch.tensor(plain, dtype=torch.long), persistent=False)
+        self.register_buffer("codes", torch.tensor(codes, dtype=torch.long), persistent=False)
         self.tables = nn.ModuleList(nn.Embedding(count, embedding_size(count), padding_idx=0)
                                     for _, count in embedded)
         self.limits = [count - 1 for _, count in embedded]

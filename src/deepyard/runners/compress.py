@@ -61,6 +61,8 @@ def stage_spec(spec: CompressJob, parent: Parent, label: str, *, init_from: str 
                     train=spec.train.model_dump(mode="json"), scaling=spec.scaling.model_dump(mode="json"),
                     failure=spec.failure.model_dump(mode="json"), register={"enabled": False}, promote=None)
     document["data"]["seed"] = split_seed(parent.spec)
+    if document.get("fairness"):  # measured for the compressed model too; mitigated only by its own job
+        document["fairness"]["mitigation"] = None
     if model is not None:
         document["model"] = model
     if not augment:  # a distillation's targets are the teacher's outputs on the images as they are

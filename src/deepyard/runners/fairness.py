@@ -35,9 +35,17 @@ def check(options: FairnessSpec, splits: Splits, task) -> None:
     if options.mitigation and (len(splits.class_names) != 2 or favourable is None):
         raise BadInput(f"fairness.mitigation: threshold_optimizer decides between two classes; this job has "
                        f"{len(splits.class_names)} ({', '.join(splits.class_names[:6])})")
-    if options.mitigation and (missing := sorted(set(splits.groups["test"]) - set(splits.groups["val"]))):
+    if not options.mitigation:
+        return
+    if missing := sorted(set(splits.groups["test"]) - set(splits.groups["val"])):
         raise BadInput(f"fairness.mitigation: groups {', '.join(missing[:5])} are in the test split but not the "
                        "validation split the thresholds are fitted on; raise data.val_fraction or merge groups")
+    # fairlearn fits a group's thresholds on its ROC curve: it needs both outcomes in the group
+    favoured = splits.y_val == favourable
+    if one_sided := sorted(g for g in set(splits.groups["val"]) if len(set(favoured[splits.groups["val"] == g])) < 2):
+        raise BadInput(f"fairness.mitigation: in the validation split, group(s) {', '.join(one_sided[:5])} have only "
+                       "one outcome, and thresholds cannot be fitted for them; raise data.val_fraction or merge "
+                       "groups")
 
 
 def scores(serving: torch.nn.Module, x: np.ndarray) -> np.ndarray:
@@ -98,7 +106,8 @@ def mitigate(spec, splits: Splits, run_id: str, serving: torch.nn.Module, metada
     keys = sorted(optimizer.interpolated_thresholder_.interpolation_dict)
     module = FairDecisions(serving, favourable, rules(optimizer, keys)).eval()
     schema = TableSchema.from_dict(metadata["table"])
-    schema.groups = Groups(list(options.sensitive), keys)
+    values = {group: list(row) for group, row in zip(splits.groups["val"], splits.sensitive_values["val"])}
+    schema.groups, schema.ignored = Groups(list(options.sensitive), keys, [values[key] for key in keys]), []
     code = {key: i for i, key in enumerate(keys)}
     example = np.concatenate([splits.x_test[:5], np.array([[code[g]] for g in splits.groups["test"][:5]],
                                                            dtype=np.float32)], axis=1)

@@ -116,8 +116,9 @@ app = FastAPI(title="deepyard model endpoint",
 
 
 def _takes_numbers(loaded: Loaded) -> bool:
-    """Its instances are arrays of numbers (not text, PNG strings only, or objects)."""
-    return loaded.codec.batchable and not loaded.metadata.get("vocab")
+    """Its instances are arrays of numbers (not text, PNG strings only, or objects: a table's rows
+    come to the v2 paths as BYTES elements, each a JSON object of the columns)."""
+    return loaded.codec.batchable and not loaded.metadata.get("vocab") and not loaded.metadata.get("table")
 
 
 def token_digest(token: str, salt: str | None = None) -> str:

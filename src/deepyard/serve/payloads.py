@@ -179,15 +179,20 @@ def _table_rows(instances: list, schema, expected: str) -> np.ndarray:
                 raise BadRequest(f"instances[{index}]: no column {missing[0]!r}"
                                  f"{' (nor ' + ', '.join(map(repr, missing[1:4])) + ')' if len(missing) > 1 else ''}"
                                  f"; send null for a missing value; " + expected)
-            if unknown := [key for key in item if key not in columns]:
+            if unknown := [key for key in item if key not in columns and key not in schema.ignored]:
                 raise BadRequest(f"instances[{index}]: unknown column {unknown[0]!r}"
                                  f"{did_you_mean(str(unknown[0]), columns)}; " + expected)
-            cells[index] = [item[c] for c in columns]
+            values = [item[c] for c in columns]
         elif isinstance(item, list) and len(item) == len(columns):
-            cells[index] = item
+            values = item
         else:
             what = f"a list of {len(item)} values" if isinstance(item, list) else f"a {type(item).__name__}"
             raise BadRequest(f"instances[{index}]: {what}; " + expected)
+        for position, value in enumerate(values):  # (cell by cell: numpy would broadcast a list value)
+            if isinstance(value, (list, dict)):
+                raise BadRequest(f"instances[{index}]: column {columns[position]!r}: a {type(value).__name__}; "
+                                 "each column takes one value (a row per instance)")
+            cells[index, position] = value
     try:
         return schema.encode(cells)
     except CellError as error:
