@@ -288,6 +288,11 @@ def test_a_mixed_table_trains_registers_and_answers_objects_over_http(fair_endpo
     assert with_group.json()["predictions"][0] == predictions[0]  # carried, not read: the mitigated one needs it
     wrong = httpx.post(f"{base}/models/people/predict", json={"instances": [{**ROW, "age": "old"}]}, timeout=30)
     assert wrong.status_code == 400 and "column 'age'" in wrong.json()["error"]
+    v2 = httpx.post(f"{base}/v2/models/people/infer", timeout=30, json={"inputs": [
+        {"name": "input", "datatype": "BYTES", "shape": [1], "data": [json.dumps(ROW)]}]})  # a row: a JSON object
+    assert v2.status_code == 200, v2.text
+    labels = {output["name"]: output["data"] for output in v2.json()["outputs"]}["label"]
+    assert labels == [predictions[0]["label"]]
     page = httpx.get(f"{base}/models/people/", timeout=30).json()
     assert [c["name"] for c in page["columns"]] == ["age", "colour", "member", "city", "grade"]
     assert page["columns"][3]["encoding"] == "embedding" and "sensitive" not in page
