@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -36,10 +35,6 @@ import record
 STUDENT = {"name": "mlp", "params": {"hidden_sizes": [64], "dropout": 0.0}}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def served_p50(url: str, body: dict, requests: int) -> float:
@@ -134,7 +129,7 @@ def serve_side_by_side(models: list[str], requests: int) -> dict:
     image = load_splits("fashion_mnist", {}, val_fraction=0.08, test_fraction=0.0, seed=0).x_test[0]
     body = {"instances": [np.asarray(image).tolist()]}
     infos = deploy.start([EndpointOptions(model=model, num_cpus=0.5) for model in models], host="127.0.0.1",
-                         port=free_port())
+                         port=record.free_port())
     try:
         served = {model: served_p50(info["url"] + "/predict", body, requests) for model, info in zip(models, infos)}
         # a second pass in the other order: neither gets the warmer machine

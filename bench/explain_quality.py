@@ -78,7 +78,7 @@ def served_latency(name: str, version: str, image: list, requests: int) -> dict:
     from deepyard.runners import deploy
     from deepyard.serve.options import EndpointOptions
 
-    (info,) = deploy.start([EndpointOptions(model=f"{name}:{version}")], host="127.0.0.1", port=free_port())
+    (info,) = deploy.start([EndpointOptions(model=f"{name}:{version}")], host="127.0.0.1", port=record.free_port())
     timings = {}
     with httpx.Client(timeout=60) as client:
         for route in ("predict", "explain", "predict", "explain"):  # (the second round is the one kept)
@@ -93,12 +93,6 @@ def served_latency(name: str, version: str, image: list, requests: int) -> dict:
             "explain_vs_predict_p50": timings["explain"] / timings["predict"]}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

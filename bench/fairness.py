@@ -87,7 +87,7 @@ def served_p50(arrests_version: str, numeric_version: str, width: int, requests:
 
     infos = deploy.start([EndpointOptions(model=f"arrests-mlp:{arrests_version}", num_cpus=0.5),
                           EndpointOptions(model=f"numeric-twin:{numeric_version}", num_cpus=0.5)],
-                         host="127.0.0.1", port=free_port())
+                         host="127.0.0.1", port=record.free_port())
     bodies = {"mixed": {"instances": [{"year": 2001, "age": 24, "sex": "Male", "employed": "Yes", "citizen": "Yes",
                                        "checks": 2}]},
               "numeric": {"instances": [[0.1 * i for i in range(width)]]}}
@@ -108,12 +108,6 @@ def served_p50(arrests_version: str, numeric_version: str, width: int, requests:
             "mixed_vs_numeric_p50": p50["mixed"] / p50["numeric"], "requests_each": len(samples["mixed"])}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> None:

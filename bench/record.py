@@ -73,3 +73,12 @@ def save(name: str, result: dict) -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(text + "\n")
     return result
+
+
+def free_port() -> int:
+    """A TCP port nothing on 127.0.0.1 listens on now (for a Serve instance the bench starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import record
-from serve_latency import free_port
+from record import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

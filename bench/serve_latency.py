@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,10 +29,6 @@ import record
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def load(url: str, body: dict, concurrency: int, requests: int) -> tuple[list[float], float, int]:
@@ -111,7 +106,7 @@ def main() -> None:
         body = {"instances": sample}
 
         started = time.perf_counter()
-        port = free_port()
+        port = record.free_port()
         (info,) = deploy.start([EndpointOptions(model=f"{name}:{version}", replicas=args.replicas,
                                                       max_batch_size=args.max_batch_size)], host="127.0.0.1", port=port)
         results["deepyard_start_s"] = time.perf_counter() - started
@@ -123,7 +118,7 @@ def main() -> None:
                                "data": example.reshape(-1).tolist()}]}
 
         started = time.perf_counter()
-        plain_port = free_port()
+        plain_port = record.free_port()
         env = {**os.environ, "MODEL_URI": f"models:/{name}/{version}", "PYTHONPATH": str(ROOT)}
         plain = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.serve_plain:app", "--port", str(plain_port),
                                   "--log-level", "warning", "--no-access-log"], env=env, cwd=ROOT)

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import httpx
 import record
-from serve_latency import free_port
+from record import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.max_train_samples=500", "train.epochs=1", "model.params.hidden_sizes=[16]", "register.model_name=stall"]
