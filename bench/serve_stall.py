@@ -24,7 +24,6 @@ from urllib.parse import urlparse
 
 import httpx
 import record
-from record import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.max_train_samples=500", "train.epochs=1", "model.params.hidden_sizes=[16]", "register.model_name=stall"]
@@ -105,7 +104,7 @@ def main() -> None:
                      "healthy_clients": args.healthy, "seconds": args.seconds}
     # Before the deadlines, a replica waited as long as a client liked: an hour stands in for that.
     unguarded = guarded.model_copy(update={"body_timeout_s": 3600.0, "busy_body_grace_s": 3600.0})
-    port = free_port()
+    port = record.free_port()
     with cluster.connected(local_env=cluster.serve_env()):
         run(spec, RunOptions())
         body = {"instances": tracking.input_example("stall", "1")[:1].tolist()}
