@@ -71,7 +71,8 @@ def main() -> None:
         stable, healthy, diverged = (v["model_version"] for v in versions)
         tracking.set_alias(name, "champion", stable)
         body = {"instances": tracking.input_example(name, stable)[:1].tolist()}
-        (info,) = deploy.start([EndpointOptions(model=name, follow_alias_s=0.5)], host="127.0.0.1", port=record.free_port())
+        (info,) = deploy.start([EndpointOptions(model=name, follow_alias_s=0.5)], host="127.0.0.1",
+                               port=record.free_port())
         url = f"{info['url']}/predict"
 
         rollout.start(name, healthy, args.traffic)
