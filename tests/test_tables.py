@@ -367,3 +367,27 @@ def test_arrests_is_bundled_with_its_sensitive_columns():
     assert splits.class_names == ["No", "Yes"] and set(splits.groups["test"]) == {"Black", "White"}
     assert "colour" not in json.dumps(splits.feature_names) and len(splits.y_train) + len(splits.y_val) + len(
         splits.y_test) == 5226
+
+
+def test_balanced_class_weights_weigh_the_training_loss_by_rarity():
+    import torch.nn.functional as F
+
+    from deepyard.runners.setup import class_weights
+    from deepyard.tasks.classification import Classification
+
+    splits = load_splits("arrests", {}, val_fraction=0.2, test_fraction=0.2, seed=0)
+    weights = class_weights(splits)
+    counts = np.bincount(splits.y_train)
+    assert weights[0] * counts[0] == pytest.approx(weights[1] * counts[1])  # each class weighs the same in all
+    assert weights[0] > 2 * weights[1]  # "not released" is the rare one
+    task = Classification(num_classes=2, class_weights=weights)
+    outputs, targets = torch.randn(16, 2), torch.randint(0, 2, (16,))
+    torch.testing.assert_close(task.loss(outputs, targets),
+                               F.cross_entropy(outputs, targets, weight=torch.tensor(weights)))
+    plain = Classification(num_classes=2)
+    torch.testing.assert_close(plain.loss(outputs, targets), F.cross_entropy(outputs, targets))
+
+
+def test_class_weight_is_refused_where_there_are_no_classes(cli, write_spec):
+    spec = write_spec("name: r\ndata: {name: diabetes}\nmodel: {name: mlp}\ntrain: {class_weight: balanced}\n")
+    assert "train.class_weight: a regression job has no classes" in cli("run", spec, expect=2).stderr

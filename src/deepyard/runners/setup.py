@@ -54,8 +54,18 @@ def build(spec: TrainJob, splits: Splits):
     if problem := task_class.fits(net, splits):
         raise BadInput(f"model {spec.model.name!r} does not fit data {spec.data.name!r}: {problem}")
     target_mean, target_std = splits.target_stats()
-    task = task_class(num_classes=splits.num_outputs, target_mean=target_mean, target_std=target_std)
+    if spec.train.class_weight and not task_class.weighs_classes:
+        raise BadInput(f"train.class_weight: a {task_class.name} job has no classes to weigh; leave it out")
+    weights = class_weights(splits) if spec.train.class_weight else None
+    task = task_class(num_classes=splits.num_outputs, target_mean=target_mean, target_std=target_std,
+                      class_weights=weights)
     return Pipeline(net, task.input_stats(splits), embeddings), task
+
+
+def class_weights(splits: Splits) -> list[float]:
+    """scikit-learn's "balanced" weights, from the training split: n / (classes x count)."""
+    counts = np.bincount(splits.y_train, minlength=splits.num_outputs).astype(float)
+    return (len(splits.y_train) / (len(counts) * np.maximum(counts, 1))).tolist()
 
 
 def monitored(spec_metric: str | None, spec_mode: str | None, task) -> tuple[str, str]:

@@ -151,6 +151,9 @@ class TrainSpec(Section):
     early_stopping: EarlyStoppingSpec | None = None
     grad_clip: PositiveFloat | None = Field(None, description="clip the global gradient norm to this value")
     adversarial: AdversarialSpec | None = Field(None, description="train on adversarial examples too")
+    class_weight: Literal["balanced"] | None = Field(
+        None, description="classification: weigh each class's loss by n / (classes x its count in the training "
+                          "split), as scikit-learn's class_weight='balanced': a rare class is not outvoted")
 
 
 class ScalingSpec(Section):

@@ -60,6 +60,7 @@ class Task(Protocol):
     explains: ClassVar[str | None]
     # Its predictions are decisions (labels) whose rates can be compared across groups of people
     fairness_measured: ClassVar[bool]
+    weighs_classes: ClassVar[bool]  # takes class_weights (train.class_weight)
     codec: ClassVar[Codec]
 
     @staticmethod
@@ -118,6 +119,7 @@ class Supervised:
     target_unit: ClassVar[str | None] = None
     explains: ClassVar[str | None] = None
     fairness_measured: ClassVar[bool] = False
+    weighs_classes: ClassVar[bool] = False
 
     @staticmethod
     def fits(net: nn.Module, splits) -> str | None:

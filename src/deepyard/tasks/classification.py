@@ -1,4 +1,6 @@
-"""Classification: softmax cross-entropy; accuracy, macro F1 and a confusion matrix.
+"""Classification: softmax cross-entropy (weighted per class with ``train.class_weight``: the
+training loss only; validation and test losses stay plain); accuracy, macro F1, balanced accuracy
+and a confusion matrix.
 
 Served: class probabilities; each prediction names the label, every class's probability and the top k.
 """
@@ -61,13 +63,23 @@ class Classification(Supervised):
     shown = ("train_loss", "val_loss", "val_accuracy")
     explains = "class"
     fairness_measured = True
+    weighs_classes = True
     codec = Labels()
 
-    def __init__(self, num_classes: int, **_: object):
+    def __init__(self, num_classes: int, class_weights: list[float] | None = None, **_: object):
         self.num_classes = num_classes
+        self.class_weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self._weights_on: dict[torch.device, torch.Tensor] = {}  # one copy per device, not one per step
+
+    def _weights(self, device: torch.device) -> torch.Tensor | None:
+        if self.class_weights is None:
+            return None
+        if device not in self._weights_on:
+            self._weights_on[device] = self.class_weights.to(device)
+        return self._weights_on[device]
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(outputs, targets)
+        return F.cross_entropy(outputs, targets, weight=self._weights(outputs.device))
 
     def batch_sums(self, outputs: torch.Tensor, targets: torch.Tensor,
                    loss: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,6 +104,8 @@ class Classification(Supervised):
 
         test = self.metrics(evaluate_sums(model, loader, self, device, on_batch=count), "test")
         test["test_f1_macro"] = self.macro_f1(confusion)
+        recall = confusion.diag().double() / confusion.sum(1).clamp(min=1)
+        test["test_balanced_accuracy"] = float(recall[confusion.sum(1) > 0].mean())  # mean recall: imbalanced data
         return test, {"confusion": confusion}
 
     def confusion(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
