@@ -70,6 +70,41 @@ def fairness_runs(seeds: int, variant: list[str]) -> dict:
     return {"runs": rows, "median": median, "goal_met": goal, "version": rows[-1]["model_versions"][0]}
 
 
+def logistic_reference(seeds: int, include_sensitive: bool) -> dict:
+    """The issue's reference study: scikit-learn's logistic regression on the same splits, with the
+    same ThresholdOptimizer (equalized odds, accuracy), fitted on the same validation split."""
+    from fairlearn.metrics import equalized_odds_difference
+    from fairlearn.postprocessing import ThresholdOptimizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from deepyard.data import load_splits
+
+    rows = []
+    for seed in range(seeds):
+        splits = load_splits("arrests", {}, val_fraction=0.2, test_fraction=0.2, seed=seed, sensitive=["colour"],
+                             keep_sensitive=include_sensitive)
+        x = {split: getattr(splits, f"x_{split}").astype(np.float64) for split in ("train", "val", "test")}
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x["train"], splits.y_train)
+        optimizer = ThresholdOptimizer(estimator=model, constraints="equalized_odds", prefit=True,
+                                       predict_method="predict_proba")
+        optimizer.fit(x["val"], splits.y_val, sensitive_features=splits.groups["val"])
+        row = {"seed": seed}
+        for label, predicted in (("baseline", model.predict(x["test"])),
+                                 ("mitigated", optimizer.predict(x["test"], sensitive_features=splits.groups["test"],
+                                                                 random_state=seed))):
+            row[label] = {"accuracy": float((predicted == splits.y_test).mean()),
+                          "balanced_accuracy": float(balanced_accuracy_score(splits.y_test, predicted)),
+                          "equalized_odds_difference": float(equalized_odds_difference(
+                              splits.y_test, predicted, sensitive_features=splits.groups["test"]))}
+        rows.append(row)
+    return {"runs": rows, "median": {f"{label}_{metric}": statistics.median(r[label][metric] for r in rows)
+                                     for label in ("baseline", "mitigated")
+                                     for metric in ("accuracy", "balanced_accuracy", "equalized_odds_difference")}}
+
+
 def numeric_twin(folder: Path, width: int) -> str:
     """A numeric-only table job of ``width`` features, trained for one epoch and registered."""
     from deepyard.runners.summary import RunOptions
@@ -139,6 +174,9 @@ def main() -> None:
         numeric = numeric_twin(Path(home), width)
         for label, overrides in VARIANTS.items():
             results[label] = fairness_runs(args.seeds, overrides)
+        results["logistic_regression_reference"] = {
+            "colour_left_out": logistic_reference(args.seeds, include_sensitive=False),
+            "colour_as_a_feature": logistic_reference(args.seeds, include_sensitive=True)}
         results["served"] = served_p50(results["colour_left_out"]["version"], numeric, width, args.requests)
         serve.shutdown()
     record.save("fairness", results)
