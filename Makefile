@@ -39,7 +39,7 @@ demo: install data
 	$(VENV)/bin/deepyard deploy digits-cnn --port 8000 --try-sample
 
 test: install data
-	$(PY) -m pytest -q -m "not long"
+	$(PY) -m pytest -q -m "not long" --durations=15
 
 test-long: install data
 	$(PY) -m pytest -q -m long

@@ -70,6 +70,15 @@ def cli():
     return invoke
 
 
+def free_port() -> int:
+    """A TCP port nothing on 127.0.0.1 listens on now (for a Serve instance a test starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def last_json(result) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 

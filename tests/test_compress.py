@@ -99,7 +99,7 @@ def test_compressed_versions_are_served_with_the_parents_requests_and_answers(co
 
     from deepyard.runners import deploy
     from deepyard.serve.options import EndpointOptions
-    from tests.test_serve import free_port
+    from tests.conftest import free_port
 
     models = [f"digits_source:{digits_source['model_version']}"] + [
         f"{s['model_name']}:{s['model_version']}" for s in (compressed["quantize"], compressed["structured"],

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import last_json
+from conftest import free_port, last_json
 from deepyard.explain.attributions import Explainer
 from deepyard.explain.options import ExplainOptions
 from deepyard.models.pipeline import Pipeline
@@ -178,14 +178,6 @@ def explained(ray_cluster, tmp_path_factory):
 @pytest.fixture()
 def base(explained) -> str:
     return explained["url"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def explain(base: str, name: str, body) -> httpx.Response:

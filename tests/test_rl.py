@@ -197,7 +197,7 @@ def test_registered_policies_served_over_http(agents):
 
     from deepyard.runners import deploy
     from deepyard.serve.options import EndpointOptions
-    from tests.test_serve import free_port
+    from tests.conftest import free_port
 
     infos = deploy.start([EndpointOptions(model=f"tiny-ppo:{agents['ppo'][0]['model_version']}", num_cpus=0.5),
                           EndpointOptions(model=f"tiny-sac:{agents['sac'][0]['model_version']}", num_cpus=0.5)],

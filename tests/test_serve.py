@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import last_json
+from conftest import free_port, last_json
 from deepyard import tracking
 from deepyard.serve.client import auth_headers
 
@@ -28,12 +28,6 @@ model: {name: mlp, params: {hidden_sizes: [16]}}
 train: {epochs: 1, batch_size: 32}
 register: {model_name: serve-mlp}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

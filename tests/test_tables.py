@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import last_json
+from conftest import free_port, last_json
 from deepyard.data import DATASETS, load_splits
 from deepyard.data.tables import TableSchema
 from deepyard.errors import DataError
@@ -261,14 +261,6 @@ def fair_endpoint(ray_cluster, tmp_path_factory):
     deploy.start([EndpointOptions(model="people:1", num_cpus=0.5)], host="127.0.0.1", port=port)
     yield {"url": f"http://127.0.0.1:{port}", "summary": summary, "port": port}
     serve.shutdown()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 ROW = {"age": 61, "colour": "Red", "member": "yes", "city": "city1", "grade": 3}
