@@ -306,12 +306,8 @@ class TablePlan:
                 order = np.lexsort((found, -counts))  # most frequent first; ties by name: stable across runs
                 columns.append(Column(name, kind, categories=[str(found[j]) for j in order], encoding=encoding))
                 continue
-            read = _number if kind == "numeric" else _boolean
-            try:
-                present = np.array([_at(row, read, cell) for row, cell in enumerate(values) if not is_missing(cell)])
-            except CellError as error:
-                raise DataError(f"column {name!r} ({kind}), training {error}; fix the value or set the column's "
-                                "type in data.params.columns") from None
+            read = _number if kind == "numeric" else _boolean  # (every cell was checked by plan())
+            present = np.array([read(cell) for cell in values if not is_missing(cell)])
             if not len(present):
                 raise DataError(f"column {name!r} has no values in the training split; drop it "
                                 "(data.params.drop) or give it values")

@@ -74,7 +74,8 @@ def log_fairness(spec, splits: Splits, run_id: str, serving: torch.nn.Module, me
         tracking.set_version_tags(logged["model_name"], version, version_tags(base, options))
     outcome: dict[str, Any] = {"fairness": base.to_json()}
     if options.mitigation:
-        outcome["mitigated"] = mitigate(spec, splits, run_id, serving, metadata, logged, favourable)
+        outcome["mitigated"] = mitigate(spec, splits, run_id, serving, metadata, logged, favourable,
+                                        probabilities[:, favourable])
     return outcome
 
 
@@ -86,7 +87,8 @@ def version_tags(report, options: FairnessSpec) -> dict[str, str]:
 
 
 def mitigate(spec, splits: Splits, run_id: str, serving: torch.nn.Module, metadata: dict[str, Any],
-             logged: dict[str, Any], favourable: int) -> dict[str, Any]:
+             logged: dict[str, Any], favourable: int, test_scores: np.ndarray) -> dict[str, Any]:
+    """``test_scores``: the model's probability of the favourable class on the test split."""
     from deepyard.data.tables import Groups, TableSchema
     from deepyard.fairness.measure import report
     from deepyard.fairness.mitigate import FairDecisions, fit_thresholds, rules
@@ -95,7 +97,6 @@ def mitigate(spec, splits: Splits, run_id: str, serving: torch.nn.Module, metada
     val_scores = scores(serving, splits.x_val)[:, favourable]
     optimizer = fit_thresholds(val_scores, (splits.y_val == favourable).astype(int), splits.groups["val"],
                                constraint=options.constraint, objective=options.objective)
-    test_scores = scores(serving, splits.x_test)[:, favourable]
     decisions = optimizer.predict(test_scores[:, None], sensitive_features=splits.groups["test"],
                                   random_state=spec.train.seed)
     labels = np.where(decisions == 1, favourable, 1 - favourable)

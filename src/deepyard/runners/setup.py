@@ -45,7 +45,8 @@ def build(spec: TrainJob, splits: Splits):
                        f"{spec.data.name!r} is {'text' if splits.is_text else 'numbers'}; use " +
                        ("transformer_encoder (classification) or transformer_decoder (language model)"
                         if splits.is_text else "mlp, cnn, lstm, gru or rnn"))
-    embeddings = TableEmbeddings(splits.in_shape[0], splits.embedded()) if splits.embedded() else None
+    embedded = splits.embedded()
+    embeddings = TableEmbeddings(splits.in_shape[0], embedded) if embedded else None
     in_shape = (embeddings.out_width,) if embeddings else splits.in_shape
     net = MODELS.build(spec.model.name, spec.model.params, in_shape=in_shape,
                        num_outputs=splits.num_outputs, vocab_size=len(splits.vocab) if splits.is_text else None)
