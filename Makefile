@@ -47,8 +47,10 @@ test-long: install data
 test-all: install data
 	$(PY) -m pytest -q
 
+# A process per core, each with one torch thread: small tensors gain nothing from a second thread,
+# and two processes with two threads each on two cores spin against each other.
 test-fast: install data
-	$(PY) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" -n auto
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench

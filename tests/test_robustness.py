@@ -165,6 +165,7 @@ register: {model_name: digits_adversarial}
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~30 s: two DDP workers on two cores
 def test_adversarial_training_on_two_ddp_workers_keeps_more_accuracy_under_pgd(ray_cluster, cli, write_spec):
     from deepyard.compress.parent import load_parent, rebuild
     from deepyard.runners.setup import load_data

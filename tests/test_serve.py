@@ -617,6 +617,7 @@ def test_deploy_refuses_unknown_models_before_ray_starts(cli):
     assert "registered model" in result.stderr and "no-such-model" in result.stderr
 
 
+@pytest.mark.long  # ~30 s: a process with a local cluster of its own
 def test_deploy_job_serves_in_the_foreground_until_ctrl_c(endpoint, write_spec):
     """`kind: deploy` through the real CLI, on its own local cluster: ready line, answers, Ctrl-C."""
     import os

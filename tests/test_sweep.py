@@ -107,6 +107,7 @@ def test_bad_pbt_specs_are_refused(cli, write_spec, override, message):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~30 s: four trials through PBT's perturbations
 def test_pbt_perturbs_trials_and_tracks_their_schedules(ray_cluster, cli, write_spec):
     summary = last_json(cli("run", write_spec(PBT, "pbt.yaml"), "--json", "--set", "base.train.epochs=4",
                             "--set", "base.data.max_train_samples=300", "--set", "base.data.augment=null"))

@@ -150,7 +150,8 @@ train: {epochs: 3, batch_size: 16}
     assert "plots/forecast.png" in artifacts
 
 
-@pytest.mark.parametrize("stop", ["SIGINT", pytest.param("SIGKILL", marks=pytest.mark.long)])
+@pytest.mark.long  # ~30 s each: a process with a local cluster of its own, stopped, then resumed
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGKILL"])
 def test_a_stopped_or_killed_driver_resumes_in_the_same_run_with_no_epoch_twice(ray_cluster, cli, write_spec,
                                                                                  deepyard_home, stop):
     """The real console script with its own local cluster, stopped by Ctrl-C (it was marked FAILED
