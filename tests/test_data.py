@@ -34,6 +34,20 @@ def test_input_statistics_come_from_the_training_split_only():
     assert std.shape == (13,) and (std > 0).all()
 
 
+def test_splits_from_the_object_store_get_arrays_of_their_own():
+    """A one-worker trial trains on the driver's splits, which Ray hands over as read-only views."""
+    splits = load_splits("digits", {}, val_fraction=0.1, test_fraction=0.1, seed=0)
+    splits.x_train.flags.writeable = False
+    splits.groups = {"train": np.zeros(3)}
+    splits.groups["train"].flags.writeable = False
+    own = splits.writable()
+    assert own.x_train.flags.writeable and own.groups["train"].flags.writeable
+    assert np.array_equal(own.x_train, splits.x_train) and own.in_shape == splits.in_shape
+    own.x_train[0] += 1
+    assert not np.array_equal(own.x_train, splits.x_train)  # a copy: the store's memory is never written
+    assert own.y_train is splits.y_train  # arrays that were writable already are not copied
+
+
 def test_regression_targets_and_max_train_samples():
     splits = load_splits("diabetes", {}, val_fraction=0.1, test_fraction=0.1, seed=0, max_train_samples=50)
     assert splits.task == "regression" and splits.num_outputs == 1 and len(splits.x_train) == 50

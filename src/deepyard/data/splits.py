@@ -143,6 +143,19 @@ class Splits:
 
         return TableSchema.from_dict(self.table).embedded() if self.table else []
 
+    def writable(self) -> "Splits":
+        """These splits with arrays of their own: arrays from Ray's object store are read-only views
+        of shared memory, which ``torch.from_numpy`` warns about and must never write into."""
+        def own(value):
+            if isinstance(value, np.ndarray) and not value.flags.writeable:
+                return value.copy()
+            if isinstance(value, dict):
+                return {key: own(item) for key, item in value.items()}
+            return value
+
+        fields = self.__dataclass_fields__
+        return replace(self, **{name: own(getattr(self, name)) for name in fields if fields[name].init})
+
     def target_stats(self) -> tuple[float, float]:
         if self.task != "regression":
             return 0.0, 1.0

@@ -164,7 +164,7 @@ def _fine_tune(stage: TrainJob, label: str, settings: dict, checked: Checked, pa
         selection = Selection(*monitored(stage.checkpoint.metric, stage.checkpoint.mode, checked.task),
                               checked.task.tie_breaker)
         with progress.watch(child, stage.train.epochs, options.console):
-            result = fit(stage, child, selection, compress=settings)
+            result = fit(stage, child, selection, checked.splits, compress=settings)
         if getattr(result, "error", None):
             raise result.error
         final = final_state(result)
