@@ -234,7 +234,9 @@ def run(spec: RLJob, options: RunOptions) -> RunSummary:
         # The cluster stops behind the driver while it tests, logs and registers the policy.
         # The learner runs here, in the driver: an MLP policy's ops are too short to split across
         # threads (CartPole's PPO: 16% faster on one than on two), and a sweep's trials get one too.
-        with cluster.connected(options.address, options.ray_logs, stop_behind=True), torch_threads(1):
+        # (RLlib's algorithm runs here, not in Ray Train: a local cluster needs no dashboard)
+        with cluster.connected(options.address, options.ray_logs, stop_behind=True, dashboard=False), \
+                torch_threads(1):
             imports.join()
             algo = algorithms.build_config(spec).build_algo()
             try:
