@@ -382,3 +382,23 @@ def test_an_interrupted_rl_job_resumes_from_its_checkpoint(ray_cluster, cli, wri
 def test_a_sweeps_base_errors_name_the_base_path_and_its_own_fields(cli, job, override, message):
     """The base is a union of job kinds: its errors read as the base job's own, at their real path."""
     assert message in cli("validate", job, "--set", override, expect=2).stderr
+
+
+@pytest.mark.slow
+@pytest.mark.long  # ~20 s: a process with a local cluster of its own
+def test_an_rl_job_on_its_own_local_cluster_trains_and_registers(write_spec, deepyard_home):
+    """`deepyard run` as users start it, with the local cluster it starts itself (no dashboard: RLlib
+    runs in the driver and needs none)."""
+    import os
+    import subprocess
+    import sys
+
+    spec = write_spec(spec_text(training=SMALL_PPO).replace("tiny_ppo", "own_cluster_ppo")
+                      .replace("tiny-ppo", "own-cluster-ppo"))
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "deepyard.cli", "run", spec, "--json"], capture_output=True,
+                          text=True, env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["iterations"] == 2 and summary["model_version"]
+    assert tracking.client().get_run(summary["run_id"]).info.status == "FINISHED"

@@ -8,6 +8,7 @@ beside the parent, registered with its tags -> the accuracy-vs-size plot in the 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -34,6 +35,14 @@ class Checked:
     task: Any
     metric: str  # the test metric versions are compared on (the parent task's monitor)
     lines: list[str]
+
+    @functools.cached_property
+    def stored_splits(self):
+        """The splits in Ray's object store, put once for every stage's trial: Tune holds each
+        reference it is given until Ray shuts down."""
+        import ray
+
+        return ray.put(self.splits)
 
 
 @dataclass
@@ -164,7 +173,7 @@ def _fine_tune(stage: TrainJob, label: str, settings: dict, checked: Checked, pa
         selection = Selection(*monitored(stage.checkpoint.metric, stage.checkpoint.mode, checked.task),
                               checked.task.tie_breaker)
         with progress.watch(child, stage.train.epochs, options.console):
-            result = fit(stage, child, selection, checked.splits, compress=settings)
+            result = fit(stage, child, selection, checked.stored_splits, compress=settings)
         if getattr(result, "error", None):
             raise result.error
         final = final_state(result)

@@ -211,16 +211,21 @@ def _throughput(count: float, seconds: float, task, splits: Splits) -> dict[str,
     return {**rates, f"{task.target_unit}_per_s": count / seconds} if task.target_unit else rates
 
 
-def fit(spec: TrainJob, run_id: str, selection: Selection, splits: Splits,
+def fit(spec: TrainJob, run_id: str, selection: Selection, splits,
         compress: dict[str, Any] | None = None, while_training=None):
     """Train the job; returns Ray's result (``checkpoint``, ``best_checkpoints``, ``error``, ``path``).
 
-    One worker: a single Tune trial on ``splits`` (the driver's), with the same checkpoints kept,
-    restarts after a crash and --resume. More: a TorchTrainer (DDP) whose workers each load the
-    data. ``compress``: a compress stage's method settings (``compress/hooks.py``). ``while_training``:
-    work for the idle driver, started with the trial (a one-worker job), done when fit returns."""
+    One worker: a single Tune trial on ``splits`` (the driver's ``Splits``, or a reference to them
+    in Ray's object store), with the same checkpoints kept, restarts after a crash and --resume.
+    More: a TorchTrainer (DDP) whose workers each load the data. ``compress``: a compress stage's
+    method settings (``compress/hooks.py``). ``while_training``: work for the idle driver, done by
+    the time fit returns."""
     if spec.scaling.num_workers > 1:
-        return make_trainer(spec, run_id, selection, compress=compress).fit()
+        side_work = _in_background(while_training)
+        result = make_trainer(spec, run_id, selection, compress=compress).fit()
+        if side_work is not None:
+            side_work.join()
+        return result
     from ray import tune
 
     from deepyard import cluster
@@ -239,7 +244,7 @@ def fit(spec: TrainJob, run_id: str, selection: Selection, splits: Splits,
         callbacks=[logger := driver_logs(run_id, tracking.last_step(run_id, "epoch")),  # (--resume: MLflow's)
                    side_work := _when_the_trial_starts(while_training)]))
     result = tuner.fit()[0]
-    side_work.join()  # (not after a stop or a failure: the thread is a daemon, and nothing waits on it)
+    side_work.join()  # (not when fit raises, on a stop: the thread is a daemon, and nothing waits on it)
     if logger.failed:
         warnings.warn(f"{logger.failed} metric lines could not be written to MLflow run {run_id} (said above)")
     return result
@@ -256,15 +261,22 @@ def _when_the_trial_starts(work):
             self.thread: threading.Thread | None = None
 
         def on_trial_start(self, iteration, trials, trial, **info) -> None:
-            if work is not None and self.thread is None:
-                self.thread = threading.Thread(target=_quietly, args=(work,), name="deepyard-side-work", daemon=True)
-                self.thread.start()
+            if self.thread is None:
+                self.thread = _in_background(work)
 
         def join(self) -> None:
             if self.thread is not None:
                 self.thread.join()
 
     return Start()
+
+
+def _in_background(work) -> threading.Thread | None:
+    if work is None:
+        return None
+    thread = threading.Thread(target=_quietly, args=(work,), name="deepyard-side-work", daemon=True)
+    thread.start()
+    return thread
 
 
 def _quietly(work) -> None:
