@@ -10,8 +10,9 @@ Prints medians over the repeats:
 - steady-state training samples/s (median over epochs after the first) and the ratios 1 worker /
   plain and 2 workers / 1 worker;
 - each job's fixed cost = wall time minus time spent training (from the run's per-epoch metrics),
-  split into process start and data check, Ray start, fit() beyond training, model logging; and
-  the plain loop's own (imports, data, evaluation) beside it.
+  split into process start and data check, Ray start, fit() beyond training (and, inside it, the
+  trial's start, its setup, its validation and its test split, as the run's timings say), model
+  logging; and the plain loop's own (imports, data, evaluation) beside it.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ def deepyard_job(spec_path: str, home: str, *overrides: str, env: dict | None = 
             "ray_start": timings["ray_connect_s"],
             "fit_minus_training": timings["fit_s"] - train_s,
             "model_logging_and_teardown": timings["total_s"] - timings["fit_s"] - timings["startup_s"],
+            # inside fit, as the trial reports it (checkouts from before 2026-12-04 report none)
+            **{f"in_fit_{name}": timings[name] for name in ("trial_start_s", "trial_setup_s", "validation_s",
+                                                             "test_s") if name in timings},
         },
         "test_accuracy": summary["metrics"]["test_accuracy"],
     }

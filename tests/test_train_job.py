@@ -44,6 +44,12 @@ def test_run_tracks_everything_and_registers_a_servable_model(ray_cluster, cli, 
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
     for key in ("train_loss", "val_loss", "lr", "samples_per_s", "test_accuracy", "test_f1_macro"):
         assert key in run.data.metrics, key
+    # Where the time went, the trial's side too: its start, its setup, the epochs, the test split.
+    timings = summary["timings"]
+    assert {"trial_start_s", "trial_setup_s", "epochs_s", "validation_s", "test_s", "fit_s"} <= set(timings)
+    assert 0 < timings["validation_s"] < timings["epochs_s"] < timings["fit_s"]
+    assert 0 < timings["trial_start_s"] + timings["trial_setup_s"] + timings["epochs_s"] < timings["fit_s"]
+    assert run.data.metrics["timing_test_s"] == pytest.approx(timings["test_s"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "spec.yaml" in artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}

@@ -57,6 +57,7 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
     Returns, on rank 0, the best epoch's monitored value and tie-breaker (None elsewhere)."""
     spec = TrainJob.model_validate(config["spec"])
     rank, world, device = edges.rank, edges.world, edges.device
+    timings = _Timings(config.get("fit_started_at"))
     # Rank 0's epoch metrics reach the job's MLflow run off the training path (``edges.metrics_log``).
     # A logger of its own starts first: importing MLflow beside the first epoch held the GIL the loop
     # needs (epoch 1 at half speed, ~3 s lost); beside loading data and building the model it costs less.
@@ -123,6 +124,7 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
         # trained again, but logged once: their first values stand.
         logged_up_to = log.after_restore(history)
 
+    timings.lap("trial_setup_s")
     epoch = start_epoch - 1
     for epoch in range(start_epoch, spec.train.epochs + 1 if not stop else start_epoch):
         if hasattr(batches.sampler, "set_epoch"):
@@ -146,12 +148,14 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
                                    use_amp=use_amp, grad_clip=spec.train.grad_clip)
             sums = batch if sums is None else sums + batch
         train_seconds = time.perf_counter() - started
+        scoring = time.perf_counter()
         train_sums = reduce_sum(sums, device)
         metrics = {**task.metrics(train_sums, "train"),
                    **task.metrics(reduce_sum(evaluate_sums(plain_model, val_loader, task, device), device), "val"),
                    **_throughput(float(train_sums[-1]), train_seconds, task, splits),  # summed over workers
                    **task.epoch_metrics(plain_model, splits, spec.train.seed),
                    "lr": optimizer.param_groups[0]["lr"], "epoch": epoch}
+        timings.add("validation_s", time.perf_counter() - scoring)
         if selection.improved(metrics, best):
             best = {**selection.of(metrics), "epoch": epoch, "weights": checkpoints.cpu_copy(plain_model.state_dict())}
         stop = bool(stopper and stopper.update(metrics))
@@ -181,16 +185,39 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
         if method:
             method.finish(plain_model)
             best["weights"] = checkpoints.cpu_copy(plain_model.state_dict())  # pruning masks folded in
+        timings.lap("epochs_s")
         test, details = task.test_metrics(plain_model, eval_loader(splits.x_test, splits.y_test), device, splits,
                                           spec.train.seed)
+        timings.lap("test_s")
         final = {"model": best["weights"], "best_epoch": best["epoch"], "best_value": best_value,
                  "best_tie": best["tie"], "epochs_run": epoch, "stopped_early": stop, "test": test, "task": task.name,
-                 "example": task.input_example(plain_model, splits), **details}
+                 "example": task.input_example(plain_model, splits), "timings": timings.seconds, **details}
         log({**test, "best_epoch": best["epoch"]}, epoch)
         final["failed_metric_writes"] = log.close()  # waits until every metric is written
     with checkpoints.staged(final) as directory:
         edges.report(selection.final_report(best_value, best["tie"], epoch), directory)
     return {"value": best_value, "tie": best["tie"]} if rank == 0 else None
+
+
+class _Timings:
+    """Where rank 0's time went, in seconds, for the run's summary: from the driver's fit() to this
+    loop (Tune or Ray Train setting up, the worker's process starting, its imports; ``fit_started_at``,
+    the driver's clock), the setup before the first epoch (data, model, optimizer), the epochs
+    (``validation_s``: the part of them spent scoring), the test split."""
+
+    def __init__(self, fit_started_at: float | None) -> None:
+        self.seconds: dict[str, float] = {}
+        self._mark = time.perf_counter()
+        if fit_started_at is not None:
+            self.seconds["trial_start_s"] = max(0.0, time.time() - fit_started_at)
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._mark
+        self._mark = now
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
 
 def _log_epoch_artifacts(config: dict[str, Any], task, model, splits: Splits, epoch: int) -> None:
@@ -288,7 +315,7 @@ def _quietly(work) -> None:
 
 def _loop_config(spec: TrainJob, run_id: str, compress: dict[str, Any] | None) -> dict[str, Any]:
     return {"spec": spec.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking.tracking_uri(),
-            "compress": compress}
+            "compress": compress, "fit_started_at": time.time()}
 
 
 def make_trainer(spec: TrainJob, run_id: str, selection: Selection, callbacks: list | None = None,
@@ -515,6 +542,7 @@ def run(spec: TrainJob, options: RunOptions) -> RunSummary:
         if getattr(result, "error", None):
             raise result.error
         final = final_state(result)
+        run.timings.update(final.get("timings", {}))  # (a checkpoint from before they were kept has none)
         checkpoints.tidy(result)
         outcome = log_outcome(spec, splits, run_id, final,
                               registered_name=spec.model_name if spec.register.enabled else None)
