@@ -1,9 +1,12 @@
-"""Data sets, one file per source. Each builder returns a ``RawData``; ``make_splits`` turns it
-into deterministic train/val/test splits. Nothing here touches the network, Ray or MLflow."""
+"""Data sets, one file per source. Each builder returns a ``RawData``, which ``make_splits`` turns
+into deterministic train/val/test splits, or a streaming source's ``StreamPlan`` (its files and
+their splits; Ray Data reads them, ``data/streaming.py``). Nothing here touches the network,
+Ray or MLflow."""
 
 from deepyard.data.registry import DATASETS
 from deepyard.data.splits import RawData, Splits, make_splits
-from deepyard.data import idx, series, sklearn_sets, table_files, text  # noqa: F401  (registers the builders)
+from deepyard.data.streaming import StreamPlan
+from deepyard.data import idx, image_folder, series, sklearn_sets, table_files, text  # noqa: F401  (registers)
 
 __all__ = ["DATASETS", "RawData", "Splits", "make_splits", "load_splits"]
 
@@ -12,12 +15,27 @@ def load_splits(name: str, params: dict, *, val_fraction: float, test_fraction: 
                 seed: int, max_train_samples: int | None = None, sensitive: list[str] = (),
                 keep_sensitive: bool = False) -> Splits:
     """``sensitive``: table columns whose groups fairness is measured over; kept out of the
-    features unless ``keep_sensitive``."""
-    raw = DATASETS.build(name, params)
+    features unless ``keep_sensitive``. A streaming source's splits are ``StreamSplits``."""
+    raw = DATASETS.build(name, params, split_seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    if isinstance(raw, StreamPlan):
+        return _streamed(name, raw, sensitive, max_train_samples)
     if sensitive:
         raw = with_sensitive(raw, name, list(sensitive), keep_sensitive)
     return make_splits(raw, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                        max_train_samples=max_train_samples)
+
+
+def _streamed(name: str, plan: StreamPlan, sensitive: list[str], max_train_samples: int | None) -> Splits:
+    from deepyard.data.streaming import stream_splits
+    from deepyard.errors import DataError
+
+    if sensitive:
+        raise DataError(f"fairness.sensitive: data {name!r} streams; fairness is measured on in-memory tables "
+                        "(csv, parquet, arrests)")
+    if max_train_samples is not None:
+        plan.files["train"] = plan.files["train"][:max_train_samples]
+        plan.labels["train"] = plan.labels["train"][:max_train_samples]
+    return stream_splits(plan)
 
 
 def with_sensitive(raw: RawData, name: str, sensitive: list[str], keep: bool) -> RawData:

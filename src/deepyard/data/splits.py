@@ -103,6 +103,7 @@ class Splits:
     sensitive: list[str] | None = None  # columns fairness is measured over, kept out of the features
     groups: dict[str, np.ndarray] | None = None  # split -> each row's sensitive group (its display name)
     sensitive_values: dict[str, list] | None = None  # split -> each row's sensitive values, column by column
+    pixel_max: float | None = None  # images: the brightest level (a PNG request's 255 maps to it); default: seen
     in_shape: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +112,17 @@ class Splits:
     @property
     def is_image(self) -> bool:
         return len(self.in_shape) == 3
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the samples stream from Ray Datasets (``data/streaming.py``) or are these arrays."""
+        return False
+
+    def size(self, split: str) -> int:
+        return len(getattr(self, f"x_{split}"))
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.y_train, minlength=self.num_outputs).astype(float)
 
     @property
     def is_text(self) -> bool:

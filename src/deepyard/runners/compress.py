@@ -20,7 +20,7 @@ from deepyard.compress import measure
 from deepyard.compress.parent import Parent, load_parent, rebuild
 from deepyard.errors import BadInput
 from deepyard.runners import checkpoints
-from deepyard.runners.setup import build, eval_loader, load_data, monitored, preflight, split_seed
+from deepyard.runners.setup import build, eval_loader, in_memory, load_data, monitored, preflight, split_seed
 from deepyard.runners.summary import RunOptions, RunSummary
 from deepyard.spec import CompressJob, TrainJob, flatten, to_yaml
 
@@ -140,7 +140,7 @@ CHECKS: dict[str, Callable[[CompressJob, Checked], list[str]]] = {
 
 def _checked(spec: CompressJob) -> Checked:
     parent = load_parent(spec.model)
-    splits = load_data(parent.spec)
+    splits = in_memory(load_data(parent.spec), parent.spec, "compress")
     pipeline, task = rebuild(parent, splits)
     if getattr(pipeline.net, "generative", False):
         raise BadInput(f"method {spec.method.name}: {parent.ref} is a generative model (a GAN); compress takes "

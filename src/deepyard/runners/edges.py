@@ -14,6 +14,7 @@ worker, in a background thread.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Any, Iterator
@@ -41,6 +42,11 @@ class TrainWorker:
 
     def shard(self, loader):  # [1] this worker's shard, moved to its device
         return self._torch.prepare_data_loader(loader, add_dist_sampler=False)
+
+    def stream(self, splits, split: str, batch_size: int, **options) -> "StreamedBatches":  # [1], streaming
+        """This worker's shard of a streaming split (Ray Train splits train and val; test is whole)."""
+        rows = splits.size(split) // self.world if split in SPLIT_BETWEEN_WORKERS else splits.size(split)
+        return StreamedBatches(self._train.get_dataset_shard(split), rows, batch_size, self.device, **options)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:  # [2] DDP (gloo on CPU, NCCL on GPU)
         return self._torch.prepare_model(model)
@@ -133,6 +139,39 @@ def _exit_if_orphaned(raylet: int) -> None:
         os._exit(1)
 
 
+# A data-parallel job's streaming splits that Ray Train divides between its workers (equal shares;
+# the test split is scored whole, by rank 0).
+SPLIT_BETWEEN_WORKERS = ("train", "val")
+
+
+class StreamedBatches:
+    """A streaming split's batches as the loop takes a DataLoader's: ``(inputs, targets)`` on the
+    device, ``len()`` batches an epoch, and ``sampler.set_epoch`` to seed the epoch's shuffle.
+    ``source``: a Ray Dataset, or the DataIterator of a Ray Train worker's shard."""
+
+    def __init__(self, source, rows: int, batch_size: int, device: torch.device, *, shuffle_buffer: int | None = None,
+                 seed: int = 0, prefetch_batches: int = 1):
+        self.source, self.batch_size, self.device = source, batch_size, device
+        self.shuffle_buffer, self.seed, self.prefetch_batches = shuffle_buffer, seed, prefetch_batches
+        # A last batch of one sample would break batch norm; drop it (as the in-memory loader does).
+        self.drop_last = shuffle_buffer is not None and rows % batch_size == 1 and rows > 1
+        self.batches = rows // batch_size if self.drop_last else math.ceil(rows / batch_size)
+        self.sampler, self.epoch = self, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator:
+        for batch in self.source.iter_torch_batches(
+                batch_size=self.batch_size, device=self.device, drop_last=self.drop_last,
+                prefetch_batches=self.prefetch_batches, local_shuffle_buffer_size=self.shuffle_buffer,
+                local_shuffle_seed=self.seed * 100_003 + self.epoch if self.shuffle_buffer else None):
+            yield batch["x"], batch["y"]
+
+
 class _OnDevice:
     """A loader whose batches land on ``device`` (what ``prepare_data_loader`` does for Train)."""
 
@@ -166,6 +205,9 @@ class TuneTrial:
 
     def shard(self, loader):
         return loader if self.device.type == "cpu" else _OnDevice(loader, self.device)
+
+    def stream(self, splits, split: str, batch_size: int, **options) -> "StreamedBatches":
+        return StreamedBatches(splits.streams[split], splits.size(split), batch_size, self.device, **options)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)

@@ -19,7 +19,7 @@ from deepyard import tracking
 from deepyard.compress.parent import Parent, load_parent, rebuild
 from deepyard.errors import BadInput
 from deepyard.robust.attacks import valid_range
-from deepyard.runners.setup import load_data
+from deepyard.runners.setup import in_memory, load_data
 from deepyard.runners.summary import RunOptions, RunSummary
 from deepyard.spec import RobustnessJob
 
@@ -36,7 +36,7 @@ class Target:
 
 def _target(spec: RobustnessJob) -> Target:
     parent = load_parent(spec.model, where="model")
-    splits = load_data(parent.spec)
+    splits = in_memory(load_data(parent.spec), parent.spec, "robustness")
     pipeline, task = rebuild(parent, splits)
     if "accuracy" not in task.directions or getattr(pipeline.net, "generative", False):
         raise BadInput(f"model: {parent.ref} is a {task.name} model; robustness measures the accuracy a classifier "

@@ -65,8 +65,8 @@ def build(spec: TrainJob, splits: Splits):
 
 def class_weights(splits: Splits) -> list[float]:
     """scikit-learn's "balanced" weights, from the training split: n / (classes x count)."""
-    counts = np.bincount(splits.y_train, minlength=splits.num_outputs).astype(float)
-    return (len(splits.y_train) / (len(counts) * np.maximum(counts, 1))).tolist()
+    counts = splits.class_counts()
+    return (counts.sum() / (len(counts) * np.maximum(counts, 1))).tolist()
 
 
 def monitored(spec_metric: str | None, spec_mode: str | None, task) -> tuple[str, str]:
@@ -77,7 +77,7 @@ def monitored(spec_metric: str | None, spec_mode: str | None, task) -> tuple[str
 
 
 def batch_size(spec: TrainJob, splits: Splits) -> int:
-    return len(splits.x_train) if spec.train.batch_size == "full" else spec.train.batch_size
+    return splits.size("train") if spec.train.batch_size == "full" else spec.train.batch_size
 
 
 def train_loader(spec: TrainJob, splits: Splits, rank: int, world: int) -> DataLoader:
@@ -92,8 +92,11 @@ def train_loader(spec: TrainJob, splits: Splits, rank: int, world: int) -> DataL
                       generator=torch.Generator().manual_seed(spec.train.seed))
 
 
+EVAL_BATCH = 1024  # scoring needs no gradients: large batches
+
+
 def eval_loader(x: np.ndarray, y: np.ndarray) -> DataLoader:
-    return DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=1024)
+    return DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=EVAL_BATCH)
 
 
 def preflight(spec: TrainJob):
@@ -102,7 +105,7 @@ def preflight(spec: TrainJob):
     Returns the data splits and the task."""
     splits = load_data(spec)
     for split in ("train", "val", "test"):
-        if len(getattr(splits, f"x_{split}")) == 0:
+        if splits.size(split) == 0:
             raise DataError(f"data {spec.data.name!r}: the {split} split is empty; use more data or change "
                             "data.val_fraction / data.test_fraction / data.max_train_samples")
     try:
@@ -139,7 +142,30 @@ def preflight(spec: TrainJob):
         why = "reads token ids, which gradients cannot perturb" if splits.is_text else "has steps of its own (a GAN)"
         raise BadInput(f"train.adversarial: {spec.model.name} on {spec.data.name} {why}; adversarial training "
                        "is for models of numeric inputs trained on a loss")
+    if splits.streaming:
+        check_streaming(spec, task)
     return splits, task
+
+
+def in_memory(splits: Splits, spec: TrainJob, job: str) -> Splits:
+    """``splits``, for a job kind that reads its data in memory only so far (sweeps, compress, robustness)."""
+    if splits.streaming:
+        raise BadInput(f"data {spec.data.name!r} streams through Ray Data, which {job} jobs do not read yet; train it "
+                       "with a train job, or use an in-memory data set")
+    return splits
+
+
+def check_streaming(spec: TrainJob, task) -> None:
+    """What a streaming source cannot do yet, said before anything starts."""
+    where = f"data {spec.data.name!r} streams through Ray Data"
+    if spec.train.batch_size == "full":
+        raise BadInput(f"train.batch_size: full needs the whole training split in memory; {where}: set a batch size")
+    if spec.train.adversarial:
+        raise BadInput(f"train.adversarial: {where}; adversarial training needs the training inputs' range, which "
+                       "is measured on in-memory data sets only so far")
+    if hasattr(task, "train_step"):
+        raise BadInput(f"model {spec.model.name!r}: {where}; a model with steps of its own (a GAN) trains on "
+                       "in-memory data sets only so far")
 
 
 def check_explain(spec: TrainJob, splits: Splits, task, pipeline: torch.nn.Module) -> None:
@@ -168,7 +194,7 @@ def serving_metadata(spec: TrainJob, splits: Splits, task, pipeline: torch.nn.Mo
     if splits.table:  # a mixed table: requests are objects of raw columns, encoded with the fitted schema
         metadata["table"] = splits.table
     if splits.is_image:  # PNG requests are scaled from 0-255 into the data set's own pixel range
-        metadata["pixel_max"] = float(splits.x_train.max())
+        metadata["pixel_max"] = splits.pixel_max or float(splits.x_train.max())
     metadata.update(task.serving_metadata(pipeline, splits))
     return metadata
 

@@ -20,18 +20,18 @@ import torch
 
 from deepyard import drivers, settings, tracking, transfer
 from deepyard.compress import hooks as compress_hooks
-from deepyard.data import Splits
+from deepyard.data import Splits, streaming
 from deepyard.data.augment import random_affine
 from deepyard.robust.training import Adversary
 from deepyard.errors import BadInput, JobFailed
 from deepyard.optim import make_schedule, restore
 from deepyard.runners import checkpoints
 from deepyard.runners.loop import EarlyStopping, Selection, reduce_sum, train_step
-from deepyard.runners.setup import (build, eval_loader, load_data, make_optimizer, monitored, preflight,
-                                    serving_metadata,
-                                    train_loader)
+from deepyard.runners.setup import (EVAL_BATCH, batch_size, build, eval_loader, load_data, make_optimizer, monitored,
+                                    preflight, serving_metadata, train_loader)
 from deepyard.runners.summary import RunOptions, RunSummary
 from deepyard.spec import TrainJob
+from deepyard.spec.train import StreamSpec
 from deepyard.tasks.base import evaluate_sums
 
 
@@ -64,8 +64,8 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
     log = edges.metrics_log(config) if rank == 0 else None
     torch.manual_seed(spec.train.seed)
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))  # intra-op threads = the CPUs Ray gave us
-    if splits is None:
-        splits = load_data(spec)  # every worker builds the same deterministic splits locally
+    if splits is None:  # every worker builds the same deterministic splits locally (a streaming job's come along)
+        splits = config["splits"] if config.get("splits") is not None else load_data(spec)
     model, task = build(spec, splits)
     freezer = transfer.start_from(spec.init, model.net, config.get("tracking_uri"))[0] if spec.init else None
     if method := compress_hooks.for_config(config.get("compress")):  # a compress stage: prune or distil
@@ -77,9 +77,16 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
     augment = spec.data.augment if splits.is_image else None
     adversary = Adversary(spec.train.adversarial, splits, task, device) if spec.train.adversarial else None
 
-    batches = edges.shard(train_loader(spec, splits, rank, world))  # [1]
-    val_shard = slice(rank, None, world)  # every worker scores its own slice; sums are all-reduced
-    val_loader = eval_loader(splits.x_val[val_shard], splits.y_val[val_shard])
+    if splits.streaming:  # [1] Ray Data's batches: this worker's share of the train and val splits
+        stream = spec.data.stream or StreamSpec()
+        batches = edges.stream(splits, "train", batch_size(spec, splits), seed=spec.train.seed + rank,
+                               shuffle_buffer=stream.shuffle_buffer if stream.shuffle == "local" else None,
+                               prefetch_batches=stream.prefetch_batches)
+        val_loader = edges.stream(splits, "val", EVAL_BATCH)
+    else:
+        batches = edges.shard(train_loader(spec, splits, rank, world))  # [1]
+        val_shard = slice(rank, None, world)  # every worker scores its own slice; sums are all-reduced
+        val_loader = eval_loader(splits.x_val[val_shard], splits.y_val[val_shard])
 
     if freezer:
         freezer.set_epoch(1)  # before DDP: it registers only the parameters that train
@@ -186,8 +193,9 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
             method.finish(plain_model)
             best["weights"] = checkpoints.cpu_copy(plain_model.state_dict())  # pruning masks folded in
         timings.lap("epochs_s")
-        test, details = task.test_metrics(plain_model, eval_loader(splits.x_test, splits.y_test), device, splits,
-                                          spec.train.seed)
+        test_loader = (edges.stream(splits, "test", EVAL_BATCH) if splits.streaming
+                       else eval_loader(splits.x_test, splits.y_test))
+        test, details = task.test_metrics(plain_model, test_loader, device, splits, spec.train.seed)
         timings.lap("test_s")
         final = {"model": best["weights"], "best_epoch": best["epoch"], "best_value": best_value,
                  "best_tie": best["tie"], "epochs_run": epoch, "stopped_early": stop, "test": test, "task": task.name,
@@ -249,7 +257,8 @@ def fit(spec: TrainJob, run_id: str, selection: Selection, splits,
     the time fit returns."""
     if spec.scaling.num_workers > 1:
         side_work = _in_background(while_training)
-        result = make_trainer(spec, run_id, selection, compress=compress).fit()
+        result = make_trainer(spec, run_id, selection, compress=compress,
+                              splits=splits if getattr(splits, "streaming", False) else None).fit()
         if side_work is not None:
             side_work.join()
         return result
@@ -319,13 +328,20 @@ def _loop_config(spec: TrainJob, run_id: str, compress: dict[str, Any] | None) -
 
 
 def make_trainer(spec: TrainJob, run_id: str, selection: Selection, callbacks: list | None = None,
-                 compress: dict[str, Any] | None = None):
-    """A data-parallel job (or a sweep's multi-worker trial) on Ray Train."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+                 compress: dict[str, Any] | None = None, splits=None):
+    """A data-parallel job (or a sweep's multi-worker trial) on Ray Train. ``splits``: a streaming
+    job's (``StreamSplits``): Ray Train hands each worker its share of their Ray Datasets."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
+    from deepyard.runners.edges import SPLIT_BETWEEN_WORKERS
+
+    streams = {"datasets": splits.streams, "dataset_config": DataConfig(datasets_to_split=list(SPLIT_BETWEEN_WORKERS))
+               } if splits is not None else {}
     return _trainer_class()(
         train_loop_per_worker,
-        train_loop_config=_loop_config(spec, run_id, compress),
+        train_loop_config={**_loop_config(spec, run_id, compress),
+                           **({"splits": splits.shipped()} if splits is not None else {})},
+        **streams,
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         run_config=RunConfig(
@@ -459,8 +475,9 @@ def check(spec: TrainJob) -> str:
 
 
 def describe(spec: TrainJob, splits: Splits) -> str:
-    line = (f"data={spec.data.name} ({len(splits.x_train)} train / {len(splits.x_val)} val / "
-            f"{len(splits.x_test)} test, input {splits.in_shape}) model={spec.model.name}")
+    line = (f"data={spec.data.name} ({splits.size('train')} train / {splits.size('val')} val / "
+            f"{splits.size('test')} test, input {splits.in_shape}{', streamed by Ray Data' if splits.streaming else ''}"
+            f") model={spec.model.name}")
     if splits.table:
         from deepyard.data.tables import TableSchema
 
@@ -535,6 +552,10 @@ def run(spec: TrainJob, options: RunOptions) -> RunSummary:
             run.mark("ray_connect")
             run_id = run.id
             run.timings["mlflow_start_s"] = run.opened_after
+            if splits.streaming:  # Ray Data reads the files from here on; the training split's statistics first
+                streaming.check_resources(spec.scaling.footprint()["CPU"])
+                streaming.attach(splits, spec.data.stream or StreamSpec())
+                run.mark("data_stats")
             run.mark("startup")
             with progress.watch(run_id, spec.train.epochs, options.console):
                 result = fit(spec, run_id, selection, splits, while_training=tracking.preload)

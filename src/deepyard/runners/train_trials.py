@@ -16,7 +16,7 @@ from deepyard import tracking
 from deepyard.errors import BadInput
 from deepyard.runners import checkpoints
 from deepyard.runners.loop import Selection
-from deepyard.runners.setup import build, check_metric, load_data, monitored, preflight
+from deepyard.runners.setup import build, check_metric, in_memory, load_data, monitored, preflight
 from deepyard.runners.train import describe, log_outcome, make_trainer, promote as promote_version
 from deepyard.runners.trials import Checked, child_run, overrides, reported_finished
 from deepyard.spec import SweepJob, TrainJob, parse_spec, sample_values
@@ -38,6 +38,7 @@ def inline(spec: TrainJob) -> bool:
 def check(spec: SweepJob) -> Checked:
     """The base job's preflight, a metric its task reports, and PBT mutations that keep the model's shape."""
     splits, task = preflight(spec.base)
+    in_memory(splits, spec.base, "sweep")
     check_metric("metric", spec.metric, task)
     if spec.scheduler.name == "pbt":
         _check_mutations_keep_shape(spec, splits)

@@ -64,6 +64,17 @@ class AugmentSpec(Section):
     max_rotation_deg: float = Field(10.0, ge=0, le=180, description="largest rotation, in degrees")
 
 
+class StreamSpec(Section):
+    """How a streaming source (image_folder) is read each epoch by Ray Data."""
+
+    shuffle: Literal["local", "full", "none"] = Field(
+        "local", description="local: the files in a new order each epoch, mixed further in a buffer of "
+                             "shuffle_buffer samples on the worker; full: a global shuffle each epoch (Ray Data's "
+                             "random_shuffle: slower, spills to disk); none: the listed order")
+    shuffle_buffer: PositiveInt = Field(2048, description="local shuffle: samples each worker mixes at a time")
+    prefetch_batches: PositiveInt = Field(2, description="batches each worker decodes ahead of the step")
+
+
 class DataSpec(Section):
     name: str = Field(description=f"a data set: {_names('data')}")
     params: dict[str, Any] = Field(default_factory=dict, description="the data set builder's keyword arguments")
@@ -75,6 +86,8 @@ class DataSpec(Section):
     seed: int | None = Field(None, description="seeds the splits (and a label budget); default: train.seed. A "
                                                "compress job keeps its parent's, so both score the same test split")
     augment: AugmentSpec | None = Field(None, description="random shifts and rotations of training images")
+    stream: StreamSpec | None = Field(None, description="streaming sources (image_folder): shuffling and read-ahead "
+                                                        "(default: a local shuffle)")
 
 
 class ModelSpec(Section):

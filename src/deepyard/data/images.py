@@ -1,0 +1,23 @@
+"""Image files to arrays: the one decoder that streamed training, the driver's samples and the
+checks share, so a model sees the same pixels in each."""
+
+from __future__ import annotations
+
+import numpy as np
+
+MODES = {1: "L", 3: "RGB"}
+
+
+def decode(data: bytes, channels: int, size: tuple[int, int] | None) -> np.ndarray:
+    """An encoded image -> float32 (channels, height, width) in PNG levels (0-255), resized to
+    ``size`` (height, width) where given. Raises OSError/ValueError on bytes that are no image."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert(MODES[channels])
+        if size is not None and image.size != (size[1], size[0]):
+            image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        pixels = np.asarray(image, dtype=np.float32)
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)

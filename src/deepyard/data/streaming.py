@@ -1,0 +1,200 @@
+"""Data that streams: a source lists its samples and their splits (``StreamPlan``, before Ray
+starts), and Ray Data reads and decodes them while the workers train (``attach``, once Ray is up).
+
+The loop sees ``StreamSplits`` like any ``Splits``: the shapes, class names and a few decoded
+samples of each split (the model's input example, the forward-pass check) are in memory; the
+samples themselves are Ray Datasets, one per split, that the edges turn into batches
+(``runners/edges.py``). Normalization statistics come from a Ray Data pass over the training
+split only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from deepyard.data.splits import Splits, Task
+from deepyard.errors import BadInput, DataError
+
+SPLITS = ("train", "val", "test")
+SAMPLES = 8  # decoded per split in the driver: the input example, the forward check, explanations
+ROWS_PER_BLOCK = 256  # files listed per Ray Data block: enough blocks to keep every free CPU decoding
+
+
+@dataclass
+class StreamPlan:
+    """What a streaming source returns: every sample's file and label per split, and how to decode one."""
+
+    task: Task
+    class_names: list[str] | None
+    in_shape: tuple[int, ...]
+    files: dict[str, list[str]]
+    labels: dict[str, np.ndarray]
+    decode: dict[str, Any]  # decode_sample's settings: {"kind": "image", "channels": 1, "size": None}
+    pixel_max: float | None = None
+    where: str = ""
+
+
+@dataclass
+class StreamSplits(Splits):
+    """Splits whose x_/y_ arrays hold only a few decoded samples; ``plan`` lists them all and
+    ``streams`` (set by ``attach``) reads them. ``stats``: mean and std of the training split."""
+
+    plan: StreamPlan | None = None
+    stats: tuple[np.ndarray, np.ndarray] | None = None
+    streams: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def streaming(self) -> bool:
+        return True
+
+    def size(self, split: str) -> int:
+        return len(self.plan.files[split])
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.plan.labels["train"], minlength=self.num_outputs).astype(float)
+
+    def input_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return self.stats
+
+    def shipped(self) -> "StreamSplits":
+        """Without the Datasets: what a Ray Train worker gets (its shards come from Ray Train)."""
+        from dataclasses import replace
+
+        return replace(self, streams=None)
+
+
+def decode_sample(source: str, settings: dict[str, Any]) -> np.ndarray:
+    """One sample's input, read from a local path or any URI pyarrow reaches (s3://, gs://)."""
+    if settings["kind"] == "image":
+        from deepyard.data.images import decode
+
+        size = tuple(settings["size"]) if settings["size"] else None
+        return decode(read_bytes(source), settings["channels"], size)
+    raise ValueError(f"unknown sample kind {settings['kind']!r}")
+
+
+def read_bytes(source: str) -> bytes:
+    if "://" not in source:
+        with open(source, "rb") as file:
+            return file.read()
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(source)
+    with filesystem.open_input_file(path) as file:
+        return file.read()
+
+
+def stream_splits(plan: StreamPlan) -> StreamSplits:
+    """The in-memory face of a streaming source: its metadata and a few decoded samples per split."""
+    samples = {}
+    for split in SPLITS:
+        chosen = plan.files[split][:SAMPLES]
+        try:
+            x = np.stack([decode_sample(file, plan.decode) for file in chosen]) if chosen else \
+                np.zeros((0, *plan.in_shape), dtype=np.float32)
+        except (OSError, ValueError) as error:
+            raise DataError(f"{plan.where}: a {split} sample cannot be decoded: {error}") from None
+        samples[split] = (x, plan.labels[split][:len(chosen)])
+    return StreamSplits(plan.task, *samples["train"], *samples["val"], *samples["test"],
+                        class_names=plan.class_names, pixel_max=plan.pixel_max, plan=plan)
+
+
+class _Decode:
+    """Ray Data's map over a block of listed files: their inputs decoded, their labels as they are."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = settings
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = []
+        for source in batch["source"]:
+            try:
+                inputs.append(decode_sample(str(source), self.settings))
+            except (OSError, ValueError) as error:
+                raise DataError(f"{source} cannot be decoded ({type(error).__name__}: {error}); remove or replace "
+                                "it") from None
+        return {"x": np.stack(inputs).astype(np.float32), "y": batch["y"]}
+
+
+def _moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-channel sums of one batch of images (or per-feature sums of table rows), to be added up."""
+    x = batch["x"].astype(np.float64)
+    axes = (0, 2, 3) if x.ndim == 4 else (0,)
+    count = x.size // x.shape[1]
+    sums, squares = x.sum(axis=axes), (x * x).sum(axis=axes)
+    row = {"n": np.array([count], dtype=np.float64)}
+    for index in range(x.shape[1]):
+        row[f"s{index}"], row[f"q{index}"] = np.array([sums[index]]), np.array([squares[index]])
+    return row
+
+
+def quiet() -> None:
+    """Ray Data's progress bars and per-dataset log lines, off: the job prints its own progress."""
+    import logging
+
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # (not a line per dataset executed)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # ("progress bars disabled")
+
+
+def check_resources(worker_cpus: float) -> None:
+    """Ray Data decodes on CPUs the training workers do not hold: with none left it would wait forever."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if total - worker_cpus < 1:
+        raise BadInput(f"scaling: the training workers take {worker_cpus:g} of the cluster's {total:g} CPUs, and a "
+                       "streaming source needs at least one more to read and decode its files (Ray Data); lower "
+                       "scaling.cpus_per_worker (e.g. 0.5) or num_workers, or add a node")
+
+
+def attach(splits: StreamSplits, options) -> StreamSplits:
+    """Ray is up: one Ray Dataset per split (the training split shuffled as ``options`` say: a
+    ``StreamSpec``), and the training split's statistics from a pass over it (a file that does not
+    decode is a DataError here, before the first step)."""
+    import ray.data
+
+    quiet()
+    plan = splits.plan
+    streams = {}
+    for split in SPLITS:
+        items = [{"source": file, "y": label} for file, label in zip(plan.files[split], plan.labels[split].tolist())]
+        blocks = max(1, math.ceil(len(items) / ROWS_PER_BLOCK))
+        streams[split] = ray.data.from_items(items, override_num_blocks=blocks)
+    decoded = lambda listed: listed.map_batches(_Decode(plan.decode), batch_format="numpy")  # noqa: E731
+    channels = plan.in_shape[0]
+    try:
+        totals = decoded(streams["train"]).map_batches(_moments, batch_format="numpy").sum(
+            ["n"] + [f"{kind}{index}" for index in range(channels) for kind in "sq"])
+    except Exception as error:  # a Ray task's failure wraps the DataError that says which file
+        raise DataError(f"{plan.where}: {_cause(error)}") from None
+    count = totals["sum(n)"]
+    mean = np.array([totals[f"sum(s{index})"] / count for index in range(channels)])
+    variance = np.array([totals[f"sum(q{index})"] / count for index in range(channels)]) - mean ** 2
+    std = np.sqrt(np.maximum(variance, 0.0))
+    std = np.where(std < 1e-8, 1.0, std)
+    shape = (channels, 1, 1) if len(plan.in_shape) == 3 else (channels,)
+    splits.stats = (mean.reshape(shape).astype(np.float32), std.reshape(shape).astype(np.float32))
+    if options.shuffle == "local":  # a new file order each epoch; each worker's buffer mixes the samples further
+        streams["train"] = streams["train"].randomize_block_order()
+    splits.streams = {split: decoded(listed) for split, listed in streams.items()}
+    if options.shuffle == "full":
+        splits.streams["train"] = splits.streams["train"].random_shuffle()
+    return splits
+
+
+def _cause(error: BaseException) -> str:
+    """The DataError inside Ray's wrappers (a task's error reaches the driver as text), or the error's last line."""
+    import re
+
+    if found := re.search(r"DataError: (.+)", str(error)):
+        return found.group(1)
+    return str(error).strip().splitlines()[-1][:500]

@@ -1,0 +1,170 @@
+"""Streaming sources: an image folder read by Ray Data into Ray Train workers (real Ray, real MLflow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from conftest import last_json
+
+FOLDER_JOB = """
+kind: train
+name: {name}
+data:
+  name: image_folder
+  params: {{path: {path}{extra}}}
+model: {{name: cnn, params: {{channels: [8, 16], hidden_sizes: [32]}}}}
+optim: {{name: adam, lr: 0.01}}
+train: {{epochs: 2, batch_size: 32}}
+scaling: {{num_workers: {workers}, cpus_per_worker: 0.5}}
+"""
+
+
+def write_folder(root: Path, images: np.ndarray, labels: np.ndarray, names: list[str]) -> Path:
+    for index, (image, label) in enumerate(zip(images, labels)):
+        folder = root / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def digits_folder(tmp_path_factory) -> Path:
+    """scikit-learn's 1,797 digits as 8x8 grey PNGs (levels 0-255), one folder per digit."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    levels = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
+    return write_folder(tmp_path_factory.mktemp("digits_folder"), levels, digits.target, [str(c) for c in range(10)])
+
+
+def folder_spec(write_spec, path, name: str, workers: int = 1, extra: str = "") -> str:
+    return write_spec(FOLDER_JOB.format(name=name, path=path, workers=workers, extra=extra), f"{name}.yaml")
+
+
+def test_each_file_keeps_its_split_whatever_else_is_in_the_folder():
+    from deepyard.data.image_folder import split_of
+
+    names = [f"{c}/{i}.png" for c in range(3) for i in range(2000)]
+    splits = [split_of(name, 0, 0.15, 0.15) for name in names]
+    assert splits == [split_of(name, 0, 0.15, 0.15) for name in reversed(names)][::-1]  # order-free
+    shares = {split: splits.count(split) / len(splits) for split in ("train", "val", "test")}
+    assert shares["train"] == pytest.approx(0.7, abs=0.03) and shares["test"] == pytest.approx(0.15, abs=0.03)
+    assert splits != [split_of(name, 1, 0.15, 0.15) for name in names]  # the seed reshuffles
+
+
+@pytest.mark.long  # (a minute: a Ray Train worker group and Ray Data's split coordinator start)
+def test_an_image_folder_trains_on_two_workers_each_on_its_own_share(ray_cluster, cli, write_spec, digits_folder):
+    result = cli("run", folder_spec(write_spec, digits_folder, "digits_folder_ddp", workers=2), "--json")
+    summary = last_json(result)
+    assert summary["metrics"]["test_accuracy"] > 0.6
+
+    client = MlflowClient()
+    run = client.get_run(summary["run_id"])
+    from deepyard.data.image_folder import image_folder
+
+    plan = image_folder(str(digits_folder))
+    train_rows = len(plan.files["train"])
+    # Each worker trains on its own equal share: together they see the split once an epoch, not twice.
+    seen = [m.value for m in client.get_metric_history(run.info.run_id, "train_samples")]
+    assert seen == [2 * (train_rows // 2)] * 2
+    assert run.data.params["data.name"] == "image_folder"
+
+    # The registered model takes raw PNG levels: the statistics Ray Data measured travel inside it.
+    model = mlflow.pyfunc.load_model(f"models:/digits_folder_ddp/{summary['model_version']}")
+    test = plan.files["test"]
+    images = np.stack([np.asarray(Image.open(file), dtype=np.float32)[None] for file in test])
+    predicted = np.asarray(model.predict(images)).argmax(axis=1)
+    assert (predicted == plan.labels["test"]).mean() == pytest.approx(summary["metrics"]["test_accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_one_worker_streams_too_and_says_so(ray_cluster, cli, write_spec, digits_folder):
+    spec = folder_spec(write_spec, digits_folder, "digits_folder_one", extra=", size: [12, 12]")
+    assert "input (1, 12, 12), streamed by Ray Data" in (lambda r: r.stdout + r.stderr)(cli("validate", spec))
+    summary = last_json(cli("run", spec, "--json"))
+    assert summary["metrics"]["test_accuracy"] > 0.6
+    assert "data_stats_s" in summary["timings"]
+
+
+@pytest.mark.slow
+def test_statistics_come_from_the_training_split_only(ray_cluster, tmp_path):
+    from deepyard.data.image_folder import image_folder
+    from deepyard.data.streaming import attach, stream_splits
+    from deepyard.spec.train import StreamSpec
+
+    rng = np.random.default_rng(0)
+    levels = rng.integers(0, 256, size=(120, 1, 1)).astype(np.uint8) * np.ones((1, 6, 6), dtype=np.uint8)
+    write_folder(tmp_path / "flat", levels, np.arange(120) % 2, ["a", "b"])
+    plan = image_folder(str(tmp_path / "flat"))
+    splits = attach(stream_splits(plan), StreamSpec())
+    train = np.array([np.asarray(Image.open(file), dtype=np.float64).mean() for file in plan.files["train"]])
+    every = np.array([np.asarray(Image.open(file), dtype=np.float64).mean()
+                      for split in ("train", "val", "test") for file in plan.files[split]])
+    mean, std = splits.input_stats()
+    assert mean.shape == (1, 1, 1)
+    assert mean.item() == pytest.approx(train.mean(), rel=1e-5) and std.item() == pytest.approx(train.std(), rel=1e-4)
+    assert abs(train.mean() - every.mean()) > 0.1  # (so the check above could fail)
+    batches = next(iter(splits.streams["val"].iter_torch_batches(batch_size=1000)))
+    assert batches["x"].shape == (len(plan.files["val"]), 1, 6, 6)
+    assert batches["y"].tolist() == plan.labels["val"].tolist()
+
+
+def _bad(tmp_path: Path, layout: str) -> Path:
+    root = tmp_path / layout
+    picture = np.zeros((8, 8), dtype=np.uint8)
+    if layout == "no_class_folders":
+        root.mkdir()
+        Image.fromarray(picture).save(root / "loose.png")
+    elif layout == "empty_class":
+        (root / "cat").mkdir(parents=True)
+        (root / "dog").mkdir()
+        Image.fromarray(picture).save(root / "cat" / "1.png")
+    elif layout == "not_an_image":
+        (root / "cat").mkdir(parents=True)
+        Image.fromarray(picture).save(root / "cat" / "1.png")
+        (root / "cat" / "2.png").write_text("not a picture")
+    elif layout == "mixed_sizes":
+        (root / "cat").mkdir(parents=True)
+        Image.fromarray(picture).save(root / "cat" / "1.png")
+        Image.fromarray(np.zeros((9, 8), dtype=np.uint8)).save(root / "cat" / "2.png")
+    return root
+
+
+@pytest.mark.parametrize("layout, says", [
+    ("missing", "is not a directory"),
+    ("no_class_folders", "has no class folders"),
+    ("empty_class", "class folder dog in"),
+    ("not_an_image", "2.png is not a readable image"),
+    ("mixed_sizes", "the images have 2 sizes (8x8, 8x9...); set data.params.size"),
+])
+def test_a_bad_folder_exits_2_before_anything_starts(cli, write_spec, tmp_path, layout, says):
+    spec = folder_spec(write_spec, _bad(tmp_path, layout), "bad_folder")
+    result = cli("validate", spec, expect=2)
+    assert says in result.stderr + result.stdout
+
+
+def test_what_a_stream_cannot_do_yet_exits_2(cli, write_spec, digits_folder):
+    base = folder_spec(write_spec, digits_folder, "folder_sweep_base")
+    sweep = write_spec(f"kind: sweep\nname: folder_sweep\nbase: {base}\n"
+                       "space: {optim.lr: {loguniform: [0.001, 0.1]}}\nnum_samples: 2\n", "sweep.yaml")
+    result = cli("validate", sweep, expect=2)
+    assert "streams through Ray Data, which sweep jobs do not read yet" in result.stderr + result.stdout
+    result = cli("validate", base, "--set", "train.batch_size=full", expect=2)
+    assert "train.batch_size: full needs the whole training split in memory" in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_a_file_that_does_not_decode_fails_before_training_with_its_name(ray_cluster, cli, write_spec, tmp_path):
+    root = tmp_path / "truncated"
+    rng = np.random.default_rng(1)
+    write_folder(root, rng.integers(0, 256, size=(40, 16, 16)).astype(np.uint8), np.arange(40) % 2, ["a", "b"])
+    broken = sorted((root / "a").iterdir())[-1]
+    broken.write_bytes(broken.read_bytes()[:60])  # the header reads; the pixels do not
+    result = cli("run", folder_spec(write_spec, root, "truncated_folder"), expect=2)
+    assert f"{broken} cannot be decoded" in result.stderr + result.stdout
