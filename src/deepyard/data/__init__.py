@@ -18,23 +18,26 @@ def load_splits(name: str, params: dict, *, val_fraction: float, test_fraction: 
     features unless ``keep_sensitive``. A streaming source's splits are ``StreamSplits``."""
     raw = DATASETS.build(name, params, split_seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
     if isinstance(raw, StreamPlan):
-        return _streamed(name, raw, sensitive, max_train_samples)
+        return _streamed(name, raw, sensitive, max_train_samples, seed)
     if sensitive:
         raw = with_sensitive(raw, name, list(sensitive), keep_sensitive)
     return make_splits(raw, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                        max_train_samples=max_train_samples)
 
 
-def _streamed(name: str, plan: StreamPlan, sensitive: list[str], max_train_samples: int | None) -> Splits:
+def _streamed(name: str, plan: StreamPlan, sensitive: list[str], max_train_samples: int | None, seed: int) -> Splits:
     from deepyard.data.streaming import stream_splits
     from deepyard.errors import DataError
 
     if sensitive:
         raise DataError(f"fairness.sensitive: data {name!r} streams; fairness is measured on in-memory tables "
                         "(csv, parquet, arrests)")
-    if max_train_samples is not None:
-        plan.files["train"] = plan.files["train"][:max_train_samples]
-        plan.labels["train"] = plan.labels["train"][:max_train_samples]
+    if max_train_samples is not None and max_train_samples < len(plan.files["train"]):
+        import numpy as np  # a seeded draw: the listing is in class order
+
+        kept = np.sort(np.random.default_rng(seed).permutation(len(plan.files["train"]))[:max_train_samples])
+        plan.files["train"] = [plan.files["train"][index] for index in kept]
+        plan.labels["train"] = plan.labels["train"][kept]
     return stream_splits(plan)
 
 

@@ -3,14 +3,14 @@
 than loaded into memory.
 
 Here: listing the files, assigning each to a split by a hash of its path (the same split on any
-number of workers, and a file keeps its split when others are added), and checking every
-file's header before Ray starts. The pixels are decoded by ``data/images.py``, on Ray Data's workers.
+number of workers, and a file keeps its split when others are added), and reading the first
+file's header before Ray starts (its size and mode). Ray Data's workers decode the pixels
+(``data/images.py``), and the statistics pass checks every file (``streaming.attach``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -61,20 +61,13 @@ def _header(path: Path) -> tuple[tuple[int, int], str] | str:
         return f"{type(error).__name__}: {error}"
 
 
-def check_headers(paths: list[Path], size: tuple[int, int] | None, where: str) -> tuple[tuple[int, int], str]:
-    """Every file's header, read in threads: each must be an image, and without ``size`` all must
-    have one size. Returns the (height, width) and mode of the first."""
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        headers = list(pool.map(_header, paths, chunksize=256))
-    for path, header in zip(paths, headers):
-        if isinstance(header, str):
-            raise DataError(f"{where}: {path} is not a readable image ({header}); remove or replace it")
-    sizes = {header[0] for header in headers}
-    if size is None and len(sizes) > 1:
-        shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
-        raise DataError(f"{where}: the images have {len(sizes)} sizes ({shown}...); set data.params.size: "
-                        "[height, width] to resize them all")
-    (width, height), mode = headers[0]
+def first_image(path: Path, where: str) -> tuple[tuple[int, int], str]:
+    """The (height, width) and mode of the folder's first image, from its header. (Every other file
+    is checked by the statistics pass, on Ray Data's workers: ``streaming.attach``.)"""
+    header = _header(path)
+    if isinstance(header, str):
+        raise DataError(f"{where}: {path} is not a readable image ({header}); remove or replace it")
+    (width, height), mode = header
     return (height, width), mode
 
 
@@ -107,13 +100,20 @@ def image_folder(
             raise DataError(f"data.params.test_path: {test_root} has classes the training folder lacks: "
                             f"{', '.join(unknown[:5])}; its class folders must be among {', '.join(names)}")
         labelled["test"] = [(str(file), names.index(name)) for name, files in test_classes.items() for file in files]
-    all_files = [Path(file) for items in labelled.values() for file, _ in items]
     resize = tuple(size) if size else None
-    (height, width), mode = check_headers(all_files, resize, where)
+    (height, width), mode = first_image(Path(labelled["train"][0][0] if labelled["train"] else classes[names[0]][0]),
+                                        where)
     channels = channels or (1 if mode in ("1", "L", "I", "I;16", "F") else 3)
+    in_shape = (channels, *(resize or (height, width)))
+    # Each split in a seeded random order: Ray Data reads blocks of consecutive files, and blocks of
+    # one class each would leave the shuffle buffer too few classes to mix.
+    rng = np.random.default_rng(split_seed)
+    for split, items in labelled.items():
+        labelled[split] = [items[index] for index in rng.permutation(len(items))]
     return StreamPlan(
-        task="classification", class_names=names, in_shape=(channels, *(resize or (height, width))),
+        task="classification", class_names=names, in_shape=in_shape,
         files={split: [file for file, _ in items] for split, items in labelled.items()},
         labels={split: np.array([label for _, label in items], dtype=np.int64) for split, items in labelled.items()},
-        decode={"kind": "image", "channels": channels, "size": list(resize) if resize else None},
+        decode={"kind": "image", "channels": channels, "size": list(resize) if resize else None,
+                "shape": list(in_shape)},
         pixel_max=255.0, where=str(root))

@@ -94,7 +94,7 @@ def stream_splits(plan: StreamPlan) -> StreamSplits:
     for split in SPLITS:
         chosen = plan.files[split][:SAMPLES]
         try:
-            x = np.stack([decode_sample(file, plan.decode) for file in chosen]) if chosen else \
+            x = np.stack([decode_sample(file, plan.decode) for file in chosen]).astype(np.float32) if chosen else \
                 np.zeros((0, *plan.in_shape), dtype=np.float32)
         except (OSError, ValueError) as error:
             raise DataError(f"{plan.where}: a {split} sample cannot be decoded: {error}") from None
@@ -110,19 +110,23 @@ class _Decode:
         self.settings = settings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = []
+        inputs, shape = [], tuple(self.settings["shape"])
         for source in batch["source"]:
             try:
-                inputs.append(decode_sample(str(source), self.settings))
+                sample = decode_sample(str(source), self.settings)
             except (OSError, ValueError) as error:
                 raise DataError(f"{source} cannot be decoded ({type(error).__name__}: {error}); remove or replace "
                                 "it") from None
-        return {"x": np.stack(inputs).astype(np.float32), "y": batch["y"]}
+            if sample.shape != shape:
+                raise DataError(f"{source} decodes to {sample.shape}, not {shape} as the first image; set "
+                                "data.params.size: [height, width] to resize every image to one size")
+            inputs.append(sample)
+        return {"x": np.stack(inputs), "y": batch["y"], **({"train": batch["train"]} if "train" in batch else {})}
 
 
 def _moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-channel sums of one batch of images (or per-feature sums of table rows), to be added up."""
-    x = batch["x"].astype(np.float64)
+    """Per-channel sums of one batch's training images (or per-feature sums of table rows), to be added up."""
+    x = batch["x"][batch["train"].astype(bool)].astype(np.float64)
     axes = (0, 2, 3) if x.ndim == 4 else (0,)
     count = x.size // x.shape[1]
     sums, squares = x.sum(axis=axes), (x * x).sum(axis=axes)
@@ -158,21 +162,27 @@ def check_resources(worker_cpus: float) -> None:
 
 def attach(splits: StreamSplits, options) -> StreamSplits:
     """Ray is up: one Ray Dataset per split (the training split shuffled as ``options`` say: a
-    ``StreamSpec``), and the training split's statistics from a pass over it (a file that does not
-    decode is a DataError here, before the first step)."""
+    ``StreamSpec``), after one Ray Data pass over every file: each must decode to the first one's
+    shape (a DataError naming the file, before the first step), and the training split's files give
+    the statistics."""
     import ray.data
 
     quiet()
     plan = splits.plan
-    streams = {}
-    for split in SPLITS:
-        items = [{"source": file, "y": label} for file, label in zip(plan.files[split], plan.labels[split].tolist())]
-        blocks = max(1, math.ceil(len(items) / ROWS_PER_BLOCK))
-        streams[split] = ray.data.from_items(items, override_num_blocks=blocks)
-    decoded = lambda listed: listed.map_batches(_Decode(plan.decode), batch_format="numpy")  # noqa: E731
+    items = {split: [{"source": file, "y": label, "train": split == "train"}
+                     for file, label in zip(plan.files[split], plan.labels[split].tolist())] for split in SPLITS}
+
+    def listed(rows: list[dict]):
+        return ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / ROWS_PER_BLOCK)))
+
+    def decoded(rows):
+        return rows.map_batches(_Decode(plan.decode), batch_format="numpy")
+
+    streams = {split: listed(items[split]) for split in SPLITS}
     channels = plan.in_shape[0]
-    try:
-        totals = decoded(streams["train"]).map_batches(_moments, batch_format="numpy").sum(
+    try:  # every file of every split decodes to the one shape; the training split's sums
+        every = listed([row for split in SPLITS for row in items[split]])
+        totals = decoded(every).map_batches(_moments, batch_format="numpy").sum(
             ["n"] + [f"{kind}{index}" for index in range(channels) for kind in "sq"])
     except Exception as error:  # a Ray task's failure wraps the DataError that says which file
         raise DataError(f"{plan.where}: {_cause(error)}") from None
@@ -185,7 +195,7 @@ def attach(splits: StreamSplits, options) -> StreamSplits:
     splits.stats = (mean.reshape(shape).astype(np.float32), std.reshape(shape).astype(np.float32))
     if options.shuffle == "local":  # a new file order each epoch; each worker's buffer mixes the samples further
         streams["train"] = streams["train"].randomize_block_order()
-    splits.streams = {split: decoded(listed) for split, listed in streams.items()}
+    splits.streams = {split: decoded(rows) for split, rows in streams.items()}
     if options.shuffle == "full":
         splits.streams["train"] = splits.streams["train"].random_shuffle()
     return splits

@@ -169,7 +169,7 @@ class StreamedBatches:
                 batch_size=self.batch_size, device=self.device, drop_last=self.drop_last,
                 prefetch_batches=self.prefetch_batches, local_shuffle_buffer_size=self.shuffle_buffer,
                 local_shuffle_seed=self.seed * 100_003 + self.epoch if self.shuffle_buffer else None):
-            yield batch["x"], batch["y"]
+            yield batch["x"].float(), batch["y"]  # (a source may send uint8 levels: a quarter of the bytes)
 
 
 class _OnDevice:
