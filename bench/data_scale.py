@@ -9,7 +9,8 @@ same CNN as a one-worker job on:
 - the same, one CPU (the CPUs the streaming job's worker gets: the data path's own cost);
 - the image folder streamed by Ray Data, one CPU for the worker and one for decoding.
 Reports the median steady-state samples/s (epochs after the first), wall time per epoch and test
-accuracy on the same 10,000 test images, and the ratios streaming / in memory.
+accuracy on the same 10,000 test images, and the ratios streaming / in memory. Then each one-CPU
+variant once more on every training image (~57,000): the worker's peak RSS against ``--samples``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ def main() -> None:
               file=sys.stderr)
     median = {name: medians(done) for name, done in runs.items()}
 
+    # Memory as the data grows: the worker's peak RSS with every training image (~57,000: 5.7x) against 10,000.
+    scale = {}
+    for variant in ("in_memory_1cpu", "streamed_1cpu"):
+        grown = work / f"{variant}_all.yaml"
+        grown.write_text(specs[variant].read_text().replace(f"max_train_samples: {args.samples}",
+                                                            "max_train_samples: 60000"))
+        small = statistics.median(run["worker_peak_rss_mb"] for run in runs[variant])
+        large = deepyard_job(str(grown), str(work / f"{variant}_all"))
+        scale[variant] = {"peak_rss_mb_small": small, "peak_rss_mb_all": large["worker_peak_rss_mb"],
+                          "ratio": large["worker_peak_rss_mb"] / small, "samples_per_s_all": large["samples_per_s"],
+                          "test_accuracy_all": large["test_accuracy"]}
+
     def ratio(of: str, to: str) -> float:
         return statistics.median(a["samples_per_s"] / b["samples_per_s"] for a, b in zip(runs[of], runs[to]))
 
@@ -102,6 +115,7 @@ def main() -> None:
         "ratio_samples_per_s_streamed_vs_in_memory_2cpu": ratio("streamed_1cpu", "in_memory_2cpu"),
         "ratio_samples_per_s_streamed_vs_in_memory_1cpu": ratio("streamed_1cpu", "in_memory_1cpu"),
         "test_accuracy": {name: [round(run["test_accuracy"], 4) for run in done] for name, done in runs.items()},
+        "peak_rss_all_training_images_vs_samples": scale,
     })
 
 

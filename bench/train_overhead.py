@@ -116,6 +116,7 @@ def deepyard_job(spec_path: str, home: str, *overrides: str, env: dict | None = 
                                                              "test_s") if name in timings},
         },
         "test_accuracy": summary["metrics"]["test_accuracy"],
+        "worker_peak_rss_mb": summary.get("worker_peak_rss_mb") or 0.0,
     }
 
 

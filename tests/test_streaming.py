@@ -154,6 +154,9 @@ def test_what_a_stream_cannot_do_yet_exits_2(cli, write_spec, digits_folder):
     assert "streams through Ray Data, which sweep jobs do not read yet" in result.stderr + result.stdout
     result = cli("validate", base, "--set", "train.batch_size=full", expect=2)
     assert "train.batch_size: full needs the whole training split in memory" in result.stderr + result.stdout
+    in_memory = str(Path(__file__).resolve().parents[1] / "jobs/digits_mlp.yaml")
+    result = cli("validate", in_memory, "--set", "data.stream={shuffle: none}", expect=2)
+    assert "data.stream: data 'digits' is loaded into memory, not streamed" in result.stderr + result.stdout
 
 
 @pytest.mark.slow
@@ -176,3 +179,72 @@ def test_a_file_that_does_not_decode_fails_before_training_with_its_name(ray_clu
         Image.fromarray(np.zeros((9, 8), dtype=np.uint8)).save(broken)
     result = cli("run", folder_spec(write_spec, root, f"broken_{layout}"), expect=2)
     assert says.format(file=broken) in result.stderr + result.stdout
+
+
+@pytest.fixture(scope="module")
+def s3_folder(digits_folder):
+    """A real S3-compatible server (moto's) on 127.0.0.1, holding the digits folder; pyarrow (and so
+    deepyard and its Ray workers) finds it through AWS_ENDPOINT_URL."""
+    import os
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from conftest import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    bucket = boto3.client("s3")
+    bucket.create_bucket(Bucket="pictures")
+    for file in sorted(digits_folder.rglob("*.png"))[::4]:  # a quarter of them: 450 files
+        bucket.put_object(Bucket="pictures", Key=f"digits/{file.relative_to(digits_folder).as_posix()}",
+                          Body=file.read_bytes())
+    yield {"uri": "s3://pictures/digits", "env": env}
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def test_an_s3_folder_is_listed_and_split_like_a_local_one(cli, write_spec, s3_folder, digits_folder):
+    from deepyard.data.image_folder import image_folder
+
+    plan = image_folder(s3_folder["uri"])
+    assert plan.class_names == [str(c) for c in range(10)]
+    local = image_folder(str(digits_folder))
+    # the same file, wherever it lies, goes to the same split
+    here = {Path(file).relative_to(digits_folder).as_posix(): split for split in ("train", "val", "test")
+            for file in local.files[split]}
+    for split in ("train", "val", "test"):
+        assert all(here[file.removeprefix(s3_folder["uri"] + "/")] == split for file in plan.files[split])
+    spec = folder_spec(write_spec, s3_folder["uri"], "s3_folder")
+    assert "streamed by Ray Data" in (lambda r: r.stdout + r.stderr)(cli("validate", spec))
+    missing = folder_spec(write_spec, "s3://pictures/nothing-here", "s3_missing")
+    assert "s3://pictures/nothing-here is not a folder there" in (lambda r: r.stdout + r.stderr)(
+        cli("validate", missing, expect=2))
+
+
+@pytest.mark.long  # (a job of its own: its embedded Ray cluster's workers get the endpoint from the environment)
+def test_a_job_trains_on_an_s3_folder(tmp_path, s3_folder):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    spec = tmp_path / "s3_job.yaml"
+    spec.write_text(FOLDER_JOB.format(name="s3_job", path=s3_folder["uri"], workers=1, extra=""))
+    env = {**os.environ, **s3_folder["env"], "DEEPYARD_HOME": str(tmp_path / "home")}
+    for inherited in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):  # its own store and cluster
+        env.pop(inherited, None)
+    done = subprocess.run([sys.executable, "-m", "deepyard", "run", str(spec), "--json"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["metrics"]["test_accuracy"] > 0.5

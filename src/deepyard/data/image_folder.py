@@ -29,44 +29,77 @@ def split_of(relative: str, seed: int, val_fraction: float, test_fraction: float
     return "test" if point < test_fraction else "val" if point < test_fraction + val_fraction else "train"
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in EXTENSIONS and path.is_file())
+def _walk(root: str, where: str) -> tuple[list[str], list[str]]:
+    """Every folder and file under ``root`` (a local folder, or any URI pyarrow reaches: s3://, gs://),
+    as paths relative to it."""
+    if "://" not in root:
+        base = Path(root).expanduser()
+        if not base.is_dir():
+            raise DataError(f"{where}: {base} is not a directory; point it at a folder of class folders "
+                            "(root/<class>/*.png)")
+        found = [(path.relative_to(base).as_posix(), path.is_dir()) for path in base.rglob("*")]
+    else:
+        from pyarrow import fs
+
+        try:
+            filesystem, base_path = fs.FileSystem.from_uri(root)
+            if filesystem.get_file_info(base_path).type != fs.FileType.Directory:
+                raise DataError(f"{where}: {root} is not a folder there; point it at a folder of class folders")
+            infos = filesystem.get_file_info(fs.FileSelector(base_path, recursive=True))
+        except (OSError, ValueError) as error:  # no such bucket, no credentials, an unknown scheme
+            raise DataError(f"{where}: {root} cannot be listed: {error}") from None
+        found = [(info.path[len(base_path.rstrip("/")) + 1:], info.type == fs.FileType.Directory) for info in infos]
+    folders = sorted(path for path, is_dir in found if is_dir)
+    files = sorted(path for path, is_dir in found if not is_dir and Path(path).suffix.lower() in EXTENSIONS)
+    return folders, files
 
 
-def list_classes(root: Path, where: str) -> dict[str, list[Path]]:
-    """class name -> its image files, for ``root/<class>/...``; a DataError for a layout that is not that."""
-    if not root.is_dir():
-        raise DataError(f"{where}: {root} is not a directory; point it at a folder of class folders "
-                        "(root/<class>/*.png)")
-    folders = sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
-    if not folders:
+def source(root: str, relative: str) -> str:
+    """A listed file's local path or URI."""
+    return f"{root.rstrip('/')}/{relative}" if "://" in root else str(Path(root).expanduser() / relative)
+
+
+def list_classes(root: str, where: str) -> dict[str, list[str]]:
+    """class name -> its image files (paths relative to ``root``), for ``root/<class>/...``; a
+    DataError for a layout that is not that."""
+    folders, files = _walk(root, where)
+    classes = sorted({path.split("/")[0] for path in folders + [f for f in files if "/" in f]}
+                     - {name for name in [path.split("/")[0] for path in folders] if name.startswith(".")})
+    if not classes:
         raise DataError(f"{where}: {root} has no class folders; images go in root/<class>/*.png|jpg, one folder "
                         "per class")
-    files = {folder.name: _images_under(folder) for folder in folders}
-    if empty := [name for name, paths in files.items() if not paths]:
+    listed = {name: [] for name in classes}
+    for path in files:
+        if "/" in path and path.split("/")[0] in listed:
+            listed[path.split("/")[0]].append(path)
+    if empty := [name for name, paths in listed.items() if not paths]:
         raise DataError(f"{where}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty[:5])} in {root} "
                         f"hold{'' if len(empty) > 1 else 's'} no images ({', '.join(EXTENSIONS)}); add images or "
                         "remove the folder")
-    return files
+    return listed
 
 
-def _header(path: Path) -> tuple[tuple[int, int], str] | str:
+def _header(source: str) -> tuple[tuple[int, int], str] | str:
     """(width, height) and mode from the file's header, or why it cannot be read."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
+    from deepyard.data.streaming import read_bytes
+
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(read_bytes(source))) as image:
             return image.size, image.mode
     except (UnidentifiedImageError, OSError, ValueError) as error:
         return f"{type(error).__name__}: {error}"
 
 
-def first_image(path: Path, where: str) -> tuple[tuple[int, int], str]:
+def first_image(source: str, where: str) -> tuple[tuple[int, int], str]:
     """The (height, width) and mode of the folder's first image, from its header. (Every other file
     is checked by the statistics pass, on Ray Data's workers: ``streaming.attach``.)"""
-    header = _header(path)
+    header = _header(source)
     if isinstance(header, str):
-        raise DataError(f"{where}: {path} is not a readable image ({header}); remove or replace it")
+        raise DataError(f"{where}: {source} is not a readable image ({header}); remove or replace it")
     (width, height), mode = header
     return (height, width), mode
 
@@ -84,25 +117,22 @@ def image_folder(
     may be larger than any worker's memory. Each file's split follows a hash of its path; with
     ``test_path`` the test split is that folder instead."""
     where = "data.params.path"
-    root = Path(path).expanduser()
-    classes = list_classes(root, where)
+    classes = list_classes(path, where)
     names = list(classes)
     labelled = {split: [] for split in ("train", "val", "test")}
     own_test = test_fraction if test_path is None else 0.0
     for label, name in enumerate(names):
-        for file in classes[name]:
-            split = split_of(file.relative_to(root).as_posix(), split_seed, val_fraction, own_test)
-            labelled[split].append((str(file), label))
+        for relative in classes[name]:
+            labelled[split_of(relative, split_seed, val_fraction, own_test)].append((source(path, relative), label))
     if test_path is not None:
-        test_root = Path(test_path).expanduser()
-        test_classes = list_classes(test_root, "data.params.test_path")
+        test_classes = list_classes(test_path, "data.params.test_path")
         if unknown := sorted(set(test_classes) - set(names)):
-            raise DataError(f"data.params.test_path: {test_root} has classes the training folder lacks: "
+            raise DataError(f"data.params.test_path: {test_path} has classes the training folder lacks: "
                             f"{', '.join(unknown[:5])}; its class folders must be among {', '.join(names)}")
-        labelled["test"] = [(str(file), names.index(name)) for name, files in test_classes.items() for file in files]
+        labelled["test"] = [(source(test_path, relative), names.index(name))
+                            for name, files in test_classes.items() for relative in files]
     resize = tuple(size) if size else None
-    (height, width), mode = first_image(Path(labelled["train"][0][0] if labelled["train"] else classes[names[0]][0]),
-                                        where)
+    (height, width), mode = first_image(source(path, classes[names[0]][0]), where)
     channels = channels or (1 if mode in ("1", "L", "I", "I;16", "F") else 3)
     in_shape = (channels, *(resize or (height, width)))
     # Each split in a seeded random order: Ray Data reads blocks of consecutive files, and blocks of
@@ -116,4 +146,4 @@ def image_folder(
         labels={split: np.array([label for _, label in items], dtype=np.int64) for split, items in labelled.items()},
         decode={"kind": "image", "channels": channels, "size": list(resize) if resize else None,
                 "shape": list(in_shape)},
-        pixel_max=255.0, where=str(root))
+        pixel_max=255.0, where=path)

@@ -149,12 +149,12 @@ class StreamedBatches:
     device, ``len()`` batches an epoch, and ``sampler.set_epoch`` to seed the epoch's shuffle.
     ``source``: a Ray Dataset, or the DataIterator of a Ray Train worker's shard."""
 
-    def __init__(self, source, rows: int, batch_size: int, device: torch.device, *, shuffle_buffer: int | None = None,
-                 seed: int = 0, prefetch_batches: int = 1):
+    def __init__(self, source, rows: int, batch_size: int, device: torch.device, *, training: bool = False,
+                 shuffle_buffer: int | None = None, seed: int = 0, prefetch_batches: int = 1):
         self.source, self.batch_size, self.device = source, batch_size, device
         self.shuffle_buffer, self.seed, self.prefetch_batches = shuffle_buffer, seed, prefetch_batches
-        # A last batch of one sample would break batch norm; drop it (as the in-memory loader does).
-        self.drop_last = shuffle_buffer is not None and rows % batch_size == 1 and rows > 1
+        # A last training batch of one sample would break batch norm; drop it (as the in-memory loader does).
+        self.drop_last = training and rows % batch_size == 1 and rows > 1
         self.batches = rows // batch_size if self.drop_last else math.ceil(rows / batch_size)
         self.sampler, self.epoch = self, 0
 

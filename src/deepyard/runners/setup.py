@@ -144,6 +144,9 @@ def preflight(spec: TrainJob):
                        "is for models of numeric inputs trained on a loss")
     if splits.streaming:
         check_streaming(spec, task)
+    elif spec.data.stream:
+        raise BadInput(f"data.stream: data {spec.data.name!r} is loaded into memory, not streamed; leave data.stream "
+                       "out (it applies to streaming sources: image_folder)")
     return splits, task
 
 

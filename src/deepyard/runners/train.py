@@ -79,7 +79,7 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
 
     if splits.streaming:  # [1] Ray Data's batches: this worker's share of the train and val splits
         stream = spec.data.stream or StreamSpec()
-        batches = edges.stream(splits, "train", batch_size(spec, splits), seed=spec.train.seed + rank,
+        batches = edges.stream(splits, "train", batch_size(spec, splits), training=True, seed=spec.train.seed + rank,
                                shuffle_buffer=stream.shuffle_buffer if stream.shuffle == "local" else None,
                                prefetch_batches=stream.prefetch_batches)
         val_loader = edges.stream(splits, "val", EVAL_BATCH)
@@ -199,7 +199,8 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
         timings.lap("test_s")
         final = {"model": best["weights"], "best_epoch": best["epoch"], "best_value": best_value,
                  "best_tie": best["tie"], "epochs_run": epoch, "stopped_early": stop, "test": test, "task": task.name,
-                 "example": task.input_example(plain_model, splits), "timings": timings.seconds, **details}
+                 "example": task.input_example(plain_model, splits), "timings": timings.seconds,
+                 "peak_rss_mb": _peak_rss_mb(), **details}
         log({**test, "best_epoch": best["epoch"]}, epoch)
         final["failed_metric_writes"] = log.close()  # waits until every metric is written
     with checkpoints.staged(final) as directory:
@@ -226,6 +227,13 @@ class _Timings:
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+
+def _peak_rss_mb() -> float:
+    """The most memory this (rank 0's) process has held: a streaming job's stays flat as the data grows."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # (kilobytes on Linux)
 
 
 def _log_epoch_artifacts(config: dict[str, Any], task, model, splits: Splits, epoch: int) -> None:
@@ -574,4 +582,5 @@ def run(spec: TrainJob, options: RunOptions) -> RunSummary:
     return RunSummary(run_id=run_id, experiment=spec.experiment, metrics=final["test"], timings=run.timings,
                       details={"best_epoch": final["best_epoch"], "epochs_run": final["epochs_run"],
                                "stopped_early": final["stopped_early"], "checkpoint": result.checkpoint.path,
+                               "worker_peak_rss_mb": final.get("peak_rss_mb"),
                                **outcome})
