@@ -58,6 +58,7 @@ def test_each_file_keeps_its_split_whatever_else_is_in_the_folder():
     assert splits != [split_of(name, 1, 0.15, 0.15) for name in names]  # the seed reshuffles
 
 
+@pytest.mark.slow
 @pytest.mark.long  # (a minute: a Ray Train worker group and Ray Data's split coordinator start)
 def test_an_image_folder_trains_on_two_workers_each_on_its_own_share(ray_cluster, cli, write_spec, digits_folder):
     result = cli("run", folder_spec(write_spec, digits_folder, "digits_folder_ddp", workers=2), "--json")
@@ -231,6 +232,7 @@ def test_an_s3_folder_is_listed_and_split_like_a_local_one(cli, write_spec, s3_f
         cli("validate", missing, expect=2))
 
 
+@pytest.mark.slow
 @pytest.mark.long  # (a job of its own: its embedded Ray cluster's workers get the endpoint from the environment)
 def test_a_job_trains_on_an_s3_folder(tmp_path, s3_folder):
     import json
