@@ -58,6 +58,18 @@ def test_each_file_keeps_its_split_whatever_else_is_in_the_folder():
     assert splits != [split_of(name, 1, 0.15, 0.15) for name in names]  # the seed reshuffles
 
 
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped():
+    import io
+
+    from deepyard.data.images import decode
+
+    levels = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, format="PNG")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode.startswith("I;16")
+    assert decode(buffer.getvalue(), 1, None).tolist() == [[[0, 1, 128, 255]]]
+
+
 @pytest.mark.slow
 @pytest.mark.long  # (a minute: a Ray Train worker group and Ray Data's split coordinator start)
 def test_an_image_folder_trains_on_two_workers_each_on_its_own_share(ray_cluster, cli, write_spec, digits_folder):
@@ -110,7 +122,7 @@ def test_statistics_come_from_the_training_split_only(ray_cluster, tmp_path):
     levels = rng.integers(0, 256, size=(120, 1, 1)).astype(np.uint8) * np.ones((1, 6, 6), dtype=np.uint8)
     write_folder(tmp_path / "flat", levels, np.arange(120) % 2, ["a", "b"])
     plan = image_folder(str(tmp_path / "flat"))
-    splits = attach(stream_splits(plan), StreamSpec())
+    splits = attach(stream_splits(plan), StreamSpec(), seed=0)
     train = np.array([np.asarray(Image.open(file), dtype=np.float64).mean() for file in plan.files["train"]])
     every = np.array([np.asarray(Image.open(file), dtype=np.float64).mean()
                       for split in ("train", "val", "test") for file in plan.files[split]])
@@ -129,6 +141,10 @@ def _bad(tmp_path: Path, layout: str) -> Path:
     if layout == "no_class_folders":
         root.mkdir()
         Image.fromarray(picture).save(root / "loose.png")
+    elif layout == "one_class":  # (hidden folders are not classes)
+        for folder in ("cat", ".ipynb_checkpoints"):
+            (root / folder).mkdir(parents=True)
+            Image.fromarray(picture).save(root / folder / "1.png")
     elif layout == "empty_class":
         (root / "cat").mkdir(parents=True)
         (root / "dog").mkdir()
@@ -140,6 +156,7 @@ def _bad(tmp_path: Path, layout: str) -> Path:
     ("missing", "is not a directory"),
     ("no_class_folders", "has no class folders"),
     ("empty_class", "class folder dog in"),
+    ("one_class", "has one class folder (cat); a classifier needs two or more"),
 ])
 def test_a_bad_folder_exits_2_before_anything_starts(cli, write_spec, tmp_path, layout, says):
     spec = folder_spec(write_spec, _bad(tmp_path, layout), "bad_folder")
@@ -155,6 +172,8 @@ def test_what_a_stream_cannot_do_yet_exits_2(cli, write_spec, digits_folder):
     assert "streams through Ray Data, which sweep jobs do not read yet" in result.stderr + result.stdout
     result = cli("validate", base, "--set", "train.batch_size=full", expect=2)
     assert "train.batch_size: full needs the whole training split in memory" in result.stderr + result.stdout
+    result = cli("validate", base, "--set", "scaling.num_workers=2", "--set", "data.max_train_samples=3", expect=2)
+    assert "3 training and" in result.stderr + result.stdout and "cannot be shared by 2 workers" in result.stderr
     in_memory = str(Path(__file__).resolve().parents[1] / "jobs/digits_mlp.yaml")
     result = cli("validate", in_memory, "--set", "data.stream={shuffle: none}", expect=2)
     assert "data.stream: data 'digits' is loaded into memory, not streamed" in result.stderr + result.stdout

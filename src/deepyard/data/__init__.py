@@ -33,7 +33,7 @@ def _streamed(name: str, plan: StreamPlan, sensitive: list[str], max_train_sampl
         raise DataError(f"fairness.sensitive: data {name!r} streams; fairness is measured on in-memory tables "
                         "(csv, parquet, arrests)")
     if max_train_samples is not None and max_train_samples < len(plan.files["train"]):
-        import numpy as np  # a seeded draw: the listing is in class order
+        import numpy as np  # a seeded draw (of the listing's own seeded order)
 
         kept = np.sort(np.random.default_rng(seed).permutation(len(plan.files["train"]))[:max_train_samples])
         plan.files["train"] = [plan.files["train"][index] for index in kept]

@@ -41,14 +41,21 @@ def _walk(root: str, where: str) -> tuple[list[str], list[str]]:
     else:
         from pyarrow import fs
 
+        if "?" in root:
+            raise DataError(f"{where}: {root}: give the endpoint and options in the environment (AWS_ENDPOINT_URL...), "
+                            "not in the URI")
+        import pyarrow
+
         try:
             filesystem, base_path = fs.FileSystem.from_uri(root)
             if filesystem.get_file_info(base_path).type != fs.FileType.Directory:
                 raise DataError(f"{where}: {root} is not a folder there; point it at a folder of class folders")
             infos = filesystem.get_file_info(fs.FileSelector(base_path, recursive=True))
-        except (OSError, ValueError) as error:  # no such bucket, no credentials, an unknown scheme
+        except (OSError, ValueError, pyarrow.ArrowException) as error:  # no bucket or credentials; an unknown scheme
             raise DataError(f"{where}: {root} cannot be listed: {error}") from None
         found = [(info.path[len(base_path.rstrip("/")) + 1:], info.type == fs.FileType.Directory) for info in infos]
+    # Hidden entries anywhere (.ipynb_checkpoints/, macOS's ._x.png) are not the user's images.
+    found = [(path, is_dir) for path, is_dir in found if not any(part.startswith(".") for part in path.split("/"))]
     folders = sorted(path for path, is_dir in found if is_dir)
     files = sorted(path for path, is_dir in found if not is_dir and Path(path).suffix.lower() in EXTENSIONS)
     return folders, files
@@ -63,11 +70,13 @@ def list_classes(root: str, where: str) -> dict[str, list[str]]:
     """class name -> its image files (paths relative to ``root``), for ``root/<class>/...``; a
     DataError for a layout that is not that."""
     folders, files = _walk(root, where)
-    classes = sorted({path.split("/")[0] for path in folders + [f for f in files if "/" in f]}
-                     - {name for name in [path.split("/")[0] for path in folders] if name.startswith(".")})
+    classes = sorted({path.split("/")[0] for path in folders + [f for f in files if "/" in f]})
     if not classes:
         raise DataError(f"{where}: {root} has no class folders; images go in root/<class>/*.png|jpg, one folder "
                         "per class")
+    if len(classes) == 1:
+        raise DataError(f"{where}: {root} has one class folder ({classes[0]}); a classifier needs two or more "
+                        "(point path at the folder that holds the class folders)")
     listed = {name: [] for name in classes}
     for path in files:
         if "/" in path and path.split("/")[0] in listed:

@@ -17,6 +17,11 @@ def decode(data: bytes, channels: int, size: tuple[int, int] | None) -> np.ndarr
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
+        if image.mode.startswith("I;16"):  # 16-bit grey: scaled to 8 bits (convert("L") would clip it)
+            image = Image.fromarray(((np.asarray(image, dtype=np.uint32) + 128) // 257).astype(np.uint8))
+        elif image.mode in ("I", "F"):
+            raise ValueError(f"{image.mode!r} images (32-bit integers or floats) are not read yet; save them as "
+                             "8- or 16-bit")
         image = image.convert(MODES[channels])
         if size is not None and image.size != (size[1], size[0]):
             image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)

@@ -20,7 +20,7 @@ from deepyard.data.splits import Splits, Task
 from deepyard.errors import BadInput, DataError
 
 SPLITS = ("train", "val", "test")
-SAMPLES = 8  # decoded per split in the driver: the input example, the forward check, explanations
+SAMPLES = {"train": 8, "val": 8, "test": 64}  # decoded in the driver: the forward check, input example, explanations
 ROWS_PER_BLOCK = 1024  # files per Ray Data block (and task): 256 spent 40% of the time on tasks, not pixels
 
 
@@ -67,14 +67,20 @@ class StreamSplits(Splits):
         return replace(self, streams=None)
 
 
-def decode_sample(source: str, settings: dict[str, Any]) -> np.ndarray:
-    """One sample's input, read from a local path or any URI pyarrow reaches (s3://, gs://)."""
+def decode_sample(source: str, settings: dict[str, Any], data: bytes | None = None) -> np.ndarray:
+    """One sample's input, read from a local path or any URI pyarrow reaches (s3://, gs://)
+    unless its bytes are given."""
     if settings["kind"] == "image":
         from deepyard.data.images import decode
 
         size = tuple(settings["size"]) if settings["size"] else None
-        return decode(read_bytes(source), settings["channels"], size)
+        return decode(read_bytes(source) if data is None else data, settings["channels"], size)
     raise ValueError(f"unknown sample kind {settings['kind']!r}")
+
+
+def _other_shape(source: str, shape: tuple, expected: tuple) -> str:
+    return (f"{source} decodes to {tuple(shape)}, not {tuple(expected)} as the first image; set data.params.size: "
+            "[height, width] to resize every image to one size")
 
 
 def read_bytes(source: str) -> bytes:
@@ -92,36 +98,43 @@ def stream_splits(plan: StreamPlan) -> StreamSplits:
     """The in-memory face of a streaming source: its metadata and a few decoded samples per split."""
     samples = {}
     for split in SPLITS:
-        chosen = plan.files[split][:SAMPLES]
-        try:
-            x = np.stack([decode_sample(file, plan.decode) for file in chosen]).astype(np.float32) if chosen else \
-                np.zeros((0, *plan.in_shape), dtype=np.float32)
-        except (OSError, ValueError) as error:
-            raise DataError(f"{plan.where}: a {split} sample cannot be decoded: {error}") from None
+        chosen = plan.files[split][:SAMPLES[split]]
+        x = np.zeros((len(chosen), *plan.in_shape), dtype=np.float32)
+        for index, file in enumerate(chosen):
+            try:
+                sample = decode_sample(file, plan.decode)
+            except (OSError, ValueError) as error:
+                raise DataError(f"{file} cannot be decoded ({type(error).__name__}: {error}); remove or replace "
+                                "it") from None
+            if sample.shape != plan.in_shape:
+                raise DataError(_other_shape(file, sample.shape, plan.in_shape))
+            x[index] = sample
         samples[split] = (x, plan.labels[split][:len(chosen)])
     return StreamSplits(plan.task, *samples["train"], *samples["val"], *samples["test"],
                         class_names=plan.class_names, pixel_max=plan.pixel_max, plan=plan)
 
 
 class _Decode:
-    """Ray Data's map over a block of listed files: their inputs decoded, their labels as they are."""
+    """Ray Data's map over a block of listed files: their inputs decoded, their labels as they are
+    (and, for the statistics pass, which rows are training rows). A file that cannot be read is an
+    OSError, which Ray retries (a storage hiccup); one that reads but does not decode is the user's."""
 
-    def __init__(self, settings: dict[str, Any]):
-        self.settings = settings
+    def __init__(self, settings: dict[str, Any], flag_training: bool = False):
+        self.settings, self.flag_training = settings, flag_training
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs, shape = [], tuple(self.settings["shape"])
         for source in batch["source"]:
+            data = read_bytes(str(source))
             try:
-                sample = decode_sample(str(source), self.settings)
+                sample = decode_sample(str(source), self.settings, data)
             except (OSError, ValueError) as error:
                 raise DataError(f"{source} cannot be decoded ({type(error).__name__}: {error}); remove or replace "
                                 "it") from None
             if sample.shape != shape:
-                raise DataError(f"{source} decodes to {sample.shape}, not {shape} as the first image; set "
-                                "data.params.size: [height, width] to resize every image to one size")
+                raise DataError(_other_shape(source, sample.shape, shape))
             inputs.append(sample)
-        return {"x": np.stack(inputs), "y": batch["y"], **({"train": batch["train"]} if "train" in batch else {})}
+        return {"x": np.stack(inputs), "y": batch["y"], **({"train": batch["train"]} if self.flag_training else {})}
 
 
 def _moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -160,7 +173,7 @@ def check_resources(worker_cpus: float) -> None:
                        "scaling.cpus_per_worker (e.g. 0.5) or num_workers, or add a node")
 
 
-def attach(splits: StreamSplits, options) -> StreamSplits:
+def attach(splits: StreamSplits, options, seed: int) -> StreamSplits:
     """Ray is up: one Ray Dataset per split (the training split shuffled as ``options`` say: a
     ``StreamSpec``), after one Ray Data pass over every file: each must decode to the first one's
     shape (a DataError naming the file, before the first step), and the training split's files give
@@ -175,17 +188,20 @@ def attach(splits: StreamSplits, options) -> StreamSplits:
     def listed(rows: list[dict]):
         return ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / ROWS_PER_BLOCK)))
 
-    def decoded(rows):
-        return rows.map_batches(_Decode(plan.decode), batch_format="numpy")
+    def decoded(rows, flag_training: bool = False):
+        return rows.map_batches(_Decode(plan.decode, flag_training), batch_format="numpy", max_retries=3,
+                                retry_exceptions=[OSError])
 
     streams = {split: listed(items[split]) for split in SPLITS}
     channels = plan.in_shape[0]
     try:  # every file of every split decodes to the one shape; the training split's sums
         every = listed([row for split in SPLITS for row in items[split]])
-        totals = decoded(every).map_batches(_moments, batch_format="numpy").sum(
+        totals = decoded(every, flag_training=True).map_batches(_moments, batch_format="numpy").sum(
             ["n"] + [f"{kind}{index}" for index in range(channels) for kind in "sq"])
     except Exception as error:  # a Ray task's failure wraps the DataError that says which file
-        raise DataError(f"{plan.where}: {_cause(error)}") from None
+        if (cause := _data_error(error)) is None:
+            raise
+        raise DataError(f"{plan.where}: {cause}") from None
     count = totals["sum(n)"]
     mean = np.array([totals[f"sum(s{index})"] / count for index in range(channels)])
     variance = np.array([totals[f"sum(q{index})"] / count for index in range(channels)]) - mean ** 2
@@ -193,18 +209,20 @@ def attach(splits: StreamSplits, options) -> StreamSplits:
     std = np.where(std < 1e-8, 1.0, std)
     shape = (channels, 1, 1) if len(plan.in_shape) == 3 else (channels,)
     splits.stats = (mean.reshape(shape).astype(np.float32), std.reshape(shape).astype(np.float32))
+    # Seeded, and reseeded each time an epoch runs the Dataset again: a new order every epoch, and
+    # the same orders in every run of the spec (up to the order in which parallel tasks finish).
+    order = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
     if options.shuffle == "local":  # a new file order each epoch; each worker's buffer mixes the samples further
-        streams["train"] = streams["train"].randomize_block_order()
+        streams["train"] = streams["train"].randomize_block_order(seed=order)
     splits.streams = {split: decoded(rows) for split, rows in streams.items()}
     if options.shuffle == "full":
-        splits.streams["train"] = splits.streams["train"].random_shuffle()
+        splits.streams["train"] = splits.streams["train"].random_shuffle(seed=order)
     return splits
 
 
-def _cause(error: BaseException) -> str:
-    """The DataError inside Ray's wrappers (a task's error reaches the driver as text), or the error's last line."""
+def _data_error(error: BaseException) -> str | None:
+    """The DataError inside Ray's wrappers (a task's error reaches the driver as text), if that is what failed."""
     import re
 
-    if found := re.search(r"DataError: (.+)", str(error)):
-        return found.group(1)
-    return str(error).strip().splitlines()[-1][:500]
+    found = re.search(r"DataError: (.+)", str(error))
+    return found.group(1) if found else None

@@ -143,7 +143,7 @@ def preflight(spec: TrainJob):
         raise BadInput(f"train.adversarial: {spec.model.name} on {spec.data.name} {why}; adversarial training "
                        "is for models of numeric inputs trained on a loss")
     if splits.streaming:
-        check_streaming(spec, task)
+        check_streaming(spec, splits, task)
     elif spec.data.stream:
         raise BadInput(f"data.stream: data {spec.data.name!r} is loaded into memory, not streamed; leave data.stream "
                        "out (it applies to streaming sources: image_folder)")
@@ -158,9 +158,14 @@ def in_memory(splits: Splits, spec: TrainJob, job: str) -> Splits:
     return splits
 
 
-def check_streaming(spec: TrainJob, task) -> None:
+def check_streaming(spec: TrainJob, splits: Splits, task) -> None:
     """What a streaming source cannot do yet, said before anything starts."""
     where = f"data {spec.data.name!r} streams through Ray Data"
+    workers = spec.scaling.num_workers
+    if splits.size("train") // workers < 2 or splits.size("val") < workers:
+        raise DataError(f"data {spec.data.name!r}: {splits.size('train')} training and {splits.size('val')} validation "
+                        f"samples cannot be shared by {workers} workers (each needs 2 training samples and 1 "
+                        "validation sample); add data or use fewer workers")
     if spec.train.batch_size == "full":
         raise BadInput(f"train.batch_size: full needs the whole training split in memory; {where}: set a batch size")
     if spec.train.adversarial:

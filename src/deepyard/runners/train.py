@@ -562,7 +562,7 @@ def run(spec: TrainJob, options: RunOptions) -> RunSummary:
             run.timings["mlflow_start_s"] = run.opened_after
             if splits.streaming:  # Ray Data reads the files from here on; the training split's statistics first
                 streaming.check_resources(spec.scaling.footprint()["CPU"])
-                streaming.attach(splits, spec.data.stream or StreamSpec())
+                streaming.attach(splits, spec.data.stream or StreamSpec(), spec.train.seed)
                 run.mark("data_stats")
             run.mark("startup")
             with progress.watch(run_id, spec.train.epochs, options.console):
