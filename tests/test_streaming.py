@@ -269,3 +269,25 @@ def test_a_job_trains_on_an_s3_folder(tmp_path, s3_folder):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["metrics"]["test_accuracy"] > 0.5
+
+
+@pytest.mark.slow
+def test_a_block_whose_file_could_not_be_read_is_tried_again(ray_cluster, tmp_path, digits_folder):
+    import ray.data
+
+    from deepyard.data import streaming
+
+    streaming.configure()
+    hiccup = tmp_path / "hiccup"
+
+    class ReadsOnceBadly(streaming._Decode):  # the storage fails the first read, as S3 sometimes does
+        def __call__(self, batch):
+            if not hiccup.exists():
+                hiccup.touch()
+                raise OSError(f"{streaming.READ_FAILED} {batch['source'][0]}: connection reset")
+            return super().__call__(batch)
+
+    files = sorted(str(path) for path in digits_folder.rglob("*.png"))[:5]
+    rows = ray.data.from_items([{"source": file, "y": 0} for file in files]).map_batches(
+        ReadsOnceBadly({"kind": "image", "channels": 1, "size": None, "shape": [1, 8, 8]}), batch_format="numpy")
+    assert rows.count() == 5 and hiccup.exists()

@@ -21,6 +21,7 @@ from deepyard.errors import BadInput, DataError
 
 SPLITS = ("train", "val", "test")
 SAMPLES = {"train": 8, "val": 8, "test": 64}  # decoded in the driver: the forward check, input example, explanations
+READ_FAILED = "deepyard could not read"  # a read error's mark: Ray Data retries those blocks, not decode errors
 ROWS_PER_BLOCK = 1024  # files per Ray Data block (and task): 256 spent 40% of the time on tasks, not pixels
 
 
@@ -125,7 +126,10 @@ class _Decode:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs, shape = [], tuple(self.settings["shape"])
         for source in batch["source"]:
-            data = read_bytes(str(source))
+            try:
+                data = read_bytes(str(source))
+            except OSError as error:  # (retried: ``configure``)
+                raise OSError(f"{READ_FAILED} {source}: {error}") from None
             try:
                 sample = decode_sample(str(source), self.settings, data)
             except (OSError, ValueError) as error:
@@ -149,13 +153,16 @@ def _moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return row
 
 
-def quiet() -> None:
-    """Ray Data's progress bars and per-dataset log lines, off: the job prints its own progress."""
+def configure() -> None:
+    """Ray Data's settings for this job's Datasets (they travel with them to the workers): a block
+    whose file could not be read is retried; progress bars and per-dataset log lines are off (the
+    job prints its own progress)."""
     import logging
 
     import ray.data
 
     context = ray.data.DataContext.get_current()
+    context.retried_map_errors, context.max_map_retries = [READ_FAILED], 3
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # (not a line per dataset executed)
@@ -180,7 +187,7 @@ def attach(splits: StreamSplits, options, seed: int) -> StreamSplits:
     the statistics."""
     import ray.data
 
-    quiet()
+    configure()
     plan = splits.plan
     items = {split: [{"source": file, "y": label, "train": split == "train"}
                      for file, label in zip(plan.files[split], plan.labels[split].tolist())] for split in SPLITS}
@@ -189,8 +196,7 @@ def attach(splits: StreamSplits, options, seed: int) -> StreamSplits:
         return ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / ROWS_PER_BLOCK)))
 
     def decoded(rows, flag_training: bool = False):
-        return rows.map_batches(_Decode(plan.decode, flag_training), batch_format="numpy", max_retries=3,
-                                retry_exceptions=[OSError])
+        return rows.map_batches(_Decode(plan.decode, flag_training), batch_format="numpy")
 
     streams = {split: listed(items[split]) for split in SPLITS}
     channels = plan.in_shape[0]
