@@ -291,3 +291,23 @@ def test_a_block_whose_file_could_not_be_read_is_tried_again(ray_cluster, tmp_pa
     rows = ray.data.from_items([{"source": file, "y": 0} for file in files]).map_batches(
         ReadsOnceBadly({"kind": "image", "channels": 1, "size": None, "shape": [1, 8, 8]}), batch_format="numpy")
     assert rows.count() == 5 and hiccup.exists()
+
+
+@pytest.mark.slow
+def test_a_streaming_trial_that_dies_goes_on_from_its_checkpoint(ray_cluster, cli, write_spec, digits_folder):
+    import faults
+
+    faults.crash_after_epoch("folder_recover", 2)  # the trial's process exits hard once, after epoch 2's checkpoint
+    spec = folder_spec(write_spec, digits_folder, "folder_recover").replace("epochs: 2", "epochs: 3")
+    Path(spec).write_text(Path(spec).read_text().replace("epochs: 2", "epochs: 3"))
+    summary = last_json(cli("run", spec, "--set", "failure.max_failures=1", "--json"))
+    client = MlflowClient()
+    assert [m.value for m in client.get_metric_history(summary["run_id"], "resumed_from_epoch")] == [2]
+    # The new process streamed the files again: every epoch saw the whole training split once.
+    seen = sorted((m.step, m.value) for m in client.get_metric_history(summary["run_id"], "train_samples"))
+    from deepyard.data.image_folder import image_folder
+
+    rows = len(image_folder(str(digits_folder)).files["train"])
+    rows -= rows % 32 == 1  # (a last batch of one sample is dropped: batch norm)
+    assert seen == [(epoch, rows) for epoch in (1, 2, 3)]
+    assert client.get_run(summary["run_id"]).info.status == "FINISHED"
