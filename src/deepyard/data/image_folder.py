@@ -22,6 +22,8 @@ from deepyard.data.streaming import StreamPlan
 from deepyard.errors import DataError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
 def split_of(relative: str, seed: int, val_fraction: float, test_fraction: float) -> str:
     """"train", "val" or "test" from a hash of the file's path under the root (and the seed)."""
     digest = hashlib.blake2b(f"{seed}:{relative}".encode(), digest_size=8).digest()
@@ -88,8 +90,9 @@ def list_classes(root: str, where: str) -> dict[str, list[str]]:
     return listed
 
 
-def _header(source: str) -> tuple[tuple[int, int], str] | str:
-    """(width, height) and mode from the file's header, or why it cannot be read."""
+def first_image(source: str, where: str) -> tuple[tuple[int, int], str]:
+    """The (height, width) and mode of the folder's first image, from its header. (Every other file
+    is checked by the statistics pass, on Ray Data's workers: ``streaming.attach``.)"""
     import io
 
     from PIL import Image, UnidentifiedImageError
@@ -98,18 +101,10 @@ def _header(source: str) -> tuple[tuple[int, int], str] | str:
 
     try:
         with Image.open(io.BytesIO(read_bytes(source))) as image:
-            return image.size, image.mode
+            (width, height), mode = image.size, image.mode
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        return f"{type(error).__name__}: {error}"
-
-
-def first_image(source: str, where: str) -> tuple[tuple[int, int], str]:
-    """The (height, width) and mode of the folder's first image, from its header. (Every other file
-    is checked by the statistics pass, on Ray Data's workers: ``streaming.attach``.)"""
-    header = _header(source)
-    if isinstance(header, str):
-        raise DataError(f"{where}: {source} is not a readable image ({header}); remove or replace it")
-    (width, height), mode = header
+        raise DataError(f"{where}: {source} is not a readable image ({type(error).__name__}: {error}); remove or "
+                        "replace it") from None
     return (height, width), mode
 
 

@@ -79,9 +79,16 @@ def decode_sample(source: str, settings: dict[str, Any], data: bytes | None = No
     raise ValueError(f"unknown sample kind {settings['kind']!r}")
 
 
-def _other_shape(source: str, shape: tuple, expected: tuple) -> str:
-    return (f"{source} decodes to {tuple(shape)}, not {tuple(expected)} as the first image; set data.params.size: "
-            "[height, width] to resize every image to one size")
+def _checked_sample(source: str, settings: dict[str, Any], data: bytes | None = None) -> np.ndarray:
+    """``decode_sample``, or a DataError naming the file: it does not decode, or not to the plan's shape."""
+    try:
+        sample = decode_sample(source, settings, data)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{source} cannot be decoded ({type(error).__name__}: {error}); remove or replace it") from None
+    if sample.shape != (shape := tuple(settings["shape"])):
+        raise DataError(f"{source} decodes to {sample.shape}, not {shape} as the first image; set data.params.size: "
+                        "[height, width] to resize every image to one size")
+    return sample
 
 
 def read_bytes(source: str) -> bytes:
@@ -102,14 +109,7 @@ def stream_splits(plan: StreamPlan) -> StreamSplits:
         chosen = plan.files[split][:SAMPLES[split]]
         x = np.zeros((len(chosen), *plan.in_shape), dtype=np.float32)
         for index, file in enumerate(chosen):
-            try:
-                sample = decode_sample(file, plan.decode)
-            except (OSError, ValueError) as error:
-                raise DataError(f"{file} cannot be decoded ({type(error).__name__}: {error}); remove or replace "
-                                "it") from None
-            if sample.shape != plan.in_shape:
-                raise DataError(_other_shape(file, sample.shape, plan.in_shape))
-            x[index] = sample
+            x[index] = _checked_sample(file, plan.decode)
         samples[split] = (x, plan.labels[split][:len(chosen)])
     return StreamSplits(plan.task, *samples["train"], *samples["val"], *samples["test"],
                         class_names=plan.class_names, pixel_max=plan.pixel_max, plan=plan)
@@ -124,20 +124,13 @@ class _Decode:
         self.settings, self.flag_training = settings, flag_training
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs, shape = [], tuple(self.settings["shape"])
-        for source in batch["source"]:
+        inputs = []
+        for source in map(str, batch["source"]):
             try:
-                data = read_bytes(str(source))
+                data = read_bytes(source)
             except OSError as error:  # (retried: ``configure``)
                 raise OSError(f"{READ_FAILED} {source}: {error}") from None
-            try:
-                sample = decode_sample(str(source), self.settings, data)
-            except (OSError, ValueError) as error:
-                raise DataError(f"{source} cannot be decoded ({type(error).__name__}: {error}); remove or replace "
-                                "it") from None
-            if sample.shape != shape:
-                raise DataError(_other_shape(source, sample.shape, shape))
-            inputs.append(sample)
+            inputs.append(_checked_sample(source, self.settings, data))
         return {"x": np.stack(inputs), "y": batch["y"], **({"train": batch["train"]} if self.flag_training else {})}
 
 
