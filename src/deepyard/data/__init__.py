@@ -6,6 +6,7 @@ Ray or MLflow."""
 from deepyard.data.registry import DATASETS
 from deepyard.data.splits import RawData, Splits, make_splits
 from deepyard.data.streaming import StreamPlan
+from deepyard.data.table_stream import TableStream
 from deepyard.data import idx, image_folder, series, sklearn_sets, table_files, text  # noqa: F401  (registers)
 
 __all__ = ["DATASETS", "RawData", "Splits", "make_splits", "load_splits"]
@@ -13,11 +14,13 @@ __all__ = ["DATASETS", "RawData", "Splits", "make_splits", "load_splits"]
 
 def load_splits(name: str, params: dict, *, val_fraction: float, test_fraction: float,
                 seed: int, max_train_samples: int | None = None, sensitive: list[str] = (),
-                keep_sensitive: bool = False) -> Splits:
+                keep_sensitive: bool = False, stream: bool = False) -> Splits:
     """``sensitive``: table columns whose groups fairness is measured over; kept out of the
-    features unless ``keep_sensitive``. A streaming source's splits are ``StreamSplits``."""
-    raw = DATASETS.build(name, params, split_seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
-    if isinstance(raw, StreamPlan):
+    features unless ``keep_sensitive``. A streaming source's splits are ``StreamSplits``
+    (``stream``: the spec asks a source that can stream to do so)."""
+    raw = DATASETS.build(name, params, split_seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                         stream=stream)
+    if isinstance(raw, (StreamPlan, TableStream)):
         return _streamed(name, raw, sensitive, max_train_samples, seed)
     if sensitive:
         raw = with_sensitive(raw, name, list(sensitive), keep_sensitive)
@@ -25,13 +28,20 @@ def load_splits(name: str, params: dict, *, val_fraction: float, test_fraction: 
                        max_train_samples=max_train_samples)
 
 
-def _streamed(name: str, plan: StreamPlan, sensitive: list[str], max_train_samples: int | None, seed: int) -> Splits:
+def _streamed(name: str, plan: StreamPlan | TableStream, sensitive: list[str], max_train_samples: int | None,
+              seed: int) -> Splits:
+    from deepyard.data import table_stream
     from deepyard.data.streaming import stream_splits
     from deepyard.errors import DataError
 
     if sensitive:
         raise DataError(f"fairness.sensitive: data {name!r} streams; fairness is measured on in-memory tables "
                         "(csv, parquet, arrests)")
+    if isinstance(plan, TableStream):
+        if max_train_samples is not None:
+            raise DataError(f"data.max_train_samples: data {name!r} streams, and a streamed table is not cut short "
+                            "yet; leave it out, or point data.params.path at fewer files")
+        return table_stream.stream_splits(plan)
     if max_train_samples is not None and max_train_samples < len(plan.files["train"]):
         import numpy as np  # a seeded draw (of the listing's own seeded order)
 

@@ -44,22 +44,28 @@ class StreamSplits(Splits):
     """Splits whose x_/y_ arrays hold only a few decoded samples; ``plan`` lists them all and
     ``streams`` (set by ``attach``) reads them. ``stats``: mean and std of the training split."""
 
-    plan: StreamPlan | None = None
+    plan: Any = None  # a StreamPlan (files), or a TableStream (data/table_stream.py)
     stats: tuple[np.ndarray, np.ndarray] | None = None
     streams: dict[str, Any] | None = field(default=None, repr=False)
+    sizes: dict[str, int] = field(default_factory=dict)  # samples per split (a table's: estimated until attached)
+    counts: np.ndarray | None = None  # training samples per class
+    targets: tuple[float, float] | None = None  # regression: the training targets' mean and std
 
     @property
     def streaming(self) -> bool:
         return True
 
     def size(self, split: str) -> int:
-        return len(self.plan.files[split])
+        return self.sizes[split]
 
     def class_counts(self) -> np.ndarray:
-        return np.bincount(self.plan.labels["train"], minlength=self.num_outputs).astype(float)
+        return self.counts
 
     def input_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
         return self.stats
+
+    def target_stats(self) -> tuple[float, float]:
+        return self.targets if self.task == "regression" and self.targets else (0.0, 1.0)
 
     def shipped(self) -> "StreamSplits":
         """Without the Datasets: what a Ray Train worker gets (its shards come from Ray Train)."""
@@ -112,7 +118,9 @@ def stream_splits(plan: StreamPlan) -> StreamSplits:
             x[index] = _checked_sample(file, plan.decode)
         samples[split] = (x, plan.labels[split][:len(chosen)])
     return StreamSplits(plan.task, *samples["train"], *samples["val"], *samples["test"],
-                        class_names=plan.class_names, pixel_max=plan.pixel_max, plan=plan)
+                        class_names=plan.class_names, pixel_max=plan.pixel_max, plan=plan,
+                        sizes={split: len(plan.files[split]) for split in SPLITS},
+                        counts=np.bincount(plan.labels["train"], minlength=len(plan.class_names)).astype(float))
 
 
 class _Decode:
@@ -180,7 +188,11 @@ def attach(splits: StreamSplits, options, seed: int) -> StreamSplits:
     the statistics."""
     import ray.data
 
+    from deepyard.data.table_stream import TableStream, attach_table
+
     configure()
+    if isinstance(splits.plan, TableStream):
+        return attach_table(splits, options, seed)
     plan = splits.plan
     items = {split: [{"source": file, "y": label, "train": split == "train"}
                      for file, label in zip(plan.files[split], plan.labels[split].tolist())] for split in SPLITS}
@@ -208,14 +220,7 @@ def attach(splits: StreamSplits, options, seed: int) -> StreamSplits:
     std = np.where(std < 1e-8, 1.0, std)
     shape = (channels, 1, 1) if len(plan.in_shape) == 3 else (channels,)
     splits.stats = (mean.reshape(shape).astype(np.float32), std.reshape(shape).astype(np.float32))
-    # Seeded, and reseeded each time an epoch runs the Dataset again: a new order every epoch, and
-    # the same orders in every run of the spec (up to the order in which parallel tasks finish).
-    order = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
-    if options.shuffle == "local":  # a new file order each epoch; each worker's buffer mixes the samples further
-        streams["train"] = streams["train"].randomize_block_order(seed=order)
-    splits.streams = {split: decoded(rows) for split, rows in streams.items()}
-    if options.shuffle == "full":
-        splits.streams["train"] = splits.streams["train"].random_shuffle(seed=order)
+    splits.streams = shuffled(streams, options, seed, lambda split, rows: decoded(rows))
     return splits
 
 
@@ -225,3 +230,19 @@ def _data_error(error: BaseException) -> str | None:
 
     found = re.search(r"DataError: (.+)", str(error))
     return found.group(1) if found else None
+
+
+def shuffled(streams: dict[str, Any], options, seed: int, decode) -> dict[str, Any]:
+    """Each split's read-and-decode Dataset (``decode`` maps the read one), the training split
+    shuffled as ``options`` (a ``StreamSpec``) say: seeded, and reseeded each time an epoch runs the
+    Dataset again (a new order every epoch, the same orders in every run of the spec, up to the
+    order in which parallel tasks finish)."""
+    import ray.data
+
+    order = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    if options.shuffle == "local":  # a new block order each epoch; each worker's buffer mixes the samples further
+        streams = {**streams, "train": streams["train"].randomize_block_order(seed=order)}
+    decoded = {split: decode(split, rows) for split, rows in streams.items()}
+    if options.shuffle == "full":
+        decoded["train"] = decoded["train"].random_shuffle(seed=order)
+    return decoded

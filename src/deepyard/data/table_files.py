@@ -11,6 +11,7 @@ from pydantic import PositiveInt
 
 from deepyard.data.registry import DATASETS
 from deepyard.data.splits import RawData
+from deepyard.data.table_stream import TableStream, open_table
 from deepyard.data.tables import ColumnOptions, plan
 from deepyard.errors import DataError
 from deepyard.registry import did_you_mean
@@ -18,9 +19,16 @@ from deepyard.registry import did_you_mean
 TableTask = Literal["classification", "regression"]
 
 
-def _check_column(column: str, columns: list[str], path: Path) -> None:
-    if column not in columns:
-        raise DataError(f"{path}: no column {column!r}{did_you_mean(column, columns)} (columns: {', '.join(columns)})")
+def check_columns(table, columns: list[str], shown, format: str) -> None:
+    """``table`` (a DataFrame, or a file's first rows) has ``columns``, or a DataError that says what is wrong."""
+    known = [str(c) for c in table.columns]
+    if format == "csv" and len(known) == 1 and columns and columns[0] not in known:
+        # One "column" is the file's whole first line: not echoed, since the file may hold a secret.
+        raise DataError(f"{shown}: one column only, not {columns[0]!r}; is it a comma-separated table with a "
+                        "header row?")
+    for column in columns:
+        if column not in known:
+            raise DataError(f"{shown}: no column {column!r}{did_you_mean(column, known)} (columns: {', '.join(known)})")
 
 
 def read_table(path: str, columns: list[str], format: Literal["csv", "parquet"] = "csv"):
@@ -36,14 +44,8 @@ def read_table(path: str, columns: list[str], format: Literal["csv", "parquet"] 
         raise DataError(f"{file}: cannot be read as CSV: {error}") from None
     except (OSError, ValueError) as error:  # pyarrow: not a Parquet file (ArrowInvalid is a ValueError)
         raise DataError(f"{file}: cannot be read as {format}: {str(error)[:300]}") from None
-    known = [str(c) for c in table.columns]
-    if format == "csv" and len(known) == 1 and columns and columns[0] not in known:
-        # One "column" is the file's whole first line: not echoed, since the file may hold a secret.
-        raise DataError(f"{file}: one column only, not {columns[0]!r}; is it a comma-separated table with a "
-                        "header row?")
-    table.columns = known
-    for column in columns:
-        _check_column(column, known, file)
+    table.columns = [str(c) for c in table.columns]
+    check_columns(table, columns, file, format)
     return table
 
 
@@ -68,34 +70,59 @@ def table_data(table, target: str, task: TableTask, where: str, *, features: lis
     return RawData(cells, table[target].to_numpy(dtype=np.float32), task, table=table_plan)
 
 
+def _table(format: Literal["csv", "parquet"], path: str | list[str], target: str, features, task, drop, columns,
+           max_onehot: int, split_key: str | None, test_path, stream: bool, split_seed: int, val_fraction: float,
+           test_fraction: float) -> RawData | TableStream:
+    """One local file is read into memory unless the spec streams it; a folder, a glob, a list of
+    files or a bucket streams through Ray Data (``data/table_stream.py``)."""
+    if stream or not isinstance(path, str) or "://" in path or not Path(path).expanduser().is_file():
+        return open_table(format, path, target, features=features, task=task, drop=drop,
+                          columns={name: ColumnOptions.model_validate(options) for name, options in columns.items()},
+                          max_onehot=max_onehot, split_key=split_key, test_path=test_path, split_seed=split_seed,
+                          val_fraction=val_fraction, test_fraction=test_fraction)
+    for option, value in (("split_key", split_key), ("test_path", test_path)):
+        if value is not None:
+            raise DataError(f"data.params.{option}: applies to a streamed table; set data.stream: {{}} to stream "
+                            f"{path} through Ray Data, or leave {option} out")
+    table = read_table(path, [target] + list(features or []), format=format)
+    return table_data(table, target, task, str(Path(path).expanduser()), features=features, drop=drop,
+                      columns=columns, max_onehot=max_onehot)
+
+
 @DATASETS.register("csv")
 def csv(
-    path: str,
+    path: str | list[str],  # a file; or, streamed through Ray Data: a folder, a glob, a list of files, s3://...
     target: str,
     features: list[str] | None = None,  # None: every other column but those dropped
     task: TableTask = "classification",
     drop: list[str] = [],  # noqa: B006  (read-only default, part of the schema): identifiers, leaks
     columns: dict[str, ColumnOptions] = {},  # noqa: B006  name -> {type, encoding}: overrides inference
     max_onehot: PositiveInt = 16,  # categorical columns with more categories are embedded
-) -> RawData:
-    table = read_table(path, [target] + list(features or []))
-    return table_data(table, target, task, str(Path(path).expanduser()), features=features, drop=drop,
-                      columns=columns, max_onehot=max_onehot)
+    split_key: str | None = None,  # streamed: a row's split follows this column's hash (default: the whole row's)
+    test_path: str | list[str] | None = None,  # streamed: files held out as the test split
+    *,
+    stream: bool = False, split_seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
+) -> RawData | TableStream:
+    return _table("csv", path, target, features, task, drop, columns, max_onehot, split_key, test_path, stream,
+                  split_seed, val_fraction, test_fraction)
 
 
 @DATASETS.register("parquet")
 def parquet(
-    path: str,
+    path: str | list[str],
     target: str,
     features: list[str] | None = None,
     task: TableTask = "classification",
     drop: list[str] = [],  # noqa: B006
     columns: dict[str, ColumnOptions] = {},  # noqa: B006
     max_onehot: PositiveInt = 16,
-) -> RawData:
-    table = read_table(path, [target] + list(features or []), format="parquet")
-    return table_data(table, target, task, str(Path(path).expanduser()), features=features, drop=drop,
-                      columns=columns, max_onehot=max_onehot)
+    split_key: str | None = None,
+    test_path: str | list[str] | None = None,
+    *,
+    stream: bool = False, split_seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
+) -> RawData | TableStream:
+    return _table("parquet", path, target, features, task, drop, columns, max_onehot, split_key, test_path, stream,
+                  split_seed, val_fraction, test_fraction)
 
 
 @DATASETS.register("arrests")

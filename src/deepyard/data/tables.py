@@ -166,6 +166,50 @@ class Column:
         return bool(features[0] > 0.5) if self.type == "boolean" else round(float(features[0]), 6)
 
 
+    def encode_values(self, values: np.ndarray, out: np.ndarray) -> None:
+        """``encode`` for a whole column read at once (``column_values``), into ``out`` (n, width)."""
+        if self.type == "categorical":
+            import pandas as pd
+
+            codes = pd.Categorical(values, categories=self.categories).codes  # -1: unseen
+            if self.encoding == "onehot":
+                seen = np.flatnonzero(codes >= 0)
+                out[seen, codes[seen]] = 1.0
+            else:
+                out[:, 0] = codes + 1
+            return
+        missing = np.isnan(values)
+        out[:, 0] = np.where(missing, self.fill, values)
+        if self.indicator:
+            out[:, 1] = missing
+
+
+def column_values(series, kind: str) -> np.ndarray:
+    """Every cell of a column read as its type at once, as ``Column.encode`` reads them one by one:
+    numbers (NaN for a gap) for numeric and boolean columns, category names for categorical ones.
+    A CellError names the first row that does not fit. (Each distinct value is read once.)"""
+    import pandas as pd
+
+    if kind == "numeric" and pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+        values = series.to_numpy(dtype=np.float64, na_value=np.nan)
+        with np.errstate(invalid="ignore"):
+            bad = np.isinf(values) | (np.abs(values) > FLOAT32_MAX)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise CellError(f"{values[row]} is not a finite number (within +-3.4e38)", row)
+        return values
+    codes, uniques = pd.factorize(series, use_na_sentinel=True)
+    read = {"numeric": _number, "boolean": _boolean, "categorical": category}[kind]
+    readings = []
+    for position, cell in enumerate(uniques):
+        try:
+            readings.append(read(cell))
+        except CellError as error:
+            raise CellError(error.reason, int(np.argmax(codes == position))) from None
+    gap = MISSING if kind == "categorical" else np.nan  # (code -1, a gap, takes the last entry)
+    return np.array(readings + [gap], dtype=object if kind == "categorical" else np.float64)[codes]
+
+
 def _at(row: int, read, cell: Any):
     try:
         return read(cell)
@@ -238,6 +282,19 @@ class TableSchema:
                 codes.append(index[key])
             parts.append(np.asarray(codes, dtype=np.float32)[:, None])
         return np.concatenate(parts, axis=1) if parts else np.zeros((len(cells), 0), np.float32)
+
+    def encode_frame(self, frame) -> np.ndarray:
+        """``encode`` for a DataFrame of the input columns, a column at a time (a streamed table's
+        batches); a CellError names the column and the row. Sensitive groups are not read here."""
+        out, position = np.zeros((len(frame), self.width), dtype=np.float32), 0
+        for column in self.columns:
+            try:
+                values = column_values(frame[column.name], column.type)
+            except CellError as error:
+                raise CellError(error.reason, error.row, column.name) from None
+            column.encode_values(values, out[:, position: position + column.width])
+            position += column.width
+        return out
 
     def decode(self, features: np.ndarray) -> dict[str, Any]:
         """One encoded row -> a request instance (the curl hint's example)."""

@@ -31,7 +31,8 @@ def load_data(spec: TrainJob) -> Splits:
                        test_fraction=spec.data.test_fraction, seed=split_seed(spec),
                        max_train_samples=spec.data.max_train_samples,
                        sensitive=fairness.sensitive if fairness else (),
-                       keep_sensitive=fairness.include_sensitive if fairness else False)
+                       keep_sensitive=fairness.include_sensitive if fairness else False,
+                       stream=spec.data.stream is not None)
 
 
 def split_seed(spec: TrainJob) -> int:
@@ -146,7 +147,7 @@ def preflight(spec: TrainJob):
         check_streaming(spec, splits, task)
     elif spec.data.stream:
         raise BadInput(f"data.stream: data {spec.data.name!r} is loaded into memory, not streamed; leave data.stream "
-                       "out (it applies to streaming sources: image_folder)")
+                       "out (it applies to streaming sources: image_folder, and csv or parquet files)")
     return splits, task
 
 

@@ -65,7 +65,8 @@ class AugmentSpec(Section):
 
 
 class StreamSpec(Section):
-    """How a streaming source (image_folder) is read each epoch by Ray Data."""
+    """How a streaming source (image_folder; csv or parquet folders, or files given ``stream:``) is read
+    each epoch by Ray Data."""
 
     shuffle: Literal["local", "full", "none"] = Field(
         "local", description="local: the files in a new order each epoch, mixed further in a buffer of "
@@ -86,8 +87,10 @@ class DataSpec(Section):
     seed: int | None = Field(None, description="seeds the splits (and a label budget); default: train.seed. A "
                                                "compress job keeps its parent's, so both score the same test split")
     augment: AugmentSpec | None = Field(None, description="random shifts and rotations of training images")
-    stream: StreamSpec | None = Field(None, description="streaming sources (image_folder): shuffling and read-ahead "
-                                                        "(default: a local shuffle)")
+    stream: StreamSpec | None = Field(None, description="stream through Ray Data, shuffled and read ahead as set here "
+                                                        "(`{}`: the defaults). image_folder, and csv or parquet "
+                                                        "folders, globs, lists and URIs, always stream; one local "
+                                                        "csv or parquet file streams only when this is set")
 
 
 class ModelSpec(Section):

@@ -1,0 +1,463 @@
+"""Tables that stream: `data: parquet` or `data: csv` over a folder, a glob, a list of files or a
+bucket (or one file, with ``data.stream``), read by Ray Data (``read_parquet``, ``read_csv``) while
+the workers train, never whole in any one process.
+
+Before Ray starts (``open_table``): the files are listed, the first rows read, and each column's
+type inferred from them as for a table in memory (``tables.plan``). Once Ray is up
+(``attach_table``): one Ray Data aggregation over every row (``TableFit``) checks each cell against
+its column's type, counts each split's rows and classes, and fits the schema (fill values,
+categories) and the standardization on the training rows only. Each split is then a Dataset that
+reads the files, keeps its own rows and encodes them (``EncodeRows``).
+
+A row's split follows a hash of the row (every column the file has) or of ``split_key``, and the
+seed: the same on any number of workers and on every read, and a row keeps its split when rows are
+added. Rows that are exact copies share a split, so none leaks from training into the test.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import pickle
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from deepyard.data.tables import CellError, Column, ColumnOptions, TablePlan, TableSchema, column_values
+from deepyard.errors import DataError
+
+Format = Literal["parquet", "csv"]
+HEAD_ROWS = 2048  # read before Ray starts: the columns' types, and the few rows the driver encodes
+EXTENSIONS = {"parquet": (".parquet", ".pq", ".parq"), "csv": (".csv", ".csv.gz", ".csv.bz2")}
+SPLITS = ("train", "val", "test")
+ROWS_PER_BATCH = 4096  # rows encoded at a time on Ray Data's workers
+SKETCH_SIZE = 400  # a median's rank error of about 0.7% (datasketches' KLL)
+
+
+@dataclass
+class TableStream:
+    """What a streamed table source returns before Ray starts: its files, the columns' types
+    (inferred from the first rows, or set in the spec) and those rows."""
+
+    format: Format
+    files: list[str]
+    target: str
+    task: Literal["classification", "regression"]
+    columns: TablePlan  # the feature columns' types; categorical encodings are decided on the training rows
+    encodings: dict[str, str]  # categorical columns whose encoding the spec sets
+    max_onehot: int
+    split_key: str | None
+    seed: int
+    val_fraction: float
+    test_fraction: float  # 0 when test_files hold the test split
+    head: Any  # DataFrame: the first rows, raw
+    where: str
+    test_files: list[str] | None = None
+    test_head: Any = None
+    rows: int | None = None  # from Parquet footers; None for CSV (counted by the fit)
+
+
+def list_files(path: str | list[str], format: Format, where: str) -> list[str]:
+    """The table's files: ``path`` is a file, a folder (searched recursively), a glob, a list of
+    files, or the URI of a file or folder that pyarrow reaches (s3://, gs://). Hidden files and
+    Spark's markers (``.x``, ``_SUCCESS``) are skipped."""
+    if isinstance(path, list):
+        if not path:
+            raise DataError(f"{where}: an empty list; give files, a folder or a glob")
+        return [file for item in path for file in _file(item, format, where, listed=True)]
+    return _file(path, format, where)
+
+
+def _file(path: str, format: Format, where: str, listed: bool = False) -> list[str]:
+    if "://" in path:
+        return _remote(path, format, where, listed)
+    if not listed and any(mark in path for mark in "*?["):
+        found = [name for name in sorted(glob.glob(os.path.expanduser(path), recursive=True)) if os.path.isfile(name)]
+        if not found:
+            raise DataError(f"{where}: no file matches {path}")
+        return found
+    base = Path(path).expanduser()
+    if base.is_file():
+        return [str(base)]
+    if base.is_dir() and not listed:
+        found = [str(file) for file in sorted(base.rglob("*")) if file.is_file()
+                 and _wanted(file.relative_to(base).as_posix(), format)]
+        if not found:
+            raise DataError(f"{where}: {base} holds no {format} files ({', '.join(EXTENSIONS[format])})")
+        return found
+    raise DataError(f"{where}: {base} does not exist" if not base.exists() else f"{where}: {base} is not a file")
+
+
+def _wanted(relative: str, format: Format) -> bool:
+    hidden = any(part.startswith((".", "_")) for part in relative.split("/"))
+    return not hidden and relative.lower().endswith(EXTENSIONS[format])
+
+
+def _remote(uri: str, format: Format, where: str, listed: bool) -> list[str]:
+    import pyarrow
+    from pyarrow import fs
+
+    if "?" in uri:
+        raise DataError(f"{where}: {uri}: give the endpoint and options in the environment (AWS_ENDPOINT_URL...), "
+                        "not in the URI")
+    scheme = uri.split("://")[0]
+    try:
+        filesystem, base = fs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(base)
+        if info.type == fs.FileType.File:
+            return [uri]
+        if info.type != fs.FileType.Directory or listed:
+            raise DataError(f"{where}: {uri} does not exist there" if info.type == fs.FileType.NotFound
+                            else f"{where}: {uri} is not a file")
+        infos = filesystem.get_file_info(fs.FileSelector(base, recursive=True))
+    except (OSError, ValueError, pyarrow.ArrowException) as error:  # no bucket or credentials; an unknown scheme
+        raise DataError(f"{where}: {uri} cannot be listed: {error}") from None
+    prefix = base.rstrip("/") + "/"
+    found = sorted(f"{scheme}://{info.path}" for info in infos if info.type == fs.FileType.File
+                   and _wanted(info.path[len(prefix):], format))
+    if not found:
+        raise DataError(f"{where}: {uri} holds no {format} files ({', '.join(EXTENSIONS[format])})")
+    return found
+
+
+def read_head(files: list[str], format: Format, where: str):
+    """The first rows of the table (a DataFrame), and its row count where the files' footers say it."""
+    import pyarrow
+    import pyarrow.dataset as ds
+    from pyarrow import fs
+
+    try:
+        if "://" in files[0]:
+            filesystem = fs.FileSystem.from_uri(files[0])[0]
+            paths = [fs.FileSystem.from_uri(file)[1] for file in files]
+        else:
+            filesystem, paths = None, files
+        dataset = ds.dataset(paths, format=format, filesystem=filesystem)
+        head = dataset.head(HEAD_ROWS).to_pandas()
+        rows = dataset.count_rows() if format == "parquet" else None  # (footers only)
+    except (OSError, ValueError, pyarrow.ArrowException) as error:
+        raise DataError(f"{where}: {files[0]}{' and others' if len(files) > 1 else ''} cannot be read as {format}: "
+                        f"{str(error)[:300]}") from None
+    head.columns = [str(column) for column in head.columns]
+    return head, rows
+
+
+def split_codes(frame, stream: TableStream) -> np.ndarray:
+    """Each row's split (0 train, 1 val, 2 test) from a hash of the row (or of its ``split_key``)."""
+    import pandas as pd
+
+    key = hashlib.blake2b(str(stream.seed).encode(), digest_size=8).hexdigest()  # (16 characters: the hash's key)
+    hashed = pd.util.hash_pandas_object(frame[[stream.split_key]] if stream.split_key else frame, index=False,
+                                        hash_key=key).to_numpy()
+    points = hashed / 2.0 ** 64
+    test, val = stream.test_fraction, stream.test_fraction + stream.val_fraction
+    return np.where(points < test, 2, np.where(points < val, 1, 0)).astype(np.int8)
+
+
+def labels_of(frame, stream: TableStream):
+    """The target column as class names (classification: as the in-memory table reads them)."""
+    return frame[stream.target].astype(str).str.strip()
+
+
+# ---- before Ray: the samples the driver encodes -------------------------------------------------
+
+
+def stream_splits(stream: TableStream):
+    """The in-memory face of a streamed table: the first rows of each split, encoded with a schema
+    fitted on the first training rows (``attach_table`` refits it on all of them)."""
+    from deepyard.data.streaming import StreamSplits
+
+    heads = _heads(stream)
+    if heads["train"].empty:
+        raise DataError(f"{stream.where}: none of the first {len(stream.head)} rows falls in the training split; "
+                        "lower data.val_fraction / data.test_fraction")
+    cells = heads["train"][stream.columns.sources].astype(object).to_numpy()
+    schema = stream.columns.fit(cells)
+    class_names = None
+    if stream.task == "classification":
+        labelled = [stream.head] + ([stream.test_head] if stream.test_files else [])
+        class_names = sorted({label for frame in labelled for label in labels_of(frame, stream)})
+    samples = {split: _encoded(rows, stream, schema, class_names) for split, rows in heads.items()}
+    whole = stream.rows is not None and stream.rows == len(stream.head) or len(stream.head) < HEAD_ROWS
+    scale = 1.0 if whole or stream.rows is None else stream.rows / len(stream.head)
+    sizes = {split: round(len(rows) * scale) for split, rows in heads.items()}
+    if stream.test_files:
+        sizes["test"] = len(heads["test"])
+    splits = StreamSplits(stream.task, *samples["train"], *samples["val"], *samples["test"],
+                          class_names=class_names, plan=stream, sizes=sizes, counts=None)
+    splits.table, splits.feature_names = schema.to_dict(), schema.feature_names()
+    return splits
+
+
+def _heads(stream: TableStream) -> dict[str, Any]:
+    codes = split_codes(stream.head, stream)
+    heads = {split: stream.head[codes == index] for index, split in enumerate(SPLITS)}
+    if stream.test_files:
+        heads["test"] = stream.test_head
+    return heads
+
+
+def _encoded(frame, stream: TableStream, schema: TableSchema, class_names: list[str] | None):
+    x = schema.encode_frame(frame)
+    if stream.task == "classification":
+        import pandas as pd
+
+        return x, pd.Categorical(labels_of(frame, stream), categories=class_names).codes.astype(np.int64)
+    return x, column_values(frame[stream.target], "numeric").astype(np.float32)
+
+
+# ---- once Ray is up: one pass to fit, then a Dataset per split ----------------------------------
+
+
+def read(files: list[str], format: Format, **options):
+    import ray.data
+
+    return (ray.data.read_parquet if format == "parquet" else ray.data.read_csv)(files, **options)
+
+
+def tally(frame, stream: TableStream, test_files: frozenset[str]) -> dict[str, Any]:
+    """One block's share of the fit: rows per split, labels, and per feature column its training
+    rows' sums, sketch or category counts. Every cell of every split is checked against its type."""
+    paths = frame.pop("path").to_numpy()
+    codes = split_codes(frame, stream)
+    if test_files:
+        codes[np.isin(paths, list(test_files))] = 2
+    train = codes == 0
+
+    def fail(problem: str, rows: np.ndarray) -> None:
+        raise DataError(f"{stream.where}: {problem}, in {paths[int(np.flatnonzero(rows)[0])]}")
+
+    target = frame[stream.target]
+    if (gaps := target.isna().to_numpy()).any():
+        fail(f"the target {stream.target!r} is missing in {int(gaps.sum())} rows; drop those rows first", gaps)
+    result = {"rows": np.bincount(codes, minlength=3).tolist(), "columns": {}}
+    if stream.task == "classification":
+        labels = labels_of(frame, stream)
+        result["labels"], result["train_labels"] = Counter(labels), Counter(labels[train])
+    else:
+        values = _read(target, "numeric", f"regression target {stream.target!r}", fail)[train]
+        result["target"] = [len(values), float(values.sum()), float((values * values).sum())]
+    for name, kind in zip(stream.columns.names, stream.columns.types):
+        values = _read(frame[name], kind, f"column {name!r} ({kind})", fail)[train]
+        if kind == "categorical":
+            result["columns"][name] = {"counts": Counter(values)}
+            continue
+        present = values[~np.isnan(values)]
+        column = {"n": len(present), "gaps": len(values) - len(present), "sum": float(present.sum()),
+                  "squares": float((present * present).sum())}
+        if kind == "numeric":
+            from datasketches import kll_doubles_sketch
+
+            sketch = kll_doubles_sketch(SKETCH_SIZE)
+            sketch.update(present)
+            column["sketch"] = sketch.serialize()
+        result["columns"][name] = column
+    return result
+
+
+def _read(series, kind: str, what: str, fail) -> np.ndarray:
+    try:
+        return column_values(series, kind)
+    except CellError as error:
+        rows = np.zeros(len(series), dtype=bool)
+        rows[error.row] = True
+        fail(f"{what}: {error.reason}; fix or drop the row, or set the column's type in data.params.columns", rows)
+
+
+def merged(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two tallies as one."""
+    if not first:
+        return second
+    if not second:
+        return first
+    result = {"rows": [a + b for a, b in zip(first["rows"], second["rows"])], "columns": {}}
+    for key in ("labels", "train_labels"):
+        if key in first:
+            result[key] = first[key] + second[key]
+    if "target" in first:
+        result["target"] = [a + b for a, b in zip(first["target"], second["target"])]
+    for name, column in first["columns"].items():
+        other = second["columns"][name]
+        if "counts" in column:
+            result["columns"][name] = {"counts": column["counts"] + other["counts"]}
+            continue
+        joined = {key: column[key] + other[key] for key in ("n", "gaps", "sum", "squares")}
+        if "sketch" in column:
+            from datasketches import kll_doubles_sketch
+
+            sketch = kll_doubles_sketch.deserialize(column["sketch"])
+            sketch.merge(kll_doubles_sketch.deserialize(other["sketch"]))
+            joined["sketch"] = sketch.serialize()
+        result["columns"][name] = joined
+    return result
+
+
+def _table_fit_class():
+    from ray.data.aggregate import AggregateFnV2
+
+    class TableFit(AggregateFnV2):
+        """Ray Data's aggregation of ``tally`` over every block (the accumulator is pickled: Ray
+        keeps it in Arrow blocks between the map and the combine)."""
+
+        def __init__(self, stream: TableStream):
+            self.stream = stream
+            self.test_files = frozenset(stream.test_files or ())
+            super().__init__("table_fit", zero_factory=lambda: pickle.dumps({}), on=None, ignore_nulls=False)
+
+        def aggregate_block(self, block) -> bytes:
+            from ray.data.block import BlockAccessor
+
+            frame = BlockAccessor.for_block(block).to_pandas()
+            return pickle.dumps(tally(frame, self.stream, self.test_files))
+
+        def combine(self, current: bytes, new: bytes) -> bytes:
+            return pickle.dumps(merged(pickle.loads(current), pickle.loads(new)))
+
+    return TableFit
+
+
+@dataclass
+class Fitted:
+    schema: TableSchema
+    class_names: list[str] | None
+    counts: np.ndarray | None
+    sizes: dict[str, int]
+    stats: tuple[np.ndarray, np.ndarray]
+    targets: tuple[float, float] | None
+
+
+def fitted(stream: TableStream, tallied: dict[str, Any]) -> Fitted:
+    """The schema and the statistics from the tally of every row: the same schema ``TablePlan.fit``
+    fits in memory (a numeric column's median is a sketch's, within 0.7% of the ranks), and the
+    mean and std of each encoded feature over the training rows, worked out from the sums."""
+    rows = int(tallied["rows"][0])
+    columns, means, squares = [], [], []
+    for name, kind in zip(stream.columns.names, stream.columns.types):
+        column = tallied["columns"][name]
+        if kind == "categorical":
+            ranked = sorted(column["counts"].items(), key=lambda item: (-item[1], item[0]))  # as TablePlan.fit
+            categories = [str(value) for value, _ in ranked]
+            encoding = stream.encodings.get(name) or ("onehot" if len(categories) <= stream.max_onehot else "embedding")
+            columns.append(Column(name, kind, categories=categories, encoding=encoding))
+            if encoding == "onehot":
+                shares = [count / rows for _, count in ranked]
+                means += shares
+                squares += shares
+            else:  # codes reach the embedding as they are
+                means.append(0.0)
+                squares.append(1.0)
+            continue
+        if column["n"] == 0:
+            raise DataError(f"{stream.where}: column {name!r} has no values in the training split; drop it "
+                            "(data.params.drop) or give it values")
+        if kind == "numeric":
+            from datasketches import kll_doubles_sketch
+
+            fill = float(kll_doubles_sketch.deserialize(column["sketch"]).get_quantile(0.5))
+        else:
+            fill = float(column["sum"] / column["n"] >= 0.5)
+        gaps = column["gaps"]
+        columns.append(Column(name, kind, fill=fill, indicator=gaps > 0))
+        means.append((column["sum"] + gaps * fill) / rows)  # a gap counts as its fill value
+        squares.append((column["squares"] + gaps * fill * fill) / rows)
+        if gaps:
+            means.append(gaps / rows)
+            squares.append(gaps / rows)
+    schema = TableSchema(columns)
+    mean = np.array(means)
+    std = np.sqrt(np.maximum(np.array(squares) - mean ** 2, 0.0))
+    std = np.where(std < 1e-8, 1.0, std)
+    for position, _ in schema.embedded():
+        mean[position], std[position] = 0.0, 1.0
+    class_names = counts = targets = None
+    if stream.task == "classification":
+        class_names = sorted(tallied["labels"])
+        counts = np.array([tallied["train_labels"].get(name, 0) for name in class_names], dtype=float)
+    else:
+        n, total, total_squares = tallied["target"]
+        average = total / max(n, 1)
+        targets = (float(average), float(max(np.sqrt(max(total_squares / max(n, 1) - average ** 2, 0.0)), 1e-8)))
+    sizes = dict(zip(SPLITS, (int(count) for count in tallied["rows"])))
+    return Fitted(schema, class_names, counts, sizes, (mean.astype(np.float32), std.astype(np.float32)), targets)
+
+
+class EncodeRows:
+    """Ray Data's map from a block of the table's rows to one split's encoded rows: ``x`` the
+    features (float32), ``y`` the class index or the target."""
+
+    def __init__(self, stream: TableStream, schema: dict, class_names: list[str] | None, split: str | None):
+        self.stream, self.class_names, self.split = stream, class_names, split
+        self.schema = TableSchema.from_dict(schema)
+        self.inputs = list(self.stream.columns.names)
+
+    def __call__(self, frame) -> dict[str, np.ndarray]:
+        if self.split is not None:
+            frame = frame[split_codes(frame, self.stream) == SPLITS.index(self.split)]
+        try:
+            return dict(zip(("x", "y"), _encoded(frame, self.stream, self.schema, self.class_names)))
+        except CellError as error:  # (the fit read every cell: only a file changed since could fail here)
+            raise DataError(f"{self.stream.where}: {error}; the table changed while the job ran") from None
+
+
+def attach_table(splits, options, seed: int):
+    """Ray is up: the fit over every row (checks, sizes, schema and statistics), then one Dataset
+    per split; the driver's samples are encoded again with the fitted schema."""
+    from deepyard.data.streaming import _data_error, shuffled
+
+    stream = splits.plan
+    every = read(stream.files + (stream.test_files or []), stream.format, include_paths=True)
+    try:
+        tallied = pickle.loads(every.aggregate(_table_fit_class()(stream))["table_fit"])
+    except Exception as error:  # a Ray task's failure wraps the DataError that says which file
+        if (cause := _data_error(error)) is None:
+            raise
+        raise DataError(cause) from None
+    fit = fitted(stream, tallied)
+    splits.table, splits.feature_names = fit.schema.to_dict(), fit.schema.feature_names()
+    splits.class_names, splits.counts, splits.sizes = fit.class_names, fit.counts, fit.sizes
+    splits.stats, splits.targets = fit.stats, fit.targets
+    for split, rows in _heads(stream).items():
+        x, y = _encoded(rows, stream, fit.schema, fit.class_names)
+        setattr(splits, f"x_{split}", x)
+        setattr(splits, f"y_{split}", y)
+    splits.in_shape = (fit.schema.width,)
+
+    def encoded(split: str, rows):
+        own = None if split == "test" and stream.test_files else split
+        return rows.map_batches(EncodeRows(stream, splits.table, fit.class_names, own), batch_format="pandas",
+                                batch_size=ROWS_PER_BATCH)
+
+    files = {"train": stream.files, "val": stream.files, "test": stream.test_files or stream.files}
+    splits.streams = shuffled({split: read(files[split], stream.format) for split in SPLITS}, options, seed, encoded)
+    return splits
+
+
+def open_table(format: Format, path: str | list[str], target: str, *, features: list[str] | None,
+               task: Literal["classification", "regression"], drop: list[str],
+               columns: dict[str, ColumnOptions], max_onehot: int, split_key: str | None, test_path,
+               split_seed: int, val_fraction: float, test_fraction: float) -> TableStream:
+    """A streamed table's plan, from its listing and first rows: DataError for what they show wrong."""
+    from deepyard.data.table_files import check_columns
+    from deepyard.data.tables import plan
+
+    where = "data.params.path"
+    files = list_files(path, format, where)
+    head, rows = read_head(files, format, where)
+    shown = files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more)"
+    check_columns(head, [target] + list(features or []) + ([split_key] if split_key else []), shown, format)
+    if target in drop or target in (features or []):
+        raise DataError(f"{shown}: the target {target!r} cannot also be a feature or dropped")
+    columns_plan = plan(head, target, features, list(drop), dict(columns), max_onehot, shown)
+    test_files = test_head = None
+    if test_path is not None:
+        test_files = list_files(test_path, format, "data.params.test_path")
+        test_head, _ = read_head(test_files, format, "data.params.test_path")
+        check_columns(test_head, [target] + columns_plan.names, test_files[0], format)
+        test_fraction = 0.0
+    encodings = {name: options.encoding for name, options in columns.items() if options.encoding}
+    return TableStream(format, files, target, task, columns_plan, encodings, max_onehot, split_key, split_seed,
+                       val_fraction, test_fraction, head, shown, test_files, test_head, rows)
