@@ -113,3 +113,27 @@ def digits_source(ray_cluster, tmp_path_factory) -> dict:
     result = CliRunner().invoke(app, ["run", str(path), "--json"])
     assert result.exit_code == 0, result.stdout + result.stderr
     return last_json(result)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's) on 127.0.0.1; pyarrow (and so deepyard, and the Ray
+    workers of a job started after it) finds it through AWS_ENDPOINT_URL. Yields the environment
+    and a boto3 client to fill buckets with."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    yield {"env": env, "client": boto3.client("s3")}
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -202,35 +202,13 @@ def test_a_file_that_does_not_decode_fails_before_training_with_its_name(ray_clu
 
 
 @pytest.fixture(scope="module")
-def s3_folder(digits_folder):
-    """A real S3-compatible server (moto's) on 127.0.0.1, holding the digits folder; pyarrow (and so
-    deepyard and its Ray workers) finds it through AWS_ENDPOINT_URL."""
-    import os
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    from conftest import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    bucket = boto3.client("s3")
-    bucket.create_bucket(Bucket="pictures")
+def s3_folder(s3_server, digits_folder):
+    """The digits folder in a bucket of the local S3-compatible server."""
+    s3_server["client"].create_bucket(Bucket="pictures")
     for file in sorted(digits_folder.rglob("*.png"))[::4]:  # a quarter of them: 450 files
-        bucket.put_object(Bucket="pictures", Key=f"digits/{file.relative_to(digits_folder).as_posix()}",
-                          Body=file.read_bytes())
-    yield {"uri": "s3://pictures/digits", "env": env}
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+        s3_server["client"].put_object(Bucket="pictures", Key=f"digits/{file.relative_to(digits_folder).as_posix()}",
+                                       Body=file.read_bytes())
+    return {"uri": "s3://pictures/digits", "env": s3_server["env"]}
 
 
 def test_an_s3_folder_is_listed_and_split_like_a_local_one(cli, write_spec, s3_folder, digits_folder):

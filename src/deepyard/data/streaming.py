@@ -162,8 +162,13 @@ def configure() -> None:
 
     import ray.data
 
+    from ray.data.context import ShuffleStrategy
+
     context = ray.data.DataContext.get_current()
     context.retried_map_errors, context.max_map_retries = [READ_FAILED], 3
+    # The statistics' aggregation (and a full shuffle) by Ray's sort-based shuffle: the default one
+    # starts aggregator actors on each call, 5-7 s against 1.2-3 s on 2 cores.
+    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # (not a line per dataset executed)

@@ -1,0 +1,263 @@
+"""Streamed tables: Parquet and CSV folders read by Ray Data into Ray Train workers (real Ray, real MLflow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import last_json
+
+TABLE_JOB = """
+kind: train
+name: {name}
+data:
+  name: {format}
+  params: {{path: {path}, target: {target}{extra}}}
+model: {{name: mlp, params: {{hidden_sizes: [16]}}}}
+optim: {{name: adam, lr: 0.01}}
+train: {{epochs: 2, batch_size: 32}}
+scaling: {{num_workers: {workers}, cpus_per_worker: 0.5}}
+"""
+
+
+def loans(rows: int = 1200, seed: int = 0) -> pd.DataFrame:
+    """A mixed table: numbers with gaps, a yes/no column, a category; ``approved`` depends on them."""
+    rng = np.random.default_rng(seed)
+    income = rng.normal(50, 15, rows)
+    debt = rng.normal(20, 8, rows)
+    region = rng.choice(["north", "south", "east", "west"], rows, p=[0.4, 0.3, 0.2, 0.1])
+    owner = rng.choice(["yes", "no"], rows)
+    score = income - debt + 10 * (owner == "yes") + 8 * (region == "north") + rng.normal(0, 3, rows)
+    table = pd.DataFrame({"income": income, "debt": debt, "region": region, "owner": owner,
+                          "approved": np.where(score > np.median(score), "yes", "no")})
+    table.loc[rng.random(rows) < 0.1, "debt"] = np.nan
+    return table
+
+
+def write_parts(table: pd.DataFrame, folder: Path, format: str, parts: int = 3) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, part in enumerate(np.array_split(np.arange(len(table)), parts)):
+        rows = table.iloc[part]
+        if format == "parquet":
+            rows.to_parquet(folder / f"part-{index}.parquet", index=False)
+        else:
+            rows.to_csv(folder / f"part-{index}.csv", index=False)
+    (folder / "_SUCCESS").touch()  # (what Spark leaves: not a part of the table)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loans_parquet(tmp_path_factory) -> Path:
+    return write_parts(loans(), tmp_path_factory.mktemp("loans") / "parquet", "parquet")
+
+
+def table_spec(write_spec, path, name: str, format: str = "parquet", workers: int = 1, target: str = "approved",
+               extra: str = "") -> str:
+    return write_spec(TABLE_JOB.format(name=name, format=format, path=path, target=target, workers=workers,
+                                       extra=extra), f"{name}.yaml")
+
+
+def test_a_column_read_at_once_encodes_as_cell_by_cell():
+    from deepyard.data.table_files import arrests
+
+    raw = arrests()
+    schema = raw.table.fit(raw.x)
+    cells = raw.table.cells(raw.x, raw.table.names)
+    expected = schema.encode(cells)
+    assert np.array_equal(schema.encode_frame(pd.DataFrame(cells, columns=raw.table.names)), expected)
+    from deepyard.data.tables import CellError, Column, TableSchema
+
+    odd = pd.DataFrame({"n": [1.5, None, "2", " 3 "], "b": ["Yes", "no", None, "TRUE"], "c": [3.0, "x", None, 3]})
+    schema = TableSchema([Column("n", "numeric", fill=9.0, indicator=True), Column("b", "boolean", fill=1.0),
+                          Column("c", "categorical", categories=["3", "x"], encoding="onehot")])
+    assert np.array_equal(schema.encode_frame(odd), schema.encode(odd.astype(object).to_numpy()))
+    with pytest.raises(CellError, match=r"column 'n', row 2: 'abc' is not a number"):
+        schema.encode_frame(odd.assign(n=[1.0, None, "abc", 2]))
+
+
+def test_a_row_keeps_its_split_whatever_else_is_in_the_table(loans_parquet):
+    from deepyard.data.table_files import parquet
+    from deepyard.data.table_stream import split_codes
+
+    stream = parquet(str(loans_parquet), "approved")
+    table = pd.concat([pd.read_parquet(file) for file in sorted(loans_parquet.glob("*.parquet"))])
+    codes = split_codes(table, stream)
+    assert np.array_equal(split_codes(table.iloc[::-1], stream)[::-1], codes)  # order-free
+    assert np.array_equal(split_codes(table.iloc[:100], stream), codes[:100])  # whatever else is there
+    shares = np.bincount(codes, minlength=3) / len(codes)
+    assert shares == pytest.approx([0.7, 0.15, 0.15], abs=0.04)
+    reseeded = parquet(str(loans_parquet), "approved", split_seed=1)
+    assert not np.array_equal(split_codes(table, reseeded), codes)
+    # by a key: rows that share it share a split
+    keyed = parquet(str(loans_parquet), "approved", split_key="region")
+    by_region = pd.Series(split_codes(table, keyed)).groupby(table["region"].to_numpy()).nunique()
+    assert (by_region == 1).all()
+
+
+def test_a_folder_glob_or_list_streams_and_one_file_stays_in_memory(loans_parquet):
+    from deepyard.data.splits import RawData
+    from deepyard.data.table_files import parquet
+    from deepyard.data.table_stream import TableStream
+
+    parts = sorted(str(file) for file in loans_parquet.glob("*.parquet"))
+    assert parquet(str(loans_parquet), "approved").files == parts  # (not _SUCCESS)
+    assert parquet(str(loans_parquet / "part-*.parquet"), "approved").files == parts
+    assert parquet(parts[:2], "approved").files == parts[:2]
+    assert isinstance(parquet(parts[0], "approved"), RawData)
+    assert isinstance(parquet(parts[0], "approved", stream=True), TableStream)
+
+
+@pytest.mark.parametrize("params, says", [
+    ("path: {missing}, target: approved", "does not exist"),
+    ("path: {empty}, target: approved", "holds no parquet files (.parquet, .pq, .parq)"),
+    ("path: '{folder}/*.csv', target: approved", "no file matches"),
+    ("path: {folder}, target: aproved", "no column 'aproved'; did you mean 'approved'?"),
+    ("path: {folder}, target: approved, drop: [incme]", "no column 'incme'"),
+    ("path: {folder}, target: approved, split_key: id", "no column 'id'"),
+    ("path: {folder}, target: approved, test_path: {missing}", "data.params.test_path: "),
+])
+def test_a_bad_table_exits_2_before_anything_starts(cli, write_spec, tmp_path, loans_parquet, params, says):
+    (tmp_path / "empty").mkdir()
+    params = params.format(missing=tmp_path / "nothing", empty=tmp_path / "empty", folder=loans_parquet)
+    spec = write_spec(TABLE_JOB.replace("{{path: {path}, target: {target}{extra}}}", "{{" + params + "}}").format(
+        name="bad_table", format="parquet", workers=1), "bad.yaml")
+    result = cli("validate", spec, expect=2)
+    assert says in result.stderr + result.stdout
+
+
+def test_what_a_streamed_table_cannot_do_yet_exits_2(cli, write_spec, loans_parquet):
+    spec = table_spec(write_spec, loans_parquet, "table_limits")
+    result = cli("validate", spec, "--set", "data.max_train_samples=100", expect=2)
+    assert "a streamed table is not cut short yet" in result.stderr + result.stdout
+    one_file = table_spec(write_spec, loans_parquet / "part-0.parquet", "one_file", extra=", split_key: region")
+    result = cli("validate", one_file, expect=2)
+    assert "data.params.split_key: applies to a streamed table; set data.stream: {}" in result.stderr + result.stdout
+    one_file = table_spec(write_spec, loans_parquet / "part-0.parquet", "one_file")
+    said = (lambda result: result.stdout + result.stderr)
+    assert "streamed by Ray Data" not in said(cli("validate", one_file))
+    assert "streamed by Ray Data" in said(cli("validate", one_file, "--set", "data.stream={}"))
+
+
+@pytest.mark.slow
+def test_statistics_and_categories_come_from_the_training_rows_only(ray_cluster, loans_parquet):
+    from deepyard.data import load_splits
+    from deepyard.data.streaming import attach
+    from deepyard.data.table_stream import split_codes
+    from deepyard.spec.train import StreamSpec
+
+    splits = load_splits("parquet", {"path": str(loans_parquet), "target": "approved"}, val_fraction=0.15,
+                         test_fraction=0.15, seed=0)
+    attach(splits, StreamSpec(shuffle="none"), seed=0)
+    table = pd.concat([pd.read_parquet(file) for file in sorted(loans_parquet.glob("*.parquet"))])
+    codes = split_codes(table, splits.plan)
+    train = table[codes == 0]
+    assert splits.sizes == dict(zip(("train", "val", "test"), np.bincount(codes, minlength=3).tolist()))
+
+    # In memory, the same training rows fit the same schema (the median is a sketch's: within its error)
+    from deepyard.data.table_files import table_data
+
+    raw = table_data(train.reset_index(drop=True), "approved", "classification", "here")
+    expected = raw.table.fit(raw.x)
+    got = {column["name"]: column for column in splits.table["columns"]}
+    for column in expected.columns:
+        assert got[column.name]["categories"] == column.categories
+        assert got[column.name]["indicator"] == column.indicator
+        if column.type == "numeric":
+            assert abs((train[column.name].dropna() <= got[column.name]["fill"]).mean() - 0.5) < 0.01
+    features = expected.encode_frame(train)
+    mean, std = splits.input_stats()
+    assert mean == pytest.approx(features.mean(axis=0), abs=0.02)
+    assert std == pytest.approx(features.std(axis=0), rel=0.02)
+    every = expected.encode_frame(table)
+    assert abs(every[:, 0].mean() - features[:, 0].mean()) > 1e-3  # (so the check above could fail)
+    assert splits.counts.tolist() == [float((train["approved"] == name).sum()) for name in splits.class_names]
+
+    # Each split's Dataset holds its own rows, encoded with that schema
+    val = next(iter(splits.streams["val"].iter_batches(batch_size=10_000)))
+    rows = table[codes == 1]
+    from deepyard.data.tables import TableSchema
+
+    assert np.allclose(np.sort(val["x"], axis=0), np.sort(TableSchema.from_dict(splits.table).encode_frame(rows),
+                                                         axis=0))
+    assert sorted(val["y"].tolist()) == sorted((rows["approved"] == "yes").astype(int).tolist())
+
+
+@pytest.mark.slow
+@pytest.mark.long  # (a minute: a Ray Train worker group and Ray Data's split coordinator start)
+def test_a_parquet_folder_trains_on_two_workers_each_on_its_own_share(ray_cluster, cli, write_spec, loans_parquet):
+    summary = last_json(cli("run", table_spec(write_spec, loans_parquet, "loans_ddp", workers=2), "--json"))
+    assert summary["metrics"]["test_accuracy"] > 0.75
+    client = MlflowClient()
+    from deepyard.data.table_files import parquet
+    from deepyard.data.table_stream import split_codes
+
+    table = pd.concat([pd.read_parquet(file) for file in sorted(loans_parquet.glob("*.parquet"))])
+    codes = split_codes(table, parquet(str(loans_parquet), "approved"))
+    train_rows = int((codes == 0).sum())
+    share = train_rows // 2
+    share -= share % 32 == 1  # (a last batch of one sample is dropped: batch norm)
+    seen = [m.value for m in client.get_metric_history(summary["run_id"], "train_samples")]
+    assert seen == [2 * share] * 2  # each worker its own equal share, not the whole split twice
+
+    # The registered model carries the schema fitted by Ray Data: its endpoint encodes raw rows with it.
+    from deepyard.data.tables import TableSchema
+
+    model = mlflow.pyfunc.load_model(f"models:/loans_ddp/{summary['model_version']}")
+    schema = TableSchema.from_dict(model.metadata.metadata["table"])
+    test = table[codes == 2]
+    predicted = np.asarray(model.predict(schema.encode_frame(test))).argmax(axis=1)
+    assert (predicted == (test["approved"] == "yes")).mean() == pytest.approx(summary["metrics"]["test_accuracy"],
+                                                                              abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_csv_folder_streams_a_regression_on_one_worker(ray_cluster, cli, write_spec, tmp_path):
+    table = loans(900, seed=3).assign(limit=lambda t: 2 * t["income"].to_numpy() + 5)
+    folder = write_parts(table.drop(columns="approved"), tmp_path / "csv", "csv")
+    spec = table_spec(write_spec, folder, "limits_csv", format="csv", target="limit", extra=", task: regression")
+    summary = last_json(cli("run", spec, "--set", "train.epochs=8", "--json"))
+    assert summary["metrics"]["test_rmse"] < 0.3 * table["limit"].std()  # (the targets' mean and std: training rows')
+    assert summary["worker_peak_rss_mb"] > 0
+
+
+@pytest.mark.slow
+def test_a_bad_cell_deep_in_the_table_fails_before_training_with_its_file(ray_cluster, cli, write_spec, tmp_path):
+    table = loans(9000).astype({"income": object})
+    table.loc[8500, "income"] = "n/a?"  # past the first rows, whose types are inferred
+    folder = write_parts(table, tmp_path / "bad_cell", "csv")
+    result = cli("run", table_spec(write_spec, folder, "bad_cell", format="csv"), expect=2)
+    said = result.stderr + result.stdout
+    assert "column 'income' (numeric): 'n/a?' is not a number" in said and "part-2.csv" in said
+
+
+@pytest.mark.slow
+@pytest.mark.long  # (a job of its own: its embedded Ray cluster's workers get the endpoint from the environment)
+def test_a_job_trains_on_parquet_in_a_bucket(tmp_path, s3_server, loans_parquet):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from deepyard.data.table_files import parquet
+
+    s3_server["client"].create_bucket(Bucket="tables")
+    for file in sorted(loans_parquet.glob("*.parquet")):
+        s3_server["client"].put_object(Bucket="tables", Key=f"loans/{file.name}", Body=file.read_bytes())
+    stream = parquet("s3://tables/loans", "approved")
+    assert [Path(file).name for file in stream.files] == [f"part-{index}.parquet" for index in range(3)]
+    assert stream.rows == 1200
+    spec = tmp_path / "s3_table.yaml"
+    spec.write_text(TABLE_JOB.format(name="s3_table", format="parquet", path="s3://tables/loans", target="approved",
+                                     workers=1, extra=""))
+    env = {**os.environ, **s3_server["env"], "DEEPYARD_HOME": str(tmp_path / "home")}
+    for inherited in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):  # its own store and cluster
+        env.pop(inherited, None)
+    done = subprocess.run([sys.executable, "-m", "deepyard", "run", str(spec), "--json"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["metrics"]["test_accuracy"] > 0.75
