@@ -138,9 +138,8 @@ def test_what_a_streamed_table_cannot_do_yet_exits_2(cli, write_spec, loans_parq
     result = cli("validate", one_file, expect=2)
     assert "data.params.split_key: applies to a streamed table; set data.stream: {}" in result.stderr + result.stdout
     one_file = table_spec(write_spec, loans_parquet / "part-0.parquet", "one_file")
-    said = (lambda result: result.stdout + result.stderr)
-    assert "streamed by Ray Data" not in said(cli("validate", one_file))
-    assert "streamed by Ray Data" in said(cli("validate", one_file, "--set", "data.stream={}"))
+    assert "streamed by Ray Data" not in cli("validate", one_file).stderr
+    assert "streamed by Ray Data" in cli("validate", one_file, "--set", "data.stream={}").stderr
 
 
 @pytest.mark.slow
