@@ -114,6 +114,8 @@ def deepyard_job(spec_path: str, home: str, *overrides: str, env: dict | None = 
             # inside fit, as the trial reports it (checkouts from before 2026-12-04 report none)
             **{f"in_fit_{name}": timings[name] for name in ("trial_start_s", "trial_setup_s", "validation_s",
                                                              "test_s") if name in timings},
+            # a streaming job's pass over its data (statistics, checks) once Ray is up
+            **({"data_stats": timings["data_stats_s"] - timings["ray_connect_s"]} if "data_stats_s" in timings else {}),
         },
         "test_accuracy": summary["metrics"]["test_accuracy"],
         "worker_peak_rss_mb": summary.get("worker_peak_rss_mb") or 0.0,

@@ -137,7 +137,7 @@ def image_folder(
                             for name, files in test_classes.items() for relative in files]
     resize = tuple(size) if size else None
     (height, width), mode = first_image(source(path, classes[names[0]][0]), where)
-    channels = channels or (1 if mode in ("1", "L", "I", "I;16", "F") else 3)
+    channels = channels or (1 if mode in ("1", "L", "F") or mode.startswith("I") else 3)  # (I;16B, I;16L: grey)
     in_shape = (channels, *(resize or (height, width)))
     # Each split in a seeded random order: Ray Data reads blocks of consecutive files, and blocks of
     # one class each would leave the shuffle buffer too few classes to mix.

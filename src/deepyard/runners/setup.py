@@ -105,10 +105,7 @@ def preflight(spec: TrainJob):
 
     Returns the data splits and the task."""
     splits = load_data(spec)
-    for split in ("train", "val", "test"):
-        if splits.size(split) == 0:
-            raise DataError(f"data {spec.data.name!r}: the {split} split is empty; use more data or change "
-                            "data.val_fraction / data.test_fraction / data.max_train_samples")
+    check_sizes(spec, splits)
     try:
         model, task = build(spec, splits)
         model.train()(torch.from_numpy(splits.x_train[:2]))  # one forward pass: shapes fit end to end
@@ -159,14 +156,23 @@ def in_memory(splits: Splits, spec: TrainJob, job: str) -> Splits:
     return splits
 
 
-def check_streaming(spec: TrainJob, splits: Splits, task) -> None:
-    """What a streaming source cannot do yet, said before anything starts."""
-    where = f"data {spec.data.name!r} streams through Ray Data"
+def check_sizes(spec: TrainJob, splits: Splits) -> None:
+    """Every split has samples, and a stream's can be shared by the workers. (A streamed table's sizes
+    are estimates before Ray starts: checked again once its pass has counted them.)"""
+    for split in ("train", "val", "test"):
+        if splits.size(split) == 0:
+            raise DataError(f"data {spec.data.name!r}: the {split} split is empty; use more data or change "
+                            "data.val_fraction / data.test_fraction / data.max_train_samples")
     workers = spec.scaling.num_workers
-    if splits.size("train") // workers < 2 or splits.size("val") < workers:
+    if splits.streaming and (splits.size("train") // workers < 2 or splits.size("val") < workers):
         raise DataError(f"data {spec.data.name!r}: {splits.size('train')} training and {splits.size('val')} validation "
                         f"samples cannot be shared by {workers} workers (each needs 2 training samples and 1 "
                         "validation sample); add data or use fewer workers")
+
+
+def check_streaming(spec: TrainJob, splits: Splits, task) -> None:
+    """What a streaming source cannot do yet, said before anything starts."""
+    where = f"data {spec.data.name!r} streams through Ray Data"
     if spec.train.batch_size == "full":
         raise BadInput(f"train.batch_size: full needs the whole training split in memory; {where}: set a batch size")
     if spec.train.adversarial:

@@ -27,8 +27,8 @@ from deepyard.errors import BadInput, JobFailed
 from deepyard.optim import make_schedule, restore
 from deepyard.runners import checkpoints
 from deepyard.runners.loop import EarlyStopping, Selection, reduce_sum, train_step
-from deepyard.runners.setup import (EVAL_BATCH, batch_size, build, eval_loader, load_data, make_optimizer, monitored,
-                                    preflight, serving_metadata, train_loader)
+from deepyard.runners.setup import (EVAL_BATCH, batch_size, build, check_sizes, eval_loader, load_data, make_optimizer,
+                                    monitored, preflight, serving_metadata, train_loader)
 from deepyard.runners.summary import RunOptions, RunSummary
 from deepyard.spec import TrainJob
 from deepyard.spec.train import StreamSpec
@@ -563,6 +563,7 @@ def run(spec: TrainJob, options: RunOptions) -> RunSummary:
             if splits.streaming:  # Ray Data reads the files from here on; the training split's statistics first
                 streaming.check_resources(spec.scaling.footprint()["CPU"])
                 streaming.attach(splits, spec.data.stream or StreamSpec(), spec.train.seed)
+                check_sizes(spec, splits)  # (a streamed table's, counted by that pass)
                 run.mark("data_stats")
             run.mark("startup")
             with progress.watch(run_id, spec.train.epochs, options.console):
