@@ -140,6 +140,7 @@ def main() -> None:
         "ratio_samples_per_s_streamed_vs_in_memory_1cpu": ratio("streamed_1cpu", "in_memory_1cpu"),
         "test_accuracy": {name: [round(run["test_accuracy"], 4) for run in done] for name, done in runs.items()},
     }
+    record.save("table_scale", result)  # (saved again as each part ends: a later part's failure keeps these)
     if args.grow > 1:  # the worker's memory as the table grows
         grown = write_table(base / f"rows{args.rows * args.grow}", args.rows * args.grow)
         large = deepyard_job(str(spec("streamed_grown", "parquet", f"{{path: {grown}, target: label}}", 1, True)),
@@ -155,6 +156,7 @@ def main() -> None:
             "samples_per_s_streamed_grown": large["samples_per_s"], "test_accuracy_grown": large["test_accuracy"],
             "stats_pass_s_grown": large["breakdown_s"].get("data_stats"),
         }
+        record.save("table_scale", result)
     if not args.skip_fashion:
         fashion = write_fashion(base / "fashion")
         pairs = {"idx_in_memory_1cpu": spec("fashion_idx", "fashion_mnist", "{}", 1, False, hidden=128),

@@ -216,7 +216,11 @@ def _heads(stream: TableStream) -> dict[str, Any]:
 
 
 def _encoded(frame, stream: TableStream, schema: TableSchema, class_names: list[str] | None):
-    x = schema.encode_frame(frame)
+    try:
+        x = schema.encode_frame(frame)
+    except CellError as error:  # (the driver's samples; Ray Data's rows were all checked by the fit)
+        raise DataError(f"{stream.where}: {error}; fix the row, or set the column's type in data.params.columns") \
+            from None
     if stream.task == "classification":
         import pandas as pd
 
@@ -421,10 +425,8 @@ class EncodeRows:
             if self.split == "train":  # in the order of their hashes: a file's rows, mixed (its order may be sorted)
                 own = own[np.argsort(points[own], kind="stable")]
             frame = frame.iloc[own]
-        try:
-            return dict(zip(("x", "y"), _encoded(frame, self.stream, self.schema, self.class_names)))
-        except CellError as error:  # (the fit read every cell: only a file changed since could fail here)
-            raise DataError(f"{self.stream.where}: {error}; the table changed while the job ran") from None
+        # (the fit read every cell: only a file changed since could fail here, a DataError that says which cell)
+        return dict(zip(("x", "y"), _encoded(frame, self.stream, self.schema, self.class_names)))
 
 
 def attach_table(splits, options, seed: int):
@@ -474,6 +476,8 @@ def open_table(format: Format, path: str | list[str], target: str, *, features: 
                columns: dict[str, ColumnOptions], max_onehot: int, split_key: str | None, test_path,
                split_seed: int, val_fraction: float, test_fraction: float) -> TableStream:
     """A streamed table's plan, from its listing and first rows: DataError for what they show wrong."""
+    import pandas as pd
+
     from deepyard.data.table_files import check_columns
     from deepyard.data.tables import plan
 
@@ -484,7 +488,11 @@ def open_table(format: Format, path: str | list[str], target: str, *, features: 
     check_columns(head, [target] + list(features or []) + ([split_key] if split_key else []), shown, format)
     if target in drop or target in (features or []):
         raise DataError(f"{shown}: the target {target!r} cannot also be a feature or dropped")
-    columns_plan = plan(head, target, features, list(drop), dict(columns), max_onehot, shown)
+    # A column the files type as numbers is numeric: a pixel that is 0 or 1 in the first rows is not
+    # a yes/no column (in memory, the whole table decides; here the first rows would).
+    typed = {name: ColumnOptions(type="numeric") for name in head.columns if name != target
+             and pd.api.types.is_numeric_dtype(head[name]) and not pd.api.types.is_bool_dtype(head[name])}
+    columns_plan = plan(head, target, features, list(drop), {**typed, **columns}, max_onehot, shown)
     test_files = test_head = None
     if test_path is not None:
         test_files = list_files(test_path, format, "data.params.test_path")
