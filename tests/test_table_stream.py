@@ -112,6 +112,18 @@ def test_a_folder_glob_or_list_streams_and_one_file_stays_in_memory(loans_parque
     assert isinstance(parquet(parts[0], "approved", stream=True), TableStream)
 
 
+def test_a_column_typed_as_numbers_stays_numeric_whatever_its_first_rows_hold(tmp_path):
+    from deepyard.data.table_files import parquet
+
+    rows = 3000
+    table = pd.DataFrame({"pixel": np.where(np.arange(rows) < 2500, np.arange(rows) % 2, 93).astype(np.uint8),
+                          "answer": np.where(np.arange(rows) % 2, "yes", "no"), "label": np.arange(rows) % 3})
+    write_parts(table, tmp_path / "pixels", "parquet")
+    stream = parquet(str(tmp_path / "pixels"), "label")
+    types = dict(zip(stream.columns.names, stream.columns.types))
+    assert types == {"pixel": "numeric", "answer": "boolean"}  # (0 and 1 alone in the first 2,048 rows)
+
+
 @pytest.mark.parametrize("params, says", [
     ("path: {missing}, target: approved", "does not exist"),
     ("path: {empty}, target: approved", "holds no parquet files (.parquet, .pq, .parq)"),
