@@ -227,6 +227,7 @@ def test_a_parquet_folder_trains_on_two_workers_each_on_its_own_share(ray_cluste
 
 
 @pytest.mark.slow
+@pytest.mark.long  # (a whole job: make test keeps under its budget; CI runs it)
 def test_a_csv_folder_streams_a_regression_on_one_worker(ray_cluster, cli, write_spec, tmp_path):
     table = loans(900, seed=3).assign(limit=lambda t: 2 * t["income"].to_numpy() + 5)
     folder = write_parts(table.drop(columns="approved"), tmp_path / "csv", "csv")
