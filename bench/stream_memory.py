@@ -18,7 +18,7 @@ import torch
 
 import record
 from deepyard.data import load_splits
-from deepyard.data.streaming import attach
+from deepyard.data import attach_streams as attach
 from deepyard.runners.edges import StreamedBatches
 from deepyard.spec.train import StreamSpec
 

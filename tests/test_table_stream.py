@@ -156,14 +156,13 @@ def test_what_a_streamed_table_cannot_do_yet_exits_2(cli, write_spec, loans_parq
 
 @pytest.mark.slow
 def test_statistics_and_categories_come_from_the_training_rows_only(ray_cluster, loans_parquet):
-    from deepyard.data import load_splits
-    from deepyard.data.streaming import attach
+    from deepyard.data import attach_streams, load_splits
     from deepyard.data.table_stream import split_codes
     from deepyard.spec.train import StreamSpec
 
     splits = load_splits("parquet", {"path": str(loans_parquet), "target": "approved"}, val_fraction=0.15,
                          test_fraction=0.15, seed=0)
-    attach(splits, StreamSpec(shuffle="none"), seed=0)
+    attach_streams(splits, StreamSpec(shuffle="none"), seed=0)
     table = pd.concat([pd.read_parquet(file) for file in sorted(loans_parquet.glob("*.parquet"))])
     codes = split_codes(table, splits.plan)
     train = table[codes == 0]

@@ -9,7 +9,7 @@ from deepyard.data.streaming import StreamPlan
 from deepyard.data.table_stream import TableStream
 from deepyard.data import idx, image_folder, series, sklearn_sets, table_files, text  # noqa: F401  (registers)
 
-__all__ = ["DATASETS", "RawData", "Splits", "make_splits", "load_splits"]
+__all__ = ["DATASETS", "RawData", "Splits", "attach_streams", "make_splits", "load_splits"]
 
 
 def load_splits(name: str, params: dict, *, val_fraction: float, test_fraction: float,
@@ -26,6 +26,16 @@ def load_splits(name: str, params: dict, *, val_fraction: float, test_fraction: 
         raw = with_sensitive(raw, name, list(sensitive), keep_sensitive)
     return make_splits(raw, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                        max_train_samples=max_train_samples)
+
+
+def attach_streams(splits, options, seed: int):
+    """Ray is up: a streaming source's Ray Datasets, after its pass over the data (statistics, checks).
+    ``options``: the spec's ``data.stream``."""
+    from deepyard.data import streaming, table_stream
+
+    if isinstance(splits.plan, TableStream):
+        return table_stream.attach_table(splits, options, seed)
+    return streaming.attach(splits, options, seed)
 
 
 def _streamed(name: str, plan: StreamPlan | TableStream, sensitive: list[str], max_train_samples: int | None,

@@ -193,11 +193,7 @@ def attach(splits: StreamSplits, options, seed: int) -> StreamSplits:
     the statistics."""
     import ray.data
 
-    from deepyard.data.table_stream import TableStream, attach_table
-
     configure()
-    if isinstance(splits.plan, TableStream):
-        return attach_table(splits, options, seed)
     plan = splits.plan
     items = {split: [{"source": file, "y": label, "train": split == "train"}
                      for file, label in zip(plan.files[split], plan.labels[split].tolist())] for split in SPLITS}

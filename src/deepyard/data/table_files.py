@@ -12,23 +12,10 @@ from pydantic import PositiveInt
 from deepyard.data.registry import DATASETS
 from deepyard.data.splits import RawData
 from deepyard.data.table_stream import TableStream, open_table
-from deepyard.data.tables import ColumnOptions, plan
+from deepyard.data.tables import ColumnOptions, check_columns, plan
 from deepyard.errors import DataError
-from deepyard.registry import did_you_mean
 
 TableTask = Literal["classification", "regression"]
-
-
-def check_columns(table, columns: list[str], shown, format: str) -> None:
-    """``table`` (a DataFrame, or a file's first rows) has ``columns``, or a DataError that says what is wrong."""
-    known = [str(c) for c in table.columns]
-    if format == "csv" and len(known) == 1 and columns and columns[0] not in known:
-        # One "column" is the file's whole first line: not echoed, since the file may hold a secret.
-        raise DataError(f"{shown}: one column only, not {columns[0]!r}; is it a comma-separated table with a "
-                        "header row?")
-    for column in columns:
-        if column not in known:
-            raise DataError(f"{shown}: no column {column!r}{did_you_mean(column, known)} (columns: {', '.join(known)})")
 
 
 def read_table(path: str, columns: list[str], format: Literal["csv", "parquet"] = "csv"):

@@ -434,8 +434,9 @@ def attach_table(splits, options, seed: int):
     per split; the driver's samples are encoded again with the fitted schema."""
     from ray.data import FileShuffleConfig, RandomSeedConfig
 
-    from deepyard.data.streaming import _data_error
+    from deepyard.data.streaming import _data_error, configure
 
+    configure()
     stream = splits.plan
     every = read(stream.files + (stream.test_files or []), stream.format, include_paths=True)
     try:
@@ -478,8 +479,7 @@ def open_table(format: Format, path: str | list[str], target: str, *, features: 
     """A streamed table's plan, from its listing and first rows: DataError for what they show wrong."""
     import pandas as pd
 
-    from deepyard.data.table_files import check_columns
-    from deepyard.data.tables import plan
+    from deepyard.data.tables import check_columns, plan
 
     where = "data.params.path"
     files = list_files(path, format, where)

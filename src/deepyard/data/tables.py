@@ -190,6 +190,10 @@ def column_values(series, kind: str) -> np.ndarray:
     A CellError names the first row that does not fit. (Each distinct value is read once.)"""
     import pandas as pd
 
+    if kind == "numeric" and series.dtype == object:  # (a table's cells held as objects: floats, None...)
+        inferred = series.infer_objects()
+        if pd.api.types.is_numeric_dtype(inferred) and not pd.api.types.is_bool_dtype(inferred):
+            series = inferred
     if kind == "numeric" and pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
         values = series.to_numpy(dtype=np.float64, na_value=np.nan)
         with np.errstate(invalid="ignore"):
@@ -356,15 +360,15 @@ class TablePlan:
         columns = []
         cells = self.cells(x, self.names)
         for i, (name, kind, encoding) in enumerate(zip(self.names, self.types, self.encodings)):
-            values = cells[:, i]
+            import pandas as pd
+
+            values = column_values(pd.Series(cells[:, i], dtype=object), kind)  # (every cell was checked by plan())
             if kind == "categorical":
-                names = [category(cell) for cell in values]
-                found, counts = np.unique(names, return_counts=True)
+                found, counts = np.unique(values.astype(str), return_counts=True)
                 order = np.lexsort((found, -counts))  # most frequent first; ties by name: stable across runs
                 columns.append(Column(name, kind, categories=[str(found[j]) for j in order], encoding=encoding))
                 continue
-            read = _number if kind == "numeric" else _boolean  # (every cell was checked by plan())
-            present = np.array([read(cell) for cell in values if not is_missing(cell)])
+            present = values[~np.isnan(values)]
             if not len(present):
                 raise DataError(f"column {name!r} has no values in the training split; drop it "
                                 "(data.params.drop) or give it values")
@@ -407,17 +411,26 @@ def plan(frame, target: str, features: list[str] | None, drop: list[str], column
     return TablePlan([c for c in known if c != target], names, types, encodings)
 
 
+def check_columns(table, columns: list[str], shown, format: str) -> None:
+    """``table`` (a DataFrame, or a file's first rows) has ``columns``, or a DataError that says what is wrong."""
+    known = [str(c) for c in table.columns]
+    if format == "csv" and len(known) == 1 and columns and columns[0] not in known:
+        # One "column" is the file's whole first line: not echoed, since the file may hold a secret.
+        raise DataError(f"{shown}: one column only, not {columns[0]!r}; is it a comma-separated table with a "
+                        "header row?")
+    for column in columns:
+        if column not in known:
+            raise DataError(f"{shown}: no column {column!r}{did_you_mean(column, known)} (columns: {', '.join(known)})")
+
+
 def _check_cells(series, name: str, kind: str, where: str) -> None:
     """Every value fits its column's type (types are not statistics: the whole table is checked, and
     the error names the row as the file has it)."""
-    read = {"numeric": _number, "boolean": _boolean, "categorical": category}[kind]
-    for row, cell in enumerate(series.astype(object)):
-        if not is_missing(cell):
-            try:
-                read(cell)
-            except CellError as error:
-                raise DataError(f"{where}: column {name!r} ({kind}), row {row}: {error.reason}; fix or drop the "
-                                "row, or set the column's type in data.params.columns") from None
+    try:
+        column_values(series, kind)
+    except CellError as error:
+        raise DataError(f"{where}: column {name!r} ({kind}), row {error.row}: {error.reason}; fix or drop the "
+                        "row, or set the column's type in data.params.columns") from None
 
 
 def infer_type(series, name: str, where: str) -> str:

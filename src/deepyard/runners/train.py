@@ -20,7 +20,7 @@ import torch
 
 from deepyard import drivers, settings, tracking, transfer
 from deepyard.compress import hooks as compress_hooks
-from deepyard.data import Splits, streaming
+from deepyard.data import Splits, attach_streams, streaming
 from deepyard.data.augment import random_affine
 from deepyard.robust.training import Adversary
 from deepyard.errors import BadInput, JobFailed
@@ -562,7 +562,7 @@ def run(spec: TrainJob, options: RunOptions) -> RunSummary:
             run.timings["mlflow_start_s"] = run.opened_after
             if splits.streaming:  # Ray Data reads the files from here on; the training split's statistics first
                 streaming.check_resources(spec.scaling.footprint()["CPU"])
-                streaming.attach(splits, spec.data.stream or StreamSpec(), spec.train.seed)
+                attach_streams(splits, spec.data.stream or StreamSpec(), spec.train.seed)
                 check_sizes(spec, splits)  # (a streamed table's, counted by that pass)
                 run.mark("data_stats")
             run.mark("startup")
