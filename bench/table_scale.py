@@ -104,8 +104,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "deepyard-table-scale"))
     parser.add_argument("--skip-fashion", action="store_true")
+    parser.add_argument("--tag", default="", help="saved as table_scale_<tag>.json (a partial run beside the full one)")
     args = parser.parse_args()
-    base = Path(args.dir)
+    base, saved_as = Path(args.dir), "table_scale" + (f"_{args.tag}" if args.tag else "")
     small, grown = write_table(base / f"rows{args.rows}", args.rows), None
     work = Path(tempfile.mkdtemp(prefix="deepyard-table-scale-"))
 
@@ -140,7 +141,7 @@ def main() -> None:
         "ratio_samples_per_s_streamed_vs_in_memory_1cpu": ratio("streamed_1cpu", "in_memory_1cpu"),
         "test_accuracy": {name: [round(run["test_accuracy"], 4) for run in done] for name, done in runs.items()},
     }
-    record.save("table_scale", result)  # (saved again as each part ends: a later part's failure keeps these)
+    record.save(saved_as, result)  # (saved again as each part ends: a later part's failure keeps these)
     if args.grow > 1:  # the worker's memory as the table grows
         grown = write_table(base / f"rows{args.rows * args.grow}", args.rows * args.grow)
         large = deepyard_job(str(spec("streamed_grown", "parquet", f"{{path: {grown}, target: label}}", 1, True)),
@@ -156,7 +157,7 @@ def main() -> None:
             "samples_per_s_streamed_grown": large["samples_per_s"], "test_accuracy_grown": large["test_accuracy"],
             "stats_pass_s_grown": large["breakdown_s"].get("data_stats"),
         }
-        record.save("table_scale", result)
+        record.save(saved_as, result)
     if not args.skip_fashion:
         fashion = write_fashion(base / "fashion")
         pairs = {"idx_in_memory_1cpu": spec("fashion_idx", "fashion_mnist", "{}", 1, False, hidden=128),
@@ -168,7 +169,7 @@ def main() -> None:
         result["fashion"] = {name: {key: run[key] for key in ("samples_per_s", "test_accuracy", "wall_s",
                                                                "fixed_cost_s")}
                              for name, run in fashion_runs.items()}
-    record.save("table_scale", result)
+    record.save(saved_as, result)
 
 
 if __name__ == "__main__":
