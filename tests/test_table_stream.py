@@ -124,6 +124,19 @@ def test_a_column_typed_as_numbers_stays_numeric_whatever_its_first_rows_hold(tm
     assert types == {"pixel": "numeric", "answer": "boolean"}  # (0 and 1 alone in the first 2,048 rows)
 
 
+def test_rows_of_the_test_files_are_test_rows_however_ray_names_them(loans_parquet):
+    from dataclasses import replace
+
+    from deepyard.data.table_files import parquet
+    from deepyard.data.table_stream import tally
+
+    stream = replace(parquet(str(loans_parquet), "approved"), test_files=["s3://bucket/held_out.parquet"],
+                     test_fraction=0.0)
+    rows = loans(50).assign(path=["bucket/held_out.parquet"] * 30 + ["bucket/train.parquet"] * 20)
+    counted = tally(rows, stream, frozenset(stream.test_files))
+    assert counted["rows"][2] == 30 and counted["rows"][0] + counted["rows"][1] == 20
+
+
 @pytest.mark.parametrize("params, says", [
     ("path: {missing}, target: approved", "does not exist"),
     ("path: {empty}, target: approved", "holds no parquet files (.parquet, .pq, .parq)"),

@@ -36,6 +36,7 @@ EXTENSIONS = {"parquet": (".parquet", ".pq", ".parq"), "csv": (".csv", ".csv.gz"
 SPLITS = ("train", "val", "test")
 ROWS_PER_BATCH = 16384  # rows encoded at a time on Ray Data's workers (fewer, larger blocks: less overhead)
 SKETCH_SIZE = 400  # a median's rank error of about 0.7% (datasketches' KLL)
+PATH_COLUMN = "path"  # where Ray Data's include_paths names each row's file
 
 
 @dataclass
@@ -240,10 +241,11 @@ def read(files: list[str], format: Format, **options):
 def tally(frame, stream: TableStream, test_files: frozenset[str]) -> dict[str, Any]:
     """One block's share of the fit: rows per split, labels, and per feature column its training
     rows' sums, sketch or category counts. Every cell of every split is checked against its type."""
-    paths = frame.pop("path").to_numpy()
+    named = PATH_COLUMN not in stream.head.columns  # (a table's own "path" column keeps its place)
+    paths = frame.pop(PATH_COLUMN).to_numpy() if named else np.full(len(frame), "a file of the table", dtype=object)
     codes = split_codes(frame, stream)
-    if test_files:
-        codes[np.isin(paths, list(test_files))] = 2
+    if test_files:  # (Ray Data names a bucket's file without its scheme: s3://b/t.parquet is b/t.parquet)
+        codes[np.isin(_bare(paths), [_bare(file) for file in test_files])] = 2
     train = codes == 0
 
     def fail(problem: str, rows: np.ndarray) -> None:
@@ -275,6 +277,13 @@ def tally(frame, stream: TableStream, test_files: frozenset[str]) -> dict[str, A
             column["sketch"] = sketch.serialize()
         result["columns"][name] = column
     return result
+
+
+def _bare(paths):
+    """Paths without a URI's scheme."""
+    import pandas as pd
+
+    return pd.Series(paths, dtype=object).str.replace(r"^\w+://", "", regex=True).to_numpy()
 
 
 def _counts(values) -> Counter:
@@ -438,7 +447,8 @@ def attach_table(splits, options, seed: int):
 
     configure()
     stream = splits.plan
-    every = read(stream.files + (stream.test_files or []), stream.format, include_paths=True)
+    every = read(stream.files + (stream.test_files or []), stream.format,
+                 include_paths=PATH_COLUMN not in stream.head.columns)
     try:
         tallied = pickle.loads(every.aggregate(_table_fit_class()(stream))["table_fit"])
     except Exception as error:  # a Ray task's failure wraps the DataError that says which file
@@ -495,6 +505,10 @@ def open_table(format: Format, path: str | list[str], target: str, *, features: 
     columns_plan = plan(head, target, features, list(drop), {**typed, **columns}, max_onehot, shown)
     test_files = test_head = None
     if test_path is not None:
+        if PATH_COLUMN in head.columns:
+            raise DataError(f"data.params.test_path: {shown} has a column named {PATH_COLUMN!r}, the name Ray Data "
+                            "gives each row's file, which tells the test files' rows apart; rename the column, or "
+                            "leave test_path out")
         test_files = list_files(test_path, format, "data.params.test_path")
         test_head, _ = read_head(test_files, format, "data.params.test_path")
         check_columns(test_head, [target] + columns_plan.names, test_files[0], format)
