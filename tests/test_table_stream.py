@@ -78,6 +78,13 @@ def test_a_column_read_at_once_encodes_as_cell_by_cell():
     assert np.array_equal(schema.encode_frame(odd), schema.encode(odd.astype(object).to_numpy()))
     with pytest.raises(CellError, match=r"column 'n', row 2: 'abc' is not a number"):
         schema.encode_frame(odd.assign(n=[1.0, None, "abc", 2]))
+    from deepyard.data.tables import column_values
+
+    # True is not the category 1 (pandas' factorize would take them for one), and a list is a CellError
+    assert column_values(pd.Series([True, 1, 0, False, None], dtype=object), "categorical").tolist() == [
+        "True", "1", "0", "False", "<missing>"]
+    with pytest.raises(CellError, match="a list where a number is expected"):
+        column_values(pd.Series([2.0, [1]], dtype=object), "numeric")
 
 
 def test_a_row_keeps_its_split_whatever_else_is_in_the_table(loans_parquet):
@@ -91,6 +98,15 @@ def test_a_row_keeps_its_split_whatever_else_is_in_the_table(loans_parquet):
     assert np.array_equal(split_codes(table.iloc[:100], stream), codes[:100])  # whatever else is there
     shares = np.bincount(codes, minlength=3) / len(codes)
     assert shares == pytest.approx([0.7, 0.15, 0.15], abs=0.04)
+    # A row's split does not depend on the dtype its block gave it (an int column is float where a
+    # block has a gap, a bool column object)
+    gaps = pd.DataFrame({"n": [1, 2, 3, None], "b": [True, False, True, None], "s": ["x", "y", None, "z"]})
+    whole = pd.DataFrame({"n": [1, 2, 3], "b": [True, False, True], "s": ["x", "y", None]})
+    assert gaps["n"].dtype == float and gaps["b"].dtype == object and whole["n"].dtype == "int64"
+    assert split_codes(whole, stream).tolist() == split_codes(gaps, stream)[:3].tolist()
+    from deepyard.data.table_stream import split_points
+
+    assert np.array_equal(split_points(whole, stream), split_points(gaps, stream)[:3])
     reseeded = parquet(str(loans_parquet), "approved", split_seed=1)
     assert not np.array_equal(split_codes(table, reseeded), codes)
     # by a key: rows that share it share a split

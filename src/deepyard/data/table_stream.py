@@ -157,9 +157,37 @@ def split_points(frame, stream: TableStream) -> np.ndarray:
     import pandas as pd
 
     key = hashlib.blake2b(str(stream.seed).encode(), digest_size=8).hexdigest()  # (16 characters: the hash's key)
-    hashed = pd.util.hash_pandas_object(frame[[stream.split_key]] if stream.split_key else frame, index=False,
-                                        hash_key=key).to_numpy()
+    hashed = pd.util.hash_pandas_object(_canonical(frame[[stream.split_key]] if stream.split_key else frame),
+                                        index=False, hash_key=key).to_numpy()
     return hashed / 2.0 ** 64
+
+
+def _canonical(frame):
+    """The rows as their values, whatever dtype a block gave them: pandas types an int column with a
+    gap as float, and a bool one as object, in that block only, and hashes by type. Numbers and
+    booleans become float64 (NaN for a gap); any other column, strings (numbers and booleans among
+    them written as floats)."""
+    import numbers
+
+    import pandas as pd
+
+    columns = {}
+    for name in frame.columns:
+        column = frame[name]
+        if pd.api.types.is_bool_dtype(column) or pd.api.types.is_numeric_dtype(column):
+            columns[name] = column.astype("float64").to_numpy()
+            continue
+        try:
+            codes, uniques = pd.factorize(column, use_na_sentinel=True)
+        except TypeError:  # (unhashable cells: the fit names them)
+            codes, uniques = np.arange(len(column)), [repr(cell) for cell in column]
+        canon = [float(value) if isinstance(value, (bool, np.bool_, numbers.Number)) else value for value in uniques]
+        if all(isinstance(value, float) for value in canon):
+            columns[name] = np.array(canon + [np.nan], dtype=np.float64)[codes]
+        else:
+            columns[name] = np.array([repr(value) if isinstance(value, float) else str(value) for value in canon]
+                                     + ["\x00"], dtype=object)[codes]
+    return pd.DataFrame(columns)
 
 
 def split_of(points: np.ndarray, stream: TableStream) -> np.ndarray:

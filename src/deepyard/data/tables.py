@@ -202,8 +202,13 @@ def column_values(series, kind: str) -> np.ndarray:
             row = int(np.argmax(bad))
             raise CellError(f"{values[row]} is not a finite number (within +-3.4e38)", row)
         return values
-    codes, uniques = pd.factorize(series, use_na_sentinel=True)
     read = {"numeric": _number, "boolean": _boolean, "categorical": category}[kind]
+    if series.dtype == object and pd.api.types.infer_dtype(series, skipna=True) in ("mixed", "mixed-integer"):
+        return _cell_by_cell(series, kind, read)  # (factorize takes True for 1: they are different categories)
+    try:
+        codes, uniques = pd.factorize(series, use_na_sentinel=True)
+    except TypeError:  # a cell that cannot be hashed (a list): read one by one, which names it
+        return _cell_by_cell(series, kind, read)
     readings = []
     for position, cell in enumerate(uniques):
         try:
@@ -212,6 +217,12 @@ def column_values(series, kind: str) -> np.ndarray:
             raise CellError(error.reason, int(np.argmax(codes == position))) from None
     gap = MISSING if kind == "categorical" else np.nan  # (code -1, a gap, takes the last entry)
     return np.array(readings + [gap], dtype=object if kind == "categorical" else np.float64)[codes]
+
+
+def _cell_by_cell(series, kind: str, read) -> np.ndarray:
+    gap = MISSING if kind == "categorical" else np.nan
+    values = [gap if is_missing(cell) else _at(row, read, cell) for row, cell in enumerate(series)]
+    return np.array(values, dtype=object if kind == "categorical" else np.float64)
 
 
 def _at(row: int, read, cell: Any):
