@@ -221,7 +221,14 @@ def attach(splits: StreamSplits, options, seed: int) -> StreamSplits:
     std = np.where(std < 1e-8, 1.0, std)
     shape = (channels, 1, 1) if len(plan.in_shape) == 3 else (channels,)
     splits.stats = (mean.reshape(shape).astype(np.float32), std.reshape(shape).astype(np.float32))
-    splits.streams = shuffled(streams, options, seed, lambda split, rows: decoded(rows))
+    # Seeded, and reseeded each time an epoch runs the Dataset again: a new order every epoch, and
+    # the same orders in every run of the spec (up to the order in which parallel tasks finish).
+    order = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
+    if options.shuffle == "local":  # a new file order each epoch; each worker's buffer mixes the samples further
+        streams["train"] = streams["train"].randomize_block_order(seed=order)
+    splits.streams = {split: decoded(rows) for split, rows in streams.items()}
+    if options.shuffle == "full":
+        splits.streams["train"] = splits.streams["train"].random_shuffle(seed=order)
     return splits
 
 
@@ -232,18 +239,3 @@ def _data_error(error: BaseException) -> str | None:
     found = re.search(r"DataError: (.+)", str(error))
     return found.group(1) if found else None
 
-
-def shuffled(streams: dict[str, Any], options, seed: int, decode) -> dict[str, Any]:
-    """Each split's read-and-decode Dataset (``decode`` maps the read one), the training split
-    shuffled as ``options`` (a ``StreamSpec``) say: seeded, and reseeded each time an epoch runs the
-    Dataset again (a new order every epoch, the same orders in every run of the spec, up to the
-    order in which parallel tasks finish)."""
-    import ray.data
-
-    order = ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True)
-    if options.shuffle == "local":  # a new block order each epoch; each worker's buffer mixes the samples further
-        streams = {**streams, "train": streams["train"].randomize_block_order(seed=order)}
-    decoded = {split: decode(split, rows) for split, rows in streams.items()}
-    if options.shuffle == "full":
-        decoded["train"] = decoded["train"].random_shuffle(seed=order)
-    return decoded
