@@ -113,6 +113,27 @@ def test_workers_that_leave_no_cpu_to_decode_on_exit_2(ray_cluster, cli, write_s
 
 
 @pytest.mark.slow
+def test_a_validation_split_that_fits_is_read_once_and_a_larger_one_streams(ray_cluster, monkeypatch):
+    from types import SimpleNamespace
+
+    import ray.data
+    from ray.data.dataset import MaterializedDataset
+
+    from deepyard.data import streaming
+
+    def splits():
+        return SimpleNamespace(in_shape=(3,), size=lambda split: 100, streams={"val": ray.data.range(100)})
+
+    small = splits()
+    streaming.keep_validation(small)
+    assert isinstance(small.streams["val"], MaterializedDataset) and small.streams["val"].count() == 100
+    monkeypatch.setattr(streaming, "KEPT_SHARE", 100 * (3 * 4 + 8) / 2 / ray.cluster_resources()["object_store_memory"])
+    large = splits()
+    streaming.keep_validation(large)
+    assert not isinstance(large.streams["val"], MaterializedDataset)
+
+
+@pytest.mark.slow
 def test_statistics_come_from_the_training_split_only(ray_cluster, tmp_path):
     from deepyard.data.image_folder import image_folder
     from deepyard.data.streaming import attach, stream_splits

@@ -34,8 +34,11 @@ def attach_streams(splits, options, seed: int):
     from deepyard.data import streaming, table_stream
 
     if isinstance(splits.plan, TableStream):
-        return table_stream.attach_table(splits, options, seed)
-    return streaming.attach(splits, options, seed)
+        attached = table_stream.attach_table(splits, options, seed)
+    else:
+        attached = streaming.attach(splits, options, seed)
+    streaming.keep_validation(attached)
+    return attached
 
 
 def _streamed(name: str, plan: StreamPlan | TableStream, sensitive: list[str], max_train_samples: int | None,

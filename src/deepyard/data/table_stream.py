@@ -37,6 +37,8 @@ SPLITS = ("train", "val", "test")
 ROWS_PER_BATCH = 16384  # rows encoded at a time on Ray Data's workers (fewer, larger blocks: less overhead)
 SKETCH_SIZE = 400  # a median's rank error of about 0.7% (datasketches' KLL)
 PATH_COLUMN = "path"  # where Ray Data's include_paths names each row's file
+READ_TASKS = 200  # at most, per pass over the files (more files: several to a task)
+BLOCK_BYTES = 8 * 2 ** 20  # the most a block of the table holds (4 MiB: an epoch ~15% longer)
 
 
 @dataclass
@@ -261,9 +263,21 @@ def _encoded(frame, stream: TableStream, schema: TableSchema, class_names: list[
 
 
 def read(files: list[str], format: Format, **options):
+    """The files as a Dataset, a read task per file (up to ``READ_TASKS``): Ray Data would otherwise
+    split each file's rows into several blocks (9 per file of a 400,000-row table in 8 files), and
+    the task and block overheads made an epoch ~1.8x as long."""
     import ray.data
 
-    return (ray.data.read_parquet if format == "parquet" else ray.data.read_csv)(files, **options)
+    reader = ray.data.read_parquet if format == "parquet" else ray.data.read_csv
+    # Smaller blocks than Ray Data's 128 MiB: a worker maps each block it reads from the object
+    # store, and those pages stay in its RSS (a 4M-row table's epoch: 898 MB peak, 722 at 8 MiB).
+    # (A Dataset copies the context it is made in, and the Datasets made from it keep that copy.)
+    context = ray.data.DataContext.get_current()
+    saved, context.target_max_block_size = context.target_max_block_size, BLOCK_BYTES
+    try:
+        return reader(files, override_num_blocks=min(len(files), READ_TASKS), **options)
+    finally:
+        context.target_max_block_size = saved
 
 
 def tally(frame, stream: TableStream, test_files: frozenset[str]) -> dict[str, Any]:
