@@ -173,12 +173,13 @@ def _canonical(frame):
 
     import pandas as pd
 
+    numeric = [name for name, dtype in frame.dtypes.items() if pd.api.types.is_bool_dtype(dtype)
+               or pd.api.types.is_numeric_dtype(dtype)]
+    # The numbers read at once (a column at a time cost ~0.1 ms a column: 784 pixels...)
+    canonical = pd.DataFrame(frame[numeric].to_numpy(dtype=np.float64, na_value=np.nan), columns=numeric)
     columns = {}
-    for name in frame.columns:
+    for name in frame.columns.difference(numeric, sort=False):
         column = frame[name]
-        if pd.api.types.is_bool_dtype(column) or pd.api.types.is_numeric_dtype(column):
-            columns[name] = column.astype("float64").to_numpy()
-            continue
         try:
             codes, uniques = pd.factorize(column, use_na_sentinel=True)
         except TypeError:  # (unhashable cells: the fit names them)
@@ -189,7 +190,9 @@ def _canonical(frame):
         else:
             columns[name] = np.array([repr(value) if isinstance(value, float) else str(value) for value in canon]
                                      + ["\x00"], dtype=object)[codes]
-    return pd.DataFrame(columns)
+    if columns:
+        canonical = pd.concat([canonical, pd.DataFrame(columns, index=canonical.index)], axis=1)
+    return canonical[list(frame.columns)]  # (in the file's order: the hash's)
 
 
 def split_of(points: np.ndarray, stream: TableStream) -> np.ndarray:

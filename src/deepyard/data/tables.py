@@ -219,6 +219,26 @@ def column_values(series, kind: str) -> np.ndarray:
     return np.array(readings + [gap], dtype=object if kind == "categorical" else np.float64)[codes]
 
 
+def _numbers_at_once(frame, names: list[str]) -> dict[str, np.ndarray]:
+    """The numeric columns whose dtype holds numbers, read in one conversion (784 pixels a column
+    at a time took ~10 ms a 1,000 rows); checked as ``column_values`` checks them, so a CellError
+    names the first bad cell's column and row."""
+    import pandas as pd
+
+    names = [name for name in names if pd.api.types.is_numeric_dtype(frame[name].dtype)
+             and not pd.api.types.is_bool_dtype(frame[name].dtype)]
+    if not names:
+        return {}
+    block = frame[names].to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore"):
+        bad = np.isinf(block) | (np.abs(block) > FLOAT32_MAX)
+    if bad.any():
+        column = int(np.flatnonzero(bad.any(axis=0))[0])
+        row = int(np.argmax(bad[:, column]))
+        raise CellError(f"{block[row, column]} is not a finite number (within +-3.4e38)", row, names[column])
+    return {name: block[:, index] for index, name in enumerate(names)}
+
+
 def _cell_by_cell(series, kind: str, read) -> np.ndarray:
     gap = MISSING if kind == "categorical" else np.nan
     values = [gap if is_missing(cell) else _at(row, read, cell) for row, cell in enumerate(series)]
@@ -302,9 +322,11 @@ class TableSchema:
         """``encode`` for a DataFrame of the input columns, a column at a time (a streamed table's
         batches); a CellError names the column and the row. Sensitive groups are not read here."""
         out, position = np.zeros((len(frame), self.width), dtype=np.float32), 0
+        numbers = _numbers_at_once(frame, [column.name for column in self.columns if column.type == "numeric"])
         for column in self.columns:
             try:
-                values = column_values(frame[column.name], column.type)
+                values = numbers[column.name] if column.name in numbers else column_values(frame[column.name],
+                                                                                          column.type)
             except CellError as error:
                 raise CellError(error.reason, error.row, column.name) from None
             column.encode_values(values, out[:, position: position + column.width])
