@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from deepyard.data.registry import DATASETS
-from deepyard.data.streaming import StreamPlan
+from deepyard.data.streaming import SPLITS, StreamPlan, split_by_point
 from deepyard.errors import DataError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -28,7 +28,7 @@ def split_of(relative: str, seed: int, val_fraction: float, test_fraction: float
     """"train", "val" or "test" from a hash of the file's path under the root (and the seed)."""
     digest = hashlib.blake2b(f"{seed}:{relative}".encode(), digest_size=8).digest()
     point = int.from_bytes(digest, "big") / 2.0 ** 64
-    return "test" if point < test_fraction else "val" if point < test_fraction + val_fraction else "train"
+    return SPLITS[split_by_point(np.array([point]), val_fraction, test_fraction)[0]]
 
 
 def _walk(root: str, where: str) -> tuple[list[str], list[str]]:

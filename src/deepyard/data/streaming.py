@@ -75,6 +75,13 @@ class StreamSplits(Splits):
         return replace(self, streams=None)
 
 
+def split_by_point(points: np.ndarray, val_fraction: float, test_fraction: float) -> np.ndarray:
+    """Each sample's split (0 train, 1 val, 2 test) from its point in [0, 1), a hash of the sample
+    and the seed: the test share of the points first, then the validation share."""
+    val = test_fraction + val_fraction
+    return np.where(points < test_fraction, 2, np.where(points < val, 1, 0)).astype(np.int8)
+
+
 def decode_sample(source: str, settings: dict[str, Any], data: bytes | None = None) -> np.ndarray:
     """One sample's input, read from a local path or any URI pyarrow reaches (s3://, gs://)
     unless its bytes are given."""
