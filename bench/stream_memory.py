@@ -4,12 +4,18 @@ folder given; the process's RSS, USS (private) and shared memory after, and the 
 every 500 batches. Ray's object store is mapped shared memory: the pages of the blocks a process
 has read count in its RSS, not in its USS (``object_store_pages_mb``: those pages, from smaps).
 
-    .venv/bin/python bench/stream_memory.py DIR_1X DIR_10X   # (bench/table_scale.py writes both)
+    .venv/bin/python bench/stream_memory.py DIR_1X DIR_10X [--object-store-mb 512]   # (table_scale.py writes both)
+
+Each table in a process of its own. With ``--object-store-mb``, Ray's object store is that size:
+the pages a reader maps are bounded by the store, not by the table.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import resource
+import subprocess
 import sys
 
 import psutil
@@ -53,12 +59,26 @@ def one_epoch(path: str) -> dict:
 
 
 def main() -> None:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    runs = [one_epoch(path) for path in sys.argv[1:]]
-    ray.shutdown()
-    record.save("stream_memory", {"bench": "stream_memory", "runs": runs,
-                                  "ratio_peak_uss_last_vs_first": runs[-1]["peak_uss_mb"] / runs[0]["peak_uss_mb"],
-                                  "ratio_peak_rss_last_vs_first": runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]})
+    parser = argparse.ArgumentParser()
+    parser.add_argument("paths", nargs="+")
+    parser.add_argument("--object-store-mb", type=int, help="cap Ray's object store (default: Ray's, ~30%% of memory)")
+    parser.add_argument("--one", action="store_true", help="(internal) one path, in this process")
+    args = parser.parse_args()
+    if args.one:
+        store = args.object_store_mb * 2 ** 20 if args.object_store_mb else None
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=store)
+        print(json.dumps(one_epoch(args.paths[0])))
+        return
+    runs = []
+    for path in args.paths:  # each in a process of its own: a peak is that table's alone
+        command = [sys.executable, __file__, path, "--one"] + (
+            ["--object-store-mb", str(args.object_store_mb)] if args.object_store_mb else [])
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        runs.append(json.loads(output.strip().splitlines()[-1]))
+    record.save("stream_memory" + (f"_store{args.object_store_mb}mb" if args.object_store_mb else ""), {
+        "bench": "stream_memory", "object_store_mb": args.object_store_mb, "runs": runs,
+        "ratio_peak_uss_last_vs_first": runs[-1]["peak_uss_mb"] / runs[0]["peak_uss_mb"],
+        "ratio_peak_rss_last_vs_first": runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]})
 
 
 if __name__ == "__main__":
