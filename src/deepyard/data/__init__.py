@@ -7,7 +7,7 @@ from deepyard.data.registry import DATASETS
 from deepyard.data.splits import RawData, Splits, make_splits
 from deepyard.data.streaming import StreamPlan
 from deepyard.data.table_stream import TableStream
-from deepyard.data import idx, image_folder, series, sklearn_sets, table_files, text  # noqa: F401  (registers)
+from deepyard.data import idx, image_folder, seq2seq, series, sklearn_sets, table_files, text  # noqa: F401  (registers)
 
 __all__ = ["DATASETS", "RawData", "Splits", "attach_streams", "make_splits", "load_splits"]
 

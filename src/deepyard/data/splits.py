@@ -12,7 +12,7 @@ from deepyard.errors import DataError
 if TYPE_CHECKING:
     from deepyard.data.tables import TablePlan
 
-Task = Literal["classification", "regression", "language_model"]
+Task = Literal["classification", "regression", "language_model", "seq2seq"]
 
 PAD, UNK = 0, 1  # token ids every vocabulary starts with
 
@@ -130,7 +130,7 @@ class Splits:
 
     @property
     def num_outputs(self) -> int:
-        if self.task == "language_model":
+        if self.task in ("language_model", "seq2seq"):  # a token's logits over the vocabulary
             return len(self.vocab)
         if self.task == "classification":
             return len(self.class_names)
@@ -363,7 +363,11 @@ def fit_vocabulary(splits: Splits, raw: RawData) -> Splits:
     """Re-code token data with a vocabulary fitted on the training inputs only: <pad>, <unk>, then
     the symbols seen at least ``min_count`` times, most frequent first. A symbol that only the
     validation or test data has becomes <unk>, as it would for text the model meets in serving."""
-    counts = np.bincount(splits.x_train.ravel(), minlength=len(raw.symbols))
+    targets_are_tokens = raw.task in ("language_model", "seq2seq")
+    seen = splits.x_train.ravel()
+    if raw.task == "seq2seq":  # (the end-of-sequence token is only ever a target)
+        seen = np.concatenate([seen, splits.y_train.ravel()])
+    counts = np.bincount(seen, minlength=len(raw.symbols))
     counts[PAD] = 0
     kept = [code for code in np.argsort(-counts, kind="stable") if counts[code] >= raw.min_count and code > UNK]
     kept = kept[: raw.max_vocab - 2] if raw.max_vocab else kept
@@ -372,7 +376,6 @@ def fit_vocabulary(splits: Splits, raw: RawData) -> Splits:
     recode[kept] = np.arange(2, len(kept) + 2)
     splits.vocab = ["<pad>", "<unk>"] + [raw.symbols[code] for code in kept]
     splits.join_with = raw.join_with
-    targets_are_tokens = raw.task == "language_model"
     for name in ("x_train", "x_val", "x_test") + (("y_train", "y_val", "y_test") if targets_are_tokens else ()):
         setattr(splits, name, recode[getattr(splits, name)])
     return splits

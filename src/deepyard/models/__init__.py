@@ -6,6 +6,6 @@ and ``vocab_size`` if it declares it (models over token ids); its other keyword 
 """
 
 from deepyard.models.registry import MODELS
-from deepyard.models import cnn, gan, mlp, perceptron, rnn, transformer  # noqa: F401  (registers the builders)
+from deepyard.models import cnn, gan, mlp, perceptron, rnn, seq2seq, transformer  # noqa: F401  (registers the builders)
 
 __all__ = ["MODELS"]
