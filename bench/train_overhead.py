@@ -117,7 +117,9 @@ def deepyard_job(spec_path: str, home: str, *overrides: str, env: dict | None = 
             # a streaming job's pass over its data (statistics, checks) once Ray is up
             **({"data_stats": timings["data_stats_s"] - timings["ray_connect_s"]} if "data_stats_s" in timings else {}),
         },
-        "test_accuracy": summary["metrics"]["test_accuracy"],
+        "test_accuracy": summary["metrics"].get("test_accuracy"),
+        "test_metrics": summary["metrics"],
+        "tokens_per_s": statistics.median(tokens[1:] or tokens) if (tokens := history("tokens_per_s")) else None,
         "worker_peak_rss_mb": summary.get("worker_peak_rss_mb") or 0.0,
     }
 
