@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import record
+from lm_shakespeare import plain_tokens_per_s
 from train_overhead import deepyard_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,36 +36,6 @@ register: {{enabled: false}}
 """
 
 
-def plain_tokens_per_s(spec_path: Path, steps: int, warmup: int = 10) -> float:
-    import torch
-
-    from deepyard.optim import OPTIMIZERS
-    from deepyard.runners.setup import build, load_data
-    from deepyard.spec.loading import load_spec
-
-    spec = load_spec(spec_path)
-    torch.manual_seed(spec.train.seed)
-    torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
-    splits = load_data(spec)
-    model, task = build(spec, splits)
-    optimizer = OPTIMIZERS.build(spec.optim.name, spec.optim.params, parameters=model.parameters(),
-                                 lr=spec.optim.lr, weight_decay=spec.optim.weight_decay)
-    x, y = torch.from_numpy(splits.x_train), torch.from_numpy(splits.y_train)
-    size, tokens = spec.train.batch_size, 0
-    model.train()
-    for step in range(warmup + steps):
-        if step == warmup:
-            started, tokens = time.perf_counter(), 0
-        index = torch.randint(len(x), (size,))
-        loss = task.loss(model(x[index]), y[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip or 1e9)
-        optimizer.step()
-        tokens += int((y[index] != 0).sum())
-    return tokens / (time.perf_counter() - started)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dates-epochs", type=int, default=12)
@@ -75,7 +45,9 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="deepyard-seq2seq-"))
     dates_job = ROOT / "jobs/dates_t5.yaml"
-    plain = plain_tokens_per_s(dates_job, args.plain_steps)
+    from deepyard.spec.loading import load_spec
+
+    plain = plain_tokens_per_s(load_spec(dates_job), args.plain_steps)
     dates = deepyard_job(str(dates_job), str(work / "dates"), f"train.epochs={args.dates_epochs}",
                          "register.enabled=false")
     result = {"bench": "seq2seq_quality",

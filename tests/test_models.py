@@ -9,7 +9,8 @@ from deepyard.models import MODELS
 from deepyard.models.pipeline import Pipeline
 
 IMAGE_ONLY = {"cnn", "cnn_lenet", "cnn_resnet_small"}
-TESTED_ELSEWHERE = {"transformer_encoder", "transformer_decoder", "dcgan"}  # test_text.py, test_gan.py
+# (test_text.py, test_seq2seq.py, test_gan.py)
+TESTED_ELSEWHERE = {"transformer_encoder", "transformer_decoder", "transformer_seq2seq", "dcgan"}
 
 
 def tiny_params(name: str) -> dict:

@@ -89,6 +89,33 @@ def test_beam_search_of_width_one_is_greedy_and_wider_beams_score_no_worse():
     assert score(wide) >= score(greedy([4, 5])) - 1e-6
 
 
+def test_the_model_reads_pairs_answers_each_decoder_step_and_learns_a_tiny_batch():
+    from deepyard.models import MODELS
+    from deepyard.tasks.seq2seq import Seq2Seq
+
+    torch.manual_seed(0)
+    model = MODELS.build("transformer_seq2seq", {"width": 32, "layers": 1, "heads": 2, "dropout": 0.0},
+                         in_shape=(2, 6), num_outputs=9, vocab_size=9)
+    pairs = torch.zeros(16, 2, 6, dtype=torch.long)
+    pairs[:, 0, :3] = torch.randint(4, 9, (16, 3))
+    pairs[:, 1, 0], pairs[:, 1, 1:4] = 2, pairs[:, 0, :3]  # <s> then a copy of the source
+    targets = torch.zeros(16, 6, dtype=torch.long)
+    targets[:, :3], targets[:, 3] = pairs[:, 0, :3], 3
+    assert model.eval()(pairs).shape == (16, 6, 9)  # (eval: every position; training cuts to the longest)
+    model.train()
+    assert model(pairs).shape == (16, 4, 9)
+    task, optimizer = Seq2Seq(), torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = task.loss(model(pairs), targets).item()
+    for _ in range(60):
+        loss = task.loss(model(pairs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.3 * first
+    with pytest.raises(ValueError, match="source and target pairs"):
+        MODELS.build("transformer_seq2seq", {}, in_shape=(12,), num_outputs=9, vocab_size=9)
+
+
 PAIRS_JOB = """
 kind: train
 name: tiny_seq2seq

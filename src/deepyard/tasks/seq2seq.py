@@ -22,20 +22,10 @@ from torch import nn
 
 from deepyard.serve.payloads import BadRequest, JsonOutputs, decode_text, instances_of, token_ids
 from deepyard.tasks.base import Supervised
+from deepyard.tasks.language_model import LogProbabilities
 
 MAX_BEAM_WIDTH = 8
 _KEYS = {"text", "beam_width", "max_length"}
-
-
-class NextTokenLogProbabilities(nn.Module):
-    """Serving head: each decoder position's next-token log-probabilities for (source, decoder input) pairs."""
-
-    def __init__(self, pipeline: nn.Module):
-        super().__init__()
-        self.pipeline = pipeline
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.pipeline(ids).float(), dim=-1)
 
 
 class Seq2Seq(Supervised):
@@ -101,7 +91,7 @@ class Seq2Seq(Supervised):
         return {f"samples/epoch_{epoch:04d}.txt": "\n".join(lines)}
 
     def serving_module(self, pipeline: nn.Module) -> nn.Module:
-        return NextTokenLogProbabilities(pipeline)
+        return LogProbabilities(pipeline)  # (each decoder position's next token, as a language model's)
 
 
 def special_ids(vocab: list[str]) -> tuple[int, int]:
