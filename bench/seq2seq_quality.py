@@ -42,27 +42,31 @@ def main() -> None:
     parser.add_argument("--scan-epochs", type=int, default=8)
     parser.add_argument("--plain-steps", type=int, default=150)
     parser.add_argument("--skip-scan", action="store_true")
+    parser.add_argument("--skip-dates", action="store_true")
+    parser.add_argument("--scan-splits", nargs="+", default=["simple", "add_jump"])
+    parser.add_argument("--tag", default="", help="saved as seq2seq_quality_<tag>.json (a partial run)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="deepyard-seq2seq-"))
-    dates_job = ROOT / "jobs/dates_t5.yaml"
-    from deepyard.spec.loading import load_spec
+    saved_as, result = "seq2seq_quality" + (f"_{args.tag}" if args.tag else ""), {"bench": "seq2seq_quality"}
+    if not args.skip_dates:
+        from deepyard.spec.loading import load_spec
 
-    plain = plain_tokens_per_s(load_spec(dates_job), args.plain_steps)
-    dates = deepyard_job(str(dates_job), str(work / "dates"), f"train.epochs={args.dates_epochs}",
-                         "register.enabled=false")
-    result = {"bench": "seq2seq_quality",
-              "dates": {"epochs": args.dates_epochs, "wall_s": dates["wall_s"], "train_s": dates["train_s"],
-                        **dates["test_metrics"]},
-              "tokens_per_s": {"plain": plain, "deepyard": dates.get("tokens_per_s"),
-                               "ratio": (dates.get("tokens_per_s") or 0.0) / plain}}
-    record.save("seq2seq_quality", result)  # (saved again as each part ends)
+        dates_job = ROOT / "jobs/dates_t5.yaml"
+        plain = plain_tokens_per_s(load_spec(dates_job), args.plain_steps)
+        dates = deepyard_job(str(dates_job), str(work / "dates"), f"train.epochs={args.dates_epochs}",
+                             "register.enabled=false")
+        result["dates"] = {"epochs": args.dates_epochs, "wall_s": dates["wall_s"], "train_s": dates["train_s"],
+                           **dates["test_metrics"]}
+        result["tokens_per_s"] = {"plain": plain, "deepyard": dates.get("tokens_per_s"),
+                                  "ratio": (dates.get("tokens_per_s") or 0.0) / plain}
+        record.save(saved_as, result)  # (saved again as each part ends)
     if not args.skip_scan:
-        for split in ("simple", "add_jump"):
+        for split in args.scan_splits:
             path = work / f"scan_{split}.yaml"
             path.write_text(SCAN_JOB.format(split=split, epochs=args.scan_epochs))
             run = deepyard_job(str(path), str(work / split))
             result[f"scan_{split}"] = {"epochs": args.scan_epochs, "wall_s": run["wall_s"], **run["test_metrics"]}
-            record.save("seq2seq_quality", result)
+            record.save(saved_as, result)
 
 
 if __name__ == "__main__":
