@@ -6,8 +6,9 @@ has read count in its RSS, not in its USS (``object_store_pages_mb``: those page
 
     .venv/bin/python bench/stream_memory.py DIR_1X DIR_10X [--object-store-mb 512]   # (table_scale.py writes both)
 
-Each table in a process of its own. With ``--object-store-mb``, Ray's object store is that size:
-the pages a reader maps are bounded by the store, not by the table.
+Each table in a process of its own, twice: with the raylet settings a deepyard cluster runs with
+(``settings.NODE_ENV``: released objects freed every 100 ms) and with Ray's defaults (in batches of
+100 or once a second). With ``--object-store-mb``, Ray's object store is that size.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import resource
 import subprocess
 import sys
 
+import os
+
 import psutil
 import ray
 import torch
@@ -26,6 +29,7 @@ import record
 from deepyard.data import load_splits
 from deepyard.data import attach_streams as attach
 from deepyard.runners.edges import StreamedBatches
+from deepyard.settings import NODE_ENV
 from deepyard.spec.train import StreamSpec
 
 
@@ -63,22 +67,28 @@ def main() -> None:
     parser.add_argument("paths", nargs="+")
     parser.add_argument("--object-store-mb", type=int, help="cap Ray's object store (default: Ray's, ~30%% of memory)")
     parser.add_argument("--one", action="store_true", help="(internal) one path, in this process")
+    parser.add_argument("--ray-defaults", action="store_true", help="(internal) without settings.NODE_ENV")
     args = parser.parse_args()
     if args.one:
+        if not args.ray_defaults:
+            os.environ.update(NODE_ENV)  # (read by the raylet that ray.init starts)
         store = args.object_store_mb * 2 ** 20 if args.object_store_mb else None
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=store)
         print(json.dumps(one_epoch(args.paths[0])))
         return
-    runs = []
-    for path in args.paths:  # each in a process of its own: a peak is that table's alone
-        command = [sys.executable, __file__, path, "--one"] + (
-            ["--object-store-mb", str(args.object_store_mb)] if args.object_store_mb else [])
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        runs.append(json.loads(output.strip().splitlines()[-1]))
-    record.save("stream_memory" + (f"_store{args.object_store_mb}mb" if args.object_store_mb else ""), {
-        "bench": "stream_memory", "object_store_mb": args.object_store_mb, "runs": runs,
-        "ratio_peak_uss_last_vs_first": runs[-1]["peak_uss_mb"] / runs[0]["peak_uss_mb"],
-        "ratio_peak_rss_last_vs_first": runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]})
+    result = {"bench": "stream_memory", "object_store_mb": args.object_store_mb, "node_env": NODE_ENV}
+    for settings in ("node_env", "ray_defaults"):
+        runs = []
+        for path in args.paths:  # each in a process of its own: a peak is that table's alone
+            command = [sys.executable, __file__, path, "--one"] + (
+                ["--object-store-mb", str(args.object_store_mb)] if args.object_store_mb else []) + (
+                ["--ray-defaults"] if settings == "ray_defaults" else [])
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            runs.append(json.loads(output.strip().splitlines()[-1]))
+        result[settings] = {"runs": runs,
+                            "ratio_peak_uss_last_vs_first": runs[-1]["peak_uss_mb"] / runs[0]["peak_uss_mb"],
+                            "ratio_peak_rss_last_vs_first": runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]}
+    record.save("stream_memory" + (f"_store{args.object_store_mb}mb" if args.object_store_mb else ""), result)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,10 @@ def ray_cluster(deepyard_home):
     import ray
 
     from deepyard.cluster import serve_env
-    from deepyard.settings import TRAIN_ENV
+    from deepyard.settings import NODE_ENV, TRAIN_ENV
 
-    os.environ.update({**TRAIN_ENV, **serve_env()})  # serving tests run what `deepyard deploy` runs
+    # a local cluster's settings; serving tests run what `deepyard deploy` runs
+    os.environ.update({**TRAIN_ENV, **NODE_ENV, **serve_env()})
     # Every worker can import the tests' own fault injection (faults.py), which stays inert until a test asks.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
     ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level="WARNING",

@@ -113,6 +113,24 @@ def test_the_crd_check_catches_a_misspelled_field():
         jsonschema.validate(broken, _strict(crd_schemas()[("ray.io/v1", "RayCluster")]))
 
 
+def test_every_training_node_frees_objects_as_a_local_cluster_does():
+    """settings.NODE_ENV (the raylet's own settings, which a running cluster takes from its nodes'
+    environment, not from a job) is in every `ray up` config and every KubeRay training container."""
+    from deepyard.settings import NODE_ENV
+
+    expected = {f"{key}={value}" for key, value in NODE_ENV.items()}
+    for path in CLUSTER_CONFIGS:
+        options = yaml.safe_load(path.read_text())["docker"]["run_options"]
+        assert expected <= {option.removeprefix("--env ") for option in options}, path.name
+    trainers = [doc for _, doc in manifests() if doc["kind"] in ("RayCluster", "RayJob")]
+    for doc in trainers:
+        cluster = doc["spec"].get("rayClusterSpec", doc["spec"])
+        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        for group in groups:
+            env = {item["name"]: item.get("value") for item in group["template"]["spec"]["containers"][0]["env"]}
+            assert NODE_ENV.items() <= env.items(), (doc["kind"], group.get("groupName", "head"))
+
+
 def test_the_manifests_tie_together():
     """kustomize lists every manifest but the RayJob template; GPU workers ask for nvidia.com/gpu;
     the RayJob cleans up after itself; the RayService serves what serving/digits.yaml serves."""

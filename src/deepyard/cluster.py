@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from deepyard import stops
-from deepyard.settings import TRAIN_ENV
+from deepyard.settings import NODE_ENV, TRAIN_ENV
 
 
 def serve_env() -> dict[str, str]:
@@ -77,7 +77,7 @@ def connected(address: str | None = None, ray_logs: bool = False,
     local_cluster.authenticate(address)
     check_reachable(address)
     with stops.signals_stop_the_job():
-        for key, value in {**TRAIN_ENV, **((local_env or {}) if not address else {})}.items():
+        for key, value in {**TRAIN_ENV, **({**NODE_ENV, **(local_env or {})} if not address else {})}.items():
             os.environ.setdefault(key, value)  # inherited by the raylet of a local cluster
         try:
             # (with Ray's dashboard, though it costs ~1 s, wherever a job may start a Ray Train worker

@@ -86,10 +86,10 @@ def _alive(node: dict[str, Any]) -> bool:
 def node_environment() -> dict[str, str]:
     """What every node's processes (and so every job's driver) see."""
     from deepyard import tracking
-    from deepyard.settings import TRAIN_ENV
+    from deepyard.settings import NODE_ENV, TRAIN_ENV
 
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, **TRAIN_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    return {**os.environ, **TRAIN_ENV, **NODE_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
             "MLFLOW_TRACKING_URI": tracking.tracking_uri(), "DEEPYARD_HOME": str(settings.home()),
             "DEEPYARD_STORAGE": settings.storage_path(None), "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_AUTH_MODE": "token",  # Ray's token in ~/.ray/auth_token (made if missing)

@@ -10,6 +10,13 @@ from pathlib import Path
 # report and throttles checkpointed reports; 0.1 s costs nothing visible.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 
+# What a node's raylet should run with: a local cluster gets it from here, a long-lived one needs it
+# in its nodes' environment (k8s/raycluster.yaml). Ray frees released objects in batches of 100, or
+# once a second; meanwhile a streaming reader maps block after block at fresh offsets of the object
+# store, pages its RSS keeps (bench/stream_memory.py, one epoch of 3.6M rows: 225 MB of them, ~120-170
+# MB with these). A free is one message to the node's object store: ten a second cost nothing visible.
+NODE_ENV = {"RAY_free_objects_period_milliseconds": "100", "RAY_free_objects_batch_size": "10"}
+
 
 def home() -> Path:
     """``$DEEPYARD_HOME``, default ``./.deepyard``: the sqlite store, artifacts and checkpoints."""
