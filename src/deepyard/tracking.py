@@ -640,11 +640,11 @@ def load_exported(name: str, version: str, uri: str | None = None):
         return torch.export.unflatten(torch.export.load(str(found[0])))
 
 
-def model_metadata(name: str, version: str) -> dict[str, Any]:
+def model_metadata(name: str, version: str, uri: str | None = None) -> dict[str, Any]:
     """What ``log_model`` stored with the version: task, input shape, class names, vocabulary..."""
     import mlflow
 
-    mlflow.set_tracking_uri(_ready(tracking_uri()))
+    mlflow.set_tracking_uri(_ready(uri or tracking_uri()))
     return mlflow.models.get_model_info(f"models:/{name}/{version}").metadata or {}
 
 

@@ -8,6 +8,7 @@ The preprocessing is never copied: the new job standardizes with its own data's 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,24 @@ def load_source(ref: str, uri: str | None = None) -> Source:
                        "deepyard kept weights, or not a supervised network); retrain it, or pass a state-dict file")
     state = torch.load(local, map_location="cpu", weights_only=True)
     return Source(network_state(state, ref), lineage=f"{name}:{found['version']}", run_id=found["run_id"])
+
+
+@functools.cache
+def source_vocabulary(ref: str, uri: str | None = None) -> tuple[tuple[str, ...], str] | None:
+    """A registered text model's vocabulary and token level ("word" or "char"): what its embeddings
+    were trained on, so a job that starts from it codes its own text with them (as a Hugging Face
+    model comes with its tokenizer). None for a state-dict file, or a model that reads no text."""
+    if is_file(ref):
+        return None
+    from deepyard import tracking
+    from deepyard.serve.options import parse_model_ref
+
+    name, alias, version = parse_model_ref(ref)
+    found = tracking.model_version(name, alias=alias, version=version, uri=uri)
+    metadata = tracking.model_metadata(name, found["version"], uri)
+    if not metadata.get("vocab"):
+        return None
+    return tuple(metadata["vocab"]), metadata.get("token_level", "word")
 
 
 def network_state(loaded, where: str) -> dict[str, torch.Tensor]:

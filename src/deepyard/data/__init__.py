@@ -14,10 +14,11 @@ __all__ = ["DATASETS", "RawData", "Splits", "attach_streams", "make_splits", "lo
 
 def load_splits(name: str, params: dict, *, val_fraction: float, test_fraction: float,
                 seed: int, max_train_samples: int | None = None, sensitive: list[str] = (),
-                keep_sensitive: bool = False, stream: bool = False) -> Splits:
+                keep_sensitive: bool = False, stream: bool = False, vocab: list[str] | None = None) -> Splits:
     """``sensitive``: table columns whose groups fairness is measured over; kept out of the
     features unless ``keep_sensitive``. A streaming source's splits are ``StreamSplits``
-    (``stream``: the spec asks a source that can stream to do so)."""
+    (``stream``: the spec asks a source that can stream to do so). ``vocab``: text is coded with
+    this vocabulary (a pretrained model's), not one fitted on the training split."""
     raw = DATASETS.build(name, params, split_seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
                          stream=stream)
     if isinstance(raw, (StreamPlan, TableStream)):
@@ -25,7 +26,7 @@ def load_splits(name: str, params: dict, *, val_fraction: float, test_fraction: 
     if sensitive:
         raw = with_sensitive(raw, name, list(sensitive), keep_sensitive)
     return make_splits(raw, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                       max_train_samples=max_train_samples)
+                       max_train_samples=max_train_samples, vocab=vocab)
 
 
 def attach_streams(splits, options, seed: int):

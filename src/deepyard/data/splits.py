@@ -12,9 +12,11 @@ from deepyard.errors import DataError
 if TYPE_CHECKING:
     from deepyard.data.tables import TablePlan
 
-Task = Literal["classification", "regression", "language_model", "seq2seq"]
+Task = Literal["classification", "regression", "language_model", "seq2seq", "masked_language_model"]
+TOKEN_TARGETS = ("language_model", "seq2seq", "masked_language_model")  # tasks whose targets are token ids
 
 PAD, UNK = 0, 1  # token ids every vocabulary starts with
+MASK, MASK_ID = "<mask>", 2  # a masked language model's hidden token, third in any vocabulary that has it
 
 
 @dataclass
@@ -130,7 +132,7 @@ class Splits:
 
     @property
     def num_outputs(self) -> int:
-        if self.task in ("language_model", "seq2seq"):  # a token's logits over the vocabulary
+        if self.task in TOKEN_TARGETS:  # a token's logits over the vocabulary
             return len(self.vocab)
         if self.task == "classification":
             return len(self.class_names)
@@ -243,7 +245,9 @@ def _check_rows(raw: RawData, val_fraction: float, test_fraction: float) -> None
 
 
 def make_splits(raw: RawData, *, val_fraction: float, test_fraction: float, seed: int,
-                max_train_samples: int | None = None) -> Splits:
+                max_train_samples: int | None = None, vocab: list[str] | None = None) -> Splits:
+    """``vocab``: token data is coded with this vocabulary (a pretrained model's) instead of one
+    fitted on its training split."""
     rng = np.random.default_rng(seed)
     stratify = raw.task == "classification"
     _check(raw)
@@ -252,7 +256,7 @@ def make_splits(raw: RawData, *, val_fraction: float, test_fraction: float, seed
         _check_rows(raw, val_fraction, test_fraction)
     if raw.ordered:
         splits = _ordered_splits(raw, val_fraction, test_fraction, max_train_samples)
-        return fit_vocabulary(splits, raw) if raw.symbols is not None else splits
+        return fit_vocabulary(splits, raw, vocab) if raw.symbols is not None else splits
 
     x, y = _inputs(raw, raw.x), raw.y
     if raw.x_test is None:
@@ -280,7 +284,7 @@ def make_splits(raw: RawData, *, val_fraction: float, test_fraction: float, seed
     )
     if raw.table is not None:
         return fit_table(splits, raw.table)
-    return fit_vocabulary(splits, raw) if raw.symbols is not None else splits
+    return fit_vocabulary(splits, raw, vocab) if raw.symbols is not None else splits
 
 
 def _inputs(raw: RawData, x: np.ndarray) -> np.ndarray:
@@ -359,22 +363,32 @@ def persistence_forecast(splits: Splits) -> np.ndarray | None:
     return None
 
 
-def fit_vocabulary(splits: Splits, raw: RawData) -> Splits:
+def fit_vocabulary(splits: Splits, raw: RawData, vocab: list[str] | None = None) -> Splits:
     """Re-code token data with a vocabulary fitted on the training inputs only: <pad>, <unk>, then
     the symbols seen at least ``min_count`` times, most frequent first. A symbol that only the
-    validation or test data has becomes <unk>, as it would for text the model meets in serving."""
-    targets_are_tokens = raw.task in ("language_model", "seq2seq")
-    seen = splits.x_train.ravel()
-    if raw.task == "seq2seq":  # (the end-of-sequence token is only ever a target)
-        seen = np.concatenate([seen, splits.y_train.ravel()])
-    counts = np.bincount(seen, minlength=len(raw.symbols))
-    counts[PAD] = 0
-    kept = [code for code in np.argsort(-counts, kind="stable") if counts[code] >= raw.min_count and code > UNK]
-    kept = kept[: raw.max_vocab - 2] if raw.max_vocab else kept
-    recode = np.full(len(raw.symbols), UNK, dtype=np.int64)
-    recode[PAD] = PAD
-    recode[kept] = np.arange(2, len(kept) + 2)
-    splits.vocab = ["<pad>", "<unk>"] + [raw.symbols[code] for code in kept]
+    validation or test data has becomes <unk>, as it would for text the model meets in serving.
+    ``vocab``: a pretrained model's, taken as it is (its token ids are what its embeddings learned)."""
+    targets_are_tokens = raw.task in TOKEN_TARGETS
+    if vocab is not None:
+        position = {token: code for code, token in enumerate(vocab)}
+        recode = np.array([position.get(symbol, UNK) for symbol in raw.symbols], dtype=np.int64)
+        recode[PAD] = PAD
+        splits.vocab = list(vocab)
+    else:
+        seen = splits.x_train.ravel()
+        if targets_are_tokens and raw.task != "language_model":  # (tokens only ever targets: </s>, a masked word)
+            seen = np.concatenate([seen, splits.y_train.ravel()])
+        counts = np.bincount(seen, minlength=len(raw.symbols))
+        counts[PAD] = 0
+        kept = [code for code in np.argsort(-counts, kind="stable") if counts[code] >= raw.min_count and code > UNK]
+        kept = kept[: raw.max_vocab - 2] if raw.max_vocab else kept
+        if MASK in raw.symbols:  # at MASK_ID, where the model looks for it
+            mask = raw.symbols.index(MASK)
+            kept = [mask] + [code for code in kept if code != mask]
+        recode = np.full(len(raw.symbols), UNK, dtype=np.int64)
+        recode[PAD] = PAD
+        recode[kept] = np.arange(2, len(kept) + 2)
+        splits.vocab = ["<pad>", "<unk>"] + [raw.symbols[code] for code in kept]
     splits.join_with = raw.join_with
     for name in ("x_train", "x_val", "x_test") + (("y_train", "y_val", "y_test") if targets_are_tokens else ()):
         setattr(splits, name, recode[getattr(splits, name)])

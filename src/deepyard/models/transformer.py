@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import PositiveInt
 from torch import nn
 
+from deepyard.data.splits import MASK_ID
 from deepyard.models.layers import Dropout, make_dropout
 from deepyard.models.registry import MODELS
 
@@ -81,10 +82,13 @@ def _check_sizes(in_shape: tuple[int, ...], vocab_size: int | None, width: int, 
 
 class TransformerEncoder(nn.Module):
     def __init__(self, vocab_size: int, context_length: int, num_outputs: int, width: int, layers: int, heads: int,
-                 dropout: float, pooling: str):
+                 dropout: float, pooling: str, head: str = "pooled"):
         super().__init__()
         self.pooling = pooling
-        extra = 1 if pooling == "cls" else 0  # a learned [CLS] vector goes in front
+        # BERT's pretraining head: the hidden tokens' logits, read with the input embedding;
+        # fine-tuning swaps it for a new pooled head.
+        self.fills_masks = head == "tokens"
+        extra = self.extra = 1 if pooling == "cls" else 0  # a learned [CLS] vector goes in front
         self.embeddings = Embeddings(vocab_size, context_length + extra, width, dropout)
         self.cls = nn.Parameter(torch.zeros(1, 1, width)) if pooling == "cls" else None
         self.blocks = nn.ModuleList(Block(width, heads, dropout, causal=False) for _ in range(layers))
@@ -92,6 +96,8 @@ class TransformerEncoder(nn.Module):
         self.dropout = make_dropout(dropout)
         self.head = nn.Linear(width, num_outputs)
         self.apply(_init_weights)
+        if self.fills_masks:
+            self.head.weight = self.embeddings.tokens.weight
 
     def encode(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states, a (batch, steps) mask of real tokens)."""
@@ -109,12 +115,19 @@ class TransformerEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         hidden, keep = self.encode(ids)
+        if self.fills_masks:  # the <mask> positions' logits only, in row-major order: (masks in the batch, vocab)
+            return self.head(hidden[:, self.extra:][ids == MASK_ID])
         if self.cls is not None:
             pooled = hidden[:, 0]
         else:
             weights = keep.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return self.head(self.dropout(pooled))
+
+    def every_position(self, ids: torch.Tensor) -> torch.Tensor:
+        """A token head's logits at every position, (batch, steps, vocab): the served fill-mask
+        model's (a fixed shape, which ``torch.export`` traces)."""
+        return self.head(self.encode(ids)[0][:, self.extra:])
 
 
 class TransformerDecoder(nn.Module):
@@ -143,10 +156,15 @@ class TransformerDecoder(nn.Module):
 def transformer_encoder(in_shape: tuple[int, ...], num_outputs: int, vocab_size: int | None = None,
                         width: PositiveInt = 128, layers: PositiveInt = 2, heads: PositiveInt = 4,
                         dropout: Dropout = 0.1, pooling: Literal["mean", "cls"] = "mean",
-                        context_length: PositiveInt | None = None) -> nn.Module:
-    """BERT-like encoder: self-attention over the whole text (padding masked), pooled, then a linear head."""
+                        context_length: PositiveInt | None = None,
+                        head: Literal["pooled", "tokens"] = "pooled") -> nn.Module:
+    """BERT-like encoder: self-attention over the whole text (padding masked), pooled, then a linear
+    head; ``head: tokens`` predicts a token at every position instead (masked-language-model pretraining)."""
     context_length = _check_sizes(in_shape, vocab_size, width, heads, context_length)
-    return TransformerEncoder(vocab_size, context_length, num_outputs, width, layers, heads, dropout, pooling)
+    if head == "tokens" and num_outputs != vocab_size:
+        raise ValueError("head: tokens predicts a token at every position; use it with masked-language-model data "
+                         "(masked_text), or leave head out (pooled) for a classifier")
+    return TransformerEncoder(vocab_size, context_length, num_outputs, width, layers, heads, dropout, pooling, head)
 
 
 @MODELS.register("transformer_decoder")

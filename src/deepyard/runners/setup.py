@@ -25,14 +25,22 @@ from deepyard.tasks.generation import Generation
 from deepyard.tasks.base import selectable
 
 
-def load_data(spec: TrainJob) -> Splits:
+def load_data(spec: TrainJob, uri: str | None = None) -> Splits:
+    """The spec's splits. Text that starts from a pretrained model (``init.from``) is coded with
+    that model's vocabulary (``uri``: the tracking server that holds it, where not the default)."""
     fairness = getattr(spec, "fairness", None)  # (a compress job's spec has none)
-    return load_splits(spec.data.name, spec.data.params, val_fraction=spec.data.val_fraction,
-                       test_fraction=spec.data.test_fraction, seed=split_seed(spec),
-                       max_train_samples=spec.data.max_train_samples,
-                       sensitive=fairness.sensitive if fairness else (),
-                       keep_sensitive=fairness.include_sensitive if fairness else False,
-                       stream=spec.data.stream is not None)
+    inherited = transfer.source_vocabulary(spec.init.from_, uri) if getattr(spec, "init", None) else None
+    splits = load_splits(spec.data.name, spec.data.params, val_fraction=spec.data.val_fraction,
+                         test_fraction=spec.data.test_fraction, seed=split_seed(spec),
+                         max_train_samples=spec.data.max_train_samples,
+                         sensitive=fairness.sensitive if fairness else (),
+                         keep_sensitive=fairness.include_sensitive if fairness else False,
+                         stream=spec.data.stream is not None, vocab=list(inherited[0]) if inherited else None)
+    if inherited and splits.is_text and inherited[1] != ("char" if splits.join_with == "" else "word"):
+        raise BadInput(f"init.from: {spec.init.from_} reads {inherited[1]} tokens but data {spec.data.name!r} is "
+                       f"{'char' if inherited[1] == 'word' else 'word'} tokens; start from a model trained on "
+                       f"{'char' if inherited[1] == 'word' else 'word'} tokens, or set the data's level to match")
+    return splits
 
 
 def split_seed(spec: TrainJob) -> int:

@@ -65,7 +65,7 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
     torch.manual_seed(spec.train.seed)
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))  # intra-op threads = the CPUs Ray gave us
     if splits is None:  # every worker builds the same deterministic splits locally (a streaming job's come along)
-        splits = config["splits"] if config.get("splits") is not None else load_data(spec)
+        splits = config["splits"] if config.get("splits") is not None else load_data(spec, config.get("tracking_uri"))
     model, task = build(spec, splits)
     freezer = transfer.start_from(spec.init, model.net, config.get("tracking_uri"))[0] if spec.init else None
     if method := compress_hooks.for_config(config.get("compress")):  # a compress stage: prune or distil

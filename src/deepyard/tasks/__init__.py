@@ -12,12 +12,13 @@ from deepyard.tasks.base import Codec, Direction, Task, selectable
 from deepyard.tasks.classification import Classification
 from deepyard.tasks.generation import Generation
 from deepyard.tasks.language_model import LanguageModel
+from deepyard.tasks.masked_lm import MaskedLanguageModel
 from deepyard.tasks.regression import Regression
 from deepyard.tasks.rl_policy import RLPolicy
 from deepyard.tasks.seq2seq import Seq2Seq
 
 TASKS: dict[str, type] = {task.name: task for task in (Classification, Regression, LanguageModel, Seq2Seq,
-                                                        Generation, RLPolicy)}
+                                                        MaskedLanguageModel, Generation, RLPolicy)}
 
 __all__ = ["TASKS", "Codec", "Task", "make_task", "metric_directions", "progress_columns", "codec"]
 
