@@ -2,7 +2,8 @@
 from scratch against the same job started from a pretrained encoder (jobs/bert_mlm.yaml, then
 jobs/rotten_tomatoes_bert_pretrained.yaml), each over the same seeds, in one run.
 
-    .venv/bin/python bench/pretraining.py [--seeds 0 1 2] [--mlm-epochs 4] [--corpora shakespeare film_plots+shakespeare]
+    .venv/bin/python bench/pretraining.py [--seeds 0 1 2] [--mlm-epochs 4] \
+        [--corpora shakespeare shakespeare+film_plots]
 
 Each corpus is pretrained once (a registered ``bert-mlm`` version); its vocabulary goes with it, so
 the fine-tuned jobs code the reviews with it: the share of review tokens it does not know is reported.
