@@ -1,0 +1,172 @@
+"""Masked-language-model pretraining (BERT's): the masked windows, the fill-mask head and task, a
+pretrained encoder's vocabulary and weights carried into a fine-tuning job through ``init.from``,
+and the fill-mask model served over real HTTP, on the session's real Ray cluster and MLflow."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from deepyard import tracking
+from deepyard.data.splits import MASK, MASK_ID, PAD, UNK, make_splits
+from deepyard.data.text import masked_windows
+from deepyard.models.transformer import transformer_encoder
+from deepyard.serve.payloads import BadRequest
+from deepyard.tasks.masked_lm import FillMask, MaskedLanguageModel
+from tests.conftest import last_json
+
+TEXT = " ".join(f"{name} {verb} the {noun} ." for name, verb, noun in
+                zip(["ann", "bob", "cy", "dee"] * 300, ["saw", "had", "fed"] * 400,
+                    ["cat", "dog", "hen", "cow", "pig"] * 240))
+
+
+def test_masked_windows_hide_tokens_as_the_seed_says_and_copies_stay_together():
+    raw = masked_windows(TEXT, 16, "word", mask_rate=0.15, copies=3, seed=7)
+    again = masked_windows(TEXT, 16, "word", mask_rate=0.15, copies=3, seed=7)
+    assert np.array_equal(raw.x, again.x) and np.array_equal(raw.y, again.y)
+    assert not np.array_equal(raw.x, masked_windows(TEXT, 16, "word", mask_rate=0.15, copies=3, seed=8).x)
+    mask = raw.symbols.index(MASK)
+    assert np.array_equal(raw.x == mask, raw.y != PAD)  # exactly the hidden tokens are scored
+    assert (raw.y != PAD).any(axis=1).all() and 0.1 < (raw.y != PAD).mean() < 0.2
+    originals = np.where(raw.y != PAD, raw.y, raw.x)
+    assert (originals[0::3] == originals[1::3]).all() and (originals[0::3] == originals[2::3]).all()
+    assert not np.array_equal(raw.x[0::3], raw.x[1::3])  # one window, its own mask in each copy
+    assert raw.split_gap == 2 and raw.ordered
+
+
+def test_the_vocabulary_puts_mask_third_and_a_pretrained_one_is_taken_as_it_is():
+    raw = masked_windows(TEXT, 16, "word", mask_rate=0.15, copies=2, seed=0)
+    splits = make_splits(raw, val_fraction=0.1, test_fraction=0.1, seed=0)
+    assert splits.vocab[MASK_ID] == MASK and splits.num_outputs == len(splits.vocab)
+    assert (splits.x_train == MASK_ID).sum() == (splits.y_train != PAD).sum()
+    inherited = ["<pad>", "<unk>", MASK, "the", "cat", "."]
+    again = make_splits(raw, val_fraction=0.1, test_fraction=0.1, seed=0, vocab=inherited)
+    assert again.vocab == inherited
+    words = np.where(again.y_train != PAD, again.y_train, again.x_train)
+    assert set(np.unique(words)) == {UNK, 3, 4, 5}  # every other word is unknown to that vocabulary
+    assert np.array_equal(again.x_train == MASK_ID, splits.x_train == MASK_ID)
+
+
+def test_the_token_head_scores_only_the_masks_and_the_task_lines_them_up():
+    torch.manual_seed(0)
+    net = transformer_encoder((8,), 30, vocab_size=30, width=16, layers=1, heads=2, dropout=0.0, head="tokens")
+    ids = torch.randint(3, 30, (4, 8))
+    ids[0, 2] = ids[3, 5] = ids[3, 7] = MASK_ID
+    targets = torch.zeros_like(ids)
+    targets[0, 2], targets[3, 5], targets[3, 7] = 5, 6, 7
+    outputs = net(ids)
+    assert outputs.shape == (3, 30) and net.every_position(ids).shape == (4, 8, 30)
+    assert torch.allclose(net.every_position(ids)[ids == MASK_ID], outputs, atol=1e-6)
+    assert net.head.weight is net.embeddings.tokens.weight  # read with the input embedding
+    task = MaskedLanguageModel()
+    sums = task.batch_sums(outputs, targets)
+    assert sums[-1] == 3
+    assert torch.isclose(sums[0] / 3, task.loss(outputs, targets))
+    perfect = torch.full((3, 30), -10.0)
+    perfect[[0, 1, 2], [5, 6, 7]] = 10.0
+    assert task.metrics(task.batch_sums(perfect, targets), "val")["val_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="head: tokens"):
+        transformer_encoder((8,), 2, vocab_size=30, head="tokens")
+    assert "head: tokens" in MaskedLanguageModel.fits(transformer_encoder((8,), 2, vocab_size=30), None)
+
+
+def test_fill_mask_requests_are_checked_and_answered_per_mask():
+    vocab = ["<pad>", "<unk>", MASK, "the", "cat", "sat", "."]
+    metadata = {"vocab": vocab, "token_level": "word", "input_shape": [6]}
+    codec = FillMask()
+    blanks = codec.decode({"instances": ["the <mask> sat <mask>", {"text": "<mask> cat", "top_k": 2}]},
+                          metadata, 8)
+    assert [b.ids for b in blanks] == [[3, MASK_ID, 5, MASK_ID], [MASK_ID, 4]] and blanks[1].top_k == 2
+
+    def scores(batch):  # "cat" wherever a mask is, "." elsewhere
+        out = torch.full((*batch.shape, len(vocab)), -5.0)
+        out[..., 6] = -1.0
+        out[batch == MASK_ID] = torch.tensor([-9.0, -9.0, 0.0, -3.0, -0.1, -2.0, -4.0])
+        return torch.log_softmax(out, -1)
+
+    answers = codec.run(scores, blanks, metadata)
+    assert answers[0]["text"] == "the cat sat cat" and len(answers[0]["masks"]) == 2
+    assert [m["token"] for m in answers[1]["masks"][0]] == ["cat", "sat"]  # never <mask> itself
+    assert codec.example(np.array([3, MASK_ID, 5, 0, 0, 0]), metadata) == "the <mask> sat"
+    for body, status, says in [({"instances": ["the cat"]}, 400, "no <mask>"),
+                               ({"instances": ["the <mask> " * 4]}, 413, "at most 6"),
+                               ({"instances": [{"text": "<mask>", "top_k": 0}]}, 400, "top_k"),
+                               ({"instances": [{"text": "<mask>", "beam": 1}]}, 400, "unknown key"),
+                               ({"instances": [3]}, 400, "text string")]:
+        with pytest.raises(BadRequest, match=says) as raised:
+            codec.decode(body, metadata, 8)
+        assert raised.value.status == status
+
+
+MLM_JOB = """
+kind: train
+name: tiny_mlm
+data: {{name: masked_text, params: {{corpus: [{corpus}], context_length: 12, copies: 4, min_count: 1}},
+       val_fraction: 0.1, test_fraction: 0.1}}
+model: {{name: transformer_encoder, params: {{width: 32, layers: 1, heads: 2, dropout: 0.0, head: tokens}}}}
+optim: {{name: adam, lr: 0.01}}
+train: {{epochs: 6, batch_size: 32}}
+register: {{model_name: tiny-mlm}}
+"""
+
+FINE_TUNE_JOB = """
+kind: train
+name: tiny_sentiment
+data: {{name: text_csv, params: {{path: {path}, level: {level}, max_length: 12}}}}
+model: {{name: transformer_encoder, params: {{width: 32, layers: 1, heads: 2, dropout: 0.0, context_length: 12}}}}
+init: {{from: "tiny-mlm:{version}"}}
+train: {{epochs: 2, batch_size: 16}}
+register: {{model_name: tiny-sentiment}}
+"""
+
+
+@pytest.mark.slow  # (~60 s: two jobs, then an endpoint)
+def test_a_pretrained_encoder_fine_tunes_with_its_vocabulary_and_fills_masks_over_http(
+        ray_cluster, cli, write_spec, tmp_path):
+    import pandas as pd
+
+    from deepyard.runners import deploy
+    from deepyard.serve.options import EndpointOptions
+    from tests.test_serve import free_port
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    result = cli("run", str(write_spec(MLM_JOB.format(corpus=corpus))), "--json")
+    summary = last_json(result)
+    # "the" and "." are certain wherever they are hidden, the rest far less: learnt, not guessed
+    assert summary["metrics"]["test_accuracy"] > 0.5, summary["metrics"]
+    run = tracking.client().get_run(summary["run_id"])
+    assert {"val_accuracy", "val_perplexity", "tokens_per_s"} <= set(run.data.metrics)
+    pretrained = tracking.model_metadata("tiny-mlm", summary["model_version"])
+    assert pretrained["task"] == "masked_language_model" and pretrained["vocab"][MASK_ID] == MASK
+
+    rows = [("ann fed the cat", "yes"), ("bob saw the pig", "no")] * 30 + [("zed ate a kiwi", "yes")] * 4
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(tmp_path / "labelled.csv", index=False)
+    tuned = cli("run", write_spec(FINE_TUNE_JOB.format(path=tmp_path / "labelled.csv", level="word",
+                                                       version=summary["model_version"]), "tune.yaml"), "--json")
+    version = last_json(tuned)["model_version"]
+    assert tracking.client().get_model_version("tiny-sentiment", version).tags["init_from"] == \
+        f"tiny-mlm:{summary['model_version']}"
+    metadata = tracking.model_metadata("tiny-sentiment", version)
+    assert metadata["vocab"] == pretrained["vocab"]  # coded with the encoder's words: "zed", "kiwi" are <unk>
+    wrong = cli("run", write_spec(FINE_TUNE_JOB.format(path=tmp_path / "labelled.csv", level="char",
+                                                       version=summary["model_version"]), "char.yaml"), expect=2)
+    assert "reads word tokens" in wrong.stderr
+
+    port = free_port()
+    infos = deploy.start([EndpointOptions(model=f"tiny-mlm:{summary['model_version']}", num_cpus=0.5)],
+                         host="127.0.0.1", port=port)
+    url = infos[0]["url"] + "/predict"
+    asked = "ann fed <mask> cat <mask> bob saw the pig ."  # (each blank certain from the words around it)
+    answer = httpx.post(url, json={"instances": [asked, {"text": "<mask>", "top_k": 3}]}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    first, second = answer.json()["predictions"]
+    assert [masks[0]["token"] for masks in first["masks"]] == ["the", "."], (first, summary["metrics"])
+    assert first["text"] == "ann fed the cat . bob saw the pig ."
+    assert len(second["masks"][0]) == 3
+    for body, status in [({"instances": ["no blanks"]}, 400), ({"instances": ["<mask> " * 40]}, 413)]:
+        refused = httpx.post(url, json=body, timeout=30)
+        assert refused.status_code == status, refused.text
+    assert httpx.post(url, json={"instances": ["<mask> saw the dog"]}, timeout=30).status_code == 200
