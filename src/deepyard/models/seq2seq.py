@@ -126,7 +126,9 @@ class TransformerSeq2Seq(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         source, decoder_input = ids[:, 0], ids[:, 1]
-        if self.training:  # (not in eval: the served program is exported, and a cut's size is data-dependent)
+        # Cut to the batch's longest source and target (a text-to-text classifier's target is 2 of
+        # 50 columns), except in the served program: torch.export traces it, and a cut's size is data-dependent.
+        if not torch.compiler.is_exporting():
             source, decoder_input = source[:, : _used_length(source)], decoder_input[:, : _used_length(decoder_input)]
         memory, memory_mask = self.encode(source)
         return self.decode(decoder_input, memory, memory_mask)  # (batch, steps, vocab)

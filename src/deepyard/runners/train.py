@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from deepyard import drivers, settings, tracking, transfer
@@ -496,6 +497,23 @@ def describe(spec: TrainJob, splits: Splits) -> str:
     if spec.init:
         model, _ = build(spec, splits)
         line += "\n" + transfer.start_from(spec.init, model.net)[1]
+        if splits.is_text and transfer.source_vocabulary(spec.init.from_):
+            line += "\n" + inherited_vocabulary(spec, splits)
+    return line
+
+
+def inherited_vocabulary(spec: TrainJob, splits: Splits) -> str:
+    """How well a pretrained model's vocabulary covers this job's text: its <unk> share."""
+    from deepyard.data.splits import PAD, UNK
+
+    def unknown(ids: np.ndarray) -> str:
+        real = ids[ids != PAD]
+        return f"{np.mean(real == UNK):.1%}" if real.size else "0%"
+
+    line = (f"vocabulary: {spec.init.from_}'s {len(splits.vocab):,} tokens; {unknown(splits.x_train)} of the "
+            "training inputs' tokens are unknown to it")
+    if splits.y_train.dtype.kind == "i" and splits.y_train.ndim == 2:  # (token targets)
+        line += f", {unknown(splits.y_train)} of the targets'"
     return line
 
 
