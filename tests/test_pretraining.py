@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deepyard import tracking
-from deepyard.data.splits import MASK, MASK_ID, PAD, UNK, make_splits
+from deepyard.data.splits import MASK, MASK_ID, PAD, make_splits
 from deepyard.data.text import masked_windows
 from deepyard.models.transformer import transformer_encoder
 from deepyard.serve.payloads import BadRequest
@@ -36,17 +36,36 @@ def test_masked_windows_hide_tokens_as_the_seed_says_and_copies_stay_together():
     assert raw.split_gap == 2 and raw.ordered
 
 
-def test_the_vocabulary_puts_mask_third_and_a_pretrained_one_is_taken_as_it_is():
+def test_the_vocabulary_puts_mask_third_and_a_pretrained_one_is_kept_then_extended():
     raw = masked_windows(TEXT, 16, "word", mask_rate=0.15, copies=2, seed=0)
     splits = make_splits(raw, val_fraction=0.1, test_fraction=0.1, seed=0)
     assert splits.vocab[MASK_ID] == MASK and splits.num_outputs == len(splits.vocab)
     assert (splits.x_train == MASK_ID).sum() == (splits.y_train != PAD).sum()
-    inherited = ["<pad>", "<unk>", MASK, "the", "cat", "."]
+    inherited = ["<pad>", "<unk>", MASK, "the", "cat", "zebra", "."]
     again = make_splits(raw, val_fraction=0.1, test_fraction=0.1, seed=0, vocab=inherited)
-    assert again.vocab == inherited
-    words = np.where(again.y_train != PAD, again.y_train, again.x_train)
-    assert set(np.unique(words)) == {UNK, 3, 4, 5}  # every other word is unknown to that vocabulary
+    assert again.vocab[:7] == inherited and set(again.vocab[7:]) == set(splits.vocab) - set(inherited)
+    decoded = [again.vocab[i] for i in np.where(again.y_train != PAD, again.y_train, again.x_train).ravel()]
+    assert decoded == [splits.vocab[i] for i in np.where(splits.y_train != PAD, splits.y_train,
+                                                         splits.x_train).ravel()]  # the same words, recoded
     assert np.array_equal(again.x_train == MASK_ID, splits.x_train == MASK_ID)
+
+
+def test_a_grown_vocabulary_keeps_the_pretrained_rows_of_the_token_embedding():
+    from deepyard import transfer
+
+    torch.manual_seed(0)
+    source = transformer_encoder((8,), 20, vocab_size=20, width=16, layers=1, heads=2, head="tokens")
+    target = transformer_encoder((8,), 2, vocab_size=26, width=16, layers=1, heads=2)
+    fresh_rows = target.embeddings.tokens.weight[20:].detach().clone()
+    plan, new = transfer.copy_plan(target, source.state_dict(), None)
+    transfer.copy_into(target, plan)
+    assert torch.equal(target.embeddings.tokens.weight[:20], source.embeddings.tokens.weight)
+    assert torch.equal(target.embeddings.tokens.weight[20:], fresh_rows)
+    assert new == ["head.weight", "head.bias"]
+    assert torch.equal(target.blocks[0].qkv.weight, source.blocks[0].qkv.weight)
+    smaller = transformer_encoder((8,), 2, vocab_size=12, width=16, layers=1, heads=2)
+    with pytest.raises(Exception, match="embeddings.tokens.weight"):
+        transfer.copy_plan(smaller, source.state_dict(), None)  # fewer tokens than the source: not a growth
 
 
 def test_the_token_head_scores_only_the_masks_and_the_task_lines_them_up():
@@ -150,7 +169,8 @@ def test_a_pretrained_encoder_fine_tunes_with_its_vocabulary_and_fills_masks_ove
     assert tracking.client().get_model_version("tiny-sentiment", version).tags["init_from"] == \
         f"tiny-mlm:{summary['model_version']}"
     metadata = tracking.model_metadata("tiny-sentiment", version)
-    assert metadata["vocab"] == pretrained["vocab"]  # coded with the encoder's words: "zed", "kiwi" are <unk>
+    extended = metadata["vocab"][len(pretrained["vocab"]):]  # the encoder's words, then the data's new ones
+    assert metadata["vocab"][: len(pretrained["vocab"])] == pretrained["vocab"] and {"zed", "kiwi"} <= set(extended)
     wrong = cli("run", write_spec(FINE_TUNE_JOB.format(path=tmp_path / "labelled.csv", level="char",
                                                        version=summary["model_version"]), "char.yaml"), expect=2)
     assert "reads word tokens" in wrong.stderr

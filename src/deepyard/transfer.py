@@ -125,7 +125,8 @@ def output_layer(net: nn.Module) -> list[str]:
 
 def copy_plan(net: nn.Module, source: dict[str, torch.Tensor], modules: list[str] | None) -> tuple[dict, list[str]]:
     """(name -> source tensor to copy, the names left new). Every copied tensor's shape must match:
-    the error names the first one that does not. Without ``modules``, everything is copied except an
+    the error names the first one that does not, but a token embedding whose vocabulary this job
+    extended (its first rows are copied). Without ``modules``, everything is copied except an
     output layer whose size differs (a new head for a different number of classes)."""
     target = net.state_dict()
     names = list(target)
@@ -142,11 +143,23 @@ def copy_plan(net: nn.Module, source: dict[str, torch.Tensor], modules: list[str
             if name in head:
                 fresh.append(name)
                 continue
+            if _grown_vocabulary(name, source[name], target[name]):  # the source's tokens, then new ones
+                grown = target[name].detach().clone()
+                grown[: len(source[name])] = source[name]
+                plan[name] = grown
+                continue
             raise BadInput(f"init.from: tensor {name!r} is {tuple(source[name].shape)} in the source but "
                            f"{tuple(target[name].shape)} here; match model.params to the source's, or leave it "
                            "out of init.modules")
         plan[name] = source[name]
     return plan, fresh
+
+
+def _grown_vocabulary(name: str, source: torch.Tensor, target: torch.Tensor) -> bool:
+    """A token embedding whose vocabulary this job extended (``splits.fit_vocabulary``): the same
+    width, more rows. The source's rows are copied; the new tokens' keep their fresh start."""
+    return name.split(".")[-2:] == ["tokens", "weight"] and source.ndim == target.ndim == 2 \
+        and source.shape[1] == target.shape[1] and source.shape[0] < target.shape[0]
 
 
 def copy_into(net: nn.Module, plan: dict[str, torch.Tensor]) -> None:

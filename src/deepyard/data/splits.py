@@ -367,28 +367,28 @@ def fit_vocabulary(splits: Splits, raw: RawData, vocab: list[str] | None = None)
     """Re-code token data with a vocabulary fitted on the training inputs only: <pad>, <unk>, then
     the symbols seen at least ``min_count`` times, most frequent first. A symbol that only the
     validation or test data has becomes <unk>, as it would for text the model meets in serving.
-    ``vocab``: a pretrained model's, taken as it is (its token ids are what its embeddings learned)."""
+    ``vocab``: a pretrained model's, kept as it is (its token ids are what its embeddings learned),
+    and then the symbols of this fit it lacks (new embeddings: Hugging Face's ``add_tokens``)."""
     targets_are_tokens = raw.task in TOKEN_TARGETS
+    seen = splits.x_train.ravel()
+    if targets_are_tokens and raw.task != "language_model":  # (tokens only ever targets: </s>, a masked word)
+        seen = np.concatenate([seen, splits.y_train.ravel()])
+    counts = np.bincount(seen, minlength=len(raw.symbols))
+    counts[PAD] = 0
+    kept = [code for code in np.argsort(-counts, kind="stable") if counts[code] >= raw.min_count and code > UNK]
+    kept = kept[: raw.max_vocab - 2] if raw.max_vocab else kept
+    if MASK in raw.symbols:  # at MASK_ID, where the model looks for it
+        mask = raw.symbols.index(MASK)
+        kept = [mask] + [code for code in kept if code != mask]
+    fitted = [raw.symbols[code] for code in kept]
     if vocab is not None:
-        position = {token: code for code, token in enumerate(vocab)}
-        recode = np.array([position.get(symbol, UNK) for symbol in raw.symbols], dtype=np.int64)
-        recode[PAD] = PAD
-        splits.vocab = list(vocab)
+        known = set(vocab)
+        splits.vocab = list(vocab) + [symbol for symbol in fitted if symbol not in known]
     else:
-        seen = splits.x_train.ravel()
-        if targets_are_tokens and raw.task != "language_model":  # (tokens only ever targets: </s>, a masked word)
-            seen = np.concatenate([seen, splits.y_train.ravel()])
-        counts = np.bincount(seen, minlength=len(raw.symbols))
-        counts[PAD] = 0
-        kept = [code for code in np.argsort(-counts, kind="stable") if counts[code] >= raw.min_count and code > UNK]
-        kept = kept[: raw.max_vocab - 2] if raw.max_vocab else kept
-        if MASK in raw.symbols:  # at MASK_ID, where the model looks for it
-            mask = raw.symbols.index(MASK)
-            kept = [mask] + [code for code in kept if code != mask]
-        recode = np.full(len(raw.symbols), UNK, dtype=np.int64)
-        recode[PAD] = PAD
-        recode[kept] = np.arange(2, len(kept) + 2)
-        splits.vocab = ["<pad>", "<unk>"] + [raw.symbols[code] for code in kept]
+        splits.vocab = ["<pad>", "<unk>"] + fitted
+    position = {symbol: code for code, symbol in enumerate(splits.vocab)}
+    recode = np.array([position.get(symbol, UNK) for symbol in raw.symbols], dtype=np.int64)
+    recode[PAD] = PAD
     splits.join_with = raw.join_with
     for name in ("x_train", "x_val", "x_test") + (("y_train", "y_val", "y_test") if targets_are_tokens else ()):
         setattr(splits, name, recode[getattr(splits, name)])

@@ -503,15 +503,16 @@ def describe(spec: TrainJob, splits: Splits) -> str:
 
 
 def inherited_vocabulary(spec: TrainJob, splits: Splits) -> str:
-    """How well a pretrained model's vocabulary covers this job's text: its <unk> share."""
+    """A pretrained model's vocabulary, extended by this job's own tokens, and its <unk> share."""
     from deepyard.data.splits import PAD, UNK
 
     def unknown(ids: np.ndarray) -> str:
         real = ids[ids != PAD]
         return f"{np.mean(real == UNK):.1%}" if real.size else "0%"
 
-    line = (f"vocabulary: {spec.init.from_}'s {len(splits.vocab):,} tokens; {unknown(splits.x_train)} of the "
-            "training inputs' tokens are unknown to it")
+    inherited = len(transfer.source_vocabulary(spec.init.from_)[0])
+    line = (f"vocabulary: {spec.init.from_}'s {inherited:,} tokens and {len(splits.vocab) - inherited:,} of this "
+            f"data's own (new embeddings); {unknown(splits.x_train)} of the training inputs' tokens are <unk>")
     if splits.y_train.dtype.kind == "i" and splits.y_train.ndim == 2:  # (token targets)
         line += f", {unknown(splits.y_train)} of the targets'"
     return line
