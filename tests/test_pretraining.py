@@ -222,3 +222,11 @@ def test_the_reviews_as_text_to_text_pairs():
     assert first[:2] == ["sentiment", ":"]
     labels = {raw.symbols[row[0]] for row in raw.y}
     assert labels == {"fresh", "rotten"} and all(raw.symbols[row[1]] == "</s>" for row in raw.y[:50])
+
+
+def test_special_tokens_are_one_word_each():
+    from deepyard.data.text import tokens
+
+    assert tokens("To be or <mask> to be, <extra_id_0> <extra_id_12>!", "word") == [
+        "to", "be", "or", "<mask>", "to", "be", ",", "<extra_id_0>", "<extra_id_12>", "!"]
+    assert tokens("a <b> c", "word") == ["a", "<", "b", ">", "c"]  # any other markup as before

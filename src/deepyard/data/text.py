@@ -24,11 +24,12 @@ from deepyard.registry import did_you_mean
 Level = Literal["char", "word"]
 VocabSize = Annotated[int, Field(ge=3)]  # <pad>, <unk> and at least one token
 MaskRate = Annotated[float, Field(gt=0.0, lt=1.0)]
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
+# (a pretraining model's special tokens, <mask> and T5's sentinels <extra_id_0>..., are one word each)
+_WORD = re.compile(r"<mask>|<extra_id_\d+>|[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
 
 
 def tokens(text: str, level: Level) -> list[str]:
-    """Characters as they are, or lower-cased words and punctuation marks."""
+    """Characters as they are, or lower-cased words and punctuation marks (and special tokens)."""
     return list(text) if level == "char" else _WORD.findall(text.lower())
 
 
@@ -144,7 +145,9 @@ def masked_windows(text: str, context_length: int, level: Level, *, mask_rate: f
         raise DataError(f"the text has {len(split)} tokens; context_length {context_length} leaves fewer than "
                         "two windows")
     symbols, codes = _symbol_table([split])
-    symbols.append(MASK)
+    if MASK not in codes:  # (a corpus that writes <mask> has it already)
+        symbols.append(MASK)
+    mask_code = symbols.index(MASK)
     corpus = np.array([codes[token] for token in split], dtype=np.int64)
     windows = len(corpus) // context_length
     x = np.repeat(corpus[: windows * context_length].reshape(windows, context_length), copies, axis=0)
@@ -153,7 +156,7 @@ def masked_windows(text: str, context_length: int, level: Level, *, mask_rate: f
     unscored = ~hidden.any(axis=1)  # every window hides at least one token
     hidden[unscored, rng.integers(0, context_length, unscored.sum())] = True
     y = np.where(hidden, x, PAD)
-    x[hidden] = len(symbols) - 1
+    x[hidden] = mask_code
     # A window's copies sit side by side: the spans split between them, so none is in two splits.
     return RawData(x, y, "masked_language_model", ordered=True, split_gap=copies - 1, symbols=symbols,
                    min_count=min_count, max_vocab=max_vocab, join_with="" if level == "char" else " ")

@@ -59,6 +59,28 @@ def instances_of(body: Any, expected: str, max_batch: int) -> list:
     return instances
 
 
+def instance_options(item: Any, where: str, text_key: str, keys: set[str], expected: str) -> dict[str, Any]:
+    """One instance of a text codec: a string (the ``text_key`` alone) or an object of options with a
+    non-empty string under ``text_key`` and no key outside ``keys``; anything else is a 400 saying which."""
+    options = {text_key: item} if isinstance(item, str) else item
+    if not isinstance(options, dict) or not isinstance(options.get(text_key), str) or not options[text_key].strip():
+        raise BadRequest(f"{where}: needs a non-empty {text_key} string; " + expected)
+    if unknown := sorted(set(options) - keys):
+        raise BadRequest(f"{where}: unknown key {unknown[0]!r}; " + expected)
+    return options
+
+
+def integer_option(options: dict[str, Any], key: str, where: str, low: int, high: int | None = None,
+                   default: int | None = None) -> int | None:
+    """``options[key]`` (or ``default``), an integer from ``low`` to ``high``; else a 400."""
+    value = options.get(key, default)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low
+                              or (high is not None and value > high)):
+        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise BadRequest(f"{where}.{key}: {value!r}; must be an integer {bounds}")
+    return value
+
+
 def seed_of(value: Any, where: str) -> int | None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED):
         raise BadRequest(f"{where}: {value!r}; must be an integer from 0 to 2**63 - 1")

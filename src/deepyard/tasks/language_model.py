@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepyard.serve.payloads import BadRequest, JsonOutputs, decode_text, instances_of, seed_of, token_ids
+from deepyard.serve.payloads import (BadRequest, JsonOutputs, decode_text, instance_options, instances_of,
+                                     integer_option, seed_of, token_ids)
 from deepyard.tasks.base import Supervised
 
 # Per request: one forward pass per new token; these caps keep one request from holding a replica for minutes.
@@ -124,30 +125,17 @@ class Prompts(JsonOutputs):
 
     def _generation(self, item: Any, index: int, metadata: dict[str, Any]) -> Generation:
         where = f"instances[{index}]"
-        options = {"prompt": item} if isinstance(item, str) else item
-        if not isinstance(options, dict) or not isinstance(options.get("prompt"), str) or not options["prompt"]:
-            raise BadRequest(f"{where}: needs a non-empty prompt string; " + self.expected(metadata))
-        if unknown := sorted(set(options) - _GENERATION_KEYS):
-            raise BadRequest(f"{where}: unknown key {unknown[0]!r}; " + self.expected(metadata))
-
-        def integer(key: str, low: int, high: int | None = None) -> int | None:
-            value = options.get(key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low
-                                      or (high is not None and value > high)):
-                bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
-                raise BadRequest(f"{where}.{key}: {value!r}; must be an integer {bounds}")
-            return value
-
+        options = instance_options(item, where, "prompt", _GENERATION_KEYS, self.expected(metadata))
         temperature = options.get("temperature", 1.0)
         if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
                 or not (temperature == 0 or 0.01 <= temperature <= 10)):
             raise BadRequest(f"{where}.temperature: {temperature!r}; must be 0 (greedy) or a number from 0.01 to 10")
-        new_tokens = integer("max_new_tokens", 1, MAX_NEW_TOKENS)
+        new_tokens = integer_option(options, "max_new_tokens", where, 1, MAX_NEW_TOKENS)
         ids = token_ids(options["prompt"], metadata, None)
         if not ids:
             raise BadRequest(f"{where}.prompt: holds no tokens; " + self.expected(metadata))
         return Generation(options["prompt"], ids, 100 if new_tokens is None else new_tokens, float(temperature),
-                          integer("top_k", 1), seed_of(options.get("seed"), f"{where}.seed"))
+                          integer_option(options, "top_k", where, 1), seed_of(options.get("seed"), f"{where}.seed"))
 
     def run(self, module, requests: list[Generation], metadata: dict[str, Any]) -> list[dict[str, Any]]:
         """Sample each request's continuation from the served language model."""

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepyard.data.splits import MASK, MASK_ID, PAD
-from deepyard.serve.payloads import BadRequest, JsonOutputs, decode_text, instances_of, token_ids
+from deepyard.serve.payloads import (BadRequest, JsonOutputs, decode_text, instance_options, instances_of,
+                                     integer_option, token_ids)
 from deepyard.tasks.base import Supervised
 
 MAX_TOP_K = 20
@@ -130,14 +131,8 @@ class FillMask(JsonOutputs):
 
     def _blanks(self, item: Any, index: int, metadata: dict[str, Any]) -> Blanks:
         where = f"instances[{index}]"
-        options = {"text": item} if isinstance(item, str) else item
-        if not isinstance(options, dict) or not isinstance(options.get("text"), str):
-            raise BadRequest(f"{where}: needs a text string; " + self.expected(metadata))
-        if unknown := sorted(set(options) - _KEYS):
-            raise BadRequest(f"{where}: unknown key {unknown[0]!r}; " + self.expected(metadata))
-        top_k = options.get("top_k", 5)
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
-            raise BadRequest(f"{where}.top_k: {top_k!r}; must be an integer from 1 to {MAX_TOP_K}")
+        options = instance_options(item, where, "text", _KEYS, self.expected(metadata))
+        top_k = integer_option(options, "top_k", where, 1, MAX_TOP_K, 5)
         ids: list[int] = []
         for position, piece in enumerate(options["text"].split(MASK)):
             ids += ([MASK_ID] if position else []) + token_ids(piece, metadata, None)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepyard.serve.payloads import BadRequest, JsonOutputs, decode_text, instances_of, token_ids
+from deepyard.serve.payloads import (BadRequest, JsonOutputs, decode_text, instance_options, instances_of,
+                                     integer_option, token_ids)
 from deepyard.tasks.base import Supervised
 from deepyard.tasks.language_model import LogProbabilities
 
@@ -163,25 +164,14 @@ class Translations(JsonOutputs):
 
     def _translation(self, item: Any, index: int, metadata: dict[str, Any]) -> Translation:
         where, room = f"instances[{index}]", int(metadata["input_shape"][1]) - 1
-        options = {"text": item} if isinstance(item, str) else item
-        if not isinstance(options, dict) or not isinstance(options.get("text"), str) or not options["text"].strip():
-            raise BadRequest(f"{where}: needs a non-empty text; " + self.expected(metadata))
-        if unknown := sorted(set(options) - _KEYS):
-            raise BadRequest(f"{where}: unknown key {unknown[0]!r}; " + self.expected(metadata))
-
-        def integer(key: str, high: int, default: int) -> int:
-            value = options.get(key, default)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
-                raise BadRequest(f"{where}.{key}: {value!r}; must be an integer from 1 to {high}")
-            return value
-
+        options = instance_options(item, where, "text", _KEYS, self.expected(metadata))
         ids = token_ids(options["text"], metadata, None)
         length = int(metadata["input_shape"][1])
         if len(ids) > length:
             raise BadRequest(f"{where}.text: {len(ids)} tokens is over this model's {length}; shorten it",
                              status=413)
-        return Translation(options["text"], ids, integer("beam_width", MAX_BEAM_WIDTH, 1),
-                           integer("max_length", room, room))
+        return Translation(options["text"], ids, integer_option(options, "beam_width", where, 1, MAX_BEAM_WIDTH, 1),
+                           integer_option(options, "max_length", where, 1, room, room))
 
     def run(self, module, requests: list[Translation], metadata: dict[str, Any]) -> list[dict[str, Any]]:
         specials = special_ids(metadata["vocab"])
