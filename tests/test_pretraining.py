@@ -145,6 +145,7 @@ register: {{model_name: tiny-sentiment}}
 def test_a_pretrained_encoder_fine_tunes_with_its_vocabulary_and_fills_masks_over_http(
         ray_cluster, cli, write_spec, tmp_path):
     import pandas as pd
+    from ray import serve
 
     from deepyard.runners import deploy
     from deepyard.serve.options import EndpointOptions
@@ -178,18 +179,21 @@ def test_a_pretrained_encoder_fine_tunes_with_its_vocabulary_and_fills_masks_ove
     port = free_port()
     infos = deploy.start([EndpointOptions(model=f"tiny-mlm:{summary['model_version']}", num_cpus=0.5)],
                          host="127.0.0.1", port=port)
-    url = infos[0]["url"] + "/predict"
-    asked = "ann fed <mask> cat <mask> bob saw the pig ."  # (each blank certain from the words around it)
-    answer = httpx.post(url, json={"instances": [asked, {"text": "<mask>", "top_k": 3}]}, timeout=60)
-    assert answer.status_code == 200, answer.text
-    first, second = answer.json()["predictions"]
-    assert [masks[0]["token"] for masks in first["masks"]] == ["the", "."], (first, summary["metrics"])
-    assert first["text"] == "ann fed the cat . bob saw the pig ."
-    assert len(second["masks"][0]) == 3
-    for body, status in [({"instances": ["no blanks"]}, 400), ({"instances": ["<mask> " * 40]}, 413)]:
-        refused = httpx.post(url, json=body, timeout=30)
-        assert refused.status_code == status, refused.text
-    assert httpx.post(url, json={"instances": ["<mask> saw the dog"]}, timeout=30).status_code == 200
+    try:
+        url = infos[0]["url"] + "/predict"
+        asked = "ann fed <mask> cat <mask> bob saw the pig ."  # (each blank certain from the words around it)
+        answer = httpx.post(url, json={"instances": [asked, {"text": "<mask>", "top_k": 3}]}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        first, second = answer.json()["predictions"]
+        assert [masks[0]["token"] for masks in first["masks"]] == ["the", "."], (first, summary["metrics"])
+        assert first["text"] == "ann fed the cat . bob saw the pig ."
+        assert len(second["masks"][0]) == 3
+        for body, status in [({"instances": ["no blanks"]}, 400), ({"instances": ["<mask> " * 40]}, 413)]:
+            refused = httpx.post(url, json=body, timeout=30)
+            assert refused.status_code == status, refused.text
+        assert httpx.post(url, json={"instances": ["<mask> saw the dog"]}, timeout=30).status_code == 200
+    finally:
+        serve.shutdown()  # (the next test's endpoint starts Serve on a port of its own)
 
 
 def test_span_corruption_hides_spans_behind_sentinels_that_the_target_fills_in():

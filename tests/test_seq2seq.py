@@ -138,7 +138,7 @@ register: {{model_name: tiny-seq2seq}}
 @pytest.mark.long  # (~100 s: 30 epochs, then an endpoint)
 def test_a_seq2seq_model_learns_to_copy_and_answers_over_http(ray_cluster, cli, write_spec, tmp_path):
     import pandas as pd
-    from ray import serve  # noqa: F401  (deploy starts it)
+    from ray import serve
 
     from deepyard.runners import deploy
     from deepyard.serve.options import EndpointOptions
@@ -160,17 +160,20 @@ def test_a_seq2seq_model_learns_to_copy_and_answers_over_http(ray_cluster, cli, 
     port = free_port()
     infos = deploy.start([EndpointOptions(model=f"tiny-seq2seq:{summary['model_version']}", num_cpus=0.5)],
                          host="127.0.0.1", port=port)
-    url = infos[0]["url"] + "/predict"
-    answer = httpx.post(url, json={"instances": ["cab", {"text": "dcb", "beam_width": 3}]}, timeout=60)
-    assert answer.status_code == 200, answer.text
-    assert [p["text"] for p in answer.json()["predictions"]] == ["cab", "dcb"]
-    for body, status, says in [
-        ({"instances": [{"text": "ab", "beam_width": 99}]}, 400, "beam_width"),
-        ({"instances": [{"text": "ab", "max_length": 0}]}, 400, "max_length"),
-        ({"instances": ["a" * 500]}, 413, "tokens"),
-        ({"instances": [""]}, 400, "non-empty"),
-        ({"instances": ["ab"] * 10_000}, 413, "limit"),
-    ]:
-        wrong = httpx.post(url, json=body, timeout=30)
-        assert wrong.status_code == status and says in wrong.json()["error"], wrong.text
-    assert httpx.post(url, json={"instances": ["ab"]}, timeout=30).status_code == 200  # still answering
+    try:
+        url = infos[0]["url"] + "/predict"
+        answer = httpx.post(url, json={"instances": ["cab", {"text": "dcb", "beam_width": 3}]}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert [p["text"] for p in answer.json()["predictions"]] == ["cab", "dcb"]
+        for body, status, says in [
+            ({"instances": [{"text": "ab", "beam_width": 99}]}, 400, "beam_width"),
+            ({"instances": [{"text": "ab", "max_length": 0}]}, 400, "max_length"),
+            ({"instances": ["a" * 500]}, 413, "tokens"),
+            ({"instances": [""]}, 400, "non-empty"),
+            ({"instances": ["ab"] * 10_000}, 413, "limit"),
+        ]:
+            wrong = httpx.post(url, json=body, timeout=30)
+            assert wrong.status_code == status and says in wrong.json()["error"], wrong.text
+        assert httpx.post(url, json={"instances": ["ab"]}, timeout=30).status_code == 200  # still answering
+    finally:
+        serve.shutdown()  # (the next test's endpoint starts Serve on a port of its own)
