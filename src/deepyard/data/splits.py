@@ -131,6 +131,11 @@ class Splits:
         return self.vocab is not None
 
     @property
+    def token_level(self) -> str:
+        """"char" or "word": how the text was cut into tokens (and how served text is)."""
+        return "char" if self.join_with == "" else "word"
+
+    @property
     def num_outputs(self) -> int:
         if self.task in TOKEN_TARGETS:  # a token's logits over the vocabulary
             return len(self.vocab)

@@ -36,10 +36,10 @@ def load_data(spec: TrainJob, uri: str | None = None) -> Splits:
                          sensitive=fairness.sensitive if fairness else (),
                          keep_sensitive=fairness.include_sensitive if fairness else False,
                          stream=spec.data.stream is not None, vocab=list(inherited[0]) if inherited else None)
-    if inherited and splits.is_text and inherited[1] != ("char" if splits.join_with == "" else "word"):
+    if inherited and splits.is_text and inherited[1] != splits.token_level:
         raise BadInput(f"init.from: {spec.init.from_} reads {inherited[1]} tokens but data {spec.data.name!r} is "
-                       f"{'char' if inherited[1] == 'word' else 'word'} tokens; start from a model trained on "
-                       f"{'char' if inherited[1] == 'word' else 'word'} tokens, or set the data's level to match")
+                       f"{splits.token_level} tokens; start from a model trained on {splits.token_level} tokens, "
+                       "or set the data's level to match")
     return splits
 
 
@@ -211,7 +211,7 @@ def serving_metadata(spec: TrainJob, splits: Splits, task, pipeline: torch.nn.Mo
     metadata = {"task": task.name, "input_shape": list(splits.in_shape), "class_names": splits.class_names,
                 "feature_names": splits.feature_names, "job": spec.name}
     if splits.is_text:  # the served model tokenizes requests with the training vocabulary
-        metadata.update(vocab=splits.vocab, token_level="char" if splits.join_with == "" else "word")
+        metadata.update(vocab=splits.vocab, token_level=splits.token_level)
     if splits.persistence:  # forecasting windows: explained per past time step
         metadata["series"] = True
     if splits.table:  # a mixed table: requests are objects of raw columns, encoded with the fitted schema

@@ -93,7 +93,7 @@ class MaskedLanguageModel(Supervised):
         """A few validation windows with the model's guesses for their hidden tokens."""
         model.eval()
         device = next(model.parameters()).device
-        metadata = {"vocab": splits.vocab, "token_level": "char" if splits.join_with == "" else "word"}
+        metadata = {"vocab": splits.vocab, "token_level": splits.token_level}
         lines = []
         with torch.inference_mode():
             for index in range(min(count, len(splits.x_val))):

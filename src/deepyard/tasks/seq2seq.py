@@ -79,7 +79,7 @@ class Seq2Seq(Supervised):
         """A few validation sources, what greedy decoding makes of them, and the targets."""
         model.eval()
         device = next(model.parameters()).device
-        metadata = {"vocab": splits.vocab, "token_level": "char" if splits.join_with == "" else "word"}
+        metadata = {"vocab": splits.vocab, "token_level": splits.token_level}
         lines = []
         for index in range(min(count, len(splits.x_val))):
             pair = splits.x_val[index]
