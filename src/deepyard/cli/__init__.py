@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import os
 import sys
 
@@ -18,6 +19,7 @@ __all__ = ["app", "exit_at_once", "main"]
 
 
 def main() -> None:
+    faulthandler.enable()  # a crash in native code (torch, Arrow, Ray's core) prints every thread's stack
     try:
         app()
     except SystemExit as stop:
