@@ -256,8 +256,9 @@ STAGES: dict[str, Callable[..., list[Produced]]] = {"prune": _prune, "quantize":
 
 
 def _score(pipeline: torch.nn.Module, checked: Checked) -> dict[str, float]:
-    test, _ = checked.task.test_metrics(pipeline, eval_loader(checked.splits.x_test, checked.splits.y_test),
-                                        torch.device("cpu"), checked.splits, checked.parent.spec.train.seed)
+    cpu = torch.device("cpu")
+    test, _ = checked.task.test_metrics(pipeline, eval_loader(checked.splits.x_test, checked.splits.y_test, cpu),
+                                        cpu, checked.splits, checked.parent.spec.train.seed)
     return test
 
 

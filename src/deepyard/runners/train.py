@@ -87,7 +87,7 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
     else:
         batches = edges.shard(train_loader(spec, splits, rank, world))  # [1]
         val_shard = slice(rank, None, world)  # every worker scores its own slice; sums are all-reduced
-        val_loader = eval_loader(splits.x_val[val_shard], splits.y_val[val_shard])
+        val_loader = eval_loader(splits.x_val[val_shard], splits.y_val[val_shard], device)
 
     if freezer:
         freezer.set_epoch(1)  # before DDP: it registers only the parameters that train
@@ -195,7 +195,7 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
             best["weights"] = checkpoints.cpu_copy(plain_model.state_dict())  # pruning masks folded in
         timings.lap("epochs_s")
         test_loader = (edges.stream(splits, "test", EVAL_BATCH) if splits.streaming
-                       else eval_loader(splits.x_test, splits.y_test))
+                       else eval_loader(splits.x_test, splits.y_test, device))
         test, details = task.test_metrics(plain_model, test_loader, device, splits, spec.train.seed)
         timings.lap("test_s")
         final = {"model": best["weights"], "best_epoch": best["epoch"], "best_value": best_value,
