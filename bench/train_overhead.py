@@ -139,8 +139,10 @@ def medians(runs: list[dict]) -> dict:
     for key, value in runs[0].items():
         if isinstance(value, dict):
             out[key] = medians([run[key] for run in runs])
-        else:
+        elif all(isinstance(run[key], (int, float)) for run in runs):
             out[key] = statistics.median(run[key] for run in runs)
+        else:  # (a value some runs lack, e.g. a metric the task leaves None)
+            out[key] = [run[key] for run in runs]
     return out
 
 
