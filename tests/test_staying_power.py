@@ -179,3 +179,21 @@ def test_artifacts_of_a_sqlite_store_named_by_uri_land_beside_it(deepyard_home):
     experiment_id = tracking._experiment_id(tracking.client(), "where_artifacts_land")
     location = tracking.client().get_experiment(experiment_id).artifact_location
     assert location == (deepyard_home / "artifacts" / "where_artifacts_land").as_uri()
+
+
+@pytest.mark.slow
+def test_a_driver_leaves_a_remote_cluster_only_after_its_outcome_is_recorded(ray_cluster):
+    """A job on a remote cluster logs and registers its model before its driver disconnects
+    (``cluster.wait_stopped``, at exit): a crash in the disconnect cannot take the outcome with it."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    script = ("import ray\nfrom deepyard import cluster\n"
+              f"with cluster.connected({address!r}, stop_behind=True):\n"
+              "    assert ray.is_initialized()\n"
+              "print('after the job:', ray.is_initialized())\n"
+              "cluster.wait_stopped()\n"
+              "print('at exit:', ray.is_initialized())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "after the job: True" in done.stdout and "at exit: False" in done.stdout

@@ -50,6 +50,7 @@ def serve_env() -> dict[str, str]:
 
 
 _stopping: threading.Thread | None = None  # a local cluster still shutting down behind the driver
+_leave_later = False  # still connected to a remote cluster, which the driver leaves at exit (or the next job)
 
 
 @contextmanager
@@ -62,14 +63,15 @@ def connected(address: str | None = None, ray_logs: bool = False,
     the driver as an exception with its traceback anyway. ``local_env`` is set for the processes
     of a local cluster (a running one keeps its own). ``stop_behind``: the driver goes on (logs the
     model) while a local cluster stops (~1.5 s of waiting on its processes); the process waits for
-    it before it exits. ``dashboard=False``: a local cluster starts without Ray's dashboard (~1.3 s
-    less on 2 cores), for a job that starts no Ray Train worker group (see ray.init below).
+    it before it exits (``wait_stopped``). A remote cluster's driver stays connected until then.
+    ``dashboard=False``: a local cluster starts without Ray's dashboard (~1.3 s less on 2 cores),
+    for a job that starts no Ray Train worker group (see ray.init below).
     """
     import ray
 
     from deepyard import local_cluster
 
-    wait_stopped()  # the last local cluster is down before another starts
+    wait_stopped()  # the last local cluster is down (or the last remote one left) before another starts
     if ray.is_initialized():  # an embedding program (or a test session) already connected
         yield
         return
@@ -107,6 +109,11 @@ def connected(address: str | None = None, ray_logs: bool = False,
             raise
     if stop_behind and not address:
         _stop_behind(ray.shutdown)
+    elif stop_behind:
+        # A remote cluster's driver records the job's outcome first and leaves the cluster after:
+        # CI once saw a submitted job's driver die of SIGSEGV between its last epoch and its summary.
+        global _leave_later
+        _leave_later = True
     else:
         ray.shutdown()
 
@@ -136,9 +143,16 @@ def _stop_behind(shutdown) -> None:
 
 
 def wait_stopped() -> None:
-    """Wait for a local cluster stopping behind the driver (``connected(stop_behind=True)``)."""
+    """Wait for a local cluster stopping behind the driver, or leave the remote cluster it stayed
+    connected to (``connected(stop_behind=True)``)."""
+    global _leave_later
     if _stopping is not None:
         _stopping.join()
+    if _leave_later:
+        import ray
+
+        _leave_later = False
+        ray.shutdown()
 
 
 def quiet_tune() -> None:
