@@ -234,3 +234,27 @@ def test_special_tokens_are_one_word_each():
     assert tokens("To be or <mask> to be, <extra_id_0> <extra_id_12>!", "word") == [
         "to", "be", "or", "<mask>", "to", "be", ",", "<extra_id_0>", "<extra_id_12>", "!"]
     assert tokens("a <b> c", "word") == ["a", "<", "b", ">", "c"]  # any other markup as before
+
+
+@pytest.mark.slow
+@pytest.mark.long  # ~40 s: two workers, one restart
+def test_pretraining_runs_data_parallel_and_goes_on_from_its_checkpoint_when_a_worker_dies(
+        ray_cluster, cli, write_spec, tmp_path):
+    """Pretraining is a job like any other: DDP over two workers, and rank 0 killed after epoch 2's
+    checkpoint once; the new worker group goes on from that checkpoint, in the same MLflow run."""
+    import faults
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    faults.crash_after_epoch("ddp_mlm", 2)
+    spec = write_spec(MLM_JOB.format(corpus=corpus).replace("name: tiny_mlm", "name: ddp_mlm"), "ddp_mlm.yaml")
+    summary = last_json(cli("run", spec, "--json", "--set", "train.epochs=4", "--set", "scaling.num_workers=2",
+                            "--set", "scaling.cpus_per_worker=1", "--set", "failure.max_failures=1",
+                            "--set", "register.enabled=false"))
+    client = tracking.client()
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["scaling.num_workers"] == "2"
+    assert [m.value for m in client.get_metric_history(summary["run_id"], "resumed_from_epoch")] == [2]
+    losses = {m.step: m.value for m in client.get_metric_history(summary["run_id"], "train_loss")}
+    assert sorted(losses) == [1, 2, 3, 4], "an epoch was lost or trained twice"
+    assert losses[4] < losses[1] and {"test_accuracy", "test_perplexity"} <= set(summary["metrics"])
