@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from deepyard import stops
 from deepyard.settings import NODE_ENV, TRAIN_ENV
@@ -49,8 +49,9 @@ def serve_env() -> dict[str, str]:
             **haproxy.wrapper_env(folder)}
 
 
-_stopping: threading.Thread | None = None  # a local cluster still shutting down behind the driver
-_leave_later = False  # still connected to a remote cluster, which the driver leaves at exit (or the next job)
+# What the driver still owes its last cluster before it exits or connects again: waiting for a local
+# one shutting down behind it, or leaving the remote one it stayed connected to.
+_departure: Callable[[], None] | None = None
 
 
 @contextmanager
@@ -112,8 +113,8 @@ def connected(address: str | None = None, ray_logs: bool = False,
     elif stop_behind:
         # A remote cluster's driver records the job's outcome first and leaves the cluster after:
         # CI once saw a submitted job's driver die of SIGSEGV between its last epoch and its summary.
-        global _leave_later
-        _leave_later = True
+        global _departure
+        _departure = ray.shutdown
     else:
         ray.shutdown()
 
@@ -137,22 +138,19 @@ def check_reachable(address: str | None, timeout_s: float = 3.0) -> None:
 
 
 def _stop_behind(shutdown) -> None:
-    global _stopping
-    _stopping = threading.Thread(target=shutdown, name="deepyard-ray-shutdown")
-    _stopping.start()
+    global _departure
+    stopping = threading.Thread(target=shutdown, name="deepyard-ray-shutdown")
+    stopping.start()
+    _departure = stopping.join
 
 
 def wait_stopped() -> None:
     """Wait for a local cluster stopping behind the driver, or leave the remote cluster it stayed
     connected to (``connected(stop_behind=True)``)."""
-    global _leave_later
-    if _stopping is not None:
-        _stopping.join()
-    if _leave_later:
-        import ray
-
-        _leave_later = False
-        ray.shutdown()
+    global _departure
+    departure, _departure = _departure, None
+    if departure is not None:
+        departure()
 
 
 def quiet_tune() -> None:
