@@ -259,7 +259,9 @@ def test_a_job_trains_on_an_s3_folder(tmp_path, s3_folder):
     import sys
 
     spec = tmp_path / "s3_job.yaml"
-    spec.write_text(FOLDER_JOB.format(name="s3_job", path=s3_folder["uri"], workers=1, extra=""))
+    # 450 files leave about 10 steps an epoch: 2 epochs ended at 0.50-0.60 test accuracy, too near the bar
+    job = FOLDER_JOB.format(name="s3_job", path=s3_folder["uri"], workers=1, extra="")
+    spec.write_text(job.replace("epochs: 2", "epochs: 5"))
     env = {**os.environ, **s3_folder["env"], "DEEPYARD_HOME": str(tmp_path / "home")}
     for inherited in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):  # its own store and cluster
         env.pop(inherited, None)
