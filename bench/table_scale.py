@@ -1,6 +1,7 @@
 """Streamed tables (Ray Data) against the in-memory path, and memory as the table grows.
 
     .venv/bin/python bench/table_scale.py [--rows 400000] [--grow 10] [--repeats 2] [--epochs 3] [--dir DIR]
+    .venv/bin/python bench/table_scale.py --only-fashion --before OLD/src [--repeats 3] --tag fashion
 
 A synthetic table (32 numeric features, 10 classes from a noisy linear rule), written once as
 Parquet in 8 parts at 1x rows and at ``--grow``x rows (the larger one bigger than the 1x job's
@@ -10,7 +11,8 @@ whole worker: see ``sizes``). Each repeat runs, one after another, the same MLP 
 - the 1x table streamed by Ray Data (``data.stream``), one CPU for the worker and one for Ray Data.
 Then the streamed job once on the grown table: the worker's peak RSS at 10x against 1x. Last,
 Fashion-MNIST's IDX in memory against the same pixels as a Parquet table streamed (784 columns,
-its official test split as ``test_path``): accuracy and time per epoch.
+its official test split as ``test_path``): accuracy and time per epoch; with ``--before``, the
+streamed job again on another checkout's src (``PYTHONPATH``), interleaved, ``--repeats`` times.
 """
 
 from __future__ import annotations
@@ -96,26 +98,9 @@ def size_mb(path: Path) -> float:
     return sum(file.stat().st_size for file in path.rglob("*.parquet")) / 2 ** 20
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=400_000, help="rows of the 1x table")
-    parser.add_argument("--grow", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "deepyard-table-scale"))
-    parser.add_argument("--skip-fashion", action="store_true")
-    parser.add_argument("--tag", default="", help="saved as table_scale_<tag>.json (a partial run beside the full one)")
-    args = parser.parse_args()
-    base, saved_as = Path(args.dir), "table_scale" + (f"_{args.tag}" if args.tag else "")
-    small, grown = write_table(base / f"rows{args.rows}", args.rows), None
-    work = Path(tempfile.mkdtemp(prefix="deepyard-table-scale-"))
-
-    def spec(name: str, data: str, params: str, cpus: float, stream: bool, hidden: int = 64) -> Path:
-        path = work / f"{name}.yaml"
-        path.write_text(JOB.format(data=data, params=params, epochs=args.epochs, cpus=cpus, hidden=hidden,
-                                   stream=", stream: {}" if stream else ""))
-        return path
-
+def synthetic(args, spec, work: Path, saved_as: str) -> dict:
+    """The synthetic table: in memory against streamed at 1x, then the worker's memory at ``--grow``x."""
+    small, grown = write_table(Path(args.dir) / f"rows{args.rows}", args.rows), None
     specs = {"in_memory_2cpu": spec("in_memory_2cpu", "parquet", f"{{path: {one_file(small)}, target: label}}", 2,
                                     False),
              "in_memory_1cpu": spec("in_memory_1cpu", "parquet", f"{{path: {one_file(small)}, target: label}}", 1,
@@ -143,7 +128,7 @@ def main() -> None:
     }
     record.save(saved_as, result)  # (saved again as each part ends: a later part's failure keeps these)
     if args.grow > 1:  # the worker's memory as the table grows
-        grown = write_table(base / f"rows{args.rows * args.grow}", args.rows * args.grow)
+        grown = write_table(Path(args.dir) / f"rows{args.rows * args.grow}", args.rows * args.grow)
         large = deepyard_job(str(spec("streamed_grown", "parquet", f"{{path: {grown}, target: label}}", 1, True)),
                              str(work / "grown"), "train.epochs=1")
         at_1x = statistics.median(run["worker_peak_rss_mb"] for run in runs["streamed_1cpu"])
@@ -158,17 +143,69 @@ def main() -> None:
             "stats_pass_s_grown": large["breakdown_s"].get("data_stats"),
         }
         record.save(saved_as, result)
+    return result
+
+
+def fashion_runs(args, spec, work: Path, base: Path) -> dict:
+    """Fashion's IDX in memory against its pixels as Parquet streamed (and streamed on ``--before``'s src)."""
+    fashion = write_fashion(base / "fashion")
+    pairs = {"idx_in_memory_1cpu": spec("fashion_idx", "fashion_mnist", "{}", 1, False, hidden=128),
+             "parquet_streamed_1cpu": spec("fashion_parquet", "parquet", f"{{path: {fashion}/train, target: item, "
+                                                                         f"test_path: {fashion}/test}}", 1, True,
+                                           hidden=128)}
+    variants = {name: (path, None) for name, path in pairs.items()}
+    if args.before:
+        variants["parquet_streamed_1cpu_before"] = (pairs["parquet_streamed_1cpu"], {"PYTHONPATH": args.before})
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for repeat in range(args.repeats if args.before else 1):
+        for name, (path, env) in variants.items():
+            runs[name].append(deepyard_job(str(path), str(work / f"{name}{repeat}"), "train.epochs=5", env=env))
+        print(json.dumps({"fashion repeat": repeat, **{name: round(done[-1]["wall_s"], 1)
+                                                      for name, done in runs.items()}}), file=sys.stderr)
+    keys = ("samples_per_s", "test_accuracy", "wall_s", "fixed_cost_s")
+    out = {name: {**{key: statistics.median(run[key] for run in done) for key in keys},
+                  "stats_pass_s": statistics.median(run["breakdown_s"].get("data_stats", 0.0) for run in done),
+                  "repeats": len(done)} for name, done in runs.items()}
+
+    def ratio(of: str, to: str, key: str) -> float:
+        return statistics.median(a[key] / b[key] for a, b in zip(runs[of], runs[to]))
+
+    out["ratio_samples_per_s_streamed_vs_idx"] = ratio("parquet_streamed_1cpu", "idx_in_memory_1cpu", "samples_per_s")
+    if args.before:
+        out["ratio_samples_per_s_streamed_vs_before"] = ratio("parquet_streamed_1cpu", "parquet_streamed_1cpu_before",
+                                                              "samples_per_s")
+        out["ratio_wall_s_streamed_vs_before"] = ratio("parquet_streamed_1cpu", "parquet_streamed_1cpu_before",
+                                                       "wall_s")
+        out["before"] = args.before
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=400_000, help="rows of the 1x table")
+    parser.add_argument("--grow", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "deepyard-table-scale"))
+    parser.add_argument("--skip-fashion", action="store_true")
+    parser.add_argument("--only-fashion", action="store_true", help="the Fashion comparison alone")
+    parser.add_argument("--before", help="another checkout's src: its streamed Fashion job beside today's")
+    parser.add_argument("--tag", default="", help="saved as table_scale_<tag>.json (a partial run beside the full one)")
+    args = parser.parse_args()
+    base, saved_as = Path(args.dir), "table_scale" + (f"_{args.tag}" if args.tag else "")
+    work = Path(tempfile.mkdtemp(prefix="deepyard-table-scale-"))
+
+    def spec(name: str, data: str, params: str, cpus: float, stream: bool, hidden: int = 64) -> Path:
+        path = work / f"{name}.yaml"
+        path.write_text(JOB.format(data=data, params=params, epochs=args.epochs, cpus=cpus, hidden=hidden,
+                                   stream=", stream: {}" if stream else ""))
+        return path
+
+    result = {"bench": "table_scale"}
+    if not args.only_fashion:
+        result = synthetic(args, spec, work, saved_as)
     if not args.skip_fashion:
-        fashion = write_fashion(base / "fashion")
-        pairs = {"idx_in_memory_1cpu": spec("fashion_idx", "fashion_mnist", "{}", 1, False, hidden=128),
-                 "parquet_streamed_1cpu": spec("fashion_parquet", "parquet", f"{{path: {fashion}/train, target: item, "
-                                                                             f"test_path: {fashion}/test}}", 1, True,
-                                               hidden=128)}
-        fashion_runs = {name: deepyard_job(str(path), str(work / name), "train.epochs=5")
-                        for name, path in pairs.items()}
-        result["fashion"] = {name: {key: run[key] for key in ("samples_per_s", "test_accuracy", "wall_s",
-                                                               "fixed_cost_s")}
-                             for name, run in fashion_runs.items()}
+        result["fashion"] = fashion_runs(args, spec, work, base)
     record.save(saved_as, result)
 
 

@@ -36,6 +36,7 @@ EXTENSIONS = {"parquet": (".parquet", ".pq", ".parq"), "csv": (".csv", ".csv.gz"
 SPLITS = ("train", "val", "test")
 ROWS_PER_BATCH = 16384  # rows encoded at a time on Ray Data's workers (fewer, larger blocks: less overhead)
 SKETCH_SIZE = 400  # a median's rank error of about 0.7% (datasketches' KLL)
+SKETCHED_PER_BLOCK = 4096  # values of a column a block adds to its sketch: a rank error of ~1.5% more at most
 PATH_COLUMN = "path"  # where Ray Data's include_paths names each row's file
 READ_TASKS = 200  # at most, per pass over the files (more files: several to a task)
 BLOCK_BYTES = 8 * 2 ** 20  # the most a block of the table holds (4 MiB: an epoch ~15% longer)
@@ -156,27 +157,62 @@ def read_head(files: list[str], format: Format, where: str):
 
 def split_points(frame, stream: TableStream) -> np.ndarray:
     """Each row's point in [0, 1): a hash of the row (or of its ``split_key``) and the seed."""
+    return row_hashes(frame[[stream.split_key]] if stream.split_key else frame, stream.seed) / 2.0 ** 64
+
+
+HASHED_ROWS = 1024  # rows mixed at a time: a block of 784 pixels' bits stays in the CPU's cache
+
+
+def row_hashes(frame, seed: int) -> np.ndarray:
+    """A 64-bit hash of each row's values (``_canonical``: whatever dtype a block gave them) and the
+    seed. Each cell is mixed with a salt of its column's name and the seed, and a row's cells are
+    summed: the columns' order in the file does not matter. (pandas' hash_pandas_object took ~8x as
+    long on 784 pixels, and ignores its key for numbers: the seed did not move a numeric row.)"""
     import pandas as pd
 
-    key = hashlib.blake2b(str(stream.seed).encode(), digest_size=8).hexdigest()  # (16 characters: the hash's key)
-    hashed = pd.util.hash_pandas_object(_canonical(frame[[stream.split_key]] if stream.split_key else frame),
-                                        index=False, hash_key=key).to_numpy()
-    return hashed / 2.0 ** 64
+    numbers, texts = _canonical(frame)
+    total = np.zeros(len(frame), dtype=np.uint64)
+    if numbers is not None:
+        salts = _salts(numbers.columns, seed)
+        block = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
+        for start in range(0, len(block), HASHED_ROWS):
+            cells = block[start: start + HASHED_ROWS] + 0.0  # (-0.0 is 0.0)
+            cells[np.isnan(cells)] = np.nan  # (one NaN: a gap)
+            bits = cells.view(np.uint64)
+            bits ^= salts
+            total[start: start + HASHED_ROWS] = _mix(bits).sum(axis=1, dtype=np.uint64)
+    key = hashlib.blake2b(str(seed).encode(), digest_size=8).hexdigest()  # (16 characters: siphash's key)
+    for salt, (name, values) in zip(_salts(list(texts), seed), texts.items()):
+        total += _mix(pd.util.hash_array(values, hash_key=key) ^ salt)
+    return _mix(total)
+
+
+def _salts(names, seed: int) -> np.ndarray:
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=8).digest(), "little")
+                     for name in names], dtype=np.uint64)
+
+
+def _mix(bits: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer, in place: every input bit moves about half the output bits."""
+    bits ^= bits >> np.uint64(30)
+    bits *= np.uint64(0xBF58476D1CE4E5B9)
+    bits ^= bits >> np.uint64(27)
+    bits *= np.uint64(0x94D049BB133111EB)
+    bits ^= bits >> np.uint64(31)
+    return bits
 
 
 def _canonical(frame):
     """The rows as their values, whatever dtype a block gave them: pandas types an int column with a
-    gap as float, and a bool one as object, in that block only, and hashes by type. Numbers and
-    booleans become float64 (NaN for a gap); any other column, strings (numbers and booleans among
-    them written as floats)."""
+    gap as float, and a bool one as object, in that block only. Numbers and booleans as one numeric
+    frame (float64, NaN for a gap; None if there are none); any other column as strings (numbers
+    and booleans among them written as floats), by name."""
     import numbers
 
     import pandas as pd
 
     numeric = [name for name, dtype in frame.dtypes.items() if pd.api.types.is_bool_dtype(dtype)
                or pd.api.types.is_numeric_dtype(dtype)]
-    # The numbers read at once (a column at a time cost ~0.1 ms a column: 784 pixels...)
-    canonical = pd.DataFrame(frame[numeric].to_numpy(dtype=np.float64, na_value=np.nan), columns=numeric)
     columns = {}
     for name in frame.columns.difference(numeric, sort=False):
         column = frame[name]
@@ -185,14 +221,13 @@ def _canonical(frame):
         except TypeError:  # (unhashable cells: the fit names them)
             codes, uniques = np.arange(len(column)), [repr(cell) for cell in column]
         canon = [float(value) if isinstance(value, (bool, np.bool_, numbers.Number)) else value for value in uniques]
-        if all(isinstance(value, float) for value in canon):
-            columns[name] = np.array(canon + [np.nan], dtype=np.float64)[codes]
+        if all(isinstance(value, float) for value in canon):  # (an object column of numbers: a gap made it so)
+            numeric.append(name)
+            frame = frame.assign(**{name: np.array(canon + [np.nan], dtype=np.float64)[codes]})
         else:
             columns[name] = np.array([repr(value) if isinstance(value, float) else str(value) for value in canon]
                                      + ["\x00"], dtype=object)[codes]
-    if columns:
-        canonical = pd.concat([canonical, pd.DataFrame(columns, index=canonical.index)], axis=1)
-    return canonical[list(frame.columns)]  # (in the file's order: the hash's)
+    return (frame[numeric] if numeric else None), columns
 
 
 def split_codes(frame, stream: TableStream) -> np.ndarray:
@@ -302,22 +337,51 @@ def tally(frame, stream: TableStream, test_files: frozenset[str]) -> dict[str, A
     else:
         values = _read(target, "numeric", f"regression target {stream.target!r}", fail)[train]
         result["target"] = [len(values), float(values.sum()), float((values * values).sum())]
+
+    numbers, block = _numeric_block(frame, stream, fail)
     for name, kind in zip(stream.columns.names, stream.columns.types):
+        if name in numbers:  # (a column of the block: its values side by side, as pandas holds them)
+            values = block[:, numbers[name]][train]
+            result["columns"][name] = _numeric_tally(values[~np.isnan(values)], len(values))
+            continue
         values = _read(frame[name], kind, f"column {name!r} ({kind})", fail)[train]
         if kind == "categorical":
             result["columns"][name] = {"counts": _counts(values)}
             continue
         present = values[~np.isnan(values)]
-        column = {"n": len(present), "gaps": len(values) - len(present), "sum": float(present.sum()),
-                  "squares": float((present * present).sum())}
-        if kind == "numeric":
-            from datasketches import kll_doubles_sketch
-
-            sketch = kll_doubles_sketch(SKETCH_SIZE)
-            sketch.update(present)
-            column["sketch"] = sketch.serialize()
-        result["columns"][name] = column
+        if kind == "numeric":  # (numbers held as objects)
+            result["columns"][name] = _numeric_tally(present, len(values))
+            continue
+        result["columns"][name] = {"n": len(present), "gaps": len(values) - len(present),
+                                   "sum": float(present.sum()), "squares": float((present * present).sum())}
     return result
+
+
+def _numeric_tally(present: np.ndarray, rows: int) -> dict[str, Any]:
+    """A numeric column's sums over one block's training rows, and a sketch of its values for the
+    median: of at most ``SKETCHED_PER_BLOCK`` of them, evenly spaced (a sketch takes ~30 ns a value:
+    Fashion's 784 pixels spent more time there than in everything else the fit does)."""
+    from datasketches import kll_doubles_sketch
+
+    sketch = kll_doubles_sketch(SKETCH_SIZE)
+    sketch.update(present[::max(1, -(-len(present) // SKETCHED_PER_BLOCK))])
+    return {"n": len(present), "gaps": rows - len(present), "sum": float(present.sum()),
+            "squares": float(np.dot(present, present)), "sketch": sketch.serialize()}
+
+
+def _numeric_block(frame, stream: TableStream, fail) -> tuple[dict[str, int], np.ndarray]:
+    """The numeric feature columns whose dtype holds numbers, read at once: their places in the block."""
+    from deepyard.data.tables import numeric_block
+
+    wanted = [name for name, kind in zip(stream.columns.names, stream.columns.types) if kind == "numeric"]
+    try:
+        names, block = numeric_block(frame, wanted)
+    except CellError as error:
+        rows = np.zeros(len(frame), dtype=bool)
+        rows[error.row] = True
+        fail(f"column {error.column!r} (numeric): {error.reason}; fix or drop the row, or set the column's type in "
+             "data.params.columns", rows)
+    return {name: index for index, name in enumerate(names)}, block
 
 
 def _bare(paths):

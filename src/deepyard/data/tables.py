@@ -219,24 +219,29 @@ def column_values(series, kind: str) -> np.ndarray:
     return np.array(readings + [gap], dtype=object if kind == "categorical" else np.float64)[codes]
 
 
-def _numbers_at_once(frame, names: list[str]) -> dict[str, np.ndarray]:
-    """The numeric columns whose dtype holds numbers, read in one conversion (784 pixels a column
-    at a time took ~10 ms a 1,000 rows); checked as ``column_values`` checks them, so a CellError
-    names the first bad cell's column and row."""
+def numeric_block(frame, names: list[str]) -> tuple[list[str], np.ndarray]:
+    """Those of ``names`` whose dtype holds numbers, read in one conversion into one (n, k) float64
+    block (784 pixels a column at a time took ~10 ms a 1,000 rows); checked as ``column_values``
+    checks them, so a CellError names the first bad cell's column and row."""
     import pandas as pd
 
-    names = [name for name in names if pd.api.types.is_numeric_dtype(frame[name].dtype)
-             and not pd.api.types.is_bool_dtype(frame[name].dtype)]
+    dtypes = frame.dtypes
+    names = [name for name in names if pd.api.types.is_numeric_dtype(dtypes[name])
+             and not pd.api.types.is_bool_dtype(dtypes[name])]
     if not names:
-        return {}
+        return [], np.zeros((len(frame), 0))
     block = frame[names].to_numpy(dtype=np.float64, na_value=np.nan)
-    with np.errstate(invalid="ignore"):
-        bad = np.isinf(block) | (np.abs(block) > FLOAT32_MAX)
-    if bad.any():
-        column = int(np.flatnonzero(bad.any(axis=0))[0])
-        row = int(np.argmax(bad[:, column]))
-        raise CellError(f"{block[row, column]} is not a finite number (within +-3.4e38)", row, names[column])
-    return {name: block[:, index] for index, name in enumerate(names)}
+    floats = [index for index, name in enumerate(names) if pd.api.types.is_float_dtype(dtypes[name])]
+    if floats:  # (integers are finite, and within float32's range)
+        checked = block[:, floats] if len(floats) < len(names) else block
+        with np.errstate(invalid="ignore"):
+            bad = np.isinf(checked) | (np.abs(checked) > FLOAT32_MAX)
+        if bad.any():
+            column = int(np.flatnonzero(bad.any(axis=0))[0])
+            row = int(np.argmax(bad[:, column]))
+            raise CellError(f"{checked[row, column]} is not a finite number (within +-3.4e38)", row,
+                            names[floats[column]])
+    return names, block
 
 
 def _cell_by_cell(series, kind: str, read) -> np.ndarray:
@@ -319,18 +324,36 @@ class TableSchema:
         return np.concatenate(parts, axis=1) if parts else np.zeros((len(cells), 0), np.float32)
 
     def encode_frame(self, frame) -> np.ndarray:
-        """``encode`` for a DataFrame of the input columns, a column at a time (a streamed table's
-        batches); a CellError names the column and the row. Sensitive groups are not read here."""
-        out, position = np.zeros((len(frame), self.width), dtype=np.float32), 0
-        numbers = _numbers_at_once(frame, [column.name for column in self.columns if column.type == "numeric"])
+        """``encode`` for a DataFrame of the input columns (a streamed table's batches): the numeric
+        columns at once, the others a column at a time; a CellError names the column and the row.
+        Sensitive groups are not read here."""
+        out, position, positions = np.zeros((len(frame), self.width), dtype=np.float32), 0, {}
         for column in self.columns:
+            positions[column.name] = position
+            position += column.width
+        read, block = numeric_block(frame, [column.name for column in self.columns if column.type == "numeric"])
+        if read:
+            by_name = {column.name: column for column in self.columns}
+            columns = [by_name[name] for name in read]
+            at = np.array([positions[name] for name in read])
+            missing = np.isnan(block)
+            if missing.any():
+                block = np.where(missing, np.array([column.fill for column in columns]), block)
+                flagged = [index for index, column in enumerate(columns) if column.indicator]
+                out[:, at[flagged] + 1] = missing[:, flagged]
+            if np.array_equal(at, np.arange(at[0], at[0] + len(at))):  # (side by side: a slice, not a scatter)
+                out[:, at[0]: at[0] + len(at)] = block
+            else:
+                out[:, at] = block
+        read = set(read)
+        for column in self.columns:
+            if column.name in read:
+                continue
             try:
-                values = numbers[column.name] if column.name in numbers else column_values(frame[column.name],
-                                                                                          column.type)
+                values = column_values(frame[column.name], column.type)
             except CellError as error:
                 raise CellError(error.reason, error.row, column.name) from None
-            column.encode_values(values, out[:, position: position + column.width])
-            position += column.width
+            column.encode_values(values, out[:, positions[column.name]: positions[column.name] + column.width])
         return out
 
     def decode(self, features: np.ndarray) -> dict[str, Any]:
