@@ -3,9 +3,10 @@
     .venv/bin/python bench/train_overhead.py [--pairs 5] [--epochs 4] [--samples 12000] [--before SRC]
 
 Each repeat runs, one after another: the plain loop; a deepyard job with 1 worker (2 CPUs) on its
-own embedded cluster (cold); the same against a long-lived local cluster (`ray start --head`, via
-RAY_ADDRESS: warm); 2 workers of 1 CPU each (cold); and, with ``--before SRC``, the 1-worker cold job
-with another checkout's ``src`` first on PYTHONPATH (the design being replaced, side by side).
+own embedded cluster (cold); the same while `deepyard cluster up --workers 0` is up (one 2-CPU
+node), which `deepyard run` joins by itself (warm); 2 workers of 1 CPU each (cold); and, with
+``--before SRC``, the 1-worker cold job with another checkout's ``src`` first on PYTHONPATH (the
+design being replaced, side by side).
 Prints medians over the repeats:
 - steady-state training samples/s (median over epochs after the first) and the ratios 1 worker /
   plain and 2 workers / 1 worker;
@@ -124,13 +125,15 @@ def deepyard_job(spec_path: str, home: str, *overrides: str, env: dict | None = 
     }
 
 
-def warm_cluster(home: str, env: dict) -> dict:
-    from deepyard.settings import TRAIN_ENV
+def warm_cluster(home: str) -> None:
+    """`deepyard cluster up` in the warm jobs' home: they join it (cli/jobs.py), as a user's would."""
+    subprocess.run([str(ROOT / ".venv/bin/deepyard"), "cluster", "up", "--workers", "0", "--cpus-per-node", "2"],
+                   check=True, capture_output=True, env={**os.environ, "DEEPYARD_HOME": home})
 
-    subprocess.run([str(ROOT / ".venv/bin/ray"), "start", "--head", "--num-cpus=2", "--port=6391",
-                    "--include-dashboard=false", f"--temp-dir={home}/ray_tmp", "--disable-usage-stats"],
-                   check=True, capture_output=True, env={**os.environ, **env, **TRAIN_ENV})
-    return {**env, "RAY_ADDRESS": "127.0.0.1:6391"}
+
+def cluster_down(home: str) -> None:
+    subprocess.run([str(ROOT / ".venv/bin/deepyard"), "cluster", "down"], check=False, capture_output=True,
+                   env={**os.environ, "DEEPYARD_HOME": home})
 
 
 def medians(runs: list[dict]) -> dict:
@@ -156,19 +159,18 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="deepyard-overhead-")
     spec_path = str(Path(work) / "overhead.yaml")
     Path(spec_path).write_text(SPEC.format(samples=args.samples, epochs=args.epochs))
-    no_auth = {"RAY_AUTH_MODE": "disabled"}  # the bench's own long-lived cluster takes no token
     before_env = {"PYTHONPATH": os.pathsep.join(filter(None, [args.before, os.environ.get("PYTHONPATH")]))}
 
     runs: dict[str, list[dict]] = {"plain": [], "one_worker_cold": [], "one_worker_warm": [], "two_workers_cold": []}
     if args.before:
         runs["before_one_worker_cold"] = []
-    warm_env = warm_cluster(work, no_auth)
+    warm_cluster(f"{work}/warm")
     try:
-        deepyard_job(spec_path, f"{work}/warm", env=warm_env)  # the first job on a new cluster warms it
+        deepyard_job(spec_path, f"{work}/warm")  # the first job on a new cluster warms it
         for repeat in range(args.pairs):
             runs["plain"].append(plain_loop(spec_path))
             runs["one_worker_cold"].append(deepyard_job(spec_path, f"{work}/one{repeat}"))
-            runs["one_worker_warm"].append(deepyard_job(spec_path, f"{work}/warm", env=warm_env))
+            runs["one_worker_warm"].append(deepyard_job(spec_path, f"{work}/warm"))
             runs["two_workers_cold"].append(deepyard_job(spec_path, f"{work}/two{repeat}", "scaling.num_workers=2",
                                                          "scaling.cpus_per_worker=1"))
             if args.before:
@@ -176,7 +178,7 @@ def main() -> None:
             print(json.dumps({"repeat": repeat, **{name: round(done[-1]["wall_s"], 1) for name, done in runs.items()}}),
                   file=sys.stderr)
     finally:
-        subprocess.run([str(ROOT / ".venv/bin/ray"), "stop", "--force"], check=False, capture_output=True)
+        cluster_down(f"{work}/warm")
 
     median = {name: medians(done) for name, done in runs.items()}
     plain = median["plain"]

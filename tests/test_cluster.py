@@ -87,6 +87,34 @@ def test_submitted_jobs_queue_for_the_cluster_span_two_nodes_and_land_in_mlflow(
     assert again["already_submitted"] and again["status"] == "SUCCEEDED"
 
 
+def test_deepyard_run_joins_the_cluster_that_is_up_unless_told_local(cluster, write_spec):
+    import os
+    import subprocess
+    import sys
+
+    from ray.util.state import list_jobs
+
+    path = spec(write_spec, "joins_the_cluster", epochs=1)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "deepyard", "run", path, "--json", *extra], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    def drivers() -> list[str]:  # the jobs whose drivers this cluster has seen
+        return [job.entrypoint for job in list_jobs(address=cluster["address"], raise_on_missing_output=False)
+                if job.type == "DRIVER" and "joins_the_cluster" in (job.entrypoint or "")]
+
+    joined = run()
+    assert f"on the local cluster at {cluster['gcs_address']}" in joined.stderr
+    assert json.loads(joined.stdout.strip().splitlines()[-1])["metrics"]["test_accuracy"] > 0.3
+    assert len(drivers()) == 1
+    own = run("--address", "local")
+    assert "on the local cluster" not in own.stderr and len(drivers()) == 1
+
+
 def test_a_bad_spec_is_refused_before_anything_is_sent(cluster, cli, write_spec):
     before = job_count(cli)
     bad = write_spec(SPEC.format(name="bad", epochs=2, workers=1).replace("adam", "adamm"), "bad.yaml")

@@ -77,6 +77,8 @@ def connected(address: str | None = None, ray_logs: bool = False,
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if address == "local":  # (Ray's word for a new cluster of the driver's own)
+        address = None
     local_cluster.authenticate(address)
     check_reachable(address)
     with stops.signals_stop_the_job():

@@ -106,6 +106,41 @@ def is_local(address: str | None) -> bool:
     return state is not None and address in (state["gcs_address"], state["address"])
 
 
+def code_identity() -> dict[str, str]:
+    """What a cluster's workers run: this Python, this Ray, and deepyard from this folder (a cluster
+    whose nodes would import another checkout's deepyard, or run another Ray, is not joined)."""
+    import ray
+
+    import deepyard
+
+    return {"python": sys.executable, "ray_version": ray.__version__,
+            "deepyard_path": str(Path(deepyard.__file__).resolve().parent)}
+
+
+def joinable(footprint: dict[str, float]) -> tuple[str | None, str | None]:
+    """The GCS address of the cluster `deepyard cluster up` started, for a job that needs
+    ``footprint`` (CPU, GPU) to join instead of starting a cluster of its own; else None, and why
+    not where a cluster is up but this job should not use it."""
+    try:
+        state = read_state()
+    except BadInput as error:
+        return None, str(error)
+    if state is None or not _alive(state["nodes"][0]):
+        return None, None
+    here = code_identity()
+    for key, what in (("python", "Python"), ("ray_version", "Ray"), ("deepyard_path", "deepyard")):
+        if state.get(key) != here[key]:
+            differs = (f"runs {what} {state[key]}, this command {here[key]}" if state.get(key)
+                       else "was started by an older deepyard")
+            return None, (f"the local cluster at {state['gcs_address']} {differs}; `deepyard cluster down` and up "
+                          "again to use it")
+    cpus = state.get("cpus", 0)
+    if footprint.get("GPU", 0) > 0 or footprint.get("CPU", 0) > cpus:
+        asked = ", ".join(f"{value:g} {name}" for name, value in footprint.items() if value)
+        return None, f"the job asks for {asked}; the local cluster at {state['gcs_address']} has {cpus:g} CPUs"
+    return state["gcs_address"], None
+
+
 def authenticate(address: str | None) -> None:
     """Joining the local cluster (token-authenticated: ``node_environment``) must send Ray's token."""
     if is_local(address):
@@ -177,9 +212,10 @@ def up(workers: int = 1, cpus_per_node: int | None = None, head_cpus: int | None
                         f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}",
                         f"--ray-client-server-port={client_port}"], logs / "head.log", env, f"{temp_root}/head")
     state = {"address": f"http://{HOST}:{dashboard_port}", "gcs_address": f"{HOST}:{gcs_port}",
-             "cpus_per_node": cpus, "storage": env["DEEPYARD_STORAGE"], "tracking_uri": env["MLFLOW_TRACKING_URI"],
-             "temp_dir": temp_root, "nodes": [{"name": "head", "role": "head", "pid": head.pid,
-                                               "started_at": _started_at(head.pid), "log": str(logs / "head.log")}]}
+             "cpus_per_node": cpus, "cpus": head_cpus + workers * cpus, "storage": env["DEEPYARD_STORAGE"],
+             "tracking_uri": env["MLFLOW_TRACKING_URI"], "temp_dir": temp_root, **code_identity(),
+             "nodes": [{"name": "head", "role": "head", "pid": head.pid, "started_at": _started_at(head.pid),
+                        "log": str(logs / "head.log")}]}
     processes = [head]
     _state_file().write_text(json.dumps(state, indent=2))
     try:

@@ -149,7 +149,7 @@ def cluster_up(
 
     state = local_cluster.up(workers, cpus_per_node, head_cpus)
     err.print(f"[green]up[/]: head + {workers} worker node(s), {state['cpus_per_node']} CPUs each; submit to "
-              f"{state['address']}; `deepyard run` joins it with RAY_ADDRESS={state['gcs_address']}", highlight=False)
+              f"{state['address']}; `deepyard run` joins it until `deepyard cluster down`", highlight=False)
     if json_output:
         print(json.dumps(state))
 

@@ -1,0 +1,57 @@
+"""Which cluster `deepyard run` joins: the one `deepyard cluster up` started, only while it is up and
+runs the same code (its nodes' processes, here stood in for by this test's own process)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import psutil
+import pytest
+
+from deepyard import local_cluster
+
+
+@pytest.fixture()
+def state_here(tmp_path, monkeypatch):
+    """A cluster state file whose head is this live process, in a home of the test's own."""
+    monkeypatch.setenv("DEEPYARD_HOME", str(tmp_path))
+    me = psutil.Process()
+    state = {"address": "http://127.0.0.1:1", "gcs_address": "127.0.0.1:2", "cpus": 2.0,
+             "nodes": [{"name": "head", "pid": me.pid, "started_at": me.create_time()}],
+             **local_cluster.code_identity()}
+
+    def write(**changes) -> None:
+        (tmp_path / "cluster").mkdir(exist_ok=True)
+        (tmp_path / "cluster" / "state.json").write_text(json.dumps({**state, **changes}))
+
+    return write
+
+
+def test_a_cluster_that_is_up_with_this_code_is_joined(state_here):
+    state_here()
+    assert local_cluster.joinable({"CPU": 2.0}) == ("127.0.0.1:2", None)
+
+
+def test_no_cluster_or_a_gone_one_is_not_joined_and_says_nothing(state_here, tmp_path):
+    assert local_cluster.joinable({"CPU": 1.0}) == (None, None)
+    state_here(nodes=[{"name": "head", "pid": os.getpid(), "started_at": 1.0}])  # (a pid used again)
+    assert local_cluster.joinable({"CPU": 1.0}) == (None, None)
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"ray_version": "2.0.0"}, "runs Ray 2.0.0, this command"),
+    ({"deepyard_path": "/elsewhere/deepyard"}, "runs deepyard /elsewhere/deepyard"),
+    ({"python": None}, "was started by an older deepyard"),
+])
+def test_a_cluster_running_other_code_is_not_joined(state_here, changes, says):
+    state_here(**changes)
+    address, why_not = local_cluster.joinable({"CPU": 1.0})
+    assert address is None and says in why_not and "`deepyard cluster down` and up again" in why_not
+
+
+def test_a_job_larger_than_the_cluster_starts_its_own(state_here):
+    state_here()
+    assert local_cluster.joinable({"CPU": 3.0}) == (
+        None, "the job asks for 3 CPU; the local cluster at 127.0.0.1:2 has 2 CPUs")
+    assert local_cluster.joinable({"CPU": 1.0, "GPU": 1.0})[0] is None
