@@ -55,3 +55,14 @@ def test_a_job_larger_than_the_cluster_starts_its_own(state_here):
     assert local_cluster.joinable({"CPU": 3.0}) == (
         None, "the job asks for 3 CPU; the local cluster at 127.0.0.1:2 has 2 CPUs")
     assert local_cluster.joinable({"CPU": 1.0, "GPU": 1.0})[0] is None
+
+
+def test_cluster_down_stops_the_idle_watcher_too(state_here):
+    import subprocess
+    import sys
+
+    watcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    state_here(nodes=[], watcher={"name": "watcher", "pid": watcher.pid,
+                                  "started_at": psutil.Process(watcher.pid).create_time()})
+    assert local_cluster.down() == {"stopped_nodes": 0}
+    assert watcher.wait(timeout=10) == -15 and local_cluster.read_state() is None

@@ -72,7 +72,7 @@ def _started_at(pid: int) -> float | None:
         return None
 
 
-def _alive(node: dict[str, Any]) -> bool:
+def alive(node: dict[str, Any]) -> bool:
     """Is this node's process still the one we started (not a reused pid after a reboot, not a zombie)?"""
     import psutil
 
@@ -125,7 +125,7 @@ def joinable(footprint: dict[str, float]) -> tuple[str | None, str | None]:
         state = read_state()
     except BadInput as error:
         return None, str(error)
-    if state is None or not _alive(state["nodes"][0]):
+    if state is None or not alive(state["nodes"][0]):
         return None, None
     here = code_identity()
     for key, what in (("python", "Python"), ("ray_version", "Ray"), ("deepyard_path", "deepyard")):
@@ -193,10 +193,11 @@ def _marker(name: str) -> str:
 
 
 def up(workers: int = 1, cpus_per_node: int | None = None, head_cpus: int | None = None,
-       timeout_s: float = 120.0) -> dict[str, Any]:
+       timeout_s: float = 120.0, idle_stop_s: float | None = None) -> dict[str, Any]:
     """Start the head and ``workers`` worker nodes; returns the state (``address`` is what to submit to).
-    ``head_cpus=0`` keeps training off the head (jobs' drivers need no CPU)."""
-    if (state := read_state()) is not None and any(_alive(n) for n in state["nodes"]):
+    ``head_cpus=0`` keeps training off the head (jobs' drivers need no CPU). ``idle_stop_s``: a
+    watcher takes the cluster down once nothing has used it for that long (``cluster_watch``)."""
+    if (state := read_state()) is not None and any(alive(n) for n in state["nodes"]):
         raise BadInput(f"a local cluster is already up at {state['address']}; `deepyard cluster down` first")
     _ensure_token()
     cpus = cpus_per_node or max(1, (os.cpu_count() or 2) // (workers + 1))
@@ -231,10 +232,22 @@ def up(workers: int = 1, cpus_per_node: int | None = None, head_cpus: int | None
                                    "log": str(log)})
             _state_file().write_text(json.dumps(state, indent=2))
         _wait_for_nodes(state, processes, 1 + workers, timeout_s)
+        if idle_stop_s is not None:
+            state["idle_stop_s"] = idle_stop_s
+            state["watcher"] = _start_watcher(idle_stop_s, env, logs / "watcher.log")
+            _state_file().write_text(json.dumps(state, indent=2))
     except BaseException:
         down()
         raise
     return state
+
+
+def _start_watcher(idle_stop_s: float, env: dict[str, str], log: Path) -> dict[str, Any]:
+    with log.open("ab") as out:
+        watcher = subprocess.Popen([sys.executable, "-m", "deepyard.cluster_watch", str(idle_stop_s)], env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    return {"name": "watcher", "pid": watcher.pid, "started_at": _started_at(watcher.pid), "log": str(log)}
 
 
 def _wait_for_nodes(state: dict[str, Any], processes: list[subprocess.Popen], count: int, timeout_s: float) -> None:
@@ -278,19 +291,19 @@ def status() -> dict[str, Any]:
                        "`deepyard cluster down` clears it, then `deepyard cluster up`") from None
     cpus = sum(n["resources"].get("CPU", 0) for n in live)
     return {**{k: state[k] for k in ("address", "gcs_address", "storage", "tracking_uri")},
-            "nodes": live, "alive_nodes": len(live), "cpus": cpus}
+            "nodes": live, "alive_nodes": len(live), "cpus": cpus, "idle_stop_s": state.get("idle_stop_s")}
 
 
 def stop_node(node: dict[str, Any], timeout_s: float = 16.0) -> None:
     """SIGTERM to a node's `ray start --block`: it stops its raylet and that node's workers; SIGKILL
     after ``timeout_s`` (the grace period of Ray's own `ray stop`)."""
-    if not _alive(node):
+    if not alive(node):
         return
     _signal(node, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while _alive(node) and time.monotonic() < deadline:
+    while alive(node) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _alive(node):
+    if alive(node):
         _signal(node, signal.SIGKILL)
 
 
@@ -307,7 +320,7 @@ def kill_node(name: str) -> None:
     node = next((n for n in (state or {}).get("nodes", []) if n["name"] == name), None)
     if node is None:
         raise BadInput(f"no node {name!r} in the local cluster")
-    if _alive(node):
+    if alive(node):
         _signal(node, signal.SIGKILL)
 
 
@@ -316,7 +329,10 @@ def down() -> dict[str, Any]:
     state = read_state()
     if state is None:
         return {"stopped_nodes": 0}
-    running = [node for node in reversed(state["nodes"]) if _alive(node)]
+    watcher = state.get("watcher")
+    if watcher and watcher["pid"] != os.getpid() and alive(watcher):  # (not when the watcher is the one stopping)
+        _signal(watcher, signal.SIGTERM)
+    running = [node for node in reversed(state["nodes"]) if alive(node)]
     for node in running:
         stop_node(node)
     if state.get("temp_dir"):

@@ -142,14 +142,17 @@ def cluster_up(
     cpus_per_node: Annotated[Optional[int], typer.Option(min=1, help="default: this machine's CPUs shared out")] = None,
     head_cpus: Annotated[Optional[int], typer.Option(min=0, help="default: as a worker; 0 keeps training off "
                                                                  "the head")] = None,
+    idle_stop: Annotated[Optional[float], typer.Option(min=1, help="seconds: take the cluster down once no job "
+                                                                   "or endpoint has used it for this long")] = None,
     json_output: JsonOutput = False,
 ) -> None:
     """Start a head and N worker nodes on 127.0.0.1; `deepyard submit` and `deepyard run` then use it."""
     from deepyard import local_cluster
 
-    state = local_cluster.up(workers, cpus_per_node, head_cpus)
+    state = local_cluster.up(workers, cpus_per_node, head_cpus, idle_stop_s=idle_stop)
+    until = f"after {idle_stop:g} s idle or " if idle_stop else ""
     err.print(f"[green]up[/]: head + {workers} worker node(s), {state['cpus_per_node']} CPUs each; submit to "
-              f"{state['address']}; `deepyard run` joins it until `deepyard cluster down`", highlight=False)
+              f"{state['address']}; `deepyard run` joins it until {until}`deepyard cluster down`", highlight=False)
     if json_output:
         print(json.dumps(state))
 
@@ -164,7 +167,8 @@ def cluster_status(json_output: JsonOutput = False) -> None:
     if json_output:
         print(json.dumps(status))
         return
-    table = Table("node", "id", "CPU", title=f"{status['address']}: {status['alive_nodes']} live nodes")
+    idle = f"; stops after {status['idle_stop_s']:g} s idle" if status.get("idle_stop_s") else ""
+    table = Table("node", "id", "CPU", title=f"{status['address']}: {status['alive_nodes']} live nodes{idle}")
     for node in status["nodes"]:
         table.add_row(node["name"] or "-", node["node_id"][:12], str(node["resources"].get("CPU", 0)))
     out.print(table)

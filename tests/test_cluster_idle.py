@@ -1,0 +1,44 @@
+"""`deepyard cluster up --idle-stop`: a real one-node cluster that stays up while a driver uses it and
+goes down by itself once idle (its watcher process, cluster_watch.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from deepyard import local_cluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # (~40 s: a cluster of its own, a driver, the idle wait)
+
+
+def test_an_idle_cluster_goes_down_by_itself_and_a_busy_one_stays(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPYARD_HOME", str(tmp_path))  # a cluster, and a state file, of this test's own
+    state = local_cluster.up(workers=0, cpus_per_node=1, idle_stop_s=4)
+    head, watcher = state["nodes"][0], state["watcher"]
+    try:
+        assert local_cluster.alive(watcher) and local_cluster.status()["idle_stop_s"] == 4
+        # A driver connected for longer than the idle time keeps it up
+        script = f"import ray, time; ray.init(address={state['gcs_address']!r}); time.sleep(14)"
+        driver = subprocess.Popen([sys.executable, "-c", script],
+                                  env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""})
+        time.sleep(12)
+        assert driver.poll() is None, "the driver could not join"
+        assert local_cluster.alive(head) and local_cluster.read_state() is not None
+        assert driver.wait(timeout=60) == 0
+        # ...and once it has gone, the cluster goes after the idle time
+        deadline = time.monotonic() + 60
+        while local_cluster.read_state() is not None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert local_cluster.read_state() is None, "still up a minute after its driver left"
+        assert not local_cluster.alive(head)
+        deadline = time.monotonic() + 10
+        while local_cluster.alive(watcher) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not local_cluster.alive(watcher)
+        assert "idle for 4 s: 1 node(s) stopped" in (tmp_path / "cluster" / "watcher.log").read_text()
+    finally:
+        local_cluster.down()
