@@ -97,7 +97,11 @@ def node_environment() -> dict[str, str]:
             # workers; Ray's default 3 s before SIGKILL can cut that short
             "RAY_JOB_STOP_WAIT_TIME_S": "30",
             # a job queued for the cluster's quota may wait hours: Ray fails one PENDING for 15 min
-            "RAY_JOB_START_TIMEOUT_SECONDS": JOB_START_TIMEOUT_S}
+            "RAY_JOB_START_TIMEOUT_SECONDS": JOB_START_TIMEOUT_S,
+            # `ray start --block` drains its node for up to 30 s on SIGTERM (for a load balancer in
+            # front of Serve); `cluster down` stops every node of this machine's cluster anyway, and
+            # waited out 16 s a node before its SIGKILL
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 
 
 def is_local(address: str | None) -> bool:
