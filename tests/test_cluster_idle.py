@@ -1,5 +1,6 @@
 """`deepyard cluster up --idle-stop`: a real one-node cluster that stays up while a driver uses it and
-goes down by itself once idle (its watcher process, cluster_watch.py)."""
+goes down by itself once idle (its watcher process, cluster_watch.py); `deepyard run --keep-cluster`
+starts one for the next jobs."""
 
 from __future__ import annotations
 
@@ -40,5 +41,33 @@ def test_an_idle_cluster_goes_down_by_itself_and_a_busy_one_stays(tmp_path, monk
             time.sleep(0.2)
         assert not local_cluster.alive(watcher)
         assert "idle for 4 s: 1 node(s) stopped" in (tmp_path / "cluster" / "watcher.log").read_text()
+    finally:
+        local_cluster.down()
+
+
+def test_keep_cluster_starts_one_that_the_next_job_joins(tmp_path, monkeypatch):
+    import json
+
+    from test_train_job import TINY_MLP
+
+    monkeypatch.setenv("DEEPYARD_HOME", str(tmp_path))
+    spec = tmp_path / "kept.yaml"
+    spec.write_text(TINY_MLP.format(name="kept", epochs=1) + "register: {enabled: false}\n")
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+           "DEEPYARD_KEEP_CLUSTER": "120"}
+
+    def run() -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "deepyard", "run", str(spec), "--json"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1])["metrics"]["test_accuracy"] > 0.3
+        return done
+
+    try:
+        first = run()
+        state = local_cluster.read_state()
+        assert state is not None and f"started the local cluster at {state['gcs_address']}" in first.stderr
+        assert local_cluster.alive(state["nodes"][0]) and state["idle_stop_s"] == 120  # (after the job's exit)
+        assert f"on the local cluster at {state['gcs_address']}" in run().stderr
     finally:
         local_cluster.down()

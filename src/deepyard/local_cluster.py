@@ -145,6 +145,11 @@ def joinable(footprint: dict[str, float]) -> tuple[str | None, str | None]:
     return state["gcs_address"], None
 
 
+def fits_here(footprint: dict[str, float]) -> bool:
+    """Would a job that needs ``footprint`` fit a one-node cluster of this machine's CPUs?"""
+    return footprint.get("GPU", 0) == 0 and footprint.get("CPU", 0) <= (os.cpu_count() or 1)
+
+
 def authenticate(address: str | None) -> None:
     """Joining the local cluster (token-authenticated: ``node_environment``) must send Ray's token."""
     if is_local(address):

@@ -10,7 +10,7 @@ import typer
 
 from deepyard import settings, stops
 from deepyard.cli.app import JsonOutput, Overrides, SpecPath, app, err, out, user_errors
-from deepyard.errors import BadInput
+from deepyard.errors import BadInput, DeepyardError
 
 
 @app.command()
@@ -37,6 +37,10 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="continue the job's last interrupted run (Ctrl-C, "
                                                           "a killed driver, a failure) from its newest "
                                                           "checkpoint")] = False,
+    keep_cluster: Annotated[Optional[float], typer.Option(
+        "--keep-cluster", min=1, envvar="DEEPYARD_KEEP_CLUSTER",
+        help="seconds: with no cluster up, start the local one (`deepyard cluster up --workers 0`) for this "
+             "job and leave it up for the next ones until it has been idle this long")] = None,
 ) -> None:
     """Run a job: train on Ray, track in MLflow, register the model."""
     from deepyard import cluster
@@ -50,7 +54,7 @@ def run(
         resumable = " or ".join(name for name, k in KINDS.items() if k.resumable)
         raise BadInput(f"--resume continues an interrupted {resumable} job; a {job.kind} job cannot resume")
     settings.check_writable(job)
-    address = address or os.environ.get("RAY_ADDRESS") or _running_local_cluster(job)
+    address = address or os.environ.get("RAY_ADDRESS") or _running_local_cluster(job, keep_cluster)
     cluster.check_reachable(address)  # before a run is opened for the job
     options = RunOptions(address=address, ray_logs=ray_logs, resume=resume, console=err, json_output=json_output)
     with stops.signals_stop_the_job():
@@ -66,10 +70,11 @@ def run(
         print(json.dumps(summary.to_json(), default=str))
 
 
-def _running_local_cluster(job) -> str | None:
+def _running_local_cluster(job, keep_s: float | None) -> str | None:
     """The cluster `deepyard cluster up` started, when it is up and can take the job: joining it
-    skips Ray's start (~8 s of a small job's ~20 s on 2 cores). A deploy job serves on a cluster of
-    its own, which starts with Serve's fast-proxy settings."""
+    skips Ray's start (~4 s of a small job's ~15 s on 2 cores). With ``keep_s`` and none up, one is
+    started for the job and stays for the next ones until idle that long. A deploy job serves on a
+    cluster of its own, which starts with Serve's fast-proxy settings."""
     from deepyard import local_cluster
 
     if job.kind == "deploy":
@@ -80,6 +85,17 @@ def _running_local_cluster(job) -> str | None:
                   "the job's own)", highlight=False)
     elif why_not:
         err.print(f"[yellow]note:[/] {why_not}; the job starts a cluster of its own", highlight=False)
+    elif keep_s is not None and local_cluster.fits_here(job.footprint()):
+        try:
+            address = local_cluster.up(workers=0, cpus_per_node=os.cpu_count() or 1, idle_stop_s=keep_s)["gcs_address"]
+        except DeepyardError as error:  # (one started by another command meanwhile is joined)
+            address = local_cluster.joinable(job.footprint())[0]
+            if not address:
+                err.print(f"[yellow]note:[/] the local cluster did not start ({error}); the job starts a cluster "
+                          "of its own", highlight=False)
+            return address
+        err.print(f"started the local cluster at {address}: it stays for the next jobs until {keep_s:g} s idle "
+                  "(`deepyard cluster status`, `deepyard cluster down`)", highlight=False)
     return address
 
 
