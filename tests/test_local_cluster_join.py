@@ -66,3 +66,34 @@ def test_cluster_down_stops_the_idle_watcher_too(state_here):
                                   "started_at": psutil.Process(watcher.pid).create_time()})
     assert local_cluster.down() == {"stopped_nodes": 0}
     assert watcher.wait(timeout=10) == -15 and local_cluster.read_state() is None
+
+
+def test_a_join_counts_as_use_for_the_idle_watcher(state_here):
+    from deepyard import cluster_watch
+
+    state_here()
+    assert not cluster_watch._joined_within(60)
+    local_cluster.joinable({"CPU": 1.0})  # (its driver connects later, after the job's data check)
+    assert cluster_watch._joined_within(60)
+
+
+def test_two_commands_starting_the_cluster_start_it_one_after_the_other(state_here, monkeypatch):
+    import threading
+    import time
+
+    inside, overlapped = [], []
+
+    def fake_up(*args):
+        overlapped.append(bool(inside))
+        inside.append(1)
+        time.sleep(0.3)
+        inside.pop()
+        return {}
+
+    monkeypatch.setattr(local_cluster, "_up", fake_up)
+    starts = [threading.Thread(target=local_cluster.up, kwargs={"workers": 0}) for _ in range(2)]
+    for start in starts:
+        start.start()
+    for start in starts:
+        start.join()
+    assert overlapped == [False, False]

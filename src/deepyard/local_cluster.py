@@ -142,7 +142,14 @@ def joinable(footprint: dict[str, float]) -> tuple[str | None, str | None]:
     if footprint.get("GPU", 0) > 0 or footprint.get("CPU", 0) > cpus:
         asked = ", ".join(f"{value:g} {name}" for name, value in footprint.items() if value)
         return None, f"the job asks for {asked}; the local cluster at {state['gcs_address']} has {cpus:g} CPUs"
+    joined_marker().touch()  # (the idle watcher counts a job about to connect as use)
     return state["gcs_address"], None
+
+
+def joined_marker() -> Path:
+    """Touched by each command that joins the cluster: its driver connects seconds later, after its
+    data check, and the idle watcher must not take the cluster down in between."""
+    return state_dir() / "joined"
 
 
 def fits_here(footprint: dict[str, float]) -> bool:
@@ -205,7 +212,18 @@ def up(workers: int = 1, cpus_per_node: int | None = None, head_cpus: int | None
        timeout_s: float = 120.0, idle_stop_s: float | None = None) -> dict[str, Any]:
     """Start the head and ``workers`` worker nodes; returns the state (``address`` is what to submit to).
     ``head_cpus=0`` keeps training off the head (jobs' drivers need no CPU). ``idle_stop_s``: a
-    watcher takes the cluster down once nothing has used it for that long (``cluster_watch``)."""
+    watcher takes the cluster down once nothing has used it for that long (``cluster_watch``).
+    One command at a time starts it (a lock in the state's folder): of two, the second finds it up
+    instead of starting another whose state file would hide the first's processes."""
+    import fcntl
+
+    with (state_dir() / "starting.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _up(workers, cpus_per_node, head_cpus, timeout_s, idle_stop_s)
+
+
+def _up(workers: int, cpus_per_node: int | None, head_cpus: int | None, timeout_s: float,
+        idle_stop_s: float | None) -> dict[str, Any]:
     if (state := read_state()) is not None and any(alive(n) for n in state["nodes"]):
         raise BadInput(f"a local cluster is already up at {state['address']}; `deepyard cluster down` first")
     _ensure_token()
