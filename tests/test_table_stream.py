@@ -337,3 +337,23 @@ def test_a_job_trains_on_parquet_in_a_bucket(tmp_path, s3_server, loans_parquet)
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["metrics"]["test_accuracy"] > 0.75
+
+
+def test_the_median_sketch_takes_the_same_share_of_every_block(tmp_path):
+    from datasketches import kll_doubles_sketch
+
+    from deepyard.data import table_stream
+    from deepyard.data.table_files import parquet
+
+    rng = np.random.default_rng(0)
+    pd.DataFrame({"x": rng.normal(size=100), "y": rng.normal(size=100)}).to_parquet(tmp_path / "t.parquet")
+    stream = parquet(str(tmp_path), "y", task="regression", stream=True)
+    stream.rows = 10 * table_stream.SKETCHED_ROWS  # a large table: a tenth of its rows are sketched
+    counts = []
+    for rows, value in ((20_000, 0.0), (2_000, 100.0)):  # a large block and a small one
+        block = pd.DataFrame({"x": np.full(rows, value) + rng.normal(size=rows) * 1e-3, "y": np.zeros(rows),
+                              table_stream.PATH_COLUMN: "t.parquet"})
+        column = table_stream.tally(block, stream, frozenset())["columns"]["x"]
+        counts.append((kll_doubles_sketch.deserialize(column["sketch"]).n, column["n"]))
+    for sketched, train in counts:  # (each block: a tenth of its training rows, whatever its size)
+        assert sketched == pytest.approx(train / 10, rel=0.15)

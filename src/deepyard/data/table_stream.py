@@ -36,7 +36,7 @@ EXTENSIONS = {"parquet": (".parquet", ".pq", ".parq"), "csv": (".csv", ".csv.gz"
 SPLITS = ("train", "val", "test")
 ROWS_PER_BATCH = 16384  # rows encoded at a time on Ray Data's workers (fewer, larger blocks: less overhead)
 SKETCH_SIZE = 400  # a median's rank error of about 0.7% (datasketches' KLL)
-SKETCHED_PER_BLOCK = 4096  # values of a column a block adds to its sketch: a rank error of ~1.5% more at most
+SKETCHED_ROWS = 20_000  # rows of the table whose values each median sketch takes (its rank error: ~0.4% more)
 PATH_COLUMN = "path"  # where Ray Data's include_paths names each row's file
 READ_TASKS = 200  # at most, per pass over the files (more files: several to a task)
 BLOCK_BYTES = 8 * 2 ** 20  # the most a block of the table holds (4 MiB: an epoch ~15% longer)
@@ -319,10 +319,17 @@ def tally(frame, stream: TableStream, test_files: frozenset[str]) -> dict[str, A
     rows' sums, sketch or category counts. Every cell of every split is checked against its type."""
     named = PATH_COLUMN not in stream.head.columns  # (a table's own "path" column keeps its place)
     paths = frame.pop(PATH_COLUMN).to_numpy() if named else np.full(len(frame), "a file of the table", dtype=object)
-    codes = split_codes(frame, stream)
+    from deepyard.data.streaming import split_by_point
+
+    hashes = row_hashes(frame[[stream.split_key]] if stream.split_key else frame, stream.seed)
+    codes = split_by_point(hashes / 2.0 ** 64, stream.val_fraction, stream.test_fraction)
     if test_files:  # (Ray Data names a bucket's file without its scheme: s3://b/t.parquet is b/t.parquet)
         codes[np.isin(_bare(paths), [_bare(file) for file in test_files])] = 2
     train = codes == 0
+    # The rows whose values the median sketches take: the same share of every block, picked by the
+    # hash's low bits (its high bits pick the split), so that each sampled row weighs the same.
+    rate = min(1.0, SKETCHED_ROWS / stream.rows) if stream.rows else 1.0
+    sketched = ((hashes & np.uint64(0xFFFFFFFF)) < np.uint64(rate * 2 ** 32))[train]
 
     def fail(problem: str, rows: np.ndarray) -> None:
         raise DataError(f"{stream.where}: {problem}, in {paths[int(np.flatnonzero(rows)[0])]}")
@@ -341,31 +348,32 @@ def tally(frame, stream: TableStream, test_files: frozenset[str]) -> dict[str, A
     numbers, block = _numeric_block(frame, stream, fail)
     for name, kind in zip(stream.columns.names, stream.columns.types):
         if name in numbers:  # (a column of the block: its values side by side, as pandas holds them)
-            values = block[:, numbers[name]][train]
-            result["columns"][name] = _numeric_tally(values[~np.isnan(values)], len(values))
+            result["columns"][name] = _numeric_tally(block[:, numbers[name]][train], sketched)
             continue
         values = _read(frame[name], kind, f"column {name!r} ({kind})", fail)[train]
         if kind == "categorical":
             result["columns"][name] = {"counts": _counts(values)}
             continue
-        present = values[~np.isnan(values)]
         if kind == "numeric":  # (numbers held as objects)
-            result["columns"][name] = _numeric_tally(present, len(values))
+            result["columns"][name] = _numeric_tally(values, sketched)
             continue
+        present = values[~np.isnan(values)]
         result["columns"][name] = {"n": len(present), "gaps": len(values) - len(present),
                                    "sum": float(present.sum()), "squares": float((present * present).sum())}
     return result
 
 
-def _numeric_tally(present: np.ndarray, rows: int) -> dict[str, Any]:
-    """A numeric column's sums over one block's training rows, and a sketch of its values for the
-    median: of at most ``SKETCHED_PER_BLOCK`` of them, evenly spaced (a sketch takes ~30 ns a value:
-    Fashion's 784 pixels spent more time there than in everything else the fit does)."""
+def _numeric_tally(values: np.ndarray, sketched: np.ndarray) -> dict[str, Any]:
+    """A numeric column's sums over one block's training rows, and a sketch of its ``sketched``
+    values for the median (a sketch takes ~30 ns a value: Fashion's 784 pixels spent more time
+    there than in everything else the fit does)."""
     from datasketches import kll_doubles_sketch
 
+    known = ~np.isnan(values)
+    present = values[known]
     sketch = kll_doubles_sketch(SKETCH_SIZE)
-    sketch.update(present[::max(1, -(-len(present) // SKETCHED_PER_BLOCK))])
-    return {"n": len(present), "gaps": rows - len(present), "sum": float(present.sum()),
+    sketch.update(values[known & sketched])
+    return {"n": len(present), "gaps": len(values) - len(present), "sum": float(present.sum()),
             "squares": float(np.dot(present, present)), "sketch": sketch.serialize()}
 
 
