@@ -55,6 +55,22 @@ def test_a_job_larger_than_the_cluster_starts_its_own(state_here):
     assert local_cluster.joinable({"CPU": 3.0}) == (
         None, "the job asks for 3 CPU; the local cluster at 127.0.0.1:2 has 2 CPUs")
     assert local_cluster.joinable({"CPU": 1.0, "GPU": 1.0})[0] is None
+    state_here(largest_node_cpus=1.0)  # (two nodes of one CPU: a 2-CPU worker fits on neither)
+    assert local_cluster.joinable({"CPU": 2.0}, worker_cpus=2.0) == (
+        None, "each of the job's workers asks for 2 CPUs; the local cluster's largest node has 1")
+
+
+def test_the_workers_on_this_machines_cluster_see_the_drivers_environment(state_here, monkeypatch):
+    from deepyard import cluster
+    from deepyard.settings import TRAIN_ENV
+
+    state_here()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")  # (a streamed s3:// source's, say)
+    monkeypatch.setenv("RAY_SOMETHING", "1")
+    here = cluster._job_env("127.0.0.1:2")
+    assert here["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000" and "RAY_SOMETHING" not in here
+    assert all(here[key] == value for key, value in TRAIN_ENV.items())
+    assert cluster._job_env("10.0.0.9:6379") == dict(TRAIN_ENV)  # (a remote cluster keeps its own)
 
 
 def test_cluster_down_stops_the_idle_watcher_too(state_here):
@@ -68,13 +84,19 @@ def test_cluster_down_stops_the_idle_watcher_too(state_here):
     assert watcher.wait(timeout=10) == -15 and local_cluster.read_state() is None
 
 
-def test_a_join_counts_as_use_for_the_idle_watcher(state_here):
-    from deepyard import cluster_watch
+def test_a_command_that_joins_counts_as_use_while_it_runs(state_here, tmp_path):
+    import subprocess
+    import sys
 
     state_here()
-    assert not cluster_watch._joined_within(60)
+    assert local_cluster.joining() == []
     local_cluster.joinable({"CPU": 1.0})  # (its driver connects later, after the job's data check)
-    assert cluster_watch._joined_within(60)
+    assert local_cluster.joining() == [os.getpid()]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / "cluster" / "joining" / str(gone.pid)).write_text("1.0")
+    assert local_cluster.joining() == [os.getpid()]  # (an ended command's record is dropped)
+    assert sorted(path.name for path in (tmp_path / "cluster" / "joining").iterdir()) == [str(os.getpid())]
 
 
 def test_two_commands_starting_the_cluster_start_it_one_after_the_other(state_here, monkeypatch):

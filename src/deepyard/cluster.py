@@ -88,7 +88,7 @@ def connected(address: str | None = None, ray_logs: bool = False,
             # (with Ray's dashboard, though it costs ~1 s, wherever a job may start a Ray Train worker
             # group: Ray Train's placement-group cleaner asks its state API whether a controller died;
             # without it a stopped trial's CPUs stayed reserved)
-            ray.init(address=address or "local", runtime_env={"env_vars": dict(TRAIN_ENV)} if address else None,
+            ray.init(address=address or "local", runtime_env={"env_vars": _job_env(address)} if address else None,
                      logging_level="WARNING", log_to_driver=ray_logs, **({} if address or dashboard
                                                                           else {"include_dashboard": False}))
         except ConnectionError as error:
@@ -119,6 +119,16 @@ def connected(address: str | None = None, ray_logs: bool = False,
         _departure = ray.shutdown
     else:
         ray.shutdown()
+
+
+def _job_env(address: str) -> dict[str, str]:
+    """What the job's workers get on a running cluster. On this machine's (`deepyard cluster up`),
+    the driver's environment too, as an embedded cluster's workers inherit it: its credentials for
+    s3:// data, MLflow's settings. (Its nodes' own is from when it started.)"""
+    from deepyard import local_cluster
+
+    here = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    return {**(here if local_cluster.is_local(address) else {}), **TRAIN_ENV}
 
 
 def check_reachable(address: str | None, timeout_s: float = 3.0) -> None:

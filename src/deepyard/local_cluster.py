@@ -18,8 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from deepyard import settings
 from deepyard.cluster_queue import JOB_START_TIMEOUT_S, TOKENS, quota_resources
@@ -36,6 +37,24 @@ def state_dir() -> Path:
 
 def _state_file() -> Path:
     return state_dir() / "state.json"
+
+
+def _write_state(state: dict[str, Any]) -> None:
+    """All at once (a reader never sees half a file)."""
+    partial = _state_file().with_suffix(".partial")
+    partial.write_text(json.dumps(state, indent=2))
+    os.replace(partial, _state_file())
+
+
+@contextmanager
+def _locked(exclusive: bool) -> Iterator[None]:
+    """Starting or stopping the cluster holds this exclusively; a command deciding to join it,
+    shared: it never joins a cluster halfway up or halfway down."""
+    import fcntl
+
+    with (state_dir() / "cluster.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 def read_state() -> dict[str, Any] | None:
@@ -121,35 +140,61 @@ def code_identity() -> dict[str, str]:
             "deepyard_path": str(Path(deepyard.__file__).resolve().parent)}
 
 
-def joinable(footprint: dict[str, float]) -> tuple[str | None, str | None]:
+def joinable(footprint: dict[str, float], worker_cpus: float = 0.0) -> tuple[str | None, str | None]:
     """The GCS address of the cluster `deepyard cluster up` started, for a job that needs
-    ``footprint`` (CPU, GPU) to join instead of starting a cluster of its own; else None, and why
-    not where a cluster is up but this job should not use it."""
-    try:
-        state = read_state()
-    except BadInput as error:
-        return None, str(error)
-    if state is None or not alive(state["nodes"][0]):
-        return None, None
-    here = code_identity()
-    for key, what in (("python", "Python"), ("ray_version", "Ray"), ("deepyard_path", "deepyard")):
-        if state.get(key) != here[key]:
-            differs = (f"runs {what} {state[key]}, this command {here[key]}" if state.get(key)
-                       else "was started by an older deepyard")
-            return None, (f"the local cluster at {state['gcs_address']} {differs}; `deepyard cluster down` and up "
-                          "again to use it")
-    cpus = state.get("cpus", 0)
-    if footprint.get("GPU", 0) > 0 or footprint.get("CPU", 0) > cpus:
-        asked = ", ".join(f"{value:g} {name}" for name, value in footprint.items() if value)
-        return None, f"the job asks for {asked}; the local cluster at {state['gcs_address']} has {cpus:g} CPUs"
-    joined_marker().touch()  # (the idle watcher counts a job about to connect as use)
-    return state["gcs_address"], None
+    ``footprint`` (CPU, GPU), ``worker_cpus`` of them on one node, to join instead of starting a
+    cluster of its own; else None, and why not where a cluster is up but this job should not use
+    it. A join is recorded (``record_join``)."""
+    with _locked(exclusive=False):
+        try:
+            state = read_state()
+        except BadInput as error:
+            return None, str(error)
+        if state is None or not alive(state["nodes"][0]):
+            return None, None
+        here = code_identity()
+        for key, what in (("python", "Python"), ("ray_version", "Ray"), ("deepyard_path", "deepyard")):
+            if state.get(key) != here[key]:
+                differs = (f"runs {what} {state[key]}, this command {here[key]}" if state.get(key)
+                           else "was started by an older deepyard")
+                return None, (f"the local cluster at {state['gcs_address']} {differs}; `deepyard cluster down` and "
+                              "up again to use it")
+        cpus = state.get("cpus", 0)
+        if footprint.get("GPU", 0) > 0 or footprint.get("CPU", 0) > cpus:
+            asked = ", ".join(f"{value:g} {name}" for name, value in footprint.items() if value)
+            return None, f"the job asks for {asked}; the local cluster at {state['gcs_address']} has {cpus:g} CPUs"
+        if worker_cpus > (largest := state.get("largest_node_cpus", cpus)):
+            return None, (f"each of the job's workers asks for {worker_cpus:g} CPUs; the local cluster's largest "
+                          f"node has {largest:g}")
+        record_join()
+        return state["gcs_address"], None
 
 
-def joined_marker() -> Path:
-    """Touched by each command that joins the cluster: its driver connects seconds later, after its
-    data check, and the idle watcher must not take the cluster down in between."""
-    return state_dir() / "joined"
+def record_join() -> None:
+    """This process will use the cluster: its driver connects seconds later, after the job's data
+    check, and the idle watcher must not take the cluster down in between (``joining``)."""
+    folder = state_dir() / "joining"
+    folder.mkdir(exist_ok=True)
+    me = os.getpid()
+    (folder / str(me)).write_text(str(_started_at(me)))
+
+
+def joining() -> list[int]:
+    """The processes that chose to join the cluster and still run (the others' records are removed)."""
+    import psutil
+
+    folder, live = state_dir() / "joining", []
+    for record in folder.glob("*") if folder.is_dir() else []:
+        pid = int(record.name)
+        try:
+            same = psutil.pid_exists(pid) and str(psutil.Process(pid).create_time()) == record.read_text()
+        except (psutil.Error, OSError, ValueError):
+            same = False
+        if same:
+            live.append(pid)
+        else:
+            record.unlink(missing_ok=True)
+    return live
 
 
 def fits_here(footprint: dict[str, float]) -> bool:
@@ -215,10 +260,7 @@ def up(workers: int = 1, cpus_per_node: int | None = None, head_cpus: int | None
     watcher takes the cluster down once nothing has used it for that long (``cluster_watch``).
     One command at a time starts it (a lock in the state's folder): of two, the second finds it up
     instead of starting another whose state file would hide the first's processes."""
-    import fcntl
-
-    with (state_dir() / "starting.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(exclusive=True):
         return _up(workers, cpus_per_node, head_cpus, timeout_s, idle_stop_s)
 
 
@@ -240,12 +282,13 @@ def _up(workers: int, cpus_per_node: int | None, head_cpus: int | None, timeout_
                         f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}",
                         f"--ray-client-server-port={client_port}"], logs / "head.log", env, f"{temp_root}/head")
     state = {"address": f"http://{HOST}:{dashboard_port}", "gcs_address": f"{HOST}:{gcs_port}",
-             "cpus_per_node": cpus, "cpus": head_cpus + workers * cpus, "storage": env["DEEPYARD_STORAGE"],
+             "cpus_per_node": cpus, "cpus": head_cpus + workers * cpus,
+             "largest_node_cpus": max(head_cpus, cpus if workers else 0), "storage": env["DEEPYARD_STORAGE"],
              "tracking_uri": env["MLFLOW_TRACKING_URI"], "temp_dir": temp_root, **code_identity(),
              "nodes": [{"name": "head", "role": "head", "pid": head.pid, "started_at": _started_at(head.pid),
                         "log": str(logs / "head.log")}]}
     processes = [head]
-    _state_file().write_text(json.dumps(state, indent=2))
+    _write_state(state)
     try:
         _wait_for_nodes(state, processes, 1, timeout_s)
         for index in range(workers):
@@ -257,14 +300,14 @@ def _up(workers: int, cpus_per_node: int | None, head_cpus: int | None, timeout_
             pid = processes[-1].pid
             state["nodes"].append({"name": name, "role": "worker", "pid": pid, "started_at": _started_at(pid),
                                    "log": str(log)})
-            _state_file().write_text(json.dumps(state, indent=2))
+            _write_state(state)
         _wait_for_nodes(state, processes, 1 + workers, timeout_s)
         if idle_stop_s is not None:
             state["idle_stop_s"] = idle_stop_s
             state["watcher"] = _start_watcher(idle_stop_s, env, logs / "watcher.log")
-            _state_file().write_text(json.dumps(state, indent=2))
+            _write_state(state)
     except BaseException:
-        down()
+        _down()
         raise
     return state
 
@@ -351,8 +394,17 @@ def kill_node(name: str) -> None:
         _signal(node, signal.SIGKILL)
 
 
-def down() -> dict[str, Any]:
-    """Stop every node (workers first); returns how many were running."""
+def down(unless=None) -> dict[str, Any]:
+    """Stop every node (workers first); returns how many were running. ``unless(state)``: asked
+    again once no other command can start or join the cluster (the idle watcher's last check);
+    true leaves it up."""
+    with _locked(exclusive=True):
+        if unless is not None and (state := read_state()) is not None and unless(state):
+            return {"stopped_nodes": 0}
+        return _down()
+
+
+def _down() -> dict[str, Any]:
     state = read_state()
     if state is None:
         return {"stopped_nodes": 0}

@@ -55,6 +55,7 @@ def run(
         raise BadInput(f"--resume continues an interrupted {resumable} job; a {job.kind} job cannot resume")
     settings.check_writable(job)
     address = address or os.environ.get("RAY_ADDRESS") or _running_local_cluster(job, keep_cluster)
+    address = None if address == "local" else address  # (Ray's word for a cluster of the job's own)
     cluster.check_reachable(address)  # before a run is opened for the job
     options = RunOptions(address=address, ray_logs=ray_logs, resume=resume, console=err, json_output=json_output)
     with stops.signals_stop_the_job():
@@ -79,7 +80,8 @@ def _running_local_cluster(job, keep_s: float | None) -> str | None:
 
     if job.kind == "deploy":
         return None
-    address, why_not = local_cluster.joinable(job.footprint())
+    worker_cpus = getattr(getattr(job, "scaling", None), "cpus_per_worker", 0.0)
+    address, why_not = local_cluster.joinable(job.footprint(), worker_cpus)
     if address:
         err.print(f"on the local cluster at {address} (`deepyard cluster up`; --address local: a cluster of "
                   "the job's own)", highlight=False)
@@ -87,7 +89,10 @@ def _running_local_cluster(job, keep_s: float | None) -> str | None:
         err.print(f"[yellow]note:[/] {why_not}; the job starts a cluster of its own", highlight=False)
     elif keep_s is not None and local_cluster.fits_here(job.footprint()):
         try:
-            address = local_cluster.up(workers=0, cpus_per_node=os.cpu_count() or 1, idle_stop_s=keep_s)["gcs_address"]
+            with stops.signals_stop_the_job():  # (SIGTERM while it starts: its nodes are stopped, not left)
+                address = local_cluster.up(workers=0, cpus_per_node=os.cpu_count() or 1,
+                                           idle_stop_s=keep_s)["gcs_address"]
+            local_cluster.record_join()
         except DeepyardError as error:  # (one started by another command meanwhile is joined)
             address = local_cluster.joinable(job.footprint())[0]
             if not address:
