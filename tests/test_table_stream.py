@@ -132,6 +132,12 @@ def test_a_numeric_table_is_split_by_its_seed_and_not_by_its_columns_order(tmp_p
     assert np.array_equal(split_codes(table.assign(n=table["n"].astype(float)), stream), codes)  # or dtype
     assert np.array_equal(split_codes(table.assign(a=-0.0 * table["a"].abs()), stream),
                           split_codes(table.assign(a=0.0), stream))  # -0.0 is 0.0
+    from deepyard.data.table_stream import row_hashes
+
+    # a gap hashes alike in a block where its column has text and in one where it has nothing else
+    only_gaps = pd.DataFrame({"a": [1.0, 2.0], "s": [None, None]})
+    with_text = pd.DataFrame({"a": [1.0, 2.0, 3.0], "s": [None, None, "x"]})
+    assert only_gaps["s"].dtype == object and np.array_equal(row_hashes(only_gaps, 0), row_hashes(with_text, 0)[:2])
 
 
 def test_numeric_columns_encoded_at_once_match_cell_by_cell():

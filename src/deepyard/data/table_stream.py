@@ -166,8 +166,10 @@ HASHED_ROWS = 1024  # rows mixed at a time: a block of 784 pixels' bits stays in
 def row_hashes(frame, seed: int) -> np.ndarray:
     """A 64-bit hash of each row's values (``_canonical``: whatever dtype a block gave them) and the
     seed. Each cell is mixed with a salt of its column's name and the seed, and a row's cells are
-    summed: the columns' order in the file does not matter. (pandas' hash_pandas_object took ~8x as
-    long on 784 pixels, and ignores its key for numbers: the seed did not move a numeric row.)"""
+    summed: the columns' order in the file does not matter. A gap adds nothing, whatever its
+    column's type in this block (a column of gaps alone reads as numbers, one with text as text).
+    (pandas' hash_pandas_object took ~8x as long on 784 pixels, and ignores its key for numbers:
+    the seed did not move a numeric row.)"""
     import pandas as pd
 
     numbers, texts = _canonical(frame)
@@ -177,13 +179,17 @@ def row_hashes(frame, seed: int) -> np.ndarray:
         block = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
         for start in range(0, len(block), HASHED_ROWS):
             cells = block[start: start + HASHED_ROWS] + 0.0  # (-0.0 is 0.0)
-            cells[np.isnan(cells)] = np.nan  # (one NaN: a gap)
+            gaps = np.isnan(cells)
             bits = cells.view(np.uint64)
             bits ^= salts
-            total[start: start + HASHED_ROWS] = _mix(bits).sum(axis=1, dtype=np.uint64)
+            mixed = _mix(bits)
+            mixed[gaps] = 0
+            total[start: start + HASHED_ROWS] = mixed.sum(axis=1, dtype=np.uint64)
     key = hashlib.blake2b(str(seed).encode(), digest_size=8).hexdigest()  # (16 characters: siphash's key)
-    for salt, (name, values) in zip(_salts(list(texts), seed), texts.items()):
-        total += _mix(pd.util.hash_array(values, hash_key=key) ^ salt)
+    for salt, (name, (values, gaps)) in zip(_salts(list(texts), seed), texts.items()):
+        mixed = _mix(pd.util.hash_array(values, hash_key=key) ^ salt)
+        mixed[gaps] = 0
+        total += mixed
     return _mix(total)
 
 
@@ -206,7 +212,7 @@ def _canonical(frame):
     """The rows as their values, whatever dtype a block gave them: pandas types an int column with a
     gap as float, and a bool one as object, in that block only. Numbers and booleans as one numeric
     frame (float64, NaN for a gap; None if there are none); any other column as strings (numbers
-    and booleans among them written as floats), by name."""
+    and booleans among them written as floats) and where its gaps are, by name."""
     import numbers
 
     import pandas as pd
@@ -225,8 +231,8 @@ def _canonical(frame):
             numeric.append(name)
             frame = frame.assign(**{name: np.array(canon + [np.nan], dtype=np.float64)[codes]})
         else:
-            columns[name] = np.array([repr(value) if isinstance(value, float) else str(value) for value in canon]
-                                     + ["\x00"], dtype=object)[codes]
+            columns[name] = (np.array([repr(value) if isinstance(value, float) else str(value) for value in canon]
+                                      + [""], dtype=object)[codes], codes == -1)
     return (frame[numeric] if numeric else None), columns
 
 
