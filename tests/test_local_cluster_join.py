@@ -94,7 +94,7 @@ def test_a_command_that_joins_counts_as_use_while_it_runs(state_here, tmp_path):
     assert local_cluster.joining() == [os.getpid()]
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    (tmp_path / "cluster" / "joining" / str(gone.pid)).write_text("1.0")
+    (tmp_path / "cluster" / "joining" / str(gone.pid)).write_text(f'{{"pid": {gone.pid}, "started_at": 1.0}}')
     assert local_cluster.joining() == [os.getpid()]  # (an ended command's record is dropped)
     assert sorted(path.name for path in (tmp_path / "cluster" / "joining").iterdir()) == [str(os.getpid())]
 

@@ -160,7 +160,7 @@ def joinable(footprint: dict[str, float], worker_cpus: float = 0.0) -> tuple[str
                 return None, (f"the local cluster at {state['gcs_address']} {differs}; `deepyard cluster down` and "
                               "up again to use it")
         cpus = state.get("cpus", 0)
-        if footprint.get("GPU", 0) > 0 or footprint.get("CPU", 0) > cpus:
+        if not _fits(footprint, cpus):
             asked = ", ".join(f"{value:g} {name}" for name, value in footprint.items() if value)
             return None, f"the job asks for {asked}; the local cluster at {state['gcs_address']} has {cpus:g} CPUs"
         if worker_cpus > (largest := state.get("largest_node_cpus", cpus)):
@@ -176,22 +176,19 @@ def record_join() -> None:
     folder = state_dir() / "joining"
     folder.mkdir(exist_ok=True)
     me = os.getpid()
-    (folder / str(me)).write_text(str(_started_at(me)))
+    (folder / str(me)).write_text(json.dumps({"pid": me, "started_at": _started_at(me)}))
 
 
 def joining() -> list[int]:
     """The processes that chose to join the cluster and still run (the others' records are removed)."""
-    import psutil
-
     folder, live = state_dir() / "joining", []
     for record in folder.glob("*") if folder.is_dir() else []:
-        pid = int(record.name)
         try:
-            same = psutil.pid_exists(pid) and str(psutil.Process(pid).create_time()) == record.read_text()
-        except (psutil.Error, OSError, ValueError):
-            same = False
-        if same:
-            live.append(pid)
+            process = json.loads(record.read_text())
+        except (OSError, ValueError):
+            process = None
+        if process and alive(process):
+            live.append(process["pid"])
         else:
             record.unlink(missing_ok=True)
     return live
@@ -199,7 +196,11 @@ def joining() -> list[int]:
 
 def fits_here(footprint: dict[str, float]) -> bool:
     """Would a job that needs ``footprint`` fit a one-node cluster of this machine's CPUs?"""
-    return footprint.get("GPU", 0) == 0 and footprint.get("CPU", 0) <= (os.cpu_count() or 1)
+    return _fits(footprint, os.cpu_count() or 1)
+
+
+def _fits(footprint: dict[str, float], cpus: float) -> bool:
+    return footprint.get("GPU", 0) == 0 and footprint.get("CPU", 0) <= cpus
 
 
 def authenticate(address: str | None) -> None:

@@ -157,7 +157,11 @@ def read_head(files: list[str], format: Format, where: str):
 
 def split_points(frame, stream: TableStream) -> np.ndarray:
     """Each row's point in [0, 1): a hash of the row (or of its ``split_key``) and the seed."""
-    return row_hashes(frame[[stream.split_key]] if stream.split_key else frame, stream.seed) / 2.0 ** 64
+    return split_hashes(frame, stream) / 2.0 ** 64
+
+
+def split_hashes(frame, stream: TableStream) -> np.ndarray:
+    return row_hashes(frame[[stream.split_key]] if stream.split_key else frame, stream.seed)
 
 
 HASHED_ROWS = 1024  # rows mixed at a time: a block of 784 pixels' bits stays in the CPU's cache
@@ -327,7 +331,7 @@ def tally(frame, stream: TableStream, test_files: frozenset[str]) -> dict[str, A
     paths = frame.pop(PATH_COLUMN).to_numpy() if named else np.full(len(frame), "a file of the table", dtype=object)
     from deepyard.data.streaming import split_by_point
 
-    hashes = row_hashes(frame[[stream.split_key]] if stream.split_key else frame, stream.seed)
+    hashes = split_hashes(frame, stream)
     codes = split_by_point(hashes / 2.0 ** 64, stream.val_fraction, stream.test_fraction)
     if test_files:  # (Ray Data names a bucket's file without its scheme: s3://b/t.parquet is b/t.parquet)
         codes[np.isin(_bare(paths), [_bare(file) for file in test_files])] = 2
