@@ -8,6 +8,11 @@ model and payloads), then sends the same real digit from a loopback load generat
 concurrency 1 and 32, to each in turn (3 interleaved rounds), and to deepyard's Open Inference
 Protocol path (v2 infer) as well. Prints one JSON object: p50/p99 latency (ms) and requests/s per
 server and concurrency, the ratios deepyard/baseline and v2/predict, and start-up seconds.
+
+Two load generators, side by side: the Python one below (httpx, in a process of its own: it takes
+about one of the machine's cores itself, so on 2 cores it caps what either server shows), and, where `wrk`
+is installed (`apt-get install wrk`), wrk (C, a few percent of a core: what the servers themselves
+can do). Their figures are keyed ``..._c32`` and ``wrk_..._c32``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 
 import httpx
 import record
+import shutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +61,44 @@ async def load(url: str, body: dict, concurrency: int, requests: int) -> tuple[l
         return latencies, time.perf_counter() - started, failures
 
 
+def load_elsewhere(url: str, body: dict, concurrency: int, requests: int) -> tuple[list[float], float, int]:
+    """``load`` in a process of its own: this one is a Ray driver, whose threads would share its GIL."""
+    done = subprocess.run([sys.executable, __file__, "--load", json.dumps([url, body, concurrency, requests])],
+                          capture_output=True, text=True, check=True)
+    return tuple(json.loads(done.stdout))
+
+
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [==[%s]==]
+"""
+
+
+def wrk_load(url: str, body: dict, concurrency: int, seconds: float) -> dict:
+    """wrk for ``seconds`` at ``concurrency`` connections (one thread): its latency percentiles,
+    requests/s and non-200 answers."""
+    import re
+
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT % json.dumps(body))
+    done = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency", "-s", script.name, url],
+                          capture_output=True, text=True, check=True)
+    os.unlink(script.name)
+    text = done.stdout
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+
+    def percentile(p: int) -> float:
+        value, unit = re.search(rf"^\s*{p}%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M).groups()
+        return float(value) * scale[unit]
+
+    requests = int(re.search(r"(\d+) requests in", text).group(1))
+    failures = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", text)) else 0
+    errors = re.search(r"Socket errors: (.*)", text)
+    return {"p50_ms": percentile(50), "p99_ms": percentile(99), "requests": requests, "failures": failures,
+            "socket_errors": errors.group(1) if errors else None,
+            "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))}
+
+
 def summarize(runs: list[tuple[list[float], float, int]]) -> dict:
     latencies = sorted(latency for run in runs for latency in run[0])
     return {"p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
@@ -75,12 +119,16 @@ def wait_ready(url: str, timeout: float = 60) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--load"]:  # (load_elsewhere's process)
+        print(json.dumps(asyncio.run(load(*json.loads(sys.argv[2])))))
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=400, help="per concurrency level")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per concurrency level")
     parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--max-batch-size", type=int, default=1, help="dynamic batching (1: off)")
+    parser.add_argument("--max-batch-size", type=int, help="dynamic batching (1: off; default: deploy's)")
+    parser.add_argument("--wrk-seconds", type=float, default=5, help="each wrk round's length")
     parser.add_argument("--no-fast-proxy", action="store_true", help="Serve's Python proxy instead of HAProxy")
     args = parser.parse_args()
     home = tempfile.mkdtemp(prefix="deepyard-serve-bench-")
@@ -107,8 +155,10 @@ def main() -> None:
 
         started = time.perf_counter()
         port = record.free_port()
-        (info,) = deploy.start([EndpointOptions(model=f"{name}:{version}", replicas=args.replicas,
-                                                      max_batch_size=args.max_batch_size)], host="127.0.0.1", port=port)
+        batching = {} if args.max_batch_size is None else {"max_batch_size": args.max_batch_size}
+        options = EndpointOptions(model=f"{name}:{version}", replicas=args.replicas, **batching)
+        results["max_batch_size"] = options.max_batch_size
+        (info,) = deploy.start([options], host="127.0.0.1", port=port)
         results["deepyard_start_s"] = time.perf_counter() - started
         deepyard_url = f"{info['url']}/predict"
         # The same instance through the Open Inference Protocol's path (the gateway, then the model)
@@ -132,23 +182,44 @@ def main() -> None:
                 runs: dict[str, list] = {server: [] for server, _, _ in servers}
                 for round_ in range(args.rounds):  # interleaved, each round in another order: drift hits all alike
                     for server, url, payload in servers[round_ % 3:] + servers[:round_ % 3]:
-                        runs[server].append(asyncio.run(load(url, payload, concurrency, requests)))
+                        runs[server].append(load_elsewhere(url, payload, concurrency, requests))
                 for server in runs:
                     key = f"{server}_c{concurrency}"
                     results[key] = summarize(runs[server])
                     print(json.dumps({key: results[key]}), file=sys.stderr)
+            if shutil.which("wrk"):
+                for concurrency in (1, 32):
+                    wrk_runs: dict[str, list] = {server: [] for server, _, _ in servers}
+                    for round_ in range(args.rounds):
+                        for server, url, payload in servers[round_ % 3:] + servers[:round_ % 3]:
+                            wrk_runs[server].append(wrk_load(url, payload, concurrency, args.wrk_seconds))
+                    for server, done in wrk_runs.items():
+                        key = f"wrk_{server}_c{concurrency}"
+                        # medians over the rounds; requests and failures summed
+                        results[key] = {"p50_ms": statistics.median(r["p50_ms"] for r in done),
+                                        "p99_ms": statistics.median(r["p99_ms"] for r in done),
+                                        "requests_per_s": statistics.median(r["requests_per_s"] for r in done),
+                                        "requests": sum(r["requests"] for r in done),
+                                        "failures": sum(r["failures"] for r in done),
+                                        "socket_errors": [r["socket_errors"] for r in done if r["socket_errors"]]}
+                        print(json.dumps({key: results[key]}), file=sys.stderr)
+            else:
+                print("wrk is not installed (apt-get install wrk): the httpx load generator only", file=sys.stderr)
         finally:
             plain.terminate()
             plain.wait()
-    for concurrency in (1, 32):
-        ours, theirs = results[f"deepyard_c{concurrency}"], results[f"plain_c{concurrency}"]
-        results[f"c{concurrency}_p50_ratio"] = ours["p50_ms"] / theirs["p50_ms"]
-        results[f"c{concurrency}_throughput_ratio"] = ours["requests_per_s"] / theirs["requests_per_s"]
-        v2 = results[f"deepyard_v2_c{concurrency}"]  # the v2 path against deepyard's own predict
-        results[f"c{concurrency}_v2_vs_predict_p50_ratio"] = v2["p50_ms"] / ours["p50_ms"]
-        results[f"c{concurrency}_v2_vs_predict_throughput_ratio"] = v2["requests_per_s"] / ours["requests_per_s"]
+    for prefix, concurrency in ((p, c) for p in ("", "wrk_") for c in (1, 32)):
+        if f"{prefix}plain_c{concurrency}" not in results:
+            continue
+        ours, theirs = results[f"{prefix}deepyard_c{concurrency}"], results[f"{prefix}plain_c{concurrency}"]
+        results[f"{prefix}c{concurrency}_p50_ratio"] = ours["p50_ms"] / theirs["p50_ms"]
+        results[f"{prefix}c{concurrency}_throughput_ratio"] = ours["requests_per_s"] / theirs["requests_per_s"]
+        v2 = results[f"{prefix}deepyard_v2_c{concurrency}"]  # the v2 path against deepyard's own predict
+        results[f"{prefix}c{concurrency}_v2_vs_predict_p50_ratio"] = v2["p50_ms"] / ours["p50_ms"]
+        results[f"{prefix}c{concurrency}_v2_vs_predict_throughput_ratio"] = (v2["requests_per_s"]
+                                                                             / ours["requests_per_s"])
     name = record.variant("serve_latency", args.replicas != 1 and f"replicas{args.replicas}",
-                          args.max_batch_size != 1 and f"batch{args.max_batch_size}",
+                          args.max_batch_size is not None and f"batch{args.max_batch_size}",
                           args.no_fast_proxy and "python_proxy")
     record.save(name, results)
 

@@ -476,8 +476,9 @@ def test_bearer_token_and_dynamic_batching(endpoint, monkeypatch):
     from deepyard.runners import deploy
 
     monkeypatch.setenv("DEEPYARD_API_TOKEN", TOKEN)
-    batched = endpoint["options"].model_copy(update={"max_batch_size": 8, "batch_wait_timeout_s": 0.01})
-    deploy.start([batched], host="127.0.0.1", port=endpoint["port"])  # redeployed: token and batching on
+    # redeployed with the token, and batches of at most 4 requests: a request of 5 goes on its own
+    batched = endpoint["options"].model_copy(update={"max_batch_size": 4})
+    deploy.start([batched], host="127.0.0.1", port=endpoint["port"])
     assert post(endpoint["url"], {"instances": [[0] * 64]}).status_code == 401
     wrong = post(endpoint["url"], {"instances": [[0] * 64]}, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401
@@ -511,7 +512,7 @@ def test_bearer_token_and_dynamic_batching(endpoint, monkeypatch):
 
     with torch.inference_mode():
         offline = module(torch.as_tensor(example)).numpy()
-    requests = [example[i:i + size] for i in range(len(example)) for size in (1, 2) if i + size <= len(example)]
+    requests = [example[i:i + size] for i in range(len(example)) for size in (1, 2, 5) if i + size <= len(example)]
 
     def ask(batch):
         answer = post(endpoint["url"], {"instances": batch.tolist()}, headers={"Authorization": f"Bearer {TOKEN}"})
@@ -525,6 +526,55 @@ def test_bearer_token_and_dynamic_batching(endpoint, monkeypatch):
         start = next(i for i in range(len(example)) if np.array_equal(example[i], batch[0]))
         served = np.array([[p["probabilities"][n] for n in names] for p in predictions])
         np.testing.assert_allclose(served, offline[start:start + len(batch)], rtol=1e-5, atol=1e-6)
+
+
+def test_a_lone_request_skips_the_batch_queue():
+    """Dynamic batching (on by default) batches only requests in flight together: a lone request
+    runs at once, so batching adds no latency at concurrency 1. (The model and Serve's batcher are
+    stand-ins here: what is tested is which path each request takes; Serve's batching itself runs
+    in the tests above and below.)"""
+    import asyncio
+
+    from deepyard.serve.app import Loaded, ModelEndpoint
+    from deepyard.serve.options import EndpointOptions
+
+    paths: list[str] = []
+
+    class Codec:
+        batchable = True
+
+        def decode(self, body, metadata, max_instances):
+            return np.asarray(body["instances"], dtype=np.float32)
+
+        def run(self, module, decoded, metadata):
+            paths.append("at once")
+            return decoded
+
+    async def batcher(decoded):
+        paths.append("batched")
+        await asyncio.sleep(0.01)
+        return decoded, replica.current
+
+    replica = object.__new__(ModelEndpoint.func_or_class)
+    replica.options = EndpointOptions(model="m")
+    replica.current = Loaded(None, "1", {}, {}, Codec())
+    replica.canary, replica._batching = None, 0
+    replica._predict_batched = batcher
+    body = {"instances": [[0.0] * 4]}
+
+    async def requests() -> None:
+        await replica._run(body)  # alone
+        paths.append("|")
+        await asyncio.gather(*(replica._run(body) for _ in range(3)))  # three that came in together
+        paths.append("|")
+        await replica._run({"instances": [[0.0] * 4] * (replica.options.max_batch_size + 1)})  # too big to batch
+        paths.append("|")
+        await asyncio.gather(replica._run(body), replica._run({"instances": [[0.0] * 4] * 2}))
+
+    assert replica.options.max_batch_size > 2
+    asyncio.run(requests())
+    assert paths == ["at once", "|", "batched", "batched", "batched", "|", "at once", "|", "batched", "batched"]
+    assert replica._batching == 0
 
 
 def test_canary_split_rollback_and_promotion_under_load(endpoint, cli, tmp_path):

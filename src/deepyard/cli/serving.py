@@ -24,7 +24,8 @@ def deploy(
     replicas: Annotated[Optional[int], typer.Option(help="fixed replicas per model")] = None,
     min_replicas: Annotated[Optional[int], typer.Option(help="autoscaling lower bound")] = None,
     max_replicas: Annotated[Optional[int], typer.Option(help="autoscaling upper bound")] = None,
-    max_batch_size: Annotated[int, typer.Option(help="dynamic batching across requests (1: off)")] = 1,
+    max_batch_size: Annotated[Optional[int], typer.Option(
+        min=1, help="dynamic batching: requests that share one forward pass (default 32; 1: off)")] = None,
     address: Address = None,
     detach: Annotated[bool, typer.Option(help="leave the endpoints on the running cluster and return")] = False,
     fast_proxy: Annotated[bool, typer.Option(help="local cluster: Serve's HAProxy high-throughput mode "
@@ -50,7 +51,8 @@ def deploy(
                   highlight=False)
     scaling = ({"replicas": None, "min_replicas": min_replicas or 1, "max_replicas": max_replicas or 4}
                if (min_replicas or max_replicas) and not replicas else {"replicas": replicas or 1})
-    endpoints = [EndpointOptions(model=ref, max_batch_size=max_batch_size, **scaling) for ref in models]
+    batching = {} if max_batch_size is None else {"max_batch_size": max_batch_size}
+    endpoints = [EndpointOptions(model=ref, **batching, **scaling) for ref in models]
 
     ready = functools.partial(deploying.announce, console=err, try_sample=try_sample, json_output=json_output,
                               detach=detach)

@@ -30,8 +30,12 @@ class EndpointOptions(BaseModel):
     target_ongoing_requests: float = Field(16, gt=0, description="autoscaling: requests in flight per replica")
     max_ongoing_requests: int = Field(128, ge=1, description="per replica; Serve's default of 5 queues at the proxy")
     num_cpus: float = Field(1, gt=0, description="per replica; also its torch threads")
-    max_batch_size: int = Field(1, ge=1, description="dynamic batching across requests (1: off)")
-    batch_wait_timeout_s: float = Field(0.002, ge=0)
+    max_batch_size: int = Field(32, ge=1, description="dynamic batching: requests (of numeric arrays, each of at "
+                                                      "most this many instances) that share one forward pass "
+                                                      "(1: off)")
+    batch_wait_timeout_s: float = Field(0.0005, ge=0, description="dynamic batching: how long a batch waits "
+                                                                  "to fill while more requests are in flight (a "
+                                                                  "lone request never waits)")
     max_instances: int = Field(1024, ge=1, description="instances per request (more: HTTP 413)")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="request body limit (more: HTTP 413)")
     body_timeout_s: float = Field(30.0, gt=0, description="a request's whole body must arrive within this (else "
