@@ -577,6 +577,61 @@ def test_a_lone_request_skips_the_batch_queue():
     assert replica._batching == 0
 
 
+def test_prediction_routes_go_straight_to_their_handlers():
+    """PredictFirst sends POST /predict, /v1:predict and /v2/infer (under the app's prefix) to the
+    replica's handlers and every other request to the FastAPI app, as before; with no replica yet,
+    everything goes to the app."""
+    import asyncio
+
+    from fastapi.responses import Response
+
+    from deepyard.serve.app import PredictFirst
+
+    seen: list[str] = []
+
+    class Replica:
+        async def _predict_route(self, request, route):
+            seen.append(f"{route} {request.url.path}")
+            return Response(b"{}", 200)
+
+        async def _infer_here(self, request, version):
+            seen.append(f"v2 {request.url.path}")
+            return Response(b"{}", 200)
+
+    async def fastapi_app(scope, receive, send):
+        seen.append(f"app {scope.get('method')} {scope['path']}")
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        pass
+
+    def call(method: str, path: str, root: str = "/models/m") -> None:
+        scope = {"type": "http", "method": method, "path": path, "root_path": root, "headers": [],
+                 "query_string": b""}
+        asyncio.run(PredictFirst(fastapi_app)(scope, receive, send))
+
+    PredictFirst.replica = None
+    call("POST", "/models/m/predict")
+    PredictFirst.replica = Replica()
+    try:
+        call("POST", "/models/m/predict")
+        call("POST", "/models/m/v1:predict")
+        call("POST", "/models/m/v2/infer")
+        call("POST", "/predict", root="")
+        call("GET", "/models/m/predict")
+        call("POST", "/models/m/explain")
+        call("POST", "/models/m/predict/")
+        call("POST", "/models/m/v2/versions/1/infer")
+    finally:
+        PredictFirst.replica = None
+    assert seen == ["app POST /models/m/predict", "predict /models/m/predict", "v1 /models/m/v1:predict",
+                    "v2 /models/m/v2/infer", "predict /predict", "app GET /models/m/predict",
+                    "app POST /models/m/explain", "app POST /models/m/predict/",
+                    "app POST /models/m/v2/versions/1/infer"]
+
+
 def test_canary_split_rollback_and_promotion_under_load(endpoint, cli, tmp_path):
     """A canary gets its share, one that fails is rolled back by the replicas on their own (and the
     rollback recorded on its version), a healthy one is promoted; the stable version never fails."""
