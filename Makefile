@@ -13,7 +13,7 @@ TORCH_PIN ?= $(call pin,torch)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 DATA_PACKAGES := $(call pin,no_deps)
 
-.PHONY: demo test test-fast test-long test-all lint bench install data clean
+.PHONY: bench-tools demo test test-fast test-long test-all lint bench install data clean
 
 install: $(STAMP)
 
@@ -55,7 +55,14 @@ test-fast: install data
 lint: install
 	$(VENV)/bin/ruff check src tests bench
 
-bench: install data
+# wrk, the C load generator of bench/serve_latency.py (which runs without it, with its Python one only)
+bench-tools:
+	@if command -v wrk >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q wrk >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; }; \
+	else echo "note: wrk missing; run: sudo apt-get install wrk"; fi
+
+bench: install data bench-tools
 	$(PY) bench/train_overhead.py
 	$(PY) bench/accuracy.py
 	$(PY) bench/sweep_asha.py
