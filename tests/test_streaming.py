@@ -232,6 +232,7 @@ def s3_folder(s3_server, digits_folder):
     return {"uri": "s3://pictures/digits", "env": s3_server["env"]}
 
 
+@pytest.mark.slow  # (an S3-compatible server in a process of its own: ~4.5 s of make test-fast's ~32)
 def test_an_s3_folder_is_listed_and_split_like_a_local_one(cli, write_spec, s3_folder, digits_folder):
     from deepyard.data.image_folder import image_folder
 
