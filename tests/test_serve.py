@@ -200,6 +200,28 @@ def test_haproxy_stats_and_metrics_listen_only_where_the_endpoint_does(endpoint)
             socket.create_connection((address, port), timeout=5).close()
 
 
+def test_haproxy_keeps_its_files_in_a_folder_of_the_homes_own(endpoint):
+    """Config, admin socket, server state and the per-request metrics socket: under the folder
+    cluster.serve_env gives this DEEPYARD_HOME, none in a /tmp folder shared by every user."""
+    import os
+    import stat
+
+    import ray
+
+    from deepyard.cluster import serve_env
+
+    env = serve_env()
+    folder = Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
+    node = ray.get_runtime_context().get_node_id()
+    for key in ("RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH",
+                "RAY_SERVE_HAPROXY_SERVER_STATE_FILE"):
+        assert Path(env[key]).parent == folder, key
+        assert os.environ[key] == env[key], key  # what this session's cluster started with
+    metrics_socket = folder / node / "metrics.sock"
+    assert stat.S_ISSOCK(metrics_socket.stat().st_mode)  # bound by Serve's HAProxy manager
+    assert stat.S_ISSOCK((folder / node / "admin.sock").stat().st_mode)
+
+
 def test_metadata_health_and_openapi(endpoint):
     metadata = httpx.get(f"{endpoint['url']}/", timeout=10).json()
     assert metadata["task"] == "classification" and metadata["input_shape"] == [1, 8, 8]

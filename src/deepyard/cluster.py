@@ -45,6 +45,9 @@ def serve_env() -> dict[str, str]:
             "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(folder, "admin.sock"),
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(folder, "server-state"),
+            # (Ray's default, /tmp/haproxy-serve, is made by the first user to serve and kept by
+            # no one: another user could not serve, and every node left a folder there)
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(folder, "metrics.sock"),
             # its stats page and metrics where the endpoint listens, not on every interface
             **haproxy.wrapper_env(folder)}
 
