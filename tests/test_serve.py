@@ -572,10 +572,10 @@ def test_a_lone_request_skips_the_batch_queue():
             paths.append("at once")
             return decoded
 
-    async def batcher(decoded):
+    async def batcher(request):
         paths.append("batched")
         await asyncio.sleep(0.01)
-        return decoded, replica.current
+        return request[1]
 
     replica = object.__new__(ModelEndpoint.func_or_class)
     replica.options = EndpointOptions(model="m")
@@ -597,6 +597,28 @@ def test_a_lone_request_skips_the_batch_queue():
     asyncio.run(requests())
     assert paths == ["at once", "|", "batched", "batched", "batched", "|", "at once", "|", "batched", "batched"]
     assert replica._batching == 0
+
+
+def test_a_batch_runs_each_request_on_the_version_that_decoded_it():
+    """The alias can move while requests wait for their batch: each still gets its own version's
+    outputs (its vocabulary or schema decoded it), in one forward pass per version."""
+    import asyncio
+
+    from deepyard.serve.app import Loaded, ModelEndpoint
+
+    class Codec:
+        def run(self, module, batch, metadata):
+            module.append(len(batch))
+            return batch * metadata["scale"]
+
+    calls_1, calls_2 = [], []
+    one, two = Loaded(calls_1, "1", {"scale": 1.0}, {}, Codec()), Loaded(calls_2, "2", {"scale": 2.0}, {}, Codec())
+    replica = object.__new__(ModelEndpoint.func_or_class)
+    requests = [(one, np.full((1, 2), 1.0)), (two, np.full((2, 2), 2.0)), (one, np.full((3, 2), 3.0))]
+    outputs = asyncio.run(replica._predict_many(requests))
+    for (loaded, decoded), output in zip(requests, outputs):
+        np.testing.assert_array_equal(output, decoded * loaded.metadata["scale"])
+    assert calls_1 == [4] and calls_2 == [2]  # one pass per version
 
 
 def test_prediction_routes_go_straight_to_their_handlers():

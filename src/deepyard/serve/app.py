@@ -310,15 +310,25 @@ class ModelEndpoint:
             await asyncio.sleep(0)
             if self._batching == 1:
                 return loaded.codec.run(loaded.module, decoded, loaded.metadata), loaded
-            return await self._predict_batched(decoded)
+            return await self._predict_batched((loaded, decoded)), loaded
         finally:
             self._batching -= 1
 
-    async def _predict_many(self, batches: list[np.ndarray]) -> list[tuple[np.ndarray, Loaded]]:
-        loaded = self.current  # one version for the whole batch
-        outputs = loaded.codec.run(loaded.module, np.concatenate(batches), loaded.metadata)
-        bounds = np.cumsum([len(b) for b in batches])[:-1]
-        return [(part, loaded) for part in np.split(outputs, bounds)]
+    async def _predict_many(self, requests: list[tuple[Loaded, np.ndarray]]) -> list[np.ndarray]:
+        """The batch's outputs, each request's by the version that decoded it: one forward pass per
+        version (the alias may move while requests wait; a text or table version encodes with its
+        own vocabulary or schema)."""
+        outputs: list[Any] = [None] * len(requests)
+        by_version: dict[int, list[int]] = {}
+        for index, (loaded, _) in enumerate(requests):
+            by_version.setdefault(id(loaded), []).append(index)
+        for indices in by_version.values():
+            loaded = requests[indices[0]][0]
+            parts = [requests[index][1] for index in indices]
+            result = loaded.codec.run(loaded.module, np.concatenate(parts), loaded.metadata)
+            for index, part in zip(indices, np.split(result, np.cumsum([len(p) for p in parts])[:-1])):
+                outputs[index] = part
+        return outputs
 
     # (the token is checked in _predict_route: a FastAPI dependency cost ~8% of a replica's CPU per request)
     @app.post("/predict", response_model=PredictResponse, openapi_extra=PREDICT_BODY,
@@ -366,7 +376,7 @@ class ModelEndpoint:
         try:
             if not loaded.codec.batchable:  # sampled step by step (text, images): off the event loop
                 outputs = await asyncio.to_thread(loaded.codec.run, loaded.module, decoded, loaded.metadata)
-            elif loaded is self.current and 1 < self.options.max_batch_size >= len(decoded):
+            elif loaded is self.current and 1 < self.options.max_batch_size >= len(decoded):  # (not a canary)
                 # (a request of more instances fills a pass of its own: a batch stays within
                 # max_batch_size squared rows)
                 outputs, loaded = await self._batched(loaded, decoded)
