@@ -796,3 +796,24 @@ def test_deploy_job_serves_in_the_foreground_until_ctrl_c(endpoint, write_spec):
     assert code == 130 and "stopped: the endpoints are down" in stderr, stderr[-2000:]  # as every command stops
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/models/serve-mlp/healthz", timeout=2)
+
+
+def test_a_haproxy_folder_others_may_write_in_is_refused(tmp_path, monkeypatch):
+    """Serve starts the wrapper written into the HAProxy folder as HAProxy: a folder whose name
+    another user could guess and make first, or write in, is bad input, not a place to run from."""
+    import os
+    import tempfile
+
+    from deepyard.cluster import serve_env
+    from deepyard.errors import BadInput
+
+    monkeypatch.setenv("DEEPYARD_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    env = serve_env()  # made here, private: fine
+    folder = Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
+    assert folder.parent == tmp_path and (folder.stat().st_mode & 0o777) == 0o700
+    os.chmod(folder, 0o777)
+    with pytest.raises(BadInput, match="TMPDIR"):
+        serve_env()
+    os.chmod(folder, 0o700)
+    assert serve_env() == env

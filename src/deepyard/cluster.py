@@ -28,7 +28,8 @@ def serve_env() -> dict[str, str]:
 
     tag = hashlib.sha1(os.path.abspath(settings.home()).encode()).hexdigest()[:8]
     folder = os.path.join(tempfile.gettempdir(), f"dy-haproxy-{tag}")
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    _check_private(folder)
     return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
             # A stopping replica waits this long for an external load balancer to let go of it
             # (30 s by default: every redeploy and undeploy took 31 s); HAProxy here reloads in ms.
@@ -50,6 +51,20 @@ def serve_env() -> dict[str, str]:
             "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(folder, "metrics.sock"),
             # its stats page and metrics where the endpoint listens, not on every interface
             **haproxy.wrapper_env(folder)}
+
+
+def _check_private(folder: str) -> None:
+    """The HAProxy folder's name is predictable, and Serve runs the wrapper written there: a folder
+    another user made first (or may write in) would let them swap the program a deploy runs."""
+    import stat
+
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        from deepyard.errors import BadInput
+
+        raise BadInput(f"{folder} is not a folder of this user's that only it may write in (HAProxy's files and "
+                       "the program Serve starts as HAProxy go there); remove it, or set TMPDIR to a folder of "
+                       "your own")
 
 
 # What the driver still owes its last cluster before it exits or connects again: waiting for a local
