@@ -642,6 +642,15 @@ def test_prediction_routes_go_straight_to_their_handlers():
             seen.append(f"v2 {request.url.path}")
             return Response(b"{}", 200)
 
+        async def predict(self, request):
+            return await self._predict_route(request, "predict")
+
+        async def v1_predict_here(self, request):
+            return await self._predict_route(request, "v1")
+
+        async def v2_infer_here(self, request):
+            return await self._infer_here(request, None)
+
     async def fastapi_app(scope, receive, send):
         seen.append(f"app {scope.get('method')} {scope['path']}")
 

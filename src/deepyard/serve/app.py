@@ -124,9 +124,7 @@ class PredictFirst:
     # This process's ModelEndpoint (a Serve replica is a process of its own). A class attribute:
     # Serve ships the deployment class by value, with globals of its own, but this class by name.
     replica: Any = None
-    HANDLERS = {"/predict": lambda replica, request: replica._predict_route(request, "predict"),
-                "/v1:predict": lambda replica, request: replica._predict_route(request, "v1"),
-                "/v2/infer": lambda replica, request: replica._infer_here(request, None)}
+    HANDLERS = {"/predict": "predict", "/v1:predict": "v1_predict_here", "/v2/infer": "v2_infer_here"}  # (the routes')
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -136,7 +134,7 @@ class PredictFirst:
             path, root = scope["path"], scope.get("root_path", "")
             handler = self.HANDLERS.get(path[len(root):] if root and path.startswith(root) else path)
             if handler is not None:
-                response = await handler(self.replica, Request(scope, receive))
+                response = await getattr(self.replica, handler)(Request(scope, receive))
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
