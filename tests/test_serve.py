@@ -20,6 +20,8 @@ from deepyard.serve.client import auth_headers
 
 pytestmark = pytest.mark.slow
 
+PORT_SETTINGS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")
+
 TINY = """
 kind: train
 name: serve_tiny
@@ -786,8 +788,8 @@ def test_deploy_job_serves_in_the_foreground_until_ctrl_c(endpoint, write_spec):
     port = free_port()
     spec = write_spec(f"kind: deploy\nname: fg\nmodels:\n  - model: serve-mlp@champion\n    num_cpus: 0.5\n"
                       f"http: {{port: {port}}}\n", "deploy.yaml")
-    env = {**os.environ, "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),  # beside the session's HAProxy
-           "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port())}
+    # Beside the session's deployment, on ports the job's own serve_env picks (Ray's fixed ones are taken).
+    env = {name: value for name, value in os.environ.items() if name not in PORT_SETTINGS}
     process = subprocess.Popen([sys.executable, "-m", "deepyard.cli", "run", spec, "--json"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -825,4 +827,27 @@ def test_a_haproxy_folder_others_may_write_in_is_refused(tmp_path, monkeypatch):
     with pytest.raises(BadInput, match="TMPDIR"):
         serve_env()
     os.chmod(folder, 0o700)
-    assert serve_env() == env
+    assert serve_env()["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] == env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]
+
+
+def test_serving_ports_are_free_ones_unless_the_operator_chose(monkeypatch):
+    """HAProxy's stats and metrics and Serve's fallback proxy: Ray's fixed 8404, 9101 and 8500 let a
+    second deployment on the machine fail; serve_env picks free ports, and keeps ones set."""
+    from deepyard.cluster import serve_env
+
+    for name in PORT_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    taken = socket.socket()
+    taken.bind(("", 0))
+    taken.listen()
+    try:
+        ports = [int(serve_env()[name]) for name in PORT_SETTINGS]
+        assert len(set(ports)) == 3 and taken.getsockname()[1] not in ports
+        for port in ports:  # free: bindable on every interface, as HAProxy may bind there
+            with socket.socket() as probe:
+                probe.bind(("", port))
+    finally:
+        taken.close()
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    env = serve_env()
+    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env and "RAY_SERVE_HAPROXY_METRICS_PORT" in env

@@ -49,8 +49,27 @@ def serve_env() -> dict[str, str]:
             # (Ray's default, /tmp/haproxy-serve, is made by the first user to serve and kept by
             # no one: another user could not serve, and every node left a folder there)
             "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(folder, "metrics.sock"),
+            **_haproxy_ports(),
             # its stats page and metrics where the endpoint listens, not on every interface
             **haproxy.wrapper_env(folder)}
+
+
+def _haproxy_ports() -> dict[str, str]:
+    """Ports that nothing holds now for HAProxy's stats page and metrics and for Serve's fallback
+    proxy: Ray's fixed 8404, 9101 and 8500 let one deployment per machine start (a second user's,
+    or a second DEEPYARD_HOME's, found them taken and never came up). Ports an operator set are kept."""
+    import socket
+
+    names = [name for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                               "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT") if not os.environ.get(name)]
+    held = [socket.socket() for _ in names]
+    try:
+        for sock in held:  # all at once, so they differ; on every interface, as HAProxy may bind there
+            sock.bind(("", 0))
+        return {name: str(sock.getsockname()[1]) for name, sock in zip(names, held)}
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def _check_private(folder: str) -> None:
