@@ -11,8 +11,8 @@ whole worker: see ``sizes``). Each repeat runs, one after another, the same MLP 
 - the 1x table streamed by Ray Data (``data.stream``), one CPU for the worker and one for Ray Data.
 Then the streamed job once on the grown table: the worker's peak RSS at 10x against 1x. Last,
 Fashion-MNIST's IDX in memory against the same pixels as a Parquet table streamed (784 columns,
-its official test split as ``test_path``): accuracy and time per epoch; with ``--before``, the
-streamed job again on another checkout's src (``PYTHONPATH``), interleaved, ``--repeats`` times.
+its official test split as ``test_path``): accuracy and time per epoch. With ``--before``, each
+streamed job also on another checkout's src (``PYTHONPATH``), interleaved.
 """
 
 from __future__ import annotations
@@ -106,10 +106,14 @@ def synthetic(args, spec, work: Path, saved_as: str) -> dict:
              "in_memory_1cpu": spec("in_memory_1cpu", "parquet", f"{{path: {one_file(small)}, target: label}}", 1,
                                     False),
              "streamed_1cpu": spec("streamed_1cpu", "parquet", f"{{path: {small}, target: label}}", 1, True)}
+    envs = {variant: None for variant in specs}
+    if args.before:  # the streamed job on another checkout too
+        specs["streamed_1cpu_before"] = specs["streamed_1cpu"]
+        envs["streamed_1cpu_before"] = {"PYTHONPATH": args.before}
     runs: dict[str, list[dict]] = {variant: [] for variant in specs}
     for repeat in range(args.repeats):
         for variant, path in specs.items():
-            runs[variant].append(deepyard_job(str(path), str(work / f"{variant}{repeat}")))
+            runs[variant].append(deepyard_job(str(path), str(work / f"{variant}{repeat}"), env=envs[variant]))
         print(json.dumps({"repeat": repeat, **{name: round(done[-1]["wall_s"], 1) for name, done in runs.items()}}),
               file=sys.stderr)
 
@@ -126,11 +130,14 @@ def synthetic(args, spec, work: Path, saved_as: str) -> dict:
         "ratio_samples_per_s_streamed_vs_in_memory_1cpu": ratio("streamed_1cpu", "in_memory_1cpu"),
         "test_accuracy": {name: [round(run["test_accuracy"], 4) for run in done] for name, done in runs.items()},
     }
+    if args.before:
+        result["ratio_samples_per_s_streamed_vs_before"] = ratio("streamed_1cpu", "streamed_1cpu_before")
+        result["before"] = args.before
     record.save(saved_as, result)  # (saved again as each part ends: a later part's failure keeps these)
     if args.grow > 1:  # the worker's memory as the table grows
         grown = write_table(Path(args.dir) / f"rows{args.rows * args.grow}", args.rows * args.grow)
-        large = deepyard_job(str(spec("streamed_grown", "parquet", f"{{path: {grown}, target: label}}", 1, True)),
-                             str(work / "grown"), "train.epochs=1")
+        grown_spec = str(spec("streamed_grown", "parquet", f"{{path: {grown}, target: label}}", 1, True))
+        large = deepyard_job(grown_spec, str(work / "grown"), "train.epochs=1")
         at_1x = statistics.median(run["worker_peak_rss_mb"] for run in runs["streamed_1cpu"])
         in_memory_1x = statistics.median(run["worker_peak_rss_mb"] for run in runs["in_memory_1cpu"])
         result["memory"] = {
@@ -142,6 +149,15 @@ def synthetic(args, spec, work: Path, saved_as: str) -> dict:
             "samples_per_s_streamed_grown": large["samples_per_s"], "test_accuracy_grown": large["test_accuracy"],
             "stats_pass_s_grown": large["breakdown_s"].get("data_stats"),
         }
+        if args.before:
+            before = deepyard_job(grown_spec, str(work / "grown_before"), "train.epochs=1",
+                                  env={"PYTHONPATH": args.before})
+            at_1x_before = statistics.median(run["worker_peak_rss_mb"] for run in runs["streamed_1cpu_before"])
+            result["memory"]["before"] = {
+                "worker_peak_rss_mb_streamed_1x": at_1x_before,
+                "worker_peak_rss_mb_streamed_grown": before["worker_peak_rss_mb"],
+                "ratio_peak_rss_grown_vs_1x": before["worker_peak_rss_mb"] / at_1x_before,
+                "samples_per_s_streamed_grown": before["samples_per_s"]}
         record.save(saved_as, result)
     return result
 
@@ -189,7 +205,7 @@ def main() -> None:
     parser.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "deepyard-table-scale"))
     parser.add_argument("--skip-fashion", action="store_true")
     parser.add_argument("--only-fashion", action="store_true", help="the Fashion comparison alone")
-    parser.add_argument("--before", help="another checkout's src: its streamed Fashion job beside today's")
+    parser.add_argument("--before", help="another checkout's src: its streamed jobs beside today's")
     parser.add_argument("--tag", default="", help="saved as table_scale_<tag>.json (a partial run beside the full one)")
     args = parser.parse_args()
     base, saved_as = Path(args.dir), "table_scale" + (f"_{args.tag}" if args.tag else "")

@@ -22,10 +22,14 @@ from typing import Any, Iterator
 import torch
 
 from deepyard import tracking
+from deepyard.runners import store_pages
 
 # The report key under which a whole-job trial hands its metric lines to the driver: JSON text of
 # [[step, {name: value}], ...]. (Text: Tune's own loggers skip it; a list went to TensorBoard's.)
 TO_LOG = "deepyard_to_log"
+# A streaming worker lets go of the object store's pages after reading this much (store_pages.py):
+# its RSS then holds about this much of the store, not every page of the epoch's blocks.
+RELEASE_EVERY_BYTES = 32 * 2 ** 20
 
 
 class TrainWorker:
@@ -168,13 +172,19 @@ class StreamedBatches:
         # NumPy batches made tensors here: iter_torch_batches took 2-2.5x the time per batch (1 ms of a
         # 256-row batch's ~3 ms on one core), time the training step waits for.
         non_blocking = self.device.type == "cuda"
+        unreleased = 0
         for batch in self.source.iter_batches(
                 batch_size=self.batch_size, batch_format="numpy", drop_last=self.drop_last,
                 prefetch_batches=self.prefetch_batches, local_shuffle_buffer_size=self.shuffle_buffer,
                 local_shuffle_seed=self.seed * 100_003 + self.epoch if self.shuffle_buffer else None):
             # (copies: a batch may be a read-only view of the object store; a source may send uint8 levels)
             inputs, targets = torch.tensor(batch["x"]).float(), torch.tensor(batch["y"])
+            unreleased += batch["x"].nbytes
+            if unreleased >= RELEASE_EVERY_BYTES:  # the store's pages read so far: out of this worker's RSS
+                store_pages.release()
+                unreleased = 0
             yield inputs.to(self.device, non_blocking=non_blocking), targets.to(self.device, non_blocking=non_blocking)
+        store_pages.release()
 
 
 class _OnDevice:
