@@ -197,3 +197,25 @@ def test_a_driver_leaves_a_remote_cluster_only_after_its_outcome_is_recorded(ray
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "after the job: True" in done.stdout and "at exit: False" in done.stdout
+
+
+def test_checkpoints_a_dead_worker_was_staging_are_removed_and_live_ones_kept(tmp_path):
+    """A worker killed while reporting left its staged checkpoint in the temp folder for good (109
+    of them in /tmp after a day of tests); the next one staged on the machine removes those."""
+    from deepyard.runners import checkpoints
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"{checkpoints.STAGING_PREFIX}{gone.pid}-abc"
+    live = tmp_path / f"{checkpoints.STAGING_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{checkpoints.STAGING_PREFIX}notapid"
+    for folder in (dead, live, other):
+        folder.mkdir()
+        (folder / checkpoints.STATE_FILE).write_bytes(b"state")
+    assert checkpoints.sweep_orphans(str(tmp_path)) == [str(dead)]
+    assert not dead.exists() and live.exists() and other.exists()
+
+    with checkpoints.staged({"epoch": 1}) as staged:  # the name that makes this work
+        assert os.path.basename(staged).startswith(f"{checkpoints.STAGING_PREFIX}{os.getpid()}-")
+        assert checkpoints.load(staged) == {"epoch": 1}
+    assert not os.path.exists(staged)

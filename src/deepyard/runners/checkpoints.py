@@ -14,15 +14,54 @@ import torch
 STATE_FILE = "state.pt"
 
 
+STAGING_PREFIX = "deepyard-ckpt-"
+_swept = False
+
+
 @contextmanager
 def staged(state: dict[str, Any] | None) -> Iterator[str | None]:
-    """A directory holding ``state`` for ``ray.train.report`` to persist (None: nothing to save)."""
+    """A directory holding ``state`` for ``ray.train.report`` to persist (None: nothing to save).
+    Its name holds this process's pid: a worker killed while reporting cannot remove its own, so
+    the next process to stage one on the machine removes those of processes that are gone."""
+    global _swept
     if state is None:
         yield None
         return
-    with tempfile.TemporaryDirectory(prefix="deepyard-ckpt-") as directory:
+    if not _swept:
+        sweep_orphans()
+        _swept = True
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-") as directory:
         torch.save(state, os.path.join(directory, STATE_FILE))
         yield directory
+
+
+def sweep_orphans(folder: str | None = None) -> list[str]:
+    """Removes the staging directories this user's dead processes left in ``folder`` (the temp
+    folder); the ones removed. (A full checkpoint each: on a node whose workers die often, they
+    would fill its disk.)"""
+    import shutil
+
+    removed = []
+    for entry in Path(folder or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
+        pid = entry.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or entry.lstat().st_uid != os.getuid() or _alive(int(pid)):
+                continue
+        except OSError:  # gone already (another process swept it)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(str(entry))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def load(directory: str | Path) -> dict[str, Any]:
