@@ -832,22 +832,17 @@ def test_a_haproxy_folder_others_may_write_in_is_refused(tmp_path, monkeypatch):
 
 def test_serving_ports_are_free_ones_unless_the_operator_chose(monkeypatch):
     """HAProxy's stats and metrics and Serve's fallback proxy: Ray's fixed 8404, 9101 and 8500 let a
-    second deployment on the machine fail; serve_env picks free ports, and keeps ones set."""
-    from deepyard.cluster import serve_env
+    second deployment on the machine fail; serve_env picks free ports below the kernel's range for
+    outgoing connections, and keeps ones set."""
+    from deepyard.cluster import PICKED_PORTS, serve_env
 
     for name in PORT_SETTINGS:
         monkeypatch.delenv(name, raising=False)
-    taken = socket.socket()
-    taken.bind(("", 0))
-    taken.listen()
-    try:
-        ports = [int(serve_env()[name]) for name in PORT_SETTINGS]
-        assert len(set(ports)) == 3 and taken.getsockname()[1] not in ports
-        for port in ports:  # free: bindable on every interface, as HAProxy may bind there
-            with socket.socket() as probe:
-                probe.bind(("", port))
-    finally:
-        taken.close()
+    ports = [int(serve_env()[name]) for name in PORT_SETTINGS]
+    assert len(set(ports)) == 3 and all(PICKED_PORTS[0] <= port < PICKED_PORTS[1] for port in ports)
+    for port in ports:  # free: bindable on every interface, as HAProxy may bind there
+        with socket.socket() as probe:
+            probe.bind(("", port))
     monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
     env = serve_env()
     assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env and "RAY_SERVE_HAPROXY_METRICS_PORT" in env

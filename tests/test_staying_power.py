@@ -201,21 +201,29 @@ def test_a_driver_leaves_a_remote_cluster_only_after_its_outcome_is_recorded(ray
 
 def test_checkpoints_a_dead_worker_was_staging_are_removed_and_live_ones_kept(tmp_path):
     """A worker killed while reporting left its staged checkpoint in the temp folder for good (109
-    of them in /tmp after a day of tests); the next one staged on the machine removes those."""
+    of them in /tmp after a day of tests); the next one staged on the machine removes those that no
+    live process holds."""
     from deepyard.runners import checkpoints
 
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    dead = tmp_path / f"{checkpoints.STAGING_PREFIX}{gone.pid}-abc"
-    live = tmp_path / f"{checkpoints.STAGING_PREFIX}{os.getpid()}-def"
-    other = tmp_path / f"{checkpoints.STAGING_PREFIX}notapid"
-    for folder in (dead, live, other):
+    name = checkpoints.STAGING_PREFIX
+    orphan, held, foreign = tmp_path / f"{name}4242-abc", tmp_path / f"{name}4243-def", tmp_path / f"{name}x-y"
+    for folder in (orphan, held, foreign):
         folder.mkdir()
         (folder / checkpoints.STATE_FILE).write_bytes(b"state")
-    assert checkpoints.sweep_orphans(str(tmp_path)) == [str(dead)]
-    assert not dead.exists() and live.exists() and other.exists()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; d = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(d, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()", str(held)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"  # a live process's, whatever its pid says
+        assert checkpoints.sweep_orphans(str(tmp_path)) == [str(orphan)]
+        assert not orphan.exists() and held.exists() and foreign.exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert checkpoints.sweep_orphans(str(tmp_path)) == [str(held)]  # its process has gone
 
-    with checkpoints.staged({"epoch": 1}) as staged:  # the name that makes this work
-        assert os.path.basename(staged).startswith(f"{checkpoints.STAGING_PREFIX}{os.getpid()}-")
+    with checkpoints.staged({"epoch": 1}) as staged:  # the name and the lock that make this work
+        assert os.path.basename(staged).startswith(f"{name}{os.getpid()}-")
+        assert staged not in checkpoints.sweep_orphans(os.path.dirname(staged)) and os.path.exists(staged)
         assert checkpoints.load(staged) == {"epoch": 1}
     assert not os.path.exists(staged)

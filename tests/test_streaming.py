@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import mlflow
@@ -316,6 +317,7 @@ def test_a_streaming_trial_that_dies_goes_on_from_its_checkpoint(ray_cluster, cl
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise on /proc/self/maps' ranges: Linux only")
 def test_a_streaming_worker_lets_go_of_the_store_pages_it_has_read(ray_cluster, monkeypatch):
     """A worker maps each block it reads from Ray's object store, and those pages stayed in its RSS
     for good (a 4M-row epoch: 384 MB). StreamedBatches lets go of them as it reads; the data stays
@@ -342,5 +344,5 @@ def test_a_streaming_worker_lets_go_of_the_store_pages_it_has_read(ray_cluster, 
 
     kept = ray.get(ray.put(np.arange(2 ** 20, dtype=np.float64)))  # 8 MiB, read-only view of the store
     assert store_pages.mapped_bytes() >= 8 * 2 ** 20
-    assert store_pages.release() >= 1 and store_pages.mapped_bytes() < 2 ** 20
+    assert store_pages.release() and store_pages.mapped_bytes() < 2 ** 20
     assert kept[-1] == 2 ** 20 - 1 and kept.sum() == (2 ** 20 - 1) * 2 ** 19  # mapped again, unchanged

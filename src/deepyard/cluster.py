@@ -54,22 +54,40 @@ def serve_env() -> dict[str, str]:
             **haproxy.wrapper_env(folder)}
 
 
+PICKED_PORTS = (20000, 30000)  # where _haproxy_ports looks
+
+
 def _haproxy_ports() -> dict[str, str]:
     """Ports that nothing holds now for HAProxy's stats page and metrics and for Serve's fallback
     proxy: Ray's fixed 8404, 9101 and 8500 let one deployment per machine start (a second user's,
     or a second DEEPYARD_HOME's, found them taken and never came up). Ports an operator set are kept."""
+    import random
     import socket
 
     names = [name for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT") if not os.environ.get(name)]
-    held = [socket.socket() for _ in names]
+    # Below the range the kernel hands to outgoing connections (a port from there could be one of
+    # Ray's by the time HAProxy binds it) and below Serve's replica ports (30000-31000).
+    low, high = PICKED_PORTS[0], min(PICKED_PORTS[1], _ephemeral_low())
+    chosen: list[int] = []
+    for port in random.sample(range(low, high), min(200, high - low)):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))  # on every interface, as HAProxy may bind there
+            except OSError:
+                continue
+        chosen.append(port)
+        if len(chosen) == len(names):
+            break
+    return dict(zip(names, map(str, chosen)))  # (none found: Ray's defaults, as before)
+
+
+def _ephemeral_low() -> int:
     try:
-        for sock in held:  # all at once, so they differ; on every interface, as HAProxy may bind there
-            sock.bind(("", 0))
-        return {name: str(sock.getsockname()[1]) for name, sock in zip(names, held)}
-    finally:
-        for sock in held:
-            sock.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def _check_private(folder: str) -> None:

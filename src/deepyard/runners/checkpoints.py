@@ -21,47 +21,67 @@ _swept = False
 @contextmanager
 def staged(state: dict[str, Any] | None) -> Iterator[str | None]:
     """A directory holding ``state`` for ``ray.train.report`` to persist (None: nothing to save).
-    Its name holds this process's pid: a worker killed while reporting cannot remove its own, so
-    the next process to stage one on the machine removes those of processes that are gone."""
+    Its process holds a lock on it while it lives: a worker killed while reporting cannot remove its
+    own, so the next process to stage one on the machine removes those that no one holds."""
     global _swept
     if state is None:
         yield None
         return
     if not _swept:
-        sweep_orphans()
         _swept = True
-    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-") as directory:
+        try:
+            sweep_orphans()
+        except OSError:  # housekeeping: never the reason a checkpoint was not saved
+            pass
+    with (tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-", ignore_cleanup_errors=True)
+          as directory, _held(directory)):
         torch.save(state, os.path.join(directory, STATE_FILE))
         yield directory
 
 
 def sweep_orphans(folder: str | None = None) -> list[str]:
-    """Removes the staging directories this user's dead processes left in ``folder`` (the temp
-    folder); the ones removed. (A full checkpoint each: on a node whose workers die often, they
-    would fill its disk.)"""
+    """Removes the staging directories of this user's that no live process holds from ``folder``
+    (the temp folder); the ones removed. (A full checkpoint each: on a node whose workers die
+    often, they would fill its disk.) The lock, not the pid in the name, says whether one is in
+    use: a pid means nothing across containers that share a temp folder."""
+    import re
     import shutil
 
     removed = []
     for entry in Path(folder or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-*"):
-        pid = entry.name[len(STAGING_PREFIX):].split("-", 1)[0]
-        try:
-            if not pid.isdigit() or entry.lstat().st_uid != os.getuid() or _alive(int(pid)):
-                continue
-        except OSError:  # gone already (another process swept it)
+        if not re.fullmatch(rf"{STAGING_PREFIX}[0-9]+-\w+", entry.name):  # (a name another program chose)
             continue
-        shutil.rmtree(entry, ignore_errors=True)
-        removed.append(str(entry))
+        try:
+            if entry.is_symlink() or entry.lstat().st_uid != os.getuid():
+                continue
+            with _held(str(entry), wait=False) as free:
+                if free:
+                    shutil.rmtree(entry)
+                    removed.append(str(entry))
+        except OSError:  # gone already (another process swept it), or not ours to remove
+            continue
     return removed
 
 
-def _alive(pid: int) -> bool:
+@contextmanager
+def _held(directory: str, wait: bool = True) -> Iterator[bool]:
+    """An exclusive lock on ``directory`` for the block: whether it was taken (``wait=False``:
+    not when another process holds it). Without fcntl (Windows), always taken."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(descriptor)
 
 
 def load(directory: str | Path) -> dict[str, Any]:
