@@ -77,6 +77,9 @@ def main() -> None:
                         help="each a pretraining corpus: sources joined by +")
     parser.add_argument("--t5-corpora", nargs="*", default=["shakespeare+film_plots"])
     parser.add_argument("--scratch", nargs="*", default=["bert", "t5"], choices=list(FROM_SCRATCH))
+    parser.add_argument("--recipes", nargs="*", default=[""],
+                        help="fine-tuning recipes, each run from scratch and pretrained: overrides joined by "
+                             "'+' ('' = the jobs as they are), e.g. model.params.dropout=0.1+optim.lr=0.0002")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     home = tempfile.mkdtemp(prefix="deepyard-pretraining-")
@@ -95,6 +98,8 @@ def main() -> None:
             del os.environ["MLFLOW_TRACKING_URI"]
             result["unknown_token_share"][f"{kind}_{corpus}"] = unknown_share(list(vocab))
             variants[f"{kind}_{corpus}"] = (str(ROOT / fine_tuning_spec), [f"init.from={made['model']}"])
+    variants = {f"{name}{f' [{recipe}]' if recipe else ''}": (spec, overrides + [o for o in recipe.split("+") if o])
+                for recipe in args.recipes for name, (spec, overrides) in variants.items()}
     for seed in args.seeds:  # interleaved: the machine's drift falls on every variant alike
         for name, (spec, overrides) in variants.items():
             run = deepyard_job(spec, home, f"train.seed={seed}", "data.seed=0", "register.enabled=false", *overrides)
@@ -106,11 +111,15 @@ def main() -> None:
                                     for name, runs in result["runs"].items()}
     result["stdev_test_accuracy"] = {name: statistics.stdev(run["test_accuracy"] for run in runs)
                                      if len(runs) > 1 else 0.0 for name, runs in result["runs"].items()}
-    for kind in FROM_SCRATCH:
-        if (scratch := result["mean_test_accuracy"].get(f"{kind}_from_scratch")) is not None:
-            result[f"gain_over_{kind}_from_scratch"] = {
-                name: value - scratch for name, value in result["mean_test_accuracy"].items()
-                if not name.endswith("_from_scratch")}
+    means = result["mean_test_accuracy"]
+    for kind, scratch_kind in (("mlm", "bert"), ("t5", "t5")):  # each against its model from scratch, same recipe
+        for recipe in args.recipes:
+            suffix = f" [{recipe}]" if recipe else ""
+            if (scratch := means.get(f"{scratch_kind}_from_scratch{suffix}")) is None:
+                continue
+            result.setdefault(f"gain_over_{scratch_kind}_from_scratch", {}).update({
+                name: value - scratch for name, value in means.items()
+                if name.startswith(f"{kind}_") and name.endswith(suffix) and (suffix or "[" not in name)})
     record.save("pretraining" + (f"_{args.tag}" if args.tag else ""), result)
 
 

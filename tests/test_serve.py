@@ -809,25 +809,46 @@ def test_deploy_job_serves_in_the_foreground_until_ctrl_c(endpoint, write_spec):
         httpx.get(f"http://127.0.0.1:{port}/models/serve-mlp/healthz", timeout=2)
 
 
-def test_a_haproxy_folder_others_may_write_in_is_refused(tmp_path, monkeypatch):
+def test_a_haproxy_folder_others_may_write_in_is_refused(monkeypatch):
     """Serve starts the wrapper written into the HAProxy folder as HAProxy: a folder whose name
     another user could guess and make first, or write in, is bad input, not a place to run from."""
     import os
+    import shutil
     import tempfile
 
     from deepyard.cluster import serve_env
     from deepyard.errors import BadInput
 
+    base = tempfile.mkdtemp(prefix="d", dir="/tmp")  # (short: HAProxy's sockets go two folders down)
+    try:
+        monkeypatch.setenv("DEEPYARD_HOME", os.path.join(base, "home"))
+        monkeypatch.setattr(tempfile, "tempdir", base)
+        env = serve_env()  # made here, private: fine
+        folder = Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
+        assert str(folder.parent) == base and (folder.stat().st_mode & 0o777) == 0o700
+        os.chmod(folder, 0o777)
+        with pytest.raises(BadInput, match="TMPDIR"):
+            serve_env()
+        os.chmod(folder, 0o700)
+        assert serve_env()["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] == env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_temp_folder_too_long_for_haproxys_sockets_gives_way_to_tmp(tmp_path, monkeypatch):
+    """HAProxy's admin socket is two folders down from ours (one is the node's 56-character id) and
+    a socket's path ends at 107 characters: a long TMPDIR kept HAProxy from starting at all."""
+    import tempfile
+
+    from deepyard.cluster import HAPROXY_FOLDER_MAX, serve_env
+
+    long_base = tmp_path / ("t" * 40)
+    long_base.mkdir()
     monkeypatch.setenv("DEEPYARD_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    env = serve_env()  # made here, private: fine
-    folder = Path(env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]).parent
-    assert folder.parent == tmp_path and (folder.stat().st_mode & 0o777) == 0o700
-    os.chmod(folder, 0o777)
-    with pytest.raises(BadInput, match="TMPDIR"):
-        serve_env()
-    os.chmod(folder, 0o700)
-    assert serve_env()["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] == env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]
+    monkeypatch.setattr(tempfile, "tempdir", str(long_base))
+    folder = Path(serve_env()["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent
+    assert folder.parent == Path("/tmp") and len(str(folder)) <= HAPROXY_FOLDER_MAX
+    assert len(str(folder / ("n" * 56) / "admin.sock")) + 11 <= 107
 
 
 def test_serving_ports_are_free_ones_unless_the_operator_chose(monkeypatch):

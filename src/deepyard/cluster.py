@@ -18,16 +18,10 @@ def serve_env() -> dict[str, str]:
     from 6.8 ms to 1.5 ms, requests/s at 32 from 266 to ~615 with the niceness and thread settings.
     Serve reads these when its processes start: a local cluster gets them from here, a long-lived
     cluster needs them in its environment.
-    HAProxy's files get a folder per DEEPYARD_HOME instead of one /tmp folder shared by everyone;
-    a short one, since Ray nests a 56-character folder in it and HAProxy's socket paths end at 97."""
-    import hashlib
-    import tempfile
-
-    from deepyard import settings
+    HAProxy's files get a folder per DEEPYARD_HOME instead of one /tmp folder shared by everyone."""
     from deepyard.serve import haproxy
 
-    tag = hashlib.sha1(os.path.abspath(settings.home()).encode()).hexdigest()[:8]
-    folder = os.path.join(tempfile.gettempdir(), f"dy-haproxy-{tag}")
+    folder = _haproxy_folder()
     os.makedirs(folder, mode=0o700, exist_ok=True)
     _check_private(folder)
     return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
@@ -88,6 +82,31 @@ def _ephemeral_low() -> int:
             return int(ports.read().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768  # Linux's default
+
+
+# Ray puts HAProxy's sockets in a folder named by the node's id (56 characters) inside ours, and
+# HAProxy binds its admin socket through a temporary name ~11 characters longer than the path, where
+# a Unix socket's path ends at 107: 29 characters are left for our folder.
+HAPROXY_FOLDER_MAX = 107 - 11 - len("/admin.sock") - 1 - 56
+
+
+def _haproxy_folder() -> str:
+    """This home's HAProxy folder in the temp folder, or in /tmp where TMPDIR is too long a path for
+    HAProxy's sockets (HAProxy would not start, and Serve would wait for it)."""
+    import hashlib
+    import tempfile
+
+    from deepyard import settings
+
+    name = "dyhp-" + hashlib.sha1(os.path.abspath(settings.home()).encode()).hexdigest()[:8]
+    for base in dict.fromkeys([tempfile.gettempdir(), "/tmp"]):
+        if len(folder := os.path.join(base, name)) <= HAPROXY_FOLDER_MAX and os.path.isdir(base):
+            return folder
+    from deepyard.errors import BadInput
+
+    raise BadInput(f"serving: the temp folder {tempfile.gettempdir()} is too long a path for HAProxy's sockets "
+                   f"(at most {HAPROXY_FOLDER_MAX - len(name) - 1} characters) and there is no /tmp; set TMPDIR "
+                   "to a shorter folder of your own")
 
 
 def _check_private(folder: str) -> None:

@@ -74,7 +74,7 @@ def wrapper_env(folder: str) -> dict[str, str]:
     empty when there is no HAProxy to wrap (Serve then says so itself)."""
     binary = real_binary()
     own = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
-    if binary is None or (own and not os.path.basename(os.path.dirname(own)).startswith("dy-haproxy-")):
+    if binary is None or (own and not os.path.basename(os.path.dirname(own)).startswith(("dyhp-", "dy-haproxy-"))):
         return {}
     path = os.path.join(folder, "haproxy")
     with open(path + ".tmp", "w") as script:
