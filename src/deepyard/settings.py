@@ -14,7 +14,8 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 # in its nodes' environment (k8s/raycluster.yaml). Ray frees released objects in batches of 100, or
 # once a second; meanwhile a streaming reader maps block after block at fresh offsets of the object
 # store, pages its RSS keeps (bench/stream_memory.py, one epoch of 3.6M rows: 225 MB of them, ~120-170
-# MB with these). A free is one message to the node's object store: ten a second cost nothing visible.
+# MB with these; runners/store_pages.py now lets go of them as it reads). Freed sooner, the store
+# holds less. A free is one message to the node's object store: ten a second cost nothing visible.
 NODE_ENV = {"RAY_free_objects_period_milliseconds": "100", "RAY_free_objects_batch_size": "10"}
 
 
