@@ -90,13 +90,15 @@ def _used_length(ids: torch.Tensor) -> int:
 class TransformerSeq2Seq(nn.Module):
     reads_pairs = True  # its input is (source, decoder input), its output a token's logits per decoder step
 
-    def __init__(self, vocab_size: int, width: int, layers: int, decoder_layers: int, heads: int, dropout: float):
+    def __init__(self, vocab_size: int, width: int, layers: int, decoder_layers: int, heads: int, dropout: float,
+                 position_buckets: int = 32):
         super().__init__()
         self.width = width
         self.tokens = nn.Embedding(vocab_size, width)
         self.dropout = make_dropout(dropout)
-        self.encoder_bias = RelativePositionBias(heads, bidirectional=True)
-        self.decoder_bias = RelativePositionBias(heads, bidirectional=False)
+        far = max(128, 2 * position_buckets)  # (beyond the exact offsets, log-spaced buckets out to here)
+        self.encoder_bias = RelativePositionBias(heads, bidirectional=True, buckets=position_buckets, max_distance=far)
+        self.decoder_bias = RelativePositionBias(heads, bidirectional=False, buckets=position_buckets, max_distance=far)
         self.encoder = nn.ModuleList(Block(width, heads, dropout, causal=False) for _ in range(layers))
         self.decoder = nn.ModuleList(DecoderBlock(width, heads, dropout) for _ in range(decoder_layers))
         self.encoder_norm, self.decoder_norm = nn.LayerNorm(width), nn.LayerNorm(width)
@@ -139,11 +141,19 @@ class TransformerSeq2Seq(nn.Module):
 @MODELS.register("transformer_seq2seq")
 def transformer_seq2seq(in_shape: tuple[int, ...], num_outputs: int, vocab_size: int | None = None,
                         width: PositiveInt = 128, layers: PositiveInt = 3, decoder_layers: PositiveInt | None = None,
-                        heads: PositiveInt = 4, dropout: Dropout = 0.1) -> nn.Module:
-    """T5-like encoder-decoder (``layers`` each, or ``decoder_layers`` for the decoder): text to text."""
+                        heads: PositiveInt = 4, dropout: Dropout = 0.1,
+                        position_buckets: PositiveInt = 32) -> nn.Module:
+    """T5-like encoder-decoder (``layers`` each, or ``decoder_layers`` for the decoder): text to text.
+    ``position_buckets``: relative offsets told apart, T5's 32 by default: the decoder sees each of
+    the nearest half exactly (16 back), farther ones in log-spaced groups. Outputs that must be
+    counted out further (SCAN's, up to 48 actions) need more: at 32, 1,200 steps on SCAN reached
+    0.77 token accuracy and no whole sequence; at 128, 0.92 and 25%."""
     if vocab_size is None or len(in_shape) != 2 or in_shape[0] != 2:
         raise ValueError("transformer_seq2seq reads source and target pairs: use a sequence-to-sequence data set "
                          "(dates, scan, text_pairs_csv)")
     if width % heads:
         raise ValueError(f"width {width} is not divisible by heads {heads}")
-    return TransformerSeq2Seq(vocab_size, width, layers, decoder_layers or layers, heads, dropout)
+    if position_buckets < 4 or position_buckets % 2:
+        raise ValueError(f"position_buckets {position_buckets} must be an even number of at least 4 (half for "
+                         "offsets back, half forward in the encoder)")
+    return TransformerSeq2Seq(vocab_size, width, layers, decoder_layers or layers, heads, dropout, position_buckets)
