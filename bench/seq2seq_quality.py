@@ -28,7 +28,9 @@ SCAN_JOB = """
 kind: train
 name: scan_{split}
 data: {{name: scan, params: {{split: {split}}}, val_fraction: 0.05}}
-model: {{name: transformer_seq2seq, params: {{width: 128, layers: 2, heads: 4, dropout: 0.0, position_buckets: {buckets}}}}}
+model:
+  name: transformer_seq2seq
+  params: {{width: 128, layers: 2, heads: 4, dropout: 0.0, position_buckets: {buckets}}}
 optim: {{name: adamw, lr: 0.002, weight_decay: 0.01, schedule: {{name: cosine, warmup_epochs: 0.2}}}}
 train: {{epochs: {epochs}, batch_size: 64, grad_clip: 1.0}}
 scaling: {{cpus_per_worker: 2}}
@@ -67,7 +69,8 @@ def main() -> None:
             path = work / f"scan_{split}.yaml"
             path.write_text(SCAN_JOB.format(split=split, epochs=args.scan_epochs, buckets=args.scan_buckets))
             run = deepyard_job(str(path), str(work / split))
-            result[f"scan_{split}"] = {"epochs": args.scan_epochs, "position_buckets": args.scan_buckets, "wall_s": run["wall_s"], **run["test_metrics"]}
+            result[f"scan_{split}"] = {"epochs": args.scan_epochs, "position_buckets": args.scan_buckets,
+                                       "wall_s": run["wall_s"], **run["test_metrics"]}
             record.save(saved_as, result)
 
 
