@@ -119,6 +119,27 @@ def test_the_model_reads_pairs_answers_each_decoder_step_and_learns_a_tiny_batch
         MODELS.build("transformer_seq2seq", {}, in_shape=(12,), num_outputs=9, vocab_size=9)
 
 
+def test_more_position_buckets_tell_apart_offsets_a_long_output_is_counted_by():
+    """T5's 32 buckets give the decoder 16 exact offsets back, then groups: SCAN's outputs (up to 48
+    actions) are counted out past that. ``position_buckets`` widens the exact part; a bad count is refused."""
+    from deepyard.models import MODELS
+    from deepyard.models.seq2seq import RelativePositionBias
+
+    back = -torch.arange(64)
+    assert len(RelativePositionBias(4, bidirectional=False).bucket(back).unique()) < 32  # 16 exact, then grouped
+    model = MODELS.build("transformer_seq2seq", {"width": 32, "layers": 1, "heads": 2, "position_buckets": 128},
+                         in_shape=(2, 50), num_outputs=9, vocab_size=9)
+    assert len(model.decoder_bias.bucket(back).unique()) == 64  # every offset of a 49-token output its own
+    both_ways = torch.arange(-31, 32)
+    assert len(model.encoder_bias.bucket(both_ways).unique()) == 63
+    pairs = torch.randint(1, 9, (2, 2, 50))
+    assert model.eval()(pairs).shape == (2, 50, 9)
+    for bad in (3, 2):
+        with pytest.raises(ValueError, match="position_buckets"):
+            MODELS.build("transformer_seq2seq", {"position_buckets": bad}, in_shape=(2, 6), num_outputs=9,
+                         vocab_size=9)
+
+
 PAIRS_JOB = """
 kind: train
 name: tiny_seq2seq
