@@ -36,6 +36,26 @@ def test_masked_windows_hide_tokens_as_the_seed_says_and_copies_stay_together():
     assert raw.split_gap == 2 and raw.ordered
 
 
+def test_training_redraws_the_masks_keeping_the_text_and_each_windows_count():
+    from deepyard.tasks.masked_lm import MaskedLanguageModel
+
+    splits = make_splits(masked_windows(TEXT, 16, "word", mask_rate=0.15, copies=1, seed=0), val_fraction=0.1,
+                         test_fraction=0.1, seed=0)
+    inputs, targets = torch.from_numpy(splits.x_train[:64]).clone(), torch.from_numpy(splits.y_train[:64]).clone()
+    inputs[-1, -3:], targets[-1, -3:] = PAD, PAD  # a padded window: padding is never hidden
+    torch.manual_seed(0)
+    fresh_inputs, fresh_targets = MaskedLanguageModel.training_batch(inputs, targets)
+    text = torch.where(targets != PAD, targets, inputs)
+    assert torch.equal(torch.where(fresh_targets != PAD, fresh_targets, fresh_inputs), text)
+    assert torch.equal((fresh_inputs == MASK_ID), (fresh_targets != PAD))
+    assert torch.equal((fresh_targets != PAD).sum(dim=1), (targets != PAD).sum(dim=1))
+    assert not (fresh_targets[-1, -3:] != PAD).any() and (fresh_inputs[-1, -3:] == PAD).all()
+    moved = ((fresh_targets != PAD) != (targets != PAD)).any(dim=1).float().mean()
+    assert moved > 0.9  # new places, not the data's
+    again_inputs, _ = MaskedLanguageModel.training_batch(inputs, targets)
+    assert not torch.equal(again_inputs, fresh_inputs)  # and new ones every step
+
+
 def test_the_vocabulary_puts_mask_third_and_a_pretrained_one_is_kept_then_extended():
     raw = masked_windows(TEXT, 16, "word", mask_rate=0.15, copies=2, seed=0)
     splits = make_splits(raw, val_fraction=0.1, test_fraction=0.1, seed=0)

@@ -136,8 +136,9 @@ def masked_windows(text: str, context_length: int, level: Level, *, mask_rate: f
                    min_count: int = 1, max_vocab: int | None = None) -> RawData:
     """BERT's pretraining data: the text in windows of ``context_length`` tokens, each ``copies``
     times with its own ``mask_rate`` of tokens hidden behind <mask>; ``y`` holds the hidden tokens
-    and padding elsewhere. The masks are drawn once, from ``seed`` (BERT's static masking,
-    duplicated). BERT's 10% random and 10% unchanged tokens are left out: the model scores the
+    and padding elsewhere. The masks are drawn once, from ``seed``; training redraws them at every
+    step (``MaskedLanguageModel.training_batch``), so ``copies`` is how many times an epoch reads a
+    window. BERT's 10% random and 10% unchanged tokens are left out: the model scores the
     <mask> positions only, which is what makes pretraining affordable on CPUs (a 20,000-token head
     at every position took 0.8 s a batch of 64 windows)."""
     split = tokens(text, level)

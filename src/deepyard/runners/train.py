@@ -144,6 +144,8 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
             freezer.hold_norms()
         sums, started = None, time.perf_counter()
         for inputs, targets in batches:
+            if hasattr(task, "training_batch"):  # a task that redraws its training inputs (masked LM)
+                inputs, targets = task.training_batch(inputs, targets)
             if augment:
                 inputs = random_affine(inputs, augment.max_shift, augment.max_rotation_deg)
             if adversary:

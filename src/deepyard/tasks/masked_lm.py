@@ -63,6 +63,19 @@ class MaskedLanguageModel(Supervised):
         return None  # token ids as they are
 
     @staticmethod
+    def training_batch(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoBERTa's dynamic masking: each window hides as many tokens as its data did, at new places
+        drawn every time it is trained on. The data's masks, drawn once, are learnt by heart within a
+        few epochs (the validation loss rose from the 7th); validation and test keep theirs, so their
+        scores stay comparable."""
+        text = torch.where(targets != PAD, targets, inputs)
+        counts = (targets != PAD).sum(dim=1, keepdim=True)
+        draws = torch.rand(text.shape, device=text.device).masked_fill(text == PAD, 2.0)  # padding: never
+        ranks = draws.argsort(dim=1).argsort(dim=1)
+        hidden = ranks < counts
+        return text.masked_fill(hidden, MASK_ID), text.masked_fill(~hidden, PAD)
+
+    @staticmethod
     def hidden(targets: torch.Tensor) -> torch.Tensor:
         """The hidden tokens, in the order the model's outputs come (row-major over the <mask> positions)."""
         return targets[targets != PAD]
