@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepyard.optim import OPTIMIZERS, make_schedule
+from deepyard.optim import OPTIMIZERS, check_optimizer, make_schedule
 
 
 def _params():
@@ -28,6 +28,27 @@ def test_every_optimizer_minimizes_a_quadratic(name):
 def test_nesterov_needs_momentum():
     with pytest.raises(ValueError, match="nesterov needs momentum"):
         OPTIMIZERS.build("sgd", {"nesterov": True}, parameters=_params(), lr=0.1, weight_decay=0)
+
+
+@pytest.mark.parametrize("name, params", [("sgd", {"nesterov": True}), ("sgd", {"momentum": -0.1}),
+                                          ("adam", {"eps": -1e-8}), ("adamw", {"betas": [1.0, 0.9]}),
+                                          ("rmsprop", {"alpha": -0.5}), ("adam", {"amsgrad": True})])
+def test_the_check_refuses_what_building_the_optimizer_refuses(name, params):
+    with pytest.raises(ValueError):
+        OPTIMIZERS.build(name, params, parameters=_params(), lr=0.1, weight_decay=0)
+    with pytest.raises(ValueError):
+        check_optimizer(name, params)
+
+
+def test_the_check_builds_no_optimizer_so_a_command_does_not_import_torch_compiler():
+    import subprocess
+    import sys
+
+    program = ("import sys; from deepyard.optim import check_optimizer; "
+               "check_optimizer('sgd', {'momentum': 0.9, 'nesterov': True}); check_optimizer('adam', {}); "
+               "print('torch._dynamo' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("name", ["constant", "step", "cosine", "onecycle"])

@@ -24,20 +24,24 @@ Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 @OPTIMIZERS.register("sgd")
 def sgd(parameters: Iterable, lr: float, weight_decay: float,
         momentum: NonNegativeFloat = 0.0, nesterov: bool = False) -> torch.optim.Optimizer:
+    _check_nesterov(momentum, nesterov)
+    return torch.optim.SGD(parameters, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+
+
+def _check_nesterov(momentum: float, nesterov: bool) -> None:
     if nesterov and momentum == 0:
         raise ValueError("nesterov needs momentum > 0 (for example optim.params.momentum: 0.9)")
-    return torch.optim.SGD(parameters, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
 
 @OPTIMIZERS.register("adam")
 def adam(parameters: Iterable, lr: float, weight_decay: float,
-         betas: tuple[Beta, Beta] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+         betas: tuple[Beta, Beta] = (0.9, 0.999), eps: NonNegativeFloat = 1e-8) -> torch.optim.Optimizer:
     return torch.optim.Adam(parameters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(parameters: Iterable, lr: float, weight_decay: float,
-          betas: tuple[Beta, Beta] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+          betas: tuple[Beta, Beta] = (0.9, 0.999), eps: NonNegativeFloat = 1e-8) -> torch.optim.Optimizer:
     return torch.optim.AdamW(parameters, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
@@ -45,6 +49,16 @@ def adamw(parameters: Iterable, lr: float, weight_decay: float,
 def rmsprop(parameters: Iterable, lr: float, weight_decay: float,
             alpha: Beta = 0.99, momentum: NonNegativeFloat = 0.0) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(parameters, lr=lr, alpha=alpha, momentum=momentum, weight_decay=weight_decay)
+
+
+def check_optimizer(name: str, params: dict) -> None:
+    """What building optimizer ``name`` with ``params`` would refuse, found without building one:
+    a torch optimizer's first construction imports torch._dynamo (~0.9 s of a command's start on
+    2 cores), and the worker builds the real one anyway. Every value torch checks is constrained by
+    the builders' annotations (ValueError: pydantic's ValidationError is one)."""
+    checked = OPTIMIZERS.params_model(name).model_validate(params)
+    if name == "sgd":
+        _check_nesterov(checked.momentum, checked.nesterov)
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, *, name: str, total_steps: int, steps_per_epoch: int,

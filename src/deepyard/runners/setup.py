@@ -18,7 +18,7 @@ from deepyard.data import Splits, load_splits
 from deepyard.errors import BadInput, DataError
 from deepyard.models import MODELS
 from deepyard.models.pipeline import Pipeline, TableEmbeddings
-from deepyard.optim import OPTIMIZERS
+from deepyard.optim import OPTIMIZERS, check_optimizer
 from deepyard.spec import TrainJob
 from deepyard.tasks import TASKS
 from deepyard.tasks.generation import Generation
@@ -138,7 +138,9 @@ def preflight(spec: TrainJob):
             raise BadInput(f"init.unfreeze_at_epoch: {spec.init.unfreeze_at_epoch} is after the last epoch "
                            f"(train.epochs: {spec.train.epochs}); nothing would unfreeze")
     try:
-        make_optimizer(spec, model.net)
+        transfer.param_groups(model.net, spec.optim.param_groups, lr=spec.optim.lr,
+                              weight_decay=spec.optim.weight_decay)  # (each group's regex matches)
+        check_optimizer(spec.optim.name, spec.optim.params)
     except ValueError as error:
         raise BadInput(f"optim: {error}") from None
     for section, choice in (("train.early_stopping", spec.train.early_stopping), ("checkpoint", spec.checkpoint)):
