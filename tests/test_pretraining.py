@@ -56,6 +56,13 @@ def test_training_redraws_the_masks_keeping_the_text_and_each_windows_count():
     assert not torch.equal(again_inputs, fresh_inputs)  # and new ones every step
 
 
+def test_a_mask_written_in_the_text_is_left_out_not_learnt():
+    raw = masked_windows(TEXT.replace("the cat", "the <mask> cat"), 16, "word", mask_rate=0.15, copies=1, seed=0)
+    mask = raw.symbols.index(MASK)
+    assert np.array_equal(raw.x == mask, raw.y != PAD)  # every <mask> in the inputs is one to fill in
+    assert not (raw.y == mask).any()
+
+
 def test_the_vocabulary_puts_mask_third_and_a_pretrained_one_is_kept_then_extended():
     raw = masked_windows(TEXT, 16, "word", mask_rate=0.15, copies=2, seed=0)
     splits = make_splits(raw, val_fraction=0.1, test_fraction=0.1, seed=0)

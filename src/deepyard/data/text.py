@@ -149,7 +149,8 @@ def masked_windows(text: str, context_length: int, level: Level, *, mask_rate: f
     if MASK not in codes:  # (a corpus that writes <mask> has it already)
         symbols.append(MASK)
     mask_code = symbols.index(MASK)
-    corpus = np.array([codes[token] for token in split], dtype=np.int64)
+    # A <mask> written in the text is left out: the model's head reads every <mask> as one to fill in.
+    corpus = np.array([codes[token] for token in split if token != MASK], dtype=np.int64)
     windows = len(corpus) // context_length
     x = np.repeat(corpus[: windows * context_length].reshape(windows, context_length), copies, axis=0)
     rng = np.random.default_rng(seed)

@@ -92,6 +92,8 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
     if freezer:
         freezer.set_epoch(1)  # before DDP: it registers only the parameters that train
     model = edges.wrap(model)  # [2]
+    if world > 1:  # each rank its own dropout, masks and augmentations (the weights are rank 0's, broadcast)
+        torch.manual_seed(spec.train.seed + rank)
     plain_model = getattr(model, "module", model)
     optimizer = make_optimizer(spec, plain_model.net)
     steps_per_epoch = len(batches)
