@@ -4,7 +4,7 @@ then jobs/rotten_tomatoes_bert_pretrained.yaml), and the T5-like model as text t
 (jobs/rotten_tomatoes_t5.yaml) from scratch and after span-corruption pretraining
 (jobs/t5_span_corruption.yaml), each over the same seeds, in one run.
 
-    .venv/bin/python bench/pretraining.py [--seeds 0 1 2] [--epochs 4] \
+    .venv/bin/python bench/pretraining.py [--seeds 0 1 2] [--epochs 4] [--width 128] \
         [--mlm-corpora shakespeare shakespeare+film_plots] [--t5-corpora shakespeare+film_plots]
 
 Each corpus is pretrained once (a registered version); its vocabulary goes with it, so the
@@ -30,9 +30,9 @@ from deepyard import transfer
 from train_overhead import ROOT, deepyard_job
 
 
-def pretrain(spec: str, corpus: list[str], home: str, epochs: int) -> dict:
+def pretrain(spec: str, corpus: list[str], home: str, epochs: int, model: list[str]) -> dict:
     """One pretraining job on ``corpus``: its registered version and test metrics."""
-    overrides = [f"data.params.corpus={json.dumps(corpus)}", f"train.epochs={epochs}"]
+    overrides = [f"data.params.corpus={json.dumps(corpus)}", f"train.epochs={epochs}", *model]
     command = [str(ROOT / ".venv/bin/deepyard"), "run", str(ROOT / spec), "--json"]
     for override in overrides:
         command += ["--set", override]
@@ -80,24 +80,26 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=[""],
                         help="fine-tuning recipes, each run from scratch and pretrained: overrides joined by "
                              "'+' ('' = the jobs as they are), e.g. model.params.dropout=0.1+optim.lr=0.0002")
+    parser.add_argument("--width", type=int, help="of every model, pretrained and from scratch (default: the jobs')")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
+    model = [f"model.params.width={args.width}"] if args.width else []
     home = tempfile.mkdtemp(prefix="deepyard-pretraining-")
-    result: dict = {"bench": "pretraining", "seeds": args.seeds, "pretraining_epochs": args.epochs,
+    result: dict = {"bench": "pretraining", "seeds": args.seeds, "pretraining_epochs": args.epochs, "width": args.width,
                     "unknown_token_share": {"own_vocabulary": unknown_share(None)}, "pretrained": {}, "runs": {}}
-    variants = {f"{name}_from_scratch": (str(ROOT / spec), overrides)
+    variants = {f"{name}_from_scratch": (str(ROOT / spec), overrides + model)
                 for name, (spec, overrides) in FROM_SCRATCH.items() if name in args.scratch}
     for kind, corpora in (("mlm", args.mlm_corpora), ("t5", args.t5_corpora)):
         pretraining_spec, fine_tuning_spec = PRETRAINING[kind]
         for corpus in corpora:
-            made = pretrain(pretraining_spec, corpus.split("+"), home, args.epochs)
+            made = pretrain(pretraining_spec, corpus.split("+"), home, args.epochs, model)
             result["pretrained"][f"{kind}_{corpus}"] = made
             print(json.dumps({"pretrained": f"{kind}_{corpus}", **made}), file=sys.stderr)
             os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home}/mlflow.db"
             vocab, _ = transfer.source_vocabulary(made["model"])
             del os.environ["MLFLOW_TRACKING_URI"]
             result["unknown_token_share"][f"{kind}_{corpus}"] = unknown_share(list(vocab))
-            variants[f"{kind}_{corpus}"] = (str(ROOT / fine_tuning_spec), [f"init.from={made['model']}"])
+            variants[f"{kind}_{corpus}"] = (str(ROOT / fine_tuning_spec), [f"init.from={made['model']}", *model])
     variants = {f"{name}{f' [{recipe}]' if recipe else ''}": (spec, overrides + [o for o in recipe.split("+") if o])
                 for recipe in args.recipes for name, (spec, overrides) in variants.items()}
     for seed in args.seeds:  # interleaved: the machine's drift falls on every variant alike
