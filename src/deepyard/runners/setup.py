@@ -138,8 +138,7 @@ def preflight(spec: TrainJob):
             raise BadInput(f"init.unfreeze_at_epoch: {spec.init.unfreeze_at_epoch} is after the last epoch "
                            f"(train.epochs: {spec.train.epochs}); nothing would unfreeze")
     try:
-        transfer.param_groups(model.net, spec.optim.param_groups, lr=spec.optim.lr,
-                              weight_decay=spec.optim.weight_decay)  # (each group's regex matches)
+        parameter_groups(spec, model.net)
         check_optimizer(spec.optim.name, spec.optim.params)
     except ValueError as error:
         raise BadInput(f"optim: {error}") from None
@@ -231,10 +230,14 @@ def serving_metadata(spec: TrainJob, splits: Splits, task, pipeline: torch.nn.Mo
 
 def make_optimizer(spec: TrainJob, net: torch.nn.Module) -> torch.optim.Optimizer:
     """The spec's optimizer over ``net``, with its parameter groups' own rates."""
-    groups = transfer.param_groups(net, spec.optim.param_groups, lr=spec.optim.lr,
-                                   weight_decay=spec.optim.weight_decay)
-    return OPTIMIZERS.build(spec.optim.name, spec.optim.params, parameters=groups,
+    return OPTIMIZERS.build(spec.optim.name, spec.optim.params, parameters=parameter_groups(spec, net),
                             lr=spec.optim.lr, weight_decay=spec.optim.weight_decay)
+
+
+def parameter_groups(spec: TrainJob, net: torch.nn.Module) -> list[dict]:
+    """``net``'s parameters in the spec's groups (a BadInput where a group's regex matches nothing)."""
+    return transfer.param_groups(net, spec.optim.param_groups, lr=spec.optim.lr,
+                                 weight_decay=spec.optim.weight_decay)
 
 
 def check_metric(where: str, metric: str | None, task) -> None:

@@ -77,6 +77,7 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
     use_amp = spec.scaling.use_gpu and spec.scaling.mixed_precision
     augment = spec.data.augment if splits.is_image else None
     adversary = Adversary(spec.train.adversarial, splits, task, device) if spec.train.adversarial else None
+    redraw = getattr(task, "training_batch", None)  # a task that redraws its training inputs (masked LM)
 
     if splits.streaming:  # [1] Ray Data's batches: this worker's share of the train and val splits
         stream = spec.data.stream or StreamSpec()
@@ -146,8 +147,8 @@ def fit_loop(config: dict[str, Any], edges, splits: Splits | None = None) -> dic
             freezer.hold_norms()
         sums, started = None, time.perf_counter()
         for inputs, targets in batches:
-            if hasattr(task, "training_batch"):  # a task that redraws its training inputs (masked LM)
-                inputs, targets = task.training_batch(inputs, targets)
+            if redraw:
+                inputs, targets = redraw(inputs, targets)
             if augment:
                 inputs = random_affine(inputs, augment.max_shift, augment.max_rotation_deg)
             if adversary:
