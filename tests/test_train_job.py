@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import mlflow
@@ -12,6 +13,7 @@ from mlflow import MlflowClient
 import faults
 from conftest import last_json
 from deepyard import tracking
+from deepyard.runners.train import CHECKPOINTS_TAG
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +77,36 @@ def test_run_tracks_everything_and_registers_a_servable_model(ray_cluster, cli, 
     assert "test_accuracy" in tiny["versions"][0]["metrics"]
 
 
+def test_the_trial_starts_while_mlflow_opens_the_run_and_nothing_it_logs_is_lost(ray_cluster, cli, write_spec,
+                                                                                   monkeypatch, deepyard_home):
+    # A slow tracking server: the run opens 4 s late. The trial must not wait for it, and its
+    # metrics and per-epoch samples (logged before the run was open) must all reach the run.
+    opened = tracking.start_run
+
+    def slow_start_run(*args, **kwargs):
+        time.sleep(4.0)
+        return opened(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "start_run", slow_start_run)
+    summary = run_job(cli, write_spec("""
+kind: train
+name: tiny_gpt_slow_mlflow
+data: {name: shakespeare_char, params: {context_length: 16, plays: [macbeth]}, max_train_samples: 64}
+model: {name: transformer_decoder, params: {width: 16, layers: 1, heads: 2, dropout: 0.0}}
+train: {epochs: 3, batch_size: 32}
+register: {enabled: false}
+"""))
+    timings = summary["timings"]
+    assert timings["startup_s"] + timings["trial_start_s"] < timings["mlflow_start_s"]  # started before it opened
+    client = MlflowClient()
+    run = client.get_run(summary["run_id"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2, 3]
+    samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert samples == {f"samples/epoch_000{epoch}.txt" for epoch in (1, 2, 3)}
+    # its checkpoints are in the folder its tag names (what --resume looks up)
+    assert list(Path(deepyard_home, "ray_results").glob(f"tiny_gpt_slow_mlflow-{run.data.tags[CHECKPOINTS_TAG]}/*/"))
+
+
 def test_two_worker_ddp_run(ray_cluster, cli, write_spec):
     summary = run_job(cli, write_spec(TINY_MLP.format(name="tiny_ddp", epochs=3)),
                       "--set", "scaling.num_workers=2", "--set", "scaling.cpus_per_worker=1")
@@ -110,7 +142,7 @@ def test_a_failed_job_marks_its_run_failed_and_keeps_its_checkpoints(ray_cluster
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FAILED"
     assert "deepyard.error" in run.data.tags
-    saved = list(Path(deepyard_home, "ray_results").glob(f"tiny_fail-{run.info.run_id[:8]}/*/checkpoint_*"))
+    saved = list(Path(deepyard_home, "ray_results").glob(f"tiny_fail-{run.data.tags[CHECKPOINTS_TAG]}/*/checkpoint_*"))
     assert len(saved) >= 1  # (one Tune trial's folder)
 
 
@@ -203,7 +235,7 @@ def test_a_stopped_or_killed_driver_resumes_in_the_same_run_with_no_epoch_twice(
     (start,) = [value for _, value in tracking.metric_history(run.info.run_id, "resumed_from_epoch")]
     assert start >= reached - 1  # from the newest checkpoint: at most the epoch in flight is redone
     assert sorted(step for step, _ in tracking.metric_history(run.info.run_id, "train_loss")) == list(range(1, 9))
-    trials = list(Path(deepyard_home, "ray_results", f"{name}-{run.info.run_id[:8]}").glob("*/"))
+    trials = list(Path(deepyard_home, "ray_results", f"{name}-{run.data.tags[CHECKPOINTS_TAG]}").glob("*/"))
     assert len(trials) == 2  # the stopped one and the resumed one, each a Tune trial
     final = max(trials, key=lambda trial: trial.stat().st_mtime)
     assert len(list(final.glob("checkpoint_*"))) <= 3  # checkpoint.keep (2) and the final one

@@ -302,6 +302,11 @@ class JobRun:
     def id(self) -> str:
         return self._opening.result()  # an error opening the run surfaces here
 
+    @property
+    def opening(self) -> Future:
+        """The run id, once the run is open: for work that need not wait for it."""
+        return self._opening
+
     def lap(self, name: str) -> float:
         """Record the seconds since the previous lap as ``<name>_s`` (laps and marks do not mix)."""
         seconds = self.elapsed() - sum(self.timings.values())
@@ -478,6 +483,17 @@ def latest_run(experiment: str, run_name: str, tags: dict[str, str]):
     runs = mlflow_client.search_runs([found.experiment_id], query, order_by=["attributes.start_time DESC"],
                                      max_results=1)
     return runs[0] if runs else None
+
+
+def tagged_run_id(experiment: str, tag: str, value: str, uri: str | None = None) -> str | None:
+    """The id of the experiment's newest run tagged ``tag = value``, or None (no such run yet)."""
+    mlflow_client = client(uri)
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = mlflow_client.search_runs([found.experiment_id], f"tags.`{tag}` = '{value}'",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def child_runs(parent_run_id: str) -> list:

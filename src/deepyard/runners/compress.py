@@ -165,7 +165,7 @@ def _fine_tune(stage: TrainJob, label: str, settings: dict, checked: Checked, pa
     """One stage as a train job in its own child run; its result registered as a version."""
     from deepyard import progress
     from deepyard.runners.loop import Selection
-    from deepyard.runners.train import final_state, fit, log_outcome
+    from deepyard.runners.train import TrainRun, final_state, fit, log_outcome
 
     child = tracking.start_run(stage.experiment, stage.name, flatten(stage), to_yaml(stage), kind="train",
                                tags={"mlflow.parentRunId": parent_run, "deepyard.compress_stage": stage.name})
@@ -173,7 +173,7 @@ def _fine_tune(stage: TrainJob, label: str, settings: dict, checked: Checked, pa
         selection = Selection(*monitored(stage.checkpoint.metric, stage.checkpoint.mode, checked.task),
                               checked.task.tie_breaker)
         with progress.watch(child, stage.train.epochs, options.console):
-            result = fit(stage, child, selection, checked.stored_splits, compress=settings)
+            result = fit(stage, TrainRun.opened(child), selection, checked.stored_splits, compress=settings)
         if getattr(result, "error", None):
             raise result.error
         final = final_state(result)

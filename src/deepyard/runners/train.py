@@ -12,9 +12,12 @@ from __future__ import annotations
 import functools
 import threading
 import time
+import uuid
 import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -246,10 +249,27 @@ def _log_epoch_artifacts(config: dict[str, Any], task, model, splits: Splits, ep
     """The task's samples of this epoch (texts, image grids): a nicety that must never stop training."""
     try:
         artifacts = task.epoch_artifacts(model, splits, epoch)
+        run_id = _job_run_id(config) if artifacts else None
     except Exception as error:
-        print(f"could not make epoch {epoch}'s samples: {error}")
+        print(f"could not make or log epoch {epoch}'s samples: {error}")
         return
-    tracking.log_outputs(config["run_id"], artifacts, config["tracking_uri"], strict=False)
+    if artifacts and run_id is None:
+        print(f"epoch {epoch}'s samples are not logged: the job's MLflow run did not open")
+        return
+    tracking.log_outputs(run_id, artifacts, config["tracking_uri"], strict=False)
+
+
+def _job_run_id(config: dict[str, Any], wait_s: float = 30.0) -> str | None:
+    """The job's MLflow run id: given, or found by its checkpoints key (a one-worker job's trial
+    starts while the driver still opens the run: waits up to ``wait_s`` for it, then None)."""
+    deadline = time.monotonic() + wait_s
+    while config.get("run_id") is None:
+        config["run_id"] = tracking.tagged_run_id(config["experiment"], CHECKPOINTS_TAG, config["run_key"],
+                                                  config["tracking_uri"])
+        if config["run_id"] is None and time.monotonic() > deadline:
+            return None
+        time.sleep(0.2 if config["run_id"] is None else 0)
+    return config["run_id"]
 
 
 def _throughput(count: float, seconds: float, task, splits: Splits) -> dict[str, float]:
@@ -260,18 +280,45 @@ def _throughput(count: float, seconds: float, task, splits: Splits) -> dict[str,
     return {**rates, f"{task.target_unit}_per_s": count / seconds} if task.target_unit else rates
 
 
-def fit(spec: TrainJob, run_id: str, selection: Selection, splits,
+CHECKPOINTS_TAG = "deepyard.checkpoints"  # a train run's tag: the key of its checkpoints' folder
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """The MLflow run a train job logs to, as ``fit`` needs it: ``key`` names its checkpoints'
+    folder from the start; ``opening`` gives the run id once MLflow has opened the run, so that a
+    one-worker job's trial process starts meanwhile (~1.5 s of a job on a running cluster)."""
+
+    key: str
+    opening: Future
+
+    @property
+    def id(self) -> str:
+        return self.opening.result()
+
+    def id_if_open(self) -> str | None:
+        return self.opening.result() if self.opening.done() else None
+
+    @classmethod
+    def opened(cls, run_id: str) -> "TrainRun":
+        """A run opened already (a compress stage's): its folder named after its id, as ever."""
+        done: Future = Future()
+        done.set_result(run_id)
+        return cls(run_id[:8], done)
+
+
+def fit(spec: TrainJob, run: TrainRun, selection: Selection, splits,
         compress: dict[str, Any] | None = None, while_training=None):
     """Train the job; returns Ray's result (``checkpoint``, ``best_checkpoints``, ``error``, ``path``).
 
     One worker: a single Tune trial on ``splits`` (the driver's ``Splits``, or a reference to them
-    in Ray's object store), with the same checkpoints kept, restarts after a crash and --resume.
-    More: a TorchTrainer (DDP) whose workers each load the data. ``compress``: a compress stage's
-    method settings (``compress/hooks.py``). ``while_training``: work for the idle driver, done by
-    the time fit returns."""
+    in Ray's object store), with the same checkpoints kept, restarts after a crash and --resume; it
+    starts without waiting for the MLflow run. More: a TorchTrainer (DDP) whose workers each load
+    the data. ``compress``: a compress stage's method settings (``compress/hooks.py``).
+    ``while_training``: work for the idle driver, done by the time fit returns."""
     if spec.scaling.num_workers > 1:
         side_work = _in_background(while_training)
-        result = make_trainer(spec, run_id, selection, compress=compress,
+        result = make_trainer(spec, run.id, selection, compress=compress, key=run.key,
                               splits=splits if getattr(splits, "streaming", False) else None).fit()
         if side_work is not None:
             side_work.join()
@@ -283,20 +330,20 @@ def fit(spec: TrainJob, run_id: str, selection: Selection, splits,
 
     cluster.quiet_tune()
     resources = {"cpu": spec.scaling.cpus_per_worker, "gpu": int(spec.scaling.use_gpu)}
-    trainable = tune.with_resources(tune.with_parameters(train_in_trial, config=_loop_config(spec, run_id, compress),
-                                                         splits=splits), resources)
+    config = {**_loop_config(spec, run.id_if_open(), compress), "run_key": run.key}
+    trainable = tune.with_resources(tune.with_parameters(train_in_trial, config=config, splits=splits), resources)
     tuner = tune.Tuner(trainable, run_config=tune.RunConfig(
-        name=trainer_name(spec, run_id), storage_path=settings.storage_path(spec.storage_path), verbose=0,
+        name=trainer_name(spec, run.key), storage_path=settings.storage_path(spec.storage_path), verbose=0,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.checkpoint.keep,
                                                 checkpoint_score_attribute=Selection.SCORE,
                                                 checkpoint_score_order=selection.mode),
         failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
-        callbacks=[logger := driver_logs(run_id, tracking.last_step(run_id, "epoch")),  # (--resume: MLflow's)
+        callbacks=[logger := driver_logs(lambda: run.id),
                    side_work := _when_the_trial_starts(while_training)]))
     result = tuner.fit()[0]
     side_work.join()  # (not when fit raises, on a stop: the thread is a daemon, and nothing waits on it)
     if logger.failed:
-        warnings.warn(f"{logger.failed} metric lines could not be written to MLflow run {run_id} (said above)")
+        warnings.warn(f"{logger.failed} metric lines could not be written to MLflow run {run.id} (said above)")
     return result
 
 
@@ -336,15 +383,17 @@ def _quietly(work) -> None:
         pass
 
 
-def _loop_config(spec: TrainJob, run_id: str, compress: dict[str, Any] | None) -> dict[str, Any]:
-    return {"spec": spec.model_dump(mode="json"), "run_id": run_id, "tracking_uri": tracking.tracking_uri(),
+def _loop_config(spec: TrainJob, run_id: str | None, compress: dict[str, Any] | None) -> dict[str, Any]:
+    return {"spec": spec.model_dump(mode="json"), "run_id": run_id, "experiment": spec.experiment,
+            "tracking_uri": tracking.tracking_uri(),
             "compress": compress, "fit_started_at": time.time()}
 
 
 def make_trainer(spec: TrainJob, run_id: str, selection: Selection, callbacks: list | None = None,
-                 compress: dict[str, Any] | None = None, splits=None):
+                 compress: dict[str, Any] | None = None, splits=None, key: str | None = None):
     """A data-parallel job (or a sweep's multi-worker trial) on Ray Train. ``splits``: a streaming
-    job's (``StreamSplits``): Ray Train hands each worker its share of their Ray Datasets."""
+    job's (``StreamSplits``): Ray Train hands each worker its share of their Ray Datasets. ``key``
+    names the checkpoints' folder (default: the run id's first 8 characters)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
     from deepyard.runners.edges import SPLIT_BETWEEN_WORKERS
@@ -359,7 +408,7 @@ def make_trainer(spec: TrainJob, run_id: str, selection: Selection, callbacks: l
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         run_config=RunConfig(
-            name=trainer_name(spec, run_id),
+            name=trainer_name(spec, key or run_id[:8]),
             storage_path=settings.storage_path(spec.storage_path),
             # The best K by the validation metric (ties broken as the loop breaks them); Ray always
             # keeps the latest too (recovery).
@@ -523,7 +572,12 @@ def inherited_vocabulary(spec: TrainJob, splits: Splits) -> str:
     return line
 
 
-def interrupted_run(spec: TrainJob) -> str:
+class Interrupted(NamedTuple):
+    run_id: str
+    key: str  # of its checkpoints' folder
+
+
+def interrupted_run(spec: TrainJob) -> Interrupted:
     """The newest run of this job, if it was stopped (Ctrl-C, SIGTERM, a dead driver) or failed and
     left a checkpoint, and ran this same spec; else BadInput."""
     from deepyard.spec import flatten
@@ -541,7 +595,8 @@ def interrupted_run(spec: TrainJob) -> str:
         driver = last.data.tags.get(drivers.TAG, "")
         raise BadInput(f"--resume: the last run of {spec.name!r} ({run_id}) is still running"
                        f"{' (' + drivers.describe(driver) + ')' if driver else ''}; stop it first")
-    folder = Path(settings.storage_path(spec.storage_path)) / trainer_name(spec, run_id)
+    key = last.data.tags.get(CHECKPOINTS_TAG, run_id[:8])  # (runs from before 2026-12-05: no tag)
+    folder = Path(settings.storage_path(spec.storage_path)) / trainer_name(spec, key)
     if "://" not in str(folder) and not checkpoints.saved_any(folder):
         raise BadInput(f"--resume: the {status} run {run_id} saved no checkpoint in {folder}; run it without "
                        "--resume")
@@ -554,12 +609,12 @@ def interrupted_run(spec: TrainJob) -> str:
         shown = "; ".join(f"{key}: {then.get(key)} -> {now.get(key)}" for key in changed[:5])
         raise BadInput(f"--resume: the spec changed since run {run_id} ({shown}); resume with the spec it ran "
                        "with, or run without --resume")
-    return run_id
+    return Interrupted(run_id, key)
 
 
-def trainer_name(spec: TrainJob, run_id: str) -> str:
-    """Ray Train's name for the job's checkpoints: the same run id finds them again on --resume."""
-    return f"{spec.name}-{run_id[:8]}"
+def trainer_name(spec: TrainJob, key: str) -> str:
+    """Ray's name for the job's checkpoints' folder: the run's key (its tag) finds them again on --resume."""
+    return f"{spec.name}-{key}"
 
 
 def run(spec: TrainJob, options: RunOptions) -> RunSummary:
@@ -569,30 +624,33 @@ def run(spec: TrainJob, options: RunOptions) -> RunSummary:
 
     splits, task = preflight(spec)
     resumed = interrupted_run(spec) if options.resume else None
+    key = resumed.key if resumed else uuid.uuid4().hex[:8]
     spec = transfer.pinned_spec(spec)  # every worker copies the version the alias points at now
     selection = Selection(*monitored(spec.checkpoint.metric, spec.checkpoint.mode, task), task.tie_breaker)
     storage = settings.storage_path(spec.storage_path)
     lineage = {"deepyard.init_from": spec.init.from_} if spec.init else {}
-    with tracking.job_run(spec, tags={"deepyard.task": task.name, **lineage}, reopen=resumed,
+    with tracking.job_run(spec, tags={"deepyard.task": task.name, CHECKPOINTS_TAG: key, **lineage},
+                          reopen=resumed.run_id if resumed else None,
                           failure="training failed", failure_hint=lambda: f" and checkpoints stay under {storage}",
                           killed_note="interrupted (Ctrl-C, SIGTERM or SIGHUP); continue with "
                                       "`deepyard run SPEC --resume`") as run:
-        # Opening the MLflow run (~2 s on a new sqlite store) overlaps Ray's start-up (~4 s). A
-        # one-worker job is a Tune trial: no Ray Train worker group, whose cleanup needs the dashboard.
+        # Opening the MLflow run (~2 s on a new sqlite store) overlaps Ray's start-up (~4 s) and, on
+        # a running cluster, the trial's start. A one-worker job is a Tune trial: no Ray Train worker
+        # group, whose cleanup needs the dashboard.
         with cluster.connected(options.address, options.ray_logs, stop_behind=True,
                                dashboard=spec.scaling.num_workers > 1):
             run.mark("ray_connect")
-            run_id = run.id
-            run.timings["mlflow_start_s"] = run.opened_after
             if splits.streaming:  # Ray Data reads the files from here on; the training split's statistics first
                 streaming.check_resources(spec.scaling.footprint()["CPU"])
                 attach_streams(splits, spec.data.stream or StreamSpec(), spec.train.seed)
                 check_sizes(spec, splits)  # (a streamed table's, counted by that pass)
                 run.mark("data_stats")
             run.mark("startup")
-            with progress.watch(run_id, spec.train.epochs, options.console):
-                result = fit(spec, run_id, selection, splits, while_training=tracking.preload)
+            with progress.watch(lambda: run.id, spec.train.epochs, options.console):
+                result = fit(spec, TrainRun(key, run.opening), selection, splits, while_training=tracking.preload)
             run.timings["fit_s"] = run.elapsed() - run.timings["startup_s"]
+        run_id = run.id
+        run.timings["mlflow_start_s"] = run.opened_after
         if getattr(result, "error", None):
             raise result.error
         final = final_state(result)
