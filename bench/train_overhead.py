@@ -5,8 +5,9 @@
 Each repeat runs, one after another: the plain loop; a deepyard job with 1 worker (2 CPUs) on its
 own embedded cluster (cold); the same while `deepyard cluster up --workers 0` is up (one 2-CPU
 node), which `deepyard run` joins by itself (warm); 2 workers of 1 CPU each (cold); and, with
-``--before SRC``, the 1-worker cold job with another checkout's ``src`` first on PYTHONPATH (the
-design being replaced, side by side).
+``--before SRC``, the 1-worker job cold and warm with another checkout's ``src`` first on PYTHONPATH
+(the design being replaced, side by side; its warm jobs join a cluster of its own, started with that
+``src``, as `deepyard run` joins only a cluster that runs its own code).
 Prints medians over the repeats:
 - steady-state training samples/s (median over epochs after the first) and the ratios 1 worker /
   plain and 2 workers / 1 worker;
@@ -125,15 +126,15 @@ def deepyard_job(spec_path: str, home: str, *overrides: str, env: dict | None = 
     }
 
 
-def warm_cluster(home: str) -> None:
+def warm_cluster(home: str, env: dict | None = None) -> None:
     """`deepyard cluster up` in the warm jobs' home: they join it (cli/jobs.py), as a user's would."""
     subprocess.run([str(ROOT / ".venv/bin/deepyard"), "cluster", "up", "--workers", "0", "--cpus-per-node", "2"],
-                   check=True, capture_output=True, env={**os.environ, "DEEPYARD_HOME": home})
+                   check=True, capture_output=True, env={**os.environ, "DEEPYARD_HOME": home, **(env or {})})
 
 
-def cluster_down(home: str) -> None:
+def cluster_down(home: str, env: dict | None = None) -> None:
     subprocess.run([str(ROOT / ".venv/bin/deepyard"), "cluster", "down"], check=False, capture_output=True,
-                   env={**os.environ, "DEEPYARD_HOME": home})
+                   env={**os.environ, "DEEPYARD_HOME": home, **(env or {})})
 
 
 def medians(runs: list[dict]) -> dict:
@@ -163,10 +164,13 @@ def main() -> None:
 
     runs: dict[str, list[dict]] = {"plain": [], "one_worker_cold": [], "one_worker_warm": [], "two_workers_cold": []}
     if args.before:
-        runs["before_one_worker_cold"] = []
+        runs["before_one_worker_cold"], runs["before_one_worker_warm"] = [], []
+        warm_cluster(f"{work}/warm_before", before_env)
     warm_cluster(f"{work}/warm")
     try:
         deepyard_job(spec_path, f"{work}/warm")  # the first job on a new cluster warms it
+        if args.before:
+            deepyard_job(spec_path, f"{work}/warm_before", env=before_env)
         for repeat in range(args.pairs):
             runs["plain"].append(plain_loop(spec_path))
             runs["one_worker_cold"].append(deepyard_job(spec_path, f"{work}/one{repeat}"))
@@ -175,10 +179,13 @@ def main() -> None:
                                                          "scaling.cpus_per_worker=1"))
             if args.before:
                 runs["before_one_worker_cold"].append(deepyard_job(spec_path, f"{work}/before{repeat}", env=before_env))
+                runs["before_one_worker_warm"].append(deepyard_job(spec_path, f"{work}/warm_before", env=before_env))
             print(json.dumps({"repeat": repeat, **{name: round(done[-1]["wall_s"], 1) for name, done in runs.items()}}),
                   file=sys.stderr)
     finally:
         cluster_down(f"{work}/warm")
+        if args.before:
+            cluster_down(f"{work}/warm_before", before_env)
 
     median = {name: medians(done) for name, done in runs.items()}
     plain = median["plain"]
@@ -205,7 +212,10 @@ def main() -> None:
         "fixed_cost_s_2_workers_cold": median["two_workers_cold"]["fixed_cost_s"],
         **({"fixed_cost_s_before_cold": median["before_one_worker_cold"]["fixed_cost_s"],
             "ratio_fixed_cost_cold_vs_before": median["one_worker_cold"]["fixed_cost_s"]
-            / median["before_one_worker_cold"]["fixed_cost_s"]} if args.before else {}),
+            / median["before_one_worker_cold"]["fixed_cost_s"],
+            "fixed_cost_s_before_warm": median["before_one_worker_warm"]["fixed_cost_s"],
+            "ratio_fixed_cost_warm_vs_before": median["one_worker_warm"]["fixed_cost_s"]
+            / median["before_one_worker_warm"]["fixed_cost_s"]} if args.before else {}),
     })
 
 
