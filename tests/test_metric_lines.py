@@ -4,6 +4,7 @@ the callback Tune calls with each result, and the trial's side as the training l
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future
 
 from deepyard import tracking
 from deepyard.runners.edges import TO_LOG, _ToDriver, driver_logs
@@ -16,10 +17,16 @@ def _run_id() -> str:
     return client.create_run(experiment.experiment_id).info.run_id
 
 
+def _opened(run_id: str) -> Future:
+    done: Future = Future()
+    done.set_result(run_id)
+    return done
+
+
 def test_each_epoch_is_logged_once_and_a_killed_drivers_gap_is_filled_from_the_checkpoint():
     run_id = _run_id()
     tracking.log_metrics(run_id, {"epoch": 1, "train_loss": 1.0}, 1)  # what the killed driver had written
-    callback = driver_logs(lambda: run_id)  # the --resume driver's
+    callback = driver_logs(_opened(run_id))  # the --resume driver's
 
     # The trial goes on from a checkpoint of epoch 2 that the killed driver never heard of.
     trial = _ToDriver()
@@ -41,7 +48,7 @@ def test_each_epoch_is_logged_once_and_a_killed_drivers_gap_is_filled_from_the_c
 
 
 def test_a_write_that_fails_is_counted_and_said_and_a_later_copy_can_still_fill_it(capsys):
-    callback = driver_logs(lambda: "no-such-run")
+    callback = driver_logs(_opened("no-such-run"))
     callback.on_trial_result(1, [], None, {TO_LOG: json.dumps([[1, {"epoch": 1, "train_loss": 1.0}]])})
     assert callback.failed == 1 and "could not log step 1's metrics" in capsys.readouterr().err
     assert callback.logged_up_to == 0  # (not written: a restart's copy from the checkpoint is not dropped)

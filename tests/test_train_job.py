@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 import faults
 from conftest import last_json
 from deepyard import tracking
+from deepyard.errors import BadInput
 from deepyard.runners.train import CHECKPOINTS_TAG
 
 pytestmark = pytest.mark.slow
@@ -105,6 +106,24 @@ register: {enabled: false}
     assert samples == {f"samples/epoch_000{epoch}.txt" for epoch in (1, 2, 3)}
     # its checkpoints are in the folder its tag names (what --resume looks up)
     assert list(Path(deepyard_home, "ray_results").glob(f"tiny_gpt_slow_mlflow-{run.data.tags[CHECKPOINTS_TAG]}/*/"))
+
+
+def test_a_run_that_cannot_be_opened_stops_the_job_that_started_meanwhile(ray_cluster, cli, write_spec, monkeypatch,
+                                                                         deepyard_home):
+    def failing_start_run(*args, **kwargs):
+        time.sleep(1.0)
+        raise BadInput("experiment 'tiny_unopened' was deleted; restore it or use another name")
+
+    monkeypatch.setattr(tracking, "start_run", failing_start_run)
+    faults.slow_epochs("tiny_unopened", 0.5)
+    try:
+        result = run_job(cli, write_spec(TINY_MLP.format(name="tiny_unopened", epochs=40)), expect=2)
+    finally:
+        faults.clear()
+    assert "was deleted" in result.stderr
+    saved = Path(deepyard_home, "ray_results").glob("tiny_unopened-*/*/checkpoint_*")
+    newest = max((int(folder.name.rsplit("_", 1)[1]) for folder in saved), default=0)
+    assert newest < 10  # stopped at once: not 40 epochs trained into a run that never opened
 
 
 def test_two_worker_ddp_run(ray_cluster, cli, write_spec):

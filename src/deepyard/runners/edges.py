@@ -17,7 +17,8 @@ import json
 import math
 import os
 import sys
-from typing import Any, Callable, Iterator
+from concurrent.futures import Future
+from typing import Any, Iterator
 
 import torch
 
@@ -109,32 +110,41 @@ class _ToDriver:
         return 0
 
 
-def driver_logs(run_id: Callable[[], str]):
-    """The Tune callback that writes a whole-job trial's metric lines to its MLflow run (``run_id()``
-    waits, if it must, until the driver has opened it). An epoch's line is written once: the first
-    values stand (after what MLflow already has: a resumed run's). A line that cannot be written
-    after a few tries is counted (``failed``) and said, never raised: the training goes on, and a
-    later restart's copy of the line may still fill it in."""
+def driver_logs(run: Future):
+    """The Tune callback that writes a whole-job trial's metric lines to its MLflow run: ``run``
+    gives its id once the driver has opened it (the trial starts meanwhile); if it could not be
+    opened, the callback raises that error, and the job stops. An epoch's line is written once: the
+    first values stand (after what MLflow already has: a resumed run's). A line that cannot be
+    written after a few tries is counted (``failed``) and said, never raised: the training goes on,
+    and a later restart's copy of the line may still fill it in."""
     from ray.tune import Callback
 
     class LogReportedMetrics(Callback):
-        def __init__(self, run_id: Callable[[], str]) -> None:
-            self.run_id = run_id  # (an attribute, not a closure's: __getstate__ leaves it out)
+        def __init__(self, run: Future) -> None:
+            self.run = run  # (an attribute, not a closure's: __getstate__ leaves it out)
             self.logged_up_to: int | None = None  # (asked of MLflow at the first lines: the run is open by then)
             self.failed = 0
 
         def __getstate__(self) -> dict[str, Any]:
             # Tune pickles its callbacks into the experiment's state; a run still opening holds a lock
-            return {**self.__dict__, "run_id": None}
+            return {**self.__dict__, "run": None}
+
+        def on_step_begin(self, iteration, trials, **info) -> None:
+            if self.run.done():
+                self.run.result()  # (an error opening the run ends the job now, not after its epochs)
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-            for step, metrics in json.loads(result.get(TO_LOG) or "[]"):
+            lines = json.loads(result.get(TO_LOG) or "[]")
+            if not lines:
+                return
+            run_id = self.run.result()
+            for step, metrics in lines:
                 try:
                     if self.logged_up_to is None:
-                        self.logged_up_to = tracking.last_step(self.run_id(), "epoch")
+                        self.logged_up_to = tracking.last_step(run_id, "epoch")
                     if "epoch" in metrics and step <= self.logged_up_to:
                         continue
-                    tracking.log_metrics(self.run_id(), metrics, step, attempts=3)
+                    tracking.log_metrics(run_id, metrics, step, attempts=3)
                 except Exception as error:
                     self.failed += 1
                     print(f"could not log step {step}'s metrics to MLflow: {error}", file=sys.stderr)
@@ -142,7 +152,7 @@ def driver_logs(run_id: Callable[[], str]):
                 if "epoch" in metrics:
                     self.logged_up_to = step
 
-    return LogReportedMetrics(run_id)
+    return LogReportedMetrics(run)
 
 
 def _exit_if_orphaned(raylet: int) -> None:

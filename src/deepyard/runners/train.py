@@ -261,14 +261,14 @@ def _log_epoch_artifacts(config: dict[str, Any], task, model, splits: Splits, ep
 
 def _job_run_id(config: dict[str, Any], wait_s: float = 30.0) -> str | None:
     """The job's MLflow run id: given, or found by its checkpoints key (a one-worker job's trial
-    starts while the driver still opens the run: waits up to ``wait_s`` for it, then None)."""
+    starts while the driver still opens the run: waits up to ``wait_s`` for it once, then None)."""
     deadline = time.monotonic() + wait_s
-    while config.get("run_id") is None:
+    while config.get("run_id") is None and not config.get("run_not_found"):
         config["run_id"] = tracking.tagged_run_id(config["experiment"], CHECKPOINTS_TAG, config["run_key"],
                                                   config["tracking_uri"])
-        if config["run_id"] is None and time.monotonic() > deadline:
-            return None
-        time.sleep(0.2 if config["run_id"] is None else 0)
+        if config["run_id"] is None:
+            config["run_not_found"] = time.monotonic() > deadline  # (the driver stops the job if it failed)
+            time.sleep(0.2)
     return config["run_id"]
 
 
@@ -300,11 +300,11 @@ class TrainRun:
         return self.opening.result() if self.opening.done() else None
 
     @classmethod
-    def opened(cls, run_id: str) -> "TrainRun":
-        """A run opened already (a compress stage's): its folder named after its id, as ever."""
+    def opened(cls, run_id: str, key: str | None = None) -> "TrainRun":
+        """A run whose id is known (a resumed one, a compress stage's: named after its id, as ever)."""
         done: Future = Future()
         done.set_result(run_id)
-        return cls(run_id[:8], done)
+        return cls(key or run_id[:8], done)
 
 
 def fit(spec: TrainJob, run: TrainRun, selection: Selection, splits,
@@ -338,7 +338,7 @@ def fit(spec: TrainJob, run: TrainRun, selection: Selection, splits,
                                                 checkpoint_score_attribute=Selection.SCORE,
                                                 checkpoint_score_order=selection.mode),
         failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
-        callbacks=[logger := driver_logs(lambda: run.id),
+        callbacks=[logger := driver_logs(run.opening),
                    side_work := _when_the_trial_starts(while_training)]))
     result = tuner.fit()[0]
     side_work.join()  # (not when fit raises, on a stop: the thread is a daemon, and nothing waits on it)
@@ -646,8 +646,10 @@ def run(spec: TrainJob, options: RunOptions) -> RunSummary:
                 check_sizes(spec, splits)  # (a streamed table's, counted by that pass)
                 run.mark("data_stats")
             run.mark("startup")
-            with progress.watch(lambda: run.id, spec.train.epochs, options.console):
-                result = fit(spec, TrainRun(key, run.opening), selection, splits, while_training=tracking.preload)
+            # (a resumed run's id is known: its trial need not look it up, and an old one has no key tag)
+            job = TrainRun.opened(resumed.run_id, resumed.key) if resumed else TrainRun(key, run.opening)
+            with progress.watch(lambda: job.id, spec.train.epochs, options.console):
+                result = fit(spec, job, selection, splits, while_training=tracking.preload)
             run.timings["fit_s"] = run.elapsed() - run.timings["startup_s"]
         run_id = run.id
         run.timings["mlflow_start_s"] = run.opened_after
