@@ -4,7 +4,7 @@ then jobs/rotten_tomatoes_bert_pretrained.yaml), and the T5-like model as text t
 (jobs/rotten_tomatoes_t5.yaml) from scratch and after span-corruption pretraining
 (jobs/t5_span_corruption.yaml), each over the same seeds, in one run.
 
-    .venv/bin/python bench/pretraining.py [--seeds 0 1 2] [--epochs 4] [--width 128] \
+    .venv/bin/python bench/pretraining.py [--seeds 0 1 2] [--epochs 8] [--width 128] \
         [--mlm-corpora shakespeare shakespeare+film_plots] [--t5-corpora shakespeare+film_plots]
 
 Each corpus is pretrained once (a registered version); its vocabulary goes with it, so the
@@ -30,9 +30,9 @@ from deepyard import transfer
 from train_overhead import ROOT, deepyard_job
 
 
-def pretrain(spec: str, corpus: list[str], home: str, epochs: int, model: list[str]) -> dict:
+def pretrain(spec: str, corpus: list[str], home: str, epochs: int | None, model: list[str]) -> dict:
     """One pretraining job on ``corpus``: its registered version and test metrics."""
-    overrides = [f"data.params.corpus={json.dumps(corpus)}", f"train.epochs={epochs}", *model]
+    overrides = [f"data.params.corpus={json.dumps(corpus)}", *([f"train.epochs={epochs}"] if epochs else []), *model]
     command = [str(ROOT / ".venv/bin/deepyard"), "run", str(ROOT / spec), "--json"]
     for override in overrides:
         command += ["--set", override]
@@ -72,7 +72,7 @@ def accuracy(metrics: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=4, help="of each pretraining job")
+    parser.add_argument("--epochs", type=int, help="of each pretraining job (default: the jobs')")
     parser.add_argument("--mlm-corpora", nargs="*", default=["shakespeare", "shakespeare+film_plots"],
                         help="each a pretraining corpus: sources joined by +")
     parser.add_argument("--t5-corpora", nargs="*", default=["shakespeare+film_plots"])
