@@ -473,27 +473,17 @@ def close_orphans(experiment: str) -> list[str]:
     return [run.info.run_id for run in orphans]
 
 
-def latest_run(experiment: str, run_name: str, tags: dict[str, str]):
-    """The newest run named ``run_name`` in the experiment with these tags, or None."""
-    mlflow_client = client()
-    found = mlflow_client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    query = " and ".join([f"attributes.run_name = '{run_name}'", *(f"tags.`{k}` = '{v}'" for k, v in tags.items())])
-    runs = mlflow_client.search_runs([found.experiment_id], query, order_by=["attributes.start_time DESC"],
-                                     max_results=1)
-    return runs[0] if runs else None
-
-
-def tagged_run_id(experiment: str, tag: str, value: str, uri: str | None = None) -> str | None:
-    """The id of the experiment's newest run tagged ``tag = value``, or None (no such run yet)."""
+def latest_run(experiment: str, run_name: str | None, tags: dict[str, str], uri: str | None = None):
+    """The newest run in the experiment with these tags (and named ``run_name``, unless None), or None."""
     mlflow_client = client(uri)
     found = mlflow_client.get_experiment_by_name(experiment)
     if found is None:
         return None
-    runs = mlflow_client.search_runs([found.experiment_id], f"tags.`{tag}` = '{value}'",
-                                     order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
+    named = [f"attributes.run_name = '{run_name}'"] if run_name is not None else []
+    query = " and ".join([*named, *(f"tags.`{k}` = '{v}'" for k, v in tags.items())])
+    runs = mlflow_client.search_runs([found.experiment_id], query, order_by=["attributes.start_time DESC"],
+                                     max_results=1)
+    return runs[0] if runs else None
 
 
 def child_runs(parent_run_id: str) -> list:

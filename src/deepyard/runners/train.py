@@ -264,8 +264,9 @@ def _job_run_id(config: dict[str, Any], wait_s: float = 30.0) -> str | None:
     starts while the driver still opens the run: waits up to ``wait_s`` for it once, then None)."""
     deadline = time.monotonic() + wait_s
     while config.get("run_id") is None and not config.get("run_not_found"):
-        config["run_id"] = tracking.tagged_run_id(config["experiment"], CHECKPOINTS_TAG, config["run_key"],
-                                                  config["tracking_uri"])
+        found = tracking.latest_run(config["experiment"], None, {CHECKPOINTS_TAG: config["run_key"]},
+                                    config["tracking_uri"])
+        config["run_id"] = found.info.run_id if found else None
         if config["run_id"] is None:
             config["run_not_found"] = time.monotonic() > deadline  # (the driver stops the job if it failed)
             time.sleep(0.2)
@@ -281,6 +282,12 @@ def _throughput(count: float, seconds: float, task, splits: Splits) -> dict[str,
 
 
 CHECKPOINTS_TAG = "deepyard.checkpoints"  # a train run's tag: the key of its checkpoints' folder
+
+
+def key_of(run_id: str) -> str:
+    """The checkpoints' key of a run without the tag (runs from before 2026-12-05, a sweep's trials,
+    a compress stage's): its id's first 8 characters."""
+    return run_id[:8]
 
 
 @dataclass(frozen=True)
@@ -304,7 +311,7 @@ class TrainRun:
         """A run whose id is known (a resumed one, a compress stage's: named after its id, as ever)."""
         done: Future = Future()
         done.set_result(run_id)
-        return cls(key or run_id[:8], done)
+        return cls(key or key_of(run_id), done)
 
 
 def fit(spec: TrainJob, run: TrainRun, selection: Selection, splits,
@@ -393,7 +400,7 @@ def make_trainer(spec: TrainJob, run_id: str, selection: Selection, callbacks: l
                  compress: dict[str, Any] | None = None, splits=None, key: str | None = None):
     """A data-parallel job (or a sweep's multi-worker trial) on Ray Train. ``splits``: a streaming
     job's (``StreamSplits``): Ray Train hands each worker its share of their Ray Datasets. ``key``
-    names the checkpoints' folder (default: the run id's first 8 characters)."""
+    names the checkpoints' folder (default: ``key_of(run_id)``)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
     from deepyard.runners.edges import SPLIT_BETWEEN_WORKERS
@@ -408,7 +415,7 @@ def make_trainer(spec: TrainJob, run_id: str, selection: Selection, callbacks: l
         scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
                                      resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
         run_config=RunConfig(
-            name=trainer_name(spec, key or run_id[:8]),
+            name=trainer_name(spec, key or key_of(run_id)),
             storage_path=settings.storage_path(spec.storage_path),
             # The best K by the validation metric (ties broken as the loop breaks them); Ray always
             # keeps the latest too (recovery).
@@ -595,7 +602,7 @@ def interrupted_run(spec: TrainJob) -> Interrupted:
         driver = last.data.tags.get(drivers.TAG, "")
         raise BadInput(f"--resume: the last run of {spec.name!r} ({run_id}) is still running"
                        f"{' (' + drivers.describe(driver) + ')' if driver else ''}; stop it first")
-    key = last.data.tags.get(CHECKPOINTS_TAG, run_id[:8])  # (runs from before 2026-12-05: no tag)
+    key = last.data.tags.get(CHECKPOINTS_TAG) or key_of(run_id)
     folder = Path(settings.storage_path(spec.storage_path)) / trainer_name(spec, key)
     if "://" not in str(folder) and not checkpoints.saved_any(folder):
         raise BadInput(f"--resume: the {status} run {run_id} saved no checkpoint in {folder}; run it without "
