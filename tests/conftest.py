@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -51,10 +52,67 @@ def ray_cluster(deepyard_home):
     os.environ.update({**TRAIN_ENV, **NODE_ENV, **serve_env()})
     # Every worker can import the tests' own fault injection (faults.py), which stays inert until a test asks.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
-    ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level="WARNING",
-             runtime_env={"worker_process_setup_hook": "faults.install"})
+    _start_cluster(ray)
     yield ray
     ray.shutdown()
+
+
+def _start_cluster(ray) -> None:
+    ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level="WARNING",
+             runtime_env={"worker_process_setup_hook": "faults.install"})
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A test whose job leaves CPUs of the session's cluster held (an actor, a task or a placement
+    group that outlived it) fails here, and the cluster starts afresh: otherwise a later streaming
+    job's Ray Data tasks wait for CPUs that never come back, and it hangs until a timeout."""
+    import ray
+
+    if "ray_cluster" not in item.fixturenames or not ray.is_initialized():
+        return (yield)
+    free_before, passed = _free_cpus(ray), False
+    try:
+        result = yield
+        passed = True
+        return result
+    finally:
+        _leave_the_cluster_free(ray, free_before, fail=passed)
+
+
+def _leave_the_cluster_free(ray, free_before: float, fail: bool) -> None:
+    deadline = time.monotonic() + LEAK_GRACE_S  # (a killed actor gives its CPUs back within a second or two)
+    while ray.is_initialized() and _free_cpus(ray) < free_before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not ray.is_initialized() or (held := free_before - _free_cpus(ray)) <= 0:
+        return
+    holders = _cpu_holders()
+    ray.shutdown()
+    _start_cluster(ray)
+    if fail:  # (a test that failed already keeps its own failure)
+        pytest.fail(f"the test left {held:g} CPU(s) of the session's cluster held {LEAK_GRACE_S} s after it "
+                    f"ended, by {holders}; the cluster was restarted for the tests after it")
+
+
+LEAK_GRACE_S = 60
+
+
+def _free_cpus(ray) -> float:
+    return ray.available_resources().get("CPU", 0.0)
+
+
+def _cpu_holders() -> dict:
+    from ray.util import placement_group_table
+    from ray.util.state import list_actors, list_tasks
+
+    alive = list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+    running = list_tasks(filters=[("state", "=", "RUNNING")], detail=True)
+    return {
+        "actors": [(a.class_name, a.required_resources) for a in alive if (a.required_resources or {}).get("CPU")],
+        "tasks": [(t.name, t.required_resources) for t in running if (t.required_resources or {}).get("CPU")],
+        "placement_groups": [(g["name"], g["bundles"]) for g in placement_group_table().values()
+                             if g["state"] == "CREATED"],
+    }
 
 
 @pytest.fixture()
