@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -113,6 +115,20 @@ def _cpu_holders() -> dict:
         "placement_groups": [(g["name"], g["bundles"]) for g in placement_group_table().values()
                              if g["state"] == "CREATED"],
     }
+
+
+def ended(process: subprocess.Popen, timeout: float) -> str:
+    """``process`` (a `deepyard` command) ended within ``timeout`` s: its stderr. If not, it fails
+    with where each of its threads waited (the command prints them on SIGUSR1), and is killed."""
+    try:
+        return process.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(3)
+        process.kill()
+        stderr = process.communicate()[1]
+        raise AssertionError(f"the command did not end within {timeout} s; its threads then:\n"
+                             f"{stderr[-12000:]}") from None
 
 
 @pytest.fixture()

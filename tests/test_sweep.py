@@ -12,7 +12,7 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from conftest import ROOT, last_json
+from conftest import ROOT, ended, last_json
 from deepyard import tracking
 
 SWEEP = f"""
@@ -209,8 +209,8 @@ def test_resume_after_interruption_does_not_rerun_finished_trials(ray_cluster, c
         time.sleep(0.2)
     assert finished_before, process.communicate(timeout=60)
     process.send_signal(signal.SIGINT)  # Ctrl-C: Tune must not turn it into a normal, promoted end
-    code = process.wait(timeout=90)
-    assert code == 130, process.communicate()[1][-3000:]
+    stderr = ended(process, timeout=90)
+    assert process.returncode == 130, stderr[-3000:]
     (parent,) = [r for r in client.search_runs([experiment.experiment_id])
                  if r.data.tags.get("deepyard.kind") == "sweep"]
     assert parent.info.status == "KILLED"

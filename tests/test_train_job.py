@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 import faults
-from conftest import last_json
+from conftest import ended, last_json
 from deepyard import tracking
 from deepyard.errors import BadInput
 from deepyard.runners.train import CHECKPOINTS_TAG
@@ -236,7 +236,7 @@ def test_a_stopped_or_killed_driver_resumes_in_the_same_run_with_no_epoch_twice(
         time.sleep(0.3)
     assert run is not None, process.communicate(timeout=30)
     process.send_signal(getattr(signal, stop))
-    _, stderr = process.communicate(timeout=90)
+    stderr = ended(process, timeout=90)
     stopped = client.get_run(run.info.run_id)
     if stop == "SIGINT":
         assert process.returncode == 130, stderr
@@ -289,9 +289,13 @@ def test_sigterm_while_waiting_for_a_cluster_stops_the_job(write_spec, tmp_path)
         assert runs, process.communicate(timeout=30)
         time.sleep(2)  # (the run opens beside ray.init, which is waiting now)
         assert process.poll() is None, "ray.init gave up before the signal"
+        process.send_signal(signal.SIGUSR1)  # where it waits, printed; it goes on waiting
+        time.sleep(1)
+        assert process.poll() is None
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
+        stderr = ended(process, timeout=120)
     assert process.returncode == 130, stderr
+    assert 'deepyard/cluster.py", line' in stderr and "in connected" in stderr  # the stack SIGUSR1 printed
     stopped = client.get_run(runs[0].info.run_id)
     assert stopped.info.status == "KILLED" and "--resume" in stopped.data.tags["deepyard.error"]
 

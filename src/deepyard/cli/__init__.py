@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import faulthandler
 import os
+import signal
 import sys
 
 from deepyard.cli import cluster, jobs, models, rl, serving  # noqa: F401  (each registers its commands)
@@ -20,6 +21,8 @@ __all__ = ["app", "exit_at_once", "main"]
 
 def main() -> None:
     faulthandler.enable()  # a crash in native code (torch, Arrow, Ray's core) prints every thread's stack
+    if hasattr(signal, "SIGUSR1"):  # and so does `kill -USR1 PID`: where a command that seems stuck waits
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         app()
     except SystemExit as stop:
