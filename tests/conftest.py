@@ -137,12 +137,26 @@ def cli():
 
     def invoke(*args: str, expect: int | None = 0):
         result = runner.invoke(app, list(args))
+        _log_handlers_to_stderr_again()
         if expect is not None and result.exit_code != expect:
             raise AssertionError(f"exit {result.exit_code} != {expect}\nstdout:\n{result.stdout}\n"
                                  f"stderr:\n{result.stderr}\n{result.exception!r}")
         return result
 
     return invoke
+
+
+def _log_handlers_to_stderr_again() -> None:
+    """A library imported during an invocation (Ray: its "ray" logger) bound its log handler to the
+    runner's stderr, closed now: later warnings (Ray Data's "no CPU available") would be lost."""
+    import logging
+    import sys
+
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and stream is not None and stream.closed:
+                handler.setStream(sys.stderr)
 
 
 def free_port() -> int:
