@@ -154,9 +154,8 @@ def _log_handlers_to_stderr_again() -> None:
 
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         for handler in getattr(logger, "handlers", []):
-            stream = getattr(handler, "stream", None)
-            if isinstance(handler, logging.StreamHandler) and stream is not None and stream.closed:
-                handler.setStream(sys.stderr)
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                handler.stream = sys.stderr  # (not setStream: it flushes the closed one first)
 
 
 def free_port() -> int:

@@ -308,6 +308,30 @@ def test_a_csv_folder_streams_a_regression_on_one_worker(ray_cluster, cli, write
 
 
 @pytest.mark.slow
+@pytest.mark.long  # (a job that waits ~8 s for CPUs)
+def test_a_streaming_job_says_it_waits_for_cpus_that_other_work_holds_and_trains_once_they_are_free(
+        ray_cluster, cli, write_spec, loans_parquet):
+    import threading
+
+    @ray_cluster.remote(num_cpus=1.5)
+    class OtherWork:
+        def ready(self) -> bool:
+            return True
+
+    other = OtherWork.remote()
+    ray_cluster.get(other.ready.remote())
+    done = threading.Timer(8, ray_cluster.kill, args=(other,))
+    done.start()
+    try:
+        result = cli("run", table_spec(write_spec, loans_parquet, "loans_waiting"), "--json")
+    finally:
+        done.cancel()
+        ray_cluster.kill(other)
+    assert "waiting for CPUs" in result.stderr and "0.5 of the cluster's 2 CPUs are free now" in result.stderr
+    assert last_json(result)["metrics"]["test_accuracy"] > 0.75
+
+
+@pytest.mark.slow
 def test_a_bad_cell_deep_in_the_table_fails_before_training_with_its_file(ray_cluster, cli, write_spec, tmp_path):
     table = loans(9000).astype({"income": object})
     table.loc[8500, "income"] = "n/a?"  # past the first rows, whose types are inferred

@@ -187,8 +187,10 @@ def configure() -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # ("progress bars disabled")
 
 
-def check_resources(worker_cpus: float) -> None:
-    """Ray Data decodes on CPUs the training workers do not hold: with none left it would wait forever."""
+def check_resources(worker_cpus: float) -> str | None:
+    """Ray Data decodes on CPUs the training workers do not hold: with none left it would wait forever.
+    Returns a note when the cluster has them but other work holds them now: the job will wait, at
+    "starting", until they are free (Ray Data's reads would otherwise wait without a word)."""
     import ray
 
     total = ray.cluster_resources().get("CPU", 0.0)
@@ -196,6 +198,12 @@ def check_resources(worker_cpus: float) -> None:
         raise BadInput(f"scaling: the training workers take {worker_cpus:g} of the cluster's {total:g} CPUs, and a "
                        "streaming source needs at least one more to read and decode its files (Ray Data); lower "
                        "scaling.cpus_per_worker (e.g. 0.5) or num_workers, or add a node")
+    free = ray.available_resources().get("CPU", 0.0)
+    if free - worker_cpus < 1:
+        return (f"{free:g} of the cluster's {total:g} CPUs are free now: the training workers take {worker_cpus:g} and "
+                "Ray Data needs one more to read the files, so the job waits until other work lets go of some "
+                "(`ray status` shows what holds them)")
+    return None
 
 
 def attach(splits: StreamSplits, options, seed: int) -> StreamSplits:

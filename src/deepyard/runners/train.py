@@ -648,7 +648,9 @@ def run(spec: TrainJob, options: RunOptions) -> RunSummary:
                                dashboard=spec.scaling.num_workers > 1):
             run.mark("ray_connect")
             if splits.streaming:  # Ray Data reads the files from here on; the training split's statistics first
-                streaming.check_resources(spec.scaling.footprint()["CPU"])
+                waiting = streaming.check_resources(spec.scaling.footprint()["CPU"])
+                if waiting and options.console:
+                    options.console.print(f"[yellow]waiting for CPUs[/]: {waiting}", highlight=False)
                 attach_streams(splits, spec.data.stream or StreamSpec(), spec.train.seed)
                 check_sizes(spec, splits)  # (a streamed table's, counted by that pass)
                 run.mark("data_stats")
