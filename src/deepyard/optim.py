@@ -21,16 +21,15 @@ OPTIMIZERS = Registry("optimizer", injected=("parameters", "lr", "weight_decay")
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
-@OPTIMIZERS.register("sgd")
+def _nesterov_has_momentum(params) -> None:
+    if params.nesterov and params.momentum == 0:
+        raise ValueError("nesterov needs momentum > 0 (for example optim.params.momentum: 0.9)")
+
+
+@OPTIMIZERS.register("sgd", check=_nesterov_has_momentum)
 def sgd(parameters: Iterable, lr: float, weight_decay: float,
         momentum: NonNegativeFloat = 0.0, nesterov: bool = False) -> torch.optim.Optimizer:
-    _check_nesterov(momentum, nesterov)
     return torch.optim.SGD(parameters, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-
-
-def _check_nesterov(momentum: float, nesterov: bool) -> None:
-    if nesterov and momentum == 0:
-        raise ValueError("nesterov needs momentum > 0 (for example optim.params.momentum: 0.9)")
 
 
 @OPTIMIZERS.register("adam")
@@ -55,10 +54,8 @@ def check_optimizer(name: str, params: dict) -> None:
     """What building optimizer ``name`` with ``params`` would refuse, found without building one:
     a torch optimizer's first construction imports torch._dynamo (~0.9 s of a command's start on
     2 cores), and the worker builds the real one anyway. Every value torch checks is constrained by
-    the builders' annotations (ValueError: pydantic's ValidationError is one)."""
-    checked = OPTIMIZERS.params_model(name).model_validate(params)
-    if name == "sgd":
-        _check_nesterov(checked.momentum, checked.nesterov)
+    the builders' annotations and checks (ValueError: pydantic's ValidationError is one)."""
+    OPTIMIZERS.validated(name, params)
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, *, name: str, total_steps: int, steps_per_epoch: int,

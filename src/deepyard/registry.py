@@ -39,12 +39,17 @@ class Registry(Generic[Builder]):
         # Arguments the runner supplies (input shape, number of outputs...), never the spec.
         self.injected = injected
         self._builders: dict[str, Builder] = {}
+        self._checks: dict[str, Callable[[Any], None]] = {}
 
-    def register(self, name: str) -> Callable[[Builder], Builder]:
+    def register(self, name: str, check: Callable[[Any], None] | None = None) -> Callable[[Builder], Builder]:
+        """``check``: what the annotations cannot say (one argument's value needs another's); it gets
+        the validated params and raises ValueError, before anything is built."""
         def add(builder: Builder) -> Builder:
             if name in self._builders:
                 raise ValueError(f"{self.what} {name!r} is registered twice")
             self._builders[name] = builder
+            if check:
+                self._checks[name] = check
             return builder
 
         return add
@@ -77,8 +82,16 @@ class Registry(Generic[Builder]):
     def accepts(self, name: str, argument: str) -> bool:
         return argument in inspect.signature(self.get(name)).parameters
 
+    def validated(self, name: str, params: dict[str, Any]) -> pydantic.BaseModel:
+        """``params`` checked as building would check them, without building (ValueError: pydantic's
+        ValidationError is one)."""
+        checked = self.params_model(name).model_validate(params)
+        if name in self._checks:
+            self._checks[name](checked)
+        return checked
+
     def build(self, name: str, params: dict[str, Any], **injected: Any) -> Any:
         """The builder called with the spec's ``params`` and the injected arguments it takes."""
-        checked = self.params_model(name).model_validate(params)
+        checked = self.validated(name, params)
         injected = {key: value for key, value in injected.items() if self.accepts(name, key)}
         return self.get(name)(**injected, **checked.model_dump())
