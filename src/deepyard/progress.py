@@ -74,16 +74,16 @@ def _live(first: Table, render: Callable[[], Table], interval_s: float, console:
     console.line()
 
 
-def watch(run_id: str | Callable[[], str], epochs: int, console: Console | None):
+def watch(run_id: Callable[[], str], epochs: int, console: Console | None):
     """A train job's latest epoch: metrics, elapsed time and ETA; every second (None: quiet).
-    ``run_id`` may be a function that waits for it (a run still opening)."""
+    ``run_id()`` answers the run's id, waiting for it while the run still opens."""
     if console is None:
         return nullcontext()
     started = time.monotonic()
     first_epoch_at: list[float] = []
 
     def render() -> Table:
-        metrics = tracking.latest_metrics(run_id() if callable(run_id) else run_id)
+        metrics = tracking.latest_metrics(run_id())
         elapsed = time.monotonic() - started
         if metrics.get("epoch") and not first_epoch_at:
             first_epoch_at.append(elapsed)

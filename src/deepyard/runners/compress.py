@@ -172,7 +172,7 @@ def _fine_tune(stage: TrainJob, label: str, settings: dict, checked: Checked, pa
     with tracking.finishing(child):
         selection = Selection(*monitored(stage.checkpoint.metric, stage.checkpoint.mode, checked.task),
                               checked.task.tie_breaker)
-        with progress.watch(child, stage.train.epochs, options.console):
+        with progress.watch(lambda: child, stage.train.epochs, options.console):
             result = fit(stage, TrainRun.opened(child), selection, checked.stored_splits, compress=settings)
         if getattr(result, "error", None):
             raise result.error
