@@ -83,10 +83,12 @@ def pytest_runtest_call(item):
 
 
 def _leave_the_cluster_free(ray, free_before: float, fail: bool) -> None:
+    if not ray.is_initialized():
+        return
     deadline = time.monotonic() + LEAK_GRACE_S  # (a killed actor gives its CPUs back within a second or two)
-    while ray.is_initialized() and _free_cpus(ray) < free_before and time.monotonic() < deadline:
+    while (held := free_before - _free_cpus(ray)) > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
-    if not ray.is_initialized() or (held := free_before - _free_cpus(ray)) <= 0:
+    if held <= 0:
         return
     holders = _cpu_holders()
     ray.shutdown()

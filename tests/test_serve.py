@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import free_port, last_json
+from conftest import ended, free_port, last_json
 from deepyard import tracking
 from deepyard.serve.client import auth_headers
 
@@ -802,9 +802,9 @@ def test_deploy_job_serves_in_the_foreground_until_ctrl_c(endpoint, write_spec):
         assert answer.status_code == 200 and answer.json()["model"] == "serve-mlp"
     finally:
         process.send_signal(signal.SIGINT)
-        code = process.wait(timeout=60)
-    stderr = process.stderr.read()
-    assert code == 130 and "stopped: the endpoints are down" in stderr, stderr[-2000:]  # as every command stops
+        stderr = ended(process, timeout=60)
+    # as every command stops
+    assert process.returncode == 130 and "stopped: the endpoints are down" in stderr, stderr[-2000:]
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/models/serve-mlp/healthz", timeout=2)
 
