@@ -121,11 +121,11 @@ def _cpu_holders() -> dict:
 
 def ended(process: subprocess.Popen, timeout: float) -> str:
     """``process`` (a `deepyard` command) ended within ``timeout`` s: its stderr. If not, it fails
-    with where each of its threads waited (the command prints them on SIGUSR1), and is killed."""
+    with where each of its threads waited (the command prints them on SIGUSR2), and is killed."""
     try:
         return process.communicate(timeout=timeout)[1]
     except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGUSR1)
+        process.send_signal(signal.SIGUSR2)
         time.sleep(3)
         process.kill()
         stderr = process.communicate()[1]

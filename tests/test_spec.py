@@ -220,6 +220,23 @@ main()
     assert ("ok " in done.stderr) == (code == 0) and ("train.epochs:" in done.stderr) == (code == 2)
 
 
+@pytest.mark.slow  # a process of its own
+def test_an_exit_handler_that_hangs_does_not_keep_the_command_from_ending(tmp_path):
+    """A stopped job's outcome is recorded before its exit handlers run: one that hangs (CI saw a
+    sweep's driver print "interrupted" and then not end) costs a bounded wait, with its stacks printed."""
+    script = """
+import atexit, threading
+from deepyard import cli
+cli.EXIT_HANDLERS_S = 1.0
+atexit.register(threading.Event().wait)  # never set
+cli.exit_at_once(130)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr  # the job's own exit status
+    assert "exit handlers did not end within 1 s" in done.stderr
+    assert "in exit_at_once" in done.stderr  # where the main thread waited
+
+
 def test_an_address_nobody_listens_on_is_bad_input_before_anything_starts(cli, write_spec, deepyard_home):
     import socket
 

@@ -289,13 +289,13 @@ def test_sigterm_while_waiting_for_a_cluster_stops_the_job(write_spec, tmp_path)
         assert runs, process.communicate(timeout=30)
         time.sleep(2)  # (the run opens beside ray.init, which is waiting now)
         assert process.poll() is None, "ray.init gave up before the signal"
-        process.send_signal(signal.SIGUSR1)  # where it waits, printed; it goes on waiting
+        process.send_signal(signal.SIGUSR2)  # where it waits, printed; it goes on waiting
         time.sleep(1)
         assert process.poll() is None
         process.send_signal(signal.SIGTERM)
         stderr = ended(process, timeout=120)
     assert process.returncode == 130, stderr
-    assert 'deepyard/cluster.py", line' in stderr and "in connected" in stderr  # the stack SIGUSR1 printed
+    assert 'deepyard/cluster.py", line' in stderr and "in connected" in stderr  # the stack SIGUSR2 printed
     stopped = client.get_run(runs[0].info.run_id)
     assert stopped.info.status == "KILLED" and "--resume" in stopped.data.tags["deepyard.error"]
 

@@ -244,7 +244,24 @@ def quiet_tune() -> None:
     of fit(), which would register a model from a half-run job: deepyard's own handling stops the
     job instead (then --resume continues it). Tune's newer console output prints a configuration
     box even at verbose=0; deepyard has its own progress table. Tune snapshots its state at each
-    checkpoint of a job that keeps few, and warns about it at every one."""
+    checkpoint of a job that keeps few, and warns about it at every one. Tune's callbacks are the
+    ones of ``tune_callbacks``."""
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def tune_callbacks() -> list:
+    """What every Tuner of a deepyard driver runs with (``with stops.tune_run(): tuner.fit()``): a stop
+    takes effect between two of Tune's steps; the per-trial files Tune's own results read
+    (progress.csv, result.json), without Tune's TensorBoard logger: a queue and a thread per trial
+    in the driver, for files deepyard never reads (MLflow has every metric)."""
+    from ray.tune import Callback
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    class StopsBetweenSteps(Callback):
+        def on_step_end(self, iteration: int, trials: list, **info) -> None:
+            stops.between_tune_steps()
+
+    return [CSVLoggerCallback(), JsonLoggerCallback(), StopsBetweenSteps()]

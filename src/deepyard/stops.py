@@ -5,6 +5,12 @@ A stop that comes while the driver writes to MLflow waits for that write (``writ
 to MLflow's sqlite store that KeyboardInterrupt cut short kept the database locked while the stop
 was handled: closing the run failed after 20 s ("database is locked"), and a stopped job's driver
 was killed by Ray with its run still RUNNING.
+
+A stop that comes while Ray Tune runs a job (``tune_run``) takes effect between two of Tune's steps
+(``between_tune_steps``, from a Tune callback). Raised anywhere in Tune's loop, KeyboardInterrupt
+could leave a lock held: Python runs a signal handler between any two bytecodes, also between a
+lock's acquire and the ``with`` that would release it. CI saw a stopped sweep's driver hang for
+good at its exit, on the queue lock of Tune's TensorBoard logger.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ from typing import Iterator
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _writes = 0  # how deep the main thread is in ``writing`` blocks
+_tune_stepping = False  # in a ``tune_run`` block whose Tune loop has ended a step (it will again)
 _deferred: list[int] = []  # the stop signals that came meanwhile
 
 
 def _interrupt(signum, frame) -> None:
-    if _writes and len(_deferred) < 2:  # (a third stop while one write is waiting: the user insists)
+    # (a third stop while one write is waiting, a second while Tune ends its step: the user insists)
+    if (_writes and len(_deferred) < 2) or (_tune_stepping and not _deferred):
         _deferred.append(signum)
         return
     _deferred.clear()
@@ -67,6 +75,35 @@ def writing() -> Iterator[None]:
         yield
     finally:
         _writes -= 1
-        if not _writes and _deferred:
+        if not _writes and _deferred and not _tune_stepping:  # (in Tune's loop: at the step's end)
             _deferred.clear()
             raise KeyboardInterrupt
+
+
+@contextmanager
+def tune_run() -> Iterator[None]:
+    """Around a Tuner's ``fit()`` whose callbacks include one that calls ``between_tune_steps``: once
+    Tune's loop has ended a step, a stop waits for the end of the next one. (A stop before that, as
+    Tune sets up, and after the loop, raises at once.)"""
+    global _tune_stepping
+    try:
+        yield
+    except BaseException:
+        _deferred.clear()  # (it failed, or a stop came through: the stop is taken)
+        raise
+    finally:
+        _tune_stepping = False
+    if _deferred:  # (a stop that came as the loop's last step ended)
+        _deferred.clear()
+        raise KeyboardInterrupt
+
+
+def between_tune_steps() -> None:
+    """A safe point: no lock of Tune's held. A stop that came during the step is raised here."""
+    global _tune_stepping
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _tune_stepping = True
+    if _deferred and not _writes:
+        _deferred.clear()
+        raise KeyboardInterrupt

@@ -21,8 +21,8 @@ __all__ = ["app", "exit_at_once", "main"]
 
 def main() -> None:
     faulthandler.enable()  # a crash in native code (torch, Arrow, Ray's core) prints every thread's stack
-    if hasattr(signal, "SIGUSR1"):  # and so does `kill -USR1 PID`: where a command that seems stuck waits
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if hasattr(signal, "SIGUSR2"):  # and so does `kill -USR2 PID`: where a command that seems stuck waits
+        faulthandler.register(signal.SIGUSR2, all_threads=True)  # (not USR1: Ray Tune takes it over)
     try:
         app()
     except SystemExit as stop:
@@ -40,6 +40,7 @@ def exit_at_once(code: object) -> None:
     if code is not None and not isinstance(code, int):  # sys.exit("message"): the message, and status 1
         print(code, file=sys.stderr)
         code = 1
+    _end_anyway_after(EXIT_HANDLERS_S, code)
     try:
         wait_stopped()
     except KeyboardInterrupt:  # Ctrl-C while it stops: Ray's exit handler below stops it at once
@@ -53,3 +54,25 @@ def exit_at_once(code: object) -> None:
         except OSError:  # a full disk: the output is lost, as Python itself would say
             code = code or 120
     os._exit(code or 0)
+
+
+EXIT_HANDLERS_S = 30.0  # what they take: ~1-2 s (Ray's, stopping a local cluster's processes)
+
+
+def _end_anyway_after(seconds: float, code: int | None) -> None:
+    """The job's outcome is recorded by now: if stopping the cluster or an exit handler hangs, the
+    command still ends, with where each thread waited on stderr. (CI saw a stopped sweep's driver
+    print "interrupted" and then not end.) A hang that holds the GIL is ended by faulthandler."""
+    import threading
+
+    def end() -> None:
+        print(f"deepyard: the command's exit handlers did not end within {seconds:g} s; ending it. "
+              "Where each thread waited:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(code or 0)  # (the job's own exit status: its outcome stands)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()
+    faulthandler.dump_traceback_later(seconds + 15, exit=True)
+

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from deepyard import settings, tracking, transfer
+from deepyard import settings, stops, tracking, transfer
 from deepyard.errors import BadInput, JobFailed
 from deepyard.runners.summary import RunOptions, RunSummary
 from deepyard.runners.trials import Checked
@@ -97,6 +97,8 @@ def _tuner(spec: SweepJob, context: dict, sweep_dir: Path, resume: bool, metric:
     import ray
     from ray import tune
 
+    from deepyard import cluster
+
     trials = trials_of(spec)
     trainable = tune.with_resources(tune.with_parameters(trials.run_trial, context=context), trials.resources(spec))
     if resume and tune.Tuner.can_restore(str(sweep_dir)):
@@ -117,7 +119,8 @@ def _tuner(spec: SweepJob, context: dict, sweep_dir: Path, resume: bool, metric:
                                     time_budget_s=spec.time_budget_s,
                                     reuse_actors=trials.reuse_actors(spec)),
         run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+                                  callbacks=cluster.tune_callbacks()),
     )
 
 
@@ -185,7 +188,7 @@ def run(spec: SweepJob, options: RunOptions) -> RunSummary:
             run.lap("ray_connect")
             watching = (progress.watch_sweep(parent, spec.varied_paths, metric, mode, options.console)
                         if options.console else nullcontext())
-            with watching:
+            with watching, stops.tune_run():
                 results = tuner.fit()
             run.lap("tune_fit")
         # Trial directories are named by trial id (an errored trial may not have reported any metric).

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from deepyard import drivers, settings, tracking, transfer
+from deepyard import drivers, settings, stops, tracking, transfer
 from deepyard.compress import hooks as compress_hooks
 from deepyard.data import Splits, attach_streams, streaming
 from deepyard.data.augment import random_affine
@@ -346,8 +346,9 @@ def fit(spec: TrainJob, run: TrainRun, selection: Selection, splits,
                                                 checkpoint_score_order=selection.mode),
         failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
         callbacks=[logger := driver_logs(run.opening),
-                   side_work := _when_the_trial_starts(while_training)]))
-    result = tuner.fit()[0]
+                   side_work := _when_the_trial_starts(while_training), *cluster.tune_callbacks()]))
+    with stops.tune_run():
+        result = tuner.fit()[0]
     side_work.join()  # (not when fit raises, on a stop: the thread is a daemon, and nothing waits on it)
     if logger.failed:
         warnings.warn(f"{logger.failed} metric lines could not be written to MLflow run {run.id} (said above)")
