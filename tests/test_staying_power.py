@@ -146,7 +146,7 @@ def test_stops_during_a_write_are_held_until_it_ends_and_a_third_one_is_not():
         stops.restore(previous)
 
 
-def test_a_stop_during_a_tune_step_is_raised_between_steps_and_a_second_one_at_once():
+def test_a_stop_during_a_tune_step_or_rl_iteration_waits_for_the_next_safe_point_and_a_second_one_does_not():
     """KeyboardInterrupt raised anywhere in Tune's loop could leave a lock of Tune's held (CI: a
     stopped sweep's driver hung at exit on its TensorBoard logger's queue lock). Once Tune's loop has
     ended a step, a stop waits for the end of the next one; a second one does not wait."""
@@ -162,31 +162,31 @@ def test_a_stop_during_a_tune_step_is_raised_between_steps_and_a_second_one_at_o
     reached = []
     try:
         with pytest.raises(KeyboardInterrupt):  # before Tune's first step ends: at once, as ever
-            with stops.tune_run():
+            with stops.safe_points():
                 stop()
                 reached.append("never")
         with pytest.raises(KeyboardInterrupt):
-            with stops.tune_run():
-                stops.between_tune_steps()
+            with stops.safe_points():
+                stops.safe_point()
                 stop()
                 with stops.writing():  # (a write of the step: still held at its end, until the step's)
                     reached.append("the step goes on")
                 reached.append("to its end")
-                stops.between_tune_steps()
+                stops.safe_point()
                 reached.append("never")
         assert reached == ["the step goes on", "to its end"]
         with pytest.raises(KeyboardInterrupt):
-            with stops.tune_run():
-                stops.between_tune_steps()
+            with stops.safe_points():
+                stops.safe_point()
                 stop()
                 stop()  # the user insists
                 reached.append("never")
         with pytest.raises(KeyboardInterrupt):  # a stop as the loop's last step ended: when fit returns
-            with stops.tune_run():
-                stops.between_tune_steps()
+            with stops.safe_points():
+                stops.safe_point()
                 stop()
                 reached.append("fit returns")
-        with stops.tune_run():  # and nothing stale is left for the next run
+        with stops.safe_points():  # and nothing stale is left for the next run
             stop_free = True
         assert stop_free and reached[-1] == "fit returns"
     finally:

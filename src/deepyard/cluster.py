@@ -253,7 +253,7 @@ def quiet_tune() -> None:
 
 
 def tune_callbacks() -> list:
-    """What every Tuner of a deepyard driver runs with (``with stops.tune_run(): tuner.fit()``): a stop
+    """What every Tuner of a deepyard driver runs with (``with stops.safe_points(): tuner.fit()``): a stop
     takes effect between two of Tune's steps; the per-trial files Tune's own results read
     (progress.csv, result.json), without Tune's TensorBoard logger: a queue and a thread per trial
     in the driver, for files deepyard never reads (MLflow has every metric)."""
@@ -262,6 +262,6 @@ def tune_callbacks() -> list:
 
     class StopsBetweenSteps(Callback):
         def on_step_end(self, iteration: int, trials: list, **info) -> None:
-            stops.between_tune_steps()
+            stops.safe_point()
 
     return [CSVLoggerCallback(), JsonLoggerCallback(), StopsBetweenSteps()]

@@ -6,11 +6,12 @@ to MLflow's sqlite store that KeyboardInterrupt cut short kept the database lock
 was handled: closing the run failed after 20 s ("database is locked"), and a stopped job's driver
 was killed by Ray with its run still RUNNING.
 
-A stop that comes while Ray Tune runs a job (``tune_run``) takes effect between two of Tune's steps
-(``between_tune_steps``, from a Tune callback). Raised anywhere in Tune's loop, KeyboardInterrupt
-could leave a lock held: Python runs a signal handler between any two bytecodes, also between a
-lock's acquire and the ``with`` that would release it. CI saw a stopped sweep's driver hang for
-good at its exit, on the queue lock of Tune's TensorBoard logger.
+A stop that comes while Ray Tune or RLlib trains (``safe_points``) takes effect at the next safe
+point (``safe_point``): between two of Tune's steps (a Tune callback), before an RL iteration.
+Raised anywhere in their code, KeyboardInterrupt could leave a lock held (Python runs a signal
+handler between any two bytecodes, also between a lock's acquire and the ``with`` that would
+release it), or an algorithm's state half-updated for the checkpoint saved on the way out. CI saw
+a stopped sweep's driver hang for good at its exit, on the queue lock of Tune's TensorBoard logger.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from typing import Iterator
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _writes = 0  # how deep the main thread is in ``writing`` blocks
-_tune_stepping = False  # in a ``tune_run`` block whose Tune loop has ended a step (it will again)
+_at_safe_points = False  # in a ``safe_points`` block that has reached one (it will again)
 _deferred: list[int] = []  # the stop signals that came meanwhile
 
 
 def _interrupt(signum, frame) -> None:
-    # (a third stop while one write is waiting, a second while Tune ends its step: the user insists)
-    if (_writes and len(_deferred) < 2) or (_tune_stepping and not _deferred):
+    # (a third stop while one write is waiting, a second on the way to a safe point: the user insists)
+    if (_writes and len(_deferred) < 2) or (_at_safe_points and not _deferred):
         _deferred.append(signum)
         return
     _deferred.clear()
@@ -75,35 +76,35 @@ def writing() -> Iterator[None]:
         yield
     finally:
         _writes -= 1
-        if not _writes and _deferred and not _tune_stepping:  # (in Tune's loop: at the step's end)
+        if not _writes and _deferred and not _at_safe_points:  # (else: at the next safe point)
             _deferred.clear()
             raise KeyboardInterrupt
 
 
 @contextmanager
-def tune_run() -> Iterator[None]:
-    """Around a Tuner's ``fit()`` whose callbacks include one that calls ``between_tune_steps``: once
-    Tune's loop has ended a step, a stop waits for the end of the next one. (A stop before that, as
-    Tune sets up, and after the loop, raises at once.)"""
-    global _tune_stepping
+def safe_points() -> Iterator[None]:
+    """A block whose work calls ``safe_point`` now and then (a Tuner's ``fit()`` with a callback
+    that does, an RL training loop): once it has, a stop waits for the next one. (A stop before
+    the first, as Tune sets up, raises at once.)"""
+    global _at_safe_points
     try:
         yield
     except BaseException:
         _deferred.clear()  # (it failed, or a stop came through: the stop is taken)
         raise
     finally:
-        _tune_stepping = False
-    if _deferred:  # (a stop that came as the loop's last step ended)
+        _at_safe_points = False
+    if _deferred:  # (a stop that came after the last safe point)
         _deferred.clear()
         raise KeyboardInterrupt
 
 
-def between_tune_steps() -> None:
-    """A safe point: no lock of Tune's held. A stop that came during the step is raised here."""
-    global _tune_stepping
+def safe_point() -> None:
+    """No lock held, no state half-updated: a stop that came since the last one is raised here."""
+    global _at_safe_points
     if threading.current_thread() is not threading.main_thread():
         return
-    _tune_stepping = True
+    _at_safe_points = True
     if _deferred and not _writes:
         _deferred.clear()
         raise KeyboardInterrupt

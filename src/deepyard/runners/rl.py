@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from deepyard import settings, tracking
+from deepyard import settings, stops, tracking
 from deepyard.errors import BadInput
 from deepyard.rl import algorithms
 from deepyard.runners.summary import RunOptions, RunSummary
@@ -91,6 +91,7 @@ def train_iterations(spec: RLJob, algo, run_id: str,
     from) are trained again but logged once: their first values stand."""
     started, metrics, reason = time.perf_counter(), {}, None
     while reason is None:
+        stops.safe_point()  # (a stop during an iteration: here, with the algorithm whole, to be saved)
         result = algo.train()
         iteration = algo.iteration
         metrics = iteration_metrics(result, evaluated(spec, iteration), metrics.get("timesteps"))
@@ -250,10 +251,11 @@ def run(spec: RLJob, options: RunOptions) -> RunSummary:
                 run.lap("startup")
                 iteration, metrics, reason = algo.iteration, {}, None
                 logged_up_to = tracking.last_step(run_id, "iteration") if resumed else 0
-                for iteration, metrics, elapsed, reason in train_iterations(spec, algo, run_id, logged_up_to):
-                    _print_iteration(console, iteration, metrics, elapsed)
-                    if iteration % spec.checkpoint.every_n_iterations == 0:
-                        save(algo, folder)
+                with stops.safe_points():
+                    for iteration, metrics, elapsed, reason in train_iterations(spec, algo, run_id, logged_up_to):
+                        _print_iteration(console, iteration, metrics, elapsed)
+                        if iteration % spec.checkpoint.every_n_iterations == 0:
+                            save(algo, folder)
                 console.print(f"[green]stopping[/]: {reason}")
                 run.lap("train")
                 save(algo, folder)

@@ -188,7 +188,7 @@ def run(spec: SweepJob, options: RunOptions) -> RunSummary:
             run.lap("ray_connect")
             watching = (progress.watch_sweep(parent, spec.varied_paths, metric, mode, options.console)
                         if options.console else nullcontext())
-            with watching, stops.tune_run():
+            with watching, stops.safe_points():
                 results = tuner.fit()
             run.lap("tune_fit")
         # Trial directories are named by trial id (an errored trial may not have reported any metric).

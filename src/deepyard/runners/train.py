@@ -347,7 +347,7 @@ def fit(spec: TrainJob, run: TrainRun, selection: Selection, splits,
         failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
         callbacks=[logger := driver_logs(run.opening),
                    side_work := _when_the_trial_starts(while_training), *cluster.tune_callbacks()]))
-    with stops.tune_run():
+    with stops.safe_points():
         result = tuner.fit()[0]
     side_work.join()  # (not when fit raises, on a stop: the thread is a daemon, and nothing waits on it)
     if logger.failed:
