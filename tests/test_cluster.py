@@ -9,7 +9,8 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from conftest import last_json
+import faults
+from conftest import ROOT, last_json
 from test_train_job import TINY_MLP
 from deepyard import local_cluster, tracking
 from deepyard import submit as submitting
@@ -176,17 +177,18 @@ def _train_worker_node(address: str) -> str | None:
 def test_training_survives_losing_its_worker_node(cluster, cli, write_spec):
     """SIGKILL the node the training worker lives on: Ray Train restarts the worker group on the
     other node from the last checkpoint, and the job and its run finish. (Runs last: it loses a node.)"""
-    # (The job must outlast the state API's answer, which came up to ~30 s late on 2 busy cores: 300
-    # epochs (30 s) once ended before the node was found, and so did 900 of 32-sample batches on a
-    # quick day (25 s). Batches of 4 make each epoch ~8x longer: ~1-3 minutes in all. The node is
-    # looked for first, while the trial starts.)
-    epochs = 900
-    text = SPEC.format(name="node_loss", epochs=epochs, workers=1).replace("batch_size: 32", "batch_size: 4")
-    job = last_json(cli("submit", write_spec(text, "node_loss.yaml"), "--json"))["submission_id"]
+    # The job must outlast the state API's answer, which came up to ~30 s late on 2 busy cores (and once
+    # not within the 85 s a 900-epoch job took): its epochs take a second each until the node is gone.
+    epochs = 300
+    faults.slow_epochs("node_loss", 1.0)
+    site = f"PYTHONPATH={ROOT / 'tests' / 'fault_site'}:{ROOT / 'tests'}"  # (its workers run tests/faults.py)
+    text = SPEC.format(name="node_loss", epochs=epochs, workers=1)
+    job = last_json(cli("submit", write_spec(text, "node_loss.yaml"), "--env", site, "--json"))["submission_id"]
     node = wait_for(lambda: _train_worker_node(cluster["address"]), what="the training worker's node", job=job)
     run = wait_for(lambda: _running_run("node_loss"), what="the job's first epoch", job=job)
     assert node.startswith("worker_")
     local_cluster.kill_node(node)
+    faults.clear()  # the restarted worker group trains at full speed
     client = submitting.client(None)
     assert submitting.wait(client, job, timeout_s=600) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
     finished = MlflowClient().get_run(run.info.run_id)
