@@ -189,6 +189,9 @@ def test_a_stop_during_a_tune_step_or_rl_iteration_waits_for_the_next_safe_point
         with stops.safe_points():  # and nothing stale is left for the next run
             stop_free = True
         assert stop_free and reached[-1] == "fit returns"
+        stops.safe_point()  # outside a block (an RL trial's loop in a process of its own): nothing held
+        with pytest.raises(KeyboardInterrupt):
+            stop()
     finally:
         stops.restore(previous)
 

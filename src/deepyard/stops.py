@@ -24,7 +24,8 @@ from typing import Iterator
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _writes = 0  # how deep the main thread is in ``writing`` blocks
-_at_safe_points = False  # in a ``safe_points`` block that has reached one (it will again)
+_safe_point_blocks = 0  # how deep in ``safe_points`` blocks
+_at_safe_points = False  # in one that has reached a safe point (it will again)
 _deferred: list[int] = []  # the stop signals that came meanwhile
 
 
@@ -86,13 +87,15 @@ def safe_points() -> Iterator[None]:
     """A block whose work calls ``safe_point`` now and then (a Tuner's ``fit()`` with a callback
     that does, an RL training loop): once it has, a stop waits for the next one. (A stop before
     the first, as Tune sets up, raises at once.)"""
-    global _at_safe_points
+    global _at_safe_points, _safe_point_blocks
+    _safe_point_blocks += 1
     try:
         yield
     except BaseException:
         _deferred.clear()  # (it failed, or a stop came through: the stop is taken)
         raise
     finally:
+        _safe_point_blocks -= 1
         _at_safe_points = False
     if _deferred:  # (a stop that came after the last safe point)
         _deferred.clear()
@@ -102,8 +105,8 @@ def safe_points() -> Iterator[None]:
 def safe_point() -> None:
     """No lock held, no state half-updated: a stop that came since the last one is raised here."""
     global _at_safe_points
-    if threading.current_thread() is not threading.main_thread():
-        return
+    if not _safe_point_blocks or threading.current_thread() is not threading.main_thread():
+        return  # (outside a block, a stop is raised where it comes, as ever)
     _at_safe_points = True
     if _deferred and not _writes:
         _deferred.clear()
