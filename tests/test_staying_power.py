@@ -161,11 +161,12 @@ def test_a_stop_during_a_tune_step_or_rl_iteration_waits_for_the_next_safe_point
     previous = stops.on_signals()
     reached = []
     try:
-        with pytest.raises(KeyboardInterrupt):  # before Tune's first step ends: at once, as ever
+        with pytest.raises(KeyboardInterrupt) as raised:  # before Tune's first step ends: at once, as ever
             with stops.safe_points():
                 stop()
                 reached.append("never")
-        with pytest.raises(KeyboardInterrupt):
+        assert not isinstance(raised.value, stops.StoppedSafely)
+        with pytest.raises(stops.StoppedSafely):  # (what RL saves its algorithm on: it is whole)
             with stops.safe_points():
                 stops.safe_point()
                 stop()
@@ -175,13 +176,14 @@ def test_a_stop_during_a_tune_step_or_rl_iteration_waits_for_the_next_safe_point
                 stops.safe_point()
                 reached.append("never")
         assert reached == ["the step goes on", "to its end"]
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as raised:
             with stops.safe_points():
                 stops.safe_point()
                 stop()
-                stop()  # the user insists
+                stop()  # the user insists: wherever the work is
                 reached.append("never")
-        with pytest.raises(KeyboardInterrupt):  # a stop as the loop's last step ended: when fit returns
+        assert not isinstance(raised.value, stops.StoppedSafely)
+        with pytest.raises(stops.StoppedSafely):  # a stop as the loop's last step ended: when fit returns
             with stops.safe_points():
                 stops.safe_point()
                 stop()
@@ -192,6 +194,7 @@ def test_a_stop_during_a_tune_step_or_rl_iteration_waits_for_the_next_safe_point
         stops.safe_point()  # outside a block (an RL trial's loop in a process of its own): nothing held
         with pytest.raises(KeyboardInterrupt):
             stop()
+        assert "never" not in reached
     finally:
         stops.restore(previous)
 
@@ -277,3 +280,20 @@ def test_checkpoints_a_dead_worker_was_staging_are_removed_and_live_ones_kept(tm
         assert staged not in checkpoints.sweep_orphans(os.path.dirname(staged)) and os.path.exists(staged)
         assert checkpoints.load(staged) == {"epoch": 1}
     assert not os.path.exists(staged)
+
+
+def test_sigusr1_prints_stacks_in_a_tune_run_instead_of_ending_it_as_finished():
+    """Ray Tune takes SIGUSR1 for each run and ends it as if it had finished (a half-run sweep would be
+    promoted); from the run's setup on, a deepyard driver prints its stacks on it and goes on."""
+    script = """
+import os, signal, time
+from deepyard import stops
+signal.signal(signal.SIGUSR1, lambda *_: print("tune's run ended", flush=True))  # as Tune sets it
+stops.keep_tune_from_ending_quietly()  # (the setup of the callback every deepyard Tuner runs with)
+os.kill(os.getpid(), signal.SIGUSR1)
+time.sleep(0.2)
+print("went on", flush=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "went on", done.stdout + done.stderr
+    assert "most recent call first" in done.stderr  # the stacks

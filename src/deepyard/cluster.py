@@ -261,6 +261,9 @@ def tune_callbacks() -> list:
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     class StopsBetweenSteps(Callback):
+        def setup(self, **info) -> None:  # (called once Tune has set its signal handlers)
+            stops.keep_tune_from_ending_quietly()
+
         def on_step_end(self, iteration: int, trials: list, **info) -> None:
             stops.safe_point()
 

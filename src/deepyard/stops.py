@@ -29,6 +29,10 @@ _at_safe_points = False  # in one that has reached a safe point (it will again)
 _deferred: list[int] = []  # the stop signals that came meanwhile
 
 
+class StoppedSafely(KeyboardInterrupt):
+    """A stop raised at a safe point (or after the last one): what the work holds is whole."""
+
+
 def _interrupt(signum, frame) -> None:
     # (a third stop while one write is waiting, a second on the way to a safe point: the user insists)
     if (_writes and len(_deferred) < 2) or (_at_safe_points and not _deferred):
@@ -99,7 +103,7 @@ def safe_points() -> Iterator[None]:
         _at_safe_points = False
     if _deferred:  # (a stop that came after the last safe point)
         _deferred.clear()
-        raise KeyboardInterrupt
+        raise StoppedSafely
 
 
 def safe_point() -> None:
@@ -109,5 +113,17 @@ def safe_point() -> None:
         return  # (outside a block, a stop is raised where it comes, as ever)
     _at_safe_points = True
     if _deferred and not _writes:
+        _at_safe_points = False  # (first: a stop that comes as this one is raised is not left queued)
         _deferred.clear()
-        raise KeyboardInterrupt
+        raise StoppedSafely
+
+
+def keep_tune_from_ending_quietly() -> None:
+    """Ray Tune takes SIGUSR1 for every run (even with its SIGINT handler off): its run then ends as
+    if it had finished, and a half-run sweep would be promoted. In a deepyard driver SIGUSR1 prints
+    every thread's stack instead (as SIGUSR2 does), as it did before Tune's run began."""
+    import faulthandler
+
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+

@@ -40,12 +40,18 @@ def exit_at_once(code: object) -> None:
     if code is not None and not isinstance(code, int):  # sys.exit("message"): the message, and status 1
         print(code, file=sys.stderr)
         code = 1
-    _end_anyway_after(EXIT_HANDLERS_S, code)
+    status = [code]  # (what the watchdog exits with, if it must)
+    _end_anyway_after(EXIT_HANDLERS_S, status)
     try:
         wait_stopped()
     except KeyboardInterrupt:  # Ctrl-C while it stops: Ray's exit handler below stops it at once
-        code = code or 130
+        status[0] = status[0] or 130
     atexit._run_exitfuncs()
+    status[0] = _flushed(status[0])
+    os._exit(status[0] or 0)
+
+
+def _flushed(code: int | None) -> int | None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -53,19 +59,21 @@ def exit_at_once(code: object) -> None:
             pass
         except OSError:  # a full disk: the output is lost, as Python itself would say
             code = code or 120
-    os._exit(code or 0)
+    return code
 
 
 EXIT_HANDLERS_S = 30.0  # what they take: ~1-2 s (Ray's, stopping a local cluster's processes)
 
 
-def _end_anyway_after(seconds: float, code: int | None) -> None:
+def _end_anyway_after(seconds: float, status: list) -> None:
     """The job's outcome is recorded by now: if stopping the cluster or an exit handler hangs, the
-    command still ends, with where each thread waited on stderr. (CI saw a stopped sweep's driver
-    print "interrupted" and then not end.) A hang that holds the GIL is ended by faulthandler."""
+    command still ends (its output flushed, its exit status ``status[0]``), with where each thread
+    waited on stderr. (CI saw a stopped sweep's driver print "interrupted" and then not end.) A hang
+    that holds the GIL, or a stream's lock, is ended by faulthandler."""
     import threading
 
     def end() -> None:
+        code = _flushed(status[0])  # (a --json summary on stdout must not be lost)
         print(f"deepyard: the command's exit handlers did not end within {seconds:g} s; ending it. "
               "Where each thread waited:", file=sys.stderr, flush=True)
         faulthandler.dump_traceback(all_threads=True)

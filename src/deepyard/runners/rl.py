@@ -260,7 +260,7 @@ def run(spec: RLJob, options: RunOptions) -> RunSummary:
                 run.lap("train")
                 save(algo, folder)
                 policy = from_algorithm(algo, spaces[1], spec.algorithm)  # a torch module: needs no Ray
-            except KeyboardInterrupt:
+            except stops.StoppedSafely:  # (a stop that came through mid-iteration: the last checkpoint stands)
                 save(algo, folder)  # what --resume goes on from
                 raise
             finally:
