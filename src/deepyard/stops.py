@@ -123,7 +123,12 @@ def keep_tune_from_ending_quietly() -> None:
     if it had finished, and a half-run sweep would be promoted. In a deepyard driver SIGUSR1 prints
     every thread's stack instead (as SIGUSR2 does), as it did before Tune's run began."""
     import faulthandler
+    import sys
 
-    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        return
+    try:  # (the process's own stderr: an embedding program's sys.stderr may have no file behind it)
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # no stderr at all: then SIGUSR1 does nothing
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
