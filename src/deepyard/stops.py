@@ -118,17 +118,22 @@ def safe_point() -> None:
         raise StoppedSafely
 
 
-def keep_tune_from_ending_quietly() -> None:
-    """Ray Tune takes SIGUSR1 for every run (even with its SIGINT handler off): its run then ends as
-    if it had finished, and a half-run sweep would be promoted. In a deepyard driver SIGUSR1 prints
-    every thread's stack instead (as SIGUSR2 does), as it did before Tune's run began."""
+def stacks_on(signum: int) -> None:
+    """Signal ``signum`` prints every thread's stack on the process's own stderr, and the process goes
+    on (an embedding program's sys.stderr may have no file behind it; with no stderr at all, the
+    signal does nothing)."""
     import faulthandler
     import sys
 
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
-        return
-    try:  # (the process's own stderr: an embedding program's sys.stderr may have no file behind it)
-        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
-    except (AttributeError, ValueError, OSError):  # no stderr at all: then SIGUSR1 does nothing
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        faulthandler.register(signum, file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):
+        signal.signal(signum, signal.SIG_IGN)
 
+
+def keep_tune_from_ending_quietly() -> None:
+    """Ray Tune takes SIGUSR1 for every run (even with its SIGINT handler off): its run then ends as
+    if it had finished, and a half-run sweep would be promoted. In a deepyard driver's Tune run,
+    SIGUSR1 prints every thread's stack instead, as SIGUSR2 always does."""
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
+        stacks_on(signal.SIGUSR1)

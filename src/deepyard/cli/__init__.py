@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 
+from deepyard import stops
 from deepyard.cli import cluster, jobs, models, rl, serving  # noqa: F401  (each registers its commands)
 from deepyard.cli.app import app
 
@@ -22,7 +23,7 @@ __all__ = ["app", "exit_at_once", "main"]
 def main() -> None:
     faulthandler.enable()  # a crash in native code (torch, Arrow, Ray's core) prints every thread's stack
     if hasattr(signal, "SIGUSR2"):  # and so does `kill -USR2 PID`: where a command that seems stuck waits
-        faulthandler.register(signal.SIGUSR2, all_threads=True)  # (not USR1: Ray Tune takes it over)
+        stops.stacks_on(signal.SIGUSR2)  # (not USR1: Ray Tune takes it over)
     try:
         app()
     except SystemExit as stop:
