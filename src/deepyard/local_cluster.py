@@ -278,6 +278,7 @@ def _up(workers: int, cpus_per_node: int | None, head_cpus: int | None, timeout_
     temp_root = tempfile.mkdtemp(prefix="dy-ray-")
     head_cpus = cpus if head_cpus is None else head_cpus
     quota = quota_resources(head_cpus + workers * cpus)  # the queue's: every CPU (deepyard submit waits for them)
+    host = _start_job_host(logs / "host.log")  # (its imports go on while the nodes start)
     head = _start_node(["--head", f"--port={gcs_port}", f"--num-cpus={head_cpus}", "--include-dashboard=true",
                         f"--resources={json.dumps({_marker('head'): 1, **quota})}",
                         f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}",
@@ -287,7 +288,8 @@ def _up(workers: int, cpus_per_node: int | None, head_cpus: int | None, timeout_
              "largest_node_cpus": max(head_cpus, cpus if workers else 0), "storage": env["DEEPYARD_STORAGE"],
              "tracking_uri": env["MLFLOW_TRACKING_URI"], "temp_dir": temp_root, **code_identity(),
              "nodes": [{"name": "head", "role": "head", "pid": head.pid, "started_at": _started_at(head.pid),
-                        "log": str(logs / "head.log")}]}
+                        "log": str(logs / "head.log")}],
+             **({"host": host} if host else {})}
     processes = [head]
     _write_state(state)
     try:
@@ -307,6 +309,8 @@ def _up(workers: int, cpus_per_node: int | None, head_cpus: int | None, timeout_
             state["idle_stop_s"] = idle_stop_s
             state["watcher"] = _start_watcher(idle_stop_s, env, logs / "watcher.log")
             _write_state(state)
+        if host:
+            _wait_for_host(host, timeout_s)
     except BaseException:
         _down()
         raise
@@ -319,6 +323,46 @@ def _start_watcher(idle_stop_s: float, env: dict[str, str], log: Path) -> dict[s
                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
     return {"name": "watcher", "pid": watcher.pid, "started_at": _started_at(watcher.pid), "log": str(log)}
+
+
+def _start_job_host(log: Path) -> dict[str, Any] | None:
+    """The job host (``job_host``), with this command's environment: the one `deepyard run`
+    commands of this shell bring; a command that brings another runs alone."""
+    from deepyard import job_host
+
+    if os.environ.get(job_host.ENABLED_ENV) == "0":
+        return None
+    path = job_host.socket_path(str(settings.home()))
+    with log.open("ab") as out:
+        host = subprocess.Popen([sys.executable, "-c", f"from deepyard.job_host import serve; serve({path!r})"],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    return {"name": "job host", "pid": host.pid, "started_at": _started_at(host.pid), "log": str(log),
+            "socket": path}
+
+
+def _wait_for_host(host: dict[str, Any], timeout_s: float) -> None:
+    """`cluster up` ends once the host listens: the next `deepyard run` is served by it."""
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(host["socket"]):
+        if not alive(host):
+            raise DeepyardError(f"the job host exited while starting; see {host['log']}")
+        if time.monotonic() > deadline:
+            raise DeepyardError(f"the job host did not listen after {timeout_s:.0f} s; see {host['log']}")
+        time.sleep(0.1)
+
+
+def stop_job_host(host: dict[str, Any] | None, timeout_s: float = 40.0) -> None:
+    """SIGTERM: the host stops taking commands, passes SIGTERM to the drivers it runs (their runs
+    end KILLED, as on Ctrl-C) and exits once they have; SIGKILL to all after ``timeout_s``."""
+    if not host or not alive(host):
+        return
+    os.kill(host["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while alive(host) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive(host):
+        os.kill(host["pid"], signal.SIGKILL)
 
 
 def _wait_for_nodes(state: dict[str, Any], processes: list[subprocess.Popen], count: int, timeout_s: float) -> None:
@@ -362,7 +406,15 @@ def status() -> dict[str, Any]:
                        "`deepyard cluster down` clears it, then `deepyard cluster up`") from None
     cpus = sum(n["resources"].get("CPU", 0) for n in live)
     return {**{k: state[k] for k in ("address", "gcs_address", "storage", "tracking_uri")},
-            "nodes": live, "alive_nodes": len(live), "cpus": cpus, "idle_stop_s": state.get("idle_stop_s")}
+            "nodes": live, "alive_nodes": len(live), "cpus": cpus, "idle_stop_s": state.get("idle_stop_s"),
+            "job_host": _host_status(state.get("host"))}
+
+
+def _host_status(host: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not host:
+        return None
+    return {"pid": host["pid"], "alive": alive(host), "listening": os.path.exists(host["socket"]),
+            "log": host["log"]}
 
 
 def stop_node(node: dict[str, Any], timeout_s: float = 16.0) -> None:
@@ -412,6 +464,7 @@ def _down() -> dict[str, Any]:
     watcher = state.get("watcher")
     if watcher and watcher["pid"] != os.getpid() and alive(watcher):  # (not when the watcher is the one stopping)
         _signal(watcher, signal.SIGTERM)
+    stop_job_host(state.get("host"))  # (before the nodes: its drivers' jobs end as stopped, not failed)
     running = [node for node in reversed(state["nodes"]) if alive(node)]
     for node in running:
         stop_node(node)

@@ -21,6 +21,11 @@ __all__ = ["app", "exit_at_once", "main"]
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["run"]:  # a job host beside the local cluster has the libraries loaded already
+        from deepyard import job_host
+
+        if (code := job_host.run_there(sys.argv)) is not None:
+            os._exit(_flushed(code) or 0)
     faulthandler.enable()  # a crash in native code (torch, Arrow, Ray's core) prints every thread's stack
     if hasattr(signal, "SIGUSR2"):  # and so does `kill -USR2 PID`: where a command that seems stuck waits
         stops.stacks_on(signal.SIGUSR2)  # (not USR1: Ray Tune takes it over)

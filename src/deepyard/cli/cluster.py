@@ -172,6 +172,10 @@ def cluster_status(json_output: JsonOutput = False) -> None:
     for node in status["nodes"]:
         table.add_row(node["name"] or "-", node["node_id"][:12], str(node["resources"].get("CPU", 0)))
     out.print(table)
+    if host := status.get("job_host"):
+        state = "serving `deepyard run`" if host["alive"] and host["listening"] else (
+            "starting" if host["alive"] else "gone (jobs run in their own process)")
+        out.print(f"job host: pid {host['pid']}, {state}; log {host['log']}", highlight=False)
 
 
 @cluster_app.command("down")

@@ -1,0 +1,179 @@
+"""The job host (`job_host.py`): `deepyard cluster up` starts it beside the cluster, and each
+`deepyard run` that joins the cluster runs in a driver it forks, with the command's streams, folder,
+environment and exit code; Ctrl-C reaches the driver, killing the command kills it, and a command
+the host cannot serve as it would run alone runs alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import ended
+from test_train_job import TINY_MLP
+
+DEEPYARD = [sys.executable, "-m", "deepyard"]
+
+
+# Without Ray: a host that preloads nothing, standing in its cluster's state ----------------------
+
+@pytest.fixture()
+def bare_host(tmp_path):
+    """A host of a home of the test's own (no cluster: its state file names the host only)."""
+    (tmp_path / "cluster").mkdir()
+    path = str(tmp_path / "cluster" / "host.sock")
+    env = {**os.environ, "DEEPYARD_HOME": str(tmp_path)}
+    host = subprocess.Popen([sys.executable, "-c", f"from deepyard.job_host import serve; serve({path!r}, preload=())"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    (tmp_path / "cluster" / "state.json").write_text(json.dumps({"host": {"pid": host.pid}}))
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield env, host
+    host.terminate()
+    host.wait(timeout=10)
+
+
+def test_a_command_runs_in_a_forked_driver_with_its_own_streams_folder_and_exit_code(bare_host, tmp_path):
+    env, host = bare_host
+    bad = tmp_path / "elsewhere"
+    bad.mkdir()
+    (bad / "broken.yaml").write_text("kind: train\nname: [\n")
+    done = subprocess.run([*DEEPYARD, "run", "broken.yaml"], cwd=bad, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stderr  # bad input, found relative to the command's folder
+    assert "broken.yaml" in done.stderr and "note:" not in done.stderr
+    usage = subprocess.run([*DEEPYARD, "run", "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0 and "--resume" in usage.stdout  # the command's stdout, not the host's
+    host.terminate()
+    log = host.communicate(timeout=10)[0]
+    assert len(re.findall(r"driver (\d+) runs run", log)) == 2, log
+    assert "exited 2" in log and "exited 0" in log
+
+
+def test_a_command_that_imports_otherwise_runs_alone_and_says_why(bare_host):
+    env, host = bare_host
+    done = subprocess.run([*DEEPYARD, "run", "--help"], env={**env, "OMP_NUM_THREADS": "7"}, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "--resume" in done.stdout
+    assert "the job host did not take this command (the command sets OMP_NUM_THREADS" in done.stderr
+    off = subprocess.run([*DEEPYARD, "run", "--help"], env={**env, "DEEPYARD_JOB_HOST": "0"}, capture_output=True,
+                         text=True, timeout=60)
+    assert off.returncode == 0 and "note:" not in off.stderr
+    host.terminate()
+    assert "runs run" not in host.communicate(timeout=10)[0]
+
+
+def test_a_host_whose_cluster_is_gone_leaves(bare_host, tmp_path):
+    _, host = bare_host
+    (tmp_path / "cluster" / "state.json").unlink()
+    assert host.wait(timeout=10) == 0
+    assert not (tmp_path / "cluster" / "host.sock").exists()
+
+
+# With `deepyard cluster up`: a real cluster, real jobs ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def hosted(tmp_path_factory):
+    home = tmp_path_factory.mktemp("hosted")
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+           "DEEPYARD_HOME": str(home)}
+    subprocess.run([*DEEPYARD, "cluster", "up", "--workers", "0", "--cpus-per-node", "2"], env=env, check=True,
+                   capture_output=True, timeout=180)
+    yield home, env
+    subprocess.run([*DEEPYARD, "cluster", "down"], env=env, capture_output=True, timeout=120)
+
+
+def drivers_started(home: Path) -> list[int]:
+    return [int(pid) for pid in re.findall(r"driver (\d+) runs run", (home / "cluster" / "host.log").read_text())]
+
+
+def run_status(home: Path, run_id: str) -> str:
+    return MlflowClient(f"sqlite:///{home}/mlflow.db").get_run(run_id).info.status
+
+
+@pytest.mark.slow
+def test_a_job_on_the_cluster_is_driven_from_the_host_and_ends_as_it_would_alone(hosted, tmp_path):
+    home, env = hosted
+    status = json.loads(subprocess.run([*DEEPYARD, "cluster", "status", "--json"], env=env, capture_output=True,
+                                       text=True, timeout=60, check=True).stdout.strip().splitlines()[-1])
+    assert status["job_host"]["alive"] and status["job_host"]["listening"]
+    (tmp_path / "hosted.yaml").write_text(TINY_MLP.format(name="hosted", epochs=2) + "register: {enabled: false}\n")
+    before = drivers_started(home)
+    done = subprocess.run([*DEEPYARD, "run", "hosted.yaml", "--json"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on the local cluster at" in done.stderr and "done hosted" in done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["metrics"]["test_accuracy"] > 0.3
+    assert run_status(home, summary["run_id"]) == "FINISHED"
+    assert len(drivers_started(home)) == len(before) + 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_reaches_the_forked_driver_and_its_run_ends_killed(hosted, tmp_path):
+    home, env = hosted
+    (tmp_path / "long.yaml").write_text(TINY_MLP.format(name="hosted_long", epochs=400)
+                                        + "register: {enabled: false}\n")
+    before = len(drivers_started(home))
+    command = subprocess.Popen([*DEEPYARD, "run", "long.yaml"], cwd=tmp_path, env=env, stderr=subprocess.PIPE,
+                               text=True)
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    deadline = time.monotonic() + 120
+    run = None
+    while time.monotonic() < deadline and run is None:
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  "attributes.run_name LIKE 'hosted_long%'")
+        run = next((r for r in runs if client.get_metric_history(r.info.run_id, "train_loss")), None)
+        time.sleep(0.5)
+    assert run is not None and len(drivers_started(home)) == before + 1, "the hosted job never trained"
+    command.send_signal(signal.SIGINT)
+    stderr = ended(command, 90)
+    assert command.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr
+    assert run_status(home, run.info.run_id) == "KILLED"
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_a_killed_command_takes_its_driver_along_and_changed_packages_restart_the_host(hosted, tmp_path):
+    import psutil
+
+    home, env = hosted
+    (tmp_path / "long.yaml").write_text(TINY_MLP.format(name="hosted_killed", epochs=400)
+                                        + "register: {enabled: false}\n")
+    before = len(drivers_started(home))
+    command = subprocess.Popen([*DEEPYARD, "run", "long.yaml"], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(drivers_started(home)) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    driver = drivers_started(home)[-1]
+    time.sleep(3)  # (connected to Ray by now)
+    command.kill()
+    command.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(driver) and psutil.Process(driver).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the driver outlived its killed command"
+        time.sleep(0.1)
+    # Packages installed since the host started: the next command runs alone; the host starts again
+    packages = sysconfig.get_paths()["purelib"]
+    os.utime(packages)
+    help_ = subprocess.run([*DEEPYARD, "run", "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert help_.returncode == 0 and "installed packages changed since it started" in help_.stderr
+    socket_path = home / "cluster" / "host.sock"
+    deadline = time.monotonic() + 90
+    while not socket_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    served = subprocess.run([*DEEPYARD, "run", "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert served.returncode == 0 and "note:" not in served.stderr
+    assert "starting again" in (home / "cluster" / "host.log").read_text()
