@@ -4,7 +4,8 @@
 
 Each repeat runs, one after another: the plain loop; a deepyard job with 1 worker (2 CPUs) on its
 own embedded cluster (cold); the same while `deepyard cluster up --workers 0` is up (one 2-CPU
-node), which `deepyard run` joins by itself (warm); 2 workers of 1 CPU each (cold); and, with
+node), which `deepyard run` joins by itself, its driver forked by the cluster's job host (warm); the
+same in a process of its own (``DEEPYARD_JOB_HOST=0``: warm alone, as before the host); 2 workers of 1 CPU each (cold); and, with
 ``--before SRC``, the 1-worker job cold and warm with another checkout's ``src`` first on PYTHONPATH
 (the design being replaced, side by side; its warm jobs join a cluster of its own, started with that
 ``src``, as `deepyard run` joins only a cluster that runs its own code).
@@ -126,6 +127,9 @@ def deepyard_job(spec_path: str, home: str, *overrides: str, env: dict | None = 
     }
 
 
+ALONE = {"DEEPYARD_JOB_HOST": "0"}  # the warm job in a process of its own, not driven from the job host
+
+
 def warm_cluster(home: str, env: dict | None = None) -> None:
     """`deepyard cluster up` in the warm jobs' home: they join it (cli/jobs.py), as a user's would."""
     subprocess.run([str(ROOT / ".venv/bin/deepyard"), "cluster", "up", "--workers", "0", "--cpus-per-node", "2"],
@@ -162,7 +166,8 @@ def main() -> None:
     Path(spec_path).write_text(SPEC.format(samples=args.samples, epochs=args.epochs))
     before_env = {"PYTHONPATH": os.pathsep.join(filter(None, [args.before, os.environ.get("PYTHONPATH")]))}
 
-    runs: dict[str, list[dict]] = {"plain": [], "one_worker_cold": [], "one_worker_warm": [], "two_workers_cold": []}
+    runs: dict[str, list[dict]] = {"plain": [], "one_worker_cold": [], "one_worker_warm": [],
+                                   "one_worker_warm_alone": [], "two_workers_cold": []}
     if args.before:
         runs["before_one_worker_cold"], runs["before_one_worker_warm"] = [], []
         warm_cluster(f"{work}/warm_before", before_env)
@@ -175,6 +180,7 @@ def main() -> None:
             runs["plain"].append(plain_loop(spec_path))
             runs["one_worker_cold"].append(deepyard_job(spec_path, f"{work}/one{repeat}"))
             runs["one_worker_warm"].append(deepyard_job(spec_path, f"{work}/warm"))
+            runs["one_worker_warm_alone"].append(deepyard_job(spec_path, f"{work}/warm", env=ALONE))
             runs["two_workers_cold"].append(deepyard_job(spec_path, f"{work}/two{repeat}", "scaling.num_workers=2",
                                                          "scaling.cpus_per_worker=1"))
             if args.before:
@@ -205,10 +211,15 @@ def main() -> None:
         "wall_s_each": {name: [round(run["wall_s"], 2) for run in done] for name, done in runs.items()},
         "ratio_samples_per_s_1_worker_vs_plain": ratio("one_worker_cold", "plain"),
         "ratio_samples_per_s_1_worker_warm_vs_plain": ratio("one_worker_warm", "plain"),
+        "ratio_samples_per_s_1_worker_warm_alone_vs_plain": ratio("one_worker_warm_alone", "plain"),
         "ratio_samples_per_s_2_workers_vs_1": ratio("two_workers_cold", "one_worker_cold"),
         "plain_fixed_cost_s": plain_fixed,
         "fixed_cost_s_cold": median["one_worker_cold"]["fixed_cost_s"],
         "fixed_cost_s_warm_cluster": median["one_worker_warm"]["fixed_cost_s"],
+        "fixed_cost_s_warm_alone": median["one_worker_warm_alone"]["fixed_cost_s"],
+        "ratio_fixed_cost_warm_host_vs_alone": median["one_worker_warm"]["fixed_cost_s"]
+        / median["one_worker_warm_alone"]["fixed_cost_s"],
+        "ratio_wall_warm_host_vs_alone": median["one_worker_warm"]["wall_s"] / median["one_worker_warm_alone"]["wall_s"],
         "fixed_cost_s_2_workers_cold": median["two_workers_cold"]["fixed_cost_s"],
         **({"fixed_cost_s_before_cold": median["before_one_worker_cold"]["fixed_cost_s"],
             "ratio_fixed_cost_cold_vs_before": median["one_worker_cold"]["fixed_cost_s"]
