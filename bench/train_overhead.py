@@ -5,10 +5,11 @@
 Each repeat runs, one after another: the plain loop; a deepyard job with 1 worker (2 CPUs) on its
 own embedded cluster (cold); the same while `deepyard cluster up --workers 0` is up (one 2-CPU
 node), which `deepyard run` joins by itself, its driver forked by the cluster's job host (warm); the
-same in a process of its own (``DEEPYARD_JOB_HOST=0``: warm alone, as before the host); 2 workers of 1 CPU each (cold); and, with
-``--before SRC``, the 1-worker job cold and warm with another checkout's ``src`` first on PYTHONPATH
-(the design being replaced, side by side; its warm jobs join a cluster of its own, started with that
-``src``, as `deepyard run` joins only a cluster that runs its own code).
+same in a process of its own (``DEEPYARD_JOB_HOST=0``: warm alone, as before the host); 2 workers
+of 1 CPU each (cold); and, with ``--before SRC``, the 1-worker job cold and warm with another
+checkout's ``src`` first on PYTHONPATH (the design being replaced, side by side; its warm jobs join a
+cluster of its own, started with that ``src``, as `deepyard run` joins only a cluster that runs its
+own code).
 Prints medians over the repeats:
 - steady-state training samples/s (median over epochs after the first) and the ratios 1 worker /
   plain and 2 workers / 1 worker;
@@ -33,6 +34,9 @@ from pathlib import Path
 import record
 
 ROOT = Path(__file__).resolve().parents[1]
+# The environment the commands get: this process's as it started (the plain loop's torch adds to its
+# own, e.g. TORCHINDUCTOR_CACHE_DIR), as a user's shell would give every command the same.
+SHELL = dict(os.environ)
 SPEC = """
 kind: train
 name: overhead
@@ -85,7 +89,7 @@ def deepyard_job(spec_path: str, home: str, *overrides: str, env: dict | None = 
     command = [str(ROOT / ".venv/bin/deepyard"), "run", spec_path, "--json"]
     for override in overrides:
         command += ["--set", override]
-    environment = {**os.environ, "DEEPYARD_HOME": home, **(env or {})}
+    environment = {**SHELL, "DEEPYARD_HOME": home, **(env or {})}
     environment.pop("MLFLOW_TRACKING_URI", None)
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=environment, check=True)
@@ -133,12 +137,12 @@ ALONE = {"DEEPYARD_JOB_HOST": "0"}  # the warm job in a process of its own, not 
 def warm_cluster(home: str, env: dict | None = None) -> None:
     """`deepyard cluster up` in the warm jobs' home: they join it (cli/jobs.py), as a user's would."""
     subprocess.run([str(ROOT / ".venv/bin/deepyard"), "cluster", "up", "--workers", "0", "--cpus-per-node", "2"],
-                   check=True, capture_output=True, env={**os.environ, "DEEPYARD_HOME": home, **(env or {})})
+                   check=True, capture_output=True, env={**SHELL, "DEEPYARD_HOME": home, **(env or {})})
 
 
 def cluster_down(home: str, env: dict | None = None) -> None:
     subprocess.run([str(ROOT / ".venv/bin/deepyard"), "cluster", "down"], check=False, capture_output=True,
-                   env={**os.environ, "DEEPYARD_HOME": home, **(env or {})})
+                   env={**SHELL, "DEEPYARD_HOME": home, **(env or {})})
 
 
 def medians(runs: list[dict]) -> dict:
@@ -188,6 +192,8 @@ def main() -> None:
                 runs["before_one_worker_warm"].append(deepyard_job(spec_path, f"{work}/warm_before", env=before_env))
             print(json.dumps({"repeat": repeat, **{name: round(done[-1]["wall_s"], 1) for name, done in runs.items()}}),
                   file=sys.stderr)
+        # (every warm job but the alone ones, the first included, should have been driven from the host)
+        hosted = (Path(work) / "warm/cluster/host.log").read_text().count(" runs run ")
     finally:
         cluster_down(f"{work}/warm")
         if args.before:
@@ -207,6 +213,7 @@ def main() -> None:
         "setup": {"data": "fashion_mnist", "train_samples": args.samples, "epochs": args.epochs,
                   "model": "cnn [16, 32] + 64", "batch_size": 128, "cpus": os.cpu_count(), "repeats": args.pairs,
                   "before": args.before},
+        "warm_jobs_driven_from_the_job_host": hosted,
         "medians": median,
         "wall_s_each": {name: [round(run["wall_s"], 2) for run in done] for name, done in runs.items()},
         "ratio_samples_per_s_1_worker_vs_plain": ratio("one_worker_cold", "plain"),
@@ -219,7 +226,8 @@ def main() -> None:
         "fixed_cost_s_warm_alone": median["one_worker_warm_alone"]["fixed_cost_s"],
         "ratio_fixed_cost_warm_host_vs_alone": median["one_worker_warm"]["fixed_cost_s"]
         / median["one_worker_warm_alone"]["fixed_cost_s"],
-        "ratio_wall_warm_host_vs_alone": median["one_worker_warm"]["wall_s"] / median["one_worker_warm_alone"]["wall_s"],
+        "ratio_wall_warm_host_vs_alone": median["one_worker_warm"]["wall_s"]
+        / median["one_worker_warm_alone"]["wall_s"],
         "fixed_cost_s_2_workers_cold": median["two_workers_cold"]["fixed_cost_s"],
         **({"fixed_cost_s_before_cold": median["before_one_worker_cold"]["fixed_cost_s"],
             "ratio_fixed_cost_cold_vs_before": median["one_worker_cold"]["fixed_cost_s"]

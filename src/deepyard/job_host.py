@@ -23,15 +23,20 @@ import signal
 import socket
 import struct
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 # Read by these libraries when they are imported: a command that sets them differently runs alone.
 _IMPORT_ENV = ("RAY_", "TORCH", "PYTORCH", "OMP_", "MKL_", "OPENBLAS", "CUDA", "NCCL", "LD_", "PYTHON",
-               "MALLOC", "GRPC_", "ARROW", "TUNE_", "MLFLOW_CONFIGURE_LOGGING")
-_NOT_AT_IMPORT = {"RAY_ADDRESS"}  # (read when a driver connects)
+               "MALLOC", "GRPC_", "ARROW", "MLFLOW_CONFIGURE_LOGGING")
+# (read when a driver connects; where inductor compiles to, which torch sets in its process if unset)
+_NOT_AT_IMPORT = {"RAY_ADDRESS", "TORCHINDUCTOR_CACHE_DIR"}
 PRELOAD = ("torch", "torch._dynamo", "ray", "ray.tune", "ray.train", "ray.train.torch", "ray.data", "mlflow",
-           "mlflow.pytorch", "pandas", "pyarrow", "pydantic", "typer", "rich", "yaml")
+           "mlflow.pytorch", "ray.rllib", "gymnasium", "pandas", "pyarrow", "pydantic", "typer", "rich",
+           "yaml")
 FORWARDED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
                   if hasattr(signal, name))
+HANDSHAKE_S = 20.0  # a host that has not answered by then is not waited for: the command runs here
 ENABLED_ENV = "DEEPYARD_JOB_HOST"  # "0": `deepyard cluster up` starts none, and commands run alone
 STALE = "the installed packages changed since it started; it starts again"
 IN_DRIVER = False  # set in a forked driver: its command runs there, not in yet another one
@@ -43,12 +48,10 @@ def socket_path(home: str) -> str:
 
 def identity() -> dict:
     """What the host's imports depend on: the interpreter, the module path (past its first entry,
-    the script's folder) and when each folder of installed packages last changed."""
-    import sysconfig
-
-    folders = sorted({sysconfig.get_paths()[name] for name in ("purelib", "platlib")})
+    the script's folder) and when each of its folders last changed (an install or removal of a
+    package changes its folder's time)."""
     return {"python": sys.executable, "path": sys.path[1:],
-            "packages": {folder: os.stat(folder).st_mtime_ns for folder in folders if os.path.isdir(folder)}}
+            "packages": {folder: os.stat(folder).st_mtime_ns for folder in sys.path[1:] if os.path.isdir(folder)}}
 
 
 def import_env(env: dict[str, str]) -> dict[str, str]:
@@ -63,49 +66,84 @@ def run_there(argv: list[str]) -> int | None:
     if IN_DRIVER or os.environ.get(ENABLED_ENV) == "0":
         return None
     home = os.path.abspath(os.path.expanduser(os.environ.get("DEEPYARD_HOME", ".deepyard")))
-    pending: list[int] = []  # signals that came before the driver's pid
-    driver: list[int] = []
+    pending: list[int] = []  # signals that came before the driver did
+    driver: list[int] = []  # its pidfd: a signal never reaches another process that got its pid
 
     def forward(signum, _frame) -> None:
         if driver:
             try:
-                os.kill(driver[0], signum)
+                signal.pidfd_send_signal(driver[0], signum)
             except ProcessLookupError:
                 pass
         else:
             pending.append(signum)
 
     host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        host.connect(socket_path(home))
-    except OSError:  # no host (no cluster up, or started without one), or one gone
-        host.close()
-        return None
+    host.settimeout(HANDSHAKE_S)
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
     try:
-        request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask(),
-                              "identity": identity()}).encode()
-        socket.send_fds(host, [struct.pack("!I", len(request)) + request], [0, 1, 2])
-        reader = host.makefile("r")
-        answer = json.loads(reader.readline() or "{}")
-        if "pid" not in answer:
+        try:
+            with _short(socket_path(home)) as path:
+                host.connect(path)
+            request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask(),
+                                  "script_folder": sys.path[0], "identity": identity()}).encode()
+            _send_all(host, struct.pack("!I", len(request)) + request, [0, 1, 2])
+            answer, fds = _receive_line(host)
+        except OSError:  # no host (no cluster up, or one started without it), one gone or too busy to answer
+            return None
+        if "pid" not in answer or len(fds) != 1:
             if answer.get("refused"):
                 print(f"note: the job host did not take this command ({answer['refused']}); it runs here",
                       file=sys.stderr)
             return None
-        driver.append(answer["pid"])
+        driver.append(fds[0])
+        host.settimeout(None)
         for signum in pending:
             forward(signum, None)
-        ended = json.loads(reader.readline() or "{}")
+        try:
+            ended, _ = _receive_line(host)
+        except OSError:
+            ended = {}
         if "exit" in ended:
             return ended["exit"]
-        print(f"deepyard: the job host ended while driver {driver[0]} ran; stopping it", file=sys.stderr)
+        print(f"deepyard: the job host ended while driver {answer['pid']} ran; stopping it", file=sys.stderr)
         forward(signal.SIGTERM, None)
         return 1
     finally:
         host.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if not driver:  # (the command runs here after all: what it was sent, it gets now)
+            for signum in pending:
+                signal.raise_signal(signum)
+
+
+def _send_all(host: socket.socket, data: bytes, fds: list[int]) -> None:
+    sent = socket.send_fds(host, [data], fds)
+    if sent < len(data):
+        host.sendall(data[sent:])
+
+
+def _receive_line(host: socket.socket) -> tuple[dict, list[int]]:
+    """One JSON line from the host, and the descriptors that came with it."""
+    data, fds, _, _ = socket.recv_fds(host, 65536, 1)
+    while data and not data.endswith(b"\n"):
+        more = host.recv(65536)
+        if not more:
+            break
+        data += more
+    return (json.loads(data) if data.strip() else {}), fds
+
+
+@contextmanager
+def _short(path: str) -> Iterator[str]:
+    """``path`` as a socket address: a Unix socket's is at most ~107 bytes, and a home's folder can
+    be longer; its folder's descriptor, through /proc, makes any path short."""
+    folder = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{folder}/{os.path.basename(path)}"
+    finally:
+        os.close(folder)
 
 
 def _umask() -> int:
@@ -120,161 +158,239 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     """Import ``preload``, then listen at ``path`` and fork a driver for each command, until SIGTERM
     (the drivers get it too, and are waited for) or the cluster is gone."""
     import importlib
-    import selectors
 
-    # (before the imports: Ray adds to sys.path, torch to the environment)
-    own, environment = identity(), dict(os.environ)
-    own_env = import_env(environment)
+    environment = dict(os.environ)  # (before the imports: torch adds to it, Ray to sys.path)
+    own = identity()
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # (as the command sets it: cli/app.py)
     for name in preload:
         importlib.import_module(name)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    partial = f"{path}.{os.getpid()}"
-    listener.bind(partial)
-    os.chmod(partial, 0o600)
-    listener.listen(16)
-    os.replace(partial, path)  # (a command finds a host that listens, or none)
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    wakeup_r, wakeup_w = os.pipe()
-    os.set_blocking(wakeup_w, False)
-    signal.set_wakeup_fd(wakeup_w)
-    events = selectors.DefaultSelector()
-    events.register(listener, selectors.EVENT_READ, "accept")
-    events.register(wakeup_r, selectors.EVENT_READ, "signal")
-    drivers: dict[int, tuple[socket.socket, int]] = {}  # pid: (its command's connection, its pidfd)
-    print(f"job host {os.getpid()}: serving at {path} (preloaded {', '.join(preload)})", flush=True)
-    try:
-        while not stopping or drivers:
-            if stopping and listener.fileno() >= 0:  # (once)
-                events.unregister(listener)
-                listener.close()
-                _remove(path)
-                _signal_all(drivers, signal.SIGTERM)
-            for key, _ in events.select(timeout=2.0):
-                if key.data == "accept" and not stopping:
-                    command, _ = listener.accept()
-                    started = _start_driver(command, own, own_env, listener, drivers)
-                    if started is None:
-                        command.close()
-                    elif started == "stale":
-                        command.close()
-                        _start_again(path, listener, environment)
-                    else:
-                        pid, pidfd = started
-                        drivers[pid] = (command, pidfd)
-                        events.register(pidfd, selectors.EVENT_READ, ("ended", pid))
-                        events.register(command, selectors.EVENT_READ, ("command", pid))
-                elif key.data == "signal":
-                    os.read(wakeup_r, 512)
-                elif key.data[0] == "ended":
-                    _finish(key.data[1], drivers, events)
-                elif key.data[0] == "command" and _gone(drivers[key.data[1]][0]):
-                    os.kill(key.data[1], signal.SIGKILL)  # its command was killed: so is its driver
-                    events.unregister(drivers[key.data[1]][0])
-            if not stopping and not _cluster_up(path):
-                stopping.append(True)
-    finally:
-        if listener.fileno() >= 0:
-            listener.close()
-            _remove(path)
+    print(f"job host {os.getpid()}: preloaded {', '.join(preload) or 'nothing'}", flush=True)
+    Host(path, own, import_env(environment), environment).loop()
 
 
-def _start_driver(command: socket.socket, own: dict, own_env: dict, listener: socket.socket, drivers: dict):
-    command.settimeout(10.0)
-    try:
-        uid = struct.unpack("3i", command.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
-        data, fds, _, _ = socket.recv_fds(command, 1 << 20, 3)
-        size = struct.unpack("!I", data[:4])[0]
-        data = data[4:]
-        while len(data) < size:
-            more = command.recv(size - len(data))
-            if not more:
-                raise ConnectionError("the command went away")
-            data += more
-        request = json.loads(data)
-    except (OSError, ValueError, struct.error) as error:
-        print(f"job host: a request could not be read ({error})", flush=True)
+class Host:
+    """The listening socket, the drivers running (pid: the command's connection and the driver's
+    pidfd) and one selector over them all: one thread, so that a fork copies no other thread's locks."""
+
+    def __init__(self, path: str, own: dict, own_env: dict, environment: dict) -> None:
+        import selectors
+
+        self.path, self.own, self.own_env, self.environment = path, own, own_env, environment
+        self.drivers: dict[int, tuple[socket.socket, int]] = {}
+        self.stopping = self.stale = False
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        partial = f"{path}.{os.getpid()}"
+        with _short(partial) as short:
+            self.listener.bind(short)
+        os.chmod(partial, 0o600)
+        self.listener.listen(16)
+        os.replace(partial, path)  # (a command finds a host that listens, or none)
+        self.inode = os.stat(path).st_ino
+        signal.signal(signal.SIGTERM, self._stop)
+        self.wakeup_r, wakeup_w = os.pipe()
+        os.set_blocking(wakeup_w, False)
+        signal.set_wakeup_fd(wakeup_w)
+        self.events = selectors.DefaultSelector()
+        self.events.register(self.listener, selectors.EVENT_READ, ("accept", 0))
+        self.events.register(self.wakeup_r, selectors.EVENT_READ, ("signal", 0))
+        print(f"job host {os.getpid()}: serving at {path}", flush=True)
+
+    def _stop(self, *_) -> None:
+        self.stopping = True
+
+    def loop(self) -> None:
+        try:
+            while not (self.stopping or self.stale) or self.drivers:
+                if (self.stopping or self.stale) and self.listener.fileno() >= 0:  # (once)
+                    self._close_listener()
+                    if self.stopping:
+                        self._signal_all(signal.SIGTERM)
+                for key, _ in self.events.select(timeout=2.0):
+                    what, pid = key.data
+                    try:
+                        self._on(what, pid)
+                    except Exception as error:  # (one command's trouble is not every other's)
+                        print(f"job host: {what} {pid or ''} failed: {error!r}", flush=True)
+                if not self.stopping and not _cluster_up(self.path):
+                    self.stopping = True
+        finally:
+            self._close_listener()
+        if self.stale and not self.stopping:
+            print("job host: installed packages changed; starting again", flush=True)
+            os.execve(sys.executable, [sys.executable, "-c",
+                                       f"from deepyard.job_host import serve; serve({self.path!r})"], self.environment)
+
+    def _on(self, what: str, pid: int) -> None:
+        import selectors
+
+        if what == "signal":
+            os.read(self.wakeup_r, 512)
+        elif what == "accept" and self.listener.fileno() >= 0:
+            command, _ = self.listener.accept()
+            started = self._start_driver(command)
+            if started is None:
+                command.close()
+                return
+            pid, pidfd = started
+            self.drivers[pid] = (command, pidfd)
+            self.events.register(pidfd, selectors.EVENT_READ, ("ended", pid))
+            self.events.register(command, selectors.EVENT_READ, ("command", pid))
+        elif what == "ended" and pid in self.drivers:
+            self._finish(pid)
+        elif what == "command" and pid in self.drivers and _gone(self.drivers[pid][0]):
+            os.kill(pid, signal.SIGKILL)  # its command was killed: so is its driver
+            self.events.unregister(self.drivers[pid][0])
+
+    def _start_driver(self, command: socket.socket) -> tuple[int, int] | None:
+        command.settimeout(2.0)  # (a command sends its request at once; one that does not is dropped)
+        fds: list[int] = []
+        try:
+            uid = struct.unpack("3i", command.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            data, fds, _, _ = socket.recv_fds(command, 1 << 20, 3)
+            size = struct.unpack("!I", data[:4])[0]
+            data = data[4:]
+            while len(data) < size:
+                more = command.recv(size - len(data))
+                if not more:
+                    raise ConnectionError("the command went away")
+                data += more
+            request = json.loads(data)
+            refused = self._refusal(uid, request, fds)
+            if refused:
+                _reply(command, {"refused": refused})
+                return None
+            pid = self._fork(request, fds, command)
+            pidfd = os.pidfd_open(pid)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        command.settimeout(None)
+        socket.send_fds(command, [(json.dumps({"pid": pid}) + "\n").encode()], [pidfd])
+        print(f"job host: driver {pid} runs {' '.join(request['argv'][1:])}", flush=True)
+        return pid, pidfd
+
+    def _refusal(self, uid: int, request: dict, fds: list[int]) -> str | None:
+        if uid != os.getuid():
+            return "another user's command"
+        if len(fds) != 3:
+            return "its standard streams did not come along"
+        if self.stale:
+            return STALE
+        if request["identity"] != self.own:
+            if all(request["identity"][key] == self.own[key] for key in ("python", "path")) and (
+                    identity()["packages"] != self.own["packages"]):
+                self.stale = True  # (it starts again once its drivers have ended)
+                return STALE
+            return "the command's Python, module path or installed packages are not the host's"
+        if (theirs := import_env(request["env"])) != self.own_env:
+            differ = sorted({key for key, _ in set(theirs.items()) ^ set(self.own_env.items())})
+            return f"the command sets {', '.join(differ)} otherwise than the host did when it started"
         return None
-    refused = None
-    if uid != os.getuid():
-        refused = "another user's command"
-    elif len(fds) != 3:
-        refused = "its standard streams did not come along"
-    elif request["identity"] != own:
-        same_python = all(request["identity"][key] == own[key] for key in ("python", "path"))
-        if same_python and identity()["packages"] != own["packages"]:
-            refused = STALE
-        else:
-            refused = "the command's Python, module path or installed packages are not the host's"
-    elif (theirs := import_env(request["env"])) != own_env:
-        differ = sorted({key for key, _ in set(theirs.items()) ^ set(own_env.items())})
-        refused = f"the command sets {', '.join(differ)} otherwise than the host did when it started"
-    if refused:
-        _reply(command, {"refused": refused})
-        for fd in fds:
-            os.close(fd)
-        return "stale" if refused == STALE else None
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        _become_driver(request, fds, [listener, command, *(c for c, _ in drivers.values())])
-    for fd in fds:
-        os.close(fd)
-    pidfd = os.pidfd_open(pid)
-    _reply(command, {"pid": pid})
-    command.settimeout(None)
-    print(f"job host: driver {pid} runs {' '.join(request['argv'][1:])}", flush=True)
-    return pid, pidfd
+
+    def _fork(self, request: dict, fds: list[int], command: socket.socket) -> int:
+        """A signal the command passes on right away finds the driver with the default handlers
+        (blocked across the fork: the host's own would swallow it)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        pid = os.fork()
+        if pid == 0:
+            held = [self.listener, command, *(c for c, _ in self.drivers.values())]
+            _become_driver(request, fds, held, [self.wakeup_r, *(p for _, p in self.drivers.values())], blocked)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        return pid
+
+    def _finish(self, pid: int) -> None:
+        command, pidfd = self.drivers.pop(pid)
+        self.events.unregister(pidfd)
+        os.close(pidfd)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        code = 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
+        try:
+            self.events.unregister(command)
+        except (KeyError, ValueError):
+            pass
+        _reply(command, {"exit": code})
+        command.close()
+        print(f"job host: driver {pid} exited {code}", flush=True)
+
+    def _signal_all(self, signum: int) -> None:
+        for _, pidfd in self.drivers.values():
+            try:
+                signal.pidfd_send_signal(pidfd, signum)
+            except ProcessLookupError:
+                pass
+
+    def _close_listener(self) -> None:
+        if self.listener.fileno() < 0:
+            return
+        self.events.unregister(self.listener)
+        self.listener.close()
+        try:  # (only this host's: another may have started since, for another cluster in this home)
+            if os.stat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
 
 
-def _become_driver(request: dict, fds: list[int], host_sockets: list[socket.socket]) -> None:
+def _become_driver(request: dict, fds: list[int], sockets: list[socket.socket], descriptors: list[int],
+                   mask: set) -> None:
     """In the forked process: take on the command's streams, folder and environment, and run it."""
+    import __main__
+
+    code = 1
     try:
-        for held in host_sockets:
+        for held in sockets:
             held.close()
+        for fd in descriptors:
+            os.close(fd)
         os.setpgid(0, 0)  # (a signal to the host's group is not one to its drivers)
         signal.set_wakeup_fd(-1)
         for signum in (*FORWARDED, signal.SIGCHLD):
-            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+            signal.signal(signum, {signal.SIGINT: signal.default_int_handler, signal.SIGUSR1: signal.SIG_IGN,
+                                   signal.SIGUSR2: signal.SIG_IGN}.get(signum, signal.SIG_DFL))
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
-            os.close(fd)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
         os.chdir(request["cwd"])
         os.umask(request["umask"])
         os.environ.clear()
         os.environ.update(request["env"])
+        if level := os.environ.get("MLFLOW_LOGGING_LEVEL"):  # (what importing MLflow does with it)
+            import logging
+
+            logging.getLogger("mlflow").setLevel(level.upper())
         sys.argv = request["argv"]
-        sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # (the rest: the command's, as imports left it)
+        sys.path[0] = request["script_folder"]  # (the rest: the command's, as the host's imports left it)
+        __main__.__file__ = sys.argv[0]  # (Ray: a script, not an interactive session)
         sys.stdin = sys.__stdin__ = os.fdopen(0, "r", closefd=False)
         sys.stdout = sys.__stdout__ = os.fdopen(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)
         sys.stderr = sys.__stderr__ = os.fdopen(2, "w", buffering=1, errors="backslashreplace", closefd=False)
         global IN_DRIVER
         IN_DRIVER = True
-        from deepyard.cli import main
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        from deepyard.cli import exit_at_once, main
 
-        main()  # (it ends the process)
+        try:
+            main()  # (it ends the process)
+        except BaseException:  # what would end a process of its own: its traceback, its exit handlers
+            sys.excepthook(*sys.exc_info())
+            exit_at_once(130 if isinstance(sys.exc_info()[1], KeyboardInterrupt) else 1)
+    except KeyboardInterrupt:  # (Ctrl-C before the command could start: nothing to stop)
+        code = 130
     except BaseException:
         import traceback
 
         traceback.print_exc()
     finally:
-        os._exit(1)
-
-
-def _finish(pid: int, drivers: dict, events) -> None:
-    command, pidfd = drivers.pop(pid)
-    events.unregister(pidfd)
-    os.close(pidfd)
-    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    code = 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
-    try:
-        events.unregister(command)
-    except (KeyError, ValueError):
-        pass
-    _reply(command, {"exit": code})
-    command.close()
-    print(f"job host: driver {pid} exited {code}", flush=True)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
 
 
 def _gone(command: socket.socket) -> bool:
@@ -295,14 +411,6 @@ def _reply(command: socket.socket, message: dict) -> None:
         pass
 
 
-def _signal_all(drivers: dict, signum: int) -> None:
-    for pid in drivers:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-
 def _cluster_up(path: str) -> bool:
     """Is the cluster this host serves still up? (Its state file names this process as its host.)"""
     try:
@@ -311,20 +419,3 @@ def _cluster_up(path: str) -> bool:
     except (OSError, ValueError):
         return False
     return host.get("pid") == os.getpid()
-
-
-def _start_again(path: str, listener: socket.socket, environment: dict[str, str]) -> None:
-    """Installed packages changed under the host: the same process (its pid is in the cluster's
-    state) imports them afresh."""
-    listener.close()
-    _remove(path)
-    print("job host: installed packages changed; starting again", flush=True)
-    os.execve(sys.executable, [sys.executable, "-c", f"from deepyard.job_host import serve; serve({path!r})"],
-              environment)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

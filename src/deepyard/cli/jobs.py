@@ -90,8 +90,8 @@ def _running_local_cluster(job, keep_s: float | None) -> str | None:
     elif keep_s is not None and local_cluster.fits_here(job.footprint()):
         try:
             with stops.signals_stop_the_job():  # (SIGTERM while it starts: its nodes are stopped, not left)
-                address = local_cluster.up(workers=0, cpus_per_node=os.cpu_count() or 1,
-                                           idle_stop_s=keep_s)["gcs_address"]
+                address = local_cluster.up(workers=0, cpus_per_node=os.cpu_count() or 1, idle_stop_s=keep_s,
+                                           wait_for_host=False)["gcs_address"]  # (it serves the next jobs)
             local_cluster.record_join()
         except DeepyardError as error:  # (one started by another command meanwhile is joined)
             address = local_cluster.joinable(job.footprint())[0]
