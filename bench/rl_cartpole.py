@@ -11,6 +11,7 @@ compared (the runs interleaved, seed by seed). SB3 uses the rl-zoo hyperparamete
 0.2). stable-baselines3 is a bench-only dependency: pip install "stable-baselines3>=2.3,<3".
 Each deepyard job runs in a process of its own, so that Ray's and RLlib's imports count every
 time, as they do for `deepyard run`; with ``--before SRC``, another checkout's job runs beside it.
+With ``--warm``, also `deepyard run` itself on that cluster (its driver forked by the job host).
 Prints one JSON object; the goal is a wall-time ratio deepyard/SB3 <= 1.0.
 """
 
@@ -91,6 +92,22 @@ def deepyard_in_a_process(job: str, target: float, seed: int, address: str | Non
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "process_wall_s": time.perf_counter() - started}
 
 
+def deepyard_command(job: str, target: float, seed: int) -> dict:
+    """`deepyard run JOB --json` itself, as a user types it: on a running local cluster its driver is
+    forked by the cluster's job host (``job_host``), with torch, Ray and MLflow loaded already."""
+    started = time.perf_counter()
+    done = subprocess.run([str(ROOT / ".venv/bin/deepyard"), "run", job, "--json", "--set",
+                           f"stop.mean_return={target}", "--set", f"seed={seed}"], env=dict(os.environ),
+                          capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - started
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    timings = summary["timings"]
+    return {"wall_s": wall, "to_target_s": timings["startup_s"] + timings["train_s"],
+            "env_steps": summary["metrics"]["timesteps"], "iterations": summary["iterations"],
+            "reached": summary["stop_reason"].startswith("mean return"), "timings": timings,
+            "process_wall_s": wall, "said_note": "note:" in done.stderr}
+
+
 def deepyard_to_target(job: str, target: float, seed: int, address: str | None = None) -> dict:
     from deepyard import tracking
     from deepyard.runners.rl import run
@@ -129,14 +146,17 @@ def main() -> None:
     # half an hour apart differed by 40%), and a drift must not fall on one side only. (--warm: the
     # idle cluster, ~0.07 of a core, runs beside SB3 too.)
     state = local_cluster.up(workers=0) if args.warm else None
-    deepyard, sb3, before = [], [], []
+    deepyard, sb3, before, commands = [], [], [], []
     try:
         for seed in seeds:
             address = state and state["gcs_address"]
             deepyard.append(deepyard_in_a_process(args.job, args.target, seed, address))
+            if args.warm:
+                commands.append(deepyard_command(args.job, args.target, seed))
             sb3.append(sb3_to_target(args.target, seed=seed))
             if args.before:
                 before.append(deepyard_in_a_process(args.job, args.target, seed, address, args.before))
+        hosted = (Path(home) / "cluster/host.log").read_text().count(" runs run ") if args.warm else 0
     finally:
         if state:
             local_cluster.down()
@@ -160,6 +180,13 @@ def main() -> None:
         "wall_ratio_median_of_seeds": statistics.median(d["wall_s"] / s["wall_s"] for d, s in zip(deepyard, sb3)),
         "to_target_ratio_deepyard_vs_sb3": median(deepyard, "to_target_s") / median(sb3, "wall_s"),
         "env_steps_ratio_deepyard_vs_sb3": median(deepyard, "env_steps") / median(sb3, "env_steps"),
+        # --warm: `deepyard run` itself, its driver forked by the cluster's job host
+        **({"command": {"median_wall_s": median(commands, "wall_s"),
+                        "median_to_target_s": median(commands, "to_target_s"),
+                        "driven_from_the_job_host": hosted, "runs": commands},
+            "wall_ratio_command_vs_sb3": median(commands, "wall_s") / median(sb3, "wall_s"),
+            "wall_ratio_command_vs_alone": median(commands, "wall_s") / median(deepyard, "wall_s")}
+           if args.warm else {}),
         **({"before": {"src": args.before, "median_wall_s": median(before, "wall_s"),
                        "median_to_target_s": median(before, "to_target_s"), "runs": before},
             "wall_ratio_vs_before": median(deepyard, "wall_s") / median(before, "wall_s"),
