@@ -166,28 +166,62 @@ def test_ctrl_c_reaches_the_forked_driver_and_its_run_ends_killed(hosted, tmp_pa
     assert run_status(home, run.info.run_id) == "KILLED"
 
 
-@pytest.mark.slow
-@pytest.mark.long
-def test_a_killed_command_takes_its_driver_along_and_the_host_serves_the_next(hosted, tmp_path):
-    import psutil
-
-    home, env = hosted
-    (tmp_path / "long.yaml").write_text(TINY_MLP.format(name="hosted_killed", epochs=400)
-                                        + "register: {enabled: false}\n")
+def start_long_job(home: Path, env: dict, folder: Path, name: str, **popen) -> tuple[subprocess.Popen, int]:
+    """A 400-epoch job on the hosted cluster: its command, and its driver's pid once the host forked it."""
+    (folder / f"{name}.yaml").write_text(TINY_MLP.format(name=name, epochs=400) + "register: {enabled: false}\n")
     before = len(drivers_started(home))
-    command = subprocess.Popen([*DEEPYARD, "run", "long.yaml"], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+    command = subprocess.Popen([*DEEPYARD, "run", f"{name}.yaml"], cwd=folder, env=env, **popen)
     deadline = time.monotonic() + 60
     while len(drivers_started(home)) == before:
         assert time.monotonic() < deadline, "the host never started the command's driver"
         time.sleep(0.2)
-    driver = psutil.Process(drivers_started(home)[-1])
+    return command, drivers_started(home)[-1]
+
+
+def gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_a_killed_command_takes_its_driver_along_and_the_host_serves_the_next(hosted, tmp_path):
+    home, env = hosted
+    command, driver = start_long_job(home, env, tmp_path, "hosted_killed", stderr=subprocess.DEVNULL)
     time.sleep(3)  # (connected to Ray by now)
-    assert driver.is_running() and driver.status() != psutil.STATUS_ZOMBIE
+    assert not gone(driver)
     command.kill()
     command.wait(timeout=10)
     deadline = time.monotonic() + 10
-    while driver.is_running() and driver.status() != psutil.STATUS_ZOMBIE:
+    while not gone(driver):
         assert time.monotonic() < deadline, "the driver outlived its killed command"
         time.sleep(0.1)
+    before = len(drivers_started(home))
     served = subprocess.run([*DEEPYARD, "run", "--help"], env=env, capture_output=True, text=True, timeout=60)
-    assert served.returncode == 0 and len(drivers_started(home)) == before + 2
+    assert served.returncode == 0 and len(drivers_started(home)) == before + 1
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_cluster_down_stops_the_hosts_drivers_as_a_stop_would_and_then_the_host(hosted, tmp_path):
+    """(The module's last test: its cluster is down after it.)"""
+    home, env = hosted
+    host = json.loads((home / "cluster" / "state.json").read_text())["host"]
+    command, driver = start_long_job(home, env, tmp_path, "hosted_down", stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    deadline = time.monotonic() + 120
+    while not (runs := client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                          "attributes.run_name LIKE 'hosted_down%'")) or not (
+            client.get_metric_history(runs[0].info.run_id, "train_loss")):
+        assert time.monotonic() < deadline, "the hosted job never trained"
+        time.sleep(0.5)
+    down = subprocess.run([*DEEPYARD, "cluster", "down"], env=env, capture_output=True, text=True, timeout=180)
+    assert down.returncode == 0, down.stderr
+    stderr = ended(command, 60)
+    assert command.returncode == 130 and "interrupted" in stderr, stderr[-3000:]
+    assert run_status(home, runs[0].info.run_id) == "KILLED"
+    assert gone(driver) and gone(host["pid"]) and not (home / "cluster" / "host.sock").exists()

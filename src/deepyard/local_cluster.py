@@ -330,11 +330,11 @@ def _start_watcher(idle_stop_s: float, env: dict[str, str], log: Path) -> dict[s
 def _start_job_host(log: Path) -> dict[str, Any] | None:
     """The job host (``job_host``), with this command's environment: the one `deepyard run`
     commands of this shell bring; a command that brings another runs alone."""
-    from deepyard import job_host
+    from deepyard import job_client
 
-    if os.environ.get(job_host.ENABLED_ENV) == "0":
+    if os.environ.get(job_client.ENABLED_ENV) == "0":
         return None
-    path = job_host.socket_path(str(settings.home()))
+    path = job_client.socket_path(str(settings.home()))
     Path(path).unlink(missing_ok=True)  # (a host killed outright left its socket)
     with log.open("ab") as out:
         host = subprocess.Popen([sys.executable, "-c", f"from deepyard.job_host import serve; serve({path!r})"],

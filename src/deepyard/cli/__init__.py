@@ -22,9 +22,9 @@ __all__ = ["app", "exit_at_once", "main"]
 
 def main() -> None:
     if sys.argv[1:2] == ["run"]:  # a job host beside the local cluster has the libraries loaded already
-        from deepyard import job_host
+        from deepyard import job_client
 
-        if (code := job_host.run_there(sys.argv)) is not None:
+        if (code := job_client.run_there(sys.argv)) is not None:
             os._exit(_flushed(code) or 0)
     faulthandler.enable()  # a crash in native code (torch, Arrow, Ray's core) prints every thread's stack
     if hasattr(signal, "SIGUSR2"):  # and so does `kill -USR2 PID`: where a command that seems stuck waits

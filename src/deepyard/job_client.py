@@ -1,0 +1,133 @@
+"""A `deepyard run`'s side of the job host (``job_host``): hand the command to the host beside the
+local cluster, pass signals on to the driver it forks, exit with the driver's code. Kept to the
+standard library: the command imports nothing heavy before it knows where it runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+# Read by these libraries when they are imported: a command that sets them differently runs alone.
+_IMPORT_ENV = ("RAY_", "TORCH", "PYTORCH", "OMP_", "MKL_", "OPENBLAS", "CUDA", "NCCL", "LD_", "PYTHON",
+               "MALLOC", "GRPC_", "ARROW", "MLFLOW_CONFIGURE_LOGGING")
+# (read when a driver connects; where inductor compiles to, which torch sets in its process if unset)
+_NOT_AT_IMPORT = {"RAY_ADDRESS", "TORCHINDUCTOR_CACHE_DIR"}
+FORWARDED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
+                  if hasattr(signal, name))
+HANDSHAKE_S = 20.0  # a host that has not answered by then is not waited for: the command runs here
+ENABLED_ENV = "DEEPYARD_JOB_HOST"  # "0": `deepyard cluster up` starts none, and commands run alone
+IN_DRIVER = False  # set in a forked driver: its command runs there, not in yet another one
+
+
+def socket_path(home: str) -> str:
+    return os.path.join(home, "cluster", "host.sock")
+
+
+def identity() -> dict:
+    """What the host's imports depend on: the interpreter, the module path (past its first entry,
+    the script's folder) and when each of its folders last changed (an install or removal of a
+    package changes its folder's time)."""
+    return {"python": sys.executable, "path": sys.path[1:],
+            "packages": {folder: os.stat(folder).st_mtime_ns for folder in sys.path[1:] if os.path.isdir(folder)}}
+
+
+def import_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(_IMPORT_ENV) and k not in _NOT_AT_IMPORT}
+
+
+def run_there(argv: list[str]) -> int | None:
+    """Run the command in a driver forked by this home's job host; its exit code, or None where
+    there is no host to take it (the command then runs here)."""
+    if IN_DRIVER or os.environ.get(ENABLED_ENV) == "0":
+        return None
+    home = os.path.abspath(os.path.expanduser(os.environ.get("DEEPYARD_HOME", ".deepyard")))
+    pending: list[int] = []  # signals that came before the driver did
+    driver: list[int] = []  # its pidfd: a signal never reaches another process that got its pid
+
+    def forward(signum, _frame) -> None:
+        if driver:
+            try:
+                signal.pidfd_send_signal(driver[0], signum)
+            except ProcessLookupError:
+                pass
+        else:
+            pending.append(signum)
+
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host.settimeout(HANDSHAKE_S)
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
+    try:
+        try:
+            with short_path(socket_path(home)) as path:
+                host.connect(path)
+            request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask(),
+                                  "script_folder": sys.path[0], "identity": identity()}).encode()
+            _send_all(host, struct.pack("!I", len(request)) + request, [0, 1, 2])
+            answer, fds = _receive_line(host)
+        except OSError:  # no host (no cluster up, or one started without it), one gone or too busy to answer
+            return None
+        if "pid" not in answer or len(fds) != 1:
+            if answer.get("refused"):
+                print(f"note: the job host did not take this command ({answer['refused']}); it runs here",
+                      file=sys.stderr)
+            return None
+        driver.append(fds[0])
+        host.settimeout(None)
+        for signum in pending:
+            forward(signum, None)
+        try:
+            ended, _ = _receive_line(host)
+        except OSError:
+            ended = {}
+        if "exit" in ended:
+            return ended["exit"]
+        print(f"deepyard: the job host ended while driver {answer['pid']} ran; stopping it", file=sys.stderr)
+        forward(signal.SIGTERM, None)
+        return 1
+    finally:
+        host.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if not driver:  # (the command runs here after all: what it was sent, it gets now)
+            for signum in pending:
+                signal.raise_signal(signum)
+
+
+def _send_all(host: socket.socket, data: bytes, fds: list[int]) -> None:
+    sent = socket.send_fds(host, [data], fds)
+    if sent < len(data):
+        host.sendall(data[sent:])
+
+
+def _receive_line(host: socket.socket) -> tuple[dict, list[int]]:
+    """One JSON line from the host, and the descriptors that came with it."""
+    data, fds, _, _ = socket.recv_fds(host, 65536, 1)
+    while data and not data.endswith(b"\n"):
+        more = host.recv(65536)
+        if not more:
+            break
+        data += more
+    return (json.loads(data) if data.strip() else {}), fds
+
+
+@contextmanager
+def short_path(path: str) -> Iterator[str]:
+    """``path`` as a socket address: a Unix socket's is at most ~107 bytes, and a home's folder can
+    be longer; its folder's descriptor, through /proc, makes any path short."""
+    folder = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{folder}/{os.path.basename(path)}"
+    finally:
+        os.close(folder)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
