@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
-
 from conftest import ended
 from test_train_job import TINY_MLP
+from deepyard import tracking
 
 DEEPYARD = [sys.executable, "-m", "deepyard"]
 pytestmark = pytest.mark.slow  # (commands and hosts of their own: out of the unit-test loop, make test-fast)
@@ -120,8 +119,28 @@ def drivers_started(home: Path) -> list[int]:
     return [int(pid) for pid in re.findall(r"driver (\d+) runs run", (home / "cluster" / "host.log").read_text())]
 
 
+def store(home: Path):
+    """The hosted home's MLflow store, opened as a job opens it (under its lock: a job may be creating
+    it this moment, and two first uses of a sqlite store at once race MLflow's schema creation)."""
+    return tracking.client(f"sqlite:///{home}/mlflow.db")
+
+
+def trained(home: Path, name: str):
+    """The run of job ``name`` once it has logged an epoch (its store is built by then: a command
+    killed while MLflow first builds a new home's store leaves it half-built)."""
+    client = store(home)
+    deadline = time.monotonic() + 120
+    while True:
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  f"attributes.run_name LIKE '{name}%'")
+        if run := next((r for r in runs if client.get_metric_history(r.info.run_id, "train_loss")), None):
+            return run
+        assert time.monotonic() < deadline, f"job {name} never trained"
+        time.sleep(0.5)
+
+
 def run_status(home: Path, run_id: str) -> str:
-    return MlflowClient(f"sqlite:///{home}/mlflow.db").get_run(run_id).info.status
+    return store(home).get_run(run_id).info.status
 
 
 @pytest.mark.slow
@@ -145,20 +164,8 @@ def test_a_job_on_the_cluster_is_driven_from_the_host_and_ends_as_it_would_alone
 @pytest.mark.slow
 def test_ctrl_c_reaches_the_forked_driver_and_its_run_ends_killed(hosted, tmp_path):
     home, env = hosted
-    (tmp_path / "long.yaml").write_text(TINY_MLP.format(name="hosted_long", epochs=400)
-                                        + "register: {enabled: false}\n")
-    before = len(drivers_started(home))
-    command = subprocess.Popen([*DEEPYARD, "run", "long.yaml"], cwd=tmp_path, env=env, stderr=subprocess.PIPE,
-                               text=True)
-    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
-    deadline = time.monotonic() + 120
-    run = None
-    while time.monotonic() < deadline and run is None:
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  "attributes.run_name LIKE 'hosted_long%'")
-        run = next((r for r in runs if client.get_metric_history(r.info.run_id, "train_loss")), None)
-        time.sleep(0.5)
-    assert run is not None and len(drivers_started(home)) == before + 1, "the hosted job never trained"
+    command, _ = start_long_job(home, env, tmp_path, "hosted_long", stderr=subprocess.PIPE, text=True)
+    run = trained(home, "hosted_long")
     command.send_signal(signal.SIGINT)
     stderr = ended(command, 90)
     assert command.returncode == 130, stderr[-3000:]
@@ -192,7 +199,7 @@ def gone(pid: int) -> bool:
 def test_a_killed_command_takes_its_driver_along_and_the_host_serves_the_next(hosted, tmp_path):
     home, env = hosted
     command, driver = start_long_job(home, env, tmp_path, "hosted_killed", stderr=subprocess.DEVNULL)
-    time.sleep(3)  # (connected to Ray by now)
+    trained(home, "hosted_killed")
     assert not gone(driver)
     command.kill()
     command.wait(timeout=10)
@@ -212,16 +219,10 @@ def test_cluster_down_stops_the_hosts_drivers_as_a_stop_would_and_then_the_host(
     home, env = hosted
     host = json.loads((home / "cluster" / "state.json").read_text())["host"]
     command, driver = start_long_job(home, env, tmp_path, "hosted_down", stderr=subprocess.PIPE, text=True)
-    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
-    deadline = time.monotonic() + 120
-    while not (runs := client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                          "attributes.run_name LIKE 'hosted_down%'")) or not (
-            client.get_metric_history(runs[0].info.run_id, "train_loss")):
-        assert time.monotonic() < deadline, "the hosted job never trained"
-        time.sleep(0.5)
+    run = trained(home, "hosted_down")
     down = subprocess.run([*DEEPYARD, "cluster", "down"], env=env, capture_output=True, text=True, timeout=180)
     assert down.returncode == 0, down.stderr
     stderr = ended(command, 60)
     assert command.returncode == 130 and "interrupted" in stderr, stderr[-3000:]
-    assert run_status(home, runs[0].info.run_id) == "KILLED"
+    assert run_status(home, run.info.run_id) == "KILLED"
     assert gone(driver) and gone(host["pid"]) and not (home / "cluster" / "host.sock").exists()
