@@ -105,7 +105,7 @@ def deepyard_command(job: str, target: float, seed: int) -> dict:
     return {"wall_s": wall, "to_target_s": timings["startup_s"] + timings["train_s"],
             "env_steps": summary["metrics"]["timesteps"], "iterations": summary["iterations"],
             "reached": summary["stop_reason"].startswith("mean return"), "timings": timings,
-            "process_wall_s": wall, "said_note": "note:" in done.stderr}
+            "process_wall_s": wall, "notes": [line for line in done.stderr.splitlines() if "note:" in line]}
 
 
 def deepyard_to_target(job: str, target: float, seed: int, address: str | None = None) -> dict:
@@ -145,7 +145,12 @@ def main() -> None:
     # Interleaved, seed by seed: this machine's speed drifts over minutes (two runs of this bench
     # half an hour apart differed by 40%), and a drift must not fall on one side only. (--warm: the
     # idle cluster, ~0.07 of a core, runs beside SB3 too.)
-    state = local_cluster.up(workers=0) if args.warm else None
+    # (`deepyard cluster up` as a user runs it: a cluster started in this process would change this
+    # process's environment, e.g. RAY_AUTH_MODE, and the commands it runs would not match the job host's)
+    if args.warm:
+        subprocess.run([str(ROOT / ".venv/bin/deepyard"), "cluster", "up", "--workers", "0"], check=True,
+                       capture_output=True)
+    state = local_cluster.read_state() if args.warm else None
     deepyard, sb3, before, commands = [], [], [], []
     try:
         for seed in seeds:
@@ -159,7 +164,7 @@ def main() -> None:
         hosted = (Path(home) / "cluster/host.log").read_text().count(" runs run ") if args.warm else 0
     finally:
         if state:
-            local_cluster.down()
+            subprocess.run([str(ROOT / ".venv/bin/deepyard"), "cluster", "down"], capture_output=True)
 
     def median(runs: list[dict], key: str) -> float:
         return statistics.median(run[key] for run in runs if run[key] is not None)

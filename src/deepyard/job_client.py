@@ -16,7 +16,8 @@ from typing import Iterator
 # Read by these libraries when they are imported: a command that sets them differently runs alone.
 _IMPORT_ENV = ("RAY_", "TORCH", "PYTORCH", "OMP_", "MKL_", "OPENBLAS", "CUDA", "NCCL", "LD_", "PYTHON",
                "MALLOC", "GRPC_", "ARROW", "MLFLOW_CONFIGURE_LOGGING")
-# (read when a driver connects; where inductor compiles to, which torch sets in its process if unset)
+# Read when a driver connects, or set by torch in its process when unset (inductor's cache). (Not
+# RAY_AUTH_MODE: Ray caches it on import; a process that set it since runs alone.)
 _NOT_AT_IMPORT = {"RAY_ADDRESS", "TORCHINDUCTOR_CACHE_DIR"}
 FORWARDED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
                   if hasattr(signal, name))
@@ -37,8 +38,13 @@ def identity() -> dict:
             "packages": {folder: os.stat(folder).st_mtime_ns for folder in sys.path[1:] if os.path.isdir(folder)}}
 
 
+# What a library sets in its own process on import, as good as unset (Ray: client mode off).
+_AS_UNSET = {"RAY_CLIENT_MODE": "0"}
+
+
 def import_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k.startswith(_IMPORT_ENV) and k not in _NOT_AT_IMPORT}
+    return {k: v for k, v in env.items()
+            if k.startswith(_IMPORT_ENV) and k not in _NOT_AT_IMPORT and _AS_UNSET.get(k) != v}
 
 
 def run_there(argv: list[str]) -> int | None:
