@@ -332,7 +332,7 @@ def _start_job_host(log: Path) -> dict[str, Any] | None:
     commands of this shell bring; a command that brings another runs alone."""
     from deepyard import job_client
 
-    if os.environ.get(job_client.ENABLED_ENV) == "0":
+    if os.environ.get(job_client.ENABLED_ENV) == "0" or not job_client.SUPPORTED:
         return None
     path = job_client.socket_path(str(settings.home()))
     Path(path).unlink(missing_ok=True)  # (a host killed outright left its socket)
