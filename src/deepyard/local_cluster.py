@@ -320,11 +320,16 @@ def _up(workers: int, cpus_per_node: int | None, head_cpus: int | None, timeout_
 
 
 def _start_watcher(idle_stop_s: float, env: dict[str, str], log: Path) -> dict[str, Any]:
+    return _start_beside("watcher", ["-m", "deepyard.cluster_watch", str(idle_stop_s)], log, env)
+
+
+def _start_beside(name: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Python process of the cluster's own (``sys.executable`` ``args``), in a session of its own,
+    logging to ``log``; its record for the state file."""
     with log.open("ab") as out:
-        watcher = subprocess.Popen([sys.executable, "-m", "deepyard.cluster_watch", str(idle_stop_s)], env=env,
-                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
-    return {"name": "watcher", "pid": watcher.pid, "started_at": _started_at(watcher.pid), "log": str(log)}
+        process = subprocess.Popen([sys.executable, *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    return {"name": name, "pid": process.pid, "started_at": _started_at(process.pid), "log": str(log)}
 
 
 def _start_job_host(log: Path) -> dict[str, Any] | None:
@@ -336,11 +341,7 @@ def _start_job_host(log: Path) -> dict[str, Any] | None:
         return None
     path = job_client.socket_path(str(settings.home()))
     Path(path).unlink(missing_ok=True)  # (a host killed outright left its socket)
-    with log.open("ab") as out:
-        host = subprocess.Popen([sys.executable, "-c", f"from deepyard.job_host import serve; serve({path!r})"],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    return {"name": "job host", "pid": host.pid, "started_at": _started_at(host.pid), "log": str(log),
+    return {**_start_beside("job host", ["-c", f"from deepyard.job_host import serve; serve({path!r})"], log),
             "socket": path}
 
 
@@ -365,10 +366,7 @@ def stop_job_host(host: dict[str, Any] | None, timeout_s: float = 60.0) -> None:
     if not host or not alive(host):
         return
     os.kill(host["pid"], signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while alive(host) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if alive(host):
+    if not _ended_within(host, timeout_s):
         try:
             for process in [*psutil.Process(host["pid"]).children(), psutil.Process(host["pid"])]:
                 process.kill()
@@ -434,11 +432,15 @@ def stop_node(node: dict[str, Any], timeout_s: float = 16.0) -> None:
     if not alive(node):
         return
     _signal(node, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while alive(node) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if alive(node):
+    if not _ended_within(node, timeout_s):
         _signal(node, signal.SIGKILL)
+
+
+def _ended_within(process: dict[str, Any], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while alive(process) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not alive(process)
 
 
 def _signal(node: dict[str, Any], signum: int) -> None:
