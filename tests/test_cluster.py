@@ -45,7 +45,8 @@ def wait_for(predicate, timeout_s: float = 120.0, what: str = "condition", job: 
         if result := predicate():
             return result
         time.sleep(0.5)
-    said = f"; job {job}'s driver said:\n{submitting.client(None).get_job_logs(job)[-4000:]}" if job else ""
+    said = (f"; job {job} is {submitting.client(None).get_job_status(job)}, its driver said:\n"
+            f"{submitting.client(None).get_job_logs(job)[-4000:]}") if job else ""
     raise AssertionError(f"timed out waiting for {what}{said}")
 
 
@@ -184,7 +185,8 @@ def test_training_survives_losing_its_worker_node(cluster, cli, write_spec):
     site = f"PYTHONPATH={ROOT / 'tests' / 'fault_site'}:{ROOT / 'tests'}"  # (its workers run tests/faults.py)
     text = SPEC.format(name="node_loss", epochs=epochs, workers=1)
     job = last_json(cli("submit", write_spec(text, "node_loss.yaml"), "--env", site, "--json"))["submission_id"]
-    node = wait_for(lambda: _train_worker_node(cluster["address"]), what="the training worker's node", job=job)
+    node = wait_for(lambda: _train_worker_node(cluster["address"]), timeout_s=240, what="the training worker's node",
+                    job=job)
     run = wait_for(lambda: _running_run("node_loss"), what="the job's first epoch", job=job)
     assert node.startswith("worker_")
     local_cluster.kill_node(node)

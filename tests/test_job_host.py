@@ -64,7 +64,7 @@ def test_a_command_runs_in_a_forked_driver_with_its_own_streams_folder_and_exit_
     assert "exited 2" in log and "exited 0" in log
 
 
-def test_a_command_that_imports_otherwise_runs_alone_and_says_why(bare_host):
+def test_a_command_that_imports_otherwise_or_a_submitted_jobs_driver_runs_alone(bare_host):
     env, host = bare_host
     done = subprocess.run([*DEEPYARD, "run", "--help"], env={**env, "OMP_NUM_THREADS": "7"}, capture_output=True,
                           text=True, timeout=60)
@@ -73,6 +73,10 @@ def test_a_command_that_imports_otherwise_runs_alone_and_says_why(bare_host):
     off = subprocess.run([*DEEPYARD, "run", "--help"], env={**env, "DEEPYARD_JOB_HOST": "0"}, capture_output=True,
                          text=True, timeout=60)
     assert off.returncode == 0 and "note:" not in off.stderr
+    # A submitted job's entrypoint (Ray's job supervisor sets this) stays the supervisor's child, silently.
+    submitted = subprocess.run([*DEEPYARD, "run", "--help"], env={**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"},
+                               capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0 and "note:" not in submitted.stderr
     host.terminate()
     assert "runs run" not in host.communicate(timeout=10)[0]
 

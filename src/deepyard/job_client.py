@@ -25,6 +25,9 @@ HANDSHAKE_S = 20.0  # a host that has not answered by then is not waited for: th
 ENABLED_ENV = "DEEPYARD_JOB_HOST"  # "0": `deepyard cluster up` starts none, and commands run alone
 SUPPORTED = hasattr(os, "pidfd_open") and hasattr(os, "O_PATH")  # (Linux: pidfds, /proc paths)
 IN_DRIVER = False  # set in a forked driver: its command runs there, not in yet another one
+# Set by Ray's job supervisor for a submitted job's entrypoint: that driver is the supervisor's child
+# (its runtime env, logs and `jobs stop`), never a fork of the host.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def socket_path(home: str) -> str:
@@ -51,7 +54,7 @@ def import_env(env: dict[str, str]) -> dict[str, str]:
 def run_there(argv: list[str]) -> int | None:
     """Run the command in a driver forked by this home's job host; its exit code, or None where
     there is no host to take it (the command then runs here)."""
-    if IN_DRIVER or os.environ.get(ENABLED_ENV) == "0" or not SUPPORTED:
+    if IN_DRIVER or os.environ.get(ENABLED_ENV) == "0" or RAY_JOB_ENV in os.environ or not SUPPORTED:
         return None
     home = os.path.abspath(os.path.expanduser(os.environ.get("DEEPYARD_HOME", ".deepyard")))
     pending: list[int] = []  # signals that came before the driver did
