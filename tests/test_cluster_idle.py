@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,14 @@ def test_keep_cluster_starts_one_that_the_next_job_joins(tmp_path, monkeypatch):
         state = local_cluster.read_state()
         assert state is not None and f"started the local cluster at {state['gcs_address']}" in first.stderr
         assert local_cluster.alive(state["nodes"][0]) and state["idle_stop_s"] == 120  # (after the job's exit)
-        assert f"on the local cluster at {state['gcs_address']}" in run().stderr
+        deadline = time.monotonic() + 60
+        while not Path(state["host"]["socket"]).exists():
+            assert time.monotonic() < deadline, "the job host did not listen"
+            time.sleep(0.2)
+        second = run()
+        assert f"on the local cluster at {state['gcs_address']}" in second.stderr
+        # driven from the host that the first job started, with the shell's environment, not the job's own
+        assert "note:" not in second.stderr, second.stderr
+        assert " runs run " in Path(state["host"]["log"]).read_text()
     finally:
         local_cluster.down()

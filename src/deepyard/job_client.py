@@ -28,6 +28,14 @@ IN_DRIVER = False  # set in a forked driver: its command runs there, not in yet 
 # Set by Ray's job supervisor for a submitted job's entrypoint: that driver is the supervisor's child
 # (its runtime env, logs and `jobs stop`), never a fork of the host.
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+COMMAND_ENV: dict[str, str] | None = None  # the environment a `deepyard` command started with (cli.main)
+
+
+def command_env() -> dict[str, str]:
+    """The environment the `deepyard` command got from its shell, before it set anything of its own
+    (Tune's and MLflow's settings, Ray's on import): a host started with it serves that shell's next
+    commands. A program that calls deepyard's functions itself has only its own."""
+    return dict(os.environ if COMMAND_ENV is None else COMMAND_ENV)
 
 
 def socket_path(home: str) -> str:

@@ -333,16 +333,16 @@ def _start_beside(name: str, args: list[str], log: Path, env: dict[str, str] | N
 
 
 def _start_job_host(log: Path) -> dict[str, Any] | None:
-    """The job host (``job_host``), with this command's environment: the one `deepyard run`
-    commands of this shell bring; a command that brings another runs alone."""
+    """The job host (``job_host``), with the environment this command got from its shell: the one
+    `deepyard run` commands of this shell bring (a command that brings another runs alone)."""
     from deepyard import job_client
 
     if os.environ.get(job_client.ENABLED_ENV) == "0" or not job_client.SUPPORTED:
         return None
     path = job_client.socket_path(str(settings.home()))
     Path(path).unlink(missing_ok=True)  # (a host killed outright left its socket)
-    return {**_start_beside("job host", ["-c", f"from deepyard.job_host import serve; serve({path!r})"], log),
-            "socket": path}
+    return {**_start_beside("job host", ["-c", f"from deepyard.job_host import serve; serve({path!r})"], log,
+                            job_client.command_env()), "socket": path}
 
 
 def _wait_for_host(host: dict[str, Any], timeout_s: float) -> None:

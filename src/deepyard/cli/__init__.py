@@ -21,9 +21,10 @@ __all__ = ["app", "exit_at_once", "main"]
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["run"]:  # a job host beside the local cluster has the libraries loaded already
-        from deepyard import job_client
+    from deepyard import job_client
 
+    job_client.COMMAND_ENV = dict(os.environ)  # (a job host this command starts gets the shell's, not ours)
+    if sys.argv[1:2] == ["run"]:  # a job host beside the local cluster has the libraries loaded already
         if (code := job_client.run_there(sys.argv)) is not None:
             os._exit(_flushed(code) or 0)
     faulthandler.enable()  # a crash in native code (torch, Arrow, Ray's core) prints every thread's stack
