@@ -28,13 +28,16 @@ pytestmark = pytest.mark.slow  # (commands and hosts of their own: out of the un
 @pytest.fixture()
 def bare_host(tmp_path):
     """A host of a home of the test's own (no cluster: its state file names the host only), with a
-    folder of its own on the module path (``extra``: what an install changes)."""
+    folder of its own on the module path (``extra``: what an install changes), preloading nothing
+    that imports."""
     (tmp_path / "cluster").mkdir()
     (tmp_path / "extra").mkdir()
     path = str(tmp_path / "cluster" / "host.sock")
     env = {**os.environ, "DEEPYARD_HOME": str(tmp_path),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "extra"), os.environ.get("PYTHONPATH")]))}
-    host = subprocess.Popen([sys.executable, "-c", f"from deepyard.job_host import serve; serve({path!r}, preload=())"],
+    # (a module that will not import: the host serves all the same, without it)
+    serve = f"from deepyard.job_host import serve; serve({path!r}, preload=('deepyard_no_such_module',))"
+    host = subprocess.Popen([sys.executable, "-c", serve],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     (tmp_path / "cluster" / "state.json").write_text(json.dumps({"host": {"pid": host.pid}}))
@@ -62,6 +65,7 @@ def test_a_command_runs_in_a_forked_driver_with_its_own_streams_folder_and_exit_
     log = host.communicate(timeout=10)[0]
     assert len(re.findall(r"driver (\d+) runs run", log)) == 2, log
     assert "exited 2" in log and "exited 0" in log
+    assert "deepyard_no_such_module not preloaded (ModuleNotFoundError" in log
 
 
 def test_a_command_that_imports_otherwise_or_a_submitted_jobs_driver_runs_alone(bare_host):
