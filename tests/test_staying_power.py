@@ -297,3 +297,30 @@ print("went on", flush=True)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "went on", done.stdout + done.stderr
     assert "most recent call first" in done.stderr  # the stacks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed_after_s", [0.1, 0.3, 0.5])
+def test_a_command_killed_while_a_new_store_is_built_leaves_none_and_the_next_one_builds_it(tmp_path,
+                                                                                          killed_after_s):
+    """A store half-built by a killed command (MLflow creates its tables one by one, ~1 s) failed
+    every later command ("table ... already exists"); it is now built aside and linked into place."""
+    import signal
+    import time
+
+    from deepyard import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    builder = subprocess.Popen([sys.executable, "-c", "import mlflow.store.tracking.sqlalchemy_store\n"
+                                "from deepyard import tracking\nprint('building', flush=True)\n"
+                                f"tracking.client({uri!r})\nprint('built', flush=True)"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert builder.stdout.readline() == "building\n"
+    time.sleep(killed_after_s)
+    builder.send_signal(signal.SIGKILL)
+    builder.wait(timeout=30)
+    assert builder.stdout.read() == "", "the store was built before the kill: nothing was tested"
+    client = tracking.client(uri)  # (the next command: under the same lock, it builds the store)
+    experiment = client.create_experiment("after")
+    assert client.get_experiment(experiment).name == "after"
+    assert not list(tmp_path.glob(".mlflow.db.building-*"))  # the killed builder's part is gone

@@ -70,10 +70,27 @@ def _ready(uri: str) -> str:
     database = Path(uri.removeprefix("sqlite:///"))
     database.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{database}.lock"):
+        if not database.exists():
+            _build_store(database)
         opened = MlflowClient(tracking_uri=uri)
         opened.search_experiments(max_results=1)
         opened.search_registered_models(max_results=1)
     return uri
+
+
+def _build_store(database: Path) -> None:
+    """A new sqlite store, built under another name and linked into place once complete: a command
+    killed while MLflow created its tables (~1.5 s) left a half-built database that every later
+    command failed on ("table ... already exists"). (Under ``_ready``'s lock: one builder at a time.)"""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    for leftover in database.parent.glob(f".{database.name}.building-*"):  # (a builder that was killed)
+        leftover.unlink(missing_ok=True)
+    building = database.with_name(f".{database.name}.building-{os.getpid()}")
+    # (the default experiment's artifacts beside the store, as every experiment of deepyard's)
+    SqlAlchemyStore(f"sqlite:///{building}", (database.parent / "artifacts").as_uri()).engine.dispose()
+    os.link(building, database)  # (all at once, and never over a store that exists)
+    building.unlink()
 
 
 def _experiment_id(mlflow_client, name: str) -> str:
