@@ -134,8 +134,7 @@ def store(home: Path):
 
 
 def trained(home: Path, name: str):
-    """The run of job ``name`` once it has logged an epoch (its store is built by then: a command
-    killed while MLflow first builds a new home's store leaves it half-built)."""
+    """The run of job ``name`` once it has logged an epoch."""
     client = store(home)
     deadline = time.monotonic() + 120
     while True:
