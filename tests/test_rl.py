@@ -13,7 +13,7 @@ from torch import nn
 
 from deepyard import tracking
 from deepyard.rl.policy import GreedyPolicy
-from deepyard.runners.rl import evaluated, iteration_metrics, stop_reason
+from deepyard.runners.rl import evaluated, iteration_line, iteration_metrics, stop_reason
 from deepyard.spec import parse_spec
 from deepyard.spec.rl import RLEvaluationSpec
 from tests.conftest import last_json
@@ -130,6 +130,11 @@ def test_iteration_metrics_and_stop_conditions():
     assert stop_reason(spec, {**between, "return_mean": 490.0}, 3, 10.0) is None
     assert [evaluated(spec.model_copy(update={"evaluation": RLEvaluationSpec(interval=4)}), i) for i in range(1, 9)] \
         == [False, False, False, True, False, False, False, True]
+    assert iteration_line(5, between, 7.2) == "iter 5 steps 3000 return 30.0 [9, 80] 1000 steps/s 7s"
+    # an iteration in which no episode ended (a pole balanced all along): RLlib's NaN return is not shown
+    balanced = {**result, "env_runners": {**result["env_runners"], "episode_return_mean": float("nan")}}
+    assert "nan" not in (line := iteration_line(6, iteration_metrics(balanced, evaluated=False), 8.0))
+    assert "no episode ended" in line
 
 
 @pytest.fixture(scope="module")

@@ -103,13 +103,18 @@ def train_iterations(spec: RLJob, algo, run_id: str,
         yield iteration, metrics, elapsed, reason
 
 
-def _print_iteration(console, iteration: int, metrics: dict[str, float], elapsed: float) -> None:
+def iteration_line(iteration: int, metrics: dict[str, float], elapsed: float) -> str:
     nan = float("nan")
+    # (an iteration in which no episode ended, e.g. a pole balanced all along, has no return to show)
+    returns = (f"return {metrics['return_mean']:.1f} [{metrics.get('return_min', nan):.0f}, "
+               f"{metrics.get('return_max', nan):.0f}]" if "return_mean" in metrics else "no episode ended")
     evaluation = f" eval {metrics['eval_return_mean']:.1f}" if "eval_return_mean" in metrics else ""
-    console.print(f"iter {iteration} steps {metrics.get('timesteps', 0):.0f} "
-                  f"return {metrics.get('return_mean', nan):.1f} "
-                  f"[{metrics.get('return_min', nan):.0f}, {metrics.get('return_max', nan):.0f}]{evaluation} "
-                  f"{metrics.get('env_steps_per_s', 0):.0f} steps/s {elapsed:.0f}s", highlight=False, soft_wrap=True)
+    return (f"iter {iteration} steps {metrics.get('timesteps', 0):.0f} {returns}{evaluation} "
+            f"{metrics.get('env_steps_per_s', 0):.0f} steps/s {elapsed:.0f}s")
+
+
+def _print_iteration(console, iteration: int, metrics: dict[str, float], elapsed: float) -> None:
+    console.print(iteration_line(iteration, metrics, elapsed), highlight=False, soft_wrap=True)
 
 
 TEST_SEED = 10_000  # the registered policy's test episodes start here: seeds no evaluation used
