@@ -53,6 +53,7 @@ for _ in range(int(sys.argv[2])):
         os._exit(0)
     os.close(write)
     print(os.read(read, 4096).decode(), flush=True)
+    os.close(read)
     os.waitpid(pid, 0)
 """
 

@@ -16,6 +16,8 @@ import pytest
 
 from deepyard import job_client
 
+pytestmark = pytest.mark.skipif(not job_client.SUPPORTED, reason="the job host is Linux only (pidfds)")
+
 
 @pytest.fixture()
 def stand_in_host(tmp_path, monkeypatch):
@@ -69,14 +71,21 @@ def test_a_signal_before_the_driver_is_known_reaches_it_and_its_code_is_the_comm
         command.sendall((json.dumps({"exit": 128 - code}) + "\n").encode())
 
     requests = stand_in_host(answer)
-    before = signal.getsignal(signal.SIGUSR1)
+    got: list[int] = []
+
+    def before(signum, _frame) -> None:  # (a safety net: the signal, had it not been passed on, ends no test run)
+        got.append(signum)
+
+    previous = signal.signal(signal.SIGUSR1, before)
     try:
         assert job_client.run_there(["deepyard", "run", "job.yaml"]) == 128 + signal.SIGUSR1
+        assert signal.getsignal(signal.SIGUSR1) is before  # the command's own handlers are back
     finally:
         driver.kill()
+        signal.signal(signal.SIGUSR1, previous)
+    assert got == []  # the command's own handler saw nothing: the driver got the signal
     assert driver.wait(timeout=10) == -signal.SIGUSR1  # passed on once the driver was known, not lost
     assert requests[0]["argv"] == ["deepyard", "run", "job.yaml"] and requests[0]["cwd"] == os.getcwd()
-    assert signal.getsignal(signal.SIGUSR1) is before  # the command's own handlers are back
 
 
 def test_a_refused_command_runs_here_with_the_signals_it_got_while_it_asked(stand_in_host, capsys):

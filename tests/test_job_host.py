@@ -103,6 +103,20 @@ def test_installed_packages_that_changed_start_the_host_again(bare_host, tmp_pat
     assert "starting again" in log and log.count("runs run") == 1, log  # the same process, serving again
 
 
+def test_a_host_whose_preload_started_a_thread_does_not_serve(tmp_path):
+    """A fork copies no thread but every lock a thread holds: such a host would fork drivers that hang."""
+    (tmp_path / "threaded_on_import.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
+    path = tmp_path / "host.sock"
+    done = subprocess.run([sys.executable, "-c", f"from deepyard.job_host import serve; "
+                           f"serve({str(path)!r}, preload=('threaded_on_import',))"],
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                              str(tmp_path), os.environ.get("PYTHONPATH")]))},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "a preload started threads" in done.stdout, done.stdout + done.stderr
+    assert not path.exists()
+
+
 def test_a_host_whose_cluster_is_gone_leaves(bare_host, tmp_path):
     _, host = bare_host
     (tmp_path / "cluster" / "state.json").unlink()

@@ -23,6 +23,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 
 from deepyard import job_client
 from deepyard.job_client import FORWARDED, identity, import_env, short_path
@@ -32,11 +33,12 @@ PRELOAD = ("torch", "torch._dynamo", "ray", "ray.tune", "ray.train", "ray.train.
            "yaml",
            # What a driver went on to import, measured (~1.5 s of CPU in each job's driver on 2 cores):
            # MLflow's sqlite stores and their schema check (alembic), logging a model (pyfunc,
-           # torch.export, networkx, git), plots (matplotlib), Ray's dashboard client (aiohttp), GIFs.
+           # torch.export, networkx, git), Ray's dashboard client (aiohttp), GIFs. (Not matplotlib:
+           # where it cannot write its config folder it makes a temporary one and removes it at exit,
+           # which every driver would then do to the others; a train driver imports it while training.)
            "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
            "alembic.command", "alembic.migration", "alembic.script", "alembic.autogenerate", "mlflow.pyfunc",
-           "torch.export", "networkx", "git", "aiohttp", "matplotlib.pyplot", "matplotlib.backends.backend_agg",
-           "PIL.GifImagePlugin")
+           "torch.export", "networkx", "git", "aiohttp", "PIL.GifImagePlugin")
 STALE = "the installed packages changed since it started; it starts again"
 
 
@@ -57,6 +59,10 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
             print(f"job host: {name} not preloaded ({type(error).__name__}: {error})", flush=True)
     if "mlflow.pyfunc" in loaded:
         _map_installed_packages()
+    if threading.active_count() > 1:  # (a fork copies no thread: whatever locks one held stay held)
+        print(f"job host: a preload started threads ({', '.join(t.name for t in threading.enumerate())}); "
+              "not serving: commands run in their own processes", flush=True)
+        return
     print(f"job host {os.getpid()}: preloaded {', '.join(loaded) or 'nothing'}", flush=True)
     Host(path, own, import_env(environment), environment).loop()
 

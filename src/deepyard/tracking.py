@@ -67,30 +67,49 @@ def _ready(uri: str) -> str:
     from filelock import FileLock
     from mlflow import MlflowClient
 
-    database = Path(uri.removeprefix("sqlite:///"))
+    database = _sqlite_file(uri)
     database.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{database}.lock"):
+        for leftover in database.parent.glob(f".{database.name}.building-*"):  # (a builder that was killed)
+            leftover.unlink(missing_ok=True)
         if not database.exists():
-            _build_store(database)
+            _build_store(uri, database)
         opened = MlflowClient(tracking_uri=uri)
         opened.search_experiments(max_results=1)
         opened.search_registered_models(max_results=1)
     return uri
 
 
-def _build_store(database: Path) -> None:
-    """A new sqlite store, built under another name and linked into place once complete: a command
-    killed while MLflow created its tables (~1.5 s) left a half-built database that every later
-    command failed on ("table ... already exists"). (Under ``_ready``'s lock: one builder at a time.)"""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+def _sqlite_file(uri: str) -> Path:
+    """The database file of a ``sqlite:///`` URI, absolute (a relative one is MLflow's own example),
+    without the URI's query (``?timeout=30``)."""
+    from sqlalchemy.engine import make_url
 
-    for leftover in database.parent.glob(f".{database.name}.building-*"):  # (a builder that was killed)
-        leftover.unlink(missing_ok=True)
-    building = database.with_name(f".{database.name}.building-{os.getpid()}")
-    # (the default experiment's artifacts beside the store, as every experiment of deepyard's)
-    SqlAlchemyStore(f"sqlite:///{building}", (database.parent / "artifacts").as_uri()).engine.dispose()
-    os.link(building, database)  # (all at once, and never over a store that exists)
-    building.unlink()
+    return Path(make_url(uri).database).absolute()
+
+
+def _build_store(uri: str, database: Path) -> None:
+    """A new sqlite store, built under another name and linked into place once complete: a command
+    killed while MLflow created its tables (~1 s) left a half-built database that every later
+    command failed on ("table ... already exists"). (Under ``_ready``'s lock: one builder at a time.)"""
+    import socket
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from sqlalchemy.engine import make_url
+
+    building = database.with_name(f".{database.name}.building-{socket.gethostname()}-{os.getpid()}")
+    try:
+        # (the default experiment's artifacts beside the store, as every experiment of deepyard's)
+        SqlAlchemyStore(make_url(uri).set(database=str(building)).render_as_string(hide_password=False),
+                        (database.parent / "artifacts").as_uri()).engine.dispose()
+        try:
+            os.link(building, database)  # (all at once, and never over a store that exists)
+        except FileExistsError:  # made meanwhile by a program that takes no lock (`mlflow ui`): theirs stands
+            pass
+        except OSError:  # a file system without hard links (FAT, some FUSE mounts): moved, under the lock
+            os.rename(building, database)
+    finally:
+        building.unlink(missing_ok=True)
 
 
 def _experiment_id(mlflow_client, name: str) -> str:
@@ -104,7 +123,7 @@ def _experiment_id(mlflow_client, name: str) -> str:
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         # A sqlite store keeps artifacts beside it, not in ./mlruns of whatever directory we ran from.
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / name).as_uri()
+        location = (_sqlite_file(uri).parent / "artifacts" / name).as_uri()
     try:
         return mlflow_client.create_experiment(name, artifact_location=location)
     except Exception:  # another job created it first
