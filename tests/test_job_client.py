@@ -10,7 +10,9 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -138,3 +140,43 @@ def test_no_host_a_disabled_one_or_a_submitted_jobs_driver_runs_here(stand_in_ho
     stand_in_host.listener.setblocking(False)
     with pytest.raises(BlockingIOError):
         stand_in_host.listener.accept()  # neither asked the host
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]  # R, S, T (stopped), ...
+
+
+def _until(condition, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_ctrl_z_stops_the_driver_with_the_command_and_fg_continues_both(stand_in_host):
+    driver = subprocess.Popen(["sleep", "60"])
+    handed = threading.Event()
+
+    def answer(command, _request) -> None:
+        pidfd = os.pidfd_open(driver.pid)
+        socket.send_fds(command, [(json.dumps({"pid": driver.pid}) + "\n").encode()], [pidfd])
+        os.close(pidfd)
+        handed.set()
+        command.sendall((json.dumps({"exit": 128 - driver.wait(timeout=60)}) + "\n").encode())
+
+    stand_in_host(answer)
+    command = subprocess.Popen([sys.executable, "-c", "import sys\nfrom deepyard import job_client\n"
+                                "sys.exit(job_client.run_there(['deepyard', 'run', 'job.yaml']))"])
+    try:
+        assert handed.wait(timeout=30)
+        time.sleep(0.3)  # (the command takes the driver's pidfd)
+        command.send_signal(signal.SIGTSTP)  # Ctrl-Z
+        _until(lambda: _state(command.pid) == "T" and _state(driver.pid) == "T", "both to stop")
+        command.send_signal(signal.SIGCONT)  # fg
+        _until(lambda: _state(command.pid) != "T" and _state(driver.pid) != "T", "both to go on")
+        driver.terminate()
+        assert command.wait(timeout=30) == 128 + signal.SIGTERM  # (the driver's code, as ever)
+    finally:
+        driver.kill()
+        command.kill()

@@ -68,18 +68,32 @@ def run_there(argv: list[str]) -> int | None:
     pending: list[int] = []  # signals that came before the driver did
     driver: list[int] = []  # its pidfd: a signal never reaches another process that got its pid
 
+    def tell(signum: int) -> None:
+        try:
+            signal.pidfd_send_signal(driver[0], signum)
+        except ProcessLookupError:
+            pass
+
     def forward(signum, _frame) -> None:
         if driver:
-            try:
-                signal.pidfd_send_signal(driver[0], signum)
-            except ProcessLookupError:
-                pass
+            tell(signum)
         else:
             pending.append(signum)
+
+    def suspend(_signum, _frame) -> None:
+        """Ctrl-Z: the driver stops with the command, and goes on when it does (`fg`, `bg`)."""
+        if driver:
+            tell(signal.SIGSTOP)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # (this process stops here until it is continued)
+        signal.signal(signal.SIGTSTP, suspend)
+        if driver:
+            tell(signal.SIGCONT)
 
     host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     host.settimeout(HANDSHAKE_S)
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
+    previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, suspend)
     try:
         try:
             with short_path(socket_path(home)) as path:

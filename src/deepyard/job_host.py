@@ -5,7 +5,8 @@ for each `deepyard run` that joins the cluster.
 A `deepyard run` hands the host its arguments, working folder, environment and standard streams
 (the file descriptors themselves, over a Unix socket) and waits; the forked driver runs the command
 as the process would have, writing to the same terminal; the command exits with the driver's code.
-Signals the command gets (Ctrl-C, SIGTERM, SIGHUP, SIGUSR2) are passed on to the driver; a command
+Signals the command gets (Ctrl-C, SIGTERM, SIGHUP, SIGUSR2) are passed on to the driver, Ctrl-Z
+stops it with the command (and continuing the command continues it); a command
 killed outright takes its driver with it. deepyard's own code is imported fresh in each driver, so
 an edit is picked up by the next run; the host serves only commands whose Python, module path,
 installed packages and import-time environment (``job_client.import_env``) are its own, and starts itself
@@ -116,6 +117,7 @@ class Host:
                     self._close_listener()
                     if self.stopping:
                         self._signal_all(signal.SIGTERM)
+                        self._signal_all(signal.SIGCONT)  # (a driver stopped by Ctrl-Z handles it too)
                 for key, _ in self.events.select(timeout=2.0):
                     what, pid = key.data
                     try:
