@@ -154,11 +154,16 @@ def _until(condition, what: str) -> None:
         time.sleep(0.02)
 
 
-def test_ctrl_z_stops_the_driver_with_the_command_and_fg_continues_both(stand_in_host):
+@pytest.mark.parametrize("when", ["while it asks", "once it has the driver"])
+def test_ctrl_z_stops_the_driver_with_the_command_and_fg_continues_both(stand_in_host, when):
     driver = subprocess.Popen(["sleep", "60"])
     handed = threading.Event()
+    asking: list[subprocess.Popen] = []
 
     def answer(command, _request) -> None:
+        if when == "while it asks":  # (the host has forked the driver; the command does not know it yet)
+            asking[0].send_signal(signal.SIGTSTP)
+            time.sleep(0.3)
         pidfd = os.pidfd_open(driver.pid)
         socket.send_fds(command, [(json.dumps({"pid": driver.pid}) + "\n").encode()], [pidfd])
         os.close(pidfd)
@@ -167,11 +172,14 @@ def test_ctrl_z_stops_the_driver_with_the_command_and_fg_continues_both(stand_in
 
     stand_in_host(answer)
     command = subprocess.Popen([sys.executable, "-c", "import sys\nfrom deepyard import job_client\n"
-                                "sys.exit(job_client.run_there(['deepyard', 'run', 'job.yaml']))"])
+                                "sys.exit(job_client.run_there(['deepyard', 'run', 'job.yaml']))"],
+                               process_group=0)  # (a group of its own, not orphaned: stopping it is possible)
+    asking.append(command)
     try:
         assert handed.wait(timeout=30)
-        time.sleep(0.3)  # (the command takes the driver's pidfd)
-        command.send_signal(signal.SIGTSTP)  # Ctrl-Z
+        if when == "once it has the driver":
+            time.sleep(0.3)
+            command.send_signal(signal.SIGTSTP)  # Ctrl-Z
         _until(lambda: _state(command.pid) == "T" and _state(driver.pid) == "T", "both to stop")
         command.send_signal(signal.SIGCONT)  # fg
         _until(lambda: _state(command.pid) != "T" and _state(driver.pid) != "T", "both to go on")

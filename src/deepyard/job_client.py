@@ -80,15 +80,17 @@ def run_there(argv: list[str]) -> int | None:
         else:
             pending.append(signum)
 
-    def suspend(_signum, _frame) -> None:
-        """Ctrl-Z: the driver stops with the command, and goes on when it does (`fg`, `bg`)."""
-        if driver:
-            tell(signal.SIGSTOP)
+    def suspend(signum, _frame) -> None:
+        """Ctrl-Z: the driver stops with the command, and goes on when it does (`fg`, `bg`). (Before
+        the driver is known, the stop waits for it: the host may have forked it already.)"""
+        if not driver:
+            pending.append(signum)
+            return
+        tell(signal.SIGSTOP)
         signal.signal(signal.SIGTSTP, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTSTP)  # (this process stops here until it is continued)
         signal.signal(signal.SIGTSTP, suspend)
-        if driver:
-            tell(signal.SIGCONT)
+        tell(signal.SIGCONT)
 
     host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     host.settimeout(HANDSHAKE_S)
@@ -112,7 +114,7 @@ def run_there(argv: list[str]) -> int | None:
         driver.append(fds[0])
         host.settimeout(None)
         for signum in pending:
-            forward(signum, None)
+            (suspend if signum == signal.SIGTSTP else forward)(signum, None)
         try:
             ended, _ = _receive_line(host)
         except OSError:
