@@ -24,14 +24,17 @@ import time
 
 import record
 
-CHILD = """
+# What the host preloaded before abe95b8: the libraries only.
+LIBRARIES = ("torch", "torch._dynamo", "ray", "ray.tune", "ray.train", "ray.train.torch", "ray.data", "mlflow",
+             "mlflow.pytorch", "ray.rllib", "gymnasium", "pandas", "pyarrow", "pydantic", "typer", "rich", "yaml")
+CHILD = f"LIBRARIES = {LIBRARIES!r}" + """
 import importlib, json, os, sys, tempfile, time
-from deepyard import job_host
-names = job_host.PRELOAD if sys.argv[1] == "full" else job_host.PRELOAD[:job_host.PRELOAD.index("yaml") + 1]
+from deepyard import job_host, warm
+names = job_host.PRELOAD if sys.argv[1] == "full" else LIBRARIES
 for name in names:
     importlib.import_module(name)
 if sys.argv[1] == "full":
-    job_host._map_installed_packages()
+    warm.map_installed_packages()
 for _ in range(int(sys.argv[2])):
     read, write = os.pipe()
     if (pid := os.fork()) == 0:

@@ -26,58 +26,40 @@ import struct
 import sys
 import threading
 
-from deepyard import job_client
+from deepyard import job_client, warm
 from deepyard.job_client import FORWARDED, identity, import_env, short_path
 
-PRELOAD = ("torch", "torch._dynamo", "ray", "ray.tune", "ray.train", "ray.train.torch", "ray.data", "mlflow",
-           "mlflow.pytorch", "ray.rllib", "gymnasium", "pandas", "pyarrow", "pydantic", "typer", "rich",
-           "yaml",
+PRELOAD = ("torch", "ray", "ray.tune", "ray.train", "ray.train.torch", "ray.data", "mlflow", "ray.rllib",
+           "gymnasium", "pandas", "pyarrow", "pydantic", "typer", "rich", "yaml",
            # What a driver went on to import, measured (~1.5 s of CPU in each job's driver on 2 cores):
-           # MLflow's sqlite stores and their schema check (alembic), logging a model (pyfunc,
-           # torch.export, networkx, git), Ray's dashboard client (aiohttp), GIFs. (Not matplotlib:
-           # where it cannot write its config folder it makes a temporary one and removes it at exit,
-           # which every driver would then do to the others; a train driver imports it while training.)
+           # MLflow's sqlite stores and their schema check (alembic), logging a model, Ray's dashboard
+           # client (aiohttp), GIFs. (Not matplotlib: where it cannot write its config folder it makes
+           # a temporary one and removes it at exit, which every driver would then do to the others; a
+           # train driver imports it while training.)
            "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
-           "alembic.command", "alembic.migration", "alembic.script", "alembic.autogenerate", "mlflow.pyfunc",
-           "torch.export", "networkx", "git", "aiohttp", "PIL.GifImagePlugin")
+           "alembic.command", "alembic.migration", "alembic.script", "alembic.autogenerate", *warm.MODEL_LOGGING,
+           "aiohttp", "PIL.GifImagePlugin")
 STALE = "the installed packages changed since it started; it starts again"
 
 
 def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     """Import ``preload``, then listen at ``path`` and fork a driver for each command, until SIGTERM
     (the drivers get it too, and are waited for) or the cluster is gone."""
-    import importlib
-
     environment = dict(os.environ)  # (before the imports: torch adds to it, Ray to sys.path)
     own = identity()
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # (as the command sets it: cli/app.py)
-    loaded = []
-    for name in preload:
-        try:
-            importlib.import_module(name)
-            loaded.append(name)
-        except Exception as error:  # (a driver that needs it imports it, and fails, as alone)
-            print(f"job host: {name} not preloaded ({type(error).__name__}: {error})", flush=True)
-    if "mlflow.pyfunc" in loaded:
-        _map_installed_packages()
+    loaded, failed = warm.import_each(preload)
+    for name, why in failed.items():  # (a driver that needs it imports it, and fails, as alone)
+        print(f"job host: {name} not preloaded ({why})", flush=True)
+    if "mlflow.pyfunc" in loaded and (why := warm.map_installed_packages()):
+        # (a host whose packages change starts again: ``STALE``)
+        print(f"job host: MLflow's package map not built ahead ({why})", flush=True)
     if threading.active_count() > 1:  # (a fork copies no thread: whatever locks one held stay held)
         print(f"job host: a preload started threads ({', '.join(t.name for t in threading.enumerate())}); "
               "not serving: commands run in their own processes", flush=True)
         return
     print(f"job host {os.getpid()}: preloaded {', '.join(loaded) or 'nothing'}", flush=True)
     Host(path, own, import_env(environment), environment).loop()
-
-
-def _map_installed_packages() -> None:
-    """MLflow's map of installed packages to their modules (every logged model's requirements are
-    checked against it): built once per process from every package's file list, ~0.4 s on 2 cores.
-    A host built it for all its drivers; one whose packages change starts again (``STALE``)."""
-    try:
-        from mlflow.utils.requirements_utils import _init_packages_to_modules_map
-
-        _init_packages_to_modules_map()
-    except Exception as error:  # (MLflow's own helper: a release without it leaves each driver to build it)
-        print(f"job host: MLflow's package map not built ahead ({type(error).__name__}: {error})", flush=True)
 
 
 class Host:

@@ -229,20 +229,16 @@ def preload() -> None:
     """Import what logging a model needs (seconds of imports), while the driver waits for training;
     and warm the two things MLflow works out once per process when it logs a model, ~0.6 s of the
     job's end on a laptop: which installed package provides which module (to check the model's
-    pip requirements against), and the git commit of the program (a tag of the logged model)."""
+    pip requirements against), and the git commit of the program (a tag of the logged model). A
+    driver forked by the job host has all but the commit already (``warm``: the same list)."""
     import deepyard.plots  # noqa: F401  (matplotlib)
-    import mlflow.pytorch  # noqa: F401
-    # Exporting the serving module needs torch's compiler stack (torch._dynamo: ~0.9 s of imports,
-    # which nothing else in the driver loads now).
-    import torch._dynamo  # noqa: F401
-    import torch.export  # noqa: F401
-    from mlflow.models import infer_signature  # noqa: F401
+    from deepyard import warm
 
+    warm.import_each(warm.MODEL_LOGGING)
+    warm.map_installed_packages()
     try:  # (MLflow's internals: a version without them only loses the head start)
         from mlflow.tracking.context.registry import resolve_tags
-        from mlflow.utils.requirements_utils import _init_packages_to_modules_map
 
-        _init_packages_to_modules_map()
         resolve_tags()
     except (ImportError, AttributeError):
         pass
