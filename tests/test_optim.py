@@ -40,6 +40,7 @@ def test_the_check_refuses_what_building_the_optimizer_refuses(name, params):
         check_optimizer(name, params)
 
 
+@pytest.mark.slow  # (deepyard in a process of its own)
 def test_the_check_builds_no_optimizer_so_a_command_does_not_import_torch_compiler():
     import subprocess
     import sys

@@ -102,10 +102,11 @@ def train_loader(spec: TrainJob, splits: Splits, rank: int, world: int) -> DataL
 
 
 EVAL_BATCH = 1024  # scoring needs no gradients: large batches for a GPU, and for Ray Data's streams
-# (each streamed batch has a fixed cost). In memory on a CPU a batch of 1024 outgrew the caches:
-# 4,096 Fashion-MNIST images through the zoo's CNN took 1.7 s in batches of 1024 and 1.1 s in 256
-# (the BERT-like encoder on reviews: 0.46 vs 0.35 s).
-CPU_EVAL_BATCH = 256
+# (each streamed batch has a fixed cost). In memory on a CPU large batches outgrow the caches: on 2
+# cores the zoo's CNN scored 4,096 Fashion-MNIST images in 1.44 s in batches of 1024, 0.90 s in 256
+# and 0.60 s in 128 (no faster below); the char GPT 2.47, 2.10 and 1.68 s (1.47 in 32); the
+# BERT-like encoder on reviews 0.24, 0.15 and 0.15 s (bench/eval_batch.py).
+CPU_EVAL_BATCH = 128
 
 
 def eval_loader(x: np.ndarray, y: np.ndarray, device: torch.device) -> DataLoader:
