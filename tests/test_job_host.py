@@ -68,6 +68,45 @@ def test_a_command_runs_in_a_forked_driver_with_its_own_streams_folder_and_exit_
     assert "deepyard_no_such_module not preloaded (ModuleNotFoundError" in log
 
 
+def test_a_command_slow_to_send_its_request_holds_up_no_other_and_is_dropped(bare_host, tmp_path):
+    """A command that trickles its request (stopped mid-send, or hostile) is read as it comes: another
+    command is served meanwhile, and the slow one is dropped once its 2 s are up. (Read as one
+    blocking request, the trickle held the host until the other command gave up and ran alone.)"""
+    import socket
+    import struct
+    import threading
+
+    from deepyard.job_client import HANDSHAKE_S, short_path
+
+    env, host = bare_host
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with short_path(str(tmp_path / "cluster" / "host.sock")) as path:
+        slow.connect(path)
+    dropped = threading.Event()
+
+    def trickle() -> None:  # a length, then a byte a second: never whole, never quiet for 2 s
+        try:
+            slow.sendall(struct.pack("!I", 1000))
+            deadline = time.monotonic() + HANDSHAKE_S + 5
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                slow.sendall(b" ")
+        except OSError:  # (the host closed its end)
+            dropped.set()
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    served = subprocess.run([*DEEPYARD, "run", "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert served.returncode == 0 and "--resume" in served.stdout and "note:" not in served.stderr
+    sender.join(timeout=HANDSHAKE_S + 10)
+    slow.close()
+    assert dropped.is_set()
+    host.terminate()
+    log = host.communicate(timeout=10)[0]
+    assert log.count("runs run") == 1, log  # the other command was driven from the host, not run alone
+    assert "sent no whole request within 2 s; dropped" in log, log
+
+
 def test_a_command_that_imports_otherwise_or_a_submitted_jobs_driver_runs_alone(bare_host):
     env, host = bare_host
     done = subprocess.run([*DEEPYARD, "run", "--help"], env={**env, "OMP_NUM_THREADS": "7"}, capture_output=True,

@@ -25,6 +25,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 from deepyard import job_client, warm
 from deepyard.job_client import FORWARDED, identity, import_env, short_path
@@ -40,6 +41,7 @@ PRELOAD = ("torch", "ray", "ray.tune", "ray.train", "ray.train.torch", "ray.data
            "alembic.command", "alembic.migration", "alembic.script", "alembic.autogenerate", *warm.MODEL_LOGGING,
            "aiohttp", "PIL.GifImagePlugin")
 STALE = "the installed packages changed since it started; it starts again"
+REQUEST_S = 2.0  # a command sends its request at once; one that has not within this is dropped
 
 
 def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
@@ -71,6 +73,7 @@ class Host:
 
         self.path, self.own, self.own_env, self.environment = path, own, own_env, environment
         self.drivers: dict[int, tuple[socket.socket, int]] = {}
+        self.asking: dict[int, _Request] = {}  # commands whose requests are still coming in, by socket fd
         self.stopping = self.stale = False
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         partial = f"{path}.{os.getpid()}"
@@ -100,12 +103,14 @@ class Host:
                     if self.stopping:
                         self._signal_all(signal.SIGTERM)
                         self._signal_all(signal.SIGCONT)  # (a driver stopped by Ctrl-Z handles it too)
-                for key, _ in self.events.select(timeout=2.0):
+                for key, _ in self.events.select(timeout=self._wait_s()):
                     what, pid = key.data
                     try:
                         self._on(what, pid)
                     except Exception as error:  # (one command's trouble is not every other's)
                         print(f"job host: {what} {pid or ''} failed: {error!r}", flush=True)
+                        self._drop(pid if what == "request" else -1)
+                self._drop_late()
                 if not self.stopping and not _cluster_up(self.path):
                     self.stopping = True
         finally:
@@ -122,7 +127,18 @@ class Host:
             os.read(self.wakeup_r, 512)
         elif what == "accept" and self.listener.fileno() >= 0:
             command, _ = self.listener.accept()
-            started = self._start_driver(command)
+            command.setblocking(False)  # (read as it comes: a slow command holds up no other)
+            self.asking[command.fileno()] = _Request(command, time.monotonic() + REQUEST_S)
+            self.events.register(command, selectors.EVENT_READ, ("request", command.fileno()))
+        elif what == "request" and pid in self.asking:
+            request = self.asking[pid]
+            if not request.read():
+                return
+            self.events.unregister(request.command)
+            del self.asking[pid]
+            command = request.command
+            command.setblocking(True)
+            started = self._start_driver(command, request)
             if started is None:
                 command.close()
                 return
@@ -136,20 +152,11 @@ class Host:
             os.kill(pid, signal.SIGKILL)  # its command was killed: so is its driver
             self.events.unregister(self.drivers[pid][0])
 
-    def _start_driver(self, command: socket.socket) -> tuple[int, int] | None:
-        command.settimeout(2.0)  # (a command sends its request at once; one that does not is dropped)
-        fds: list[int] = []
+    def _start_driver(self, command: socket.socket, asked: "_Request") -> tuple[int, int] | None:
+        fds, asked.fds = asked.fds, []
         try:
             uid = struct.unpack("3i", command.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
-            data, fds, _, _ = socket.recv_fds(command, 1 << 20, 3)
-            size = struct.unpack("!I", data[:4])[0]
-            data = data[4:]
-            while len(data) < size:
-                more = command.recv(size - len(data))
-                if not more:
-                    raise ConnectionError("the command went away")
-                data += more
-            request = json.loads(data)
+            request = json.loads(asked.body())
             refused = self._refusal(uid, request, fds)
             if refused:
                 _reply(command, {"refused": refused})
@@ -159,10 +166,25 @@ class Host:
         finally:
             for fd in fds:
                 os.close(fd)
-        command.settimeout(None)
         socket.send_fds(command, [(json.dumps({"pid": pid}) + "\n").encode()], [pidfd])
         print(f"job host: driver {pid} runs {' '.join(request['argv'][1:])}", flush=True)
         return pid, pidfd
+
+    def _wait_s(self) -> float:
+        """Until the earliest request is due (2 s at most: the cluster's state is looked at between)."""
+        due = min((request.deadline for request in self.asking.values()), default=time.monotonic() + 2.0)
+        return min(2.0, max(0.0, due - time.monotonic()))
+
+    def _drop_late(self) -> None:
+        now = time.monotonic()
+        for fd in [fd for fd, request in self.asking.items() if request.deadline <= now]:
+            print(f"job host: a command sent no whole request within {REQUEST_S:g} s; dropped", flush=True)
+            self._drop(fd)
+
+    def _drop(self, fd: int) -> None:
+        if (request := self.asking.pop(fd, None)) is not None:
+            self.events.unregister(request.command)
+            request.close()
 
     def _refusal(self, uid: int, request: dict, fds: list[int]) -> str | None:
         if uid != os.getuid():
@@ -171,6 +193,8 @@ class Host:
             return "its standard streams did not come along"
         if self.stale:
             return STALE
+        if self.stopping:  # (a request that came in whole after `cluster down` began)
+            return "its cluster is going down"
         if request["identity"] != self.own:
             if all(request["identity"][key] == self.own[key] for key in ("python", "path")) and (
                     identity()["packages"] != self.own["packages"]):
@@ -190,8 +214,10 @@ class Host:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         pid = os.fork()
         if pid == 0:
-            held = [self.listener, command, *(c for c, _ in self.drivers.values())]
-            _become_driver(request, fds, held, [self.wakeup_r, *(p for _, p in self.drivers.values())], blocked)
+            held = [self.listener, command, *(c for c, _ in self.drivers.values()),
+                    *(r.command for r in self.asking.values())]
+            _become_driver(request, fds, held, [self.wakeup_r, *(p for _, p in self.drivers.values()),
+                                                *(fd for r in self.asking.values() for fd in r.fds)], blocked)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return pid
 
@@ -226,6 +252,36 @@ class Host:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+class _Request:
+    """A command's request as it comes in: a length, then that much JSON, the command's three
+    standard streams with its first bytes. Whole within ``REQUEST_S`` of the connection, or dropped."""
+
+    def __init__(self, command: socket.socket, deadline: float) -> None:
+        self.command, self.deadline = command, deadline
+        self.data, self.fds = b"", []
+
+    def read(self) -> bool:
+        """Take what has come; True once the request is whole. (ConnectionError: the command went away.)"""
+        try:
+            data, fds, _, _ = socket.recv_fds(self.command, 1 << 20, 3)
+        except BlockingIOError:
+            return False
+        self.fds += fds
+        if not data:
+            raise ConnectionError("the command went away before its request was whole")
+        self.data += data
+        return len(self.data) >= 4 and len(self.data) >= 4 + struct.unpack("!I", self.data[:4])[0]
+
+    def body(self) -> bytes:
+        return self.data[4:4 + struct.unpack("!I", self.data[:4])[0]]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        self.command.close()
 
 
 def _become_driver(request: dict, fds: list[int], sockets: list[socket.socket], descriptors: list[int],
