@@ -49,8 +49,9 @@ test-all: install data
 
 # A process per core, each with one torch thread: small tensors gain nothing from a second thread,
 # and two processes with two threads each on two cores spin against each other.
+# (without the property-based testing plugins, ~1.5 s of imports in each process: only slow tests use them)
 test-fast: install data
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" -n auto
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" -n auto -p no:hypothesispytest -p no:schemathesis -p no:anyio
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench

@@ -84,6 +84,13 @@ def test_not_yaml_and_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_parses_as_its_kind(path):
+    spec = load_spec(path)  # the schema only: the unit-test loop's check (the data: the test below)
+    assert spec.kind in path.read_text() and spec.name
+
+
+@pytest.mark.slow  # (each loads its job's whole data set, ~9 s of CPU in all: make test runs it)
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_job_validates(path, cli):
     spec = load_spec(path)
     # Jobs that start from a registered model (deploy, compress, robustness, a transfer's init): not registered in
