@@ -79,28 +79,33 @@ def test_a_command_slow_to_send_its_request_holds_up_no_other_and_is_dropped(bar
     from deepyard.job_client import HANDSHAKE_S, short_path
 
     env, host = bare_host
-    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with short_path(str(tmp_path / "cluster" / "host.sock")) as path:
-        slow.connect(path)
-    dropped = threading.Event()
+    dropped: list[bool] = []
 
-    def trickle() -> None:  # a length, then a byte a second: never whole, never quiet for 2 s
+    def trickle() -> None:  # a length, then a byte each half second: never whole, never quiet for 2 s
+        slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            with short_path(str(tmp_path / "cluster" / "host.sock")) as path:
+                slow.connect(path)
             slow.sendall(struct.pack("!I", 1000))
             deadline = time.monotonic() + HANDSHAKE_S + 5
             while time.monotonic() < deadline:
                 time.sleep(0.5)
                 slow.sendall(b" ")
         except OSError:  # (the host closed its end)
-            dropped.set()
+            dropped.append(True)
+        finally:
+            slow.close()
 
-    sender = threading.Thread(target=trickle, daemon=True)
-    sender.start()
+    # One trickler a second for 5 s: whenever the other command asks, one is being read.
+    senders = [threading.Timer(delay, trickle) for delay in range(5)]
+    for sender in senders:
+        sender.daemon = True
+        sender.start()
     served = subprocess.run([*DEEPYARD, "run", "--help"], env=env, capture_output=True, text=True, timeout=60)
     assert served.returncode == 0 and "--resume" in served.stdout and "note:" not in served.stderr
-    sender.join(timeout=HANDSHAKE_S + 10)
-    slow.close()
-    assert dropped.is_set()
+    for sender in senders:
+        sender.join(timeout=HANDSHAKE_S + 15)
+    assert len(dropped) == len(senders)
     host.terminate()
     log = host.communicate(timeout=10)[0]
     assert log.count("runs run") == 1, log  # the other command was driven from the host, not run alone

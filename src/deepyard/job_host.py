@@ -115,6 +115,8 @@ class Host:
                     self.stopping = True
         finally:
             self._close_listener()
+            for fd in list(self.asking):  # (their commands run alone; their streams stay out of a new host)
+                self._drop(fd)
         if self.stale and not self.stopping:
             print("job host: installed packages changed; starting again", flush=True)
             os.execve(sys.executable, [sys.executable, "-c",
@@ -131,26 +133,36 @@ class Host:
             self.asking[command.fileno()] = _Request(command, time.monotonic() + REQUEST_S)
             self.events.register(command, selectors.EVENT_READ, ("request", command.fileno()))
         elif what == "request" and pid in self.asking:
-            request = self.asking[pid]
-            if not request.read():
-                return
-            self.events.unregister(request.command)
-            del self.asking[pid]
-            command = request.command
-            command.setblocking(True)
-            started = self._start_driver(command, request)
-            if started is None:
-                command.close()
-                return
-            pid, pidfd = started
-            self.drivers[pid] = (command, pidfd)
-            self.events.register(pidfd, selectors.EVENT_READ, ("ended", pid))
-            self.events.register(command, selectors.EVENT_READ, ("command", pid))
+            self._take(pid)
         elif what == "ended" and pid in self.drivers:
             self._finish(pid)
         elif what == "command" and pid in self.drivers and _gone(self.drivers[pid][0]):
             os.kill(pid, signal.SIGKILL)  # its command was killed: so is its driver
             self.events.unregister(self.drivers[pid][0])
+
+    def _take(self, fd: int) -> None:
+        """Read what a command has sent; once its request is whole, start its driver."""
+        import selectors
+
+        request = self.asking[fd]
+        if not request.read():
+            return
+        self.events.unregister(request.command)
+        del self.asking[fd]
+        command = request.command
+        command.setblocking(True)
+        try:
+            started = self._start_driver(command, request)
+        except BaseException:
+            command.close()
+            raise
+        if started is None:
+            command.close()
+            return
+        pid, pidfd = started
+        self.drivers[pid] = (command, pidfd)
+        self.events.register(pidfd, selectors.EVENT_READ, ("ended", pid))
+        self.events.register(command, selectors.EVENT_READ, ("command", pid))
 
     def _start_driver(self, command: socket.socket, asked: "_Request") -> tuple[int, int] | None:
         fds, asked.fds = asked.fds, []
@@ -166,7 +178,10 @@ class Host:
         finally:
             for fd in fds:
                 os.close(fd)
-        socket.send_fds(command, [(json.dumps({"pid": pid}) + "\n").encode()], [pidfd])
+        try:
+            socket.send_fds(command, [(json.dumps({"pid": pid}) + "\n").encode()], [pidfd])
+        except OSError:  # (the command is gone: its driver is killed and reaped once that is seen)
+            pass
         print(f"job host: driver {pid} runs {' '.join(request['argv'][1:])}", flush=True)
         return pid, pidfd
 
@@ -178,8 +193,13 @@ class Host:
     def _drop_late(self) -> None:
         now = time.monotonic()
         for fd in [fd for fd, request in self.asking.items() if request.deadline <= now]:
-            print(f"job host: a command sent no whole request within {REQUEST_S:g} s; dropped", flush=True)
-            self._drop(fd)
+            try:
+                self._take(fd)  # (what came while the host was busy with others)
+            except Exception as error:
+                print(f"job host: request {fd} failed: {error!r}", flush=True)
+            if fd in self.asking:
+                print(f"job host: a command sent no whole request within {REQUEST_S:g} s; dropped", flush=True)
+                self._drop(fd)
 
     def _drop(self, fd: int) -> None:
         if (request := self.asking.pop(fd, None)) is not None:
