@@ -109,7 +109,8 @@ class Host:
                         self._on(what, pid)
                     except Exception as error:  # (one command's trouble is not every other's)
                         print(f"job host: {what} {pid or ''} failed: {error!r}", flush=True)
-                        self._drop(pid if what == "request" else -1)
+                        if what == "request":
+                            self._drop(pid)
                 self._drop_late()
                 if not self.stopping and not _cluster_up(self.path):
                     self.stopping = True
@@ -292,10 +293,13 @@ class _Request:
         if not data:
             raise ConnectionError("the command went away before its request was whole")
         self.data += data
-        return len(self.data) >= 4 and len(self.data) >= 4 + struct.unpack("!I", self.data[:4])[0]
+        return len(self.data) >= 4 and len(self.data) >= 4 + self._size()
 
     def body(self) -> bytes:
-        return self.data[4:4 + struct.unpack("!I", self.data[:4])[0]]
+        return self.data[4:4 + self._size()]
+
+    def _size(self) -> int:
+        return struct.unpack("!I", self.data[:4])[0]
 
     def close(self) -> None:
         for fd in self.fds:
