@@ -23,6 +23,7 @@ FORWARDED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHU
                   if hasattr(signal, name))
 HANDSHAKE_S = 20.0  # a host that has not answered by then is not waited for: the command runs here
 ENABLED_ENV = "DEEPYARD_JOB_HOST"  # "0": `deepyard cluster up` starts none, and commands run alone
+WORKER_HOST_ENV = "DEEPYARD_WORKER_HOST"  # the worker host's socket, in the environment of a local cluster's nodes
 SUPPORTED = hasattr(os, "pidfd_open") and hasattr(os, "O_PATH")  # (Linux: pidfds, /proc paths)
 IN_DRIVER = False  # set in a forked driver: its command runs there, not in yet another one
 # Set by Ray's job supervisor for a submitted job's entrypoint: that driver is the supervisor's child
@@ -42,12 +43,13 @@ def socket_path(home: str) -> str:
     return os.path.join(home, "cluster", "host.sock")
 
 
-def identity() -> dict:
-    """What the host's imports depend on: the interpreter, the module path (past its first entry,
-    the script's folder) and when each of its folders last changed (an install or removal of a
-    package changes its folder's time)."""
-    return {"python": sys.executable, "path": sys.path[1:],
-            "packages": {folder: os.stat(folder).st_mtime_ns for folder in sys.path[1:] if os.path.isdir(folder)}}
+def identity(path: list[str] | None = None) -> dict:
+    """What the host's imports depend on: the interpreter, the module path (``path``, default past
+    its first entry, the script's folder) and when each of its folders last changed (an install or
+    removal of a package changes its folder's time)."""
+    path = sys.path[1:] if path is None else path
+    return {"python": sys.executable, "path": path,
+            "packages": {folder: os.stat(folder).st_mtime_ns for folder in path if os.path.isdir(folder)}}
 
 
 # What a library sets in its own process on import, as good as unset (Ray: client mode off).
@@ -65,6 +67,13 @@ def run_there(argv: list[str]) -> int | None:
     if IN_DRIVER or os.environ.get(ENABLED_ENV) == "0" or RAY_JOB_ENV in os.environ or not SUPPORTED:
         return None
     home = os.path.abspath(os.path.expanduser(os.environ.get("DEEPYARD_HOME", ".deepyard")))
+    return hand_over(socket_path(home), {"kind": "driver", "argv": argv, "script_folder": sys.path[0]})
+
+
+def hand_over(path: str, fields: dict) -> int | None:
+    """Ask the host listening at ``path`` to fork a process for this one (``fields``: what it is to
+    run; this process's folder, environment and standard streams go along), pass it the signals this
+    process gets, and return its exit code; None where no host took it."""
     pending: list[int] = []  # signals that came before the driver did
     driver: list[int] = []  # its pidfd: a signal never reaches another process that got its pid
 
@@ -98,16 +107,19 @@ def run_there(argv: list[str]) -> int | None:
     previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, suspend)
     try:
         try:
-            with short_path(socket_path(home)) as path:
-                host.connect(path)
-            request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask(),
-                                  "script_folder": sys.path[0], "identity": identity()}).encode()
+            with short_path(path) as short:
+                host.connect(short)
+            request = json.dumps({"cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask(),
+                                  "identity": identity(), **fields}).encode()
             _send_all(host, struct.pack("!I", len(request)) + request, [0, 1, 2])
             answer, fds = _receive_line(host)
         except OSError:  # no host (no cluster up, or one started without it), one gone or too busy to answer
             return None
         if "pid" not in answer or len(fds) != 1:
-            if answer.get("refused"):
+            if answer.get("refused") and fields["kind"] == "worker":
+                print(f"note: the worker host did not fork this worker ({answer['refused']}); it starts as Ray "
+                      "starts it", file=sys.stderr)
+            elif answer.get("refused"):
                 print(f"note: the job host did not take this command ({answer['refused']}); it runs here",
                       file=sys.stderr)
             return None
@@ -121,7 +133,7 @@ def run_there(argv: list[str]) -> int | None:
             ended = {}
         if "exit" in ended:
             return ended["exit"]
-        print(f"deepyard: the job host ended while driver {answer['pid']} ran; stopping it", file=sys.stderr)
+        print(f"deepyard: the job host ended while {fields['kind']} {answer['pid']} ran; stopping it", file=sys.stderr)
         forward(signal.SIGTERM, None)
         return 1
     finally:

@@ -40,13 +40,26 @@ PRELOAD = ("torch", "ray", "ray.tune", "ray.train", "ray.train.torch", "ray.data
            "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
            "alembic.command", "alembic.migration", "alembic.script", "alembic.autogenerate", *warm.MODEL_LOGGING,
            "aiohttp", "PIL.GifImagePlugin")
+# A Ray worker of the local cluster (``ray_worker``): what a training function imports besides Ray,
+# and the libraries Ray itself imports, ~2.7 s of CPU in each job's fresh worker process on 2 cores
+# (torch._dynamo included: torch's optimizers import it when the first is built). Not Ray: loading
+# its core library freezes what its config read from the environment, a worker's job id included.
+WORKER_PRELOAD = ("torch", "torch._dynamo", "numpy", "pandas", "pyarrow", "attr", "pydantic", "rich", "urllib3",
+                  "yaml", "wcwidth", "fsspec", "filelock", "google.protobuf", "grpc", "click", "requests",
+                  "jsonschema", "psutil", "uvloop", "lz4", "colorful", "msgpack", "aiohttp")
+NOT_IN_WORKER_HOST = "ray._raylet"
+# Set for each worker by the raylet, read when the worker connects (not on import); and by `ray
+# start` for its raylet, read there.
+_PER_WORKER = {"RAY_JOB_ID", "RAY_RAYLET_PID", "RAY_LD_PRELOAD_ON_WORKERS"}
 STALE = "the installed packages changed since it started; it starts again"
 REQUEST_S = 2.0  # a command sends its request at once; one that has not within this is dropped
 
 
-def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
-    """Import ``preload``, then listen at ``path`` and fork a driver for each command, until SIGTERM
-    (the drivers get it too, and are waited for) or the cluster is gone."""
+def serve(path: str, preload: tuple[str, ...] | None = None, kind: str = "driver") -> None:
+    """Import ``preload``, then listen at ``path`` and fork a driver for each command (``kind``
+    "worker": a Ray worker for each raylet's start of one), until SIGTERM (the processes forked get
+    it too, and are waited for) or the cluster is gone."""
+    preload = preload if preload is not None else WORKER_PRELOAD if kind == "worker" else PRELOAD
     environment = dict(os.environ)  # (before the imports: torch adds to it, Ray to sys.path)
     own = identity()
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # (as the command sets it: cli/app.py)
@@ -56,22 +69,26 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     if "mlflow.pyfunc" in loaded and (why := warm.map_installed_packages()):
         # (a host whose packages change starts again: ``STALE``)
         print(f"job host: MLflow's package map not built ahead ({why})", flush=True)
+    if kind == "worker" and NOT_IN_WORKER_HOST in sys.modules:
+        print(f"job host: a preload imported {NOT_IN_WORKER_HOST}; not serving: Ray workers start as Ray starts "
+              "them", flush=True)
+        return
     if threading.active_count() > 1:  # (a fork copies no thread: whatever locks one held stay held)
         print(f"job host: a preload started threads ({', '.join(t.name for t in threading.enumerate())}); "
               "not serving: commands run in their own processes", flush=True)
         return
     print(f"job host {os.getpid()}: preloaded {', '.join(loaded) or 'nothing'}", flush=True)
-    Host(path, own, import_env(environment), environment).loop()
+    Host(path, own, import_env(environment), environment, kind).loop()
 
 
 class Host:
     """The listening socket, the drivers running (pid: the command's connection and the driver's
     pidfd) and one selector over them all: one thread, so that a fork copies no other thread's locks."""
 
-    def __init__(self, path: str, own: dict, own_env: dict, environment: dict) -> None:
+    def __init__(self, path: str, own: dict, own_env: dict, environment: dict, kind: str = "driver") -> None:
         import selectors
 
-        self.path, self.own, self.own_env, self.environment = path, own, own_env, environment
+        self.path, self.own, self.own_env, self.environment, self.kind = path, own, own_env, environment, kind
         self.drivers: dict[int, tuple[socket.socket, int]] = {}
         self.asking: dict[int, _Request] = {}  # commands whose requests are still coming in, by socket fd
         self.stopping = self.stale = False
@@ -112,7 +129,7 @@ class Host:
                         if what == "request":
                             self._drop(pid)
                 self._drop_late()
-                if not self.stopping and not _cluster_up(self.path):
+                if not self.stopping and not _cluster_up(self.path, self.kind):
                     self.stopping = True
         finally:
             self._close_listener()
@@ -120,8 +137,7 @@ class Host:
                 self._drop(fd)
         if self.stale and not self.stopping:
             print("job host: installed packages changed; starting again", flush=True)
-            os.execve(sys.executable, [sys.executable, "-c",
-                                       f"from deepyard.job_host import serve; serve({self.path!r})"], self.environment)
+            os.execve(sys.executable, command(self.path, self.kind), self.environment)
 
     def _on(self, what: str, pid: int) -> None:
         import selectors
@@ -183,7 +199,7 @@ class Host:
             socket.send_fds(command, [(json.dumps({"pid": pid}) + "\n").encode()], [pidfd])
         except OSError:  # (the command is gone: its driver is killed and reaped once that is seen)
             pass
-        print(f"job host: driver {pid} runs {' '.join(request['argv'][1:])}", flush=True)
+        print(f"job host: {self.kind} {pid} runs {' '.join(request['argv'][1:])[:200]}", flush=True)
         return pid, pidfd
 
     def _wait_s(self) -> float:
@@ -216,13 +232,16 @@ class Host:
             return STALE
         if self.stopping:  # (a request that came in whole after `cluster down` began)
             return "its cluster is going down"
+        if request.get("kind", "driver") != self.kind:
+            return f"this host forks {self.kind}s"
         if request["identity"] != self.own:
             if all(request["identity"][key] == self.own[key] for key in ("python", "path")) and (
                     identity()["packages"] != self.own["packages"]):
                 self.stale = True  # (it starts again once its drivers have ended)
                 return STALE
             return "the command's Python, module path or installed packages are not the host's"
-        if (theirs := import_env(request["env"])) != self.own_env:
+        theirs = import_env({k: v for k, v in request["env"].items() if k not in _PER_WORKER or self.kind != "worker"})
+        if theirs != self.own_env:
             differ = sorted({key for key, _ in set(theirs.items()) ^ set(self.own_env.items())})
             return f"the command sets {', '.join(differ)} otherwise than the host did when it started"
         return None
@@ -237,8 +256,9 @@ class Host:
         if pid == 0:
             held = [self.listener, command, *(c for c, _ in self.drivers.values()),
                     *(r.command for r in self.asking.values())]
-            _become_driver(request, fds, held, [self.wakeup_r, *(p for _, p in self.drivers.values()),
-                                                *(fd for r in self.asking.values() for fd in r.fds)], blocked)
+            (_become_worker if self.kind == "worker" else _become_driver)(
+                request, fds, held, [self.wakeup_r, *(p for _, p in self.drivers.values()),
+                                     *(fd for r in self.asking.values() for fd in r.fds)], blocked)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return pid
 
@@ -254,7 +274,7 @@ class Host:
             pass
         _reply(command, {"exit": code})
         command.close()
-        print(f"job host: driver {pid} exited {code}", flush=True)
+        print(f"job host: {self.kind} {pid} exited {code}", flush=True)
 
     def _signal_all(self, signum: int) -> None:
         for _, pidfd in self.drivers.values():
@@ -308,6 +328,35 @@ class _Request:
         self.command.close()
 
 
+def command(path: str, kind: str = "driver") -> list[str]:
+    """How a host is started (``local_cluster``), and starts itself again."""
+    return [sys.executable, "-c", f"from deepyard.job_host import serve; serve({path!r}, kind={kind!r})"]
+
+
+def _take_on(request: dict, fds: list[int], sockets: list[socket.socket], descriptors: list[int]) -> None:
+    """In a forked process: let go of the host's sockets and descriptors, take on the requester's
+    standard streams, folder and environment, with each signal's handling as a new process has it."""
+    for held in sockets:
+        held.close()
+    for fd in descriptors:
+        os.close(fd)
+    os.setpgid(0, 0)  # (a signal to the host's group is not one to what it forked)
+    signal.set_wakeup_fd(-1)
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    for fd in fds:
+        if fd > 2:
+            os.close(fd)
+    os.chdir(request["cwd"])
+    os.umask(request["umask"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.argv = request["argv"]
+    sys.stdin = sys.__stdin__ = os.fdopen(0, "r", closefd=False)
+    sys.stdout = sys.__stdout__ = os.fdopen(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)
+    sys.stderr = sys.__stderr__ = os.fdopen(2, "w", buffering=1, errors="backslashreplace", closefd=False)
+
+
 def _become_driver(request: dict, fds: list[int], sockets: list[socket.socket], descriptors: list[int],
                    mask: set) -> None:
     """In the forked process: take on the command's streams, folder and environment, and run it."""
@@ -315,34 +364,16 @@ def _become_driver(request: dict, fds: list[int], sockets: list[socket.socket], 
 
     code = 1
     try:
-        for held in sockets:
-            held.close()
-        for fd in descriptors:
-            os.close(fd)
-        os.setpgid(0, 0)  # (a signal to the host's group is not one to its drivers)
-        signal.set_wakeup_fd(-1)
         for signum in (*FORWARDED, signal.SIGCHLD):
             signal.signal(signum, {signal.SIGINT: signal.default_int_handler, signal.SIGUSR1: signal.SIG_IGN,
                                    signal.SIGUSR2: signal.SIG_IGN}.get(signum, signal.SIG_DFL))
-        for target, fd in enumerate(fds):
-            os.dup2(fd, target)
-        for fd in fds:
-            if fd > 2:
-                os.close(fd)
-        os.chdir(request["cwd"])
-        os.umask(request["umask"])
-        os.environ.clear()
-        os.environ.update(request["env"])
+        _take_on(request, fds, sockets, descriptors)
         if level := os.environ.get("MLFLOW_LOGGING_LEVEL"):  # (what importing MLflow does with it)
             import logging
 
             logging.getLogger("mlflow").setLevel(level.upper())
-        sys.argv = request["argv"]
         sys.path[0] = request["script_folder"]  # (the rest: the command's, as the host's imports left it)
         __main__.__file__ = sys.argv[0]  # (Ray: a script, not an interactive session)
-        sys.stdin = sys.__stdin__ = os.fdopen(0, "r", closefd=False)
-        sys.stdout = sys.__stdout__ = os.fdopen(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)
-        sys.stderr = sys.__stderr__ = os.fdopen(2, "w", buffering=1, errors="backslashreplace", closefd=False)
         job_client.IN_DRIVER = True
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         from deepyard.cli import exit_at_once, main
@@ -359,12 +390,49 @@ def _become_driver(request: dict, fds: list[int], sockets: list[socket.socket], 
 
         traceback.print_exc()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
+        _flush()
         os._exit(code)
+
+
+def _become_worker(request: dict, fds: list[int], sockets: list[socket.socket], descriptors: list[int],
+                   mask: set) -> None:
+    """In the forked process: run Ray's worker script (``request["argv"]``) as ``python`` would."""
+    import atexit
+    import runpy
+
+    code: object = 1
+    try:
+        for signum in (*FORWARDED, signal.SIGCHLD):
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        _take_on(request, fds, sockets, descriptors)
+        sys.path[0] = os.path.dirname(sys.argv[0])
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+        if code is not None and not isinstance(code, int):  # sys.exit("message"): the message, and status 1
+            print(code, file=sys.stderr)
+            code = 1
+        atexit._run_exitfuncs()  # (what the interpreter's exit would run; not its teardown of every module)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        _flush()
+        os._exit(code or 0)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
 
 
 def _gone(command: socket.socket) -> bool:
@@ -385,11 +453,11 @@ def _reply(command: socket.socket, message: dict) -> None:
         pass
 
 
-def _cluster_up(path: str) -> bool:
+def _cluster_up(path: str, kind: str = "driver") -> bool:
     """Is the cluster this host serves still up? (Its state file names this process as its host.)"""
     try:
         with open(os.path.join(os.path.dirname(path), "state.json")) as state:
-            host = json.load(state).get("host") or {}
+            host = json.load(state).get("worker_host" if kind == "worker" else "host") or {}
     except (OSError, ValueError):
         return False
     return host.get("pid") == os.getpid()

@@ -239,10 +239,14 @@ def _ensure_token() -> None:
 
 def _start_node(args: list[str], log: Path, env: dict[str, str], temp_dir: str) -> subprocess.Popen:
     """One node; its own temp dir, because nodes sharing one on a host share (and clean up) each
-    other's runtime-env files: a job's working directory vanished under its driver that way."""
-    ray = str(Path(sys.executable).parent / "ray")
+    other's runtime-env files: a job's working directory vanished under its driver that way. With
+    a worker host, its raylet starts workers through it (``ray_node``)."""
+    from deepyard import job_client
+
+    ray = ([sys.executable, "-m", "deepyard.ray_node"] if job_client.WORKER_HOST_ENV in env
+           else [str(Path(sys.executable).parent / "ray")])
     with log.open("ab") as out:
-        process = subprocess.Popen([ray, "start", "--block", "--disable-usage-stats", f"--node-ip-address={HOST}",
+        process = subprocess.Popen([*ray, "start", "--block", "--disable-usage-stats", f"--node-ip-address={HOST}",
                                     f"--temp-dir={temp_dir}", *args, *_node_ports()],
                                    stdout=out, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)  # Ctrl-C in this terminal leaves the cluster up
@@ -283,6 +287,11 @@ def _up(workers: int, cpus_per_node: int | None, head_cpus: int | None, timeout_
     head_cpus = cpus if head_cpus is None else head_cpus
     quota = quota_resources(head_cpus + workers * cpus)  # the queue's: every CPU (deepyard submit waits for them)
     host = _start_job_host(logs / "host.log")  # (its imports go on while the nodes start)
+    from deepyard import job_client
+
+    worker_host = _start_worker_host(logs / "workers.log", env)
+    if worker_host:
+        env = {**env, job_client.WORKER_HOST_ENV: worker_host["socket"]}
     head = _start_node(["--head", f"--port={gcs_port}", f"--num-cpus={head_cpus}", "--include-dashboard=true",
                         f"--resources={json.dumps({_marker('head'): 1, **quota})}",
                         f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}",
@@ -293,7 +302,7 @@ def _up(workers: int, cpus_per_node: int | None, head_cpus: int | None, timeout_
              "tracking_uri": env["MLFLOW_TRACKING_URI"], "temp_dir": temp_root, **code_identity(),
              "nodes": [{"name": "head", "role": "head", "pid": head.pid, "started_at": _started_at(head.pid),
                         "log": str(logs / "head.log")}],
-             **({"host": host} if host else {})}
+             **({"host": host} if host else {}), **({"worker_host": worker_host} if worker_host else {})}
     processes = [head]
     _write_state(state)
     try:
@@ -343,6 +352,18 @@ def _start_job_host(log: Path) -> dict[str, Any] | None:
     Path(path).unlink(missing_ok=True)  # (a host killed outright left its socket)
     return {**_start_beside("job host", ["-c", f"from deepyard.job_host import serve; serve({path!r})"], log,
                             job_client.command_env()), "socket": path}
+
+
+def _start_worker_host(log: Path, env: dict[str, str]) -> dict[str, Any] | None:
+    """The worker host (``job_host``, kind "worker"): Ray workers of this cluster's nodes are forked
+    from it (``ray_worker``). It has the nodes' environment, which is what their workers start with."""
+    from deepyard import job_client, job_host
+
+    if os.environ.get(job_client.ENABLED_ENV) == "0" or not job_client.SUPPORTED:
+        return None
+    path = os.path.join(os.path.dirname(job_client.socket_path(str(settings.home()))), "workers.sock")
+    Path(path).unlink(missing_ok=True)
+    return {**_start_beside("worker host", job_host.command(path, "worker")[1:], log, env), "socket": path}
 
 
 def _wait_for_host(host: dict[str, Any], timeout_s: float) -> None:
@@ -416,7 +437,7 @@ def status() -> dict[str, Any]:
     cpus = sum(n["resources"].get("CPU", 0) for n in live)
     return {**{k: state[k] for k in ("address", "gcs_address", "storage", "tracking_uri")},
             "nodes": live, "alive_nodes": len(live), "cpus": cpus, "idle_stop_s": state.get("idle_stop_s"),
-            "job_host": _host_status(state.get("host"))}
+            "job_host": _host_status(state.get("host")), "worker_host": _host_status(state.get("worker_host"))}
 
 
 def _host_status(host: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -481,6 +502,7 @@ def _down() -> dict[str, Any]:
     running = [node for node in reversed(state["nodes"]) if alive(node)]
     for node in running:
         stop_node(node)
+    stop_job_host(state.get("worker_host"))  # (after: each raylet stops its own workers first)
     if state.get("temp_dir"):
         shutil.rmtree(state["temp_dir"], ignore_errors=True)
     _state_file().unlink(missing_ok=True)
