@@ -231,11 +231,26 @@ def test_ctrl_c_reaches_the_forked_driver_and_its_run_ends_killed(hosted, tmp_pa
     home, env = hosted
     command, _ = start_long_job(home, env, tmp_path, "hosted_long", stderr=subprocess.PIPE, text=True)
     run = trained(home, "hosted_long")
+    trial = busy_forked_workers(home)
+    assert trial, "the trial's Ray worker was not forked by the worker host"
     command.send_signal(signal.SIGINT)
     stderr = ended(command, 90)
     assert command.returncode == 130, stderr[-3000:]
     assert "interrupted" in stderr
     assert run_status(home, run.info.run_id) == "KILLED"
+    deadline = time.monotonic() + 30
+    while not all(gone(worker.pid) for worker in trial):  # (the job's end ends its workers)
+        assert time.monotonic() < deadline, "the stopped job's forked workers stayed"
+        time.sleep(0.2)
+
+
+def busy_forked_workers(home: Path) -> list:
+    """The Ray workers the worker host forked that run a task or actor (Ray titles them `ray::NAME`)."""
+    import psutil
+
+    host = json.loads((home / "cluster" / "state.json").read_text())["worker_host"]
+    return [child for child in psutil.Process(host["pid"]).children()
+            if (title := " ".join(child.cmdline())).startswith("ray::") and "IDLE" not in title]
 
 
 def start_long_job(home: Path, env: dict, folder: Path, name: str, **popen) -> tuple[subprocess.Popen, int]:
@@ -279,10 +294,40 @@ def test_a_killed_command_takes_its_driver_along_and_the_host_serves_the_next(ho
 
 @pytest.mark.slow
 @pytest.mark.long
+def test_a_forked_workers_stand_in_killed_takes_the_worker_along_and_the_job_goes_on(hosted, tmp_path):
+    """The raylet's own child is the stand-in (`ray_worker`): killed outright (as a raylet that dies
+    takes its children), its worker goes too, and Ray Train recovers the trial as from a dead worker."""
+    import psutil
+
+    home, env = hosted
+    (tmp_path / "recovers.yaml").write_text(TINY_MLP.format(name="recovers", epochs=150)
+                                            + "register: {enabled: false}\nfailure: {max_failures: 2}\n")
+    command = subprocess.Popen([*DEEPYARD, "run", "recovers.yaml", "--json"], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trained(home, "recovers")
+    trial = busy_forked_workers(home)
+    assert trial
+    stand_ins = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [])[1:2] == [RAY_WORKER]]
+    assert stand_ins
+    for stand_in in stand_ins:
+        stand_in.kill()
+    deadline = time.monotonic() + 10
+    while not all(gone(worker.pid) for worker in trial):
+        assert time.monotonic() < deadline, "a forked worker outlived its killed stand-in"
+        time.sleep(0.1)
+    stdout, stderr = command.communicate(timeout=300)
+    assert command.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert run_status(home, summary["run_id"]) == "FINISHED"
+
+
+@pytest.mark.slow
+@pytest.mark.long
 def test_cluster_down_stops_the_hosts_drivers_as_a_stop_would_and_then_the_host(hosted, tmp_path):
     """(The module's last test: its cluster is down after it.)"""
     home, env = hosted
-    host = json.loads((home / "cluster" / "state.json").read_text())["host"]
+    state = json.loads((home / "cluster" / "state.json").read_text())
+    host, worker_host = state["host"], state["worker_host"]
     command, driver = start_long_job(home, env, tmp_path, "hosted_down", stderr=subprocess.PIPE, text=True)
     run = trained(home, "hosted_down")
     down = subprocess.run([*DEEPYARD, "cluster", "down"], env=env, capture_output=True, text=True, timeout=180)
@@ -291,3 +336,78 @@ def test_cluster_down_stops_the_hosts_drivers_as_a_stop_would_and_then_the_host(
     assert command.returncode == 130 and "interrupted" in stderr, stderr[-3000:]
     assert run_status(home, run.info.run_id) == "KILLED"
     assert gone(driver) and gone(host["pid"]) and not (home / "cluster" / "host.sock").exists()
+    assert gone(worker_host["pid"]) and not (home / "cluster" / "workers.sock").exists()
+
+
+# The worker host: Ray workers of the local cluster forked from it (`ray_worker`), here without Ray ---
+
+RAY_WORKER = str(Path(__file__).resolve().parents[1] / "src" / "deepyard" / "ray_worker.py")
+
+
+@pytest.fixture()
+def bare_worker_host(tmp_path):
+    """A worker host of a home of the test's own, preloading nothing, and stand-ins for Ray's worker
+    script (it prints what it was given and exits 3) and Ray's setup_worker.py (exits 5)."""
+    (tmp_path / "cluster").mkdir()
+    path = str(tmp_path / "cluster" / "workers.sock")
+    (tmp_path / "default_worker.py").write_text(
+        "import os, sys\nprint('worker', os.getpid(), os.getcwd(), os.environ.get('PROBE'), sys.argv[1:], "
+        "sys.path[0], flush=True)\nsys.exit(3)\n")
+    (tmp_path / "setup_worker.py").write_text("import sys\nprint('ray starts it', sys.argv[1:])\nsys.exit(5)\n")
+    host = subprocess.Popen([sys.executable, "-c", f"from deepyard.job_host import serve; "
+                             f"serve({path!r}, preload=(), kind='worker')"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    (tmp_path / "cluster" / "state.json").write_text(json.dumps({"worker_host": {"pid": host.pid}}))
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline and host.poll() is None, "the worker host did not listen"
+        time.sleep(0.05)
+    env = {**os.environ, "DEEPYARD_WORKER_HOST": path, "DEEPYARD_RAY_SETUP_WORKER": str(tmp_path / "setup_worker.py"),
+           "PROBE": "shell"}
+    yield env, host
+    host.terminate()
+    host.wait(timeout=10)
+
+
+def start_worker(tmp_path: Path, env: dict, context: dict) -> subprocess.CompletedProcess:
+    """What a raylet runs to start a Python worker, with runtime env ``context``."""
+    return subprocess.run([sys.executable, RAY_WORKER, str(tmp_path / "default_worker.py"), "--worker-id=abc",
+                           f"--serialized-runtime-env-context={json.dumps(context)}", "--language=PYTHON"],
+                          cwd=tmp_path / "cluster", env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_ray_worker_is_forked_by_the_worker_host_with_its_runtime_envs_variables(bare_worker_host, tmp_path):
+    env, host = bare_worker_host
+    started = start_worker(tmp_path, env, {"env_vars": {"PROBE": "job:${PROBE}"}, "command_prefix": []})
+    assert started.returncode == 3, started.stdout + started.stderr  # the worker's exit code
+    pid = int(started.stdout.split()[1])
+    assert started.stdout.split()[2:] == [str(tmp_path / "cluster"), "job:shell", "['--worker-id=abc']",
+                                          str(tmp_path)], started.stdout
+    host.terminate()
+    log = host.communicate(timeout=10)[0]
+    assert f"worker {pid} runs --worker-id=abc" in log and f"worker {pid} exited 3" in log, log
+
+
+def test_a_worker_the_host_cannot_fork_as_ray_would_start_it_starts_as_ray_starts_it(bare_worker_host, tmp_path):
+    env, host = bare_worker_host
+    # a working_dir (Ray runs a command before the worker), or a variable read on import set otherwise
+    prefixed = start_worker(tmp_path, env, {"env_vars": {}, "command_prefix": ["cd", "/tmp", "&&"]})
+    assert prefixed.returncode == 5 and "ray starts it" in prefixed.stdout, prefixed.stdout + prefixed.stderr
+    threads = start_worker(tmp_path, env, {"env_vars": {"OMP_NUM_THREADS": "7"}})
+    assert threads.returncode == 5 and "ray starts it" in threads.stdout
+    assert "the worker host did not fork this worker (the command sets OMP_NUM_THREADS" in threads.stderr
+    alone = start_worker(tmp_path, {k: v for k, v in env.items() if k != "DEEPYARD_WORKER_HOST"}, {"env_vars": {}})
+    assert alone.returncode == 5 and "PROBE" not in alone.stderr
+    host.terminate()
+    assert "runs" not in host.communicate(timeout=10)[0]
+
+
+def test_a_worker_host_that_loaded_rays_core_does_not_serve(tmp_path):
+    """Ray's core library reads its config, a worker's job id among it, from the environment once, when
+    it loads: a worker forked from a host that loaded it would have the host's."""
+    path = tmp_path / "workers.sock"
+    done = subprocess.run([sys.executable, "-c", f"from deepyard.job_host import serve; "
+                           f"serve({str(path)!r}, preload=('ray._raylet',), kind='worker')"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "a preload imported ray._raylet; not serving" in done.stdout, done.stdout
+    assert not path.exists()

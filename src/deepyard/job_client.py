@@ -24,6 +24,7 @@ FORWARDED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHU
 HANDSHAKE_S = 20.0  # a host that has not answered by then is not waited for: the command runs here
 ENABLED_ENV = "DEEPYARD_JOB_HOST"  # "0": `deepyard cluster up` starts none, and commands run alone
 WORKER_HOST_ENV = "DEEPYARD_WORKER_HOST"  # the worker host's socket, in the environment of a local cluster's nodes
+RAY_SETUP_WORKER_ENV = "DEEPYARD_RAY_SETUP_WORKER"  # where Ray's own setup_worker.py is (``ray_node``, ``ray_worker``)
 SUPPORTED = hasattr(os, "pidfd_open") and hasattr(os, "O_PATH")  # (Linux: pidfds, /proc paths)
 IN_DRIVER = False  # set in a forked driver: its command runs there, not in yet another one
 # Set by Ray's job supervisor for a submitted job's entrypoint: that driver is the supervisor's child

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ray._private import ray_constants
 
-RAY_SETUP_WORKER_ENV = "DEEPYARD_RAY_SETUP_WORKER"  # where Ray's own is: what ``ray_worker`` falls back to
+from deepyard.job_client import RAY_SETUP_WORKER_ENV
 
 
 def main() -> None:

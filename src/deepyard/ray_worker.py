@@ -12,16 +12,14 @@ it exits with the worker's code, and the host kills the worker if this process i
 
 import sys
 
-sys.path.pop(0)  # (this file's folder: deepyard's modules are not to shadow any other's)
+if __name__ == "__main__":  # (run as a file: its folder, deepyard's, is first on the module path)
+    sys.path.pop(0)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 
 from deepyard import job_client  # noqa: E402
-
-RAY_SETUP_WORKER_ENV = "DEEPYARD_RAY_SETUP_WORKER"  # (``ray_node``: where Ray's own is)
-
 
 def main(argv: list[str]) -> None:
     options = argparse.ArgumentParser(add_help=False)  # (Ray's setup_worker.py's own options)
@@ -38,7 +36,7 @@ def main(argv: list[str]) -> None:
                                                "identity": job_client.identity(sys.path)})
             if code is not None:
                 sys.exit(code)
-    os.execve(sys.executable, [sys.executable, original[RAY_SETUP_WORKER_ENV], *argv], original)
+    os.execve(sys.executable, [sys.executable, original[job_client.RAY_SETUP_WORKER_ENV], *argv], original)
 
 
 def _plain_env_vars(serialized: str | None) -> dict[str, str] | None:
