@@ -176,6 +176,10 @@ def cluster_status(json_output: JsonOutput = False) -> None:
         state = "serving `deepyard run`" if host["alive"] and host["listening"] else (
             "starting" if host["alive"] else "gone (jobs run in their own process)")
         out.print(f"job host: pid {host['pid']}, {state}; log {host['log']}", highlight=False)
+    if host := status.get("worker_host"):
+        state = "forking Ray workers" if host["alive"] and host["listening"] else (
+            "starting" if host["alive"] else "gone (Ray starts its workers its own way)")
+        out.print(f"worker host: pid {host['pid']}, {state}; log {host['log']}", highlight=False)
 
 
 @cluster_app.command("down")
