@@ -351,11 +351,13 @@ def bare_worker_host(tmp_path):
     (tmp_path / "cluster").mkdir()
     path = str(tmp_path / "cluster" / "workers.sock")
     (tmp_path / "default_worker.py").write_text(
-        "import os, sys\nprint('worker', os.getpid(), os.getcwd(), os.environ.get('PROBE'), sys.argv[1:], "
-        "sys.path[0], flush=True)\nsys.exit(3)\n")
-    (tmp_path / "setup_worker.py").write_text("import sys\nprint('ray starts it', sys.argv[1:])\nsys.exit(5)\n")
+        "import os, sys, time, numpy.random\nprint('worker', os.getpid(), os.getcwd(), os.environ.get('PROBE'), "
+        "sys.argv[1:], sys.path[0], numpy.random.randint(1 << 30), flush=True)\n"
+        "time.sleep(60) if '--wait' in sys.argv else sys.exit(3)\n")
+    (tmp_path / "setup_worker.py").write_text(
+        "import os, sys\nprint('ray starts it', os.environ['PROBE'], sys.argv[1:])\nsys.exit(5)\n")
     host = subprocess.Popen([sys.executable, "-c", f"from deepyard.job_host import serve; "
-                             f"serve({path!r}, preload=(), kind='worker')"],
+                             f"serve({path!r}, preload=('numpy.random',), kind='worker')"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     (tmp_path / "cluster" / "state.json").write_text(json.dumps({"worker_host": {"pid": host.pid}}))
     deadline = time.monotonic() + 30
@@ -369,11 +371,15 @@ def bare_worker_host(tmp_path):
     host.wait(timeout=10)
 
 
-def start_worker(tmp_path: Path, env: dict, context: dict) -> subprocess.CompletedProcess:
+def worker_command(tmp_path: Path, context: dict, *args: str) -> list[str]:
     """What a raylet runs to start a Python worker, with runtime env ``context``."""
-    return subprocess.run([sys.executable, RAY_WORKER, str(tmp_path / "default_worker.py"), "--worker-id=abc",
-                           f"--serialized-runtime-env-context={json.dumps(context)}", "--language=PYTHON"],
-                          cwd=tmp_path / "cluster", env=env, capture_output=True, text=True, timeout=60)
+    return [sys.executable, RAY_WORKER, str(tmp_path / "default_worker.py"), "--worker-id=abc", *args,
+            f"--serialized-runtime-env-context={json.dumps(context)}", "--language=PYTHON"]
+
+
+def start_worker(tmp_path: Path, env: dict, context: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(worker_command(tmp_path, context), cwd=tmp_path / "cluster", env=env, capture_output=True,
+                          text=True, timeout=60)
 
 
 def test_a_ray_worker_is_forked_by_the_worker_host_with_its_runtime_envs_variables(bare_worker_host, tmp_path):
@@ -381,18 +387,29 @@ def test_a_ray_worker_is_forked_by_the_worker_host_with_its_runtime_envs_variabl
     started = start_worker(tmp_path, env, {"env_vars": {"PROBE": "job:${PROBE}"}, "command_prefix": []})
     assert started.returncode == 3, started.stdout + started.stderr  # the worker's exit code
     pid = int(started.stdout.split()[1])
-    assert started.stdout.split()[2:] == [str(tmp_path / "cluster"), "job:shell", "['--worker-id=abc']",
-                                          str(tmp_path)], started.stdout
+    assert started.stdout.split()[2:-1] == [str(tmp_path / "cluster"), "job:shell", "['--worker-id=abc']",
+                                            str(tmp_path)], started.stdout
+    again = start_worker(tmp_path, env, {"env_vars": {}})
+    assert again.stdout.split()[-1] != started.stdout.split()[-1]  # numpy's random state: each worker's own
+    # SIGTERM to the stand-in (as the raylet sends a worker it stops) reaches the worker, which it ends
+    waiting = subprocess.Popen(worker_command(tmp_path, {"env_vars": {}}, "--wait"), env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waiter = int(waiting.stdout.readline().split()[1])
+    waiting.terminate()
+    assert waiting.wait(timeout=30) == -signal.SIGTERM
+    assert gone(waiter)
     host.terminate()
     log = host.communicate(timeout=10)[0]
     assert f"worker {pid} runs --worker-id=abc" in log and f"worker {pid} exited 3" in log, log
+    assert f"worker {waiter} exited {128 + signal.SIGTERM}" in log, log
 
 
 def test_a_worker_the_host_cannot_fork_as_ray_would_start_it_starts_as_ray_starts_it(bare_worker_host, tmp_path):
     env, host = bare_worker_host
     # a working_dir (Ray runs a command before the worker), or a variable read on import set otherwise
-    prefixed = start_worker(tmp_path, env, {"env_vars": {}, "command_prefix": ["cd", "/tmp", "&&"]})
-    assert prefixed.returncode == 5 and "ray starts it" in prefixed.stdout, prefixed.stdout + prefixed.stderr
+    prefixed = start_worker(tmp_path, env, {"env_vars": {"PROBE": "job"}, "command_prefix": ["cd", "/tmp", "&&"]})
+    assert prefixed.returncode == 5, prefixed.stdout + prefixed.stderr
+    assert prefixed.stdout.startswith("ray starts it shell ")  # (the environment as the raylet gave it)
     threads = start_worker(tmp_path, env, {"env_vars": {"OMP_NUM_THREADS": "7"}})
     assert threads.returncode == 5 and "ray starts it" in threads.stdout
     assert "the worker host did not fork this worker (the command sets OMP_NUM_THREADS" in threads.stderr

@@ -15,7 +15,9 @@ from typing import Iterator
 
 # Read by these libraries when they are imported: a command that sets them differently runs alone.
 _IMPORT_ENV = ("RAY_", "TORCH", "PYTORCH", "OMP_", "MKL_", "OPENBLAS", "CUDA", "NCCL", "LD_", "PYTHON",
-               "MALLOC", "GRPC_", "ARROW", "MLFLOW_CONFIGURE_LOGGING", "GIT_PYTHON", "NETWORKX", "AIOHTTP")
+               "MALLOC", "GRPC_", "ARROW", "MLFLOW_CONFIGURE_LOGGING", "GIT_PYTHON", "NETWORKX", "AIOHTTP",
+               # the OpenMP runtime's (on loading torch), the locale and time zone, the temp folder (cached)
+               "GOMP_", "KMP_", "LANG", "LC_", "TZ", "TMPDIR")
 # Read when a driver connects, or set by torch in its process when unset (inductor's cache). (Not
 # RAY_AUTH_MODE: Ray caches it on import; a process that set it since runs alone.)
 _NOT_AT_IMPORT = {"RAY_ADDRESS", "TORCHINDUCTOR_CACHE_DIR"}

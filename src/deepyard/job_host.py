@@ -101,9 +101,9 @@ class Host:
         os.replace(partial, path)  # (a command finds a host that listens, or none)
         self.inode = os.stat(path).st_ino
         signal.signal(signal.SIGTERM, self._stop)
-        self.wakeup_r, wakeup_w = os.pipe()
-        os.set_blocking(wakeup_w, False)
-        signal.set_wakeup_fd(wakeup_w)
+        self.wakeup_r, self.wakeup_w = os.pipe()
+        os.set_blocking(self.wakeup_w, False)
+        signal.set_wakeup_fd(self.wakeup_w)
         self.events = selectors.DefaultSelector()
         self.events.register(self.listener, selectors.EVENT_READ, ("accept", 0))
         self.events.register(self.wakeup_r, selectors.EVENT_READ, ("signal", 0))
@@ -254,11 +254,15 @@ class Host:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         pid = os.fork()
         if pid == 0:
-            held = [self.listener, command, *(c for c, _ in self.drivers.values()),
-                    *(r.command for r in self.asking.values())]
-            (_become_worker if self.kind == "worker" else _become_driver)(
-                request, fds, held, [self.wakeup_r, *(p for _, p in self.drivers.values()),
-                                     *(fd for r in self.asking.values() for fd in r.fds)], blocked)
+            try:  # (whatever happens in it, the child never returns to the host's loop)
+                held = [self.listener, command, *(c for c, _ in self.drivers.values()),
+                        *(r.command for r in self.asking.values())]
+                (_become_worker if self.kind == "worker" else _become_driver)(
+                    request, fds, held, [self.wakeup_r, self.wakeup_w, self.events.fileno(),
+                                         *(p for _, p in self.drivers.values()),
+                                         *(fd for r in self.asking.values() for fd in r.fds)], blocked)
+            finally:
+                os._exit(1)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return pid
 
@@ -351,6 +355,14 @@ def _take_on(request: dict, fds: list[int], sockets: list[socket.socket], descri
     os.umask(request["umask"])
     os.environ.clear()
     os.environ.update(request["env"])
+    if "numpy.random" in sys.modules:  # (seeded once, in the host: every fork would draw the same numbers)
+        sys.modules["numpy.random"].seed()
+    if (score := request.get("oom_score_adj")) is not None:  # (what the raylet gave its stand-in)
+        try:
+            with open("/proc/self/oom_score_adj", "w") as adj:
+                adj.write(str(score))
+        except OSError:  # (a score below the host's takes a privilege: the host's stays)
+            pass
     sys.argv = request["argv"]
     sys.stdin = sys.__stdin__ = os.fdopen(0, "r", closefd=False)
     sys.stdout = sys.__stdout__ = os.fdopen(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)
@@ -424,14 +436,14 @@ def _become_worker(request: dict, fds: list[int], sockets: list[socket.socket], 
         traceback.print_exc()
     finally:
         _flush()
-        os._exit(code or 0)
+        os._exit(code & 0xFF if isinstance(code, int) else 1)
 
 
 def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:
+        except BaseException:  # (a signal's exception here too: the process exits next)
             pass
 
 

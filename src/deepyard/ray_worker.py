@@ -10,14 +10,15 @@ This process stays, as the worker's stand-in for the raylet: the signals it gets
 it exits with the worker's code, and the host kills the worker if this process is killed.
 """
 
+import os
 import sys
 
-if __name__ == "__main__":  # (run as a file: its folder, deepyard's, is first on the module path)
-    sys.path.pop(0)
+if __name__ == "__main__" and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # (run as a file: its folder, deepyard's, is not to shadow any other module)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
+import signal  # noqa: E402
 
 from deepyard import job_client  # noqa: E402
 
@@ -32,10 +33,10 @@ def main(argv: list[str]) -> None:
         env_vars = _plain_env_vars(known.serialized_runtime_env_context)
         if env_vars is not None:
             _update_envs(env_vars)
-            code = job_client.hand_over(path, {"kind": "worker", "argv": rest,
+            code = job_client.hand_over(path, {"kind": "worker", "argv": rest, "oom_score_adj": _oom_score_adj(),
                                                "identity": job_client.identity(sys.path)})
             if code is not None:
-                sys.exit(code)
+                _exit_as(code)
     os.execve(sys.executable, [sys.executable, original[job_client.RAY_SETUP_WORKER_ENV], *argv], original)
 
 
@@ -47,6 +48,26 @@ def _plain_env_vars(serialized: str | None) -> dict[str, str] | None:
             context.get("py_executable") or sys.executable) != sys.executable:
         return None
     return context.get("env_vars") or {}
+
+
+def _oom_score_adj() -> int | None:
+    """The score the raylet gave this process for the kernel's OOM killer: the worker's to take."""
+    try:
+        with open("/proc/self/oom_score_adj") as adj:
+            return int(adj.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _exit_as(code: int) -> None:
+    """Exit as the worker did: with its code, or killed by its signal (the host says 128 + N)."""
+    if 128 < code < 128 + signal.NSIG:
+        signum = code - 128
+        if signum != signal.SIGKILL:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+        os.kill(os.getpid(), signum)  # (one whose default is to be ignored leaves this process to exit)
+    sys.exit(code)
 
 
 def _update_envs(env_vars: dict[str, str]) -> None:
