@@ -46,6 +46,11 @@ def socket_path(home: str) -> str:
     return os.path.join(home, "cluster", "host.sock")
 
 
+def host_command(path: str, kind: str = "driver") -> list[str]:
+    """How a host (``job_host``) is started by ``local_cluster``, and starts itself again."""
+    return [sys.executable, "-c", f"from deepyard.job_host import serve; serve({path!r}, kind={kind!r})"]
+
+
 def identity(path: list[str] | None = None) -> dict:
     """What the host's imports depend on: the interpreter, the module path (``path``, default past
     its first entry, the script's folder) and when each of its folders last changed (an install or

@@ -28,7 +28,7 @@ import threading
 import time
 
 from deepyard import job_client, warm
-from deepyard.job_client import FORWARDED, identity, import_env, short_path
+from deepyard.job_client import FORWARDED, host_command, identity, import_env, short_path
 
 PRELOAD = ("torch", "ray", "ray.tune", "ray.train", "ray.train.torch", "ray.data", "mlflow", "ray.rllib",
            "gymnasium", "pandas", "pyarrow", "pydantic", "typer", "rich", "yaml",
@@ -137,7 +137,7 @@ class Host:
                 self._drop(fd)
         if self.stale and not self.stopping:
             print("job host: installed packages changed; starting again", flush=True)
-            os.execve(sys.executable, command(self.path, self.kind), self.environment)
+            os.execve(sys.executable, host_command(self.path, self.kind), self.environment)
 
     def _on(self, what: str, pid: int) -> None:
         import selectors
@@ -330,11 +330,6 @@ class _Request:
             os.close(fd)
         self.fds = []
         self.command.close()
-
-
-def command(path: str, kind: str = "driver") -> list[str]:
-    """How a host is started (``local_cluster``), and starts itself again."""
-    return [sys.executable, "-c", f"from deepyard.job_host import serve; serve({path!r}, kind={kind!r})"]
 
 
 def _take_on(request: dict, fds: list[int], sockets: list[socket.socket], descriptors: list[int]) -> None:

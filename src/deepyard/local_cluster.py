@@ -350,20 +350,20 @@ def _start_job_host(log: Path) -> dict[str, Any] | None:
         return None
     path = job_client.socket_path(str(settings.home()))
     Path(path).unlink(missing_ok=True)  # (a host killed outright left its socket)
-    return {**_start_beside("job host", ["-c", f"from deepyard.job_host import serve; serve({path!r})"], log,
+    return {**_start_beside("job host", job_client.host_command(path)[1:], log,
                             job_client.command_env()), "socket": path}
 
 
 def _start_worker_host(log: Path, env: dict[str, str]) -> dict[str, Any] | None:
     """The worker host (``job_host``, kind "worker"): Ray workers of this cluster's nodes are forked
     from it (``ray_worker``). It has the nodes' environment, which is what their workers start with."""
-    from deepyard import job_client, job_host
+    from deepyard import job_client
 
     if os.environ.get(job_client.ENABLED_ENV) == "0" or not job_client.SUPPORTED:
         return None
     path = os.path.join(os.path.dirname(job_client.socket_path(str(settings.home()))), "workers.sock")
     Path(path).unlink(missing_ok=True)
-    return {**_start_beside("worker host", job_host.command(path, "worker")[1:], log, env), "socket": path}
+    return {**_start_beside("worker host", job_client.host_command(path, "worker")[1:], log, env), "socket": path}
 
 
 def _wait_for_host(host: dict[str, Any], timeout_s: float) -> None:
