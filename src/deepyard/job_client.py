@@ -121,7 +121,10 @@ def hand_over(path: str, fields: dict) -> int | None:
                                   "identity": identity(), **fields}).encode()
             _send_all(host, struct.pack("!I", len(request)) + request, [0, 1, 2])
             answer, fds = _receive_line(host)
-        except OSError:  # no host (no cluster up, or one started without it), one gone or too busy to answer
+        except OSError as error:  # no host (no cluster up, or one started without it), one gone or too busy to answer
+            if fields["kind"] == "worker" and not isinstance(error, FileNotFoundError):  # (one is up: say why)
+                print(f"note: the worker host did not answer ({error!r}); the worker starts as Ray starts it",
+                      file=sys.stderr)
             return None
         if "pid" not in answer or len(fds) != 1:
             if answer.get("refused") and fields["kind"] == "worker":
@@ -130,6 +133,9 @@ def hand_over(path: str, fields: dict) -> int | None:
             elif answer.get("refused"):
                 print(f"note: the job host did not take this command ({answer['refused']}); it runs here",
                       file=sys.stderr)
+            elif fields["kind"] == "worker":
+                print(f"note: the worker host answered {answer!r} with {len(fds)} descriptors; the worker starts "
+                      "as Ray starts it", file=sys.stderr)
             return None
         driver.append(fds[0])
         host.settimeout(None)

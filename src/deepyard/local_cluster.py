@@ -263,13 +263,15 @@ def up(workers: int = 1, cpus_per_node: int | None = None, head_cpus: int | None
     """Start the head and ``workers`` worker nodes; returns the state (``address`` is what to submit to).
     ``head_cpus=0`` keeps training off the head (jobs' drivers need no CPU). ``idle_stop_s``: a
     watcher takes the cluster down once nothing has used it for that long (``cluster_watch``).
-    ``wait_for_host``: return once the job host listens (``job_host``; it imports beside the nodes' start).
+    ``wait_for_host``: return once the job host and the worker host listen (``job_host``; they import beside the
+    nodes' start).
     One command at a time starts it (a lock in the state's folder): of two, the second finds it up
     instead of starting another whose state file would hide the first's processes."""
     with _locked(exclusive=True):
         state = _up(workers, cpus_per_node, head_cpus, timeout_s, idle_stop_s)
-    if wait_for_host and state.get("host"):
-        _wait_for_host(state["host"], timeout_s)
+    for host in (state.get("host"), state.get("worker_host")) if wait_for_host else ():
+        if host:
+            _wait_for_host(host, timeout_s)
     return state
 
 
@@ -367,13 +369,15 @@ def _start_worker_host(log: Path, env: dict[str, str]) -> dict[str, Any] | None:
 
 
 def _wait_for_host(host: dict[str, Any], timeout_s: float) -> None:
-    """Until the host listens: the next `deepyard run` is served by it. A host that does not is no
-    reason to fail the cluster: commands run in their own processes, as they would without it."""
+    """Until the host listens: the next `deepyard run` (or Ray worker) is served by it. A host that
+    does not is no reason to fail the cluster: commands run in their own processes, and Ray starts
+    its workers its own way, as they would without it."""
     deadline = time.monotonic() + timeout_s
     while not os.path.exists(host["socket"]):
         if not alive(host) or time.monotonic() > deadline:
-            print(f"note: the job host did not start (see {host['log']}); `deepyard run` commands run in their "
-                  "own processes", file=sys.stderr)
+            print(f"note: the {host['name']} did not start (see {host['log']}); " + (
+                "Ray starts its workers its own way" if host["name"] == "worker host"
+                else "`deepyard run` commands run in their own processes"), file=sys.stderr)
             return
         time.sleep(0.1)
 
