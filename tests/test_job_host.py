@@ -232,7 +232,7 @@ def test_ctrl_c_reaches_the_forked_driver_and_its_run_ends_killed(hosted, tmp_pa
     command, _ = start_long_job(home, env, tmp_path, "hosted_long", stderr=subprocess.PIPE, text=True)
     run = trained(home, "hosted_long")
     trial = busy_forked_workers(home)
-    assert trial, "the trial's Ray worker was not forked by the worker host"
+    assert trial, f"the trial's Ray worker was not forked by the worker host: {fallback_notes(home)}"
     command.send_signal(signal.SIGINT)
     stderr = ended(command, 90)
     assert command.returncode == 130, stderr[-3000:]
@@ -242,6 +242,13 @@ def test_ctrl_c_reaches_the_forked_driver_and_its_run_ends_killed(hosted, tmp_pa
     while not all(gone(worker.pid) for worker in trial):  # (the job's end ends its workers)
         assert time.monotonic() < deadline, "the stopped job's forked workers stayed"
         time.sleep(0.2)
+
+
+def fallback_notes(home: Path) -> list[str]:
+    """What the cluster's workers' logs say of the worker host (why one started Ray's way)."""
+    temp = json.loads((home / "cluster" / "state.json").read_text())["temp_dir"]
+    return [line for log in Path(temp).glob("*/session_latest/logs/worker-*.err")
+            for line in log.read_text(errors="replace").splitlines() if "worker host" in line]
 
 
 def busy_forked_workers(home: Path) -> list:
@@ -306,7 +313,7 @@ def test_a_forked_workers_stand_in_killed_takes_the_worker_along_and_the_job_goe
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     trained(home, "recovers")
     trial = busy_forked_workers(home)
-    assert trial
+    assert trial, f"the trial's Ray worker was not forked by the worker host: {fallback_notes(home)}"
     stand_ins = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [])[1:2] == [RAY_WORKER]]
     assert stand_ins
     for stand_in in stand_ins:
