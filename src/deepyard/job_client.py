@@ -75,13 +75,14 @@ def run_there(argv: list[str]) -> int | None:
     if IN_DRIVER or os.environ.get(ENABLED_ENV) == "0" or RAY_JOB_ENV in os.environ or not SUPPORTED:
         return None
     home = os.path.abspath(os.path.expanduser(os.environ.get("DEEPYARD_HOME", ".deepyard")))
-    return hand_over(socket_path(home), {"kind": "driver", "argv": argv, "script_folder": sys.path[0]})
+    return hand_over(socket_path(home), {"kind": "driver", "argv": argv, "script_folder": sys.path[0],
+                                         "identity": identity()})
 
 
 def hand_over(path: str, fields: dict) -> int | None:
-    """Ask the host listening at ``path`` to fork a process for this one (``fields``: what it is to
-    run; this process's folder, environment and standard streams go along), pass it the signals this
-    process gets, and return its exit code; None where no host took it."""
+    """Ask the host listening at ``path`` to fork a process for this one (``fields``: its kind, what
+    it is to run and this process's ``identity``; its folder, environment and standard streams go
+    along), pass it the signals this process gets, and return its exit code; None where no host took it."""
     pending: list[int] = []  # signals that came before the driver did
     driver: list[int] = []  # its pidfd: a signal never reaches another process that got its pid
 
@@ -118,7 +119,7 @@ def hand_over(path: str, fields: dict) -> int | None:
             with short_path(path) as short:
                 host.connect(short)
             request = json.dumps({"cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask(),
-                                  "identity": identity(), **fields}).encode()
+                                  **fields}).encode()
             _send_all(host, struct.pack("!I", len(request)) + request, [0, 1, 2])
             answer, fds = _receive_line(host)
         except OSError as error:  # no host (no cluster up, or one started without it), one gone or too busy to answer

@@ -240,8 +240,8 @@ class Host:
                 self.stale = True  # (it starts again once its drivers have ended)
                 return STALE
             return "the command's Python, module path or installed packages are not the host's"
-        theirs = import_env({k: v for k, v in request["env"].items() if k not in _PER_WORKER or self.kind != "worker"})
-        if theirs != self.own_env:
+        exempt = _PER_WORKER if self.kind == "worker" else set()
+        if (theirs := import_env({k: v for k, v in request["env"].items() if k not in exempt})) != self.own_env:
             differ = sorted({key for key, _ in set(theirs.items()) ^ set(self.own_env.items())})
             return f"the command sets {', '.join(differ)} otherwise than the host did when it started"
         return None

@@ -1,8 +1,8 @@
 """How a Ray worker of this machine's local cluster starts: its raylet runs this file where Ray runs
 its ``setup_worker.py`` (``ray_node``), with the same arguments. A Python worker whose runtime env is
 only environment variables (a deepyard job's) is forked by the cluster's worker host (``job_host``,
-kind "worker"), which has imported torch, Ray Tune and Ray Train once: a fresh process would spend
-~3 s of CPU on 2 cores on them, on the critical path of every job's start. Any other worker (a
+kind "worker"), which has imported torch (and torch._dynamo) and the libraries Ray uses once: a
+fresh process would spend ~3 s of CPU on 2 cores on them, on the critical path of every job's start. Any other worker (a
 working_dir, pip, a container; Ray's client server), or no host, or one that refuses, starts as Ray
 starts it: this process becomes Ray's ``setup_worker.py``.
 
@@ -21,6 +21,7 @@ import json  # noqa: E402
 import signal  # noqa: E402
 
 from deepyard import job_client  # noqa: E402
+
 
 def main(argv: list[str]) -> None:
     options = argparse.ArgumentParser(add_help=False)  # (Ray's setup_worker.py's own options)
