@@ -396,7 +396,9 @@ def test_a_ray_worker_is_forked_by_the_worker_host_with_its_runtime_envs_variabl
     pid = int(started.stdout.split()[1])
     assert started.stdout.split()[2:-1] == [str(tmp_path / "cluster"), "job:shell", "['--worker-id=abc']",
                                             str(tmp_path)], started.stdout
-    again = start_worker(tmp_path, env, {"env_vars": {}})
+    # Ray's own settings are read when the worker imports Ray, after the fork: they may differ
+    again = start_worker(tmp_path, env, {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    assert again.returncode == 3, again.stdout + again.stderr
     assert again.stdout.split()[-1] != started.stdout.split()[-1]  # numpy's random state: each worker's own
     # SIGTERM to the stand-in (as the raylet sends a worker it stops) reaches the worker, which it ends
     waiting = subprocess.Popen(worker_command(tmp_path, {"env_vars": {}}, "--wait"), env=env,
@@ -424,6 +426,25 @@ def test_a_worker_the_host_cannot_fork_as_ray_would_start_it_starts_as_ray_start
     assert alone.returncode == 5 and "PROBE" not in alone.stderr
     host.terminate()
     assert "runs" not in host.communicate(timeout=10)[0]
+
+
+def test_a_worker_host_whose_owner_exits_leaves(tmp_path):
+    """An embedded cluster's worker host ends with the driver that started it, however that ends."""
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    path = tmp_path / "workers.sock"
+    host = subprocess.Popen([sys.executable, "-c", f"from deepyard.job_host import serve; "
+                             f"serve({str(path)!r}, preload=(), kind='worker', owner={owner.pid})"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert time.monotonic() < deadline and host.poll() is None, "the worker host did not listen"
+        time.sleep(0.05)
+    time.sleep(2.5)  # (longer than its loop's wait: it does not leave for want of a cluster's state file)
+    assert host.poll() is None
+    owner.kill()
+    owner.wait()
+    assert host.wait(timeout=10) == 0, host.stdout.read()
+    assert not path.exists()
 
 
 def test_a_worker_host_that_loaded_rays_core_does_not_serve(tmp_path):

@@ -144,7 +144,7 @@ def connected(address: str | None = None, ray_logs: bool = False,
     """
     import ray
 
-    from deepyard import local_cluster
+    from deepyard import embedded_workers, local_cluster
 
     wait_stopped()  # the last local cluster is down (or the last remote one left) before another starts
     if ray.is_initialized():  # an embedding program (or a test session) already connected
@@ -158,14 +158,23 @@ def connected(address: str | None = None, ray_logs: bool = False,
     with stops.signals_stop_the_job():
         for key, value in {**TRAIN_ENV, **({**NODE_ENV, **(local_env or {})} if not address else {})}.items():
             os.environ.setdefault(key, value)  # inherited by the raylet of a local cluster
+        workers = None if address else embedded_workers.start()
+
+        def shutdown() -> None:
+            ray.shutdown()
+            if workers is not None:  # (after Ray: the raylet stops its workers first)
+                workers.stop()
+
         try:
             # (with Ray's dashboard, though it costs ~1 s, wherever a job may start a Ray Train worker
             # group: Ray Train's placement-group cleaner asks its state API whether a controller died;
             # without it a stopped trial's CPUs stayed reserved)
-            ray.init(address=address or "local", runtime_env={"env_vars": _job_env(address)} if address else None,
-                     logging_level="WARNING", log_to_driver=ray_logs, **({} if address or dashboard
-                                                                          else {"include_dashboard": False}))
+            with forking_workers(workers):
+                ray.init(address=address or "local", runtime_env={"env_vars": _job_env(address)} if address else None,
+                         logging_level="WARNING", log_to_driver=ray_logs, **({} if address or dashboard
+                                                                              else {"include_dashboard": False}))
         except ConnectionError as error:
+            shutdown()
             from deepyard.errors import BadInput
 
             where = "running on this machine" if address == "auto" else f"at {address}"
@@ -176,23 +185,37 @@ def connected(address: str | None = None, ray_logs: bool = False,
                 raise
             # ray.init's own SIGTERM handler, while it starts or waits for a cluster: sys.exit(15),
             # which ended the run FAILED with the message "15". A stop, as everywhere else.
-            ray.shutdown()
+            shutdown()
             raise KeyboardInterrupt from None
+        except BaseException:
+            shutdown()
+            raise
         stops.on_signals()  # again: ray.init replaced them
         try:
             yield
         except BaseException:
-            ray.shutdown()  # a failed or stopped job: its trials are gone before its runs are closed
+            shutdown()  # a failed or stopped job: its trials are gone before its runs are closed
             raise
     if stop_behind and not address:
-        _stop_behind(ray.shutdown)
+        _stop_behind(shutdown)
     elif stop_behind:
         # A remote cluster's driver records the job's outcome first and leaves the cluster after:
         # CI once saw a submitted job's driver die of SIGSEGV between its last epoch and its summary.
         global _departure
         _departure = ray.shutdown
     else:
-        ray.shutdown()
+        shutdown()
+
+
+def forking_workers(workers):
+    """ray.init's node starts its workers through ``workers`` (an embedded cluster's worker host)."""
+    from contextlib import nullcontext
+
+    if workers is None:
+        return nullcontext()
+    from deepyard import ray_node
+
+    return ray_node.forking_workers(workers.socket)
 
 
 def _job_env(address: str) -> dict[str, str]:

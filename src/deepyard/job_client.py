@@ -46,9 +46,11 @@ def socket_path(home: str) -> str:
     return os.path.join(home, "cluster", "host.sock")
 
 
-def host_command(path: str, kind: str = "driver") -> list[str]:
-    """How a host (``job_host``) is started by ``local_cluster``, and starts itself again."""
-    return [sys.executable, "-c", f"from deepyard.job_host import serve; serve({path!r}, kind={kind!r})"]
+def host_command(path: str, kind: str = "driver", owner: int | None = None) -> list[str]:
+    """How a host (``job_host``) is started by ``local_cluster`` (``owner``: by the driver of an
+    embedded cluster, ``embedded_workers``), and starts itself again."""
+    return [sys.executable, "-c",
+            f"from deepyard.job_host import serve; serve({path!r}, kind={kind!r}, owner={owner!r})"]
 
 
 def identity(path: list[str] | None = None) -> dict:

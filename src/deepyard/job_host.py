@@ -39,7 +39,9 @@ PRELOAD = ("torch", "ray", "ray.tune", "ray.train", "ray.train.torch", "ray.data
            # train driver imports it while training.)
            "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
            "alembic.command", "alembic.migration", "alembic.script", "alembic.autogenerate", *warm.MODEL_LOGGING,
-           "aiohttp", "PIL.GifImagePlugin")
+           "aiohttp", "PIL.GifImagePlugin",
+           # Ray's serializers for pydantic's v1 models, imported by a driver's first ray.put (~0.6 s)
+           "pydantic.v1")
 # A Ray worker of the local cluster (``ray_worker``): what a training function imports besides Ray,
 # and the libraries Ray itself imports, ~2.7 s of CPU in each job's fresh worker process on 2 cores
 # (torch._dynamo included: torch's optimizers import it when the first is built). Not Ray: loading
@@ -48,17 +50,19 @@ WORKER_PRELOAD = ("torch", "torch._dynamo", "numpy", "pandas", "pyarrow", "attr"
                   "yaml", "wcwidth", "fsspec", "filelock", "google.protobuf", "grpc", "click", "requests",
                   "jsonschema", "psutil", "uvloop", "lz4", "colorful", "msgpack", "aiohttp")
 NOT_IN_WORKER_HOST = "ray._raylet"
-# Set for each worker by the raylet, read when the worker connects (not on import); and by `ray
-# start` for its raylet, read there.
-_PER_WORKER = {"RAY_JOB_ID", "RAY_RAYLET_PID", "RAY_LD_PRELOAD_ON_WORKERS"}
+# Ray's own settings: a worker reads them when it imports Ray, after the fork (the worker host has
+# not: ``NOT_IN_WORKER_HOST``). The raylet sets some for each worker (RAY_JOB_ID), and ray.init for
+# the node it starts (RAY_AUTH_MODE, RAY_USAGE_STATS_ENABLED).
+_READ_AFTER_FORK = "RAY_"
 STALE = "the installed packages changed since it started; it starts again"
 REQUEST_S = 2.0  # a command sends its request at once; one that has not within this is dropped
 
 
-def serve(path: str, preload: tuple[str, ...] | None = None, kind: str = "driver") -> None:
+def serve(path: str, preload: tuple[str, ...] | None = None, kind: str = "driver", owner: int | None = None) -> None:
     """Import ``preload``, then listen at ``path`` and fork a driver for each command (``kind``
     "worker": a Ray worker for each raylet's start of one), until SIGTERM (the processes forked get
-    it too, and are waited for) or the cluster is gone."""
+    it too, and are waited for) or the cluster is gone: `deepyard cluster down`, or, for the host of
+    a driver's own embedded cluster, the exit of that driver, process ``owner``."""
     preload = preload if preload is not None else WORKER_PRELOAD if kind == "worker" else PRELOAD
     environment = dict(os.environ)  # (before the imports: torch adds to it, Ray to sys.path)
     own = identity()
@@ -78,17 +82,26 @@ def serve(path: str, preload: tuple[str, ...] | None = None, kind: str = "driver
               "not serving: commands run in their own processes", flush=True)
         return
     print(f"job host {os.getpid()}: preloaded {', '.join(loaded) or 'nothing'}", flush=True)
-    Host(path, own, import_env(environment), environment, kind).loop()
+    Host(path, own, _import_env(environment, kind), environment, kind, owner).loop()
+
+
+def _import_env(env: dict[str, str], kind: str) -> dict[str, str]:
+    """What of ``env`` the host's imports read (``job_client.import_env``): a forked process must have the same."""
+    return {key: value for key, value in import_env(env).items()
+            if not (kind == "worker" and key.startswith(_READ_AFTER_FORK))}
 
 
 class Host:
     """The listening socket, the drivers running (pid: the command's connection and the driver's
     pidfd) and one selector over them all: one thread, so that a fork copies no other thread's locks."""
 
-    def __init__(self, path: str, own: dict, own_env: dict, environment: dict, kind: str = "driver") -> None:
+    def __init__(self, path: str, own: dict, own_env: dict, environment: dict, kind: str = "driver",
+                 owner: int | None = None) -> None:
         import selectors
 
         self.path, self.own, self.own_env, self.environment, self.kind = path, own, own_env, environment, kind
+        self.owner = owner
+        self.owner_fd = os.pidfd_open(owner) if owner is not None else -1  # (ProcessLookupError: gone already)
         self.drivers: dict[int, tuple[socket.socket, int]] = {}
         self.asking: dict[int, _Request] = {}  # commands whose requests are still coming in, by socket fd
         self.stopping = self.stale = False
@@ -107,6 +120,8 @@ class Host:
         self.events = selectors.DefaultSelector()
         self.events.register(self.listener, selectors.EVENT_READ, ("accept", 0))
         self.events.register(self.wakeup_r, selectors.EVENT_READ, ("signal", 0))
+        if self.owner_fd >= 0:
+            self.events.register(self.owner_fd, selectors.EVENT_READ, ("owner", 0))
         print(f"job host {os.getpid()}: serving at {path}", flush=True)
 
     def _stop(self, *_) -> None:
@@ -129,7 +144,7 @@ class Host:
                         if what == "request":
                             self._drop(pid)
                 self._drop_late()
-                if not self.stopping and not _cluster_up(self.path, self.kind):
+                if not self.stopping and self.owner is None and not _cluster_up(self.path, self.kind):
                     self.stopping = True
         finally:
             self._close_listener()
@@ -137,13 +152,16 @@ class Host:
                 self._drop(fd)
         if self.stale and not self.stopping:
             print("job host: installed packages changed; starting again", flush=True)
-            os.execve(sys.executable, host_command(self.path, self.kind), self.environment)
+            os.execve(sys.executable, host_command(self.path, self.kind, self.owner), self.environment)
 
     def _on(self, what: str, pid: int) -> None:
         import selectors
 
         if what == "signal":
             os.read(self.wakeup_r, 512)
+        elif what == "owner":  # (the driver whose cluster this host serves has exited)
+            self.events.unregister(self.owner_fd)
+            self.stopping = True
         elif what == "accept" and self.listener.fileno() >= 0:
             command, _ = self.listener.accept()
             command.setblocking(False)  # (read as it comes: a slow command holds up no other)
@@ -240,8 +258,7 @@ class Host:
                 self.stale = True  # (it starts again once its drivers have ended)
                 return STALE
             return "the command's Python, module path or installed packages are not the host's"
-        exempt = _PER_WORKER if self.kind == "worker" else set()
-        if (theirs := import_env({k: v for k, v in request["env"].items() if k not in exempt})) != self.own_env:
+        if (theirs := _import_env(request["env"], self.kind)) != self.own_env:
             differ = sorted({key for key, _ in set(theirs.items()) ^ set(self.own_env.items())})
             return f"the command sets {', '.join(differ)} otherwise than the host did when it started"
         return None
@@ -259,6 +276,7 @@ class Host:
                         *(r.command for r in self.asking.values())]
                 (_become_worker if self.kind == "worker" else _become_driver)(
                     request, fds, held, [self.wakeup_r, self.wakeup_w, self.events.fileno(),
+                                         *([self.owner_fd] if self.owner_fd >= 0 else []),
                                          *(p for _, p in self.drivers.values()),
                                          *(fd for r in self.asking.values() for fd in r.fds)], blocked)
             finally:

@@ -1,8 +1,10 @@
-"""`ray start` for a node of this machine's local cluster (``local_cluster``), whose raylet starts
-each Python worker through ``ray_worker`` instead of Ray's own ``setup_worker.py``: a worker forked
-by the cluster's worker host where it can be, Ray's way where not.
+"""Nodes whose raylet starts each Python worker through ``ray_worker`` instead of Ray's own
+``setup_worker.py``: a worker forked by a worker host where it can be, Ray's way where not. For a node
+of this machine's local cluster (``local_cluster``):
 
     python -m deepyard.ray_node start --block ...   (the arguments of `ray start`)
+
+and for the node a driver starts with ``ray.init()`` (``embedded_workers``): ``forking_workers``.
 
 Ray's node takes the setup script's name from ``ray_constants.SETUP_WORKER_FILENAME``, joined to its
 workers' folder; an absolute path replaces the folder. (A Ray that no longer reads that name starts
@@ -13,21 +15,41 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from ray._private import ray_constants
 
-from deepyard.job_client import RAY_SETUP_WORKER_ENV
+from deepyard.job_client import RAY_SETUP_WORKER_ENV, WORKER_HOST_ENV
+
+
+@contextmanager
+def forking_workers(host_socket: str) -> Iterator[None]:
+    """While a node starts in this process: its raylet runs ``ray_worker``, which asks the worker host
+    listening at ``host_socket`` (the raylet keeps the environment it started with)."""
+    original = ray_constants.SETUP_WORKER_FILENAME
+    before = {name: os.environ.get(name) for name in (RAY_SETUP_WORKER_ENV, WORKER_HOST_ENV)}
+    os.environ[RAY_SETUP_WORKER_ENV] = str(Path(ray_constants.__file__).parent / "workers" / original)
+    os.environ[WORKER_HOST_ENV] = host_socket
+    ray_constants.SETUP_WORKER_FILENAME = str(Path(__file__).with_name("ray_worker.py"))
+    try:
+        yield
+    finally:
+        ray_constants.SETUP_WORKER_FILENAME = original
+        for name, value in before.items():  # (this process's own children are not the node's)
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def main() -> None:
     from ray.scripts.scripts import main as ray_cli
 
-    os.environ[RAY_SETUP_WORKER_ENV] = str(Path(ray_constants.__file__).parent / "workers" /
-                                           ray_constants.SETUP_WORKER_FILENAME)
-    ray_constants.SETUP_WORKER_FILENAME = str(Path(__file__).with_name("ray_worker.py"))
     sys.argv[0] = "ray"
-    ray_cli()
+    with forking_workers(os.environ[WORKER_HOST_ENV]):
+        ray_cli()
 
 
 if __name__ == "__main__":
