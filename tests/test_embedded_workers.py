@@ -3,7 +3,6 @@ up forks its Ray workers from it, and it ends with the driver, even one killed o
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import ended
 from test_job_host import DEEPYARD, gone, run_status, trained
 from test_train_job import TINY_MLP
 
@@ -35,34 +35,52 @@ def wait_for(condition, timeout_s: float, what: str):
     return found
 
 
-def test_an_embedded_jobs_trial_is_forked_by_its_worker_host_which_ends_with_the_driver(tmp_path):
+def start_embedded_job(tmp_path: Path) -> tuple[subprocess.Popen, Path, int, list[psutil.Process], str]:
+    """A 400-epoch job with no cluster up, once it trains: its command (the driver itself), its host's
+    folder and pid, the host's forked workers that run its trial, and its run's id."""
     home = tmp_path / "home"
     env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
            "DEEPYARD_HOME": str(home)}
-    job = "register: {enabled: false}\n"
-    (tmp_path / "long.yaml").write_text(TINY_MLP.format(name="embedded_long", epochs=400) + job)
-    command = subprocess.Popen([*DEEPYARD, "run", "long.yaml"], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
+    (tmp_path / "long.yaml").write_text(TINY_MLP.format(name="embedded_long", epochs=400) +
+                                        "register: {enabled: false}\n")
+    command = subprocess.Popen([*DEEPYARD, "run", "long.yaml"], cwd=tmp_path, env=env, stderr=subprocess.PIPE,
+                               text=True)
+    folder = home / "cluster" / "embedded" / str(command.pid)
+    run = trained(home, "embedded_long")
+    log = (folder / "workers.log").read_text()
+    host = int(re.search(r"job host (\d+): serving", log).group(1))
+    trial = wait_for(lambda: forked_busy(host), 30, f"the trial's worker was not forked by the host: {log}")
+    return command, folder, host, trial, run.info.run_id
+
+
+def test_an_embedded_jobs_trial_is_forked_by_its_worker_host_which_stops_with_the_job(tmp_path):
+    command, folder, host, trial, run_id = start_embedded_job(tmp_path)
     try:
-        folder = home / "cluster" / "embedded" / str(command.pid)  # (no cluster up: the command is the driver)
-        trained(home, "embedded_long")
-        log = (folder / "workers.log").read_text()
-        host = int(re.search(r"job host (\d+): serving", log).group(1))
-        trial = wait_for(lambda: forked_busy(host), 30, f"the trial's worker was not forked by the host: {log}")
-        command.send_signal(signal.SIGKILL)  # the driver, killed outright: no exit handler runs
-        command.wait(timeout=30)
-        wait_for(lambda: gone(host), 60, "the worker host outlived its driver")
-        wait_for(lambda: all(gone(worker.pid) for worker in trial), 60, "the forked trial outlived its driver")
-        assert not (folder / "workers.sock").exists()
+        command.send_signal(signal.SIGINT)
+        stderr = ended(command, 90)
+        assert command.returncode == 130, stderr[-3000:]
     finally:
         if command.poll() is None:
             command.kill()
-    # the next job in this home: its own host, the killed driver's folder cleared, nothing left after it
-    (tmp_path / "short.yaml").write_text(TINY_MLP.format(name="embedded_short", epochs=2) + job)
-    done = subprocess.run([*DEEPYARD, "run", "short.yaml", "--json"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert run_status(home, json.loads(done.stdout.strip().splitlines()[-1])["run_id"]) == "FINISHED"
-    assert list((home / "cluster" / "embedded").iterdir()) == []
+    assert run_status(tmp_path / "home", run_id) == "KILLED"
+    assert gone(host) and all(gone(worker.pid) for worker in trial)  # (stopped before the command exits)
+    assert not folder.exists()
+
+
+@pytest.mark.long
+def test_the_worker_host_of_a_driver_killed_outright_ends_and_the_next_clears_its_folder(tmp_path):
+    command, folder, host, trial, _ = start_embedded_job(tmp_path)
+    try:
+        command.send_signal(signal.SIGKILL)  # no exit handler runs: the host sees its driver go
+        command.wait(timeout=30)
+        wait_for(lambda: gone(host), 60, "the worker host outlived its driver")
+        wait_for(lambda: all(gone(worker.pid) for worker in trial), 60, "the forked trial outlived its driver")
+    finally:
+        if command.poll() is None:
+            command.kill()
+    assert not (folder / "workers.sock").exists() and (folder / "workers.log").exists()
+    embedded_workers.remove_stale(folder.parent)  # (as the next job's start does)
+    assert not folder.exists()
 
 
 def test_hosts_off_start_none(tmp_path, monkeypatch):

@@ -401,9 +401,11 @@ def test_a_ray_worker_is_forked_by_the_worker_host_with_its_runtime_envs_variabl
     assert again.returncode == 3, again.stdout + again.stderr
     assert again.stdout.split()[-1] != started.stdout.split()[-1]  # numpy's random state: each worker's own
     # SIGTERM to the stand-in (as the raylet sends a worker it stops) reaches the worker, which it ends
+    # (at the niceness the raylet gave its stand-in: Ray's worker_niceness)
     waiting = subprocess.Popen(worker_command(tmp_path, {"env_vars": {}}, "--wait"), env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.nice(7))
     waiter = int(waiting.stdout.readline().split()[1])
+    assert os.getpriority(os.PRIO_PROCESS, waiter) == os.getpriority(os.PRIO_PROCESS, 0) + 7
     waiting.terminate()
     assert waiting.wait(timeout=30) == -signal.SIGTERM
     assert gone(waiter)

@@ -50,7 +50,7 @@ def start() -> EmbeddedWorkers | None:
     if os.environ.get(job_client.ENABLED_ENV) == "0" or not job_client.SUPPORTED:
         return None
     base = Path(settings.home()) / "cluster" / "embedded"
-    _remove_stale(base)
+    remove_stale(base)
     folder = base / str(os.getpid())
     shutil.rmtree(folder, ignore_errors=True)  # (an earlier process of this pid's, killed)
     folder.mkdir(parents=True, mode=0o700)
@@ -61,7 +61,7 @@ def start() -> EmbeddedWorkers | None:
     return EmbeddedWorkers(process, folder)
 
 
-def _remove_stale(base: Path) -> None:
+def remove_stale(base: Path) -> None:
     """The folders of drivers killed outright (their hosts saw them go, and exited)."""
     if not base.is_dir():
         return

@@ -370,6 +370,11 @@ def _take_on(request: dict, fds: list[int], sockets: list[socket.socket], descri
     os.environ.update(request["env"])
     if "numpy.random" in sys.modules:  # (seeded once, in the host: every fork would draw the same numbers)
         sys.modules["numpy.random"].seed()
+    if (niceness := request.get("niceness")) is not None:  # (the raylet's for its workers: 15, unless set)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, niceness)
+        except OSError:  # (below the host's takes a privilege: the host's stays)
+            pass
     if (score := request.get("oom_score_adj")) is not None:  # (what the raylet gave its stand-in)
         try:
             with open("/proc/self/oom_score_adj", "w") as adj:

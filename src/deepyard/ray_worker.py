@@ -35,6 +35,7 @@ def main(argv: list[str]) -> None:
         if env_vars is not None:
             _update_envs(env_vars)
             code = job_client.hand_over(path, {"kind": "worker", "argv": rest, "oom_score_adj": _oom_score_adj(),
+                                               "niceness": os.getpriority(os.PRIO_PROCESS, 0),
                                                "identity": job_client.identity(sys.path)})
             if code is not None:
                 _exit_as(code)
