@@ -164,50 +164,70 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--samples", type=int, default=12000)
     parser.add_argument("--before", help="another checkout's src folder: its 1-worker job runs beside this one's")
+    parser.add_argument("--cold-only", action="store_true", help="the plain loop and the 1-worker jobs on clusters "
+                                                                 "of their own only (and --before's)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="deepyard-overhead-")
     spec_path = str(Path(work) / "overhead.yaml")
     Path(spec_path).write_text(SPEC.format(samples=args.samples, epochs=args.epochs))
     before_env = {"PYTHONPATH": os.pathsep.join(filter(None, [args.before, os.environ.get("PYTHONPATH")]))}
 
-    runs: dict[str, list[dict]] = {"plain": [], "one_worker_cold": [], "one_worker_warm": [],
-                                   "one_worker_warm_alone": [], "two_workers_cold": []}
+    warm = not args.cold_only
+    runs: dict[str, list[dict]] = {"plain": [], "one_worker_cold": [],
+                                   **({"one_worker_warm": [], "one_worker_warm_alone": [], "two_workers_cold": []}
+                                      if warm else {})}
     if args.before:
-        runs["before_one_worker_cold"], runs["before_one_worker_warm"] = [], []
-        warm_cluster(f"{work}/warm_before", before_env)
-    warm_cluster(f"{work}/warm")
+        runs["before_one_worker_cold"] = []
+        if warm:
+            runs["before_one_worker_warm"] = []
+            warm_cluster(f"{work}/warm_before", before_env)
+    if warm:
+        warm_cluster(f"{work}/warm")
     try:
-        deepyard_job(spec_path, f"{work}/warm")  # the first job on a new cluster warms it
-        if args.before:
+        if warm:
+            deepyard_job(spec_path, f"{work}/warm")  # the first job on a new cluster warms it
+        if args.before and warm:
             deepyard_job(spec_path, f"{work}/warm_before", env=before_env)
         for repeat in range(args.pairs):
             runs["plain"].append(plain_loop(spec_path))
             runs["one_worker_cold"].append(deepyard_job(spec_path, f"{work}/one{repeat}"))
-            runs["one_worker_warm"].append(deepyard_job(spec_path, f"{work}/warm"))
-            runs["one_worker_warm_alone"].append(deepyard_job(spec_path, f"{work}/warm", env=ALONE))
-            runs["two_workers_cold"].append(deepyard_job(spec_path, f"{work}/two{repeat}", "scaling.num_workers=2",
-                                                         "scaling.cpus_per_worker=1"))
+            if warm:
+                runs["one_worker_warm"].append(deepyard_job(spec_path, f"{work}/warm"))
+                runs["one_worker_warm_alone"].append(deepyard_job(spec_path, f"{work}/warm", env=ALONE))
+                runs["two_workers_cold"].append(deepyard_job(spec_path, f"{work}/two{repeat}",
+                                                             "scaling.num_workers=2", "scaling.cpus_per_worker=1"))
             if args.before:
                 runs["before_one_worker_cold"].append(deepyard_job(spec_path, f"{work}/before{repeat}", env=before_env))
+            if args.before and warm:
                 runs["before_one_worker_warm"].append(deepyard_job(spec_path, f"{work}/warm_before", env=before_env))
             print(json.dumps({"repeat": repeat, **{name: round(done[-1]["wall_s"], 1) for name, done in runs.items()}}),
                   file=sys.stderr)
         # (every warm job but the alone ones, the first included, should have been driven from the host)
-        hosted = (Path(work) / "warm/cluster/host.log").read_text().count(" runs run ")
+        hosted = (Path(work) / "warm/cluster/host.log").read_text().count(" runs run ") if warm else None
     finally:
-        cluster_down(f"{work}/warm")
-        if args.before:
+        if warm:
+            cluster_down(f"{work}/warm")
+        if args.before and warm:
             cluster_down(f"{work}/warm_before", before_env)
 
     median = {name: medians(done) for name, done in runs.items()}
     plain = median["plain"]
     plain_fixed = plain["wall_s"] - plain["train_s"]
 
-    def ratio(of: str, to: str) -> float:
+    def ratio(of: str, to: str) -> float | None:
+        if not runs.get(of):
+            return None
         return statistics.median(a["samples_per_s"] / b["samples_per_s"] for a, b in zip(runs[of], runs[to]))
 
+    def fixed(variant: str) -> float | None:
+        return median[variant]["fixed_cost_s"] if variant in median else None
+
+    def fixed_ratio(of: str, to: str, key: str = "fixed_cost_s") -> float | None:
+        return median[of][key] / median[to][key] if of in median and to in median else None
+
     name = record.variant("train_overhead", args.epochs != parser.get_default("epochs") and f"epochs{args.epochs}",
-                          args.samples != parser.get_default("samples") and f"samples{args.samples}")
+                          args.samples != parser.get_default("samples") and f"samples{args.samples}",
+                          args.cold_only and "cold")
     record.save(name, {
         "bench": "train_overhead",
         "setup": {"data": "fashion_mnist", "train_samples": args.samples, "epochs": args.epochs,
@@ -221,20 +241,16 @@ def main() -> None:
         "ratio_samples_per_s_1_worker_warm_alone_vs_plain": ratio("one_worker_warm_alone", "plain"),
         "ratio_samples_per_s_2_workers_vs_1": ratio("two_workers_cold", "one_worker_cold"),
         "plain_fixed_cost_s": plain_fixed,
-        "fixed_cost_s_cold": median["one_worker_cold"]["fixed_cost_s"],
-        "fixed_cost_s_warm_cluster": median["one_worker_warm"]["fixed_cost_s"],
-        "fixed_cost_s_warm_alone": median["one_worker_warm_alone"]["fixed_cost_s"],
-        "ratio_fixed_cost_warm_host_vs_alone": median["one_worker_warm"]["fixed_cost_s"]
-        / median["one_worker_warm_alone"]["fixed_cost_s"],
-        "ratio_wall_warm_host_vs_alone": median["one_worker_warm"]["wall_s"]
-        / median["one_worker_warm_alone"]["wall_s"],
-        "fixed_cost_s_2_workers_cold": median["two_workers_cold"]["fixed_cost_s"],
-        **({"fixed_cost_s_before_cold": median["before_one_worker_cold"]["fixed_cost_s"],
-            "ratio_fixed_cost_cold_vs_before": median["one_worker_cold"]["fixed_cost_s"]
-            / median["before_one_worker_cold"]["fixed_cost_s"],
-            "fixed_cost_s_before_warm": median["before_one_worker_warm"]["fixed_cost_s"],
-            "ratio_fixed_cost_warm_vs_before": median["one_worker_warm"]["fixed_cost_s"]
-            / median["before_one_worker_warm"]["fixed_cost_s"]} if args.before else {}),
+        "fixed_cost_s_cold": fixed("one_worker_cold"),
+        "fixed_cost_s_warm_cluster": fixed("one_worker_warm"),
+        "fixed_cost_s_warm_alone": fixed("one_worker_warm_alone"),
+        "ratio_fixed_cost_warm_host_vs_alone": fixed_ratio("one_worker_warm", "one_worker_warm_alone"),
+        "ratio_wall_warm_host_vs_alone": fixed_ratio("one_worker_warm", "one_worker_warm_alone", "wall_s"),
+        "fixed_cost_s_2_workers_cold": fixed("two_workers_cold"),
+        "fixed_cost_s_before_cold": fixed("before_one_worker_cold"),
+        "ratio_fixed_cost_cold_vs_before": fixed_ratio("one_worker_cold", "before_one_worker_cold"),
+        "fixed_cost_s_before_warm": fixed("before_one_worker_warm"),
+        "ratio_fixed_cost_warm_vs_before": fixed_ratio("one_worker_warm", "before_one_worker_warm"),
     })
 
 

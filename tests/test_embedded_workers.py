@@ -88,3 +88,15 @@ def test_hosts_off_start_none(tmp_path, monkeypatch):
     monkeypatch.setenv("DEEPYARD_JOB_HOST", "0")
     assert embedded_workers.start() is None
     assert not Path(tmp_path, "cluster").exists()
+
+
+def test_a_job_refused_before_ray_starts_leaves_no_worker_host(tmp_path):
+    home = tmp_path / "home"
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+           "DEEPYARD_HOME": str(home)}
+    (tmp_path / "tiny.yaml").write_text(TINY_MLP.format(name="never_ran", epochs=2))
+    done = subprocess.run([*DEEPYARD, "run", "tiny.yaml", "--resume"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "no earlier run" in done.stderr, done.stderr[-2000:]
+    assert list((home / "cluster" / "embedded").iterdir()) == []  # (its host was started, and stopped)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(home) in " ".join(p.info["cmdline"] or [])]

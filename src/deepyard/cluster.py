@@ -158,7 +158,7 @@ def connected(address: str | None = None, ray_logs: bool = False,
     with stops.signals_stop_the_job():
         for key, value in {**TRAIN_ENV, **({**NODE_ENV, **(local_env or {})} if not address else {})}.items():
             os.environ.setdefault(key, value)  # inherited by the raylet of a local cluster
-        workers = None if address else embedded_workers.start()
+        workers = None if address else embedded_workers.take()
 
         def shutdown() -> None:
             ray.shutdown()
@@ -171,8 +171,11 @@ def connected(address: str | None = None, ray_logs: bool = False,
             # without it a stopped trial's CPUs stayed reserved)
             with forking_workers(workers):
                 ray.init(address=address or "local", runtime_env={"env_vars": _job_env(address)} if address else None,
-                         logging_level="WARNING", log_to_driver=ray_logs, **({} if address or dashboard
-                                                                              else {"include_dashboard": False}))
+                         logging_level="WARNING", log_to_driver=ray_logs,
+                         **({} if address or dashboard else {"include_dashboard": False}),
+                         # (the workers Ray starts ahead for a first driver, before its job is known,
+                         # took no task of it: forked, a worker starts in ~1 s, and these cost CPU then)
+                         **({"_system_config": {"prestart_worker_first_driver": False}} if workers else {}))
         except ConnectionError as error:
             shutdown()
             from deepyard.errors import BadInput

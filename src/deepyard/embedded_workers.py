@@ -4,6 +4,10 @@ forks that cluster's Ray workers, as `deepyard cluster up`'s does for its nodes.
 and the libraries Ray uses while Ray starts (~9 s on 2 cores), instead of each fresh worker importing
 them on the job's critical path.
 
+`deepyard run` starts it as soon as it knows the job gets a cluster of its own (``ahead``), while
+it imports and checks the job, one core's work: on 2 cores, the host's imports take the other, where
+beside Ray's start they slowed it by ~2 s (bench/train_overhead.py).
+
 It lives in ``<home>/cluster/embedded/<driver pid>/`` (its socket and log) and ends with the driver:
 stopped after Ray is (``stop``), or, if the driver is killed, on seeing its exit.
 """
@@ -14,11 +18,18 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from deepyard import job_client, settings
 
+# What libraries a driver imports set in its environment when imported (scikit-learn and joblib, for
+# Intel's OpenMP runtime; the data sets of scikit-learn are loaded after the host has started): set
+# ahead, as they would be, so that the host has the environment the raylet will have.
+IMPORT_DEFAULTS = {"KMP_DUPLICATE_LIB_OK": "True", "KMP_INIT_AT_FORK": "FALSE"}
 STOP_S = 30.0  # for its workers to end after SIGTERM (Ray has stopped them by then), then SIGKILL
 
 
@@ -26,6 +37,7 @@ STOP_S = 30.0  # for its workers to end after SIGTERM (Ray has stopped them by t
 class EmbeddedWorkers:
     process: subprocess.Popen
     folder: Path
+    env: dict[str, str]  # what of its environment its imports read (``job_host.import_env_of``)
 
     @property
     def socket(self) -> str:
@@ -43,12 +55,49 @@ class EmbeddedWorkers:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+_ahead: EmbeddedWorkers | None = None  # started by ``ahead``, for ``take``
+
+
+@contextmanager
+def ahead(wanted: bool) -> Iterator[None]:
+    """A host started now (if ``wanted``: no cluster to join), for the cluster this process will start
+    in the block (``take``); stopped at the block's end if none took it. (None where this process is
+    connected to Ray already, as a program that embeds deepyard may be: its jobs start no cluster.)"""
+    global _ahead
+    ray = sys.modules.get("ray")
+    _ahead = start() if wanted and not (ray is not None and ray.is_initialized()) else None
+    try:
+        yield
+    finally:
+        unused, _ahead = _ahead, None
+        if unused is not None:
+            unused.stop()
+
+
+def take() -> EmbeddedWorkers | None:
+    """The host for the cluster this process starts now: the one started ahead, or a new one (where
+    that one died, or where this process has set a variable its imports read since)."""
+    from deepyard.job_host import import_env_of
+
+    global _ahead
+    workers, _ahead = _ahead, None
+    if workers is not None and workers.process.poll() is None and workers.env == import_env_of(os.environ, "worker"):
+        return workers
+    if workers is not None:
+        workers.stop()
+    return start()
+
+
 def start() -> EmbeddedWorkers | None:
     """A worker host for the cluster this process is about to start, with this process's environment
     (the raylet's, and so its workers'); None where hosts are off (``DEEPYARD_JOB_HOST=0``) or
     cannot run (not Linux)."""
+    from deepyard.job_host import import_env_of
+
     if os.environ.get(job_client.ENABLED_ENV) == "0" or not job_client.SUPPORTED:
         return None
+    for name, value in IMPORT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     base = Path(settings.home()) / "cluster" / "embedded"
     remove_stale(base)
     folder = base / str(os.getpid())
@@ -58,7 +107,7 @@ def start() -> EmbeddedWorkers | None:
         process = subprocess.Popen(job_client.host_command(str(folder / "workers.sock"), "worker", os.getpid()),
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # (Ctrl-C reaches the driver, which stops Ray, then it)
-    return EmbeddedWorkers(process, folder)
+    return EmbeddedWorkers(process, folder, import_env_of(os.environ, "worker"))
 
 
 def remove_stale(base: Path) -> None:

@@ -82,10 +82,10 @@ def serve(path: str, preload: tuple[str, ...] | None = None, kind: str = "driver
               "not serving: commands run in their own processes", flush=True)
         return
     print(f"job host {os.getpid()}: preloaded {', '.join(loaded) or 'nothing'}", flush=True)
-    Host(path, own, _import_env(environment, kind), environment, kind, owner).loop()
+    Host(path, own, import_env_of(environment, kind), environment, kind, owner).loop()
 
 
-def _import_env(env: dict[str, str], kind: str) -> dict[str, str]:
+def import_env_of(env: dict[str, str], kind: str) -> dict[str, str]:
     """What of ``env`` the host's imports read (``job_client.import_env``): a forked process must have the same."""
     return {key: value for key, value in import_env(env).items()
             if not (kind == "worker" and key.startswith(_READ_AFTER_FORK))}
@@ -258,7 +258,7 @@ class Host:
                 self.stale = True  # (it starts again once its drivers have ended)
                 return STALE
             return "the command's Python, module path or installed packages are not the host's"
-        if (theirs := _import_env(request["env"], self.kind)) != self.own_env:
+        if (theirs := import_env_of(request["env"], self.kind)) != self.own_env:
             differ = sorted({key for key, _ in set(theirs.items()) ^ set(self.own_env.items())})
             return f"the command sets {', '.join(differ)} otherwise than the host did when it started"
         return None

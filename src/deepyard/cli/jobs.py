@@ -43,7 +43,7 @@ def run(
              "job and leave it up for the next ones until it has been idle this long")] = None,
 ) -> None:
     """Run a job: train on Ray, track in MLflow, register the model."""
-    from deepyard import cluster
+    from deepyard import cluster, embedded_workers
     from deepyard.runners.summary import RunOptions
     from deepyard.spec import KINDS, load_spec
     from deepyard.tracking import tracking_uri
@@ -58,7 +58,8 @@ def run(
     address = None if address == "local" else address  # (Ray's word for a cluster of the job's own)
     cluster.check_reachable(address)  # before a run is opened for the job
     options = RunOptions(address=address, ray_logs=ray_logs, resume=resume, console=err, json_output=json_output)
-    with stops.signals_stop_the_job():
+    # (a cluster of the job's own: its worker host starts now, while the job is checked)
+    with stops.signals_stop_the_job(), embedded_workers.ahead(address is None):
         summary = kind.runner_module().run(job, options)
     lines = summary.lines()
     if lines:
