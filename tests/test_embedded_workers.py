@@ -100,3 +100,11 @@ def test_a_job_refused_before_ray_starts_leaves_no_worker_host(tmp_path):
     assert done.returncode == 2 and "no earlier run" in done.stderr, done.stderr[-2000:]
     assert list((home / "cluster" / "embedded").iterdir()) == []  # (its host was started, and stopped)
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(home) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_job_that_asks_ray_for_no_cpus_gets_no_worker_host(tmp_path, monkeypatch):
+    """An RL job that samples in its driver starts no Ray workers: a host would only take CPU from it."""
+    monkeypatch.setenv("DEEPYARD_HOME", str(tmp_path))
+    with embedded_workers.ahead(False):
+        assert embedded_workers.take() is None
+    assert not (tmp_path / "cluster").exists()

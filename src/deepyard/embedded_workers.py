@@ -56,20 +56,23 @@ class EmbeddedWorkers:
 
 
 _ahead: EmbeddedWorkers | None = None  # started by ``ahead``, for ``take``
+_unwanted = False  # ``ahead`` was told the job starts no Ray workers (an RL job that samples in its driver)
 
 
 @contextmanager
 def ahead(wanted: bool) -> Iterator[None]:
-    """A host started now (if ``wanted``: no cluster to join), for the cluster this process will start
-    in the block (``take``); stopped at the block's end if none took it. (None where this process is
-    connected to Ray already, as a program that embeds deepyard may be: its jobs start no cluster.)"""
-    global _ahead
+    """A host started now if ``wanted`` (no cluster to join, and a job that asks Ray for CPUs or GPUs:
+    one that asks for none starts no workers, and a host would only take CPU from it), for the cluster
+    this process will start in the block (``take``); stopped at the block's end if none took it. (None
+    where this process is connected to Ray already, as a program that embeds deepyard may be.)"""
+    global _ahead, _unwanted
     ray = sys.modules.get("ray")
+    _unwanted = not wanted
     _ahead = start() if wanted and not (ray is not None and ray.is_initialized()) else None
     try:
         yield
     finally:
-        unused, _ahead = _ahead, None
+        unused, _ahead, _unwanted = _ahead, None, False
         if unused is not None:
             unused.stop()
 
@@ -85,7 +88,7 @@ def take() -> EmbeddedWorkers | None:
         return workers
     if workers is not None:
         workers.stop()
-    return start()
+    return None if _unwanted else start()
 
 
 def start() -> EmbeddedWorkers | None:

@@ -58,8 +58,8 @@ def run(
     address = None if address == "local" else address  # (Ray's word for a cluster of the job's own)
     cluster.check_reachable(address)  # before a run is opened for the job
     options = RunOptions(address=address, ray_logs=ray_logs, resume=resume, console=err, json_output=json_output)
-    # (a cluster of the job's own: its worker host starts now, while the job is checked)
-    with stops.signals_stop_the_job(), embedded_workers.ahead(address is None):
+    # (a cluster of the job's own, for workers: their host starts now, while the job is checked)
+    with stops.signals_stop_the_job(), embedded_workers.ahead(address is None and any(job.footprint().values())):
         summary = kind.runner_module().run(job, options)
     lines = summary.lines()
     if lines:
