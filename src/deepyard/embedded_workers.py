@@ -37,7 +37,7 @@ STOP_S = 30.0  # for its workers to end after SIGTERM (Ray has stopped them by t
 class EmbeddedWorkers:
     process: subprocess.Popen
     folder: Path
-    env: dict[str, str]  # what of its environment its imports read (``job_host.import_env_of``)
+    env: dict[str, str]  # what of its environment its imports read (``job_client.import_env_of``)
 
     @property
     def socket(self) -> str:
@@ -80,11 +80,10 @@ def ahead(wanted: bool) -> Iterator[None]:
 def take() -> EmbeddedWorkers | None:
     """The host for the cluster this process starts now: the one started ahead, or a new one (where
     that one died, or where this process has set a variable its imports read since)."""
-    from deepyard.job_host import import_env_of
-
     global _ahead
     workers, _ahead = _ahead, None
-    if workers is not None and workers.process.poll() is None and workers.env == import_env_of(os.environ, "worker"):
+    same_env = workers is not None and workers.env == job_client.import_env_of(os.environ, "worker")
+    if same_env and workers.process.poll() is None:
         return workers
     if workers is not None:
         workers.stop()
@@ -95,8 +94,6 @@ def start() -> EmbeddedWorkers | None:
     """A worker host for the cluster this process is about to start, with this process's environment
     (the raylet's, and so its workers'); None where hosts are off (``DEEPYARD_JOB_HOST=0``) or
     cannot run (not Linux)."""
-    from deepyard.job_host import import_env_of
-
     if os.environ.get(job_client.ENABLED_ENV) == "0" or not job_client.SUPPORTED:
         return None
     for name, value in IMPORT_DEFAULTS.items():
@@ -110,7 +107,7 @@ def start() -> EmbeddedWorkers | None:
         process = subprocess.Popen(job_client.host_command(str(folder / "workers.sock"), "worker", os.getpid()),
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # (Ctrl-C reaches the driver, which stops Ray, then it)
-    return EmbeddedWorkers(process, folder, import_env_of(os.environ, "worker"))
+    return EmbeddedWorkers(process, folder, job_client.import_env_of(os.environ, "worker"))
 
 
 def remove_stale(base: Path) -> None:

@@ -71,6 +71,18 @@ def import_env(env: dict[str, str]) -> dict[str, str]:
             if k.startswith(_IMPORT_ENV) and k not in _NOT_AT_IMPORT and _AS_UNSET.get(k) != v}
 
 
+# Ray's own settings: a worker reads them when it imports Ray, after the fork (the worker host has
+# not: ``job_host.NOT_IN_WORKER_HOST``). The raylet sets some for each worker (RAY_JOB_ID), and ray.init for
+# the node it starts (RAY_AUTH_MODE, RAY_USAGE_STATS_ENABLED).
+_READ_AFTER_FORK = "RAY_"
+
+
+def import_env_of(env: dict[str, str], kind: str) -> dict[str, str]:
+    """What of ``env`` a host's imports read (``kind``: "driver" or "worker"): a forked process must have the same."""
+    return {key: value for key, value in import_env(env).items()
+            if not (kind == "worker" and key.startswith(_READ_AFTER_FORK))}
+
+
 def run_there(argv: list[str]) -> int | None:
     """Run the command in a driver forked by this home's job host; its exit code, or None where
     there is no host to take it (the command then runs here)."""

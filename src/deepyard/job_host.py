@@ -28,7 +28,7 @@ import threading
 import time
 
 from deepyard import job_client, warm
-from deepyard.job_client import FORWARDED, host_command, identity, import_env, short_path
+from deepyard.job_client import FORWARDED, host_command, identity, import_env_of, short_path
 
 PRELOAD = ("torch", "ray", "ray.tune", "ray.train", "ray.train.torch", "ray.data", "mlflow", "ray.rllib",
            "gymnasium", "pandas", "pyarrow", "pydantic", "typer", "rich", "yaml",
@@ -50,10 +50,6 @@ WORKER_PRELOAD = ("torch", "torch._dynamo", "numpy", "pandas", "pyarrow", "attr"
                   "yaml", "wcwidth", "fsspec", "filelock", "google.protobuf", "grpc", "click", "requests",
                   "jsonschema", "psutil", "uvloop", "lz4", "colorful", "msgpack", "aiohttp")
 NOT_IN_WORKER_HOST = "ray._raylet"
-# Ray's own settings: a worker reads them when it imports Ray, after the fork (the worker host has
-# not: ``NOT_IN_WORKER_HOST``). The raylet sets some for each worker (RAY_JOB_ID), and ray.init for
-# the node it starts (RAY_AUTH_MODE, RAY_USAGE_STATS_ENABLED).
-_READ_AFTER_FORK = "RAY_"
 STALE = "the installed packages changed since it started; it starts again"
 REQUEST_S = 2.0  # a command sends its request at once; one that has not within this is dropped
 
@@ -83,12 +79,6 @@ def serve(path: str, preload: tuple[str, ...] | None = None, kind: str = "driver
         return
     print(f"job host {os.getpid()}: preloaded {', '.join(loaded) or 'nothing'}", flush=True)
     Host(path, own, import_env_of(environment, kind), environment, kind, owner).loop()
-
-
-def import_env_of(env: dict[str, str], kind: str) -> dict[str, str]:
-    """What of ``env`` the host's imports read (``job_client.import_env``): a forked process must have the same."""
-    return {key: value for key, value in import_env(env).items()
-            if not (kind == "worker" and key.startswith(_READ_AFTER_FORK))}
 
 
 class Host:
