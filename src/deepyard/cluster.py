@@ -144,7 +144,7 @@ def connected(address: str | None = None, ray_logs: bool = False,
     """
     import ray
 
-    from deepyard import embedded_workers, local_cluster
+    from deepyard import embedded_workers, local_cluster, ray_node
 
     wait_stopped()  # the last local cluster is down (or the last remote one left) before another starts
     if ray.is_initialized():  # an embedding program (or a test session) already connected
@@ -169,7 +169,7 @@ def connected(address: str | None = None, ray_logs: bool = False,
             # (with Ray's dashboard, though it costs ~1 s, wherever a job may start a Ray Train worker
             # group: Ray Train's placement-group cleaner asks its state API whether a controller died;
             # without it a stopped trial's CPUs stayed reserved)
-            with forking_workers(workers):
+            with ray_node.forking_workers(workers.socket if workers else None):
                 ray.init(address=address or "local", runtime_env={"env_vars": _job_env(address)} if address else None,
                          logging_level="WARNING", log_to_driver=ray_logs,
                          **({} if address or dashboard else {"include_dashboard": False}),
@@ -208,17 +208,6 @@ def connected(address: str | None = None, ray_logs: bool = False,
         _departure = ray.shutdown
     else:
         shutdown()
-
-
-def forking_workers(workers):
-    """ray.init's node starts its workers through ``workers`` (an embedded cluster's worker host)."""
-    from contextlib import nullcontext
-
-    if workers is None:
-        return nullcontext()
-    from deepyard import ray_node
-
-    return ray_node.forking_workers(workers.socket)
 
 
 def _job_env(address: str) -> dict[str, str]:

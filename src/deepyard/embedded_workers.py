@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import psutil
+
 from deepyard import job_client, settings
 
 # What libraries a driver imports set in its environment when imported (scikit-learn and joblib, for
@@ -115,15 +117,5 @@ def remove_stale(base: Path) -> None:
     if not base.is_dir():
         return
     for folder in base.iterdir():
-        if folder.name.isdigit() and not _alive(int(folder.name)):
+        if folder.name.isdigit() and not psutil.pid_exists(int(folder.name)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -360,7 +360,7 @@ def _take_on(request: dict, fds: list[int], sockets: list[socket.socket], descri
     os.environ.update(request["env"])
     if "numpy.random" in sys.modules:  # (seeded once, in the host: every fork would draw the same numbers)
         sys.modules["numpy.random"].seed()
-    if (niceness := request.get("niceness")) is not None:  # (the raylet's for its workers: 15, unless set)
+    if (niceness := request.get("niceness")) is not None:  # (what the raylet gave its stand-in: worker_niceness)
         try:
             os.setpriority(os.PRIO_PROCESS, 0, niceness)
         except OSError:  # (below the host's takes a privilege: the host's stays)

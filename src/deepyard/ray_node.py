@@ -25,9 +25,12 @@ from deepyard.job_client import RAY_SETUP_WORKER_ENV, WORKER_HOST_ENV
 
 
 @contextmanager
-def forking_workers(host_socket: str) -> Iterator[None]:
+def forking_workers(host_socket: str | None) -> Iterator[None]:
     """While a node starts in this process: its raylet runs ``ray_worker``, which asks the worker host
-    listening at ``host_socket`` (the raylet keeps the environment it started with)."""
+    listening at ``host_socket`` (the raylet keeps the environment it started with). None: Ray's own way."""
+    if host_socket is None:
+        yield
+        return
     original = ray_constants.SETUP_WORKER_FILENAME
     before = {name: os.environ.get(name) for name in (RAY_SETUP_WORKER_ENV, WORKER_HOST_ENV)}
     os.environ[RAY_SETUP_WORKER_ENV] = str(Path(ray_constants.__file__).parent / "workers" / original)
