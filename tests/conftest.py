@@ -56,12 +56,29 @@ def ray_cluster(deepyard_home):
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
     _start_cluster(ray)
     yield ray
-    ray.shutdown()
+    _stop_cluster(ray)
+
+
+_workers = None  # the session cluster's worker host (embedded_workers), as a `deepyard run` of its own has
 
 
 def _start_cluster(ray) -> None:
-    ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level="WARNING",
-             runtime_env={"worker_process_setup_hook": "faults.install"})
+    """A local cluster whose Ray workers are forked by a worker host, as a job's own cluster's are: a
+    trial then starts in ~1.5 s instead of ~5 s, and each job of the session gains the difference."""
+    global _workers
+    from deepyard import embedded_workers, ray_node
+
+    _workers = embedded_workers.start()
+    with ray_node.forking_workers(_workers.socket if _workers else None):
+        ray.init(address="local", num_cpus=2, log_to_driver=False, logging_level="WARNING",
+                 runtime_env={"worker_process_setup_hook": "faults.install"},
+                 **({"_system_config": {"prestart_worker_first_driver": False}} if _workers else {}))
+
+
+def _stop_cluster(ray) -> None:
+    ray.shutdown()
+    if _workers is not None:  # (after Ray: the raylet stops its workers first)
+        _workers.stop()
 
 
 @pytest.hookimpl(wrapper=True)
@@ -91,7 +108,7 @@ def _leave_the_cluster_free(ray, free_before: float, fail: bool) -> None:
     if held <= 0:
         return
     holders = _cpu_holders()
-    ray.shutdown()
+    _stop_cluster(ray)
     _start_cluster(ray)
     if fail:  # (a test that failed already keeps its own failure)
         pytest.fail(f"the test left {held:g} CPU(s) of the session's cluster held {LEAK_GRACE_S} s after it "
