@@ -93,6 +93,7 @@ def test_structured_pruning_and_int8_really_shrink_the_stored_model(compressed):
     assert student["parameters"] < parent_row["parameters"]
 
 
+@pytest.mark.long  # ~30 s: an endpoint of four versions (make test covers serving in test_serve)
 def test_compressed_versions_are_served_with_the_parents_requests_and_answers(compressed, digits_source):
     from ray import serve
     from sklearn.datasets import load_digits

@@ -196,6 +196,7 @@ def test_rl_eval_plays_the_registered_policy(agents, cli, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~25 s: an endpoint of two policies (make test covers serving in test_serve)
 def test_registered_policies_served_over_http(agents):
     import httpx
     from ray import serve

@@ -687,6 +687,7 @@ def test_prediction_routes_go_straight_to_their_handlers():
                     "app POST /models/m/v2/versions/1/infer"]
 
 
+@pytest.mark.long  # ~20 s of load through a canary (make test keeps the hot swap under load)
 def test_canary_split_rollback_and_promotion_under_load(endpoint, cli, tmp_path):
     """A canary gets its share, one that fails is rolled back by the replicas on their own (and the
     rollback recorded on its version), a healthy one is promoted; the stable version never fails."""
