@@ -235,14 +235,15 @@ def run(spec: RLJob, options: RunOptions) -> RunSummary:
     console = options.console or Console(stderr=True, quiet=True)
     with tracking.job_run(spec, tags={"deepyard.task": RLPolicy.name}, reopen=resumed, failure="rl training failed",
                           killed_note="interrupted; continue with `deepyard run SPEC --resume`") as run:
-        run_id = run.id
-        folder = checkpoint_dir(spec, run_id)
         # The cluster stops behind the driver while it tests, logs and registers the policy.
         # The learner runs here, in the driver: an MLP policy's ops are too short to split across
         # threads (CartPole's PPO: 16% faster on one than on two), and a sweep's trials get one too.
         # (RLlib's algorithm runs here, not in Ray Train: a local cluster needs no dashboard)
         with cluster.connected(options.address, options.ray_logs, stop_behind=True, dashboard=False), \
                 torch_threads(1):
+            # (MLflow opens the run while Ray starts: waiting for it first cost 1-5 s, a new store most)
+            run_id = run.id
+            folder = checkpoint_dir(spec, run_id)
             imports.join()
             algo = algorithms.build_config(spec).build_algo()
             try:
