@@ -1,4 +1,5 @@
-"""Shared fixtures: one real local Ray cluster and one real MLflow sqlite store per test session.
+"""Shared fixtures: one real local Ray cluster (its workers forked by a worker host, as a job's own
+cluster's are) and one real MLflow sqlite store per test session.
 
 The CLI runs in-process (typer's runner) so that every job reuses the session's Ray cluster
 instead of paying Ray's start-up per test; Ray, MLflow and the training loop are all real.
