@@ -53,6 +53,7 @@ def start_embedded_job(tmp_path: Path) -> tuple[subprocess.Popen, Path, int, lis
     return command, folder, host, trial, run.info.run_id
 
 
+@pytest.mark.long  # ~25 s: a process with a cluster of its own (make test's own cluster forks its workers alike)
 def test_an_embedded_jobs_trial_is_forked_by_its_worker_host_which_stops_with_the_job(tmp_path):
     command, folder, host, trial, run_id = start_embedded_job(tmp_path)
     try:
@@ -80,6 +81,43 @@ def test_the_worker_host_of_a_driver_killed_outright_ends_and_the_next_clears_it
             command.kill()
     assert not (folder / "workers.sock").exists() and (folder / "workers.log").exists()
     embedded_workers.remove_stale(folder.parent)  # (as the next job's start does)
+    assert not folder.exists()
+
+
+@pytest.mark.long
+def test_a_worker_host_killed_mid_job_costs_its_trial_a_restart_from_a_checkpoint_not_the_job(tmp_path):
+    """Its forked workers end with it (their stand-ins stop them); the trial's retry starts its worker
+    as Ray starts them, and goes on from the newest checkpoint."""
+    import json
+
+    from mlflow import MlflowClient
+
+    epochs, home = 150, tmp_path / "home"
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+           "DEEPYARD_HOME": str(home)}
+    (tmp_path / "job.yaml").write_text(TINY_MLP.format(name="host_killed", epochs=epochs) +
+                                       "failure: {max_failures: 1}\nregister: {enabled: false}\n")
+    command = subprocess.Popen([*DEEPYARD, "run", "job.yaml", "--json"], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        folder = home / "cluster" / "embedded" / str(command.pid)
+        trained(home, "host_killed")
+        host = int(re.search(r"job host (\d+): serving", (folder / "workers.log").read_text()).group(1))
+        trial = wait_for(lambda: forked_busy(host), 30, "the trial's worker was not forked by the host")
+        os.kill(host, signal.SIGKILL)
+        wait_for(lambda: all(gone(worker.pid) for worker in trial), 30, "a forked worker outlived its host")
+        stdout, stderr = command.communicate(timeout=240)
+    finally:
+        if command.poll() is None:
+            command.kill()
+    assert command.returncode == 0, stderr[-3000:]
+    run_id = json.loads(stdout.strip().splitlines()[-1])["run_id"]
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    (resumed,) = [m.value for m in client.get_metric_history(run_id, "resumed_from_epoch")]
+    logged = sorted(m.step for m in client.get_metric_history(run_id, "train_loss"))
+    assert resumed >= 1 and set(logged) == set(range(1, epochs + 1))
+    assert len(logged) <= epochs + 1  # (at most the epoch it was in, trained again after its last checkpoint)
+    assert client.get_run(run_id).info.status == "FINISHED"
     assert not folder.exists()
 
 

@@ -137,34 +137,47 @@ def test_iteration_metrics_and_stop_conditions():
     assert "no episode ended" in line
 
 
+# DQN and SAC train on a minibatch per step sampled by default (training_intensity: one sampled
+# step per trained one is a thirtieth of that); only PPO samples in an env runner of its own.
+TINY = {"ppo": ("CartPole-v1", SMALL_PPO),
+        "dqn": ("CartPole-v1", "{num_steps_sampled_before_learning_starts: 100, n_step: [2, 3], "
+                               "training_intensity: 1}"),
+        "sac": ("Pendulum-v1", "{num_steps_sampled_before_learning_starts: 100, training_intensity: 1}"),
+        "appo": ("Acrobot-v1", "{train_batch_size_per_learner: 500}")}
+
+
+class Agents:
+    """Each algorithm's tiny job, run when a test first asks for it: ``agents[name]`` is its summary
+    and environment (make test asks for PPO's and SAC's only; DQN's and APPO's are long tests)."""
+
+    def __init__(self, folder):
+        self.folder, self.done = folder, {}
+
+    def __getitem__(self, algorithm: str):
+        if algorithm not in self.done:
+            from typer.testing import CliRunner
+
+            from deepyard.cli import app
+
+            env, training = TINY[algorithm]
+            spec = self.folder / f"{algorithm}.yaml"
+            spec.write_text(spec_text(algorithm, env, training, runners=1 if algorithm == "ppo" else 0))
+            threads = torch.get_num_threads()
+            result = CliRunner().invoke(app, ["run", str(spec), "--json"])
+            assert result.exit_code == 0, f"{algorithm}: {result.stderr}\n{result.exception!r}"
+            assert torch.get_num_threads() == threads  # the learner's one thread was for the job only
+            self.done[algorithm] = (last_json(result), env)
+        return self.done[algorithm]
+
+
 @pytest.fixture(scope="module")
-def agents(ray_cluster, tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from deepyard.cli import app
-
-    folder = tmp_path_factory.mktemp("rl")
-    results = {}
-    # DQN and SAC train on a minibatch per step sampled by default (training_intensity: one sampled
-    # step per trained one is a thirtieth of that); only PPO samples in an env runner of its own.
-    for algorithm, env, training in [("ppo", "CartPole-v1", SMALL_PPO),
-                                     ("dqn", "CartPole-v1", "{num_steps_sampled_before_learning_starts: 100, "
-                                                            "n_step: [2, 3], training_intensity: 1}"),
-                                     ("sac", "Pendulum-v1", "{num_steps_sampled_before_learning_starts: 100, "
-                                                            "training_intensity: 1}"),
-                                     ("appo", "Acrobot-v1", "{train_batch_size_per_learner: 500}")]:
-        spec = folder / f"{algorithm}.yaml"
-        spec.write_text(spec_text(algorithm, env, training, runners=1 if algorithm == "ppo" else 0))
-        threads = torch.get_num_threads()
-        result = CliRunner().invoke(app, ["run", str(spec), "--json"])
-        assert result.exit_code == 0, f"{algorithm}: {result.stderr}\n{result.exception!r}"
-        assert torch.get_num_threads() == threads  # the learner's one thread was for the job only
-        results[algorithm] = (last_json(result), env)
-    return results
+def agents(ray_cluster, tmp_path_factory) -> Agents:
+    return Agents(tmp_path_factory.mktemp("rl"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["ppo", "dqn", "sac", "appo"])
+@pytest.mark.parametrize("algorithm", ["ppo", "sac", pytest.param("dqn", marks=pytest.mark.long),
+                                       pytest.param("appo", marks=pytest.mark.long)])
 def test_tiny_runs_are_tracked_and_register_a_policy_that_acts(agents, algorithm):
     summary, env_id = agents[algorithm]
     assert summary["iterations"] == 2 and summary["stop_reason"] == "2 iterations"
@@ -185,6 +198,7 @@ def test_tiny_runs_are_tracked_and_register_a_policy_that_acts(agents, algorithm
 
 @pytest.mark.slow
 def test_rl_eval_plays_the_registered_policy(agents, cli, tmp_path):
+    agents["ppo"]  # (registered as tiny-ppo)
     gif = tmp_path / "ppo.gif"
     result = cli("rl", "eval", "tiny-ppo", "--episodes", "3", "--render", str(gif), "--json")
     answer = json.loads(result.stdout.strip().splitlines()[-1])

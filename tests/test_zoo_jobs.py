@@ -114,6 +114,7 @@ def test_gan_run_is_judged_by_a_reference_classifier_and_logs_image_grids(traine
     assert metadata["image_shape"] == [1, 8, 8] and metadata["pixel_max"] == 16.0
 
 
+@pytest.mark.long  # ~25 s: an endpoint of the zoo's models (make test covers serving in test_serve)
 def test_zoo_models_served_over_http(trained):
     from ray import serve
 
