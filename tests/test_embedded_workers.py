@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import ended
-from test_job_host import DEEPYARD, gone, run_status, trained
+from test_job_host import DEEPYARD, gone, run_status, store, trained
 from test_train_job import TINY_MLP
 
 from deepyard import embedded_workers
@@ -90,8 +90,6 @@ def test_a_worker_host_killed_mid_job_costs_its_trial_a_restart_from_a_checkpoin
     as Ray starts them, and goes on from the newest checkpoint."""
     import json
 
-    from mlflow import MlflowClient
-
     epochs, home = 150, tmp_path / "home"
     env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
            "DEEPYARD_HOME": str(home)}
@@ -112,7 +110,7 @@ def test_a_worker_host_killed_mid_job_costs_its_trial_a_restart_from_a_checkpoin
             command.kill()
     assert command.returncode == 0, stderr[-3000:]
     run_id = json.loads(stdout.strip().splitlines()[-1])["run_id"]
-    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    client = store(home)
     (resumed,) = [m.value for m in client.get_metric_history(run_id, "resumed_from_epoch")]
     logged = sorted(m.step for m in client.get_metric_history(run_id, "train_loss"))
     assert resumed >= 1 and set(logged) == set(range(1, epochs + 1))

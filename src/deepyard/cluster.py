@@ -144,7 +144,7 @@ def connected(address: str | None = None, ray_logs: bool = False,
     """
     import ray
 
-    from deepyard import embedded_workers, local_cluster, ray_node
+    from deepyard import embedded_workers, local_cluster
 
     wait_stopped()  # the last local cluster is down (or the last remote one left) before another starts
     if ray.is_initialized():  # an embedding program (or a test session) already connected
@@ -169,13 +169,10 @@ def connected(address: str | None = None, ray_logs: bool = False,
             # (with Ray's dashboard, though it costs ~1 s, wherever a job may start a Ray Train worker
             # group: Ray Train's placement-group cleaner asks its state API whether a controller died;
             # without it a stopped trial's CPUs stayed reserved)
-            with ray_node.forking_workers(workers.socket if workers else None):
+            with embedded_workers.starting(workers) as forked:
                 ray.init(address=address or "local", runtime_env={"env_vars": _job_env(address)} if address else None,
                          logging_level="WARNING", log_to_driver=ray_logs,
-                         **({} if address or dashboard else {"include_dashboard": False}),
-                         # (the workers Ray starts ahead for a first driver, before its job is known,
-                         # took no task of it: forked, a worker starts in ~1 s, and these cost CPU then)
-                         **({"_system_config": {"prestart_worker_first_driver": False}} if workers else {}))
+                         **({} if address or dashboard else {"include_dashboard": False}), **forked)
         except ConnectionError as error:
             shutdown()
             from deepyard.errors import BadInput

@@ -112,6 +112,18 @@ def start() -> EmbeddedWorkers | None:
     return EmbeddedWorkers(process, folder, job_client.import_env_of(os.environ, "worker"))
 
 
+@contextmanager
+def starting(workers: EmbeddedWorkers | None) -> Iterator[dict]:
+    """While ray.init starts a local node whose Ray workers ``workers`` forks (None: Ray's own way):
+    yields ray.init's further options."""
+    from deepyard import ray_node  # (Ray: only where a node starts)
+
+    with ray_node.forking_workers(workers.socket if workers else None):
+        # (the workers Ray starts ahead for a first driver, before its job is known, took no task of
+        # it: forked, a worker starts in ~1 s, and these cost CPU then)
+        yield {"_system_config": {"prestart_worker_first_driver": False}} if workers else {}
+
+
 def remove_stale(base: Path) -> None:
     """The folders of drivers killed outright (their hosts saw them go, and exited)."""
     if not base.is_dir():
