@@ -81,12 +81,15 @@ def sb3_to_target(target: float, eval_every: int = 4096, episodes: int = 10, max
             "reached": callback.reached_at is not None, "evaluations": callback.evaluations}
 
 
-def deepyard_in_a_process(job: str, target: float, seed: int, address: str | None, src: str | None = None) -> dict:
+def deepyard_in_a_process(job: str, target: float, seed: int, address: str | None, src: str | None = None,
+                          home: str | None = None) -> dict:
     """One deepyard job in a process of its own, as `deepyard run` is: its imports count each time.
-    ``src``: another checkout's source folder, first on the path (the design being replaced)."""
+    ``src``: another checkout's source folder, first on the path (the design being replaced).
+    ``home``: a DEEPYARD_HOME of its own (its MLflow store is built by this run)."""
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import rl_cartpole; "
             f"print(json.dumps(rl_cartpole.deepyard_to_target({job!r}, {target!r}, {seed!r}, {address!r})))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+           **({"DEEPYARD_HOME": home, "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db"} if home else {})}
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "process_wall_s": time.perf_counter() - started}
@@ -155,12 +158,16 @@ def main() -> None:
     try:
         for seed in seeds:
             address = state and state["gcs_address"]
-            deepyard.append(deepyard_in_a_process(args.job, args.target, seed, address))
+            # (cold: each run in a new home, as train_overhead's cold jobs: a user's first job in a new
+            # folder, its MLflow store built; warm: the cluster's home, its store there already)
+            deepyard.append(deepyard_in_a_process(args.job, args.target, seed, address,
+                                                  home=None if args.warm else f"{home}/now{seed}"))
             if args.warm:
                 commands.append(deepyard_command(args.job, args.target, seed))
             sb3.append(sb3_to_target(args.target, seed=seed))
             if args.before:
-                before.append(deepyard_in_a_process(args.job, args.target, seed, address, args.before))
+                before.append(deepyard_in_a_process(args.job, args.target, seed, address, args.before,
+                                                    home=None if args.warm else f"{home}/before{seed}"))
         hosted = (Path(home) / "cluster/host.log").read_text().count(" runs run ") if args.warm else 0
     finally:
         if state:
@@ -175,7 +182,7 @@ def main() -> None:
                           args.warm and "warm")
     record.save(name, {
         "bench": "rl_cartpole", "target_eval_mean_return": args.target, "cpus": os.cpu_count(), "seeds": args.seeds,
-        "ray": "joined a running cluster" if args.warm else "started for each run",
+        "ray": "joined a running cluster" if args.warm else "started for each run, in a new home each",
         "deepyard": {"median_wall_s": median(deepyard, "wall_s"), "median_to_target_s": median(deepyard, "to_target_s"),
                      "median_env_steps": median(deepyard, "env_steps"), "runs": deepyard},
         "sb3": {"median_wall_s": median(sb3, "wall_s"), "median_env_steps": median(sb3, "env_steps"), "runs": sb3},
