@@ -3,6 +3,7 @@ up forks its Ray workers from it, and it ends with the driver, even one killed o
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -144,3 +145,24 @@ def test_a_job_that_asks_ray_for_no_cpus_gets_no_worker_host(tmp_path, monkeypat
     with embedded_workers.ahead(False):
         assert embedded_workers.take() is None
     assert not (tmp_path / "cluster").exists()
+
+
+def test_a_cluster_of_a_jobs_own_without_the_dashboard_starts_no_dashboard_process(tmp_path):
+    """Ray starts a dashboard process even with include_dashboard=False (usage stats only) and waits
+    for it before it starts the raylet; a job's own cluster that wants no dashboard skips it
+    (``ray_node.without_dashboard_head``), and its tasks and worker host work as ever."""
+    script = """
+import json, psutil, ray
+from deepyard import cluster
+with cluster.connected(None, dashboard=False):
+    titles = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
+    print(json.dumps({"dashboards": [t for t in titles if "dashboard/dashboard.py" in t],
+                      "agent": any("DashboardAgent" in t for t in titles),
+                      "answer": ray.get(ray.remote(num_cpus=1)(lambda: 6 * 7).remote())}))
+"""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}, "DEEPYARD_HOME": str(tmp_path)}
+    done = subprocess.run([DEEPYARD[0], "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"dashboards": [], "agent": True, "answer": 42}
+    assert not (tmp_path / "cluster" / "embedded").exists() or not any((tmp_path / "cluster" / "embedded").iterdir())
