@@ -147,22 +147,31 @@ def test_a_job_that_asks_ray_for_no_cpus_gets_no_worker_host(tmp_path, monkeypat
     assert not (tmp_path / "cluster").exists()
 
 
-def test_a_cluster_of_a_jobs_own_without_the_dashboard_starts_no_dashboard_process(tmp_path):
+# The head's Python processes that a job with no dashboard and no streamed logs never asks anything of
+IDLE_HEAD = ("dashboard/dashboard.py", "autoscaler/_private/monitor.py", "_private/log_monitor.py")
+
+
+@pytest.mark.parametrize("ray_logs", [False, True])
+def test_a_cluster_of_a_jobs_own_without_the_dashboard_starts_none_of_the_heads_idle_processes(tmp_path, ray_logs):
     """Ray starts a dashboard process even with include_dashboard=False (usage stats only) and waits
-    for it before it starts the raylet; a job's own cluster that wants no dashboard skips it
-    (``ray_node.without_dashboard_head``), and its tasks and worker host work as ever."""
-    script = """
-import json, psutil, ray
+    for it before it starts the raylet, and an autoscaler's monitor and a log monitor beside it; a
+    job's own cluster that wants no dashboard starts none of them, but the log monitor where the
+    job shows its workers' output (``--ray-logs``), and its tasks and worker host work as ever."""
+    script = f"""
+import json, time, psutil, ray
 from deepyard import cluster
-with cluster.connected(None, dashboard=False):
+IDLE_HEAD = {IDLE_HEAD!r}
+with cluster.connected(None, ray_logs={ray_logs!r}, dashboard=False):
     titles = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
-    print(json.dumps({"dashboards": [t for t in titles if "dashboard/dashboard.py" in t],
-                      "agent": any("DashboardAgent" in t for t in titles),
-                      "answer": ray.get(ray.remote(num_cpus=1)(lambda: 6 * 7).remote())}))
+    answer = ray.get(ray.remote(num_cpus=1)(lambda: print("a worker's line") or 6 * 7).remote())
+    time.sleep(1.5)  # (the log monitor's pace)
+    print(json.dumps({{"idle": [name for name in IDLE_HEAD if any(name in t for t in titles)],
+                      "agent": any("DashboardAgent" in t for t in titles), "answer": answer}}))
 """
     env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}, "DEEPYARD_HOME": str(tmp_path)}
     done = subprocess.run([DEEPYARD[0], "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen == {"dashboards": [], "agent": True, "answer": 42}
+    assert seen == {"idle": [IDLE_HEAD[-1]] if ray_logs else [], "agent": True, "answer": 42}
+    assert ("a worker's line" in done.stdout + done.stderr) == ray_logs
     assert not (tmp_path / "cluster" / "embedded").exists() or not any((tmp_path / "cluster" / "embedded").iterdir())

@@ -140,7 +140,8 @@ def connected(address: str | None = None, ray_logs: bool = False,
     model) while a local cluster stops (~1.5 s of waiting on its processes); the process waits for
     it before it exits (``wait_stopped``). A remote cluster's driver stays connected until then.
     ``dashboard=False``: a local cluster starts without Ray's dashboard (~1.3 s less on 2 cores),
-    nor the dashboard process Ray starts even then (~1.3 s more: ``ray_node.without_dashboard_head``),
+    nor the dashboard process Ray starts even then, its autoscaler's monitor or, without ``ray_logs``,
+    its log monitor (~1.2 s more: ``ray_node.lean``),
     for a job that starts no Ray Train worker group (see ray.init below).
     """
     import ray
@@ -170,7 +171,7 @@ def connected(address: str | None = None, ray_logs: bool = False,
             # (with Ray's dashboard, though it costs ~1 s, wherever a job may start a Ray Train worker
             # group: Ray Train's placement-group cleaner asks its state API whether a controller died;
             # without it a stopped trial's CPUs stayed reserved)
-            with embedded_workers.starting(workers) as forked, _dashboard_head(address or dashboard):
+            with embedded_workers.starting(workers) as forked, _lean_node(address or dashboard, ray_logs):
                 ray.init(address=address or "local", runtime_env={"env_vars": _job_env(address)} if address else None,
                          logging_level="WARNING", log_to_driver=ray_logs,
                          **({} if address or dashboard else {"include_dashboard": False}), **forked)
@@ -208,13 +209,14 @@ def connected(address: str | None = None, ray_logs: bool = False,
         shutdown()
 
 
-def _dashboard_head(wanted: bool):
-    """(A local node without the dashboard starts no dashboard process: ``ray_node``.)"""
+def _lean_node(dashboard: bool, ray_logs: bool):
+    """(A local node for a job that wants no dashboard starts none of the head's processes such a
+    job never asks anything of: ``ray_node.lean``.)"""
     from contextlib import nullcontext
 
     from deepyard import ray_node
 
-    return nullcontext() if wanted else ray_node.without_dashboard_head()
+    return nullcontext() if dashboard else ray_node.lean(log_monitor=ray_logs)
 
 
 def _job_env(address: str) -> dict[str, str]:

@@ -5,7 +5,7 @@ of this machine's local cluster (``local_cluster``):
     python -m deepyard.ray_node start --block ...   (the arguments of `ray start`)
 
 and for the node a driver starts with ``ray.init()`` (``embedded_workers``): ``forking_workers``; with
-no dashboard wanted, ``without_dashboard_head``.
+no dashboard wanted, ``lean``.
 
 Ray's node takes the setup script's name from ``ray_constants.SETUP_WORKER_FILENAME``, joined to its
 workers' folder; an absolute path replaces the folder. (A Ray that no longer reads that name starts
@@ -49,24 +49,36 @@ def forking_workers(host_socket: str | None) -> Iterator[None]:
 
 
 @contextmanager
-def without_dashboard_head() -> Iterator[None]:
-    """While ``ray.init(include_dashboard=False)`` starts a local node: no dashboard process at all.
-    Ray starts one even then, with its usage-stats module only (nothing a job asks of it: the state
-    API is not loaded), and waits for it to come up before it starts the raylet: ray.init took ~2.8 s
-    without it, ~4 s with it, on 2 cores, and its imports ran beside the job's start. (A Ray that
-    renamed the method starts its head as before: slower, nothing else.)"""
+def lean(log_monitor: bool) -> Iterator[None]:
+    """While ``ray.init(include_dashboard=False)`` starts a local node for one job: none of the head's
+    Python processes that such a job never asks anything of, each ~0.7-1.3 s of a core at the moment
+    the job starts, on 2 cores:
+
+    - the dashboard process Ray starts even then (its usage-stats module only: the state API is not
+      loaded), which ray.init waits for before it starts the raylet: ~4 s -> ~2.8 s;
+    - the autoscaler's monitor: a node of fixed size (KubeRay starts its heads so, `--no-monitor`);
+    - unless ``log_monitor``, the log monitor, which streams the workers' output to a driver that
+      does not show it (`--include-log-monitor=false`).
+
+    (A Ray that renamed these starts them as before: slower, nothing else.)"""
     from ray._private.node import Node
 
-    original = Node.start_api_server
+    original_init, original_api_server = Node.__init__, Node.start_api_server
 
-    def none(self, *args, **kwargs) -> None:
+    def init(self, ray_params, *args, **kwargs) -> None:
+        ray_params.no_monitor = True
+        if not log_monitor:
+            ray_params.include_log_monitor = False
+        original_init(self, ray_params, *args, **kwargs)
+
+    def no_api_server(self, *args, **kwargs) -> None:
         self._webui_url = None  # (what a node without a dashboard reports)
 
-    Node.start_api_server = none
+    Node.__init__, Node.start_api_server = init, no_api_server
     try:
         yield
     finally:
-        Node.start_api_server = original
+        Node.__init__, Node.start_api_server = original_init, original_api_server
 
 
 def main() -> None:
