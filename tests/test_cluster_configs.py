@@ -83,6 +83,7 @@ def _strict(schema):
     return [_strict(item) for item in schema] if isinstance(schema, list) else schema
 
 
+@pytest.mark.slow  # Kubernetes' schemas load in ~2 s: make test-fast skips these
 @pytest.mark.parametrize(("name", "manifest"), manifests(), ids=[name for name, _ in manifests()])
 def test_k8s_manifests_validate_against_their_schemas(name, manifest):
     group = manifest["apiVersion"].split("/")[0]
@@ -101,6 +102,7 @@ def test_k8s_manifests_validate_against_their_schemas(name, manifest):
         kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
 
 
+@pytest.mark.slow  # KubeRay's CRDs load in ~2 s: make test-fast skips it
 def test_the_crd_check_catches_a_misspelled_field():
     if not CRDS.is_dir():
         pytest.skip(f"KubeRay's CRDs are not here ({CRDS}); CI has them")

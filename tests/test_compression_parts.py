@@ -70,6 +70,7 @@ def test_dynamic_int8_stays_close_to_float_and_stores_smaller():
     assert measure.parameters(model) == sum(p.numel() for p in model.parameters())  # the float model is untouched
 
 
+@pytest.mark.slow  # ~2.6 s of a core: make test-fast skips it
 def test_static_int8_quantizes_convolutions_too_and_serves_as_torchscript(tmp_path):
     model, example = _pipeline(channels=[8, 16], hidden_sizes=[32]), torch.rand(64, 1, 8, 8)
     quantized = quantize_static(model, example.numpy())

@@ -47,7 +47,8 @@ def served(name: str, in_shape: tuple[int, ...], outputs: int, *, task: str, par
     return Explainer(exported(head, x), metadata, "m"), x
 
 
-@pytest.mark.parametrize("kind", ["image", "table", "series", "text"])
+# (the image model's 3 s: make test-fast skips it)
+@pytest.mark.parametrize("kind", [pytest.param("image", marks=pytest.mark.slow), "table", "series", "text"])
 def test_integrated_gradients_add_up_to_the_change_in_output(kind):
     explainer, x = {
         "image": lambda: served("cnn", (1, 8, 8), 10, task="classification", pixel_max=16.0,

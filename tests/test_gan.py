@@ -76,6 +76,7 @@ class Constant(nn.Module):
         return self.image.expand(len(noise), -1, -1, -1)
 
 
+@pytest.mark.slow  # ~3 s of a core: make test-fast skips it
 def test_quality_sees_mode_collapse_and_noise(digits):
     task = Generation(num_classes=10)
     task.fit_reference(digits, epochs=20)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from concurrent.futures import Future
 
+import pytest
+
 from deepyard import tracking
 from deepyard.runners.edges import TO_LOG, _ToDriver, driver_logs
 
@@ -23,6 +25,7 @@ def _opened(run_id: str) -> Future:
     return done
 
 
+@pytest.mark.slow  # ~2.3 s of a core (MLflow writes): make test-fast skips it
 def test_each_epoch_is_logged_once_and_a_killed_drivers_gap_is_filled_from_the_checkpoint():
     run_id = _run_id()
     tracking.log_metrics(run_id, {"epoch": 1, "train_loss": 1.0}, 1)  # what the killed driver had written

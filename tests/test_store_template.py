@@ -10,6 +10,8 @@ import pytest
 
 from deepyard import store_template, tracking
 
+pytestmark = pytest.mark.slow  # each builds a store, ~1.5 s of a core: make test-fast skips them
+
 # What MLflow writes at the moment it builds a store (and a copy at the moment it is made).
 MOMENTS = ("creation_time", "last_update_time")
 
