@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from deepyard import drivers, settings, stops, store_template
+from deepyard import drivers, settings, stops
 from deepyard.errors import BadInput, DeepyardError, JobFailed
 
 MODEL_ARTIFACT = "model"
@@ -98,12 +98,10 @@ def _build_store(uri: str, database: Path) -> None:
     from sqlalchemy.engine import make_url
 
     building = database.with_name(f".{database.name}.building-{socket.gethostname()}-{os.getpid()}")
-    artifact_root = (database.parent / "artifacts").as_uri()  # (the default experiment's, as every one of ours)
     try:
-        if not store_template.copy_into(building, artifact_root):  # (~1.4 s of migrations saved)
-            SqlAlchemyStore(make_url(uri).set(database=str(building)).render_as_string(hide_password=False),
-                            artifact_root).engine.dispose()
-            store_template.keep(building)
+        # (the default experiment's artifacts beside the store, as every experiment of deepyard's)
+        SqlAlchemyStore(make_url(uri).set(database=str(building)).render_as_string(hide_password=False),
+                        (database.parent / "artifacts").as_uri()).engine.dispose()
         try:
             os.link(building, database)  # (all at once, and never over a store that exists)
         except FileExistsError:  # made meanwhile by a program that takes no lock (`mlflow ui`): theirs stands
