@@ -171,10 +171,11 @@ def connected(address: str | None = None, ray_logs: bool = False,
             # (with Ray's dashboard, though it costs ~1 s, wherever a job may start a Ray Train worker
             # group: Ray Train's placement-group cleaner asks its state API whether a controller died;
             # without it a stopped trial's CPUs stayed reserved)
-            with embedded_workers.starting(workers) as forked, _lean_node(address or dashboard, ray_logs):
+            lean = not (address or dashboard)  # (a node of the job's own that wants no dashboard)
+            with embedded_workers.starting(workers) as forked, _lean_node(lean, ray_logs):
                 ray.init(address=address or "local", runtime_env={"env_vars": _job_env(address)} if address else None,
                          logging_level="WARNING", log_to_driver=ray_logs,
-                         **({} if address or dashboard else {"include_dashboard": False}), **forked)
+                         **({"include_dashboard": False} if lean else {}), **forked)
         except ConnectionError as error:
             shutdown()
             from deepyard.errors import BadInput
@@ -209,14 +210,14 @@ def connected(address: str | None = None, ray_logs: bool = False,
         shutdown()
 
 
-def _lean_node(dashboard: bool, ray_logs: bool):
+def _lean_node(lean: bool, ray_logs: bool):
     """(A local node for a job that wants no dashboard starts none of the head's processes such a
     job never asks anything of: ``ray_node.lean``.)"""
     from contextlib import nullcontext
 
     from deepyard import ray_node
 
-    return nullcontext() if dashboard else ray_node.lean(log_monitor=ray_logs)
+    return ray_node.lean(log_monitor=ray_logs) if lean else nullcontext()
 
 
 def _job_env(address: str) -> dict[str, str]:

@@ -60,7 +60,8 @@ def lean(log_monitor: bool) -> Iterator[None]:
     - unless ``log_monitor``, the log monitor, which streams the workers' output to a driver that
       does not show it (`--include-log-monitor=false`).
 
-    (A Ray that renamed these starts them as before: slower, nothing else.)"""
+    (Ray's private names, for Ray 2.60, which pyproject pins: a Ray without ``Node.start_api_server``
+    fails here, and one whose ``Node`` reads the two settings no more starts those processes as before.)"""
     from ray._private.node import Node
 
     original_init, original_api_server = Node.__init__, Node.start_api_server
