@@ -767,6 +767,33 @@ def test_a_promotion_moves_the_alias_the_canary_was_started_beside(cli, tmp_path
                                           expect=2).stderr
 
 
+@pytest.mark.parametrize("end", ["rollback", "promote"])
+def test_whoever_sees_a_canary_end_finds_its_version_says_why(end, monkeypatch, tmp_path):
+    """A canary's end and its record are two writes to the registry: the record comes first, so a
+    reader who finds no canary (a replica, a test, a user's script) reads why, never `canary at N%`."""
+    from mlflow import MlflowClient
+
+    from deepyard.serve import rollout
+
+    registry = tracking.client()
+    name = f"canary-record-{end}"
+    registry.create_registered_model(name)
+    for _ in range(2):
+        registry.create_model_version(name, source=str(tmp_path))
+    registry.set_registered_model_alias(name, "champion", "1")
+    rollout.start(name, "2", 30)
+    seen_at_end = []
+    delete_alias = MlflowClient.delete_registered_model_alias
+
+    def spy(self, model, alias):  # the real registry call, and what a reader found just before it
+        seen_at_end.append(self.get_model_version(model, "2").tags[rollout.RECORD_TAG])
+        return delete_alias(self, model, alias)
+
+    monkeypatch.setattr(MlflowClient, "delete_registered_model_alias", spy)
+    rollout.rollback(name, "rolled back automatically: test") if end == "rollback" else rollout.promote(name)
+    assert rollout.state(name) == (None, 0.0)
+    assert len(seen_at_end) == 1 and "canary at" not in seen_at_end[0], seen_at_end
+
 def test_undeploy(endpoint, cli):
     cli("undeploy", "serve-mlp")
     assert json.loads(cli("endpoints", "--json").stdout) == []

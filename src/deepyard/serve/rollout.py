@@ -74,8 +74,8 @@ def promote(name: str, alias: str | None = None) -> dict[str, Any]:
     mlflow_client = tracking.client()
     alias = alias or (mlflow_client.get_registered_model(name).tags or {}).get(ALIAS_TAG, "champion")
     mlflow_client.set_registered_model_alias(name, alias, version)
+    _record(name, version, f"promoted to @{alias}")  # before the end: who sees no canary sees why
     _end(name)
-    _record(name, version, f"promoted to @{alias}")
     return {"model": name, "promoted": version, "alias": alias}
 
 
@@ -84,8 +84,8 @@ def rollback(name: str, reason: str = "rolled back by hand", expected: str | Non
     version, _ = _require_canary(name)
     if expected is not None and version != expected:
         return {"model": name, "rolled_back": None, "reason": f"version {expected} is no longer the canary"}
+    _record(name, version, reason)  # before the end: who sees no canary sees why
     _end(name)
-    _record(name, version, reason)
     return {"model": name, "rolled_back": version, "reason": reason}
 
 
