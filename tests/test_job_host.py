@@ -30,13 +30,17 @@ def bare_host(tmp_path):
     """A host of a home of the test's own (no cluster: its state file names the host only), with a
     folder of its own on the module path (``extra``: what an install changes), preloading nothing
     that imports."""
-    (tmp_path / "cluster").mkdir()
     (tmp_path / "extra").mkdir()
+    # (a module that will not import: the host serves all the same, without it)
+    yield from _bare_host(tmp_path, ("deepyard_no_such_module",))
+
+
+def _bare_host(tmp_path, preload: tuple[str, ...]):
+    (tmp_path / "cluster").mkdir()
     path = str(tmp_path / "cluster" / "host.sock")
     env = {**os.environ, "DEEPYARD_HOME": str(tmp_path),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "extra"), os.environ.get("PYTHONPATH")]))}
-    # (a module that will not import: the host serves all the same, without it)
-    serve = f"from deepyard.job_host import serve; serve({path!r}, preload=('deepyard_no_such_module',))"
+    serve = f"from deepyard.job_host import serve; serve({path!r}, preload={preload!r})"
     host = subprocess.Popen([sys.executable, "-c", serve],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -145,6 +149,37 @@ def test_installed_packages_that_changed_start_the_host_again(bare_host, tmp_pat
     host.terminate()
     log = host.communicate(timeout=10)[0]
     assert "starting again" in log and log.count("runs run") == 1, log  # the same process, serving again
+
+
+def test_a_host_whose_preloaded_source_changed_starts_again(tmp_path):
+    """What the host preloaded from outside the installed packages (deepyard's own code, installed
+    editable) is what its drivers would run: once a file of it changes, the next command runs
+    alone, as it would with the edit, and the host starts again, with the edit, and serves."""
+    (tmp_path / "extra").mkdir()
+    module = tmp_path / "extra" / "edited_module.py"
+    module.write_text("VALUE = 'before'\n")
+    host = _bare_host(tmp_path, ("edited_module",))
+    env, process = next(host)
+
+    def command():
+        return subprocess.run([*DEEPYARD, "run", "--help"], env=env, capture_output=True, text=True, timeout=60)
+
+    try:
+        assert "note:" not in (served := command()).stderr, served.stderr
+        module.write_text("VALUE = 'after'\n")
+        alone = command()
+        assert alone.returncode == 0 and "--resume" in alone.stdout
+        assert f"its preloaded copy of {module} is out of date; it starts again" in alone.stderr, alone.stderr
+        socket_path = tmp_path / "cluster" / "host.sock"
+        deadline = time.monotonic() + 30
+        while not socket_path.exists():
+            assert time.monotonic() < deadline and process.poll() is None, "the host did not come back"
+            time.sleep(0.05)
+        assert "note:" not in (again := command()).stderr, again.stderr
+    finally:
+        next(host, None)
+    log = process.communicate(timeout=10)[0]
+    assert f"{module} changed; starting again" in log and log.count("runs run") == 2, log  # the same process
 
 
 def test_a_host_whose_preload_started_a_thread_does_not_serve(tmp_path):

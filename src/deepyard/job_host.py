@@ -7,11 +7,11 @@ A `deepyard run` hands the host its arguments, working folder, environment and s
 as the process would have, writing to the same terminal; the command exits with the driver's code.
 Signals the command gets (Ctrl-C, SIGTERM, SIGHUP, SIGUSR2) are passed on to the driver, Ctrl-Z
 stops it with the command (and continuing the command continues it); a command
-killed outright takes its driver with it. deepyard's own code is imported fresh in each driver, so
-an edit is picked up by the next run; the host serves only commands whose Python, module path,
-installed packages and import-time environment (``job_client.import_env``) are its own, and starts itself
-again when its installed packages change. Anything else, or no host, and the command runs
-in its own process, as before.
+killed outright takes its driver with it. The host serves only commands whose Python, module path,
+installed packages and import-time environment (``job_client.import_env``) are its own, and starts
+itself again when its installed packages change, or a source file it loaded from outside them
+(deepyard's own, installed editable) changes: an edit is picked up by the next run. Anything else,
+or no host, and the command runs in its own process, as before.
 
     python -c "from deepyard.job_host import serve; serve(SOCKET)"   (started by ``local_cluster.up``)
 """
@@ -41,16 +41,22 @@ PRELOAD = ("torch", "ray", "ray.tune", "ray.train", "ray.train.torch", "ray.data
            "alembic.command", "alembic.migration", "alembic.script", "alembic.autogenerate", *warm.MODEL_LOGGING,
            "aiohttp", "PIL.GifImagePlugin",
            # Ray's serializers for pydantic's v1 models, imported by a driver's first ray.put (~0.6 s)
-           "pydantic.v1")
+           "pydantic.v1",
+           # deepyard's own (~0.3 s; not the command line's: its consoles read the terminal as they
+           # are made). A host whose copy of them is out of date starts again: ``_changed_source``.
+           *(f"deepyard.runners.{kind}" for kind in ("train", "rl", "sweep", "compress", "deploy", "robustness")),
+           "deepyard.spec", "deepyard.tracking", "deepyard.cluster", "deepyard.progress")
 # A Ray worker of the local cluster (``ray_worker``): what a training function imports besides Ray,
 # and the libraries Ray itself imports, ~2.7 s of CPU in each job's fresh worker process on 2 cores
 # (torch._dynamo included: torch's optimizers import it when the first is built). Not Ray: loading
 # its core library freezes what its config read from the environment, a worker's job id included.
 WORKER_PRELOAD = ("torch", "torch._dynamo", "numpy", "pandas", "pyarrow", "attr", "pydantic", "rich", "urllib3",
                   "yaml", "wcwidth", "fsspec", "filelock", "google.protobuf", "grpc", "click", "requests",
-                  "jsonschema", "psutil", "uvloop", "lz4", "colorful", "msgpack", "aiohttp")
+                  "jsonschema", "psutil", "uvloop", "lz4", "colorful", "msgpack", "aiohttp",
+                  "deepyard.runners.train")  # (the trial's loop: ~0.3 s, and no Ray at import)
 NOT_IN_WORKER_HOST = "ray._raylet"
 STALE = "the installed packages changed since it started; it starts again"
+STALE_CODE = "its preloaded copy of {} is out of date; it starts again"
 REQUEST_S = 2.0  # a command sends its request at once; one that has not within this is dropped
 
 
@@ -78,7 +84,9 @@ def serve(path: str, preload: tuple[str, ...] | None = None, kind: str = "driver
               "not serving: commands run in their own processes", flush=True)
         return
     print(f"job host {os.getpid()}: preloaded {', '.join(loaded) or 'nothing'}", flush=True)
-    Host(path, own, import_env_of(environment, kind), environment, kind, owner).loop()
+    host = Host(path, own, import_env_of(environment, kind), environment, kind, owner)
+    host.sources = _editable_sources()
+    host.loop()
 
 
 class Host:
@@ -95,6 +103,8 @@ class Host:
         self.drivers: dict[int, tuple[socket.socket, int]] = {}
         self.asking: dict[int, _Request] = {}  # commands whose requests are still coming in, by socket fd
         self.stopping = self.stale = False
+        self.why_stale = "installed packages changed"
+        self.sources: dict[str, tuple[int, int, int]] = {}  # (what ``_changed_source`` looks at)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         partial = f"{path}.{os.getpid()}"
         with short_path(partial) as short:
@@ -141,7 +151,7 @@ class Host:
             for fd in list(self.asking):  # (their commands run alone; their streams stay out of a new host)
                 self._drop(fd)
         if self.stale and not self.stopping:
-            print("job host: installed packages changed; starting again", flush=True)
+            print(f"job host: {self.why_stale}; starting again", flush=True)
             os.execve(sys.executable, host_command(self.path, self.kind, self.owner), self.environment)
 
     def _on(self, what: str, pid: int) -> None:
@@ -238,6 +248,9 @@ class Host:
             return "its standard streams did not come along"
         if self.stale:
             return STALE
+        if changed := _changed_source(self.sources):
+            self.stale, self.why_stale = True, f"{changed} changed"  # (it starts again once its drivers have ended)
+            return STALE_CODE.format(changed)
         if self.stopping:  # (a request that came in whole after `cluster down` began)
             return "its cluster is going down"
         if request.get("kind", "driver") != self.kind:
@@ -445,6 +458,38 @@ def _become_worker(request: dict, fds: list[int], sockets: list[socket.socket], 
     finally:
         _flush()
         os._exit(code & 0xFF if isinstance(code, int) else 1)
+
+
+def _editable_sources() -> dict[str, tuple[int, int, int]]:
+    """The source files of the modules loaded that no install put there (deepyard's own, installed
+    editable, or a folder on PYTHONPATH), as they are now: what a forked process would run, though
+    an edit since would be what a process of its own runs."""
+    import sysconfig
+
+    installed = tuple({path for key in ("stdlib", "platstdlib", "purelib", "platlib")
+                       if (path := sysconfig.get_paths().get(key))})
+    sources = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and path.endswith(".py") and not path.startswith(installed):
+            try:
+                stat = os.stat(path)
+            except OSError:
+                continue
+            sources[path] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return sources
+
+
+def _changed_source(sources: dict[str, tuple[int, int, int]]) -> str | None:
+    """The first of ``sources`` that is no longer as it was, or None (~1 ms for deepyard's ~150)."""
+    for path, was in sources.items():
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return path
+        if (stat.st_ino, stat.st_size, stat.st_mtime_ns) != was:
+            return path
+    return None
 
 
 def _flush() -> None:

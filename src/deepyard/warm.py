@@ -2,8 +2,8 @@
 them: by the job host, once for every driver it forks (``job_host.serve``), and by a driver of its
 own while its job trains (``tracking.preload``). One list, so that the two never drift apart.
 
-No deepyard imports here: the host's copy of this module is every forked driver's, and the rest of
-deepyard must be imported fresh in each driver (an edit reaches the next run).
+No deepyard imports here: the host's copy of this module is every forked driver's (a host whose
+deepyard files changed starts again: ``job_host._changed_source``).
 """
 
 from __future__ import annotations
