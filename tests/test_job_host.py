@@ -155,9 +155,10 @@ def test_a_host_whose_preloaded_source_changed_starts_again(tmp_path):
     """What the host preloaded from outside the installed packages (deepyard's own code, installed
     editable) is what its drivers would run: once a file of it changes, the next command runs
     alone, as it would with the edit, and the host starts again, with the edit, and serves."""
-    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "__pycache__").mkdir(parents=True)  # (its compiling makes no new folder on the path)
     module = tmp_path / "extra" / "edited_module.py"
     module.write_text("VALUE = 'before'\n")
+    os.utime(module, ns=(time.time_ns() - 10**9,) * 2)  # (older than the host: ``_editable_sources``)
     host = _bare_host(tmp_path, ("edited_module",))
     env, process = next(host)
 

@@ -794,6 +794,31 @@ def test_whoever_sees_a_canary_end_finds_its_version_says_why(end, monkeypatch, 
     assert rollout.state(name) == (None, 0.0)
     assert len(seen_at_end) == 1 and "canary at" not in seen_at_end[0], seen_at_end
 
+
+def test_a_canary_end_that_fails_says_so_on_its_version(monkeypatch, tmp_path):
+    """The record comes first: if the end then fails, the record must not claim a rollback that is
+    not in effect (the canary still gets its share)."""
+    from mlflow import MlflowClient
+
+    from deepyard.serve import rollout
+
+    registry = tracking.client()
+    registry.create_registered_model("canary-end-fails")
+    for _ in range(2):
+        registry.create_model_version("canary-end-fails", source=str(tmp_path))
+    registry.set_registered_model_alias("canary-end-fails", "champion", "1")
+    rollout.start("canary-end-fails", "2", 30)
+
+    def refuse(self, model, alias):
+        raise ConnectionError("the registry went away")
+
+    monkeypatch.setattr(MlflowClient, "delete_registered_model_alias", refuse)
+    with pytest.raises(ConnectionError):
+        rollout.rollback("canary-end-fails", "rolled back automatically: test")
+    record = registry.get_model_version("canary-end-fails", "2").tags[rollout.RECORD_TAG]
+    assert "rolled back automatically: test: not done, the canary is still on (ConnectionError" in record
+    assert rollout.state("canary-end-fails") == ("2", 30.0)
+
 def test_undeploy(endpoint, cli):
     cli("undeploy", "serve-mlp")
     assert json.loads(cli("endpoints", "--json").stdout) == []

@@ -66,6 +66,7 @@ def serve(path: str, preload: tuple[str, ...] | None = None, kind: str = "driver
     it too, and are waited for) or the cluster is gone: `deepyard cluster down`, or, for the host of
     a driver's own embedded cluster, the exit of that driver, process ``owner``."""
     preload = preload if preload is not None else WORKER_PRELOAD if kind == "worker" else PRELOAD
+    started_ns = time.time_ns()  # (a source edited from now on may be newer than what was imported)
     environment = dict(os.environ)  # (before the imports: torch adds to it, Ray to sys.path)
     own = identity()
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # (as the command sets it: cli/app.py)
@@ -85,7 +86,7 @@ def serve(path: str, preload: tuple[str, ...] | None = None, kind: str = "driver
         return
     print(f"job host {os.getpid()}: preloaded {', '.join(loaded) or 'nothing'}", flush=True)
     host = Host(path, own, import_env_of(environment, kind), environment, kind, owner)
-    host.sources = _editable_sources()
+    host.sources = _editable_sources(started_ns)
     host.loop()
 
 
@@ -460,14 +461,18 @@ def _become_worker(request: dict, fds: list[int], sockets: list[socket.socket], 
         os._exit(code & 0xFF if isinstance(code, int) else 1)
 
 
-def _editable_sources() -> dict[str, tuple[int, int, int]]:
+def _editable_sources(since_ns: int) -> dict[str, tuple[int, int, int]]:
     """The source files of the modules loaded that no install put there (deepyard's own, installed
     editable, or a folder on PYTHONPATH), as they are now: what a forked process would run, though
-    an edit since would be what a process of its own runs."""
+    an edit since would be what a process of its own runs. A file changed after ``since_ns`` (while
+    it was imported) counts as changed already."""
+    import site
     import sysconfig
 
-    installed = tuple({path for key in ("stdlib", "platstdlib", "purelib", "platlib")
-                       if (path := sysconfig.get_paths().get(key))})
+    installed = {path for key in ("stdlib", "platstdlib", "purelib", "platlib")
+                 if (path := sysconfig.get_paths().get(key))}
+    installed |= {*site.getsitepackages(), site.getusersitepackages()}
+    installed = tuple(os.path.join(path, "") for path in installed)  # (a folder, not a name's prefix)
     sources = {}
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
@@ -476,7 +481,7 @@ def _editable_sources() -> dict[str, tuple[int, int, int]]:
                 stat = os.stat(path)
             except OSError:
                 continue
-            sources[path] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            sources[path] = (stat.st_ino, stat.st_size, stat.st_mtime_ns if stat.st_mtime_ns < since_ns else -1)
     return sources
 
 

@@ -455,6 +455,8 @@ def log_model(run_id: str, module, input_example, *, registered_name: str | None
     with torch.inference_mode():
         output = module(torch.as_tensor(input_example)).numpy()
     if not exportable:  # MLflow warns of pickles; a TorchScript module is saved by torch.jit.save, not pickled
+        if not isinstance(module, torch.jit.ScriptModule):
+            raise TypeError(f"exportable=False takes a TorchScript module, not {type(module).__name__}")
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     # A stop waits for the model to be logged and registered: a registration cut short is worse
     # than a stop a few seconds late.
@@ -475,7 +477,8 @@ def log_model(run_id: str, module, input_example, *, registered_name: str | None
             # MLflow loads the model it just saved and predicts the input example, only to log a
             # warning if that fails: ~0.3 s of every job's finish. The output above is the check
             # that the module runs; serving loads the model for real. (A keyword MLflow's
-            # transformers flavor passes the same way; the flavor's saving ignores it for both formats here.)
+            # transformers flavor passes the same way. MLflow hands it on to torch.save for a pickled
+            # module: here the "pickle" format only ever saves TorchScript, with torch.jit.save.)
             validate_serving_input=False,
         )
         result = {"model_uri": info.model_uri, "model_name": registered_name, "model_version": None}

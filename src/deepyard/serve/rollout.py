@@ -74,8 +74,7 @@ def promote(name: str, alias: str | None = None) -> dict[str, Any]:
     mlflow_client = tracking.client()
     alias = alias or (mlflow_client.get_registered_model(name).tags or {}).get(ALIAS_TAG, "champion")
     mlflow_client.set_registered_model_alias(name, alias, version)
-    _record(name, version, f"promoted to @{alias}")  # before the end: who sees no canary sees why
-    _end(name)
+    _end_recorded(name, version, f"promoted to @{alias}")
     return {"model": name, "promoted": version, "alias": alias}
 
 
@@ -84,8 +83,7 @@ def rollback(name: str, reason: str = "rolled back by hand", expected: str | Non
     version, _ = _require_canary(name)
     if expected is not None and version != expected:
         return {"model": name, "rolled_back": None, "reason": f"version {expected} is no longer the canary"}
-    _record(name, version, reason)  # before the end: who sees no canary sees why
-    _end(name)
+    _end_recorded(name, version, reason)
     return {"model": name, "rolled_back": version, "reason": reason}
 
 
@@ -96,6 +94,17 @@ def _require_canary(name: str) -> tuple[str, float]:
         raise BadInput(f"model {name!r} has no canary; start one with `deepyard deploy {name} --canary VERSION "
                        "--traffic PERCENT`")
     return version, percent
+
+
+def _end_recorded(name: str, version: str, what: str) -> None:
+    """The record first, then the end: whoever finds no canary reads why on its version. (An end
+    that fails says so there too: the canary is still on.)"""
+    _record(name, version, what)
+    try:
+        _end(name)
+    except Exception as error:
+        _record(name, version, f"{what}: not done, the canary is still on ({type(error).__name__}: {error})")
+        raise
 
 
 def _end(name: str) -> None:
