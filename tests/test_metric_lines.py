@@ -50,7 +50,8 @@ def test_each_epoch_is_logged_once_and_a_killed_drivers_gap_is_filled_from_the_c
     assert callback.failed == 0
 
 
-def test_a_write_that_fails_is_counted_and_said_and_a_later_copy_can_still_fill_it(capsys):
+def test_a_write_that_fails_is_counted_and_said_and_a_later_copy_can_still_fill_it(capsys, monkeypatch):
+    monkeypatch.setattr(tracking, "RETRY_WAIT_S", 0.001)  # (its tries, without ~3 s of waits between)
     callback = driver_logs(_opened("no-such-run"))
     callback.on_trial_result(1, [], None, {TO_LOG: json.dumps([[1, {"epoch": 1, "train_loss": 1.0}]])})
     assert callback.failed == 1 and "could not log step 1's metrics" in capsys.readouterr().err

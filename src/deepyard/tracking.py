@@ -152,6 +152,9 @@ def start_run(experiment: str, run_name: str, params: dict[str, str], spec_yaml:
     return run_id
 
 
+RETRY_WAIT_S = 0.2  # the first wait before a write is tried again; each next one twice as long
+
+
 def log_metrics(run_id: str, metrics: dict[str, float], step: int, uri: str | None = None, *,
                 attempts: int = 1) -> None:
     """One batched write per epoch: ~50x faster on sqlite than a call per value. ``attempts`` > 1:
@@ -170,7 +173,7 @@ def _write_batch(mlflow_client, run_id: str, metrics: dict[str, float], step: in
         except Exception:
             if attempt == attempts - 1:
                 raise
-            time.sleep(0.2 * 2**attempt)
+            time.sleep(RETRY_WAIT_S * 2**attempt)
 
 
 class BackgroundLogger:
