@@ -9,7 +9,6 @@ deepyard files changed starts again: ``job_host._changed_source``).
 from __future__ import annotations
 
 import importlib
-import threading
 
 # Logging a model: MLflow's flavor and pyfunc, the signature, the export of the serving module
 # (torch's compiler stack: ~0.9 s that nothing else in a driver loads), and what MLflow imports as
@@ -29,15 +28,6 @@ def import_each(names: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
         except Exception as error:
             failed[name] = f"{type(error).__name__}: {error}"
     return loaded, failed
-
-
-def import_in_background(names: tuple[str, ...], label: str) -> threading.Thread:
-    """Import ``names`` in a daemon thread (``deepyard-LABEL-imports``) while the driver checks its
-    job and starts Ray: that start mostly waits on other processes, so the imports come nearly
-    free. (Joining it is optional: an import of a module the thread is importing waits for it.)"""
-    thread = threading.Thread(target=import_each, args=(names,), name=f"deepyard-{label}-imports", daemon=True)
-    thread.start()
-    return thread
 
 
 def map_installed_packages() -> str | None:

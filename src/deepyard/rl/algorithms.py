@@ -29,10 +29,14 @@ def config_class(algorithm: str):
 
 def import_in_background(algorithm: str) -> threading.Thread:
     """Import RLlib (~2 s) and torch's compiler stack (~1 s, which RLlib's seeding pulls in) while
-    Ray starts (``warm.import_in_background``)."""
-    from deepyard import warm
+    Ray starts: the start mostly waits on other processes, so the imports come nearly free."""
+    def load() -> None:
+        importlib.import_module(CONFIGS[algorithm].split(":")[0])
+        importlib.import_module("torch._dynamo")
 
-    return warm.import_in_background((CONFIGS[algorithm].split(":")[0], "torch._dynamo"), "rl")
+    thread = threading.Thread(target=load, name="deepyard-rl-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 def accepted_hyperparameters(algorithm: str) -> set[str]:

@@ -628,11 +628,8 @@ def trainer_name(spec: TrainJob, key: str) -> str:
 def run(spec: TrainJob, options: RunOptions) -> RunSummary:
     """Run the job to the end; returns the ids, final test metrics and model URIs. With ``resume``,
     the last interrupted run goes on from its newest complete checkpoint, in the same MLflow run."""
-    from deepyard import cluster, progress, warm
+    from deepyard import cluster, progress
 
-    # (what fit() starts the job with, ~1 s: imported while the job is checked and Ray starts)
-    imports = warm.import_in_background(("ray.tune",) if spec.scaling.num_workers == 1 else ("ray.train.torch",),
-                                        "train")
     splits, task = preflight(spec)
     resumed = interrupted_run(spec) if options.resume else None
     key = resumed.key if resumed else uuid.uuid4().hex[:8]
@@ -659,7 +656,6 @@ def run(spec: TrainJob, options: RunOptions) -> RunSummary:
                 check_sizes(spec, splits)  # (a streamed table's, counted by that pass)
                 run.mark("data_stats")
             run.mark("startup")
-            imports.join()
             # (a resumed run's id is known: its trial need not look it up, and an old one has no key tag)
             job = TrainRun.opened(resumed.run_id, resumed.key) if resumed else TrainRun(key, run.opening)
             with progress.watch(lambda: job.id, spec.train.epochs, options.console):
