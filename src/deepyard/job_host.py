@@ -477,24 +477,23 @@ def _editable_sources(since_ns: int) -> dict[str, tuple[int, int, int]]:
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
         if path and path.endswith(".py") and not path.startswith(installed):
-            try:
-                stat = os.stat(path)
-            except OSError:
-                continue
-            sources[path] = (stat.st_ino, stat.st_size, stat.st_mtime_ns if stat.st_mtime_ns < since_ns else -1)
+            if (stamp := _stamp(path)) is not None:
+                sources[path] = stamp if stamp[2] < since_ns else (*stamp[:2], -1)
     return sources
 
 
 def _changed_source(sources: dict[str, tuple[int, int, int]]) -> str | None:
     """The first of ``sources`` that is no longer as it was, or None (~1 ms for deepyard's ~150)."""
-    for path, was in sources.items():
-        try:
-            stat = os.stat(path)
-        except OSError:
-            return path
-        if (stat.st_ino, stat.st_size, stat.st_mtime_ns) != was:
-            return path
-    return None
+    return next((path for path, was in sources.items() if _stamp(path) != was), None)
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of a file, None if it is gone."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _flush() -> None:
